@@ -1,0 +1,299 @@
+"""The SMP machine: one guest memory, N vCPU engines, each on its own thread, and cooperative stop-machine.
+
+Each vCPU is a Unicorn engine mapping the shared :class:`~daemon.emu.memory.Memory` and running the guest
+kernel's per-CPU loop in one long ``emu_start``. Python runs only when the guest traps with ``svc #0``
+(``host_call``): the vCPU's own thread then runs the handler for the reason the guest stored in its
+``cpu_data.trap``. Handlers of the machine itself:
+
+=========  ==============================================================================================
+HC_PARK    the guest saw its ``stop_requested`` flag at a safe point; the thread blocks in the hook until
+           the stop-machine callback has run, removes stale translations from **its own** engine, resumes
+HC_IDLE    nothing runnable; the thread blocks until the host posts work (:meth:`Machine.kick`) or a
+           stop-machine starts, in which case it parks as above
+=========  ==============================================================================================
+
+Why parking is cooperative: ``emu_stop()`` from another thread can resume a vCPU by re-executing a load that
+already overwrote its base register (Unicorn #1355), and a stop that lands between two ``emu_start`` calls is
+lost. Why each vCPU invalidates its own engine: translated blocks are per engine and survive writes to the
+backing buffer, so every engine must drop them before it executes again; doing it on the owning thread,
+before the hook returns, means no vCPU can run a stale block of a batch, and the engines work in parallel.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import unicorn
+from unicorn import arm64_const as a64
+
+from daemon.emu.memory import Memory
+from daemon.errors import GuestError, GuestFault, GuestPanic
+from daemon.guest import abi
+
+T = TypeVar("T")
+HostCallHandler = Callable[["VCpu", int, int], None]
+
+_EXCP_SWI = 2  # Unicorn's interrupt number for svc on AArch64
+_EXCP_BKPT = 7  # brk
+_BUG_BRK_IMM = 0x800
+_TRAP = abi.cpu_data.offsetof("trap")
+
+
+@dataclass(frozen=True)
+class Pause:
+    """One stop-machine, in nanoseconds from the request: all parked, callback done, all resumed."""
+
+    parked_ns: int
+    applied_ns: int
+    resumed_ns: int
+
+
+@dataclass
+class _StopState:
+    active: bool = False
+    generation: int = 0
+    parked: set[int] = field(default_factory=set)
+    resumed: set[int] = field(default_factory=set)
+    ranges: tuple[tuple[int, int], ...] = ()
+
+
+class VCpu:
+    """One virtual CPU: a Unicorn engine and the thread that runs it."""
+
+    def __init__(self, machine: Machine, index: int, tcg_buffer_size: int) -> None:
+        self.machine = machine
+        self.index = index
+        self.uc = unicorn.Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
+        self.uc.ctl_set_tcg_buffer_size(tcg_buffer_size)
+        for r in machine.memory.regions:
+            self.uc.mem_map_ptr(r.base, r.size, int(r.perms), r.host_address)
+        self.uc.hook_add(unicorn.UC_HOOK_INTR, self._on_interrupt)
+        self.cpu_data = machine.cpu_data_addr + index * abi.cpu_data.size
+        self.uc.reg_write(a64.UC_ARM64_REG_TPIDR_EL1, self.cpu_data)
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.kicks_seen = 0
+        self.stopped = threading.Event()
+
+    def start(self, pc: int) -> None:
+        self.thread = threading.Thread(target=self._run, args=(pc,), name=f"vcpu{self.index}", daemon=True)
+        self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and not self.stopped.is_set()
+
+    def reg(self, reg_id: int) -> int:
+        """Read a register; only valid on this vCPU's thread (in a hook) or after it stopped."""
+        value: int = self.uc.reg_read(reg_id)
+        return value
+
+    def _run(self, pc: int) -> None:
+        try:
+            self.uc.emu_start(pc, 0)
+        except unicorn.UcError as exc:
+            if self.error is None:
+                where = self.reg(a64.UC_ARM64_REG_PC)
+                self.error = GuestFault(f"vCPU {self.index} faulted at pc={where:#x}: {exc}", cpu=self.index,
+                                        pc=where, reason=str(exc))
+        except BaseException as exc:  # noqa: BLE001 - anything escaping a vCPU thread is reported, not lost
+            self.error = exc
+        finally:
+            self.stopped.set()
+            self.machine._vcpu_stopped(self)
+
+    def _on_interrupt(self, uc: unicorn.Uc, intno: int, _user_data: object) -> None:
+        try:
+            if intno == _EXCP_SWI:
+                mem = self.machine.memory
+                reason = mem.read_u64(self.cpu_data + _TRAP + abi.host_trap.offsetof("reason"))
+                arg0 = mem.read_u64(self.cpu_data + _TRAP + abi.host_trap.offsetof("arg0"))
+                arg1 = mem.read_u64(self.cpu_data + _TRAP + abi.host_trap.offsetof("arg1"))
+                self.machine._dispatch(self, reason, arg0, arg1)
+            elif intno == _EXCP_BKPT:
+                pc = self.reg(a64.UC_ARM64_REG_PC)
+                imm = (self.machine.memory.read_u32(pc) >> 5) & 0xFFFF
+                what = "BUG()" if imm == _BUG_BRK_IMM else f"brk #{imm:#x}"
+                raise GuestPanic(f"vCPU {self.index} hit {what} at pc={pc:#x}", cpu=self.index, pc=pc, imm=imm)
+            else:
+                pc = self.reg(a64.UC_ARM64_REG_PC)
+                raise GuestFault(f"vCPU {self.index}: unexpected exception {intno} at pc={pc:#x}", cpu=self.index,
+                                 pc=pc, exception=intno)
+        except _StopVCpu:
+            uc.emu_stop()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the host side via Machine.check()
+            self.error = exc
+            uc.emu_stop()
+
+
+class _StopVCpu(Exception):
+    """Raised inside a hook to end this vCPU's emu_start cleanly (shutdown)."""
+
+
+class Machine:
+    """N vCPUs over one :class:`Memory`; see the module docstring for the protocol."""
+
+    def __init__(self, memory: Memory, *, nr_cpus: int, cpu_data_addr: int, tcg_buffer_size: int = 32 << 20,
+                 park_timeout: float = 10.0) -> None:
+        if not 1 <= nr_cpus <= abi.MAX_CPUS:
+            raise ValueError(f"nr_cpus must be between 1 and {abi.MAX_CPUS}, not {nr_cpus}")
+        self.memory = memory
+        self.nr_cpus = nr_cpus
+        self.cpu_data_addr = cpu_data_addr
+        self.park_timeout = park_timeout
+        self._cond = threading.Condition()
+        self._stop = _StopState()
+        self._stop_lock = threading.Lock()
+        self._exiting = False
+        self._kicks = [0] * nr_cpus
+        self._handlers: dict[int, HostCallHandler] = {abi.HC_PARK: self._on_park, abi.HC_IDLE: self._on_idle}
+        self.pauses: collections.deque[Pause] = collections.deque(maxlen=100_000)
+        self.on_vcpu_stopped: list[Callable[[VCpu], None]] = []
+        self.vcpus = [VCpu(self, i, tcg_buffer_size) for i in range(nr_cpus)]
+        for v in self.vcpus:
+            memory.write_u64(v.cpu_data + abi.cpu_data.offsetof("cpu"), v.index)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self, primary_pc: int, secondary_pc: int) -> None:
+        for v in self.vcpus:
+            v.start(primary_pc if v.index == 0 else secondary_pc)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Park every vCPU and end its thread."""
+        with self._cond:
+            self._exiting = True
+            self._cond.notify_all()
+        for v in self.vcpus:
+            self.memory.write_u64(v.cpu_data + abi.cpu_data.offsetof("stop_requested"), 1)
+        for v in self.vcpus:
+            if v.thread is not None:
+                v.thread.join(timeout)
+
+    def on_host_call(self, reason: int, handler: HostCallHandler) -> None:
+        """Register the handler for a guest host call (runs on the trapping vCPU's thread)."""
+        self._handlers[reason] = handler
+
+    def check(self) -> None:
+        """Raise the first error of a vCPU that died (fault, panic, exception in a hook)."""
+        for v in self.vcpus:
+            if v.error is not None:
+                raise v.error
+
+    def kick(self, cpu: int) -> None:
+        """Tell an idle vCPU that the host posted work for it (job, wake-up, control change)."""
+        with self._cond:
+            self._kicks[cpu] += 1
+            self._cond.notify_all()
+
+    # -- stop-machine ----------------------------------------------------------------------------------------
+
+    def stop_machine(self, callback: Callable[[], T], invalidate: Iterable[tuple[int, int]] = ()) -> T:
+        """Run ``callback`` while every live vCPU is parked at a safe point, then drop stale translations.
+
+        ``invalidate`` lists guest ranges [begin, end) whose translations each engine removes before it
+        resumes (pass the text that the callback may write). If the callback raises, the vCPUs are released
+        all the same and the exception propagates; the callback must leave memory consistent (validate
+        before writing).
+        """
+        if threading.current_thread().name.startswith("vcpu"):
+            raise RuntimeError("stop_machine called from a vCPU thread")
+        ranges = tuple(invalidate)
+        with self._stop_lock:
+            t0 = time.perf_counter_ns()
+            with self._cond:
+                st = self._stop
+                st.active, st.parked, st.resumed, st.ranges = True, set(), set(), ranges
+                self._raise_flags(1)
+                self._cond.notify_all()
+                if not self._cond.wait_for(lambda: self._all(st.parked), self.park_timeout):
+                    missing = [v.index for v in self.vcpus if v.alive and v.index not in st.parked]
+                    self._release(st)
+                    raise GuestError(f"vCPUs {missing} did not reach a safe point within {self.park_timeout} s",
+                                     cpus=missing)
+            t_parked = time.perf_counter_ns()
+            try:
+                result = callback()
+            finally:
+                t_applied = time.perf_counter_ns()
+                with self._cond:
+                    self._release(st)
+                    self._cond.wait_for(lambda: self._all(st.resumed), self.park_timeout)
+                t_resumed = time.perf_counter_ns()
+                self.pauses.append(Pause(t_parked - t0, t_applied - t0, t_resumed - t0))
+            return result
+
+    def _all(self, cpus: set[int]) -> bool:
+        return all(v.index in cpus or not v.alive for v in self.vcpus)
+
+    def _raise_flags(self, value: int) -> None:
+        for v in self.vcpus:
+            self.memory.write_u64(v.cpu_data + abi.cpu_data.offsetof("stop_requested"), value)
+
+    def _release(self, st: _StopState) -> None:
+        self._raise_flags(0)
+        st.active = False
+        st.generation += 1
+        self._cond.notify_all()
+
+    def _park_here(self, vcpu: VCpu) -> None:
+        """Called with self._cond held, on the vCPU's thread, while a stop-machine is active."""
+        st = self._stop
+        generation = st.generation
+        st.parked.add(vcpu.index)
+        self._cond.notify_all()
+        self._cond.wait_for(lambda: st.generation != generation or self._exiting)
+        if self._exiting:
+            raise _StopVCpu
+        for begin, end in st.ranges:
+            vcpu.uc.ctl_remove_cache(begin, end)
+        st.resumed.add(vcpu.index)
+        self._cond.notify_all()
+
+    def _on_park(self, vcpu: VCpu, _arg0: int, _arg1: int) -> None:
+        with self._cond:
+            if self._exiting:
+                raise _StopVCpu
+            if self._stop.active:
+                self._park_here(vcpu)
+
+    def _on_idle(self, vcpu: VCpu, _arg0: int, _arg1: int) -> None:
+        with self._cond:
+            while True:
+                if self._exiting:
+                    raise _StopVCpu
+                if self._stop.active and vcpu.index not in self._stop.parked:
+                    self._park_here(vcpu)
+                if self._kicks[vcpu.index] != vcpu.kicks_seen:
+                    vcpu.kicks_seen = self._kicks[vcpu.index]
+                    return
+                self._cond.wait()
+
+    def _dispatch(self, vcpu: VCpu, reason: int, arg0: int, arg1: int) -> None:
+        handler = self._handlers.get(reason)
+        if handler is None:
+            raise GuestError(f"vCPU {vcpu.index} made unknown host call {reason}", cpu=vcpu.index, reason=reason)
+        handler(vcpu, arg0, arg1)
+
+    def _vcpu_stopped(self, vcpu: VCpu) -> None:
+        with self._cond:
+            self._cond.notify_all()
+        for callback in self.on_vcpu_stopped:
+            callback(vcpu)
+
+    def pause_summary(self, last: int | None = None) -> dict[str, float]:
+        """p50/p99/max of recent pauses (request to all resumed), in milliseconds."""
+        items: Sequence[Pause] = list(self.pauses)[-last:] if last else list(self.pauses)
+        if not items:
+            return {"count": 0}
+        values = sorted(p.resumed_ns for p in items)
+
+        def pct(q: float) -> float:
+            return values[min(len(values) - 1, int(q * len(values)))] / 1e6
+
+        return {"count": len(values), "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": values[-1] / 1e6}

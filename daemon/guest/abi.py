@@ -1,0 +1,135 @@
+"""The guest ABI: memory map, host-call numbers and every struct shared by guest C/asm and host Python.
+
+This module is the single source of truth; ``python -m daemon.guest.build`` renders it into
+``daemon/guest/include/generated/abi.h`` (checked by the C compiler with static asserts) before compiling.
+
+Memory map (guest addresses; Unicorn runs the kernel at EL1 with the MMU off, so virtual == physical)::
+
+    0xffff800000000000 +128 MiB   module area (read/write/exec per module section), 1.9 GiB below text,
+                                  out of BL range of kernel text, as on real arm64: modules need PLTs
+    0xffff800080000000            kernel image: .text (r-x), .rodata (r--), .data/.bss (rw-), stacks in .bss
+"""
+
+from __future__ import annotations
+
+from daemon.guest.layout import Struct, nested, u8, u64
+
+KIMAGE_VADDR = 0xFFFF_8000_8000_0000
+MODULES_VADDR = 0xFFFF_8000_0000_0000
+MODULES_SIZE = 128 << 20
+PAGE_SIZE = 4096
+
+MAX_CPUS = 8
+MAX_TASKS = 96
+MAX_TASKS_PER_CPU = 16
+THREAD_SHIFT = 14
+THREAD_SIZE = 1 << THREAD_SHIFT
+HOST_BUFFER_SIZE = 256 << 10  # guest memory the host hands out for call arguments (strings, buffers)
+TASK_COMM_LEN = 16
+NR_JOB_ARGS = 6
+
+# Host calls: the guest stores a reason in its cpu_data.trap and executes `svc #0` (0.5 us into Python).
+HC_BOOTED = 1  # arg0 = number of CPUs that came up
+HC_PARK = 2  # a stop-machine request was seen at a safe point
+HC_IDLE = 3  # nothing runnable: sleep until the host posts work (the host tracks its own posts)
+HC_JOB_DONE = 4  # arg0 = task whose job completed (only when the host asked to be told)
+HC_PANIC = 5  # arg0 = message (C string), arg1 = value
+
+TASK_KIND_IDLE = 0
+TASK_KIND_WORKER = 1  # serves host jobs from its mailbox, like a kworker
+TASK_KIND_LOADGEN = 2  # runs the self-checking workload in a loop
+
+TASK_RUNNING = 0
+TASK_WAITING = 1  # runnable again when *wait_addr != wait_val
+
+LOADGEN_OFF = 0
+LOADGEN_CORPUS = 1  # call corpus functions and check each result
+LOADGEN_MIX = 2  # corpus plus the kernel-like workload (cmdline rendering, getpid, call chains)
+
+cpu_context = Struct(
+    "cpu_context",
+    [u64("x19_x28", 10), u64("fp"), u64("sp"), u64("pc")],
+    doc="callee-saved registers of a switched-out task, as arm64's thread.cpu_context",
+)
+
+job = Struct(
+    "job",
+    [u64("seq"), u64("done"), u64("fn"), u64("args", NR_JOB_ARGS), u64("ret"), u64("notify")],
+    doc="a worker's mailbox: the host writes fn/args then bumps seq; the worker bumps done",
+)
+
+loadgen = Struct(
+    "loadgen",
+    [u64("mode"), u64("rounds"), u64("calls"), u64("errors"), u64("expect_hits"), u64("seed"), u64("last_bad")],
+    doc="a load generator's control word and its counters",
+)
+
+task_struct = Struct(
+    "task_struct",
+    [
+        nested("cpu_context", cpu_context),
+        u64("pid"),
+        u64("cpu"),
+        u64("kind"),
+        u64("state"),
+        u64("wait_addr"),
+        u64("wait_val"),
+        u64("stack_lo"),
+        u64("stack_hi"),
+        u64("flags"),
+        u64("patch_state"),
+        u64("nr_switches"),
+        nested("job", job),
+        nested("lg", loadgen),
+        u8("comm", TASK_COMM_LEN),
+    ],
+    doc="one schedulable kernel task",
+)
+
+host_trap = Struct(
+    "host_trap",
+    [u64("reason"), u64("arg0"), u64("arg1"), u64("fp"), u64("lr")],
+    doc="why a vCPU trapped to the host, and its frame at the trap (for unwinding a parked task)",
+)
+
+cpu_data = Struct(
+    "cpu_data",
+    [
+        u64("cpu"),
+        u64("current", ctype="struct task_struct *"),
+        u64("idle", ctype="struct task_struct *"),
+        u64("stop_requested"),
+        nested("trap", host_trap),
+        u64("nr_tasks"),
+        u64("tasks", MAX_TASKS_PER_CPU, ctype="struct task_struct *"),
+        u64("rr"),
+        u64("trace_hits"),
+        u64("nr_switches"),
+        u64("nr_idle"),
+        u64("nr_parks"),
+        u64("pad", 4),
+    ],
+    doc="per-CPU data; TPIDR_EL1 holds its address",
+)
+
+boot_params = Struct(
+    "boot_params",
+    [
+        u64("nr_cpus"),
+        u64("workers_per_cpu"),
+        u64("loadgens_per_cpu"),
+        u64("secondaries_go"),
+        u64("cpus_up"),
+        u64("nr_tasks"),
+        u64("count_armed"),
+    ],
+    doc="written by the host before boot; count_armed tells load generators that call sites count hits",
+)
+
+STRUCTS: list[Struct] = [cpu_context, job, loadgen, task_struct, host_trap, cpu_data, boot_params]
+
+CONSTANTS: dict[str, int] = {
+    name: value
+    for name, value in globals().items()
+    if name.isupper() and isinstance(value, int) and not name.startswith("_")
+}

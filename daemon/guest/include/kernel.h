@@ -1,0 +1,63 @@
+/* Declarations shared by the guest kernel's C files. */
+#ifndef GUEST_KERNEL_H
+#define GUEST_KERNEL_H
+
+#include "abi.h"
+
+extern struct cpu_data cpu_data[MAX_CPUS];
+extern struct task_struct tasks[MAX_TASKS];
+extern struct boot_params boot_params;
+
+static inline __attribute__((always_inline)) struct cpu_data *this_cpu(void)
+{
+	struct cpu_data *c;
+	__asm__ __volatile__("mrs %0, tpidr_el1" : "=r"(c));
+	return c;
+}
+
+static inline __attribute__((always_inline)) struct task_struct *current_task(void)
+{
+	return this_cpu()->current;
+}
+
+/* entry.S */
+void host_call(u64 reason, u64 arg0, u64 arg1);
+void cpu_switch_to(struct task_struct *prev, struct task_struct *next);
+void ret_from_fork(void);
+
+/* sched.c */
+void schedule(void);
+void cond_resched(void);
+void wait_on(volatile u64 *addr, u64 val);
+void __attribute__((noreturn)) panic(const char *msg, u64 value);
+
+/* lib.c */
+void *memcpy(void *dst, const void *src, size_t n);
+void *memset(void *dst, int c, size_t n);
+size_t strlen(const char *s);
+int strcmp(const char *a, const char *b);
+int vsnprintf(char *buf, size_t size, const char *fmt, __builtin_va_list ap);
+int snprintf(char *buf, size_t size, const char *fmt, ...);
+
+struct seq_file {
+	char *buf;
+	size_t size;
+	size_t count;
+};
+int seq_printf(struct seq_file *m, const char *fmt, ...);
+
+/* workload.c */
+void loadgen_round(struct task_struct *t);
+
+/* generated corpus */
+typedef u64 (*corpus_fn_t)(u64);
+struct corpus_param {
+	u64 mul;
+	u64 add;
+	u64 chained; /* 1: f(x) = f_prev(x + mul) ^ add */
+};
+extern const corpus_fn_t corpus_fns[];
+extern const struct corpus_param corpus_params[];
+extern const u64 corpus_nr;
+
+#endif

@@ -1,0 +1,176 @@
+/*
+ * Kernel-like workload functions: the things live patches and tracers act on. They are noinline so that each
+ * keeps its own patchable entry and frame (an inlined copy could not be traced, patched or seen on a stack).
+ *
+ *   cmdline_proc_show     renders the command line into a seq_file (Linux's /proc/cmdline; the function the
+ *                         livepatch selftests patch)
+ *   __arm64_sys_getpid    a getpid-like syscall (the selftests' syscall test patches it)
+ *   sleeper_*             a nested call chain whose innermost function sleeps until released, holding a task
+ *                         inside patchable functions (transition stalls)
+ *   work_chain            a chain of small functions calling each other
+ */
+#include "kernel.h"
+
+char saved_command_line[256] = "console=ttyAMA0 root=/dev/vda rw livepatchd.emulated=1";
+
+noinline int cmdline_proc_show(struct seq_file *m, void *v)
+{
+	(void)v;
+	seq_printf(m, "%s\n", saved_command_line);
+	return 0;
+}
+
+/* Read "/proc/cmdline" into buf: returns the number of bytes written. */
+noinline u64 proc_cmdline_read(char *buf, u64 size)
+{
+	struct seq_file m = { buf, size, 0 };
+
+	cmdline_proc_show(&m, NULL);
+	if (m.count < size)
+		buf[m.count] = '\0';
+	return m.count;
+}
+
+noinline u64 __arm64_sys_getpid(u64 regs)
+{
+	(void)regs;
+	return current_task()->pid;
+}
+
+/* Call the getpid syscall n times; returns how many calls returned this task's pid. */
+noinline u64 getpid_loop(u64 n)
+{
+	u64 pid = current_task()->pid, good = 0;
+
+	for (u64 i = 0; i < n; i++)
+		good += __arm64_sys_getpid(0) == pid;
+	return good;
+}
+
+noinline u64 sleeper_inner(u64 flag)
+{
+	wait_on((volatile u64 *)flag, 0);
+	return READ_ONCE(*(volatile u64 *)flag) + 1;
+}
+
+noinline u64 sleeper_middle(u64 flag)
+{
+	return sleeper_inner(flag) + 10;
+}
+
+/* Sleep until *flag != 0, three patchable frames deep. Returns *flag + 111. */
+noinline u64 sleeper_outer(u64 flag)
+{
+	return sleeper_middle(flag) + 100;
+}
+
+noinline u64 work_step_c(u64 x)
+{
+	return (x ^ (x >> 7)) * 0x2545f4914f6cdd1dULL;
+}
+
+noinline u64 work_step_b(u64 x)
+{
+	return work_step_c(x + 3) + 5;
+}
+
+noinline u64 work_step_a(u64 x)
+{
+	return work_step_b(x * 3) ^ 0x55;
+}
+
+noinline u64 work_chain(u64 x)
+{
+	return work_step_a(x) + work_step_c(x);
+}
+
+notrace static u64 work_chain_expect(u64 x)
+{
+	u64 c1 = ((x * 3 + 3) ^ ((x * 3 + 3) >> 7)) * 0x2545f4914f6cdd1dULL;
+	u64 c2 = (x ^ (x >> 7)) * 0x2545f4914f6cdd1dULL;
+
+	return ((c1 + 5) ^ 0x55) + c2;
+}
+
+notrace static u64 corpus_expect(u64 i, u64 x)
+{
+	const struct corpus_param *p = &corpus_params[i];
+
+	if (p->chained)
+		return corpus_expect(i - 1, x + p->mul) ^ p->add;
+	return x * p->mul + p->add;
+}
+
+notrace static u64 xorshift(u64 *s)
+{
+	u64 x = *s;
+
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	*s = x;
+	return x;
+}
+
+#define LOADGEN_CALLS_PER_ROUND 64
+
+/*
+ * One round of self-checking load. The round contains no safe point, so it runs entirely between two
+ * stop-machine batches: count_armed is constant across it, and expect_hits counts exactly the traced calls
+ * that a counting trampoline on every corpus site must have seen.
+ */
+notrace void loadgen_round(struct task_struct *t)
+{
+	struct loadgen *lg = &t->lg;
+	u64 armed = READ_ONCE(boot_params.count_armed);
+	u64 hits = 0;
+
+	for (int k = 0; k < LOADGEN_CALLS_PER_ROUND; k++) {
+		u64 r = xorshift(&lg->seed);
+		u64 i = r % corpus_nr;
+
+		if (corpus_fns[i](r) != corpus_expect(i, r)) {
+			lg->errors++;
+			lg->last_bad = i;
+		}
+		hits += 1 + corpus_params[i].chained;
+	}
+	lg->calls += LOADGEN_CALLS_PER_ROUND;
+	if (lg->mode == LOADGEN_MIX) {
+		char buf[128];
+		u64 x = xorshift(&lg->seed);
+
+		if (proc_cmdline_read(buf, sizeof(buf)) != strlen(saved_command_line) + 1 ||
+		    strcmp(buf + strlen(saved_command_line), "\n") != 0)
+			lg->errors++;
+		if (__arm64_sys_getpid(0) != t->pid)
+			lg->errors++;
+		if (work_chain(x) != work_chain_expect(x))
+			lg->errors++;
+		lg->calls += 3;
+	}
+	if (armed)
+		lg->expect_hits += hits;
+	lg->rounds++;
+}
+
+/*
+ * Crash triggers for tests, as Linux's LKDTM (drivers/misc/lkdtm): make the guest fail in a known way so
+ * that the host's fault handling can be checked on the real machine.
+ */
+noinline u64 lkdtm_BUG(u64 unused)
+{
+	(void)unused;
+	__asm__ __volatile__("brk #0x800");
+	return 0;
+}
+
+noinline u64 lkdtm_PANIC(u64 value)
+{
+	panic("lkdtm_PANIC", value);
+}
+
+noinline u64 lkdtm_READ_UNMAPPED(u64 addr)
+{
+	return READ_ONCE(*(volatile u64 *)addr);
+}

@@ -1,0 +1,334 @@
+"""The booted emulated kernel: image in memory, the SMP machine, tasks, host jobs and stack traces.
+
+The host runs a kernel function by posting a *job* to an idle worker task's mailbox (``job.fn/args``, then
+``job.seq``) and kicking that worker's CPU; the worker calls the function in the guest and, when done, traps
+with ``HC_JOB_DONE`` so the host's future resolves. No ``emu_start`` per call, no Python on the guest path.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.emu.machine import Machine, VCpu
+from daemon.emu.memory import PAGE_SIZE, Backing, Memory, Perm, Region
+from daemon.errors import GuestError, GuestPanic, ImageError
+from daemon.guest import abi
+from daemon.guest.build import IMAGE_PATH
+from daemon.kernel.image import KernelImage
+from daemon.kernel.kallsyms import Kallsyms, Symbol
+from daemon.kernel.structs import StructRef
+from daemon.kernel.unwind import StackTrace, unwind
+
+KIND_NAMES = {abi.TASK_KIND_IDLE: "idle", abi.TASK_KIND_WORKER: "worker", abi.TASK_KIND_LOADGEN: "loadgen"}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How to build one emulated kernel. Nothing here is process-global: many kernels may coexist."""
+
+    nr_cpus: int = 2
+    workers_per_cpu: int = 4
+    loadgens_per_cpu: int = 1
+    tcg_buffer_size: int = 32 << 20
+    image: Path = IMAGE_PATH
+    boot_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    pid: int
+    cpu: int
+    kind: str
+    comm: str
+    addr: int
+    waiting: bool
+    running: bool  # current on its CPU
+
+
+@dataclass
+class _Job:
+    fn: int
+    args: tuple[int, ...]
+    future: Future[int] = field(default_factory=Future)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_image(path: Path, mtime_ns: int, size: int) -> tuple[KernelImage, Kallsyms]:
+    """Parse an image once per process (it is immutable): a fleet of kernels shares one parse."""
+    del mtime_ns, size  # part of the cache key only
+    image = KernelImage.load(path)
+    return image, Kallsyms((s.name, s.addr, s.size, s.kind == "func") for s in image.symbols)
+
+
+def load_image(path: Path) -> tuple[KernelImage, Kallsyms]:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ImageError(f"cannot read kernel image {path}: {exc.strerror}", path=str(path)) from exc
+    return _load_image(path.resolve(), st.st_mtime_ns, st.st_size)
+
+
+def _page_up(x: int) -> int:
+    return -(-x // PAGE_SIZE) * PAGE_SIZE
+
+
+class HostBuffer:
+    """First-fit allocator over the guest's ``host_buffer``: argument space for host calls (strings, buffers)."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base, self.size = base, size
+        self._free: list[tuple[int, int]] = [(base, size)]
+        self._lock = threading.Lock()
+
+    def alloc(self, size: int) -> int:
+        size = -(-max(size, 1) // 16) * 16
+        with self._lock:
+            for i, (addr, avail) in enumerate(self._free):
+                if avail >= size:
+                    self._free[i] = (addr + size, avail - size)
+                    return addr
+        raise GuestError(f"host buffer exhausted ({size} bytes requested)", requested=size)
+
+    def free(self, addr: int, size: int) -> None:
+        size = -(-max(size, 1) // 16) * 16
+        with self._lock:
+            self._free.append((addr, size))
+            self._free.sort()
+            merged: list[tuple[int, int]] = []
+            for a, s in self._free:
+                if merged and merged[-1][0] + merged[-1][1] == a:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + s)
+                else:
+                    merged.append((a, s))
+            self._free = merged
+
+
+class Kernel:
+    """One emulated arm64 kernel. ``boot()`` it, ``call()`` its functions, ``shutdown()`` when done."""
+
+    def __init__(self, config: KernelConfig | None = None) -> None:
+        self.config = config or KernelConfig()
+        self.image, self.kallsyms = load_image(self.config.image)
+        self.memory = Memory()
+        self._map_image()
+        self.module_region = self.memory.add(
+            Region("modules", abi.MODULES_VADDR, abi.MODULES_SIZE, Perm.RWX, Backing(abi.MODULES_SIZE)))
+        self.cpu_data_addr = self.kallsyms.addr("cpu_data")
+        self.tasks_addr = self.kallsyms.addr("tasks")
+        self.boot_params = StructRef(self.memory, abi.boot_params, self.kallsyms.addr("boot_params"))
+        self.host_buffer = HostBuffer(self.kallsyms.addr("host_buffer"), abi.HOST_BUFFER_SIZE)
+        self.machine = Machine(self.memory, nr_cpus=self.config.nr_cpus, cpu_data_addr=self.cpu_data_addr,
+                               tcg_buffer_size=self.config.tcg_buffer_size)
+        self.machine.on_host_call(abi.HC_BOOTED, self._on_booted)
+        self.machine.on_host_call(abi.HC_JOB_DONE, self._on_job_done)
+        self.machine.on_host_call(abi.HC_PANIC, self._on_panic)
+        self.machine.on_vcpu_stopped.append(self._fail_jobs)
+        self._booted = threading.Event()
+        self._jobs_lock = threading.Lock()
+        self._idle_workers: dict[int, list[int]] = {}
+        self._running: dict[int, _Job] = {}
+        self._pending: dict[int, collections.deque[_Job]] = {}
+
+    # -- memory layout ---------------------------------------------------------------------------------------
+
+    def _map_image(self) -> None:
+        sym = self.kallsyms.addr
+        base, srodata, sdata, end = abi.KIMAGE_VADDR, sym("_srodata"), sym("_sdata"), _page_up(sym("_end"))
+        if sym("_text") != base:
+            raise ImageError(f"image is linked at {sym('_text'):#x}, expected {base:#x}")
+        backing = Backing(end - base)
+        for section in self.image.sections.values():
+            if section.data:
+                off = section.addr - base
+                backing.view[off : off + len(section.data)] = section.data
+        self.text = self.memory.add(Region("kernel.text", base, srodata - base, Perm.RX, backing, 0))
+        self.memory.add(Region("kernel.rodata", srodata, sdata - srodata, Perm.R, backing, srodata - base))
+        self.memory.add(Region("kernel.data", sdata, end - sdata, Perm.RW, backing, sdata - base))
+
+    def is_text(self, addr: int) -> bool:
+        return self.text.contains(addr, 4) or self.module_region.contains(addr, 4)
+
+    @property
+    def text_ranges(self) -> tuple[tuple[int, int], ...]:
+        """Guest ranges that may hold code: what a stop-machine batch invalidates."""
+        return ((self.text.base, self.text.end), (self.module_region.base, self.module_region.end))
+
+    # -- boot and shutdown -----------------------------------------------------------------------------------
+
+    def boot(self) -> Kernel:
+        cfg = self.config
+        self.boot_params.set("nr_cpus", cfg.nr_cpus)
+        self.boot_params.set("workers_per_cpu", cfg.workers_per_cpu)
+        self.boot_params.set("loadgens_per_cpu", cfg.loadgens_per_cpu)
+        self.machine.start(self.kallsyms.addr("primary_entry"), self.kallsyms.addr("secondary_entry"))
+        if not self._booted.wait(cfg.boot_timeout):
+            self.machine.check()
+            raise GuestError(f"kernel did not boot within {cfg.boot_timeout} s")
+        self.machine.check()
+        for t in self.tasks():
+            if t.kind == "worker":
+                self._idle_workers.setdefault(t.cpu, []).append(t.addr)
+        return self
+
+    def shutdown(self) -> None:
+        self.machine.shutdown()
+
+    def __enter__(self) -> Kernel:
+        return self.boot()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _on_booted(self, _vcpu: VCpu, _ncpus: int, _ntasks: int) -> None:
+        self._booted.set()
+
+    def _on_panic(self, vcpu: VCpu, msg: int, value: int) -> None:
+        text = self.memory.read_cstr(msg)
+        raise GuestPanic(f"guest panic on vCPU {vcpu.index}: {text} ({value:#x})", cpu=vcpu.index, message=text,
+                         value=value)
+
+    # -- tasks -----------------------------------------------------------------------------------------------
+
+    def task(self, index: int) -> StructRef:
+        return StructRef(self.memory, abi.task_struct, self.tasks_addr + index * abi.task_struct.size)
+
+    def cpu(self, index: int) -> StructRef:
+        return StructRef(self.memory, abi.cpu_data, self.cpu_data_addr + index * abi.cpu_data.size)
+
+    def tasks(self) -> list[TaskInfo]:
+        current = {self.cpu(c).get("current") for c in range(self.config.nr_cpus)}
+        out = []
+        for i in range(self.boot_params.get("nr_tasks")):
+            t = self.task(i)
+            out.append(TaskInfo(
+                pid=t.get("pid"), cpu=t.get("cpu"), kind=KIND_NAMES.get(t.get("kind"), "?"),
+                comm=t.get_bytes("comm").split(b"\0", 1)[0].decode(), addr=t.addr,
+                waiting=t.get("state") == abi.TASK_WAITING, running=t.addr in current))
+        return out
+
+    def stack_of(self, task: StructRef) -> StackTrace:
+        """The task's stack: from its saved context, or from its CPU's trap frame if it is current there.
+
+        Only meaningful while the task cannot move: it is asleep, or its CPU is parked (inside stop_machine).
+        """
+        cpu = self.cpu(task.get("cpu"))
+        if cpu.get("current") == task.addr:
+            pc, fp = cpu.get("trap.lr"), cpu.get("trap.fp")
+        else:
+            pc, fp = task.get("cpu_context.pc"), task.get("cpu_context.fp")
+        return unwind(self.memory, pc=pc, fp=fp, stack_lo=task.get("stack_lo"), stack_hi=task.get("stack_hi"),
+                      is_text=self.is_text)
+
+    def symbolize(self, pcs: Iterable[int]) -> list[str]:
+        return [self.kallsyms.describe(pc) for pc in pcs]
+
+    # -- host jobs -------------------------------------------------------------------------------------------
+
+    def resolve(self, fn: str | int) -> int:
+        if isinstance(fn, int):
+            return fn
+        sym: Symbol = self.kallsyms.lookup(fn)
+        return sym.addr
+
+    def submit(self, fn: str | int, *args: int, cpu: int = 0) -> Future[int]:
+        """Run ``fn(*args)`` on a worker task of ``cpu``; the future gets its return value (x0)."""
+        if not 0 <= cpu < self.config.nr_cpus:
+            raise GuestError(f"no CPU {cpu} (this kernel has {self.config.nr_cpus})", cpu=cpu)
+        if len(args) > abi.NR_JOB_ARGS:
+            raise GuestError(f"at most {abi.NR_JOB_ARGS} arguments", count=len(args))
+        if not self.machine.vcpus[cpu].alive:
+            raise GuestError(f"CPU {cpu} is not running", cpu=cpu)
+        job = _Job(self.resolve(fn), tuple(a & 0xFFFF_FFFF_FFFF_FFFF for a in args))
+        with self._jobs_lock:
+            idle = self._idle_workers.get(cpu)
+            if not idle:
+                self._pending.setdefault(cpu, collections.deque()).append(job)
+                return job.future
+            worker = idle.pop()
+        self._post(worker, cpu, job)
+        return job.future
+
+    def call(self, fn: str | int, *args: int, cpu: int = 0, timeout: float = 10.0) -> int:
+        """Run ``fn(*args)`` in the guest and wait for its result."""
+        future = self.submit(fn, *args, cpu=cpu)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            self.machine.check()
+            raise GuestError(f"guest call of {fn} on CPU {cpu} did not finish within {timeout} s") from None
+
+    def _post(self, worker: int, cpu: int, job: _Job) -> None:
+        t = StructRef(self.memory, abi.task_struct, worker)
+        t.set("job.fn", job.fn)
+        for i in range(abi.NR_JOB_ARGS):
+            t.set("job.args", job.args[i] if i < len(job.args) else 0, index=i)
+        t.set("job.notify", 1)
+        with self._jobs_lock:
+            self._running[worker] = job
+        t.set("job.seq", t.get("job.seq") + 1)  # last: publishes the job to the guest
+        self.machine.kick(cpu)
+
+    def _on_job_done(self, vcpu: VCpu, worker: int, _seq: int) -> None:
+        t = StructRef(self.memory, abi.task_struct, worker)
+        result = t.get("job.ret")
+        with self._jobs_lock:
+            job = self._running.pop(worker)
+            pending = self._pending.get(vcpu.index)
+            nxt = pending.popleft() if pending else None
+            if nxt is None:
+                self._idle_workers[vcpu.index].append(worker)
+        if nxt is not None:
+            self._post(worker, vcpu.index, nxt)
+        job.future.set_result(result)
+
+    def _fail_jobs(self, vcpu: VCpu) -> None:
+        """A vCPU stopped: its jobs can never finish; fail them with its error instead of letting them hang."""
+        error = vcpu.error or GuestError(f"vCPU {vcpu.index} stopped", cpu=vcpu.index)
+        with self._jobs_lock:
+            doomed = [job for worker, job in self._running.items() if self._worker_cpu(worker) == vcpu.index]
+            doomed += self._pending.pop(vcpu.index, collections.deque())
+        for job in doomed:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    def _worker_cpu(self, worker: int) -> int:
+        return StructRef(self.memory, abi.task_struct, worker).get("cpu")
+
+    # -- guest memory helpers --------------------------------------------------------------------------------
+
+    def read_string(self, fn: str, size: int = 4096, cpu: int = 0) -> str:
+        """Call ``fn(buf, size)`` (a reader like proc_cmdline_read) and return what it wrote into buf."""
+        buf = self.host_buffer.alloc(size)
+        try:
+            n = self.call(fn, buf, size, cpu=cpu)
+            return self.memory.read(buf, min(n, size)).decode("utf-8", "replace")
+        finally:
+            self.host_buffer.free(buf, size)
+
+    # -- load generators -------------------------------------------------------------------------------------
+
+    def loadgens(self) -> list[StructRef]:
+        return [self.task(i) for i in range(self.boot_params.get("nr_tasks"))
+                if self.task(i).get("kind") == abi.TASK_KIND_LOADGEN]
+
+    def set_load(self, mode: int, cpus: Sequence[int] | None = None) -> None:
+        """Start (LOADGEN_CORPUS / LOADGEN_MIX) or stop (LOADGEN_OFF) the load generators."""
+        for t in self.loadgens():
+            if cpus is None or t.get("cpu") in cpus:
+                t.set("lg.mode", mode)
+                self.machine.kick(t.get("cpu"))
+
+    def load_stats(self) -> dict[str, int]:
+        keys = ("rounds", "calls", "errors", "expect_hits")
+        totals = dict.fromkeys(keys, 0)
+        for t in self.loadgens():
+            for k in keys:
+                totals[k] += t.get(f"lg.{k}")
+        totals["trace_hits"] = sum(self.cpu(c).get("trace_hits") for c in range(self.config.nr_cpus))
+        return totals

@@ -1,0 +1,1 @@
+"""The wire contract of livepatchd's MQTT API (pydantic models and topic names)."""
