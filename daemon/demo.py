@@ -10,7 +10,7 @@ generators made while sites were enabled, and no result was wrong.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from daemon.arch.arm64 import callsite
 from daemon.arch.arm64.callsite import DataPatch, InsnPatch
@@ -27,6 +27,7 @@ class SiteToggler:
     patcher: TextPatcher
     rec_ips: list[int]
     enabled: bool = False
+    _plans: dict[bool, list[InsnPatch]] = field(default_factory=dict)
 
     @classmethod
     def create(cls, kernel: Kernel) -> SiteToggler:
@@ -36,9 +37,11 @@ class SiteToggler:
         return cls(kernel, patcher, rec_ips)
 
     def plan(self, enable: bool) -> list[InsnPatch]:
-        tramp = self.kernel.kallsyms.addr("count_tramp")
-        make = callsite.make_call if enable else callsite.make_nop
-        return [make(ip, tramp) for ip in self.rec_ips]
+        if enable not in self._plans:
+            tramp = self.kernel.kallsyms.addr("count_tramp")
+            make = callsite.make_call if enable else callsite.make_nop
+            self._plans[enable] = [make(ip, tramp) for ip in self.rec_ips]
+        return self._plans[enable]
 
     def toggle(self) -> int:
         enable = not self.enabled

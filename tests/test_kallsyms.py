@@ -17,7 +17,8 @@ def kallsyms() -> Kallsyms:
 
 def test_lookup_and_describe(kallsyms: Kallsyms) -> None:
     sym = kallsyms.lookup("cmdline_proc_show")
-    assert sym.is_func and sym.size > 0
+    assert sym.is_func
+    assert sym.size > 0
     assert kallsyms.containing(sym.addr + 4) == sym
     assert kallsyms.describe(sym.addr + 8) == f"cmdline_proc_show+0x8/{sym.size:#x}"
 

@@ -78,7 +78,8 @@ def is_text(addr: int) -> bool:
 def test_synthetic_reliable(stack: tuple[Memory, int, int]) -> None:
     mem, lo, hi = stack
     t = unwind(mem, pc=0x1100, fp=hi - 64, stack_lo=lo, stack_hi=hi, is_text=is_text)
-    assert t.reliable and t.pcs == (0x1100, 0x1004, 0x2004)
+    assert t.reliable
+    assert t.pcs == (0x1100, 0x1004, 0x2004)
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,11 @@ from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection, SymbolTableSection
 
 from daemon.errors import ImageError
+
+_SYMBOL_TYPES = ("STT_FUNC", "STT_OBJECT", "STT_NOTYPE")
 
 
 @dataclass(frozen=True)
@@ -52,23 +55,24 @@ class KernelImage:
             if elf["e_machine"] != "EM_AARCH64" or elf.elfclass != 64 or elf["e_type"] != "ET_EXEC":
                 raise ImageError(f"{path} is not an AArch64 executable", path=str(path))
             sections = {
-                s.name: Section(s.name, s["sh_addr"], s["sh_size"], b"" if s["sh_type"] == "SHT_NOBITS" else s.data(),
-                                s["sh_flags"])
+                s.name: Section(s.name, s["sh_addr"], s["sh_size"],
+                                b"" if s["sh_type"] == "SHT_NOBITS" else s.data(), s["sh_flags"])
                 for s in elf.iter_sections()
                 if s["sh_flags"] & 2  # SHF_ALLOC
             }
             symtab = elf.get_section_by_name(".symtab")
-            if symtab is None:
+            if not isinstance(symtab, SymbolTableSection):
                 raise ImageError(f"{path} has no symbol table", path=str(path))
             symbols = [
-                ElfSymbol(s.name, s["st_value"], s["st_size"], "func" if s["st_info"]["type"] == "STT_FUNC" else "object",
+                ElfSymbol(s.name, s["st_value"], s["st_size"],
+                          "func" if s["st_info"]["type"] == "STT_FUNC" else "object",
                           s["st_info"]["bind"] == "STB_LOCAL")
                 for s in symtab.iter_symbols()
-                if s.name and s["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT", "STT_NOTYPE") and s["st_shndx"] != "SHN_UNDEF"
+                if s.name and s["st_info"]["type"] in _SYMBOL_TYPES and s["st_shndx"] != "SHN_UNDEF"
             ]
             build_id = ""
             notes = elf.get_section_by_name(".notes")
-            if notes is not None:
+            if isinstance(notes, NoteSection):
                 for note in notes.iter_notes():
                     if note["n_type"] == "NT_GNU_BUILD_ID":
                         build_id = note["n_desc"]

@@ -38,6 +38,7 @@ class KernelConfig:
     tcg_buffer_size: int = 32 << 20
     image: Path = IMAGE_PATH
     boot_timeout: float = 10.0
+    count_instructions: bool = False  # block hook on every vCPU: exact counts, slow (benchmarks' counting runs)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ class Kernel:
         self.boot_params = StructRef(self.memory, abi.boot_params, self.kallsyms.addr("boot_params"))
         self.host_buffer = HostBuffer(self.kallsyms.addr("host_buffer"), abi.HOST_BUFFER_SIZE)
         self.machine = Machine(self.memory, nr_cpus=self.config.nr_cpus, cpu_data_addr=self.cpu_data_addr,
-                               tcg_buffer_size=self.config.tcg_buffer_size)
+                               tcg_buffer_size=self.config.tcg_buffer_size,
+                               count_instructions=self.config.count_instructions)
         self.machine.on_host_call(abi.HC_BOOTED, self._on_booted)
         self.machine.on_host_call(abi.HC_JOB_DONE, self._on_job_done)
         self.machine.on_host_call(abi.HC_PANIC, self._on_panic)

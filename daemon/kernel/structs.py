@@ -6,7 +6,6 @@ from daemon.emu.memory import Memory
 from daemon.guest.layout import Struct
 
 
-
 class StructRef:
     """A guest struct at ``addr``: ``ref.get("job.ret")``, ``ref.set("lg.mode", 1)``, ``ref.addr_of("job")``."""
 

@@ -74,7 +74,7 @@ class TextPatcher:
             machine = self.kernel.machine
             before = len(machine.pauses)
             machine.stop_machine(lambda: self._commit(edits, data), invalidate=spans)
-            pause = machine.pauses[-1].resumed_ns if len(machine.pauses) > before else 0
+            pause = machine.pauses[-1].pause_ns if len(machine.pauses) > before else 0
         return BatchResult(len(sites), len(data), pause)
 
     def modify_code(self, addr: int, old: int, new: int) -> None:

@@ -1,0 +1,59 @@
+"""Shared benchmark plumbing: machine facts, percentiles, and writing results/<name>.json and .md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("unicorn", "numpy", "ziglang"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.platform(),
+            "packages": versions, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def write(name: str, params: dict[str, Any], rows: list[dict[str, Any]], units: dict[str, str],
+          notes: str = "") -> Path:
+    """Write results/<name>.json (everything) and results/<name>.md (a table), and print the table."""
+    RESULTS.mkdir(exist_ok=True)
+    doc = {"benchmark": name, "parameters": params, "units": units, "results": rows, "machine": machine_info(),
+           "notes": notes}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    cols = list(rows[0])
+    header = [f"{c} ({units[c]})" if c in units else c for c in cols]
+    lines = [f"# {name}", "", notes, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    m = doc["machine"]
+    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, unicorn "
+              f"{m['packages']['unicorn']}; {m['date']}. Parameters: `{json.dumps(params)}`", ""]
+    table = "\n".join(lines)
+    (RESULTS / f"{name}.md").write_text(table)
+    print(table)
+    return path
