@@ -15,6 +15,11 @@ and a message a person can act on. Layers subclass the branch that fits; the tre
         PatchMisaligned       the address is not 4-byte aligned     (Linux: -EINVAL)
       InsnError             an instruction cannot be encoded (e.g. a branch out of range)
       SymbolError           a symbol is unknown or ambiguous
+      FtraceError           an ftrace request was refused (nothing changed)
+        FilterNoMatch         a filter pattern selects no traceable function
+        FtraceBusy            the function already has an IPMODIFY (or direct) owner (Linux: -EBUSY)
+        OpsStateError         registering a registered ops, unregistering an unknown one
+        BadDirectCall         a direct trampoline that is not in kernel or module text
 """
 
 from __future__ import annotations
@@ -93,3 +98,25 @@ class SymbolError(LivepatchdError):
 
 class AmbiguousSymbol(SymbolError):
     code = "ambiguous_symbol"
+
+
+class FtraceError(LivepatchdError):
+    code = "ftrace_error"
+    errno = -22  # -EINVAL
+
+
+class FilterNoMatch(FtraceError):
+    code = "ftrace_filter_no_match"
+
+
+class FtraceBusy(FtraceError):
+    code = "ftrace_busy"
+    errno = -16  # -EBUSY
+
+
+class OpsStateError(FtraceError):
+    code = "ftrace_ops_state"
+
+
+class BadDirectCall(FtraceError):
+    code = "ftrace_bad_direct_call"

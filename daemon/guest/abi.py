@@ -15,6 +15,8 @@ from __future__ import annotations
 from daemon.guest.layout import Struct, nested, u8, u64
 
 KIMAGE_VADDR = 0xFFFF_8000_8000_0000
+HEAP_VADDR = 0xFFFF_8001_0000_0000  # host-allocated kernel data (ftrace ops, hashes, ring buffers): like vmalloc
+HEAP_SIZE = 64 << 20
 MODULES_VADDR = 0xFFFF_8000_0000_0000
 MODULES_SIZE = 128 << 20
 PAGE_SIZE = 4096
@@ -41,6 +43,19 @@ TASK_KIND_LOADGEN = 2  # runs the self-checking workload in a loop
 
 TASK_RUNNING = 0
 TASK_WAITING = 1  # runnable again when *wait_addr != wait_val
+
+# ftrace_ops flags (Linux FTRACE_OPS_FL_*, same bits)
+FTRACE_OPS_FL_ENABLED = 1 << 0
+FTRACE_OPS_FL_DYNAMIC = 1 << 1
+FTRACE_OPS_FL_RECURSION = 1 << 4
+FTRACE_OPS_FL_STUB = 1 << 5
+FTRACE_OPS_FL_REMOVING = 1 << 9
+FTRACE_OPS_FL_IPMODIFY = 1 << 12
+FTRACE_OPS_FL_PERMANENT = 1 << 16
+FTRACE_OPS_FL_DIRECT = 1 << 17
+
+TRACE_RECURSION_LIST = 1 << 0  # cpu_data.trace_recursion: inside ftrace_ops_list_func
+HASH_MULTIPLIER = 0x9E37_79B9_7F4A_7C15  # ftrace_hash bucket = ((ip >> 2) * HASH_MULTIPLIER) >> (64 - bits)
 
 LOADGEN_OFF = 0
 LOADGEN_CORPUS = 1  # call corpus functions and check each result
@@ -92,6 +107,45 @@ host_trap = Struct(
     doc="why a vCPU trapped to the host, and its frame at the trap (for unwinding a parked task)",
 )
 
+ftrace_regs = Struct(
+    "ftrace_regs",
+    [u64("regs", 9), u64("direct_tramp"), u64("fp"), u64("lr"), u64("sp"), u64("pc")],
+    doc="arm64 WITH_ARGS ftrace_regs: what ftrace_caller saves; writing pc redirects the traced call",
+)
+
+ftrace_hash = Struct(
+    "ftrace_hash",
+    [u64("size_bits"), u64("count"), u64("buckets")],
+    doc="open-addressing set of record ips (0 = empty bucket), built by the host",
+)
+
+ftrace_ops = Struct(
+    "ftrace_ops",
+    [
+        u64("func"),  # first: ftrace_caller loads it at offset 0 (FTRACE_OPS_FUNC)
+        u64("next", ctype="struct ftrace_ops *"),
+        u64("flags"),
+        u64("private"),
+        u64("filter_hash", ctype="struct ftrace_hash *"),
+        u64("notrace_hash", ctype="struct ftrace_hash *"),
+        u64("direct_call"),
+        u64("counts", MAX_CPUS),  # per-CPU hits, for counting callbacks
+    ],
+    doc="a registered callback with its filter and notrace hashes",
+)
+
+trace_entry = Struct(
+    "trace_entry",
+    [u64("ip"), u64("parent_ip"), u64("ts"), u64("pid_cpu")],
+    doc="one function-tracer record; pid_cpu = pid << 8 | cpu",
+)
+
+ring_buffer = Struct(
+    "ring_buffer",
+    [u64("entries", ctype="struct trace_entry *"), u64("mask"), u64("head"), u64("tail"), u64("dropped")],
+    doc="single-producer (this CPU) / single-consumer (host) ring of trace entries; full means drop newest",
+)
+
 cpu_data = Struct(
     "cpu_data",
     [
@@ -107,7 +161,10 @@ cpu_data = Struct(
         u64("nr_switches"),
         u64("nr_idle"),
         u64("nr_parks"),
-        u64("pad", 4),
+        u64("trace_recursion"),
+        u64("recursion_misses"),
+        nested("rb", ring_buffer),
+        u64("pad", 3),
     ],
     doc="per-CPU data; TPIDR_EL1 holds its address",
 )
@@ -126,7 +183,8 @@ boot_params = Struct(
     doc="written by the host before boot; count_armed tells load generators that call sites count hits",
 )
 
-STRUCTS: list[Struct] = [cpu_context, job, loadgen, task_struct, host_trap, cpu_data, boot_params]
+STRUCTS: list[Struct] = [cpu_context, job, loadgen, task_struct, host_trap, ftrace_regs, ftrace_hash, ftrace_ops,
+                         trace_entry, ring_buffer, cpu_data, boot_params]
 
 CONSTANTS: dict[str, int] = {
     name: value

@@ -20,6 +20,7 @@ from daemon.emu.memory import PAGE_SIZE, Backing, Memory, Perm, Region
 from daemon.errors import GuestError, GuestPanic, ImageError
 from daemon.guest import abi
 from daemon.guest.build import IMAGE_PATH
+from daemon.kernel.heap import GuestAllocator
 from daemon.kernel.image import KernelImage
 from daemon.kernel.kallsyms import Kallsyms, Symbol
 from daemon.kernel.structs import StructRef
@@ -79,37 +80,6 @@ def _page_up(x: int) -> int:
     return -(-x // PAGE_SIZE) * PAGE_SIZE
 
 
-class HostBuffer:
-    """First-fit allocator over the guest's ``host_buffer``: argument space for host calls (strings, buffers)."""
-
-    def __init__(self, base: int, size: int) -> None:
-        self.base, self.size = base, size
-        self._free: list[tuple[int, int]] = [(base, size)]
-        self._lock = threading.Lock()
-
-    def alloc(self, size: int) -> int:
-        size = -(-max(size, 1) // 16) * 16
-        with self._lock:
-            for i, (addr, avail) in enumerate(self._free):
-                if avail >= size:
-                    self._free[i] = (addr + size, avail - size)
-                    return addr
-        raise GuestError(f"host buffer exhausted ({size} bytes requested)", requested=size)
-
-    def free(self, addr: int, size: int) -> None:
-        size = -(-max(size, 1) // 16) * 16
-        with self._lock:
-            self._free.append((addr, size))
-            self._free.sort()
-            merged: list[tuple[int, int]] = []
-            for a, s in self._free:
-                if merged and merged[-1][0] + merged[-1][1] == a:
-                    merged[-1] = (merged[-1][0], merged[-1][1] + s)
-                else:
-                    merged.append((a, s))
-            self._free = merged
-
-
 class Kernel:
     """One emulated arm64 kernel. ``boot()`` it, ``call()`` its functions, ``shutdown()`` when done."""
 
@@ -123,7 +93,10 @@ class Kernel:
         self.cpu_data_addr = self.kallsyms.addr("cpu_data")
         self.tasks_addr = self.kallsyms.addr("tasks")
         self.boot_params = StructRef(self.memory, abi.boot_params, self.kallsyms.addr("boot_params"))
-        self.host_buffer = HostBuffer(self.kallsyms.addr("host_buffer"), abi.HOST_BUFFER_SIZE)
+        self.host_buffer = GuestAllocator(self.kallsyms.addr("host_buffer"), abi.HOST_BUFFER_SIZE, "host buffer")
+        self.heap_region = self.memory.add(
+            Region("heap", abi.HEAP_VADDR, abi.HEAP_SIZE, Perm.RW, Backing(abi.HEAP_SIZE)))
+        self.heap = GuestAllocator(abi.HEAP_VADDR, abi.HEAP_SIZE, "kernel heap")
         self.machine = Machine(self.memory, nr_cpus=self.config.nr_cpus, cpu_data_addr=self.cpu_data_addr,
                                tcg_buffer_size=self.config.tcg_buffer_size,
                                count_instructions=self.config.count_instructions)
