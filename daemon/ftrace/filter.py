@@ -40,10 +40,14 @@ def select(expr: str | Iterable[str], records: list[DynFtrace], by_name: dict[st
         pattern = term[1:] if negate else term
         ips = _match(pattern, records, by_name)
         if not ips:
-            raise FilterNoMatch(f"{pattern!r} matches no traceable function (see available_filter_functions)",
-                                pattern=pattern)
+            raise no_match(pattern)
         chosen = chosen - ips if negate else chosen | ips
     return chosen
+
+
+def no_match(pattern: str) -> FilterNoMatch:
+    return FilterNoMatch(f"{pattern!r} matches no traceable function (see available_filter_functions)",
+                         pattern=pattern)
 
 
 def _match(pattern: str, records: list[DynFtrace], by_name: dict[str, list[DynFtrace]]) -> set[int]:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntFlag
+from typing import TYPE_CHECKING
 
 from daemon.guest import abi
+
+if TYPE_CHECKING:
+    from daemon.ftrace.hashes import GuestHash
 
 
 class OpsFlag(IntFlag):
@@ -39,7 +43,8 @@ class FtraceOps:
     direct_call: int = 0
     private: int = 0
     addr: int = 0  # struct ftrace_ops in guest memory, while registered
-    hashes: dict[str, object] = field(default_factory=dict)
+    hashes: dict[str, GuestHash] = field(default_factory=dict)
+    saved_hits: int = 0  # the counts it had when last unregistered
 
     @property
     def registered(self) -> bool:

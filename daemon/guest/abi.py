@@ -134,6 +134,12 @@ ftrace_ops = Struct(
     doc="a registered callback with its filter and notrace hashes",
 )
 
+ftrace_profile = Struct(
+    "ftrace_profile",
+    [u64("hash", ctype="struct ftrace_hash *"), u64("hits", ctype="u64 *")],
+    doc="the function profiler's private data: hits[cpu << hash->size_bits | bucket] counts calls per function",
+)
+
 trace_entry = Struct(
     "trace_entry",
     [u64("ip"), u64("parent_ip"), u64("ts"), u64("pid_cpu")],
@@ -184,7 +190,7 @@ boot_params = Struct(
 )
 
 STRUCTS: list[Struct] = [cpu_context, job, loadgen, task_struct, host_trap, ftrace_regs, ftrace_hash, ftrace_ops,
-                         trace_entry, ring_buffer, cpu_data, boot_params]
+                         ftrace_profile, trace_entry, ring_buffer, cpu_data, boot_params]
 
 CONSTANTS: dict[str, int] = {
     name: value

@@ -105,6 +105,7 @@ class Kernel:
         self.machine.on_host_call(abi.HC_PANIC, self._on_panic)
         self.machine.on_vcpu_stopped.append(self._fail_jobs)
         self._booted = threading.Event()
+        self._started = False
         self._jobs_lock = threading.Lock()
         self._idle_workers: dict[int, list[int]] = {}
         self._running: dict[int, _Job] = {}
@@ -137,6 +138,10 @@ class Kernel:
     # -- boot and shutdown -----------------------------------------------------------------------------------
 
     def boot(self) -> Kernel:
+        """Start the vCPUs and wait for the kernel to come up. A kernel boots once (its engines hold state)."""
+        if self._started:
+            raise GuestError("kernel already booted: a Kernel boots once; create another for a fresh machine")
+        self._started = True
         cfg = self.config
         self.boot_params.set("nr_cpus", cfg.nr_cpus)
         self.boot_params.set("workers_per_cpu", cfg.workers_per_cpu)
@@ -155,7 +160,7 @@ class Kernel:
         self.machine.shutdown()
 
     def __enter__(self) -> Kernel:
-        return self.boot()
+        return self if self._started else self.boot()
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()

@@ -22,7 +22,8 @@ notrace void ftrace_ops_nop_func(u64 ip, u64 parent_ip, struct ftrace_ops *op, s
 	(void)ip, (void)parent_ip, (void)op, (void)fregs;
 }
 
-notrace static int hash_contains(const struct ftrace_hash *hash, u64 ip)
+/* The bucket holding ip, or -1: open addressing with linear probing, tables at most half full. */
+notrace static s64 hash_index(const struct ftrace_hash *hash, u64 ip)
 {
 	u64 mask = (1ULL << hash->size_bits) - 1;
 	u64 i = ((ip >> 2) * HASH_MULTIPLIER) >> (64 - hash->size_bits);
@@ -32,10 +33,15 @@ notrace static int hash_contains(const struct ftrace_hash *hash, u64 ip)
 		u64 entry = buckets[i];
 
 		if (entry == ip)
-			return 1;
+			return (s64)i;
 		if (entry == 0)
-			return 0;
+			return -1;
 	}
+}
+
+notrace static int hash_contains(const struct ftrace_hash *hash, u64 ip)
+{
+	return hash_index(hash, ip) >= 0;
 }
 
 /* ftrace_ops_test: an empty filter means every function, an empty notrace hash excludes none. */
@@ -92,6 +98,17 @@ notrace void ops_func_count(u64 ip, u64 parent_ip, struct ftrace_ops *op, struct
 {
 	(void)ip, (void)parent_ip, (void)fregs;
 	op->counts[this_cpu()->cpu]++;
+}
+
+/* The function profiler (function_profile_enabled): per-CPU hit counts per function, summed by the host. */
+notrace void function_profile_call(u64 ip, u64 parent_ip, struct ftrace_ops *op, struct ftrace_regs *fregs)
+{
+	const struct ftrace_profile *p = (const struct ftrace_profile *)op->private;
+	s64 i = hash_index(p->hash, ip);
+
+	(void)parent_ip, (void)fregs;
+	if (i >= 0)
+		p->hits[(this_cpu()->cpu << p->hash->size_bits) | (u64)i]++;
 }
 
 notrace static u64 trace_clock(void)
