@@ -1,0 +1,25 @@
+"""Use-cases behind the MQTT API: the verb registry, the request journal, and the kernel's verbs.
+
+How a subsystem adds a verb (ftrace, livepatch, …):
+
+1. in ``schemas/verbs.py``: a request model (subclass of ``schemas.Request``), a data model (subclass of
+   ``schemas.Outbound``) and a ``VerbSpec`` in ``VERBS`` (``mutating=True`` serializes it with the others);
+   then ``python -m schemas.export`` to refresh the checked-in JSON Schema and AsyncAPI files;
+2. a module in ``daemon/service/`` with a ``register(service, ...)`` function that registers handlers::
+
+       def register(service: Service, ftrace: Ftrace) -> None:
+           @service.handler("ftrace.ops.list")
+           def ops_list(req: OpsListRequest, ctx: RequestContext) -> OpsListData:   # plain def: runs in a thread
+               ctx.state.set_component("ftrace", {...})       # republishes the retained state document
+               ctx.events.emit("ftrace.ops.registered", ...)  # publishes an event
+               return OpsListData(...)
+
+   raising any ``daemon.errors.LivepatchdError`` for a refusal (its ``code`` goes on the wire);
+3. one call of that ``register`` in ``daemon/app.py``.
+"""
+
+from daemon.service.core import Outcome, ReplyRoute, RequestContext, Service
+from daemon.service.journal import Journal
+from daemon.service.metrics import Metrics
+
+__all__ = ["Journal", "Metrics", "Outcome", "ReplyRoute", "RequestContext", "Service"]

@@ -1,0 +1,93 @@
+"""What the daemon publishes on its own: the versioned ``state`` document and the ``events`` stream.
+
+Both may be fed from any thread (a blocking handler runs in a worker thread); changes are handed to the
+event loop, where the MQTT adapter waits on ``changed`` and publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from daemon.service.journal import Journal
+from schemas import EventDoc, KernelState, StateDoc
+
+
+class _LoopBound:
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self.changed = asyncio.Event()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    def _in_loop(self, fn: Callable[[], None]) -> None:
+        if self._loop is None or threading.get_ident() == self._loop_thread:
+            fn()
+        else:
+            self._loop.call_soon_threadsafe(fn)
+
+
+class StateBoard(_LoopBound):
+    """The retained state document. ``components`` sections are owned by subsystems (ftrace, livepatch, …)."""
+
+    def __init__(self, journal: Journal, host: str, boot_seq: int, kernel: KernelState) -> None:
+        super().__init__()
+        self._journal = journal
+        self._host = host
+        self._boot_seq = boot_seq
+        self._kernel = kernel
+        self._components: dict[str, dict[str, Any]] = {}
+        self._doc: StateDoc | None = None
+
+    def set_component(self, name: str, section: dict[str, Any]) -> None:
+        """Replace one subsystem's section (thread-safe); the document is republished with a new version."""
+        def apply() -> None:
+            if self._components.get(name) != section:
+                self._components[name] = section
+                self._doc = None
+                self.changed.set()
+        self._in_loop(apply)
+
+    def document(self) -> StateDoc:
+        """The current document; a change since the last call gets the next version (persisted, never reused)."""
+        if self._doc is None:
+            self._doc = StateDoc(host=self._host, version=self._journal.next_state_version(), boot_seq=self._boot_seq,
+                                 time=time.time(), kernel=self._kernel, components=dict(self._components))
+        self.changed.clear()
+        return self._doc
+
+
+class EventLog(_LoopBound):
+    """Events waiting to be published (bounded: the oldest are dropped first, the ``seq`` gap shows it)."""
+
+    def __init__(self, host: str, boot_seq: int, maxlen: int = 1000) -> None:
+        super().__init__()
+        self._host = host
+        self._boot_seq = boot_seq
+        self._seq = 0
+        self._pending: collections.deque[EventDoc] = collections.deque(maxlen=maxlen)
+
+    def emit(self, type_: str, **data: Any) -> None:
+        """Queue an event (thread-safe)."""
+        def apply() -> None:
+            self._seq += 1
+            self._pending.append(EventDoc(host=self._host, boot_seq=self._boot_seq, seq=self._seq, time=time.time(),
+                                          type=type_, data=data))
+            self.changed.set()
+        self._in_loop(apply)
+
+    def peek(self) -> EventDoc | None:
+        if not self._pending:
+            self.changed.clear()
+            return None
+        return self._pending[0]
+
+    def pop(self) -> None:
+        self._pending.popleft()

@@ -1,0 +1,345 @@
+"""The request path: verb registry, parsing, the journal (idempotency, durability), execution, error codes.
+
+A handler is registered for a verb of ``schemas.VERBS`` and is called with the validated request model and a
+``RequestContext``; it returns the verb's data model (or a dict that validates as one). A plain function is
+run in a worker thread (kernel work never runs on the event loop); a coroutine function is awaited on the
+loop and must not block. Verbs the schema marks ``mutating`` run one at a time (the ``ftrace_lock`` analogue).
+Any ``LivepatchdError`` becomes an error reply with its ``code``; anything else is a bug: ``internal``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+import structlog
+from pydantic import ValidationError
+
+from daemon.errors import LivepatchdError
+from daemon.service.board import EventLog, StateBoard
+from daemon.service.errors import (
+    INTERNAL,
+    BadRequest,
+    PayloadTooLarge,
+    RequestIdConflict,
+    RequestTimeout,
+    UnknownVerb,
+)
+from daemon.service.journal import Journal, fingerprint
+from daemon.service.metrics import Metrics
+from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
+
+log = structlog.get_logger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ReplyRoute(NamedTuple):
+    """Where a reply goes: a topic, and the MQTT v5 correlation data to copy (None for 3.1.1)."""
+
+    topic: str
+    correlation: bytes | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A reply ready to publish. ``journaled``: mark its delivery in the journal once published."""
+
+    request_id: str | None
+    verb: str
+    reply: Reply
+    payload: str
+    route: ReplyRoute
+    journaled: bool
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What a handler may use besides its request: who asked, and the daemon's state and event outlets."""
+
+    request_id: str
+    verb: str
+    replayed: bool
+    state: StateBoard
+    events: EventLog
+
+
+@dataclass(frozen=True)
+class _Handler:
+    spec: VerbSpec
+    fn: Callable[..., Any]
+    is_async: bool
+
+
+class Service:
+    """One daemon's use-cases behind one entry point, ``handle()`` (also ``replay()`` at startup)."""
+
+    def __init__(self, *, host: str, boot_seq: int, journal: Journal, kernel: KernelState,
+                 max_payload_bytes: int = 65536, request_timeout_s: float = 30.0,
+                 metrics: Metrics | None = None) -> None:
+        self.host = host
+        self.boot_seq = boot_seq
+        self.topics = Topics(host)
+        self.journal = journal
+        self.metrics = metrics or Metrics()
+        self.metrics.boot_seq.set(boot_seq)
+        self.state = StateBoard(journal, host, boot_seq, kernel)
+        self.events = EventLog(host, boot_seq)
+        self.max_payload_bytes = max_payload_bytes
+        self.request_timeout_s = request_timeout_s
+        self.replayed = 0
+        self._handlers: dict[str, _Handler] = {}
+        self._lock = asyncio.Lock()
+        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind to the loop that runs the service (state and event changes from threads are handed to it)."""
+        self.state.attach(loop)
+        self.events.attach(loop)
+
+    # -- registry --------------------------------------------------------------------------------------------
+
+    def register(self, verb: str, fn: Callable[..., Any]) -> None:
+        """Serve ``verb`` (which must be in ``schemas.VERBS``) with ``fn(request, ctx) -> data``."""
+        spec = VERBS.get(verb)
+        if spec is None:
+            raise ValueError(f"verb {verb!r} is not in schemas.VERBS: add its models there first")
+        if verb in self._handlers:
+            raise ValueError(f"verb {verb!r} already has a handler")
+        self._handlers[verb] = _Handler(spec, fn, inspect.iscoroutinefunction(fn))
+
+    def handler(self, verb: str) -> Callable[[F], F]:
+        """Decorator form of ``register``."""
+        def deco(fn: F) -> F:
+            self.register(verb, fn)
+            return fn
+        return deco
+
+    @property
+    def verbs(self) -> list[str]:
+        return sorted(self._handlers)
+
+    # -- the request path ------------------------------------------------------------------------------------
+
+    def route(self, response_topic: str | None, reply_to: str | None, correlation: bytes | None) -> ReplyRoute:
+        """The v5 response topic, else the payload's ``reply_to``, else ``reply``; never one of our request topics."""
+        topic = response_topic or reply_to or self.topics.reply()
+        if self.topics.is_request_topic(topic):
+            topic = self.topics.reply()
+        return ReplyRoute(topic, correlation)
+
+    async def handle(self, verb: str, payload: bytes, *, response_topic: str | None = None,
+                     correlation: bytes | None = None, ack: Callable[[], None] | None = None) -> Outcome:
+        """Answer one request. ``ack`` is called once the request is durable (journaled) or refused."""
+        started = time.perf_counter()
+        acked = False
+
+        def accepted() -> None:
+            nonlocal acked
+            if not acked and ack is not None:
+                ack()
+            acked = True
+
+        try:
+            outcome = await self._handle(verb, payload, response_topic, correlation, accepted)
+        finally:
+            accepted()
+        label = verb if verb in VERBS else "unknown"
+        result = "ok" if outcome.reply.ok else (outcome.reply.error.code if outcome.reply.error else INTERNAL)
+        self.metrics.requests.labels(label, result).inc()
+        self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+        return outcome
+
+    async def _handle(self, verb: str, payload: bytes, response_topic: str | None, correlation: bytes | None,
+                      accepted: Callable[[], None]) -> Outcome:
+        rid: str | None = None
+        reply_to: str | None = None
+        try:
+            if len(payload) > self.max_payload_bytes:
+                raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds the limit of "
+                                      f"{self.max_payload_bytes}", size=len(payload), limit=self.max_payload_bytes)
+            doc = _parse_object(payload)
+            rid, reply_to = _peek_envelope(doc)
+            handler = self._handlers.get(verb)
+            if handler is None:
+                raise UnknownVerb(f"unknown verb {verb!r}", verb=verb, verbs=self.verbs)
+            request = _validate(handler.spec, doc)
+        except LivepatchdError as exc:
+            route = self.route(response_topic, reply_to, correlation)
+            log.info("request_refused", request_id=rid, verb=verb, code=exc.code)
+            return _outcome(rid, verb, Reply.failure(rid, exc.code, exc.message, exc.details), route, False)
+        route = self.route(response_topic, request.reply_to, correlation)
+        with structlog.contextvars.bound_contextvars(request_id=request.request_id, verb=verb):
+            return await self._execute_once(handler, request, route, accepted)
+
+    async def _execute_once(self, handler: _Handler, request: Request, route: ReplyRoute,
+                            accepted: Callable[[], None]) -> Outcome:
+        rid, verb = request.request_id, handler.spec.verb
+        params = request.model_dump(mode="json")
+        fp = fingerprint(verb, params)
+        pending = self._inflight.get(rid)
+        entry = self.journal.get(rid) if pending is None else None
+        if pending is not None or entry is not None:
+            stored_fp = entry.fingerprint if entry is not None else None
+            if entry is not None and (entry.verb != verb or stored_fp != fp):
+                accepted()
+                exc = RequestIdConflict(f"request id {rid!r} was used for another request", request_id=rid,
+                                        verb=entry.verb)
+                return _outcome(rid, verb, Reply.failure(rid, exc.code, exc.message, exc.details), route, False)
+            accepted()
+            self.metrics.duplicates.inc()
+            if pending is not None:
+                first = await asyncio.shield(pending)
+                return Outcome(rid, verb, first.reply, first.payload, route, True)
+            assert entry is not None
+            if entry.reply is None:  # accepted by an earlier run and not answered: cannot happen after replay()
+                return await self._run(handler, request, route, retry=True)
+            if (route.topic, route.correlation) != (entry.reply_topic, entry.correlation):
+                self.journal.reroute(rid, route.topic, route.correlation)
+            log.info("request_duplicate", answered_at=entry.answered_at)
+            return Outcome(rid, verb, Reply.model_validate_json(entry.reply), entry.reply, route, True)
+        # get() and accept() run with no await between them: no duplicate can slip in on this loop.
+        self.journal.accept(rid, verb, json.dumps(params, separators=(",", ":")), fp=fp, reply_topic=route.topic,
+                            correlation=route.correlation, boot_seq=self.boot_seq)
+        accepted()
+        return await self._run(handler, request, route, retry=False)
+
+    async def _run(self, handler: _Handler, request: Request, route: ReplyRoute, *, retry: bool) -> Outcome:
+        rid, verb = request.request_id, handler.spec.verb
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._inflight[rid] = future
+        try:
+            if retry:
+                self.journal.retry(rid)
+            reply = await self._execute(handler, request, replayed=retry)
+            text = reply.to_json()
+            self.journal.answer(rid, text)
+            outcome = Outcome(rid, verb, reply, text, route, True)
+            future.set_result(outcome)
+            return outcome
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a cancelled run must not warn "exception never retrieved"
+            raise
+        finally:
+            del self._inflight[rid]
+
+    async def _execute(self, handler: _Handler, request: Request, *, replayed: bool) -> Reply:
+        rid, spec = request.request_id, handler.spec
+        ctx = RequestContext(rid, spec.verb, replayed, self.state, self.events)
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                if spec.mutating:
+                    async with self._lock:
+                        data = await self._call(handler, request, ctx)
+                else:
+                    data = await self._call(handler, request, ctx)
+            dumped = _dump_data(spec, data)
+        except TimeoutError:
+            exc: LivepatchdError = RequestTimeout(f"{spec.verb} did not finish within {self.request_timeout_s} s")
+            return self._failed(request, exc)
+        except LivepatchdError as exc:
+            return self._failed(request, exc)
+        except Exception:
+            log.exception("request_crashed")
+            return Reply.failure(rid, INTERNAL, f"internal error while handling {spec.verb}; see the daemon log")
+        log.info("request_done", ok=True, replayed=replayed)
+        return Reply.success(rid, dumped)
+
+    def _failed(self, request: Request, exc: LivepatchdError) -> Reply:
+        log.info("request_done", ok=False, code=exc.code)
+        return Reply.failure(request.request_id, exc.code, exc.message, _jsonable(exc.details))
+
+    @staticmethod
+    async def _call(handler: _Handler, request: Request, ctx: RequestContext) -> Any:
+        if handler.is_async:
+            return await handler.fn(request, ctx)
+        return await asyncio.to_thread(handler.fn, request, ctx)
+
+    # -- startup and delivery --------------------------------------------------------------------------------
+
+    async def replay(self) -> int:
+        """Re-execute every request accepted by an earlier run and never answered (call before going online)."""
+        count = 0
+        for entry in self.journal.unanswered():
+            handler = self._handlers.get(entry.verb)
+            with structlog.contextvars.bound_contextvars(request_id=entry.request_id, verb=entry.verb):
+                if handler is None:
+                    exc = UnknownVerb(f"verb {entry.verb!r} has no handler any more", verb=entry.verb)
+                    self.journal.answer(entry.request_id, Reply.failure(entry.request_id, exc.code, exc.message,
+                                                                        exc.details).to_json())
+                    continue
+                request = handler.spec.request.model_validate_json(entry.payload)
+                outcome = await self._run(handler, request, ReplyRoute(entry.reply_topic, entry.correlation),
+                                          retry=True)
+            count += 1
+            self.metrics.replayed.inc()
+            self.events.emit("request.replayed", request_id=entry.request_id, verb=entry.verb, ok=outcome.reply.ok)
+            log.info("request_replayed", request_id=entry.request_id, verb=entry.verb, attempts=entry.attempts + 1)
+        self.replayed += count
+        return count
+
+    def undelivered(self) -> list[Outcome]:
+        """Journaled replies never published (the broker was away, or the daemon died before publishing)."""
+        return [Outcome(e.request_id, e.verb, Reply.model_validate_json(e.reply), e.reply,
+                        ReplyRoute(e.reply_topic, e.correlation), True)
+                for e in self.journal.undelivered() if e.reply is not None]
+
+    def delivered(self, outcome: Outcome) -> None:
+        if outcome.journaled and outcome.request_id is not None:
+            self.journal.delivered(outcome.request_id)
+
+
+def _outcome(rid: str | None, verb: str, reply: Reply, route: ReplyRoute, journaled: bool) -> Outcome:
+    return Outcome(rid, verb, reply, reply.to_json(), route, journaled)
+
+
+def _parse_object(payload: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"payload is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest(f"payload must be a JSON object, not {type(doc).__name__}")
+    return doc
+
+
+def _peek_envelope(doc: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Best effort, before validation: the id and reply topic to answer a refused request with."""
+    try:
+        envelope = Request.model_validate({k: doc[k] for k in ("request_id", "reply_to") if k in doc})
+    except ValidationError:
+        rid = doc.get("request_id")
+        return (rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None), None
+    return envelope.request_id, envelope.reply_to
+
+
+def _validate(spec: VerbSpec, doc: dict[str, Any]) -> Request:
+    try:
+        return spec.request.model_validate(doc)
+    except ValidationError as exc:
+        errors = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
+                  for e in exc.errors(include_url=False, include_context=False, include_input=False)]
+        first = errors[0]
+        where = ".".join(first["loc"]) or "request"
+        raise BadRequest(f"invalid {spec.verb} request: {where}: {first['msg']}", errors=errors) from None
+
+
+def _dump_data(spec: VerbSpec, data: Any) -> dict[str, Any]:
+    model = data if isinstance(data, spec.data) else spec.data.model_validate(data)
+    dumped: dict[str, Any] = model.model_dump(mode="json")
+    return dumped
+
+
+def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
+    """Error details as JSON values (anything JSON cannot hold becomes its repr)."""
+    out: dict[str, Any] = json.loads(json.dumps(details, default=repr))
+    return out
+
+
+__all__ = ["Outcome", "ReplyRoute", "RequestContext", "Service"]

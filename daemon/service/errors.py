@@ -1,0 +1,57 @@
+"""Errors of the request path itself (the payload, the verb, the request id), with their stable codes."""
+
+from __future__ import annotations
+
+from daemon.errors import LivepatchdError
+
+
+class RequestError(LivepatchdError):
+    """The request was refused before anything ran."""
+
+    code = "bad_request"
+    errno = -22  # -EINVAL
+
+
+class BadRequest(RequestError):
+    """Not JSON, not an object, or not valid for the verb's schema (unknown fields included)."""
+
+    code = "bad_request"
+
+
+class UnknownVerb(RequestError):
+    code = "unknown_verb"
+    errno = -95  # -EOPNOTSUPP
+
+
+class PayloadTooLarge(RequestError):
+    code = "payload_too_large"
+    errno = -7  # -E2BIG
+
+
+class RequestIdConflict(RequestError):
+    """A journaled request id came back with a different verb or different parameters."""
+
+    code = "request_id_conflict"
+    errno = -17  # -EEXIST
+
+
+class InvalidArgument(RequestError):
+    """Valid for the schema, invalid for this kernel (a CPU it does not have, a symbol that is not a function)."""
+
+    code = "invalid_argument"
+
+
+class RequestTimeout(LivepatchdError):
+    code = "timeout"
+    errno = -110  # -ETIMEDOUT
+
+
+class ServiceUnavailable(LivepatchdError):
+    """The daemon is shutting down."""
+
+    code = "unavailable"
+    errno = -11  # -EAGAIN
+
+
+INTERNAL = "internal"
+"""The code of an unexpected failure (a bug): the message says so; the traceback goes to the log only."""

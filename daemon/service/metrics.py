@@ -1,0 +1,53 @@
+"""Prometheus metrics of one daemon, in its own registry (many daemons may share a process: no globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from threading import Thread
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
+                   0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class MetricsServer:
+    server: Any
+    thread: Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+class Metrics:
+    """Request counts by verb and result, the request-path latency histogram, journal and broker counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("lpd_requests", "Requests answered, by verb and result (ok or the error code)",
+                                ["verb", "result"], registry=r)
+        self.latency = Histogram("lpd_request_duration_seconds",
+                                 "Time in the daemon per request: from the message taken off the socket queue to "
+                                 "its reply handed to the MQTT client (the broker round trip excluded)",
+                                 ["verb"], buckets=LATENCY_BUCKETS, registry=r)
+        self.replayed = Counter("lpd_requests_replayed", "Requests re-executed from the journal after a restart",
+                                registry=r)
+        self.duplicates = Counter("lpd_requests_duplicate", "Repeated request ids answered from the journal",
+                                  registry=r)
+        self.reconnects = Counter("lpd_mqtt_reconnects", "Successful broker connections after the first", registry=r)
+        self.connected = Gauge("lpd_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.boot_seq = Gauge("lpd_boot_seq", "This run's boot sequence number", registry=r)
+
+    def serve(self, addr: str, port: int) -> MetricsServer:
+        """Serve ``/metrics`` on ``addr:port`` (port 0: any free port; see ``.port``) in a daemon thread."""
+        server, thread = start_http_server(port, addr, registry=self.registry)
+        return MetricsServer(server, thread)

@@ -1,0 +1,141 @@
+"""Write the JSON Schema of every model and the AsyncAPI document: ``python -m schemas.export [--check]``.
+
+The outputs are checked in (``schemas/json/*.json``, ``schemas/asyncapi.json``); ``--check`` exits 1 when
+they differ from what the models say (CI and a test run it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from schemas._base import SCHEMA_VERSION
+from schemas.documents import EventDoc, StateDoc, StatusDoc
+from schemas.envelope import ErrorBody, Reply
+from schemas.topics import ROOT
+from schemas.verbs import VERBS
+
+HERE = Path(__file__).resolve().parent
+JSON_DIR = HERE / "json"
+ASYNCAPI = HERE / "asyncapi.json"
+REF = "#/components/schemas/{model}"
+
+DOCUMENTS: tuple[type[BaseModel], ...] = (Reply, ErrorBody, StatusDoc, StateDoc, EventDoc)
+
+
+Mode = Literal["validation", "serialization"]
+
+
+def _mode(model: type[BaseModel]) -> Mode:
+    """Requests are described as the daemon validates them; everything else as the daemon writes it."""
+    return "validation" if model in {spec.request for spec in VERBS.values()} else "serialization"
+
+
+def _models() -> list[type[BaseModel]]:
+    seen: list[type[BaseModel]] = []
+    for spec in VERBS.values():
+        seen += [spec.request, spec.data]
+    return seen + list(DOCUMENTS)
+
+
+def _dump(doc: Any) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def json_schemas() -> dict[str, str]:
+    """File name -> content: one standalone JSON Schema (draft 2020-12) per model."""
+    out = {}
+    for model in _models():
+        schema = model.model_json_schema(mode=_mode(model))
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        out[f"{model.__name__}.json"] = _dump(schema)
+    return out
+
+
+def asyncapi() -> str:
+    """An AsyncAPI 2.6 document, from a client's point of view (clients publish requests, subscribe the rest)."""
+    _, defs = models_json_schema([(m, _mode(m)) for m in _models()], ref_template=REF)
+    schemas = defs.get("$defs", {})
+    host = {"host": {"description": "the daemon's host id (one topic level)"}}
+    channels: dict[str, Any] = {}
+    messages: dict[str, Any] = {}
+    for spec in VERBS.values():
+        name = spec.request.__name__
+        messages[name] = {"name": name, "title": f"{spec.verb} request", "summary": spec.summary,
+                          "contentType": "application/json", "payload": {"$ref": REF.format(model=name)},
+                          "correlationId": {"location": "$message.payload#/request_id"}}
+        channels[f"{ROOT}/{{host}}/request/{spec.verb}"] = {
+            "description": f"{spec.summary} Reply data: {spec.data.__name__}.",
+            "parameters": host,
+            "publish": {"operationId": f"request_{spec.verb.replace('.', '_')}", "summary": spec.summary,
+                        "bindings": {"mqtt": {"qos": 1, "retain": False}},
+                        "message": {"$ref": f"#/components/messages/{name}"}},
+        }
+    for model, topic, retained, text in (
+        (Reply, "reply", False, "Replies for MQTT 3.1.1 clients that gave no reply_to (v5 clients get theirs on "
+                                "their response topic, with their correlation data)."),
+        (StatusDoc, "status", True, "Birth and death (also the last will), retained."),
+        (StateDoc, "state", True, "Every host-visible fact, versioned, retained."),
+        (EventDoc, "events", False, "Events (transitions, errors, reconnects), with a per-boot sequence number."),
+    ):
+        name = model.__name__
+        messages[name] = {"name": name, "contentType": "application/json", "payload": {"$ref": REF.format(model=name)}}
+        channels[f"{ROOT}/{{host}}/{topic}"] = {
+            "description": text, "parameters": host,
+            "subscribe": {"operationId": f"receive_{topic}", "bindings": {"mqtt": {"qos": 1, "retain": retained}},
+                          "message": {"$ref": f"#/components/messages/{name}"}},
+        }
+    doc = {
+        "asyncapi": "2.6.0",
+        "info": {"title": "livepatchd MQTT API", "version": f"{SCHEMA_VERSION}.0.0",
+                 "description": "Control plane of an emulated arm64 kernel. Requests are QoS 1; every reply is "
+                                "{request_id, ok, data | error: {code, message, details}}; a repeated request_id "
+                                "gets the journaled reply without re-execution."},
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "components": {"messages": messages, "schemas": schemas},
+    }
+    return _dump(doc)
+
+
+def expected() -> dict[Path, str]:
+    files = {JSON_DIR / name: text for name, text in json_schemas().items()}
+    files[ASYNCAPI] = asyncapi()
+    return files
+
+
+def stale() -> list[Path]:
+    """Checked-in files that differ from the models (or are missing, or are left over)."""
+    want = expected()
+    bad = [p for p, text in want.items() if not p.exists() or p.read_text() != text]
+    if JSON_DIR.is_dir():
+        bad += [p for p in sorted(JSON_DIR.glob("*.json")) if p not in want]
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m schemas.export", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="only check that the checked-in files are current")
+    args = parser.parse_args(argv)
+    if args.check:
+        bad = stale()
+        for p in bad:
+            print(f"stale: {p.relative_to(HERE.parent)} (run python -m schemas.export)", file=sys.stderr)
+        return 1 if bad else 0
+    JSON_DIR.mkdir(exist_ok=True)
+    for p in JSON_DIR.glob("*.json"):
+        p.unlink()
+    for p, text in expected().items():
+        p.write_text(text)
+    print(f"wrote {len(expected())} files under {HERE.relative_to(HERE.parent)}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

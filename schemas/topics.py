@@ -1,0 +1,81 @@
+"""Topic names: the only place that spells them. ``livepatch/v1/<host>/{request/<verb>,reply,status,…}``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROOT = "livepatch/v1"
+ALL_STATUS = f"{ROOT}/+/status"
+"""Subscribe here to discover hosts (retained births and deaths)."""
+ALL_STATE = f"{ROOT}/+/state"
+ALL_EVENTS = f"{ROOT}/+/events"
+
+
+def _check_level(value: str, what: str) -> str:
+    if not value or any(c in value for c in "/+#\0") or value.startswith("$"):
+        raise ValueError(f"{what} {value!r} must be one topic level without wildcards")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics of one host."""
+
+    host: str
+
+    def __post_init__(self) -> None:
+        _check_level(self.host, "host id")
+
+    @property
+    def base(self) -> str:
+        return f"{ROOT}/{self.host}"
+
+    def request(self, verb: str) -> str:
+        return f"{self.base}/request/{_check_level(verb, 'verb')}"
+
+    @property
+    def request_filter(self) -> str:
+        """What the daemon subscribes to: every verb, known or not (unknown ones get ``unknown_verb``)."""
+        return f"{self.base}/request/+"
+
+    def reply(self, client_id: str | None = None) -> str:
+        """The default reply topic, or a client's own (``reply/<client id>``: an ACL can match it with ``%c``)."""
+        if client_id is None:
+            return f"{self.base}/reply"
+        return f"{self.base}/reply/{_check_level(client_id, 'client id')}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def state(self) -> str:
+        return f"{self.base}/state"
+
+    @property
+    def events(self) -> str:
+        return f"{self.base}/events"
+
+    @property
+    def trace(self) -> str:
+        return f"{self.base}/trace"
+
+    def verb_of(self, topic: str) -> str | None:
+        """The verb of a request topic of this host, or None for any other topic."""
+        prefix = f"{self.base}/request/"
+        if topic.startswith(prefix):
+            verb = topic[len(prefix):]
+            if verb and "/" not in verb:
+                return verb
+        return None
+
+    def is_request_topic(self, topic: str) -> bool:
+        return topic.startswith(f"{self.base}/request/")
+
+
+def host_of(topic: str) -> str | None:
+    """The host level of any ``livepatch/v1/<host>/…`` topic."""
+    parts = topic.split("/")
+    if len(parts) >= 4 and f"{parts[0]}/{parts[1]}" == ROOT:
+        return parts[2]
+    return None

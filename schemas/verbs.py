@@ -1,0 +1,152 @@
+"""One request model and one reply-data model per verb, and the catalog that names them.
+
+A verb is one topic level (``livepatch/v1/<host>/request/<verb>``); dotted names group verbs
+(``symbol.lookup``, later ``ftrace.ops.register``, ``patch.enable``). Adding a verb = adding its two models
+here, one ``VerbSpec`` to ``VERBS``, and a handler in the daemon's service layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import Field, model_validator
+
+from schemas._base import Address, HostId, Outbound
+from schemas.envelope import Request
+
+MAX_CALL_ARGS = 8
+I64_MIN = -(1 << 63)
+U64_MAX = (1 << 64) - 1
+
+# -- info ------------------------------------------------------------------------------------------------------
+
+
+class InfoRequest(Request):
+    """Kernel and daemon facts; no parameters."""
+
+
+class RequestCounts(Outbound):
+    accepted: int = Field(description="requests journaled since the journal was created")
+    answered: int
+    replayed: int = Field(description="requests re-executed at this boot after a crash")
+
+
+class InfoData(Outbound):
+    host: HostId
+    version: str = Field(description="livepatchd version")
+    schema_version: int
+    kernel_build_id: str
+    arch: str
+    nr_cpus: int
+    boot_seq: int = Field(description="incremented at every daemon start; pairs status births and deaths")
+    uptime_s: float
+    symbols: int
+    tasks: int
+    requests: RequestCounts
+
+
+# -- symbol.lookup ---------------------------------------------------------------------------------------------
+
+
+class SymbolLookupRequest(Request):
+    """By ``name`` (with ``sympos`` when the name is duplicated, as klp does), or by ``address``."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=256)
+    sympos: int = Field(default=0, ge=0, le=1_000_000, description="1-based position among same-named symbols")
+    address: Address | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> SymbolLookupRequest:
+        if (self.name is None) == (self.address is None):
+            raise ValueError("give exactly one of 'name' and 'address'")
+        if self.address is not None and self.sympos:
+            raise ValueError("'sympos' applies to a lookup by name only")
+        return self
+
+
+class SymbolData(Outbound):
+    name: str
+    sympos: int
+    address: Address
+    size: int
+    is_func: bool
+    offset: int = Field(description="address - symbol start (0 for a lookup by name)")
+    description: str = Field(description="'name+0xoff/0xsize', as %pS prints it")
+
+
+# -- call ------------------------------------------------------------------------------------------------------
+
+
+
+class CallRequest(Request):
+    """Run a kernel function on a vCPU (in a kworker task there) with up to 8 integer arguments."""
+
+    function: str = Field(min_length=1, max_length=256, description="a function symbol name")
+    sympos: int = Field(default=0, ge=0, le=1_000_000)
+    args: list[int] = Field(default_factory=list, max_length=MAX_CALL_ARGS,
+                            json_schema_extra={"items": {"type": "integer", "minimum": I64_MIN, "maximum": U64_MAX}})
+    cpu: int = Field(default=0, ge=0, le=63)
+
+    @model_validator(mode="after")
+    def _arg_range(self) -> CallRequest:
+        for a in self.args:
+            if not I64_MIN <= a <= U64_MAX:
+                raise ValueError("each argument must fit in 64 bits (signed or unsigned)")
+        return self
+
+
+class CallData(Outbound):
+    function: str
+    address: Address
+    cpu: int
+    value: int = Field(description="x0 on return, unsigned 64-bit")
+    signed: int = Field(description="x0 on return, as a signed 64-bit value")
+
+
+# -- tasks -----------------------------------------------------------------------------------------------------
+
+
+class TasksRequest(Request):
+    """The kernel's task list; optionally one CPU's tasks only."""
+
+    cpu: int | None = Field(default=None, ge=0, le=63)
+
+
+class TaskEntry(Outbound):
+    pid: int
+    cpu: int
+    kind: str
+    comm: str
+    state: str = Field(description="'running' (current on its CPU), 'waiting' or 'runnable'")
+
+
+class TasksData(Outbound):
+    tasks: list[TaskEntry]
+
+
+# -- the catalog -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerbSpec:
+    """A verb's wire contract: its request model, the model of its reply's ``data``, and a summary."""
+
+    verb: str
+    request: type[Request]
+    data: type[Outbound]
+    summary: str
+    mutating: bool = False
+
+
+VERBS: dict[str, VerbSpec] = {
+    spec.verb: spec
+    for spec in (
+        VerbSpec("info", InfoRequest, InfoData, "Kernel build id, CPUs, boot sequence, uptime and counts."),
+        VerbSpec("symbol.lookup", SymbolLookupRequest, SymbolData,
+                 "Resolve a symbol name (with sympos) to its address, or an address to name+offset/size."),
+        VerbSpec("call", CallRequest, CallData,
+                 "Call a kernel function on a vCPU with up to 8 integer arguments; returns x0.", mutating=True),
+        VerbSpec("tasks", TasksRequest, TasksData, "The kernel's tasks: pid, CPU, kind, comm, state."),
+    )
+}
+"""Every verb of this schema version, by name."""
