@@ -120,3 +120,135 @@ class OpsStateError(FtraceError):
 
 class BadDirectCall(FtraceError):
     code = "ftrace_bad_direct_call"
+
+
+# -- livepatch --
+#
+#   ModuleError             a relocatable object was refused by the module loader (nothing was mapped)
+#     ModuleFormatError       not an AArch64 ET_REL ELF, or malformed (Linux: -ENOEXEC)
+#     UnresolvedSymbol        an undefined symbol is neither in kallsyms nor in the object (Linux: -ENOENT)
+#     UnsupportedRelocation   a relocation type the loader does not implement (Linux: -ENOEXEC)
+#     RelocationOverflow      a relocated value does not fit its field (Linux: -ENOEXEC)
+#     ModuleNoSpace           the module area cannot hold the object (Linux: -ENOMEM)
+#     ModuleExists            a module of that name is already loaded (Linux: -EEXIST)
+#     ModuleNotLoaded         unloading a module that is not (or no longer) loaded (Linux: -ENOENT)
+#   ArtifactError           a patch artifact (bundle, manifest, key) was refused before anything was loaded
+#     BundleFormatError       the bundle file is not a valid bundle
+#     ManifestError           the manifest is not valid (schema, duplicates)
+#     KeyFileError            a key file is not an Ed25519 PEM key of the expected kind
+#     PatchBuildError         the guest toolchain failed to compile the patch source
+#     SignatureMissing        the bundle carries no signature (Linux: -ENOKEY)
+#     UntrustedKey            signed by a key that is not trusted (Linux: -ENOKEY)
+#     BadSignature            the signature does not verify under the named key (Linux: -EKEYREJECTED)
+#     ObjectTampered          the object is not the one that was signed (Linux: -EKEYREJECTED)
+#     ManifestTampered        the manifest is not the one that was signed (Linux: -EKEYREJECTED)
+#     BuildIdMismatch         the patch targets another kernel build (Linux: -EINVAL)
+#     PatchFuncMissing        the object does not define a function the manifest names (Linux: -ENOENT)
+#     OldFuncNotFound         an old function is not in kallsyms / no such sympos (Linux: -ENOENT)
+#     OldFuncAmbiguous        an old function name is duplicated and no sympos says which (Linux: -EINVAL)
+#     OldFuncNotTraceable     an old function has no patchable-entry record (Linux: -EINVAL)
+
+
+class ModuleError(LivepatchdError):
+    code = "module_error"
+    errno = -8  # -ENOEXEC
+
+
+class ModuleFormatError(ModuleError):
+    code = "module_bad_elf"
+
+
+class UnresolvedSymbol(ModuleError):
+    code = "module_unresolved_symbol"
+    errno = -2  # -ENOENT
+
+
+class UnsupportedRelocation(ModuleError):
+    code = "module_unsupported_relocation"
+
+
+class RelocationOverflow(ModuleError):
+    code = "module_relocation_overflow"
+
+
+class ModuleNoSpace(ModuleError):
+    code = "module_no_space"
+    errno = -12  # -ENOMEM
+
+
+class ModuleExists(ModuleError):
+    code = "module_exists"
+    errno = -17  # -EEXIST
+
+
+class ModuleNotLoaded(ModuleError):
+    code = "module_not_loaded"
+    errno = -2  # -ENOENT
+
+
+class ArtifactError(LivepatchdError):
+    code = "patch_artifact_error"
+    errno = -22  # -EINVAL
+
+
+class BundleFormatError(ArtifactError):
+    code = "patch_bundle_malformed"
+
+
+class ManifestError(ArtifactError):
+    code = "patch_manifest_invalid"
+
+
+class KeyFileError(ArtifactError):
+    code = "patch_key_invalid"
+
+
+class PatchBuildError(ArtifactError):
+    code = "patch_build_failed"
+
+
+class SignatureMissing(ArtifactError):
+    code = "patch_signature_missing"
+    errno = -126  # -ENOKEY
+
+
+class UntrustedKey(ArtifactError):
+    code = "patch_signature_untrusted"
+    errno = -126  # -ENOKEY
+
+
+class BadSignature(ArtifactError):
+    code = "patch_signature_invalid"
+    errno = -129  # -EKEYREJECTED
+
+
+class ObjectTampered(ArtifactError):
+    code = "patch_object_tampered"
+    errno = -129  # -EKEYREJECTED
+
+
+class ManifestTampered(ArtifactError):
+    code = "patch_manifest_tampered"
+    errno = -129  # -EKEYREJECTED
+
+
+class BuildIdMismatch(ArtifactError):
+    code = "patch_build_id_mismatch"
+
+
+class PatchFuncMissing(ArtifactError):
+    code = "patch_func_missing"
+    errno = -2  # -ENOENT
+
+
+class OldFuncNotFound(ArtifactError):
+    code = "patch_old_func_not_found"
+    errno = -2  # -ENOENT
+
+
+class OldFuncAmbiguous(ArtifactError):
+    code = "patch_old_func_ambiguous"
+
+
+class OldFuncNotTraceable(ArtifactError):
+    code = "patch_old_func_not_traceable"

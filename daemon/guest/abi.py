@@ -5,8 +5,10 @@ This module is the single source of truth; ``python -m daemon.guest.build`` rend
 
 Memory map (guest addresses; Unicorn runs the kernel at EL1 with the MMU off, so virtual == physical)::
 
-    0xffff800000000000 +128 MiB   module area (read/write/exec per module section), 1.9 GiB below text,
-                                  out of BL range of kernel text, as on real arm64: modules need PLTs
+    0xffff800000000000 +64 MiB    module text (r-x): executable sections and PLT veneers of loaded modules
+    0xffff800004000000 +64 MiB    module data (rw-): their data, read-only data and bss
+                                  The module area is 1.9 GiB below text, out of BL range of kernel text, as on
+                                  real arm64: module calls into the kernel go through PLT veneers
     0xffff800080000000            kernel image: .text (r-x), .rodata (r--), .data/.bss (rw-), stacks in .bss
 """
 
@@ -19,6 +21,9 @@ HEAP_VADDR = 0xFFFF_8001_0000_0000  # host-allocated kernel data (ftrace ops, ha
 HEAP_SIZE = 64 << 20
 MODULES_VADDR = 0xFFFF_8000_0000_0000
 MODULES_SIZE = 128 << 20
+MODULES_TEXT_SIZE = MODULES_SIZE // 2  # first half r-x, second half rw-: no module page is writable and executable
+MODULES_DATA_VADDR = MODULES_VADDR + MODULES_TEXT_SIZE
+MODULES_DATA_SIZE = MODULES_SIZE - MODULES_TEXT_SIZE
 PAGE_SIZE = 4096
 
 MAX_CPUS = 8

@@ -88,8 +88,15 @@ class Kernel:
         self.image, self.kallsyms = load_image(self.config.image)
         self.memory = Memory()
         self._map_image()
-        self.module_region = self.memory.add(
-            Region("modules", abi.MODULES_VADDR, abi.MODULES_SIZE, Perm.RWX, Backing(abi.MODULES_SIZE)))
+        # The module area: module text (r-x) then module data (rw-), one backing; the module loader takes
+        # page-multiple blocks from their allocators, so every block stays page aligned.
+        modules = Backing(abi.MODULES_SIZE)
+        self.module_text = self.memory.add(
+            Region("modules.text", abi.MODULES_VADDR, abi.MODULES_TEXT_SIZE, Perm.RX, modules))
+        self.module_data = self.memory.add(Region("modules.data", abi.MODULES_DATA_VADDR, abi.MODULES_DATA_SIZE,
+                                                  Perm.RW, modules, abi.MODULES_TEXT_SIZE))
+        self.module_text_alloc = GuestAllocator(abi.MODULES_VADDR, abi.MODULES_TEXT_SIZE, "module text")
+        self.module_data_alloc = GuestAllocator(abi.MODULES_DATA_VADDR, abi.MODULES_DATA_SIZE, "module data")
         self.cpu_data_addr = self.kallsyms.addr("cpu_data")
         self.tasks_addr = self.kallsyms.addr("tasks")
         self.boot_params = StructRef(self.memory, abi.boot_params, self.kallsyms.addr("boot_params"))
@@ -128,12 +135,12 @@ class Kernel:
         self.memory.add(Region("kernel.data", sdata, end - sdata, Perm.RW, backing, sdata - base))
 
     def is_text(self, addr: int) -> bool:
-        return self.text.contains(addr, 4) or self.module_region.contains(addr, 4)
+        return self.text.contains(addr, 4) or self.module_text.contains(addr, 4)
 
     @property
     def text_ranges(self) -> tuple[tuple[int, int], ...]:
         """Guest ranges that may hold code: what a stop-machine batch invalidates."""
-        return ((self.text.base, self.text.end), (self.module_region.base, self.module_region.end))
+        return ((self.text.base, self.text.end), (self.module_text.base, self.module_text.end))
 
     # -- boot and shutdown -----------------------------------------------------------------------------------
 
