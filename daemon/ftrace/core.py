@@ -72,13 +72,14 @@ class Ftrace:
         self.list_end = sym("ftrace_list_end")
         self.list_head = sym("ftrace_ops_list")
         self.call_direct_funcs = sym("call_direct_funcs")
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._ops: list[FtraceOps] = []  # guest list order: the newest first, as add_ftrace_ops links them
         self.records: list[DynFtrace] = []
         self.by_ip: dict[int, DynFtrace] = {}
         self.by_name: dict[str, list[DynFtrace]] = {}
         self._describe: list[Callable[[int], str | None]] = []
         self.last_batch: BatchResult | None = None
+        self.ring_owner: object | None = None  # the function tracer using the per-CPU rings, if any
         self._init_records()
 
     # -- records ---------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ class Ftrace:
 
         The literal is set to ``ftrace_nop_ops`` in the same batch that writes ``mov x9, x30``.
         """
-        with self._lock:
+        with self.lock:
             dup = [r for r in recs if r.ip in self.by_ip]
             if dup:
                 raise FtraceError(f"call site {dup[0].ip:#x} ({dup[0].name}) already has a record", ip=dup[0].ip)
@@ -117,7 +118,7 @@ class Ftrace:
 
     def remove_records(self, ips: Iterable[int]) -> None:
         """Forget records of text that goes away (a module unloading); they must not be traced any more."""
-        with self._lock:
+        with self.lock:
             gone = {ip for ip in ips if ip in self.by_ip}
             busy = [self.by_ip[ip] for ip in gone if self.by_ip[ip].count]
             if busy:
@@ -164,12 +165,12 @@ class Ftrace:
     @property
     def ops(self) -> list[FtraceOps]:
         """Registered ops, newest first (the order ftrace_ops_list_func calls them)."""
-        with self._lock:
+        with self.lock:
             return list(self._ops)
 
     def register(self, ops: FtraceOps) -> BatchResult | None:
         """register_ftrace_function: add ``ops`` and enable every site it covers, in one batch."""
-        with self._lock:
+        with self.lock:
             if ops in self._ops or ops.registered:
                 raise OpsStateError(f"ops {ops.name!r} is already registered", ops=ops.name)
             self._check_ops(ops)
@@ -201,7 +202,7 @@ class Ftrace:
 
     def unregister(self, ops: FtraceOps) -> BatchResult | None:
         """unregister_ftrace_function: unlink ``ops``, re-plan its sites, free its guest memory."""
-        with self._lock:
+        with self.lock:
             if ops not in self._ops:
                 raise OpsStateError(f"ops {ops.name!r} is not registered", ops=ops.name)
             ips = self._covered(ops)
@@ -246,7 +247,7 @@ class Ftrace:
 
     def register_direct(self, ops: FtraceOps, addr: int | str) -> BatchResult | None:
         """register_ftrace_direct: calls to the functions of ``ops``' filter go to trampoline ``addr``."""
-        with self._lock:
+        with self.lock:
             tramp = self._direct_target(ops, addr)
             if not ops.filter:
                 raise FtraceError(f"direct ops {ops.name!r} needs a filter naming its functions", ops=ops.name)
@@ -267,7 +268,7 @@ class Ftrace:
         is re-aimed (at the new one, or at ftrace_caller if the new one is out of BL range) — the effect of
         Linux's temporary stub ops, which exists only because its sites are not patched all at once.
         """
-        with self._lock:
+        with self.lock:
             if ops not in self._ops or not ops.flags & OpsFlag.DIRECT:
                 raise OpsStateError(f"ops {ops.name!r} is not a registered direct ops", ops=ops.name)
             tramp = self._direct_target(ops, addr)
@@ -283,7 +284,7 @@ class Ftrace:
 
     def unregister_direct(self, ops: FtraceOps) -> BatchResult | None:
         """unregister_ftrace_direct."""
-        with self._lock:
+        with self.lock:
             if not ops.flags & OpsFlag.DIRECT:
                 raise OpsStateError(f"ops {ops.name!r} is not a direct ops", ops=ops.name)
             result = self.unregister(ops)
@@ -356,7 +357,7 @@ class Ftrace:
 
     def _set_hash(self, ops: FtraceOps, which: str, expr: str | Iterable[str] | None, reset: bool
                   ) -> BatchResult | None:
-        with self._lock:
+        with self.lock:
             empty = expr is None or not ftrace_filter.terms(expr)
             chosen = frozenset() if empty or expr is None else self.select(expr)
             current = (ops.filter or frozenset()) if which == "filter" else ops.notrace
@@ -367,7 +368,7 @@ class Ftrace:
 
     def _replace_filters(self, ops: FtraceOps, filt: frozenset[int] | None, notrace: frozenset[int]
                          ) -> BatchResult | None:
-        with self._lock:
+        with self.lock:
             if not ops.registered:
                 ops.filter, ops.notrace = filt, notrace
                 return None

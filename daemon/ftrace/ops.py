@@ -36,7 +36,7 @@ class FtraceOps:
     """
 
     name: str
-    func: str | int
+    func: str | int = "ftrace_stub"
     flags: OpsFlag = field(default_factory=lambda: OpsFlag(0))
     filter: frozenset[int] | None = None
     notrace: frozenset[int] = frozenset()

@@ -59,6 +59,7 @@ FTRACE_OPS_FL_IPMODIFY = 1 << 12
 FTRACE_OPS_FL_PERMANENT = 1 << 16
 FTRACE_OPS_FL_DIRECT = 1 << 17
 
+CNTFRQ_HZ = 62_500_000  # cntvct_el0 ticks per second (the emulated generic timer's frequency)
 TRACE_RECURSION_LIST = 1 << 0  # cpu_data.trace_recursion: inside ftrace_ops_list_func
 HASH_MULTIPLIER = 0x9E37_79B9_7F4A_7C15  # ftrace_hash bucket = ((ip >> 2) * HASH_MULTIPLIER) >> (64 - bits)
 

@@ -88,6 +88,16 @@ notrace void my_direct_func(u64 ip)
 	direct_hits[this_cpu()->cpu]++;
 }
 
+/*
+ * An IPMODIFY callback for hijacks: the traced call continues at op->private instead (ftrace_caller returns
+ * to fregs->pc with the caller's x30, so the replacement returns straight to the original caller).
+ */
+notrace void ftrace_redirect_call(u64 ip, u64 parent_ip, struct ftrace_ops *op, struct ftrace_regs *fregs)
+{
+	(void)ip, (void)parent_ip;
+	fregs->pc = op->private;
+}
+
 /* samples/ftrace/ftrace-ops.c's callbacks */
 notrace void ops_func_nop(u64 ip, u64 parent_ip, struct ftrace_ops *op, struct ftrace_regs *fregs)
 {

@@ -1,0 +1,106 @@
+"""tracefs views, in the kernel's text formats (kernel-mechanics §5.5), so that tools and eyes used to
+/sys/kernel/tracing read them unchanged.
+
+=============================  ===================================================================
+file                           function
+=============================  ===================================================================
+available_filter_functions     :func:`available_filter_functions`
+enabled_functions              :func:`enabled_functions` (records with a BL, with flags and ops)
+touched_functions              :func:`enabled_functions` with ``touched=True``
+trace                          :func:`trace` (the function tracer's format, irq-info header)
+trace_stat/function<cpu>       :func:`function_stat` (function profiler, without graph times)
+=============================  ===================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from daemon.ftrace.core import Ftrace
+from daemon.ftrace.records import DynFtrace, RecFlag
+from daemon.ftrace.tracer import ProfileLine, TraceRecord
+from daemon.guest import abi
+
+
+def available_filter_functions(ftrace: Ftrace) -> str:
+    """One ``%ps`` per record, in address order (duplicates appear once per definition, as in Linux)."""
+    return "".join(f"{ftrace.name_of(r)}\n" for r in ftrace.records)
+
+
+def _flags(rec: DynFtrace) -> str:
+    f = rec.flags
+    return (f" ({rec.count})"
+            f"{' R' if f & RecFlag.REGS else '  '}"
+            f"{' I' if f & RecFlag.IPMODIFY else '  '}"
+            f"{' D' if f & RecFlag.DIRECT else '  '}"
+            f"{' O' if f & RecFlag.CALL_OPS else '  '}"
+            f"{' M ' if f & RecFlag.MODIFIED else '   '}")
+
+
+def enabled_line(ftrace: Ftrace, rec: DynFtrace) -> str:
+    """A record's line: name, (count) and R/I/D/O/M flags, the ``ops:`` of a CALL_OPS site, ``direct-->``."""
+    line = ftrace.name_of(rec) + _flags(rec)
+    if rec.flags & RecFlag.CALL_OPS_EN:
+        ops = ftrace.unique_ops(rec)
+        line += (f"\tops: {ftrace.describe(ops.addr)} ({ftrace.describe(ftrace.kernel.resolve(ops.func))})"
+                 if ops is not None else "\tops: ERROR!")
+    if rec.flags & RecFlag.DIRECT:
+        direct = ftrace.direct_of(rec)
+        if direct:
+            line += f"\n\tdirect-->{ftrace.describe(direct)}"
+    return line + "\n"
+
+
+def enabled_functions(ftrace: Ftrace, *, touched: bool = False) -> str:
+    """enabled_functions (records whose site calls), or touched_functions (ever attached since boot)."""
+    want = RecFlag.TOUCHED if touched else RecFlag.ENABLED
+    with ftrace.lock:
+        return "".join(enabled_line(ftrace, r) for r in ftrace.records if r.flags & want)
+
+
+_TRACE_HEADER = """\
+# tracer: function
+#
+# entries-in-buffer/entries-written: {shown}/{written}   #P:{ncpus}
+#
+#                                _-----=> irqs-off/BH-disabled
+#                               / _----=> need-resched
+#                              | / _---=> hardirq/softirq
+#                              || / _--=> preempt-depth
+#                              ||| / _-=> migrate-disable
+#                              |||| /     delay
+#           TASK-PID     CPU#  |||||  TIMESTAMP  FUNCTION
+#              | |         |   |||||     |         |
+"""
+
+
+def trace_line(ftrace: Ftrace, rec: TraceRecord, comms: dict[int, str]) -> str:
+    """``comm-pid [cpu] flags secs.usecs: func <-parent`` exactly as the function tracer prints it."""
+    usecs = rec.ts * 1_000_000 // abi.CNTFRQ_HZ
+    secs, rem = divmod(usecs, 1_000_000)
+    func = _ps(ftrace, rec.ip)
+    parent = _ps(ftrace, rec.parent_ip)
+    comm = comms.get(rec.pid, "<...>")
+    return f"{comm:>16}-{rec.pid:<7d} [{rec.cpu:03d}] ..... {secs:5d}.{rem:06d}: {func} <-{parent}\n"
+
+
+def trace(ftrace: Ftrace, records: Sequence[TraceRecord], *, written: int | None = None) -> str:
+    """The ``trace`` file for drained records (``written``: entries written, counting dropped ones)."""
+    comms = {t.pid: t.comm for t in ftrace.kernel.tasks()}
+    head = _TRACE_HEADER.format(shown=len(records), written=len(records) if written is None else written,
+                                ncpus=ftrace.kernel.config.nr_cpus)
+    return head + "".join(trace_line(ftrace, r, comms) for r in records)
+
+
+def function_stat(lines: Iterable[ProfileLine]) -> str:
+    """trace_stat/function*: the profiler's table without graph times (no function_graph tracer here)."""
+    out = ["  Function                               Hit\n", "  --------                               ---\n"]
+    out += [f"  {line.name[:30]:<30}  {line.hits:10d}\n" for line in lines]
+    return "".join(out)
+
+
+def _ps(ftrace: Ftrace, addr: int) -> str:
+    """%ps: the symbol's name without offset, or the raw address."""
+    text = ftrace.describe(addr)
+    return text.split("+", 1)[0]
+
