@@ -1,7 +1,7 @@
 """What the daemon publishes on its own: the versioned ``state`` document and the ``events`` stream.
 
 Both may be fed from any thread (a blocking handler runs in a worker thread); changes are handed to the
-event loop, where the MQTT adapter waits on ``changed`` and publishes.
+event loop, where the MQTT adapter waits on the shared ``outgoing`` event and publishes.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from schemas import EventDoc, KernelState, StateDoc
 
 
 class _LoopBound:
-    def __init__(self) -> None:
+    def __init__(self, outgoing: asyncio.Event) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
-        self.changed = asyncio.Event()
+        self._outgoing = outgoing
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -37,14 +37,16 @@ class _LoopBound:
 class StateBoard(_LoopBound):
     """The retained state document. ``components`` sections are owned by subsystems (ftrace, livepatch, …)."""
 
-    def __init__(self, journal: Journal, host: str, boot_seq: int, kernel: KernelState) -> None:
-        super().__init__()
+    def __init__(self, journal: Journal, host: str, boot_seq: int, kernel: KernelState,
+                 outgoing: asyncio.Event) -> None:
+        super().__init__(outgoing)
         self._journal = journal
         self._host = host
         self._boot_seq = boot_seq
         self._kernel = kernel
         self._components: dict[str, dict[str, Any]] = {}
         self._doc: StateDoc | None = None
+        self._dirty = True
 
     def set_component(self, name: str, section: dict[str, Any]) -> None:
         """Replace one subsystem's section (thread-safe); the document is republished with a new version."""
@@ -52,7 +54,8 @@ class StateBoard(_LoopBound):
             if self._components.get(name) != section:
                 self._components[name] = section
                 self._doc = None
-                self.changed.set()
+                self._dirty = True
+                self._outgoing.set()
         self._in_loop(apply)
 
     def document(self) -> StateDoc:
@@ -60,15 +63,19 @@ class StateBoard(_LoopBound):
         if self._doc is None:
             self._doc = StateDoc(host=self._host, version=self._journal.next_state_version(), boot_seq=self._boot_seq,
                                  time=time.time(), kernel=self._kernel, components=dict(self._components))
-        self.changed.clear()
         return self._doc
+
+    def take_dirty(self) -> bool:
+        """True once after each change: the publisher's cue to publish ``document()`` again."""
+        dirty, self._dirty = self._dirty, False
+        return dirty
 
 
 class EventLog(_LoopBound):
     """Events waiting to be published (bounded: the oldest are dropped first, the ``seq`` gap shows it)."""
 
-    def __init__(self, host: str, boot_seq: int, maxlen: int = 1000) -> None:
-        super().__init__()
+    def __init__(self, host: str, boot_seq: int, outgoing: asyncio.Event, maxlen: int = 1000) -> None:
+        super().__init__(outgoing)
         self._host = host
         self._boot_seq = boot_seq
         self._seq = 0
@@ -80,14 +87,11 @@ class EventLog(_LoopBound):
             self._seq += 1
             self._pending.append(EventDoc(host=self._host, boot_seq=self._boot_seq, seq=self._seq, time=time.time(),
                                           type=type_, data=data))
-            self.changed.set()
+            self._outgoing.set()
         self._in_loop(apply)
 
     def peek(self) -> EventDoc | None:
-        if not self._pending:
-            self.changed.clear()
-            return None
-        return self._pending[0]
+        return self._pending[0] if self._pending else None
 
     def pop(self) -> None:
         self._pending.popleft()

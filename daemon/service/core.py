@@ -88,8 +88,10 @@ class Service:
         self.journal = journal
         self.metrics = metrics or Metrics()
         self.metrics.boot_seq.set(boot_seq)
-        self.state = StateBoard(journal, host, boot_seq, kernel)
-        self.events = EventLog(host, boot_seq)
+        self.outgoing = asyncio.Event()
+        """Set when the state document changed or events wait: the MQTT adapter's cue to publish."""
+        self.state = StateBoard(journal, host, boot_seq, kernel, self.outgoing)
+        self.events = EventLog(host, boot_seq, self.outgoing)
         self.max_payload_bytes = max_payload_bytes
         self.request_timeout_s = request_timeout_s
         self.replayed = 0

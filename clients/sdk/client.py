@@ -1,0 +1,331 @@
+"""``LivepatchClient``: request/response with correlation and timeouts, typed results, status/state/event streams.
+
+One MQTT connection per client (TCP_NODELAY; MQTT 5 with a response topic and correlation data, or 3.1.1
+with ``reply_to`` in the payload when the broker refuses 5). Replies come back on the client's own topic
+``livepatch/v1/<host>/reply/<client id>``, matched to their request by ``request_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import ssl
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ValidationError
+
+from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, SdkError
+from schemas import (
+    ALL_STATUS,
+    CallData,
+    EventDoc,
+    InfoData,
+    Outbound,
+    Reply,
+    StateDoc,
+    StatusDoc,
+    SymbolData,
+    TasksData,
+    Topics,
+    host_of,
+)
+
+NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_UNSUPPORTED_PROTOCOL = {1, 132}
+M = TypeVar("M", bound=Outbound)
+
+
+@dataclass(frozen=True)
+class RawReply:
+    """A reply as parsed, and exactly as it arrived (``payload``: what ``lpctl --json`` prints)."""
+
+    reply: Reply
+    payload: str
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
+    """``mqtt://[user[:password]@]host[:port]`` -> (host, port, tls, user, password); ``mqtts://`` means TLS."""
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+    tls = parts.scheme == "mqtts"
+    return (parts.hostname, parts.port or (8883 if tls else 1883), tls,
+            unquote(parts.username) if parts.username else None, unquote(parts.password) if parts.password else None)
+
+
+def _properties(packet_type: int) -> Any:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+class LivepatchClient:
+    """Client of one daemon (``host``) — or of none, for fleet-wide reads like ``hosts()``.
+
+    Args:
+        broker: ``mqtt://[user:pass@]host:port`` (``mqtts://`` for TLS).
+        host: the daemon's host id; needed by every request and by ``status``/``state``/``events``.
+        timeout: seconds to wait for a reply (and for the connection).
+        protocol: ``"auto"`` tries MQTT 5 and falls back to 3.1.1; or force ``"5"`` / ``"3.1.1"``.
+        username, password: override the URL's credentials.
+        tls_context: for ``mqtts://`` (default: the system's trust store).
+        client_id: the MQTT client id (default: ``lpsdk-<random>``); replies go to ``reply/<client_id>``.
+    """
+
+    def __init__(self, broker: str = "mqtt://127.0.0.1:1883", host: str | None = None, *, timeout: float = 10.0,
+                 protocol: Literal["auto", "5", "3.1.1"] = "auto", username: str | None = None,
+                 password: str | None = None, tls_context: ssl.SSLContext | None = None,
+                 client_id: str | None = None) -> None:
+        hostname, port, tls, url_user, url_password = parse_broker_url(broker)
+        self.hostname, self.port = hostname, port
+        self.username = username or url_user
+        self.password = password or url_password
+        self.tls_context = tls_context or (ssl.create_default_context() if tls else None)
+        self.host = host
+        self.topics = Topics(host) if host is not None else None
+        self.timeout = timeout
+        self.protocol_setting = protocol
+        self.protocol = aiomqtt.ProtocolVersion.V311 if protocol == "3.1.1" else aiomqtt.ProtocolVersion.V5
+        self.client_id = client_id or f"lpsdk-{uuid.uuid4().hex[:12]}"
+        self._client: aiomqtt.Client | None = None
+        self._router: asyncio.Task[None] | None = None
+        self._pending: dict[str, asyncio.Future[RawReply]] = {}
+        self._subscribed: set[str] = set()
+        self._listeners: dict[str, set[asyncio.Queue[tuple[str, bytes] | None]]] = {}
+        self._lost: BrokerUnreachable | None = None
+
+    # -- connection ------------------------------------------------------------------------------------------
+
+    def _new_client(self) -> aiomqtt.Client:
+        v5 = self.protocol == aiomqtt.ProtocolVersion.V5
+        return aiomqtt.Client(
+            self.hostname, self.port, username=self.username, password=self.password, identifier=self.client_id,
+            protocol=self.protocol, clean_session=None if v5 else True,
+            clean_start=True if v5 else MQTT_CLEAN_START_FIRST_ONLY, tls_context=self.tls_context,
+            socket_options=[NODELAY], timeout=self.timeout)
+
+    async def __aenter__(self) -> LivepatchClient:
+        while True:
+            client = self._new_client()
+            try:
+                await client.__aenter__()
+            except MqttConnectError as exc:
+                rc = exc.rc.value if isinstance(exc.rc, ReasonCode) else exc.rc
+                if (rc in _UNSUPPORTED_PROTOCOL and self.protocol_setting == "auto"
+                        and self.protocol == aiomqtt.ProtocolVersion.V5):
+                    self.protocol = aiomqtt.ProtocolVersion.V311
+                    continue
+                raise BrokerUnreachable(f"broker {self.hostname}:{self.port} refused the connection: {exc}") from None
+            except aiomqtt.MqttError as exc:
+                raise BrokerUnreachable(f"cannot reach broker {self.hostname}:{self.port}: {exc}") from None
+            break
+        self._client = client
+        self._router = asyncio.get_running_loop().create_task(self._route(client), name="lpsdk.router")
+        if self.topics is not None:
+            await self._subscribe(self.topics.reply(self.client_id))
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        client, self._client = self._client, None
+        if self._router is not None:
+            self._router.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._router
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
+
+    @property
+    def mqtt_version(self) -> str:
+        return "5" if self.protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1"
+
+    def _connected(self) -> aiomqtt.Client:
+        if self._lost is not None:
+            raise self._lost
+        if self._client is None:
+            raise SdkError("use the client inside 'async with LivepatchClient(...) as client:'")
+        return self._client
+
+    async def _subscribe(self, topic: str, *, again: bool = False) -> None:
+        """Subscribe once; ``again`` subscribes anew, which makes the broker resend the retained messages."""
+        if again or topic not in self._subscribed:
+            try:
+                await self._connected().subscribe(topic, qos=1)
+            except aiomqtt.MqttError as exc:
+                raise BrokerUnreachable(f"subscribe to {topic} failed: {exc}") from None
+            self._subscribed.add(topic)
+
+    async def _route(self, client: aiomqtt.Client) -> None:
+        try:
+            async for message in client.messages:
+                topic = message.topic.value
+                payload = message.payload if isinstance(message.payload, bytes) else b""
+                if self.topics is not None and topic == self.topics.reply(self.client_id):
+                    self._on_reply(payload)
+                    continue
+                for pattern, queues in self._listeners.items():
+                    if message.topic.matches(pattern):
+                        for q in queues:
+                            q.put_nowait((topic, payload))
+        except aiomqtt.MqttError as exc:
+            self._lost = BrokerUnreachable(f"connection to {self.hostname}:{self.port} lost: {exc}")
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(self._lost)
+            for queues in self._listeners.values():
+                for q in queues:
+                    q.put_nowait(None)  # wakes every stream, which then raises
+
+    def _on_reply(self, payload: bytes) -> None:
+        try:
+            text = payload.decode()
+            reply = Reply.model_validate_json(text)
+        except (UnicodeDecodeError, ValidationError):
+            return
+        fut = self._pending.get(reply.request_id or "")
+        if fut is not None and not fut.done():
+            fut.set_result(RawReply(reply, text))
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    async def request_raw(self, verb: str, params: dict[str, Any] | BaseModel | None = None, *,
+                          request_id: str | None = None, timeout: float | None = None) -> RawReply:
+        """Send ``verb`` with ``params`` and wait for its reply, whatever it says. Pass the same
+        ``request_id`` to retry a request: the daemon answers a repeat from its journal without re-running it."""
+        if self.topics is None:
+            raise SdkError("this client has no host: LivepatchClient(broker, host)")
+        client = self._connected()
+        body = params.model_dump(mode="json", exclude_none=True) if isinstance(params, BaseModel) else dict(
+            params or {})
+        rid = request_id or body.get("request_id") or uuid.uuid4().hex
+        body["request_id"] = rid
+        reply_topic = self.topics.reply(self.client_id)
+        props: Any = None
+        if self.protocol == aiomqtt.ProtocolVersion.V5:
+            props = _properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = reply_topic
+            props.CorrelationData = rid.encode()
+        else:
+            body["reply_to"] = reply_topic
+        fut: asyncio.Future[RawReply] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        wait = self.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(wait):
+                await client.publish(self.topics.request(verb), json.dumps(body), qos=1, properties=props)
+                return await fut
+        except TimeoutError:
+            raise RequestTimeout(f"no reply to {verb} from {self.host} within {wait} s (is it online?)",
+                                 request_id=rid, verb=verb) from None
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnreachable(f"publish to {self.hostname}:{self.port} failed: {exc}") from None
+        finally:
+            self._pending.pop(rid, None)
+
+    async def request(self, verb: str, params: dict[str, Any] | BaseModel | None = None, *,
+                      request_id: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Like ``request_raw``, but returns the reply's ``data`` and raises ``ReplyError`` for an error reply."""
+        raw = await self.request_raw(verb, params, request_id=request_id, timeout=timeout)
+        reply = raw.reply
+        if not reply.ok:
+            err = reply.error
+            raise ReplyError(err.code if err else "internal", err.message if err else "error reply without error",
+                             err.details if err else {}, request_id=reply.request_id, verb=verb)
+        return reply.data or {}
+
+    async def _typed(self, model: type[M], verb: str, params: dict[str, Any]) -> M:
+        return model.model_validate(await self.request(verb, params))
+
+    async def info(self) -> InfoData:
+        return await self._typed(InfoData, "info", {})
+
+    async def symbol(self, name: str | None = None, *, sympos: int = 0, address: int | None = None) -> SymbolData:
+        params: dict[str, Any] = {"name": name} if name is not None else {"address": address}
+        if sympos:
+            params["sympos"] = sympos
+        return await self._typed(SymbolData, "symbol.lookup", params)
+
+    async def call(self, function: str, *args: int, cpu: int = 0, sympos: int = 0) -> CallData:
+        params: dict[str, Any] = {"function": function, "args": list(args), "cpu": cpu}
+        if sympos:
+            params["sympos"] = sympos
+        return await self._typed(CallData, "call", params)
+
+    async def tasks(self, cpu: int | None = None) -> TasksData:
+        return await self._typed(TasksData, "tasks", {} if cpu is None else {"cpu": cpu})
+
+    # -- retained documents and streams ----------------------------------------------------------------------
+
+    def _topics(self) -> Topics:
+        if self.topics is None:
+            raise SdkError("this client has no host: LivepatchClient(broker, host)")
+        return self.topics
+
+    async def _stream(self, topic: str, *, retained: bool = False) -> AsyncIterator[tuple[str, bytes]]:
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._listeners.setdefault(topic, set()).add(queue)
+        try:
+            await self._subscribe(topic, again=retained)
+            while True:
+                item = await queue.get()
+                if item is None:
+                    raise self._lost or BrokerUnreachable("connection lost")
+                yield item
+        finally:
+            self._listeners[topic].discard(queue)
+
+    async def _first(self, topic: str, model: type[M], wait: float) -> M | None:
+        """The retained document on ``topic``, or None when none arrives within ``wait`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                async for _, payload in self._stream(topic, retained=True):
+                    if payload:
+                        return model.model_validate_json(payload)
+        return None
+
+    async def status(self, wait: float = 1.0) -> StatusDoc | None:
+        """The host's retained status (online/offline with its boot sequence), or None if it never announced."""
+        return await self._first(self._topics().status, StatusDoc, wait)
+
+    async def state(self, wait: float = 1.0) -> StateDoc | None:
+        return await self._first(self._topics().state, StateDoc, wait)
+
+    async def hosts(self, wait: float = 0.5) -> dict[str, StatusDoc]:
+        """Every host that left a retained status on this broker, collected for ``wait`` seconds."""
+        found: dict[str, StatusDoc] = {}
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                async for topic, payload in self._stream(ALL_STATUS, retained=True):
+                    host = host_of(topic)
+                    if host is not None and payload:
+                        with contextlib.suppress(ValidationError):
+                            found[host] = StatusDoc.model_validate_json(payload)
+        return dict(sorted(found.items()))
+
+    async def states(self) -> AsyncIterator[StateDoc]:
+        """The host's state document: the retained one first, then each new version."""
+        async for _, payload in self._stream(self._topics().state, retained=True):
+            if payload:
+                yield StateDoc.model_validate_json(payload)
+
+    async def statuses(self) -> AsyncIterator[StatusDoc]:
+        async for _, payload in self._stream(self._topics().status, retained=True):
+            if payload:
+                yield StatusDoc.model_validate_json(payload)
+
+    async def events(self) -> AsyncIterator[EventDoc]:
+        """The host's events as they are published (none are retained)."""
+        async for _, payload in self._stream(self._topics().events):
+            yield EventDoc.model_validate_json(payload)

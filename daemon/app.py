@@ -1,0 +1,163 @@
+"""The composition root: builds one daemon (kernel, journal, service, broker link) and runs it.
+
+``Daemon(settings).run()`` owns one TaskGroup with named tasks (``mqtt.bridge``, ``service.janitor``,
+``app.ready``); ``stop()`` (SIGTERM/SIGINT when ``install_signals``) makes it publish ``offline`` and return.
+Startup order: journal (boot sequence) -> kernel boot -> replay of requests accepted and never answered ->
+broker (embedded when none is configured) -> birth. Nothing here is process-global: a process may run many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from typing import TextIO
+
+import structlog
+
+from daemon.kernel.kernel import Kernel, KernelConfig
+from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
+from daemon.service import Journal, Metrics, Service, kernel_verbs
+from daemon.settings import Settings
+from schemas import KernelState
+
+log = structlog.get_logger(__name__)
+
+JANITOR_PERIOD_S = 60.0
+
+
+def version() -> str:
+    try:
+        return metadata.version("livepatchd")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """JSON lines on stderr, with the bound context (host, request_id, verb). Called once, by the command."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr)
+
+
+class Daemon:
+    """One host: its emulated kernel, its journal, its MQTT identity."""
+
+    def __init__(self, settings: Settings, *, install_signals: bool = False,
+                 on_ready: Callable[[Daemon], None] | None = None) -> None:
+        self.settings = settings
+        self.install_signals = install_signals
+        self.on_ready = on_ready
+        self.metrics = Metrics()
+        self.kernel: Kernel | None = None
+        self.service: Service | None = None
+        self.bridge: MqttBridge | None = None
+        self.broker_url: str | None = None
+        self.metrics_port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask the daemon to shut down (from any thread)."""
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def run(self) -> None:
+        s = self.settings
+        self._loop = asyncio.get_running_loop()
+        structlog.contextvars.bind_contextvars(host=s.host_id)
+        journal = Journal(s.journal_path, durable=s.journal_durable)
+        try:
+            boot_seq = journal.next_boot_seq()
+            log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
+            self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(nr_cpus=s.nr_cpus)).boot())
+            try:
+                await self._serve(journal, self.kernel, boot_seq)
+            finally:
+                await asyncio.to_thread(self.kernel.shutdown)
+        finally:
+            journal.close()
+            log.info("daemon_stopped")
+
+    async def _serve(self, journal: Journal, kernel: Kernel, boot_seq: int) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        service = self.service = Service(
+            host=s.host_id, boot_seq=boot_seq, journal=journal, metrics=self.metrics,
+            kernel=KernelState(build_id=kernel.image.build_id, nr_cpus=s.nr_cpus, booted_at=time.time()),
+            max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s)
+        service.attach(loop)
+        kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
+        replayed = await service.replay()
+        async with contextlib.AsyncExitStack() as stack:
+            config = await self._broker(stack)
+            if s.metrics_port is not None:
+                server = self.metrics.serve(s.metrics_addr, s.metrics_port)
+                stack.callback(server.close)
+                self.metrics_port = server.port
+            if self.install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self._stop.set)
+                    stack.callback(loop.remove_signal_handler, sig)
+            bridge = self.bridge = MqttBridge(service, config, version=version(), grace_s=s.shutdown_grace_s)
+            service.events.emit("daemon.started", boot_seq=boot_seq, replayed=replayed)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(bridge.run(), name="mqtt.bridge")
+                janitor = tg.create_task(self._janitor(service), name="service.janitor")
+                ready = tg.create_task(self._ready(bridge), name="app.ready")
+                await self._stop.wait()
+                log.info("daemon_stopping")
+                ready.cancel()
+                janitor.cancel()
+                bridge.stop()
+
+    async def _broker(self, stack: contextlib.AsyncExitStack) -> BrokerConfig:
+        s = self.settings
+        addr = s.broker()
+        if addr is None:
+            embedded = await stack.enter_async_context(EmbeddedBroker())
+            self.broker_url = embedded.url
+            log.info("embedded_broker_started", url=embedded.url)
+            return BrokerConfig("127.0.0.1", embedded.port, protocol="3.1.1", keepalive_s=s.keepalive_s,
+                                reconnect_min_s=s.reconnect_min_s, reconnect_max_s=s.reconnect_max_s)
+        self.broker_url = f"mqtt{'s' if addr.tls else ''}://{addr.hostname}:{addr.port}"
+        return BrokerConfig(addr.hostname, addr.port, username=addr.username, password=addr.password,
+                            tls_context=s.tls_context(), protocol=s.mqtt_protocol, keepalive_s=s.keepalive_s,
+                            session_expiry_s=s.session_expiry_s, reconnect_min_s=s.reconnect_min_s,
+                            reconnect_max_s=s.reconnect_max_s)
+
+    async def _ready(self, bridge: MqttBridge) -> None:
+        await bridge.online.wait()
+        log.info("daemon_online", broker=self.broker_url, metrics_port=self.metrics_port)
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    async def _janitor(self, service: Service) -> None:
+        while True:
+            await asyncio.sleep(JANITOR_PERIOD_S)
+            pruned = service.journal.prune(self.settings.journal_keep)
+            if pruned:
+                log.info("journal_pruned", requests=pruned)
+
+
+def serve(settings: Settings) -> int:
+    """``livepatchd serve``: run one daemon until SIGTERM/SIGINT."""
+    configure_logging(settings.log_level)
+    asyncio.run(Daemon(settings, install_signals=True).run())
+    return 0

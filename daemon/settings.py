@@ -1,0 +1,134 @@
+"""The daemon's settings (pydantic-settings): environment ``LIVEPATCHD_*``, then command-line overrides.
+
+Validated once at startup and passed down; nothing reads the environment anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def default_host_id() -> str:
+    """The machine's host name, reduced to what one MQTT topic level may hold."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:64]
+    return name or "livepatchd"
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "livepatchd"
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """A parsed ``mqtt://`` or ``mqtts://`` URL."""
+
+    hostname: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://[user[:password]@]host[:port]`` (default port 1883) or ``mqtts://…`` (TLS, default 8883)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"broker URL {url!r}: the scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r} has no host")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r}: {exc}") from None
+    return BrokerAddress(parts.hostname, port, tls, unquote(parts.username) if parts.username else None,
+                         unquote(parts.password) if parts.password else None)
+
+
+class Settings(BaseSettings):
+    """Everything a daemon needs to know; one instance per daemon (a process may run many)."""
+
+    model_config = SettingsConfigDict(env_prefix="LIVEPATCHD_", extra="forbid", validate_default=True)
+
+    host_id: str = Field(default_factory=default_host_id, description="this host's MQTT identity (one topic level)")
+    state_dir: Path = Field(default_factory=default_state_dir, description="journal and other state of this host")
+
+    broker_url: str | None = Field(default=None, description="mqtt://host:port; none: an embedded broker on "
+                                   "127.0.0.1 on a free port")
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_insecure: bool = Field(default=False, description="skip the broker certificate's host name check")
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto", description="auto: MQTT 5, falling back to 3.1.1 when the broker refuses it")
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    session_expiry_s: int = Field(default=7 * 86400, ge=0, description="how long the broker keeps our session "
+                                  "(queued requests) while we are away (MQTT 5)")
+    reconnect_min_s: float = Field(default=0.1, gt=0)
+    reconnect_max_s: float = Field(default=5.0, gt=0)
+
+    max_payload_bytes: int = Field(default=65536, ge=256, le=64 << 20)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    call_timeout_s: float = Field(default=10.0, gt=0)
+    shutdown_grace_s: float = Field(default=5.0, ge=0, description="on SIGTERM, time given to requests in flight")
+    journal_keep: int = Field(default=10000, ge=100, description="answered requests kept for duplicate detection")
+    journal_durable: bool = Field(default=False, description="fsync every journal commit (power-loss safe)")
+
+    nr_cpus: int = Field(default=2, ge=1, le=8)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus /metrics here "
+                                     "(0: any free port); none: off")
+    metrics_addr: str = "127.0.0.1"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("host_id")
+    @classmethod
+    def _host_level(cls, value: str) -> str:
+        if not _HOST_RE.match(value):
+            raise ValueError("host_id must be 1-64 characters of A-Z a-z 0-9 _ -")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_broker_url(value)
+        return value
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / self.host_id / "journal.sqlite3"
+
+    def broker(self) -> BrokerAddress | None:
+        """The configured broker with credentials merged (settings win over the URL), or None: embedded."""
+        if self.broker_url is None:
+            return None
+        addr = parse_broker_url(self.broker_url)
+        password = self.password.get_secret_value() if self.password is not None else addr.password
+        return BrokerAddress(addr.hostname, addr.port, addr.tls or self.tls_ca_file is not None,
+                             self.username or addr.username, password)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        addr = self.broker()
+        if addr is None or not addr.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.tls_ca_file) if self.tls_ca_file else None)
+        if self.tls_cert_file is not None:
+            ctx.load_cert_chain(str(self.tls_cert_file), str(self.tls_key_file) if self.tls_key_file else None)
+        if self.tls_insecure:
+            ctx.check_hostname = False
+        return ctx
