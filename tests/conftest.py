@@ -15,3 +15,8 @@ def kernel() -> Iterator[Kernel]:
     with Kernel(KernelConfig(nr_cpus=2)) as k:
         yield k
         k.machine.check()
+
+
+from mqtt_fixtures import lpd, mosquitto  # noqa: E402  (the service tests' broker and daemon)
+
+__all__ = ["lpd", "mosquitto"]
