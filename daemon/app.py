@@ -74,7 +74,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Ask the daemon to shut down (from any thread)."""
-        if self._loop is None:
+        if self._loop is None or self._loop.is_closed():
             return
         self._loop.call_soon_threadsafe(self._stop.set)
 

@@ -69,8 +69,10 @@ class Mosquitto:
 
     def write_conf(self) -> None:
         base = self.extra_conf or "allow_anonymous true\n"
+        # as root, mosquitto would switch to the 'mosquitto' user, who cannot read the test's private files
+        user = "user root\n" if os.geteuid() == 0 else ""
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nset_tcp_nodelay true\npersistence false\n"
-                             f"log_dest file {self.log}\nlog_type error\nlog_type warning\n{base}")
+                             f"log_dest file {self.log}\nlog_type error\nlog_type warning\n{user}{base}")
 
     def start(self, timeout: float = 10.0) -> None:
         self.write_conf()
@@ -79,7 +81,9 @@ class Mosquitto:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                assert self.proc.stderr is not None
+                err = self.proc.stderr.read().decode()
+                self.proc.stderr.close()
                 raise RuntimeError(f"mosquitto exited at start: {err}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
@@ -116,7 +120,7 @@ class DaemonThread:
         self.daemon.on_ready = lambda _d: self._ready.set()
         try:
             asyncio.run(self.daemon.run())
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  (reported by start() and stop())
             self.error = exc
             self._ready.set()
 
@@ -135,7 +139,8 @@ class DaemonThread:
         self.daemon.stop()
         self._thread.join(30)
         if self.error is not None:
-            raise self.error
+            raise RuntimeError(f"daemon {self.host} failed") from self.error
+        assert not self._thread.is_alive(), "daemon did not stop"
 
 
 def daemon_settings(tmp: Path, broker_url: str | None, **overrides: Any) -> Settings:

@@ -45,11 +45,14 @@ def test_every_verb_through_the_sdk(lpd: DaemonThread, protocol: str) -> None:
             assert info.arch == "arm64"
             assert info.boot_seq == 1
             assert info.kernel_build_id == lpd.daemon.kernel.image.build_id  # type: ignore[union-attr]
-            assert info.tasks == 12 and info.symbols > 1000
+            assert info.tasks == 12
+            assert info.symbols > 1000
 
             sym = await c.symbol("work_chain")
             assert isinstance(sym, SymbolData)
-            assert sym.is_func and sym.offset == 0 and sym.description == f"work_chain+0x0/{sym.size:#x}"
+            assert sym.is_func
+            assert sym.offset == 0
+            assert sym.description == f"work_chain+0x0/{sym.size:#x}"
             back = await c.symbol(address=sym.address + 8)
             assert (back.name, back.offset) == ("work_chain", 8)
 
@@ -123,7 +126,8 @@ def test_error_reply_raises_typed_exception(lpd: DaemonThread) -> None:
             assert err.value.details == {"symbol": "definitely_not_a_symbol"}
             assert err.value.verb == "symbol.lookup"
             raw = await c.request_raw("call", {"function": "work_chain", "bogus": True})
-            assert not raw.reply.ok and raw.reply.error is not None
+            assert not raw.reply.ok
+            assert raw.reply.error is not None
             assert raw.reply.error.code == "bad_request"
             assert raw.reply.error.details["errors"][0]["loc"] == ["bogus"]
             assert json.loads(raw.payload)["error"]["code"] == "bad_request"
@@ -144,10 +148,12 @@ def test_duplicate_request_id_gets_the_journaled_reply(lpd: DaemonThread) -> Non
             assert again.payload == first.payload
             assert service.journal.counts()["accepted"] == accepted
             entry = service.journal.get(rid)
-            assert entry is not None and entry.attempts == 1
+            assert entry is not None
+            assert entry.attempts == 1
             # same id, other parameters: refused, the journaled request untouched
             conflict = await c.request_raw("tasks", request_id=rid)
-            assert conflict.reply.error is not None and conflict.reply.error.code == "request_id_conflict"
+            assert conflict.reply.error is not None
+            assert conflict.reply.error.code == "request_id_conflict"
             assert service.journal.get(rid) == entry
         # a v5 client and a 3.1.1 client retrying the same id both get it, each on its own reply topic
         async with LivepatchClient(lpd.url, lpd.host, protocol="3.1.1") as c:
@@ -165,9 +171,11 @@ def test_concurrent_duplicates_execute_once(lpd: DaemonThread) -> None:
             params = {"function": "getpid_loop", "args": [20_000_000]}
             r1, r2 = await asyncio.gather(a.request_raw("call", params, request_id=rid),
                                           b.request_raw("call", params, request_id=rid))
-            assert r1.payload == r2.payload and r1.reply.ok
+            assert r1.payload == r2.payload
+            assert r1.reply.ok
             entry = service.journal.get(rid)
-            assert entry is not None and entry.attempts == 1
+            assert entry is not None
+            assert entry.attempts == 1
     run(main())
 
 
@@ -179,7 +187,9 @@ def test_retained_status_and_state(lpd: DaemonThread) -> None:
             assert (status.state, status.boot_seq, status.reason, status.host) == ("online", 1, "started", lpd.host)
             state = await c.state()
             assert isinstance(state, StateDoc)
-            assert state.kernel.nr_cpus == 2 and state.boot_seq == 1 and state.version >= 1
+            assert state.kernel.nr_cpus == 2
+            assert state.boot_seq == 1
+            assert state.version >= 1
             hosts = await c.hosts()
             assert hosts[lpd.host].state == "online"
     run(main())

@@ -81,7 +81,7 @@ class MqttBridge:
         self._accepting = True
         self._stop = asyncio.Event()
         self._active: set[asyncio.Task[None]] = set()
-        self._delivering: set[str] = set()
+        self._delivering: set[tuple[str, str, bytes | None]] = set()
         self._tg: asyncio.TaskGroup | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -177,10 +177,16 @@ class MqttBridge:
         log.info("mqtt_online", protocol="5" if self.protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1",
                  reconnect=reconnect, redelivered=redelivered)
         self.online.set()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._publisher(client), name="mqtt.publisher")
-            await self._receive(client)
-            raise aiomqtt.MqttError("message stream ended")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._publisher(client), name="mqtt.publisher")
+                await self._receive(client)
+                raise aiomqtt.MqttError("message stream ended")
+        except* aiomqtt.MqttError as group:  # the connection is gone: the reconnect loop takes over
+            first: BaseException = group
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
 
     async def _publish_offline(self) -> None:
         client = self._client
@@ -227,19 +233,20 @@ class MqttBridge:
     async def _deliver(self, outcome: Outcome) -> int:
         """Publish a reply now if connected; a journaled one that cannot go now goes after the reconnect."""
         client = self._client
-        key = outcome.request_id
-        if client is None or (outcome.journaled and key in self._delivering):
+        rid = outcome.request_id
+        key = (rid, *outcome.route) if rid is not None and outcome.journaled else None
+        if client is None or key in self._delivering:
             return 0
         props: Any = None
         if outcome.route.correlation is not None and self.protocol == aiomqtt.ProtocolVersion.V5:
             props = _properties(PacketTypes.PUBLISH)
             props.CorrelationData = outcome.route.correlation
-        if outcome.journaled and key is not None:
+        if key is not None:
             self._delivering.add(key)
         try:
             await client.publish(outcome.route.topic, outcome.payload, qos=1, properties=props)
         except aiomqtt.MqttError as exc:
-            log.info("reply_deferred", request_id=key, error=str(exc))
+            log.info("reply_deferred", request_id=rid, error=str(exc))
             return 0
         finally:
             if key is not None:
