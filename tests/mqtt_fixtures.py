@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import structlog
 
 from daemon.app import Daemon
 from daemon.settings import Settings
@@ -105,10 +106,19 @@ class Mosquitto:
             self.proc = None
 
 
+def logs_to_stderr() -> None:
+    """Daemon logs go to stderr (fd 2, captured by pytest): stdout belongs to the CLI under test."""
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="%H:%M:%S.%f"), structlog.dev.ConsoleRenderer(colors=False)],
+        logger_factory=structlog.PrintLoggerFactory(sys.__stderr__), cache_logger_on_first_use=False)
+
+
 class DaemonThread:
     """A daemon on its own event loop in a thread (the test's loop stays free for clients)."""
 
     def __init__(self, settings: Settings) -> None:
+        logs_to_stderr()
         self.settings = settings
         self.host = settings.host_id
         self.daemon = Daemon(settings)

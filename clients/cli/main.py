@@ -1,0 +1,266 @@
+"""``lpctl``: the operator CLI of livepatchd, over the SDK.
+
+Exit codes (stable; scripts may rely on them):
+
+    0  success (for ``status``: the host is online)
+    1  the daemon answered with an error reply (its code is printed; with --json, the reply itself)
+    2  usage error: unknown option, bad argument, missing --host
+    3  no answer: broker unreachable, connection refused or lost, or no reply within --timeout
+    4  the host is offline, or never announced itself (``status``)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clients.cli import keys
+from clients.sdk import BrokerUnreachable, LivepatchClient, RawReply, RequestTimeout, SdkError
+from schemas import CallData, InfoData, StatusDoc, SymbolData, TasksData
+
+T = TypeVar("T")
+
+EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_OFFLINE = 0, 1, 2, 3, 4
+
+
+class Protocol(enum.StrEnum):
+    auto = "auto"
+    v5 = "5"
+    v311 = "3.1.1"
+
+
+@dataclass(frozen=True)
+class Options:
+    broker: str
+    host: str | None
+    json: bool
+    timeout: float
+    protocol: Protocol
+
+
+app = typer.Typer(name="lpctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Operate livepatchd daemons over MQTT.", epilog="Exit codes: 0 ok, 1 error reply, 2 usage, "
+                  "3 broker unreachable or timeout, 4 host offline.")
+keys_app = typer.Typer(no_args_is_help=True, help="Ed25519 keys for signing patches.")
+app.add_typer(keys_app, name="keys")
+
+
+def out() -> Console:
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+
+
+def err() -> Console:
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def fail(code: int, message: str, hint: str | None = None) -> NoReturn:
+    console = err()
+    console.print(f"[bold red]error:[/] {message}")
+    if hint:
+        console.print(f"[dim]hint: {hint}[/]")
+    raise typer.Exit(code)
+
+
+@app.callback()
+def options(
+    ctx: typer.Context,
+    *,
+    broker: Annotated[str, typer.Option(envvar="LPCTL_BROKER", help="mqtt://\\[user:pass@]host:port or mqtts://…")]
+    = "mqtt://127.0.0.1:1883",
+    host: Annotated[str | None, typer.Option(envvar="LPCTL_HOST", help="the daemon's host id")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print the daemon's reply (or document) exactly, as JSON")]
+    = False,
+    timeout: Annotated[float, typer.Option(envvar="LPCTL_TIMEOUT", min=0.1, help="seconds to wait for a reply")]
+    = 10.0,
+    protocol: Annotated[Protocol, typer.Option(help="MQTT version: auto tries 5, then 3.1.1")] = Protocol.auto,
+) -> None:
+    ctx.obj = Options(broker, host, json_, timeout, protocol)
+
+
+def _client(opts: Options, *, need_host: bool = True) -> LivepatchClient:
+    if need_host and not opts.host:
+        fail(EXIT_USAGE, "no host given", "pass --host HOST or set LPCTL_HOST (lpctl hosts lists them)")
+    try:
+        return LivepatchClient(opts.broker, opts.host, timeout=opts.timeout, protocol=opts.protocol.value)
+    except ValueError as exc:
+        fail(EXIT_USAGE, str(exc))
+
+
+def _run(opts: Options, work: Callable[[LivepatchClient], Awaitable[T]], *, need_host: bool = True) -> T:
+    client = _client(opts, need_host=need_host)
+
+    async def main() -> T:
+        async with client:
+            return await work(client)
+    try:
+        return asyncio.run(main())
+    except RequestTimeout as exc:
+        fail(EXIT_UNREACHABLE, str(exc), f"check that {opts.host} is online: lpctl --host {opts.host} status")
+    except BrokerUnreachable as exc:
+        fail(EXIT_UNREACHABLE, str(exc), "check --broker (or LPCTL_BROKER) and the broker's credentials")
+    except SdkError as exc:
+        fail(EXIT_USAGE, str(exc))
+
+
+def _request(ctx: typer.Context, verb: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Send one request; print the reply exactly with --json; exit 1 on an error reply."""
+    opts: Options = ctx.obj
+    raw: RawReply = _run(opts, lambda c: c.request_raw(verb, params))
+    if opts.json:
+        sys.stdout.write(raw.payload + "\n")
+    reply = raw.reply
+    if not reply.ok:
+        error = reply.error
+        if not opts.json:
+            code, message = (error.code, error.message) if error else ("internal", "error reply")
+            details = f" {json.dumps(error.details)}" if error and error.details else ""
+            fail(EXIT_ERROR_REPLY, f"{code}: {message}{details}")
+        raise typer.Exit(EXIT_ERROR_REPLY)
+    if opts.json:
+        raise typer.Exit(EXIT_OK)
+    return reply.data or {}
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an integer (decimal, 0x hex, 0o octal or 0b binary)") from None
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def hosts(ctx: typer.Context,
+          wait: Annotated[float, typer.Option(min=0.05, help="seconds to collect retained statuses")] = 0.5) -> None:
+    """List the hosts that announced themselves on this broker (retained status)."""
+    opts: Options = ctx.obj
+    found: dict[str, StatusDoc] = _run(opts, lambda c: c.hosts(wait), need_host=False)
+    if opts.json:
+        sys.stdout.write(json.dumps({h: s.model_dump(mode="json") for h, s in found.items()}) + "\n")
+        return
+    table = Table("host", "state", "boot", "since", "version")
+    for host, s in found.items():
+        color = "green" if s.state == "online" else "red"
+        table.add_row(host, f"[{color}]{s.state}[/]", str(s.boot_seq), s.reason, s.version)
+    out().print(table if found else "no hosts have announced themselves on this broker")
+
+
+@app.command()
+def status(ctx: typer.Context) -> None:
+    """The host's retained status; exit 4 when it is offline or unknown."""
+    opts: Options = ctx.obj
+    doc: StatusDoc | None = _run(opts, lambda c: c.status(wait=min(opts.timeout, 2.0)))
+    if doc is None:
+        if opts.json:
+            sys.stdout.write("null\n")
+        fail(EXIT_OFFLINE, f"host {opts.host} has never announced itself on {opts.broker}",
+             "lpctl hosts lists the hosts this broker knows")
+    if opts.json:
+        sys.stdout.write(doc.model_dump_json() + "\n")
+    else:
+        color = "green" if doc.state == "online" else "red"
+        out().print(f"{doc.host}: [{color}]{doc.state}[/] (boot {doc.boot_seq}, {doc.reason}, livepatchd "
+                    f"{doc.version})")
+    if doc.state != "online":
+        raise typer.Exit(EXIT_OFFLINE)
+
+
+@app.command()
+def info(ctx: typer.Context) -> None:
+    """Kernel and daemon facts."""
+    data = InfoData.model_validate(_request(ctx, "info", {}))
+    table = Table(show_header=False, box=None)
+    for key, value in (("host", data.host), ("livepatchd", data.version), ("kernel build id", data.kernel_build_id),
+                       ("arch", data.arch), ("cpus", data.nr_cpus), ("boot", data.boot_seq),
+                       ("uptime", f"{data.uptime_s:.1f} s"), ("symbols", data.symbols), ("tasks", data.tasks),
+                       ("requests", f"{data.requests.accepted} accepted, {data.requests.answered} answered, "
+                                    f"{data.requests.replayed} replayed at boot")):
+        table.add_row(f"[bold]{key}[/]", str(value))
+    out().print(table)
+
+
+@app.command()
+def call(ctx: typer.Context,
+         function: Annotated[str, typer.Argument(help="kernel function name")],
+         args: Annotated[list[str] | None, typer.Argument(
+             help="up to 8 integer arguments (0x… for hex; put -- before negative ones)")] = None,
+         cpu: Annotated[int, typer.Option(min=0, help="vCPU to run it on")] = 0,
+         sympos: Annotated[int, typer.Option(min=0, help="which of several same-named symbols (1-based)")] = 0,
+         ) -> None:
+    """Call a kernel function on a vCPU and print its return value."""
+    values = [_int(a) for a in args or []]
+    params: dict[str, Any] = {"function": function, "args": values, "cpu": cpu}
+    if sympos:
+        params["sympos"] = sympos
+    data = CallData.model_validate(_request(ctx, "call", params))
+    out().print(f"{data.function}({', '.join(str(v) for v in values)}) on cpu {data.cpu} = {data.value} "
+                f"({data.value:#x}{f', signed {data.signed}' if data.signed < 0 else ''})")
+
+
+@app.command()
+def symbols(ctx: typer.Context,
+            symbol: Annotated[str, typer.Argument(help="a symbol name, or an address (0x…) to describe")],
+            sympos: Annotated[int, typer.Option(min=0, help="which of several same-named symbols (1-based)")] = 0,
+            ) -> None:
+    """Look a symbol up by name, or find the symbol that contains an address."""
+    params: dict[str, Any]
+    if symbol[:1].isdigit():
+        params = {"address": _int(symbol)}
+    else:
+        params = {"name": symbol, **({"sympos": sympos} if sympos else {})}
+    data = SymbolData.model_validate(_request(ctx, "symbol.lookup", params))
+    kind = "function" if data.is_func else "object"
+    out().print(f"{data.description}  {data.address + data.offset:#x}  {kind}, {data.size} bytes, sympos {data.sympos}")
+
+
+@app.command()
+def tasks(ctx: typer.Context,
+          cpu: Annotated[int | None, typer.Option(min=0, help="only this CPU's tasks")] = None) -> None:
+    """The kernel's tasks."""
+    data = TasksData.model_validate(_request(ctx, "tasks", {} if cpu is None else {"cpu": cpu}))
+    table = Table("pid", "cpu", "kind", "comm", "state")
+    for t in data.tasks:
+        table.add_row(str(t.pid), str(t.cpu), t.kind, t.comm, t.state)
+    out().print(table)
+
+
+@keys_app.command("generate")
+def keys_generate(ctx: typer.Context,
+                  name: Annotated[str, typer.Argument(help="key name: writes NAME.key and NAME.pub")] = "livepatch",
+                  out_dir: Annotated[Path, typer.Option("--out", help="directory for the two files")] = Path(),
+                  force: Annotated[bool, typer.Option(help="overwrite existing files")] = False) -> None:
+    """Generate an Ed25519 key pair: NAME.key (PKCS#8 PEM, mode 0600) and NAME.pub (SubjectPublicKeyInfo PEM)."""
+    opts: Options = ctx.obj
+    try:
+        pair = keys.generate(out_dir, name, force=force)
+    except FileExistsError as exc:
+        fail(EXIT_USAGE, f"{exc.filename} exists", "pass --force to overwrite it")
+    except OSError as exc:
+        fail(EXIT_USAGE, f"cannot write the key pair: {exc}")
+    if opts.json:
+        sys.stdout.write(json.dumps({"private_key": str(pair.private_path), "public_key": str(pair.public_path),
+                                     "key_id": pair.key_id}) + "\n")
+        return
+    out().print(f"private key: {pair.private_path} (keep it secret)\npublic key:  {pair.public_path}\n"
+                f"key id:      {pair.key_id}")
+
+
+def main() -> None:
+    """The ``lpctl`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
