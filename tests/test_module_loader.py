@@ -27,7 +27,7 @@ from daemon.errors import (
 )
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel, KernelConfig
-from daemon.livepatch import elf
+from daemon.livepatch import elf, link, relocs
 from daemon.livepatch.artifact import compile_object
 from daemon.livepatch.module import LoadedModule, ModuleLoader
 
@@ -411,6 +411,47 @@ def test_bss_is_zero_in_a_reused_block(kernel: Kernel, loader: ModuleLoader, obj
     m = loader.load("c_module", objects["c_module"])
     assert m.addr("hits") == hits
     assert kernel.call(m.addr("mod_hits")) == 0
+
+
+# -- relocation arithmetic at its limits ----------------------------------------------------------------------
+
+P = 0xFFFF_8000_0000_1000  # a place in module text
+
+
+@pytest.mark.parametrize(("rtype", "ok", "bad"), [
+    (relocs.R_AARCH64_ABS32, [-(1 << 31), (1 << 32) - 1], [-(1 << 31) - 1, 1 << 32]),
+    (relocs.R_AARCH64_ABS16, [-(1 << 15), 0xFFFF], [-(1 << 15) - 1, 1 << 16]),
+    (relocs.R_AARCH64_PREL32, [P - (1 << 31), P + (1 << 32) - 1], [P - (1 << 31) - 1, P + (1 << 32)]),
+    (relocs.R_AARCH64_MOVW_UABS_G1, [0, (1 << 32) - 1], [1 << 32]),
+    (relocs.R_AARCH64_TSTBR14, [P - (1 << 15), P + (1 << 15) - 4], [P - (1 << 15) - 4, P + (1 << 15), P + 2]),
+    (relocs.R_AARCH64_CONDBR19, [P - (1 << 20), P + (1 << 20) - 4], [P + (1 << 20)]),
+    (relocs.R_AARCH64_CALL26, [P - (128 << 20), P + (128 << 20) - 4], [P + (128 << 20), P - (128 << 20) - 4]),
+    (relocs.R_AARCH64_ADR_PREL_PG_HI21, [P + (1 << 32) - 0x2000], [P + (1 << 32)]),
+    (relocs.R_AARCH64_LDST64_ABS_LO12_NC, [0x1238], [0x1234]),
+])
+def test_relocation_limits(rtype: int, ok: list[int], bad: list[int]) -> None:
+    """The ABI's overflow checks at their exact bounds (and the linker's alignment check on LDSTn)."""
+    kind = relocs.lookup(rtype)
+    assert kind is not None
+    template = {relocs.R_AARCH64_CALL26: insn.gen_branch(0, 0, link=True),
+                relocs.R_AARCH64_ADR_PREL_PG_HI21: insn.gen_adrp(0, 0, 0)}.get(rtype, 0)
+    for value in ok:
+        buf = bytearray(struct.pack("<Q", template))
+        relocs.apply(kind, buf, 0, P, value & (1 << 64) - 1)
+    for value in bad:
+        with pytest.raises(RelocationOverflow):
+            relocs.apply(kind, bytearray(struct.pack("<Q", template)), 0, P, value & (1 << 64) - 1)
+
+
+def test_klp_sym_names(kernel: Kernel) -> None:
+    """.klp.sym.vmlinux.<name>,<sympos> picks one of several; a position that does not exist is unresolved."""
+    ks = kernel.kallsyms
+    assert link.kernel_symbol(ks, ".klp.sym.vmlinux.corpus_helper,2") == ks.lookup("corpus_helper", 2).addr
+    assert link.kernel_symbol(ks, "strlen") == ks.addr("strlen")
+    with pytest.raises(UnresolvedSymbol):
+        link.kernel_symbol(ks, ".klp.sym.vmlinux.corpus_helper,99")
+    with pytest.raises(AmbiguousSymbol):
+        link.kernel_symbol(ks, "corpus_helper")
 
 
 # -- refusals --------------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ the module's code is its user's business (livepatch frees a patch module only af
 
 from __future__ import annotations
 
+import re
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -39,6 +41,7 @@ from daemon.livepatch import elf, link
 PAGE_SIZE = link.PAGE_SIZE
 MODULE_NAME_LEN = 56  # Linux's MODULE_NAME_LEN, terminator included
 _POISON = struct.pack("<I", insn.gen_brk(0x800))  # BUG_BRK_IMM
+_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{MODULE_NAME_LEN - 1}}}")
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,8 @@ class LoadedModule:
     @property
     def symbols(self) -> dict[str, int]:
         """Name -> address of every symbol defined exactly once."""
-        names = [s.name for s in self.all_symbols]
-        return {s.name: s.addr for s in self.all_symbols if names.count(s.name) == 1}
+        counts = Counter(s.name for s in self.all_symbols)
+        return {s.name: s.addr for s in self.all_symbols if counts[s.name] == 1}
 
     def contains(self, addr: int) -> bool:
         inside = self.text[0] <= addr < self.text[1]
@@ -106,7 +109,7 @@ def _pages(size: int) -> int:
 
 
 class ModuleLoader:
-    """Loads and unloads modules on one kernel. One loader per kernel: it owns the module area's allocators."""
+    """Loads and unloads modules on one kernel. Use one per kernel: module names are unique per loader."""
 
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
@@ -128,7 +131,7 @@ class ModuleLoader:
     def load(self, name: str, obj: bytes) -> LoadedModule:
         """Load the relocatable object ``obj`` as module ``name``; all-or-nothing."""
         t0 = time.perf_counter_ns()
-        if not name or len(name) >= MODULE_NAME_LEN or not name.replace("_", "").replace("-", "").isalnum():
+        if not _NAME.fullmatch(name):
             raise ModuleError(f"bad module name {name!r}: 1..{MODULE_NAME_LEN - 1} letters, digits, _ or -",
                               module=name)
         parsed = elf.parse(obj)
