@@ -218,7 +218,8 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 
 @pytest.fixture(scope="session")
 def lpd(mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonThread]:
-    """One daemon (real kernel, 2 vCPUs) on the session's mosquitto; tests must leave it serving."""
-    d = DaemonThread(daemon_settings(tmp_path_factory.mktemp("lpd"), mosquitto.url)).start()
+    """One daemon (real kernel, 2 vCPUs, metrics on a free port) on the session's mosquitto; tests must leave
+    it serving."""
+    d = DaemonThread(daemon_settings(tmp_path_factory.mktemp("lpd"), mosquitto.url, metrics_port=0)).start()
     yield d
     d.stop()
