@@ -7,6 +7,7 @@ import time
 import pytest
 
 from daemon.emu.memory import Backing, Memory, Perm, Region
+from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.kernel.unwind import unwind
 
@@ -29,7 +30,8 @@ def test_task_asleep_in_nested_call(kernel: Kernel) -> None:
         nonlocal sleeper
         for i in range(kernel.boot_params.get("nr_tasks")):
             t = kernel.task(i)
-            if t.get("kind") == 1 and t.get("wait_addr") == flag and t.get("state") == 1:
+            if t.get("kind") == abi.TASK_KIND_WORKER and t.get("wait_addr") == flag and \
+                    t.get("state") == abi.TASK_INTERRUPTIBLE:
                 sleeper = t
                 return True
         return False
@@ -39,8 +41,8 @@ def test_task_asleep_in_nested_call(kernel: Kernel) -> None:
     trace = kernel.stack_of(sleeper)
     names = [kernel.kallsyms.containing(pc).name for pc in trace.pcs]  # type: ignore[union-attr]
     assert trace.reliable, trace.reason
-    assert names == ["schedule", "wait_on", "sleeper_inner", "sleeper_middle", "sleeper_outer", "worker_main",
-                     "ret_from_fork"]
+    assert names == ["schedule", "wait_on_interruptible", "sleeper_inner", "sleeper_middle", "sleeper_outer",
+                     "worker_main", "ret_from_fork"]
     kernel.memory.write_u64(flag, 5)
     kernel.machine.kick(1)
     assert future.result(5) == 5 + 1 + 10 + 100
@@ -50,10 +52,13 @@ def test_parked_running_task_unwinds_from_its_trap_frame(kernel: Kernel) -> None
     """Inside stop_machine, an idle CPU's current task (swapper) unwinds from cpu_data.trap."""
     idle = kernel.task(0)
     trace = kernel.machine.stop_machine(lambda: kernel.stack_of(idle))
-    names = [kernel.kallsyms.containing(pc).name for pc in trace.pcs]  # type: ignore[union-attr]
+    # return addresses are symbolized at the call (pc - 4), like %pB: a noreturn call ends its function
+    pcs = [trace.pcs[0]] + [pc - 4 for pc in trace.pcs[1:]]
+    names = [kernel.kallsyms.containing(pc).name for pc in pcs]  # type: ignore[union-attr]
     assert trace.reliable, trace.reason
-    assert "start_kernel" in names  # CPU 0's idle loop runs on the boot stack, below start_kernel
-    assert names[-1] in ("primary_entry", "secondary_entry")
+    # parked from schedule() or from the idle host call: either way CPU 0's idle loop runs on the boot stack
+    assert names[names.index("cpu_idle"):][:2] == ["cpu_idle", "start_kernel"]
+    assert names[-1] == "secondary_entry"  # the entry code both CPUs share ends with `blr x19`
 
 
 @pytest.fixture

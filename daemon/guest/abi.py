@@ -41,6 +41,7 @@ HC_PARK = 2  # a stop-machine request was seen at a safe point
 HC_IDLE = 3  # nothing runnable: sleep until the host posts work (the host tracks its own posts)
 HC_JOB_DONE = 4  # arg0 = task whose job completed (only when the host asked to be told)
 HC_PANIC = 5  # arg0 = message (C string), arg1 = value
+HC_SHADOW = 6  # arg0 = SHADOW_* operation, arg1 = struct klp_shadow_req *; the result comes back in trap.ret
 
 TASK_KIND_IDLE = 0
 TASK_KIND_WORKER = 1  # serves host jobs from its mailbox, like a kworker
@@ -48,6 +49,25 @@ TASK_KIND_LOADGEN = 2  # runs the self-checking workload in a loop
 
 TASK_RUNNING = 0
 TASK_WAITING = 1  # runnable again when *wait_addr != wait_val
+TASK_INTERRUPTIBLE = 2  # the same, or when TIF_NOTIFY_SIGNAL is set (the wait then returns -ERESTARTSYS)
+
+# task_struct.flags (thread flags)
+TIF_PATCH_PENDING = 1 << 0  # livepatch: switch patch_state to klp_target_state at the next kernel exit
+TIF_NOTIFY_SIGNAL = 1 << 1  # a fake signal: interruptible waits return so the task passes a kernel exit
+ERESTARTSYS = 512  # returned (negated) by an interrupted wait; the worker restarts the job after the exit
+
+# Livepatch per-task states (Linux KLP_TRANSITION_*); patch_state is u64, IDLE is all ones (-1)
+KLP_TRANSITION_IDLE = (1 << 64) - 1
+KLP_TRANSITION_UNPATCHED = 0
+KLP_TRANSITION_PATCHED = 1
+
+# Shadow-variable writers go through the host (its lock is klp_shadow_lock); readers walk the table in the guest
+SHADOW_HASH_BITS = 7
+SHADOW_RESERVE = 1  # allocate an unlinked, zeroed node for (obj, id), or return the linked one (req.existing)
+SHADOW_LINK = 2  # publish a reserved node (or return the one another CPU linked first)
+SHADOW_DISCARD = 3  # drop a reserved node (its constructor failed)
+SHADOW_UNLINK = 4  # unhash (obj, id) and return it, or 0; freed after the next grace period
+SHADOW_UNLINK_ID = 5  # unhash any node with this id and return it, or 0 (klp_shadow_free_all)
 
 # ftrace_ops flags (Linux FTRACE_OPS_FL_*, same bits)
 FTRACE_OPS_FL_ENABLED = 1 << 0
@@ -109,7 +129,7 @@ task_struct = Struct(
 
 host_trap = Struct(
     "host_trap",
-    [u64("reason"), u64("arg0"), u64("arg1"), u64("fp"), u64("lr")],
+    [u64("reason"), u64("arg0"), u64("arg1"), u64("fp"), u64("lr"), u64("ret")],
     doc="why a vCPU trapped to the host, and its frame at the trap (for unwinding a parked task)",
 )
 
@@ -138,6 +158,35 @@ ftrace_ops = Struct(
         u64("counts", MAX_CPUS),  # per-CPU hits, for counting callbacks
     ],
     doc="a registered callback with its filter and notrace hashes",
+)
+
+klp_func = Struct(
+    "klp_func",
+    [
+        u64("new_func"),
+        u64("below", ctype="struct klp_func *"),  # the next entry of the func_stack (an older patch), or NULL
+        u64("transition"),
+        u64("nop"),  # atomic replace: run the original function
+    ],
+    doc="one entry of a patched function's func_stack, as klp_ftrace_handler reads it",
+)
+
+klp_ops = Struct(
+    "klp_ops",
+    [u64("func_stack", ctype="struct klp_func *"), u64("old_func")],
+    doc="the private data of a patched function's ftrace_ops: the top of its func_stack",
+)
+
+klp_shadow = Struct(
+    "klp_shadow",
+    [u64("next", ctype="struct klp_shadow *"), u64("obj"), u64("id"), u64("data_size")],
+    doc="a shadow variable; its data follows the header (16-byte aligned)",
+)
+
+klp_shadow_req = Struct(
+    "klp_shadow_req",
+    [u64("obj"), u64("id"), u64("data_size"), u64("node", ctype="struct klp_shadow *"), u64("existing")],
+    doc="arguments and results of an HC_SHADOW host call",
 )
 
 ftrace_profile = Struct(
@@ -196,7 +245,8 @@ boot_params = Struct(
 )
 
 STRUCTS: list[Struct] = [cpu_context, job, loadgen, task_struct, host_trap, ftrace_regs, ftrace_hash, ftrace_ops,
-                         ftrace_profile, trace_entry, ring_buffer, cpu_data, boot_params]
+                         ftrace_profile, klp_func, klp_ops, klp_shadow,
+                         klp_shadow_req, trace_entry, ring_buffer, cpu_data, boot_params]
 
 CONSTANTS: dict[str, int] = {
     name: value

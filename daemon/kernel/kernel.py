@@ -196,7 +196,7 @@ class Kernel:
             out.append(TaskInfo(
                 pid=t.get("pid"), cpu=t.get("cpu"), kind=KIND_NAMES.get(t.get("kind"), "?"),
                 comm=t.get_bytes("comm").split(b"\0", 1)[0].decode(), addr=t.addr,
-                waiting=t.get("state") == abi.TASK_WAITING, running=t.addr in current))
+                waiting=t.get("state") in (abi.TASK_WAITING, abi.TASK_INTERRUPTIBLE), running=t.addr in current))
         return out
 
     def stack_of(self, task: StructRef) -> StackTrace:

@@ -29,7 +29,11 @@ void ret_from_fork(void);
 void schedule(void);
 void cond_resched(void);
 void wait_on(volatile u64 *addr, u64 val);
+u64 wait_on_interruptible(volatile u64 *addr, u64 val);
 void __attribute__((noreturn)) panic(const char *msg, u64 value);
+
+/* livepatch.c */
+void klp_update_patch_state(struct task_struct *t);
 
 /* lib.c */
 void *memcpy(void *dst, const void *src, size_t n);

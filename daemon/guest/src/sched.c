@@ -19,7 +19,11 @@ void loadgen_main(u64 arg);
 
 notrace static int task_runnable(const struct task_struct *t)
 {
-	if (READ_ONCE(t->state) == TASK_RUNNING)
+	u64 state = READ_ONCE(t->state);
+
+	if (state == TASK_RUNNING)
+		return 1;
+	if (state == TASK_INTERRUPTIBLE && (READ_ONCE(t->flags) & TIF_NOTIFY_SIGNAL))
 		return 1;
 	return READ_ONCE(*(volatile u64 *)t->wait_addr) != t->wait_val;
 }
@@ -77,6 +81,26 @@ notrace void wait_on(volatile u64 *addr, u64 val)
 	}
 }
 
+/*
+ * The same, but a fake signal (TIF_NOTIFY_SIGNAL, sent by livepatch to stalled tasks) ends the wait early:
+ * returns -ERESTARTSYS, which callers pass up so the task leaves the kernel and its job is restarted.
+ */
+notrace u64 wait_on_interruptible(volatile u64 *addr, u64 val)
+{
+	struct task_struct *t = current_task();
+
+	while (READ_ONCE(*addr) == val) {
+		if (READ_ONCE(t->flags) & TIF_NOTIFY_SIGNAL)
+			return -(u64)ERESTARTSYS;
+		t->wait_addr = (u64)addr;
+		t->wait_val = val;
+		WRITE_ONCE(t->state, TASK_INTERRUPTIBLE);
+		schedule();
+		WRITE_ONCE(t->state, TASK_RUNNING);
+	}
+	return 0;
+}
+
 notrace void panic(const char *msg, u64 value)
 {
 	for (;;) {
@@ -88,6 +112,7 @@ notrace void panic(const char *msg, u64 value)
 notrace static void cpu_idle(struct cpu_data *c)
 {
 	for (;;) {
+		klp_update_patch_state(c->idle);
 		schedule();
 		if (pick_next_task(c, c->idle) == c->idle && !READ_ONCE(c->stop_requested))
 			host_call(HC_IDLE, 0, 0);
@@ -105,6 +130,7 @@ notrace static void task_init(struct task_struct *t, u64 pid, u64 cpu, u64 kind,
 	t->cpu = cpu;
 	t->kind = kind;
 	t->state = TASK_RUNNING;
+	t->patch_state = KLP_TRANSITION_IDLE;
 	t->stack_lo = lo;
 	t->stack_hi = hi;
 	final_frame[0] = 0;
@@ -144,6 +170,7 @@ notrace void start_kernel(void)
 		idle->pid = cpu;
 		idle->cpu = cpu;
 		idle->kind = TASK_KIND_IDLE;
+		idle->patch_state = KLP_TRANSITION_IDLE;
 		idle->stack_lo = (u64)task_stacks[cpu];
 		idle->stack_hi = idle->stack_lo + THREAD_SIZE;
 		snprintf((char *)idle->comm, TASK_COMM_LEN, "swapper/%d", cpu);
@@ -182,7 +209,9 @@ notrace void secondary_start_kernel(void)
 
 /*
  * A worker runs one host job at a time: fn(args). Returning to this loop between jobs is the model's
- * "kernel exit" (the point where Linux's livepatch switches a task that has left the kernel).
+ * "kernel exit" (the point where Linux's livepatch switches a task that has left the kernel). A job that
+ * returns -ERESTARTSYS was interrupted by a fake signal: the task takes the exit path, then restarts it, as a
+ * syscall is restarted after signal handling.
  */
 notrace void worker_main(u64 arg)
 {
@@ -197,7 +226,18 @@ notrace void worker_main(u64 arg)
 		wait_on(&j->seq, j->done);
 		seq = READ_ONCE(j->seq);
 		fn = (void *)j->fn;
-		j->ret = fn(j->args[0], j->args[1], j->args[2], j->args[3], j->args[4], j->args[5]);
+		for (;;) {
+			u64 ret = fn(j->args[0], j->args[1], j->args[2], j->args[3], j->args[4], j->args[5]);
+
+			if (ret != -(u64)ERESTARTSYS || !(READ_ONCE(t->flags) & TIF_NOTIFY_SIGNAL)) {
+				j->ret = ret;
+				break;
+			}
+			WRITE_ONCE(t->flags, t->flags & ~(u64)TIF_NOTIFY_SIGNAL);
+			klp_update_patch_state(t);
+		}
+		WRITE_ONCE(t->flags, t->flags & ~(u64)TIF_NOTIFY_SIGNAL);
+		klp_update_patch_state(t);
 		WRITE_ONCE(j->done, seq);
 		if (j->notify)
 			host_call(HC_JOB_DONE, (u64)t, seq);
@@ -212,6 +252,7 @@ notrace void loadgen_main(u64 arg)
 	for (;;) {
 		wait_on(&t->lg.mode, LOADGEN_OFF);
 		loadgen_round(t);
+		klp_update_patch_state(t);
 		cond_resched();
 	}
 }

@@ -47,21 +47,29 @@ noinline u64 getpid_loop(u64 n)
 	return good;
 }
 
+#define RESTART (-(u64)ERESTARTSYS)
+
+/* The sleep is interruptible: a fake signal unwinds the chain with -ERESTARTSYS and the job restarts. */
 noinline u64 sleeper_inner(u64 flag)
 {
-	wait_on((volatile u64 *)flag, 0);
+	if (wait_on_interruptible((volatile u64 *)flag, 0))
+		return RESTART;
 	return READ_ONCE(*(volatile u64 *)flag) + 1;
 }
 
 noinline u64 sleeper_middle(u64 flag)
 {
-	return sleeper_inner(flag) + 10;
+	u64 r = sleeper_inner(flag);
+
+	return r == RESTART ? r : r + 10;
 }
 
 /* Sleep until *flag != 0, three patchable frames deep. Returns *flag + 111. */
 noinline u64 sleeper_outer(u64 flag)
 {
-	return sleeper_middle(flag) + 100;
+	u64 r = sleeper_middle(flag);
+
+	return r == RESTART ? r : r + 100;
 }
 
 noinline u64 work_step_c(u64 x)
