@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -23,6 +24,7 @@ import structlog
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
 from daemon.service import Journal, Metrics, Service, kernel_verbs
+from daemon.service.journal import CHECKPOINT_PERIOD_S
 from daemon.settings import Settings
 from schemas import KernelState
 
@@ -105,6 +107,9 @@ class Daemon:
         service.attach(loop)
         kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
         replayed = await service.replay()
+        # The image, kallsyms and the kernel's objects live as long as the daemon: keep them out of the cyclic
+        # GC's generations, whose full collections otherwise stall a request now and then for tens of ms.
+        gc.freeze()
         async with contextlib.AsyncExitStack() as stack:
             config = await self._broker(stack)
             if s.metrics_port is not None:
@@ -120,11 +125,13 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(bridge.run(), name="mqtt.bridge")
                 janitor = tg.create_task(self._janitor(service), name="service.janitor")
+                checkpointer = tg.create_task(self._checkpointer(journal), name="service.checkpointer")
                 ready = tg.create_task(self._ready(bridge), name="app.ready")
                 await self._stop.wait()
                 log.info("daemon_stopping")
                 ready.cancel()
                 janitor.cancel()
+                checkpointer.cancel()
                 bridge.stop()
 
     async def _broker(self, stack: contextlib.AsyncExitStack) -> BrokerConfig:
@@ -147,6 +154,14 @@ class Daemon:
         log.info("daemon_online", broker=self.broker_url, metrics_port=self.metrics_port)
         if self.on_ready is not None:
             self.on_ready(self)
+
+    @staticmethod
+    async def _checkpointer(journal: Journal) -> None:
+        """Delivery marks committed in batches, WAL checkpoints in a worker thread: both off the request path."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_PERIOD_S)
+            journal.flush()
+            await asyncio.to_thread(journal.checkpoint)
 
     async def _janitor(self, service: Service) -> None:
         while True:

@@ -166,11 +166,15 @@ class Service:
                 raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds the limit of "
                                       f"{self.max_payload_bytes}", size=len(payload), limit=self.max_payload_bytes)
             doc = _parse_object(payload)
-            rid, reply_to = _peek_envelope(doc)
             handler = self._handlers.get(verb)
             if handler is None:
+                rid, reply_to = _peek_envelope(doc)
                 raise UnknownVerb(f"unknown verb {verb!r}", verb=verb, verbs=self.verbs)
-            request = _validate(handler.spec, doc)
+            try:
+                request = _validate(handler.spec, doc)
+            except BadRequest:
+                rid, reply_to = _peek_envelope(doc)
+                raise
         except LivepatchdError as exc:
             route = self.route(response_topic, reply_to, correlation)
             log.info("request_refused", request_id=rid, verb=verb, code=exc.code)
