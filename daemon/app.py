@@ -129,6 +129,7 @@ class Daemon:
                 ready = tg.create_task(self._ready(bridge), name="app.ready")
                 await self._stop.wait()
                 log.info("daemon_stopping")
+                service.events.emit("daemon.stopping", reason="requested")
                 ready.cancel()
                 janitor.cancel()
                 checkpointer.cancel()

@@ -248,17 +248,21 @@ class Service:
             dumped = _dump_data(spec, data)
         except TimeoutError:
             exc: LivepatchdError = RequestTimeout(f"{spec.verb} did not finish within {self.request_timeout_s} s")
-            return self._failed(request, exc)
+            return self._failed(spec, request, exc)
         except LivepatchdError as exc:
-            return self._failed(request, exc)
+            return self._failed(spec, request, exc)
         except Exception:
             log.exception("request_crashed")
+            if spec.mutating:
+                self.events.emit("request.failed", request_id=rid, verb=spec.verb, code=INTERNAL)
             return Reply.failure(rid, INTERNAL, f"internal error while handling {spec.verb}; see the daemon log")
         log.info("request_done", ok=True, replayed=replayed)
         return Reply.success(rid, dumped)
 
-    def _failed(self, request: Request, exc: LivepatchdError) -> Reply:
+    def _failed(self, spec: VerbSpec, request: Request, exc: LivepatchdError) -> Reply:
         log.info("request_done", ok=False, code=exc.code)
+        if spec.mutating:  # a refused change is news for whoever watches the host
+            self.events.emit("request.failed", request_id=request.request_id, verb=spec.verb, code=exc.code)
         return Reply.failure(request.request_id, exc.code, exc.message, _jsonable(exc.details))
 
     @staticmethod
