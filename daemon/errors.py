@@ -252,3 +252,52 @@ class OldFuncAmbiguous(ArtifactError):
 
 class OldFuncNotTraceable(ArtifactError):
     code = "patch_old_func_not_traceable"
+
+
+# -- livepatch core --
+#
+#   LivepatchError          a livepatch request was refused (state untouched)
+#     PatchNotFound           no loaded patch of that name (Linux: -ENOENT)
+#     PatchStateError         the request does not fit the patch's state (Linux: -EINVAL), e.g. enabling twice
+#     TransitionBusy          another patch is in transition (Linux: -EBUSY)
+#     PatchIncompatible       its system states are older than or miss those installed (Linux: -EINVAL)
+#     PatchInUse              unloading an enabled, forced or replaced-in-transition patch (Linux: -EBUSY)
+#     CallbackFailed          a pre_patch callback returned an error (its -errno is kept)
+#     PatchFtraceFailed       ftrace refused a patched function, e.g. an IPMODIFY conflict (Linux: -EBUSY)
+
+
+class LivepatchError(LivepatchdError):
+    code = "livepatch_error"
+    errno = -22  # -EINVAL
+
+
+class PatchNotFound(LivepatchError):
+    code = "livepatch_not_found"
+    errno = -2  # -ENOENT
+
+
+class PatchStateError(LivepatchError):
+    code = "livepatch_bad_state"
+
+
+class TransitionBusy(LivepatchError):
+    code = "livepatch_transition_busy"
+    errno = -16  # -EBUSY
+
+
+class PatchIncompatible(LivepatchError):
+    code = "livepatch_incompatible"
+
+
+class PatchInUse(LivepatchError):
+    code = "livepatch_in_use"
+    errno = -16  # -EBUSY
+
+
+class CallbackFailed(LivepatchError):
+    code = "livepatch_callback_failed"
+
+
+class PatchFtraceFailed(LivepatchError):
+    code = "livepatch_ftrace_failed"
+    errno = -16  # -EBUSY

@@ -113,8 +113,17 @@ class Ftrace:
                 self.by_ip[r.ip] = r
                 self.by_name.setdefault(r.name, []).append(r)
             self.records.sort(key=lambda r: r.ip)
+            new_ips = [r.ip for r in recs]
+            if any(o.covers(ip) for o in self._ops for ip in new_ips):  # ftrace_module_enable
+                self._apply(self._plan(new_ips))
             if describe is not None:
                 self._describe.append(describe)
+
+    def forget_describer(self, describe: Callable[[int], str | None]) -> None:
+        """Stop naming addresses with a module's symbols (it is unloading)."""
+        with self.lock:
+            if describe in self._describe:
+                self._describe.remove(describe)
 
     def remove_records(self, ips: Iterable[int]) -> None:
         """Forget records of text that goes away (a module unloading); they must not be traced any more."""
@@ -154,7 +163,7 @@ class Ftrace:
 
     def name_of(self, rec: DynFtrace) -> str:
         """%ps of a record: the function name, with `` [module]`` for module text."""
-        return rec.name
+        return f"{rec.name} [{rec.module}]" if rec.module else rec.name
 
     def select(self, expr: str | Iterable[str]) -> frozenset[int]:
         """The record ips a set_ftrace_filter expression selects."""
@@ -427,9 +436,11 @@ class Ftrace:
         return _State(flags, literal, self._callable(rec, target))
 
     def _callable(self, rec: DynFtrace, target: int) -> int:
-        """ftrace_find_callable_addr: a BL target the site can reach."""
+        """ftrace_find_callable_addr: a BL target the site can reach (a module site may go through its PLT)."""
         if insn.reachable_by_bl(rec.ip, target):
             return target
+        if target == self.caller and rec.plt and insn.reachable_by_bl(rec.ip, rec.plt):
+            return rec.plt
         raise FtraceError(f"{rec.name}: no module PLT reaches {self.describe(target)}", function=rec.name)
 
     def _plan(self, ips: Iterable[int]) -> UpdatePlan:

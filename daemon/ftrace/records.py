@@ -53,6 +53,8 @@ class DynFtrace:
     flags: int = 0
     target: int = 0
     literal: int = 0
+    module: str = ""  # "" for kernel text; else the module whose text holds the site
+    plt: int = 0  # the module's PLT to ftrace_caller, for a site out of BL range of kernel text
 
     @property
     def count(self) -> int:

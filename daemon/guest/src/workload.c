@@ -72,6 +72,33 @@ noinline u64 sleeper_outer(u64 flag)
 	return r == RESTART ? r : r + 100;
 }
 
+/* The live-patching stress target: the original returns 3x + 1 (the test patch returns 5x + 2). */
+noinline u64 klp_demo_target(u64 x)
+{
+	return x * 3 + 1;
+}
+
+/*
+ * Call klp_demo_target(i) for i < n, counting into counts[0..2] the results that are the original's, the
+ * patch's, and neither. Yields every 64 calls, so stop-machine and transitions make progress meanwhile.
+ */
+notrace u64 klp_check_loop(u64 n, u64 *counts)
+{
+	for (u64 i = 0; i < n; i++) {
+		u64 r = klp_demo_target(i);
+
+		if (r == i * 3 + 1)
+			counts[0]++;
+		else if (r == i * 5 + 2)
+			counts[1]++;
+		else
+			counts[2]++;
+		if ((i & 63) == 63)
+			cond_resched();
+	}
+	return n;
+}
+
 noinline u64 work_step_c(u64 x)
 {
 	return (x ^ (x >> 7)) * 0x2545f4914f6cdd1dULL;

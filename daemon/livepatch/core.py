@@ -1,0 +1,610 @@
+"""Livepatch on the emulated kernel (kernel/livepatch/core.c, patch.c, transition.c), as a client of ftrace.
+
+:class:`Livepatch` loads signed patch bundles as modules, then enables and disables them under the per-task
+consistency model:
+
+==================  ======================================================================================
+step                what happens (one stop-machine pause unless said otherwise)
+==================  ======================================================================================
+init transition     klp_target_state = target; every task's patch_state = the opposite
+pre_patch           guest callback on a worker; an error cancels the enable
+patch object        each func pushed on its old function's func_stack; the first one registers an
+                    IPMODIFY|PERMANENT ftrace ops (klp_ftrace_handler) on it (ftrace's own batch)
+start transition    TIF_PATCH_PENDING on every task not yet in the target state
+try complete        (retried) every task whose stack holds no function being changed switches; the rest
+                    switch at their next kernel exit; stragglers get fake signals per the StallPolicy
+complete            replaced patches and NOP funcs dropped (atomic replace) or this patch's funcs popped
+                    (unpatch); func->transition cleared; every task back to IDLE; post callbacks
+==================  ======================================================================================
+
+Only one transition runs at a time; disabling a patch during its own transition reverses it. A background
+driver thread retries stalled transitions; :meth:`Livepatch.wait` blocks until the current one ends.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from daemon.arch.arm64 import callsite
+from daemon.errors import (
+    CallbackFailed,
+    FtraceError,
+    PatchFtraceFailed,
+    PatchIncompatible,
+    PatchInUse,
+    PatchNotFound,
+    PatchStateError,
+    TransitionBusy,
+)
+from daemon.ftrace.core import Ftrace
+from daemon.ftrace.ops import FtraceOps, OpsFlag
+from daemon.ftrace.records import DynFtrace
+from daemon.guest import abi
+from daemon.kernel.kernel import Kernel
+from daemon.kernel.structs import StructRef
+from daemon.livepatch import artifact
+from daemon.livepatch.bundle import PatchBundle
+from daemon.livepatch.klp import KlpFunc, KlpObject, KlpOps, KlpPatch
+from daemon.livepatch.module import LoadedModule, ModuleLoader
+from daemon.livepatch.transition import (
+    IDLE,
+    PATCHED,
+    STATE_NAMES,
+    UNPATCHED,
+    GiveUp,
+    StallPolicy,
+    Transition,
+    blocking_frame,
+    check_ranges,
+)
+
+_KLP_OPS_FLAGS = OpsFlag.IPMODIFY | OpsFlag.PERMANENT | OpsFlag.DYNAMIC
+_CALLBACKS = ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")
+
+
+@dataclass(frozen=True)
+class TaskPatchState:
+    pid: int
+    comm: str
+    cpu: int
+    kind: str
+    patch_state: str  # idle / unpatched / patched
+    pending: bool  # TIF_PATCH_PENDING
+    blocked: str | None  # why it did not switch at the last attempt
+
+
+class Livepatch:
+    """klp for one kernel. ``trusted_keys=None`` skips signature checks (library use); the daemon passes keys."""
+
+    def __init__(self, kernel: Kernel, ftrace: Ftrace, loader: ModuleLoader | None = None, *,
+                 trusted_keys: Iterable[Ed25519PublicKey] | None = None, policy: StallPolicy | None = None,
+                 on_event: Callable[[str, dict[str, object]], None] | None = None) -> None:
+        self.kernel = kernel
+        self.ftrace = ftrace
+        self.loader = loader or ModuleLoader(kernel)
+        self.trusted_keys = None if trusted_keys is None else list(trusted_keys)
+        self.policy = policy or StallPolicy()
+        self.on_event = on_event
+        self.patches: list[KlpPatch] = []  # klp_patches: stack_order is the 1-based position
+        self.ops: dict[int, KlpOps] = {}
+        self.transition: Transition | None = None
+        self.log: list[str] = []  # the kernel log lines livepatch would print
+        self.lock = threading.RLock()
+        self._done = threading.Condition(self.lock)
+        self._driver: threading.Thread | None = None
+        self._describers: dict[str, Callable[[int], str | None]] = {}
+        self._target_addr = kernel.kallsyms.addr("klp_target_state")
+        self._objname = kernel.heap.alloc(16)
+        kernel.memory.write(self._objname, b"vmlinux\0")
+
+    # -- patches ---------------------------------------------------------------------------------------------
+
+    def patch(self, name: str) -> KlpPatch:
+        for p in self.patches:
+            if p.name == name:
+                return p
+        raise PatchNotFound(f"no loaded live patch named {name!r}", patch=name)
+
+    def load(self, bundle: PatchBundle) -> KlpPatch:
+        """Admit (signature, build id, functions), load the object into the module area, build the patch."""
+        m = bundle.manifest
+        with self.lock:
+            if any(p.name == m.name for p in self.patches):
+                raise PatchStateError(f"a patch named {m.name!r} is already loaded", patch=m.name)
+            if self.trusted_keys is None:
+                artifact.check_object(m, bundle.object)
+                artifact.check_target(m, self.kernel.image, self.kernel.kallsyms)
+            else:
+                artifact.admit(bundle, self.trusted_keys, self.kernel.image, self.kernel.kallsyms)
+            module = self.loader.load(m.name, bundle.object)
+            try:
+                self._add_module_records(module)
+                patch = self._build(module, bundle)
+            except BaseException:
+                self._drop_module(module)
+                raise
+            self.patches.append(patch)
+            self._emit("loaded", patch)
+            return patch
+
+    def _build(self, module: LoadedModule, bundle: PatchBundle) -> KlpPatch:
+        m = bundle.manifest
+        objects = []
+        for o in m.objects:
+            funcs = []
+            for f in o.funcs:
+                old = artifact.old_function(self.kernel.kallsyms, f.old_name, f.old_sympos, m.name)
+                new = module.symbol(f.new_name)
+                funcs.append(KlpFunc(f.old_name, f.old_sympos, old.addr, old.size, f.new_name, new.addr, new.size))
+            callbacks = {k: module.addr(v) for k, v in o.callbacks.named().items()}
+            objects.append(KlpObject(o.name, funcs, callbacks))
+        return KlpPatch(m.name, m, module, objects, m.replace, {s.id: s.version for s in m.states})
+
+    def _add_module_records(self, module: LoadedModule) -> None:
+        recs = []
+        for entry in module.patchable_entries:
+            ip = callsite.ftrace_call_adjust(entry)
+            sym = module.containing(callsite.func_addr(ip))
+            if sym is not None and sym.addr == callsite.func_addr(ip):
+                recs.append(DynFtrace(ip, sym.name, module=module.name, plt=module.ftrace_plt or 0))
+        def describe(addr: int) -> str | None:
+            return module.describe(addr) if module.contains(addr) else None
+
+        self.ftrace.add_records(recs, describe=describe)
+        self._describers[module.name] = describe
+
+    def _drop_module(self, module: LoadedModule) -> None:
+        self.ftrace.remove_records(callsite.ftrace_call_adjust(e) for e in module.patchable_entries)
+        describe = self._describers.pop(module.name, None)
+        if describe is not None:
+            self.ftrace.forget_describer(describe)
+        self.loader.unload(module)
+
+    def unload(self, name: str) -> None:
+        """rmmod: a disabled (or replaced) patch that is not in transition and was never forced."""
+        with self.lock:
+            patch = self.patch(name)
+            if self.transition is not None and self.transition.patch is patch:
+                raise PatchInUse(f"patch {name!r} is in transition", patch=name)
+            if patch.enabled:
+                raise PatchInUse(f"patch {name!r} is enabled: disable it first", patch=name)
+            if patch.forced:
+                raise PatchInUse(f"patch {name!r} was forced: its module can never be unloaded", patch=name)
+            self._drop_module(patch.module)
+            self.patches.remove(patch)
+            self._emit("unloaded", patch)
+
+    # -- enable / disable ------------------------------------------------------------------------------------
+
+    def enable(self, name: str, *, wait: bool = True, timeout: float | None = None) -> KlpPatch:
+        """klp_enable_patch; with ``wait``, returns once the transition is over (or ``timeout`` passes)."""
+        with self.lock:
+            patch = self.patch(name)
+            if patch.enabled or patch.replaced:
+                raise PatchStateError(f"patch {name!r} is already enabled" if patch.enabled else
+                                      f"patch {name!r} was replaced; load it again to re-apply it", patch=name)
+            self._check_idle()
+            self._check_compatible(patch)
+            self._say(f"enabling patch '{name}'")
+            if patch.replace:
+                self._add_nops(patch)
+            self._init_transition(patch, PATCHED)
+            try:
+                for obj in patch.objects:
+                    ret = self._callback(obj, "pre_patch")
+                    obj.post_unpatch_enabled = ret == 0
+                    if ret:
+                        self._say(f"pre-patch callback failed for object '{obj.name}'")
+                        err = CallbackFailed(f"pre_patch callback of {name!r} failed for object {obj.name!r} "
+                                             f"({ret})", patch=name, object=obj.name, ret=ret)
+                        err.errno = ret
+                        raise err
+                    self._patch_object(patch, obj)
+            except BaseException:
+                self._say(f"failed to enable patch '{name}'")
+                self._cancel(patch)
+                raise
+            self._start_transition()
+            patch.enabled = True
+            self._try_complete()
+            self._start_driver()
+        if wait:
+            self.wait(timeout)
+        return patch
+
+    def disable(self, name: str, *, wait: bool = True, timeout: float | None = None) -> KlpPatch:
+        """Write 0 to enabled: unpatch, or reverse this patch's own transition."""
+        with self.lock:
+            patch = self.patch(name)
+            tr = self.transition
+            if tr is not None and tr.patch is patch:
+                self._reverse()
+            else:
+                if not patch.enabled:
+                    raise PatchStateError(f"patch {name!r} is not enabled", patch=name)
+                self._check_idle()
+                self._init_transition(patch, UNPATCHED)
+                for obj in patch.objects:
+                    if obj.patched:
+                        self._callback(obj, "pre_unpatch")
+                self._start_transition()
+                patch.enabled = False
+                self._try_complete()
+                self._start_driver()
+        if wait:
+            self.wait(timeout)
+        return patch
+
+    def force(self, name: str) -> None:
+        """klp_force_transition: switch every remaining task without checking its stack."""
+        with self.lock:
+            patch = self.patch(name)
+            tr = self.transition
+            if tr is None or tr.patch is not patch:
+                raise PatchStateError(f"patch {name!r} is not in transition", patch=name)
+            self._say("forcing remaining tasks to the patched state")
+            target = tr.target
+
+            def switch_all() -> None:
+                for t in self._task_refs():
+                    t.set("patch_state", target)
+                    t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
+            self.kernel.machine.stop_machine(switch_all)
+            if patch.replace:
+                for p in self.patches:
+                    if p is not patch:
+                        p.forced = p.forced or p.enabled
+            elif target == UNPATCHED:
+                patch.forced = True
+            self._complete()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no transition is in progress; False if ``timeout`` passed first."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._done:
+            while self.transition is not None:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._done.wait(left if left is not None else 0.5)
+        return True
+
+    def poll(self) -> bool:
+        """One klp_try_complete_transition attempt; True when no transition is left."""
+        with self.lock:
+            if self.transition is None:
+                return True
+            return self._try_complete()
+
+    # -- checks ----------------------------------------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        if self.transition is not None:
+            raise TransitionBusy(f"patch {self.transition.patch.name!r} is in transition; wait, disable or force "
+                                 "it first", patch=self.transition.patch.name)
+
+    def _check_compatible(self, patch: KlpPatch) -> None:
+        """klp_is_patch_compatible: a cumulative patch must carry every installed state at >= version."""
+        for old in self.patches:
+            if old is patch or not old.enabled:
+                continue
+            for sid, version in old.states.items():
+                mine = patch.states.get(sid)
+                ok = (not patch.replace) if mine is None else mine >= version
+                if not ok:
+                    self._say(f"Livepatch patch ({patch.name}) is not compatible with the already installed "
+                              "livepatches.")
+                    raise PatchIncompatible(
+                        f"patch {patch.name!r} is not compatible with the installed livepatches: state {sid} is at "
+                        f"version {version} in {old.name!r}, {patch.name!r} has "
+                        f"{'none' if mine is None else f'version {mine}'}",
+                        patch=patch.name, state=sid, installed=version, offered=mine)
+
+    # -- transition steps ------------------------------------------------------------------------------------
+
+    def _init_transition(self, patch: KlpPatch, target: int) -> None:
+        self._say(f"'{patch.name}': initializing {self._verb(target)} transition")
+        self.transition = Transition(patch, target, time.monotonic())
+        funcs = patch.funcs()
+        for f in funcs:
+            f.transition = True
+
+        def init() -> None:
+            self.kernel.memory.write_u64(self._target_addr, target)
+            for t in self._task_refs():
+                t.set("patch_state", UNPATCHED if target == PATCHED else PATCHED)
+            for f in funcs:
+                if f.guest:
+                    self._set_func(f, "transition", 1)
+        self.kernel.machine.stop_machine(init)
+
+    def _start_transition(self) -> None:
+        tr = self._transition()
+        self._say(f"'{tr.patch.name}': starting {self._verb(tr.target)} transition")
+
+        def mark() -> None:
+            for t in self._task_refs():
+                if t.get("patch_state") != tr.target:
+                    t.set("flags", t.get("flags") | abi.TIF_PATCH_PENDING)
+        self.kernel.machine.stop_machine(mark)
+
+    def _try_complete(self) -> bool:
+        tr = self._transition()
+        tr.attempts += 1
+        ranges = check_ranges(tr.patch, tr.target, self.ops)
+
+        def check_and_switch() -> dict[int, str]:
+            blocked: dict[int, str] = {}
+            for t in self._task_refs():
+                if t.get("patch_state") == tr.target:
+                    continue
+                why = blocking_frame(self.kernel, t, ranges)
+                if why is None:
+                    t.set("patch_state", tr.target)
+                    t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
+                else:
+                    blocked[t.get("pid")] = why
+            return blocked
+        tr.blocked = self.kernel.machine.stop_machine(check_and_switch)
+        if tr.blocked:
+            return False
+        self._complete()
+        return True
+
+    def _complete(self) -> None:
+        tr = self._transition()
+        patch, target = tr.patch, tr.target
+        self._say(f"'{patch.name}': completing {self._verb(target)} transition")
+        if target == PATCHED and patch.replace:
+            for old in self.patches:
+                if old is not patch and old.enabled:
+                    for f in old.funcs():
+                        self._unpatch_func(f)
+                    for o in old.objects:
+                        o.patched = False
+                    old.enabled, old.replaced = False, True
+            for o in patch.objects:
+                for f in [f for f in o.funcs if f.nop]:
+                    self._unpatch_func(f)
+                o.funcs = [f for f in o.funcs if not f.nop]
+        if target == UNPATCHED:
+            for o in patch.objects:
+                for f in o.funcs:
+                    self._unpatch_func(f)
+                o.funcs = [f for f in o.funcs if not f.nop]
+                o.patched = False
+        remaining = [f for f in patch.funcs() if f.guest]
+
+        def finish() -> None:
+            for f in remaining:
+                self._set_func(f, "transition", 0)
+            for t in self._task_refs():
+                t.set("patch_state", IDLE)
+                t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
+            self.kernel.memory.write_u64(self._target_addr, IDLE)
+        self.kernel.machine.stop_machine(finish)
+        for f in patch.funcs():
+            f.transition = False
+        self.transition = None
+        for obj in patch.objects:
+            if target == PATCHED:
+                self._callback(obj, "post_patch")
+            elif obj.post_unpatch_enabled:
+                self._callback(obj, "post_unpatch")
+                obj.post_unpatch_enabled = False
+        self._say(f"'{patch.name}': {self._verb(target)} complete")
+        self._emit("transition_complete", patch, target=STATE_NAMES[target])
+        self._done.notify_all()
+
+    def _cancel(self, patch: KlpPatch) -> None:
+        """klp_cancel_transition: a failed enable goes straight back to unpatched."""
+        self._say("canceling patching transition, going to unpatch")
+        tr = self._transition()
+        tr.target = UNPATCHED
+        for o in patch.objects:
+            for f in o.funcs:
+                if f.patched:
+                    self._unpatch_func(f)
+            o.funcs = [f for f in o.funcs if not f.nop]
+            o.patched = False
+            o.post_unpatch_enabled = False
+
+        def reset() -> None:
+            for t in self._task_refs():
+                t.set("patch_state", IDLE)
+                t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
+            self.kernel.memory.write_u64(self._target_addr, IDLE)
+        self.kernel.machine.stop_machine(reset)
+        for f in patch.funcs():
+            f.transition = False
+        self.transition = None
+        self._done.notify_all()
+
+    def _reverse(self) -> None:
+        """klp_reverse_transition: the transition in progress turns around."""
+        tr = self._transition()
+        new_target = UNPATCHED if tr.target == PATCHED else PATCHED
+        self._say(f"'{tr.patch.name}': reversing transition from {self._verb(tr.target)} to "
+                  f"{self._verb(new_target)}")
+
+        def turn() -> None:
+            for t in self._task_refs():
+                t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
+            self.kernel.memory.write_u64(self._target_addr, new_target)
+        self.kernel.machine.stop_machine(turn)
+        tr.patch.enabled = not tr.patch.enabled
+        tr.target = new_target
+        tr.started = time.monotonic()
+        tr.signals_sent = 0
+        self._start_transition()
+        self._try_complete()
+
+    def _send_signals(self) -> None:
+        """klp_send_signals: a fake signal to every task still pending, so interruptible sleeps end."""
+        tr = self._transition()
+        if tr.signals_sent == 0:
+            self._say("signaling remaining tasks")
+
+        def signal() -> list[int]:
+            cpus = []
+            for t in self._task_refs():
+                if t.get("flags") & abi.TIF_PATCH_PENDING and t.get("kind") != abi.TASK_KIND_IDLE:
+                    t.set("flags", t.get("flags") | abi.TIF_NOTIFY_SIGNAL)
+                    cpus.append(t.get("cpu"))
+            return cpus
+        for cpu in set(self.kernel.machine.stop_machine(signal)):
+            self.kernel.machine.kick(cpu)
+        tr.signals_sent += 1
+        tr.last_signal = time.monotonic()
+
+    # -- func stacks -----------------------------------------------------------------------------------------
+
+    def _patch_object(self, patch: KlpPatch, obj: KlpObject) -> None:
+        """klp_patch_object: push every func; on failure the ones pushed are popped again."""
+        for f in obj.funcs:
+            self._patch_func(f)
+        obj.patched = True
+
+    def _patch_func(self, func: KlpFunc) -> None:
+        ops = self.ops.get(func.old_addr)
+        guest = self.kernel.heap.alloc(abi.klp_func.size)
+        below = ops.stack[0].guest if ops else 0
+        self.kernel.memory.write(guest, struct.pack("<4Q", func.new_addr, below, 1, int(func.nop)))
+        if ops is None:
+            kops = self.kernel.heap.alloc(abi.klp_ops.size)
+            self.kernel.memory.write(kops, struct.pack("<2Q", guest, func.old_addr))
+            fops = FtraceOps(f"klp:{func.old_name}", "klp_ftrace_handler", flags=_KLP_OPS_FLAGS, private=kops)
+            try:
+                self.ftrace.set_filter_ips(fops, [func.old_addr])
+                self.ftrace.register(fops)
+            except FtraceError as exc:
+                self.kernel.heap.free(guest, abi.klp_func.size)
+                self.kernel.heap.free(kops, abi.klp_ops.size)
+                self._say(f"failed to register ftrace handler for function '{func.old_name}' ({exc.errno})")
+                raise PatchFtraceFailed(f"failed to register ftrace handler for function {func.old_name!r} "
+                                        f"({exc.errno}): {exc.message}", function=func.old_name,
+                                        reason=exc.code) from exc
+            self.ops[func.old_addr] = KlpOps(func.old_addr, func.old_name, fops, kops, [func])
+        else:
+            self.kernel.memory.write_u64(ops.guest + abi.klp_ops.offsetof("func_stack"), guest)  # one store
+            ops.stack.insert(0, func)
+        func.guest = guest
+        func.patched = True
+
+    def _unpatch_func(self, func: KlpFunc) -> None:
+        """klp_unpatch_func: unlink from the func_stack (unregistering the ops with the last entry)."""
+        ops = self.ops[func.old_addr]
+        i = ops.stack.index(func)
+        if len(ops.stack) == 1:
+            self.ftrace.unregister(ops.ftrace_ops)
+            self.kernel.heap.free(ops.guest, abi.klp_ops.size)
+            del self.ops[func.old_addr]
+        else:
+            nxt = ops.stack[i + 1].guest if i + 1 < len(ops.stack) else 0
+            at = (ops.guest + abi.klp_ops.offsetof("func_stack") if i == 0
+                  else ops.stack[i - 1].guest + abi.klp_func.offsetof("below"))
+            # inside a pause: no CPU is in klp_ftrace_handler, so the entry can be freed right after
+            self.kernel.machine.stop_machine(lambda: self.kernel.memory.write_u64(at, nxt))
+            ops.stack.remove(func)
+        self.kernel.heap.free(func.guest, abi.klp_func.size)
+        func.guest = 0
+        func.patched = False
+
+    def _add_nops(self, patch: KlpPatch) -> None:
+        """klp_add_nops: a NOP func for every function an installed patch changes and this one does not."""
+        mine = {f.old_addr for f in patch.funcs()}
+        vmlinux = next((o for o in patch.objects if o.name == "vmlinux"), None)
+        if vmlinux is None:
+            vmlinux = KlpObject("vmlinux", [])
+            patch.objects.append(vmlinux)
+        for old in self.patches:
+            if old is patch or not old.enabled:
+                continue
+            for f in old.funcs():
+                if f.old_addr not in mine:
+                    mine.add(f.old_addr)
+                    vmlinux.funcs.append(KlpFunc(f.old_name, f.old_sympos, f.old_addr, f.old_size, f.old_name,
+                                                 f.old_addr, f.old_size, nop=True))
+
+    # -- guest helpers ---------------------------------------------------------------------------------------
+
+    def _callback(self, obj: KlpObject, which: str) -> int:
+        addr = obj.callbacks.get(which)
+        if addr is None:
+            return 0
+        ret = self.kernel.call(addr, self._objname, timeout=30.0) & 0xFFFF_FFFF
+        return ret - (1 << 32) if ret & 0x8000_0000 else ret  # an int return value
+
+    def _set_func(self, func: KlpFunc, name: str, value: int) -> None:
+        self.kernel.memory.write_u64(func.guest + abi.klp_func.offsetof(name), value)
+
+    def _task_refs(self) -> list[StructRef]:
+        return [self.kernel.task(i) for i in range(self.kernel.boot_params.get("nr_tasks"))]
+
+    def _transition(self) -> Transition:
+        if self.transition is None:
+            raise PatchStateError("no transition in progress")
+        return self.transition
+
+    @staticmethod
+    def _verb(target: int) -> str:
+        return "patching" if target == PATCHED else "unpatching"
+
+    def _say(self, line: str) -> None:
+        self.log.append(f"livepatch: {line}")
+
+    def _emit(self, event: str, patch: KlpPatch, **extra: object) -> None:
+        if self.on_event is not None:
+            self.on_event(event, {"patch": patch.name, **extra})
+
+    # -- the driver: retries, signals, give-up ---------------------------------------------------------------
+
+    def _start_driver(self) -> None:
+        if self.transition is None or (self._driver is not None and self._driver.is_alive()):
+            return
+        self._driver = threading.Thread(target=self._drive, name="klp-transition", daemon=True)
+        self._driver.start()
+
+    def _drive(self) -> None:
+        while True:
+            time.sleep(self.policy.retry_interval)
+            with self.lock:
+                tr = self.transition
+                if tr is None:
+                    return
+                if not all(v.alive for v in self.kernel.machine.vcpus):
+                    return
+                if self._try_complete():
+                    return
+                self._apply_policy(tr)
+
+    def _apply_policy(self, tr: Transition) -> None:
+        p = self.policy
+        waited = time.monotonic() - tr.started
+        if p.give_up_after is not None and waited >= p.give_up_after and p.give_up is not GiveUp.WAIT:
+            if p.give_up is GiveUp.REVERT:
+                self._reverse()
+            else:
+                self.force(tr.patch.name)
+            return
+        if p.signal_after is not None and waited >= p.signal_after and (
+                tr.signals_sent == 0 or time.monotonic() - tr.last_signal >= p.signal_every):
+            self._send_signals()
+
+    # -- views -----------------------------------------------------------------------------------------------
+
+    def task_states(self) -> list[TaskPatchState]:
+        """Per-task patch state, as /proc/<pid>/patch_state plus why a task is holding a transition up."""
+        blocked = self.transition.blocked if self.transition else {}
+        out = []
+        for info, ref in zip(self.kernel.tasks(), self._task_refs(), strict=True):
+            state = ref.get("patch_state")
+            out.append(TaskPatchState(info.pid, info.comm, info.cpu, info.kind, STATE_NAMES.get(state, str(state)),
+                                      bool(ref.get("flags") & abi.TIF_PATCH_PENDING), blocked.get(info.pid)))
+        return out
