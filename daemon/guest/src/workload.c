@@ -99,6 +99,16 @@ notrace u64 klp_check_loop(u64 n, u64 *counts)
 	return n;
 }
 
+/* The benchmark loop for a live-patched call: n calls of klp_demo_target, results summed. */
+notrace u64 bench_klp_target(u64 n)
+{
+	u64 sum = 0;
+
+	for (u64 i = 0; i < n; i++)
+		sum += klp_demo_target(i);
+	return sum;
+}
+
 noinline u64 work_step_c(u64 x)
 {
 	return (x ^ (x >> 7)) * 0x2545f4914f6cdd1dULL;
