@@ -120,7 +120,8 @@ class Daemon:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self._stop.set)
                     stack.callback(loop.remove_signal_handler, sig)
-            bridge = self.bridge = MqttBridge(service, config, version=version(), grace_s=s.shutdown_grace_s)
+            bridge = self.bridge = MqttBridge(service, config, version=version(), grace_s=s.shutdown_grace_s,
+                                              max_concurrent=s.max_concurrent_requests)
             service.events.emit("daemon.started", boot_seq=boot_seq, replayed=replayed)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(bridge.run(), name="mqtt.bridge")

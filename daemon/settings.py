@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     reconnect_max_s: float = Field(default=5.0, gt=0)
 
     max_payload_bytes: int = Field(default=65536, ge=256, le=64 << 20)
+    max_concurrent_requests: int = Field(default=64, ge=1, le=10000, description="requests handled at once; "
+                                         "more wait at the broker")
     request_timeout_s: float = Field(default=30.0, gt=0)
     call_timeout_s: float = Field(default=10.0, gt=0)
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="on SIGTERM, time given to requests in flight")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -108,3 +109,10 @@ def test_systemd_unit_runs_serve_and_stops_with_sigterm() -> None:
     from daemon.settings import Settings  # noqa: PLC0415
     known = {f"LIVEPATCHD_{name.upper()}" for name in Settings.model_fields}
     assert env_keys <= known, env_keys - known
+
+
+def test_serve_refuses_invalid_settings(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--host", "bad/host", "--state-dir",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "host_id" in proc.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 import uuid
@@ -113,7 +114,12 @@ def test_requests_sent_while_the_daemon_is_down_are_served_after_restart(mosquit
                 proc.start()
                 replies = await asyncio.gather(*queued)
                 assert all(r.reply.ok for r in replies)
-                assert len({r.reply.request_id for r in replies}) == 3
+                ids = {r.reply.request_id for r in replies}
+                assert len(ids) == 3
+                # JSON logs, with the host and each request's id bound
+                done = [json.loads(line) for line in proc.log.read_text().splitlines() if '"request_done"' in line]
+                logged = {e["request_id"] for e in done if e["host"] == proc.host and e["verb"] == "call"}
+                assert ids <= logged
         run(main())
     finally:
         proc.kill()

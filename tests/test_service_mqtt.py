@@ -216,3 +216,55 @@ def test_state_changes_are_versioned_and_streamed(lpd: DaemonThread) -> None:
             await stream.aclose()
             await events.aclose()
     run(main())
+
+
+def test_v5_reply_goes_to_the_response_topic_with_the_correlation_data(lpd: DaemonThread) -> None:
+    from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
+    from paho.mqtt.properties import Properties  # noqa: PLC0415
+
+    topics = Topics(lpd.host)
+    response_topic = f"{topics.reply()}/v5-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        async with aiomqtt.Client("127.0.0.1", int(lpd.url.rsplit(":", 1)[1]), socket_options=NODELAY,
+                                  protocol=aiomqtt.ProtocolVersion.V5) as c:
+            await c.subscribe(response_topic, qos=1)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = response_topic
+            props.CorrelationData = b"\x00\xffcorrelation"
+            await c.publish(topics.request("symbol.lookup"), b'{"request_id": "v5-corr", "name": "work_chain"}',
+                            qos=1, properties=props)
+            async with asyncio.timeout(10):
+                message = await anext(c.messages)
+            assert message.topic.value == response_topic
+            assert message.properties is not None
+            assert message.properties.CorrelationData == b"\x00\xffcorrelation"
+            assert isinstance(message.payload, bytes)
+            assert json.loads(message.payload)["data"]["name"] == "work_chain"
+    run(main())
+
+
+def test_reply_to_in_the_payload_and_its_limits(lpd: DaemonThread) -> None:
+    topics = Topics(lpd.host)
+    mine = f"{topics.reply()}/custom-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        async with aiomqtt.Client("127.0.0.1", int(lpd.url.rsplit(":", 1)[1]), socket_options=NODELAY,
+                                  protocol=aiomqtt.ProtocolVersion.V311) as c:
+            await c.subscribe(mine, qos=1)
+            await c.subscribe(topics.reply(), qos=1)
+            rid = uuid.uuid4().hex
+            await c.publish(topics.request("info"), json.dumps({"request_id": rid, "reply_to": mine}), qos=1)
+            # a reply_to that names one of the daemon's request topics is answered on 'reply' instead
+            loop_rid = uuid.uuid4().hex
+            await c.publish(topics.request("info"),
+                            json.dumps({"request_id": loop_rid, "reply_to": topics.request("info")}), qos=1)
+            seen: dict[str, str] = {}
+            async with asyncio.timeout(10):
+                async for message in c.messages:
+                    assert isinstance(message.payload, bytes)
+                    seen[json.loads(message.payload)["request_id"]] = message.topic.value
+                    if len(seen) == 2:
+                        break
+            assert seen == {rid: mine, loop_rid: topics.reply()}
+    run(main())

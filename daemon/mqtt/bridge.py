@@ -65,7 +65,8 @@ def _rc(exc: aiomqtt.MqttError) -> int | None:
 
 
 class MqttBridge:
-    def __init__(self, service: Service, config: BrokerConfig, *, version: str, grace_s: float = 5.0) -> None:
+    def __init__(self, service: Service, config: BrokerConfig, *, version: str, grace_s: float = 5.0,
+                 max_concurrent: int = 64) -> None:
         self.service = service
         self.config = config
         self.version = version
@@ -81,6 +82,7 @@ class MqttBridge:
         self._accepting = True
         self._stop = asyncio.Event()
         self._active: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(max_concurrent)  # a flood waits in the broker, not in our memory
         self._delivering: set[tuple[str, str, bytes | None]] = set()
         self._tg: asyncio.TaskGroup | None = None
 
@@ -210,9 +212,14 @@ class MqttBridge:
                 self._ack(client, generation, message)
                 continue
             assert self._tg is not None
+            await self._slots.acquire()
             task = self._tg.create_task(self._serve(client, generation, message, verb), name="mqtt.request")
             self._active.add(task)
-            task.add_done_callback(self._active.discard)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._active.discard(task)
+        self._slots.release()
 
     def _ack(self, client: aiomqtt.Client, generation: int, message: aiomqtt.Message) -> None:
         # Only on the connection the message came in on: a PUBACK on a later connection could ack another
