@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import TextIO
 
@@ -57,12 +57,18 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr)
 
 
+Extension = Callable[[Service, Kernel], None]
+"""Registers more verbs on a daemon's service for its kernel (``register(service, kernel)``)."""
+
+
 class Daemon:
     """One host: its emulated kernel, its journal, its MQTT identity."""
 
     def __init__(self, settings: Settings, *, install_signals: bool = False,
-                 on_ready: Callable[[Daemon], None] | None = None) -> None:
+                 on_ready: Callable[[Daemon], None] | None = None,
+                 extensions: Sequence[Extension] = ()) -> None:
         self.settings = settings
+        self.extensions = tuple(extensions)
         self.install_signals = install_signals
         self.on_ready = on_ready
         self.metrics = Metrics()
@@ -106,6 +112,8 @@ class Daemon:
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s)
         service.attach(loop)
         kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
+        for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
+            extend(service, kernel)
         replayed = await service.replay()
         # The image, kallsyms and the kernel's objects live as long as the daemon: keep them out of the cyclic
         # GC's generations, whose full collections otherwise stall a request now and then for tens of ms.

@@ -17,14 +17,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import structlog
 
-from daemon.app import Daemon
+from daemon.app import Daemon, Extension
 from daemon.settings import Settings
 
 T = TypeVar("T")
@@ -117,11 +117,11 @@ def logs_to_stderr() -> None:
 class DaemonThread:
     """A daemon on its own event loop in a thread (the test's loop stays free for clients)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, extensions: Sequence[Extension] = ()) -> None:
         logs_to_stderr()
         self.settings = settings
         self.host = settings.host_id
-        self.daemon = Daemon(settings)
+        self.daemon = Daemon(settings, extensions=extensions)
         self._ready = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name=f"daemon-{self.host}", daemon=True)

@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, run
 from pydantic import Field
 
+from clients.sdk import LivepatchClient, ReplyError
 from daemon.errors import FtraceBusy
+from daemon.kernel.kernel import Kernel
 from daemon.service import Journal, RequestContext, Service
 from schemas import VERBS, KernelState, Outbound, Request, VerbSpec
 
@@ -103,3 +106,25 @@ def test_mutating_verbs_run_one_at_a_time_in_worker_threads(tmp_path: Path, verb
                           ("request.failed", "test.change-11", "internal")]
     asyncio.run(main())
     service.journal.close()
+
+
+def test_an_extension_verb_end_to_end(mosquitto: Mosquitto, tmp_path: Path, verbs: None) -> None:
+    """How ftrace/livepatch verbs plug in: an extension registers handlers; the daemon serves them over MQTT."""
+    def extension(service: Service, kernel: Kernel) -> None:
+        @service.handler("test.read")
+        def read(req: SleepRequest, ctx: RequestContext) -> SleepData:
+            assert kernel.config.nr_cpus == 2
+            return SleepData(thread=threading.current_thread().name, concurrent=0)
+
+    lpd = DaemonThread(daemon_settings(tmp_path, mosquitto.url), extensions=[extension]).start()
+    try:
+        async def main() -> None:
+            async with LivepatchClient(mosquitto.url, lpd.host) as c:
+                data = await c.request("test.read", {"seconds": 0})
+                assert data["concurrent"] == 0
+                with pytest.raises(ReplyError) as exc:
+                    await c.request("test.change", {"seconds": 0})  # in the schema, but nobody serves it
+                assert exc.value.code == "unknown_verb"
+        run(main())
+    finally:
+        lpd.stop()

@@ -15,7 +15,11 @@ How a subsystem adds a verb (ftrace, livepatch, …):
                return OpsListData(...)
 
    raising any ``daemon.errors.LivepatchdError`` for a refusal (its ``code`` goes on the wire);
-3. one call of that ``register`` in ``daemon/app.py``.
+3. one call of that ``register`` in ``daemon/app.py`` (next to ``kernel_verbs.register``), or, for a test or an
+   experiment, ``Daemon(settings, extensions=[lambda service, kernel: register(service, ...)])``.
+
+Requests of every verb get the same treatment: journaled before the broker's PUBACK, answered once per
+``request_id``, replayed after a crash before the daemon announces itself online.
 """
 
 from daemon.service.core import Outcome, ReplyRoute, RequestContext, Service
