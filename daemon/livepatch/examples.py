@@ -13,9 +13,9 @@ livepatch_syscall           __arm64_sys_getpid                  per-task switchi
 livepatch_state             nothing (replace), state 1 v1       system states (test_klp_state)
 livepatch_state2            nothing (replace), state 1 v2       taking a state over (test_klp_state2)
 livepatch_state3            nothing (replace), state 1 v2       compatible with state2 (test_klp_state3)
+livepatch_shadow_vars       nothing                             shadow variables (test_klp_shadow_vars): needs
+                                                                a :class:`~daemon.livepatch.shadow.ShadowVars`
 ==========================  ==================================  =============================================
-
-No shadow-variable example yet: the guest kernel has no ``klp_shadow_*`` functions for a patch to call.
 """
 
 from __future__ import annotations

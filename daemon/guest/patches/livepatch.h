@@ -21,7 +21,9 @@
 
 #include "kernel.h"
 
+#ifndef KLP_LOG_SIZE /* a patch may define a larger log before including this header */
 #define KLP_LOG_SIZE 2048
+#endif
 
 struct klp_log {
 	u64 len;
@@ -46,5 +48,22 @@ static inline __attribute__((format(printf, 1, 2))) void klp_logf(const char *fm
 	len += (u64)n;
 	klp_log.len = len < KLP_LOG_SIZE ? len : KLP_LOG_SIZE - 1;
 }
+
+/*
+ * Shadow variables (Linux's klp_shadow_*, kernel/livepatch/shadow.c), implemented by the kernel: lookups walk
+ * the table in the guest, writers go through the host (HC_SHADOW), which plays klp_shadow_lock. The data is
+ * zeroed and 16-byte aligned. Differences from Linux: the constructor runs before the variable is published,
+ * outside the host's lock (it must not sleep all the same), and a constructor may run for a variable that is
+ * then dropped because another CPU published the same <obj, id> first (no destructor runs for it). The
+ * destructor runs after the variable is unhashed; its memory is freed after a host grace period.
+ */
+typedef int (*klp_shadow_ctor_t)(void *obj, void *shadow_data, void *ctor_data);
+typedef void (*klp_shadow_dtor_t)(void *obj, void *shadow_data);
+
+void *klp_shadow_get(void *obj, u64 id);
+void *klp_shadow_alloc(void *obj, u64 id, u64 size, u64 gfp, klp_shadow_ctor_t ctor, void *ctor_data);
+void *klp_shadow_get_or_alloc(void *obj, u64 id, u64 size, u64 gfp, klp_shadow_ctor_t ctor, void *ctor_data);
+void klp_shadow_free(void *obj, u64 id, klp_shadow_dtor_t dtor);
+void klp_shadow_free_all(u64 id, klp_shadow_dtor_t dtor);
 
 #endif
