@@ -93,7 +93,6 @@ def test_every_example_builds_and_passes_the_gate(kernel: Kernel, bundles: dict[
                                                   key: Ed25519PrivateKey) -> None:
     """Signed, defining what its manifest names, for this kernel, replacing traceable functions."""
     assert sorted(bundles) == examples.example_names()
-    assert len(bundles) == 7
     for bundle in bundles.values():
         signed = signing.sign(bundle, key)
         assert artifact.admit(signed, [key.public_key()], kernel.image, kernel.kallsyms) == \

@@ -442,3 +442,16 @@ def test_enable_disable_1000_times_under_load(lp: Livepatch, bundles: dict[str, 
     assert lp.kernel.call("klp_demo_target", 10) == 52
     lp.disable("livepatch_demo_target")
     assert lp.kernel.call("klp_demo_target", 10) == 31
+
+
+# -- test-shadow-vars.sh (through the livepatch core) -----------------------------------------------------------
+
+
+def test_shadow_variables_of_a_loaded_patch(lp: Livepatch, bundles: dict[str, PatchBundle]) -> None:
+    patch = lp.load(bundles["livepatch_shadow_vars"])
+    assert lp.kernel.call(patch.module.addr("shadow_selftest")) == 0
+    log = klp_log(lp, "livepatch_shadow_vars")
+    assert any("klp_shadow_get" in line for line in log)
+    assert lp.shadow.count == 0, "the selftest frees everything it allocated"
+    lp.shadow.synchronize()
+    assert lp.shadow.quarantined == 0

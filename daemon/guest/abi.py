@@ -185,7 +185,8 @@ klp_shadow = Struct(
 
 klp_shadow_req = Struct(
     "klp_shadow_req",
-    [u64("obj"), u64("id"), u64("data_size"), u64("node", ctype="struct klp_shadow *"), u64("existing")],
+    [u64("obj"), u64("id"), u64("data_size"), u64("node", ctype="struct klp_shadow *"), u64("existing"),
+     u64("warn"), u64("err")],  # warn: klp_shadow_alloc (a duplicate is an error); err: the ctor's error
     doc="arguments and results of an HC_SHADOW host call",
 )
 

@@ -52,6 +52,7 @@ from daemon.livepatch import artifact
 from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.klp import KlpFunc, KlpObject, KlpOps, KlpPatch
 from daemon.livepatch.module import LoadedModule, ModuleLoader
+from daemon.livepatch.shadow import ShadowVars
 from daemon.livepatch.transition import (
     IDLE,
     PATCHED,
@@ -88,6 +89,7 @@ class Livepatch:
         self.kernel = kernel
         self.ftrace = ftrace
         self.loader = loader or ModuleLoader(kernel)
+        self.shadow = ShadowVars(kernel)  # the klp_shadow_* writers patches call
         self.trusted_keys = None if trusted_keys is None else list(trusted_keys)
         self.policy = policy or StallPolicy()
         self.on_event = on_event

@@ -26,10 +26,8 @@ pause: every vCPU passes a safe point, so no guest walk started before it is sti
 of Linux.
 
 ``klp_shadow_alloc`` of an existing pair returns NULL with Linux's warning ("Duplicate shadow variable <%p,
-%lx>"); only the guest knows which of alloc / get_or_alloc it runs, so the host finds ``klp_shadow_alloc`` in
-the trapping vCPU's frame records when a reservation or a link finds the pair taken. (The guest's
-klp_shadow_alloc returns NULL without any host call when its own lookup finds the pair, so only duplicates
-that a reservation or a link finds are warned about.)
+%lx>"): the guest marks its requests from klp_shadow_alloc (``req.warn``) and sends a duplicate it found itself
+to the host too, so every duplicate is warned about; a failed constructor's error comes in ``req.err``.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ from dataclasses import dataclass
 import structlog
 
 from daemon.emu.machine import VCpu
-from daemon.errors import GuestError, GuestFault
+from daemon.errors import GuestError
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 
@@ -99,8 +97,6 @@ class ShadowVars:
         self.kernel = kernel
         self.mem = kernel.memory
         self.table = kernel.kallsyms.addr("klp_shadow_hash")
-        alloc = kernel.kallsyms.all("klp_shadow_alloc")
-        self._alloc_fn = (alloc[0].addr, alloc[0].addr + alloc[0].size) if len(alloc) == 1 else None
         self._lock = threading.Lock()  # klp_shadow_lock
         self._linked: dict[tuple[int, int], _Node] = {}
         self._by_id: dict[int, dict[int, _Node]] = {}  # id -> obj -> node, for SHADOW_UNLINK_ID
@@ -247,7 +243,7 @@ class ShadowVars:
         if node is not None:
             self._set_req(req, "existing", 1)
             self._set_req(req, "node", node.addr)
-            if self._from_alloc(vcpu):
+            if self._req(req, "warn"):
                 self._warn_duplicate(obj, id_)
             return node.addr
         node = self._new_node(obj, id_, size)
@@ -270,7 +266,7 @@ class ShadowVars:
             self.kernel.heap.free(node.addr, node.alloc_size)  # never visible: no grace period needed
             self._set_req(req, "existing", 1)
             self._set_req(req, "node", theirs.addr)
-            if self._from_alloc(vcpu):
+            if self._req(req, "warn"):
                 self._warn_duplicate(node.obj, node.id)
             return theirs.addr
         self._publish(node)
@@ -280,8 +276,9 @@ class ShadowVars:
     def _discard(self, vcpu: VCpu, req: int) -> int:
         node = self._take_reserved(vcpu, req, "discard")
         self.ctor_failures += 1
-        # The guest does not pass the constructor's error code, so "(%d)" cannot be shown.
-        self._message(f"Failed to construct shadow variable <{node.obj:#x}, {node.id:#x}>", warning=True)
+        err = self._req(req, "err")
+        err = err - (1 << 64) if err >> 63 else err
+        self._message(f"Failed to construct shadow variable <{node.obj:#x}, {node.id:#x}> ({err})", warning=True)
         self.kernel.heap.free(node.addr, node.alloc_size)
         return 0
 
@@ -350,23 +347,6 @@ class ShadowVars:
             del self._by_id[node.id]
         self._unlinks += 1
         self._quarantine.append((self._unlinks, node))
-
-    def _from_alloc(self, vcpu: VCpu) -> bool:
-        """Is klp_shadow_alloc (not get_or_alloc) on the trapping vCPU's call chain? Its frame records say."""
-        if self._alloc_fn is None:
-            return False
-        lo, hi = self._alloc_fn
-        pc, fp = self.mem.read_u64(vcpu.cpu_data + _TRAP_LR), self.mem.read_u64(vcpu.cpu_data + _TRAP_FP)
-        for _ in range(4):  # host_call's caller, shadow_get_or_alloc, klp_shadow_alloc, its caller
-            if lo <= pc < hi:
-                return True
-            if not fp or fp & 7:
-                return False
-            try:
-                fp, pc = self.mem.read_u64(fp), self.mem.read_u64(fp + 8)
-            except GuestFault:
-                return False
-        return False
 
     def _warn_duplicate(self, obj: int, id_: int) -> None:
         self.duplicates += 1

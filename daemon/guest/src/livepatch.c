@@ -83,12 +83,13 @@ typedef void (*klp_shadow_dtor_t)(void *obj, void *shadow_data);
 notrace static void *shadow_get_or_alloc(void *obj, u64 id, u64 size, klp_shadow_ctor_t ctor, void *ctor_data,
 					 int warn_on_exist)
 {
-	struct klp_shadow_req req = { .obj = (u64)obj, .id = id, .data_size = size };
+	struct klp_shadow_req req = { .obj = (u64)obj, .id = id, .data_size = size, .warn = (u64)warn_on_exist };
 	struct klp_shadow *s;
 	void *data = klp_shadow_get(obj, id);
 
-	if (data)
-		goto exists;
+	if (data && !warn_on_exist)
+		return data;
+	/* a duplicate klp_shadow_alloc goes to the host too, which logs Linux's warning */
 	s = shadow_request(SHADOW_RESERVE, &req);
 	if (!s)
 		return NULL;
@@ -98,6 +99,7 @@ notrace static void *shadow_get_or_alloc(void *obj, u64 id, u64 size, klp_shadow
 		int err = ctor(obj, shadow_data(s), ctor_data);
 
 		if (err) {
+			req.err = (u64)(s64)err;
 			shadow_request(SHADOW_DISCARD, &req);
 			return NULL;
 		}
@@ -106,11 +108,9 @@ notrace static void *shadow_get_or_alloc(void *obj, u64 id, u64 size, klp_shadow
 	if (!req.existing)
 		return shadow_data(s);
 exists_node:
-	data = shadow_data(s);
-exists:
 	if (warn_on_exist)
 		return NULL; /* the host logged "Duplicate shadow variable" */
-	return data;
+	return shadow_data(s);
 }
 
 notrace void *klp_shadow_alloc(void *obj, u64 id, u64 size, u64 gfp, klp_shadow_ctor_t ctor, void *ctor_data)
