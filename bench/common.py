@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -57,3 +58,35 @@ def write(name: str, params: dict[str, Any], rows: list[dict[str, Any]], units: 
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
     return path
+
+
+def guest_insn_per_call(kernel: Any, fn: str, calls: int) -> float:
+    """Exact guest instructions per iteration of ``fn(n)``: (count(2n) - count(n)) / n on a counting kernel.
+
+    The vCPU is let reach its idle wait before and after each run, so both windows hold the same host-call
+    path (wake, run the job, report, go idle) and only the ``calls`` extra iterations differ.
+    """
+    vcpu = kernel.machine.vcpus[0]
+    kernel.call(fn, calls)  # translate first: the counts then see execution only
+    counts = []
+    for n in (calls, 2 * calls):
+        time.sleep(0.05)
+        before = vcpu.instructions
+        kernel.call(fn, n, timeout=300)
+        time.sleep(0.05)
+        counts.append(vcpu.instructions - before)
+    return float(counts[1] - counts[0]) / calls
+
+
+def guest_ns_per_call(kernel: Any, fn: str, calls: int, repeats: int = 3) -> float:
+    """Wall ns per iteration of ``fn(n)`` on a hook-free kernel: (t(2n) - t(n)) / n, best of ``repeats``."""
+    kernel.call(fn, max(calls // 10, 1), timeout=300)
+    best = float("inf")
+    for _ in range(repeats):
+        spent = []
+        for n in (calls, 2 * calls):
+            start = time.perf_counter_ns()
+            kernel.call(fn, n, timeout=300)
+            spent.append(time.perf_counter_ns() - start)
+        best = min(best, (spent[1] - spent[0]) / calls)
+    return best

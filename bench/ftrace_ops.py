@@ -17,7 +17,6 @@ The kernel's own numbers (M1 under HVF, Mark Rutland's cover letter) are reprodu
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -85,34 +84,13 @@ def attached(ft: Ftrace, setup: Setup) -> Iterator[None]:
 
 
 def insn_per_call(ft: Ftrace, setup: Setup) -> float:
-    vcpu = ft.kernel.machine.vcpus[0]
     with attached(ft, setup):
-        ft.kernel.call("bench_tracee", COUNT_CALLS)  # translate first: counting sees only execution
-        counts = []
-        for n in (COUNT_CALLS, 2 * COUNT_CALLS):
-            # Let the vCPU reach its idle wait before and after, so both windows hold the same host-call path
-            # (wake, run the job, report, go idle) and only the n extra calls differ.
-            time.sleep(0.05)
-            before = vcpu.instructions
-            ft.kernel.call("bench_tracee", n)
-            time.sleep(0.05)
-            counts.append(vcpu.instructions - before)
-    return (counts[1] - counts[0]) / COUNT_CALLS
+        return common.guest_insn_per_call(ft.kernel, "bench_tracee", COUNT_CALLS)
 
 
 def ns_per_call(ft: Ftrace, setup: Setup) -> float:
-    k = ft.kernel
     with attached(ft, setup):
-        k.call("bench_tracee", CALLS // 10)
-        best = float("inf")
-        for _ in range(3):
-            spent = []
-            for n in (CALLS, 2 * CALLS):
-                start = time.perf_counter_ns()
-                k.call("bench_tracee", n, timeout=300)
-                spent.append(time.perf_counter_ns() - start)
-            best = min(best, (spent[1] - spent[0]) / CALLS)
-    return best
+        return common.guest_ns_per_call(ft.kernel, "bench_tracee", CALLS)
 
 
 def kernels(count: bool) -> dict[str, Ftrace]:

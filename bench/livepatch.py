@@ -43,27 +43,10 @@ def call_cost(bundle: PatchBundle) -> dict[str, float]:
             for state in ("unpatched", "patched"):
                 if state == "patched":
                     lp.enable(PATCH)
-                k.call("bench_klp_target", COUNT_CALLS)  # translate first
                 if counting:
-                    vcpu = k.machine.vcpus[0]
-                    counts = []
-                    for n in (COUNT_CALLS, 2 * COUNT_CALLS):
-                        time.sleep(0.05)  # both windows: wake, job, report, idle wait
-                        before = vcpu.instructions
-                        k.call("bench_klp_target", n)
-                        time.sleep(0.05)
-                        counts.append(vcpu.instructions - before)
-                    out[f"{state}_insn_per_call"] = (counts[1] - counts[0]) / COUNT_CALLS
+                    out[f"{state}_insn_per_call"] = common.guest_insn_per_call(k, "bench_klp_target", COUNT_CALLS)
                 else:
-                    best = float("inf")
-                    for _ in range(3):
-                        spent = []
-                        for n in (TIME_CALLS, 2 * TIME_CALLS):
-                            start = time.perf_counter_ns()
-                            k.call("bench_klp_target", n, timeout=300)
-                            spent.append(time.perf_counter_ns() - start)
-                        best = min(best, (spent[1] - spent[0]) / TIME_CALLS)
-                    out[f"{state}_ns_per_call"] = best
+                    out[f"{state}_ns_per_call"] = common.guest_ns_per_call(k, "bench_klp_target", TIME_CALLS)
     return out
 
 

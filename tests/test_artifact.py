@@ -23,7 +23,7 @@ from daemon.errors import (
     PatchFuncMissing,
     SignatureMissing,
 )
-from daemon.kernel.kernel import Kernel, KernelConfig
+from daemon.kernel.kernel import Kernel
 from daemon.livepatch import artifact, examples, signing
 from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.manifest import Callbacks, FuncSpec, Manifest, ObjectSpec
@@ -31,10 +31,8 @@ from daemon.livepatch.module import LoadedModule, ModuleLoader
 
 
 @pytest.fixture(scope="module")
-def kernel() -> Iterator[Kernel]:
-    with Kernel(KernelConfig(nr_cpus=2)) as k:
-        yield k
-        k.machine.check()
+def kernel(module_kernel: Kernel) -> Kernel:
+    return module_kernel
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from daemon.errors import (
     UnsupportedRelocation,
 )
 from daemon.guest import abi
-from daemon.kernel.kernel import Kernel, KernelConfig
+from daemon.kernel.kernel import Kernel
 from daemon.livepatch import elf, link, relocs
 from daemon.livepatch.artifact import compile_object
 from daemon.livepatch.module import LoadedModule, ModuleLoader
@@ -246,11 +246,9 @@ def objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def kernel() -> Iterator[Kernel]:
+def kernel(module_kernel: Kernel) -> Kernel:
     """One booted kernel for this file's tests (each test unloads what it loaded)."""
-    with Kernel(KernelConfig(nr_cpus=2)) as k:
-        yield k
-        k.machine.check()
+    return module_kernel
 
 
 @pytest.fixture

@@ -255,10 +255,10 @@ def test_reply_to_in_the_payload_and_its_limits(lpd: DaemonThread) -> None:
             await c.subscribe(topics.reply(), qos=1)
             rid = uuid.uuid4().hex
             await c.publish(topics.request("info"), json.dumps({"request_id": rid, "reply_to": mine}), qos=1)
-            # a reply_to that names one of the daemon's request topics is answered on 'reply' instead
+            # a reply_to that names a request topic (of any daemon) is answered on 'reply' instead
             loop_rid = uuid.uuid4().hex
             await c.publish(topics.request("info"),
-                            json.dumps({"request_id": loop_rid, "reply_to": topics.request("info")}), qos=1)
+                            json.dumps({"request_id": loop_rid, "reply_to": Topics("other").request("call")}), qos=1)
             seen: dict[str, str] = {}
             async with asyncio.timeout(10):
                 async for message in c.messages:

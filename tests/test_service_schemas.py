@@ -19,6 +19,7 @@ from schemas import (
     host_of,
 )
 from schemas import export as schema_export
+from schemas.topics import is_request_topic
 
 
 def test_checked_in_schema_files_are_current() -> None:
@@ -99,6 +100,8 @@ def test_topics() -> None:
     assert t.verb_of("livepatch/v1/web-02/request/call") is None
     assert t.verb_of("livepatch/v1/web-01/request/a/b") is None
     assert host_of("livepatch/v1/web-01/status") == "web-01"
+    assert is_request_topic("livepatch/v1/other/request/call")
+    assert not is_request_topic("livepatch/v1/web-01/reply/request")
     assert host_of("other/v1/web-01/status") is None
     for bad in ("", "a/b", "+", "#", "$x"):
         with pytest.raises(ValueError, match="topic level"):

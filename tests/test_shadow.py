@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from daemon.emu.machine import VCpu
 from daemon.errors import GuestError
 from daemon.guest import abi
-from daemon.kernel.kernel import Kernel, KernelConfig
+from daemon.kernel.kernel import Kernel
 from daemon.livepatch import examples
 from daemon.livepatch.module import LoadedModule, ModuleLoader
 from daemon.livepatch.shadow import HEADER, ShadowEntry, ShadowVars, bucket_of
@@ -87,10 +87,8 @@ klp_shadow_get(obj=PTR14, id=0x1235) = PTR0
 
 
 @pytest.fixture(scope="module")
-def kernel() -> Iterator[Kernel]:
-    with Kernel(KernelConfig(nr_cpus=2)) as k:
-        yield k
-        k.machine.check()
+def kernel(module_kernel: Kernel) -> Kernel:
+    return module_kernel
 
 
 @pytest.fixture(scope="module")

@@ -381,16 +381,7 @@ class Livepatch:
                     self._unpatch_func(f)
                 o.funcs = [f for f in o.funcs if not f.nop]
                 o.patched = False
-        remaining = [f for f in patch.funcs() if f.guest]
-
-        def finish() -> None:
-            for f in remaining:
-                self._set_func(f, "transition", 0)
-            for t in self._task_refs():
-                t.set("patch_state", IDLE)
-                t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
-            self.kernel.memory.write_u64(self._target_addr, IDLE)
-        self.kernel.machine.stop_machine(finish)
+        self._end_in_guest([f for f in patch.funcs() if f.guest])
         for f in patch.funcs():
             f.transition = False
         self.transition = None
@@ -416,17 +407,22 @@ class Livepatch:
             o.funcs = [f for f in o.funcs if not f.nop]
             o.patched = False
             o.post_unpatch_enabled = False
-
-        def reset() -> None:
-            for t in self._task_refs():
-                t.set("patch_state", IDLE)
-                t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
-            self.kernel.memory.write_u64(self._target_addr, IDLE)
-        self.kernel.machine.stop_machine(reset)
+        self._end_in_guest([])
         for f in patch.funcs():
             f.transition = False
         self.transition = None
         self._done.notify_all()
+
+    def _end_in_guest(self, funcs: list[KlpFunc]) -> None:
+        """In one pause: func->transition cleared, every task back to IDLE, klp_target_state IDLE."""
+        def end() -> None:
+            for f in funcs:
+                self._set_func(f, "transition", 0)
+            for t in self._task_refs():
+                t.set("patch_state", IDLE)
+                t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
+            self.kernel.memory.write_u64(self._target_addr, IDLE)
+        self.kernel.machine.stop_machine(end)
 
     def _reverse(self) -> None:
         """klp_reverse_transition: the transition in progress turns around."""
