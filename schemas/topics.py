@@ -73,6 +73,12 @@ class Topics:
         return topic.startswith(f"{self.base}/request/")
 
 
+def is_request_topic(topic: str) -> bool:
+    """Whether ``topic`` is any host's request topic (``livepatch/v1/<host>/request/…``)."""
+    parts = topic.split("/")
+    return len(parts) >= 5 and f"{parts[0]}/{parts[1]}" == ROOT and parts[3] == "request"
+
+
 def host_of(topic: str) -> str | None:
     """The host level of any ``livepatch/v1/<host>/…`` topic."""
     parts = topic.split("/")

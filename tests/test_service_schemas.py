@@ -17,9 +17,9 @@ from schemas import (
     SymbolLookupRequest,
     Topics,
     host_of,
+    is_request_topic,
 )
 from schemas import export as schema_export
-from schemas.topics import is_request_topic
 
 
 def test_checked_in_schema_files_are_current() -> None:

@@ -32,7 +32,7 @@ from daemon.service.errors import (
 )
 from daemon.service.journal import Journal, fingerprint
 from daemon.service.metrics import Metrics
-from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
+from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec, is_request_topic
 
 log = structlog.get_logger(__name__)
 
@@ -129,9 +129,10 @@ class Service:
     # -- the request path ------------------------------------------------------------------------------------
 
     def route(self, response_topic: str | None, reply_to: str | None, correlation: bytes | None) -> ReplyRoute:
-        """The v5 response topic, else the payload's ``reply_to``, else ``reply``; never one of our request topics."""
+        """The v5 response topic, else the payload's ``reply_to``, else ``reply``; never a request topic (a reply
+        published as a request to this or another daemon would start a loop)."""
         topic = response_topic or reply_to or self.topics.reply()
-        if self.topics.is_request_topic(topic):
+        if is_request_topic(topic):
             topic = self.topics.reply()
         return ReplyRoute(topic, correlation)
 
