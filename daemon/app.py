@@ -21,9 +21,11 @@ from typing import TextIO
 
 import structlog
 
+from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel, KernelConfig
+from daemon.livepatch.core import Livepatch
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
-from daemon.service import Journal, Metrics, Service, kernel_verbs
+from daemon.service import Journal, Metrics, Service, ftrace_verbs, kernel_verbs, patch_verbs
 from daemon.service.journal import CHECKPOINT_PERIOD_S
 from daemon.settings import Settings
 from schemas import KernelState
@@ -73,6 +75,8 @@ class Daemon:
         self.on_ready = on_ready
         self.metrics = Metrics()
         self.kernel: Kernel | None = None
+        self.ftrace: Ftrace | None = None
+        self.livepatch: Livepatch | None = None
         self.service: Service | None = None
         self.bridge: MqttBridge | None = None
         self.broker_url: str | None = None
@@ -112,6 +116,10 @@ class Daemon:
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s)
         service.attach(loop)
         kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
+        self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
+        self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=[])
+        ftrace_verbs.register(service, kernel, ftrace)
+        patch_verbs.register(service, kernel, livepatch)
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
         replayed = await service.replay()

@@ -6,6 +6,7 @@ Imported by the daemon's service and mqtt layers and by the clients; it imports 
 from schemas._base import SCHEMA_VERSION, Address, HostId, Inbound, Outbound, RequestId
 from schemas.documents import EventDoc, EventType, KernelState, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply, Request
+from schemas.spec import VerbSpec
 from schemas.topics import ALL_EVENTS, ALL_STATE, ALL_STATUS, ROOT, Topics, host_of, is_request_topic
 from schemas.verbs import (
     MAX_CALL_ARGS,
@@ -20,7 +21,6 @@ from schemas.verbs import (
     TaskEntry,
     TasksData,
     TasksRequest,
-    VerbSpec,
 )
 
 __all__ = [

@@ -2,17 +2,20 @@
 
 A verb is one topic level (``livepatch/v1/<host>/request/<verb>``); dotted names group verbs
 (``symbol.lookup``, later ``ftrace.ops.register``, ``patch.enable``). Adding a verb = adding its two models
-here, one ``VerbSpec`` to ``VERBS``, and a handler in the daemon's service layer.
+here (or in ``ftrace_verbs.py`` / ``patch_verbs.py``), one ``VerbSpec`` to ``VERBS`` (or to that module's
+``SPECS``), and a handler in the daemon's service layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pydantic import Field, model_validator
 
+# the ftrace / hijack / trace and the patch / transition verbs live in their own modules
+from schemas import ftrace_verbs as _ftrace_verbs
+from schemas import patch_verbs as _patch_verbs
 from schemas._base import Address, HostId, Outbound
 from schemas.envelope import Request
+from schemas.spec import VerbSpec
 
 MAX_CALL_ARGS = 8
 I64_MIN = -(1 << 63)
@@ -127,20 +130,11 @@ class TasksData(Outbound):
 # -- the catalog -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class VerbSpec:
-    """A verb's wire contract: its request model, the model of its reply's ``data``, and a summary."""
-
-    verb: str
-    request: type[Request]
-    data: type[Outbound]
-    summary: str
-    mutating: bool = False
-
-
 VERBS: dict[str, VerbSpec] = {
     spec.verb: spec
     for spec in (
+        *_ftrace_verbs.SPECS,
+        *_patch_verbs.SPECS,
         VerbSpec("info", InfoRequest, InfoData, "Kernel build id, CPUs, boot sequence, uptime and counts."),
         VerbSpec("symbol.lookup", SymbolLookupRequest, SymbolData,
                  "Resolve a symbol name (with sympos) to its address, or an address to name+offset/size."),

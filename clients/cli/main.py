@@ -257,6 +257,13 @@ def keys_generate(ctx: typer.Context,
                 f"key id:      {pair.key_id}")
 
 
+# the ftrace/trace/hijack and patch commands live in their own modules, over the helpers above
+from clients.cli import ftrace_cmds, patch_cmds  # noqa: E402
+
+ftrace_cmds.install(app)
+patch_cmds.install(app)
+
+
 def main() -> None:
     """The ``lpctl`` console script."""
     app()

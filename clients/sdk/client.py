@@ -28,6 +28,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ValidationError
 
 from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, SdkError
+from clients.sdk.ftrace_api import FtraceApi
+from clients.sdk.patch_api import PatchApi
 from schemas import (
     ALL_STATUS,
     CallData,
@@ -70,7 +72,7 @@ def _properties(packet_type: int) -> Any:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
-class LivepatchClient:
+class LivepatchClient(FtraceApi, PatchApi):
     """Client of one daemon (``host``) — or of none, for fleet-wide reads like ``hosts()``.
 
     Args:
