@@ -223,6 +223,7 @@ def test_busy_task_stalls_the_transition_until_it_leaves(lp: Livepatch, bundles:
     wake(k, flag)
     assert fut.result(5) == 5 + 1 + 10 + 100, "the sleeper finished in the original function"  # type: ignore[attr-defined]
     assert lp.wait(5)
+    assert klp_log(lp, "livepatch_sleeper") == ["pre_patch_callback: vmlinux", "post_patch_callback: vmlinux"]
     flag2 = k.host_buffer.alloc(8)
     k.memory.write_u64(flag2, 7)
     assert k.call("sleeper_outer", flag2) == 7 + 1 + 20 + 100, "new calls run the patched sleeper_middle"
@@ -239,6 +240,8 @@ def test_disabling_a_stalled_patch_reverses_the_transition(lp: Livepatch, bundle
     assert transcript(lp, mark)[0] == \
         "livepatch: 'livepatch_sleeper': reversing transition from patching to unpatching"
     assert transcript(lp, mark)[-1] == "livepatch: 'livepatch_sleeper': unpatching complete"
+    assert klp_log(lp, "livepatch_sleeper") == ["pre_patch_callback: vmlinux", "post_unpatch_callback: vmlinux"], \
+        "a reversed patching transition runs post_unpatch only (test_klp_callbacks_busy)"
     assert not lp.patch("livepatch_sleeper").enabled
     assert tracefs.enabled_functions(lp.ftrace) == ""
     wake(k, flag)

@@ -13,8 +13,11 @@ livepatch_syscall           __arm64_sys_getpid                  per-task switchi
 livepatch_state             nothing (replace), state 1 v1       system states (test_klp_state)
 livepatch_state2            nothing (replace), state 1 v2       taking a state over (test_klp_state2)
 livepatch_state3            nothing (replace), state 1 v2       compatible with state2 (test_klp_state3)
-livepatch_shadow_vars       nothing                             shadow variables (test_klp_shadow_vars): needs
-                                                                a :class:`~daemon.livepatch.shadow.ShadowVars`
+livepatch_shadow_vars       nothing                             shadow variables (test_klp_shadow_vars), through
+                                                                the kernel's :class:`Livepatch` (its ShadowVars)
+livepatch_sleeper           sleeper_middle (+20 instead of +10) a busy task stalling the transition, with
+                                                                logging callbacks (test_klp_callbacks_busy)
+livepatch_demo_target       klp_demo_target (5x+2 for 3x+1)     a result that tells versions apart (stress)
 ==========================  ==================================  =============================================
 """
 
