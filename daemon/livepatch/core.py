@@ -23,7 +23,6 @@ driver thread retries stalled transitions; :meth:`Livepatch.wait` blocks until t
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,11 +30,8 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from daemon.arch.arm64 import callsite
 from daemon.errors import (
     CallbackFailed,
-    FtraceError,
-    PatchFtraceFailed,
     PatchIncompatible,
     PatchInUse,
     PatchNotFound,
@@ -43,15 +39,14 @@ from daemon.errors import (
     TransitionBusy,
 )
 from daemon.ftrace.core import Ftrace
-from daemon.ftrace.ops import FtraceOps, OpsFlag
-from daemon.ftrace.records import DynFtrace
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.kernel.structs import StructRef
-from daemon.livepatch import artifact
 from daemon.livepatch.bundle import PatchBundle
-from daemon.livepatch.klp import KlpFunc, KlpObject, KlpOps, KlpPatch
-from daemon.livepatch.module import LoadedModule, ModuleLoader
+from daemon.livepatch.funcstack import FuncStacks, add_nops
+from daemon.livepatch.klp import KlpFunc, KlpObject, KlpPatch
+from daemon.livepatch.module import ModuleLoader
+from daemon.livepatch.modules import PatchModules
 from daemon.livepatch.shadow import ShadowVars
 from daemon.livepatch.transition import (
     IDLE,
@@ -65,7 +60,6 @@ from daemon.livepatch.transition import (
     check_ranges,
 )
 
-_KLP_OPS_FLAGS = OpsFlag.IPMODIFY | OpsFlag.PERMANENT | OpsFlag.DYNAMIC
 _CALLBACKS = ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")
 
 
@@ -90,20 +84,28 @@ class Livepatch:
         self.ftrace = ftrace
         self.loader = loader or ModuleLoader(kernel)
         self.shadow = ShadowVars(kernel)  # the klp_shadow_* writers patches call
-        self.trusted_keys = None if trusted_keys is None else list(trusted_keys)
+        self.modules = PatchModules(kernel, ftrace, self.loader, trusted_keys)
         self.policy = policy or StallPolicy()
         self.on_event = on_event
         self.patches: list[KlpPatch] = []  # klp_patches: stack_order is the 1-based position
-        self.ops: dict[int, KlpOps] = {}
+        self.stacks = FuncStacks(kernel, ftrace, self._say)
         self.transition: Transition | None = None
         self.log: list[str] = []  # the kernel log lines livepatch would print
         self.lock = threading.RLock()
         self._done = threading.Condition(self.lock)
         self._driver: threading.Thread | None = None
-        self._describers: dict[str, Callable[[int], str | None]] = {}
         self._target_addr = kernel.kallsyms.addr("klp_target_state")
         self._objname = kernel.heap.alloc(16)
         kernel.memory.write(self._objname, b"vmlinux\0")
+
+    @property
+    def trusted_keys(self) -> list[Ed25519PublicKey] | None:
+        """The keys a bundle must be signed with (None: signatures are not checked)."""
+        return self.modules.trusted_keys
+
+    @trusted_keys.setter
+    def trusted_keys(self, keys: Iterable[Ed25519PublicKey] | None) -> None:
+        self.modules.trusted_keys = None if keys is None else list(keys)
 
     # -- patches ---------------------------------------------------------------------------------------------
 
@@ -119,54 +121,10 @@ class Livepatch:
         with self.lock:
             if any(p.name == m.name for p in self.patches):
                 raise PatchStateError(f"a patch named {m.name!r} is already loaded", patch=m.name)
-            if self.trusted_keys is None:
-                artifact.check_object(m, bundle.object)
-                artifact.check_target(m, self.kernel.image, self.kernel.kallsyms)
-            else:
-                artifact.admit(bundle, self.trusted_keys, self.kernel.image, self.kernel.kallsyms)
-            module = self.loader.load(m.name, bundle.object)
-            try:
-                self._add_module_records(module)
-                patch = self._build(module, bundle)
-            except BaseException:
-                self._drop_module(module)
-                raise
+            patch = self.modules.load(bundle)
             self.patches.append(patch)
             self._emit("loaded", patch)
             return patch
-
-    def _build(self, module: LoadedModule, bundle: PatchBundle) -> KlpPatch:
-        m = bundle.manifest
-        objects = []
-        for o in m.objects:
-            funcs = []
-            for f in o.funcs:
-                old = artifact.old_function(self.kernel.kallsyms, f.old_name, f.old_sympos, m.name)
-                new = module.symbol(f.new_name)
-                funcs.append(KlpFunc(f.old_name, f.old_sympos, old.addr, old.size, f.new_name, new.addr, new.size))
-            callbacks = {k: module.addr(v) for k, v in o.callbacks.named().items()}
-            objects.append(KlpObject(o.name, funcs, callbacks))
-        return KlpPatch(m.name, m, module, objects, m.replace, {s.id: s.version for s in m.states})
-
-    def _add_module_records(self, module: LoadedModule) -> None:
-        recs = []
-        for entry in module.patchable_entries:
-            ip = callsite.ftrace_call_adjust(entry)
-            sym = module.containing(callsite.func_addr(ip))
-            if sym is not None and sym.addr == callsite.func_addr(ip):
-                recs.append(DynFtrace(ip, sym.name, module=module.name, plt=module.ftrace_plt or 0))
-        def describe(addr: int) -> str | None:
-            return module.describe(addr) if module.contains(addr) else None
-
-        self.ftrace.add_records(recs, describe=describe)
-        self._describers[module.name] = describe
-
-    def _drop_module(self, module: LoadedModule) -> None:
-        self.ftrace.remove_records(callsite.ftrace_call_adjust(e) for e in module.patchable_entries)
-        describe = self._describers.pop(module.name, None)
-        if describe is not None:
-            self.ftrace.forget_describer(describe)
-        self.loader.unload(module)
 
     def unload(self, name: str) -> None:
         """rmmod: a disabled (or replaced) patch that is not in transition and was never forced."""
@@ -178,7 +136,7 @@ class Livepatch:
                 raise PatchInUse(f"patch {name!r} is enabled: disable it first", patch=name)
             if patch.forced:
                 raise PatchInUse(f"patch {name!r} was forced: its module can never be unloaded", patch=name)
-            self._drop_module(patch.module)
+            self.modules.drop(patch.module)
             self.patches.remove(patch)
             self._emit("unloaded", patch)
 
@@ -195,7 +153,7 @@ class Livepatch:
             self._check_compatible(patch)
             self._say(f"enabling patch '{name}'")
             if patch.replace:
-                self._add_nops(patch)
+                add_nops(patch, self.patches)
             self._init_transition(patch, PATCHED)
             try:
                 for obj in patch.objects:
@@ -207,7 +165,7 @@ class Livepatch:
                                              f"({ret})", patch=name, object=obj.name, ret=ret)
                         err.errno = ret
                         raise err
-                    self._patch_object(patch, obj)
+                    self._patch_object(obj)
             except BaseException:
                 self._say(f"failed to enable patch '{name}'")
                 self._cancel(patch)
@@ -323,7 +281,7 @@ class Livepatch:
                 t.set("patch_state", UNPATCHED if target == PATCHED else PATCHED)
             for f in funcs:
                 if f.guest:
-                    self._set_func(f, "transition", 1)
+                    self.stacks.set_transition(f, 1)
         self.kernel.machine.stop_machine(init)
 
     def _start_transition(self) -> None:
@@ -339,7 +297,7 @@ class Livepatch:
     def _try_complete(self) -> bool:
         tr = self._transition()
         tr.attempts += 1
-        ranges = check_ranges(tr.patch, tr.target, self.ops)
+        ranges = check_ranges(tr.patch, tr.target, self.stacks.ops)
 
         def check_and_switch() -> dict[int, str]:
             blocked: dict[int, str] = {}
@@ -367,18 +325,18 @@ class Livepatch:
             for old in self.patches:
                 if old is not patch and old.enabled:
                     for f in old.funcs():
-                        self._unpatch_func(f)
+                        self.stacks.pop(f)
                     for o in old.objects:
                         o.patched = False
                     old.enabled, old.replaced = False, True
             for o in patch.objects:
                 for f in [f for f in o.funcs if f.nop]:
-                    self._unpatch_func(f)
+                    self.stacks.pop(f)
                 o.funcs = [f for f in o.funcs if not f.nop]
         if target == UNPATCHED:
             for o in patch.objects:
                 for f in o.funcs:
-                    self._unpatch_func(f)
+                    self.stacks.pop(f)
                 o.funcs = [f for f in o.funcs if not f.nop]
                 o.patched = False
         self._end_in_guest([f for f in patch.funcs() if f.guest])
@@ -403,7 +361,7 @@ class Livepatch:
         for o in patch.objects:
             for f in o.funcs:
                 if f.patched:
-                    self._unpatch_func(f)
+                    self.stacks.pop(f)
             o.funcs = [f for f in o.funcs if not f.nop]
             o.patched = False
             o.post_unpatch_enabled = False
@@ -417,7 +375,7 @@ class Livepatch:
         """In one pause: func->transition cleared, every task back to IDLE, klp_target_state IDLE."""
         def end() -> None:
             for f in funcs:
-                self._set_func(f, "transition", 0)
+                self.stacks.set_transition(f, 0)
             for t in self._task_refs():
                 t.set("patch_state", IDLE)
                 t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
@@ -463,72 +421,11 @@ class Livepatch:
 
     # -- func stacks -----------------------------------------------------------------------------------------
 
-    def _patch_object(self, patch: KlpPatch, obj: KlpObject) -> None:
-        """klp_patch_object: push every func; on failure the ones pushed are popped again."""
+    def _patch_object(self, obj: KlpObject) -> None:
+        """klp_patch_object: push every func (a failure leaves the pushed ones for the cancel to pop)."""
         for f in obj.funcs:
-            self._patch_func(f)
+            self.stacks.push(f)
         obj.patched = True
-
-    def _patch_func(self, func: KlpFunc) -> None:
-        ops = self.ops.get(func.old_addr)
-        guest = self.kernel.heap.alloc(abi.klp_func.size)
-        below = ops.stack[0].guest if ops else 0
-        self.kernel.memory.write(guest, struct.pack("<4Q", func.new_addr, below, 1, int(func.nop)))
-        if ops is None:
-            kops = self.kernel.heap.alloc(abi.klp_ops.size)
-            self.kernel.memory.write(kops, struct.pack("<2Q", guest, func.old_addr))
-            fops = FtraceOps(f"klp:{func.old_name}", "klp_ftrace_handler", flags=_KLP_OPS_FLAGS, private=kops)
-            try:
-                self.ftrace.set_filter_ips(fops, [func.old_addr])
-                self.ftrace.register(fops)
-            except FtraceError as exc:
-                self.kernel.heap.free(guest, abi.klp_func.size)
-                self.kernel.heap.free(kops, abi.klp_ops.size)
-                self._say(f"failed to register ftrace handler for function '{func.old_name}' ({exc.errno})")
-                raise PatchFtraceFailed(f"failed to register ftrace handler for function {func.old_name!r} "
-                                        f"({exc.errno}): {exc.message}", function=func.old_name,
-                                        reason=exc.code) from exc
-            self.ops[func.old_addr] = KlpOps(func.old_addr, func.old_name, fops, kops, [func])
-        else:
-            self.kernel.memory.write_u64(ops.guest + abi.klp_ops.offsetof("func_stack"), guest)  # one store
-            ops.stack.insert(0, func)
-        func.guest = guest
-        func.patched = True
-
-    def _unpatch_func(self, func: KlpFunc) -> None:
-        """klp_unpatch_func: unlink from the func_stack (unregistering the ops with the last entry)."""
-        ops = self.ops[func.old_addr]
-        i = ops.stack.index(func)
-        if len(ops.stack) == 1:
-            self.ftrace.unregister(ops.ftrace_ops)
-            self.kernel.heap.free(ops.guest, abi.klp_ops.size)
-            del self.ops[func.old_addr]
-        else:
-            nxt = ops.stack[i + 1].guest if i + 1 < len(ops.stack) else 0
-            at = (ops.guest + abi.klp_ops.offsetof("func_stack") if i == 0
-                  else ops.stack[i - 1].guest + abi.klp_func.offsetof("below"))
-            # inside a pause: no CPU is in klp_ftrace_handler, so the entry can be freed right after
-            self.kernel.machine.stop_machine(lambda: self.kernel.memory.write_u64(at, nxt))
-            ops.stack.remove(func)
-        self.kernel.heap.free(func.guest, abi.klp_func.size)
-        func.guest = 0
-        func.patched = False
-
-    def _add_nops(self, patch: KlpPatch) -> None:
-        """klp_add_nops: a NOP func for every function an installed patch changes and this one does not."""
-        mine = {f.old_addr for f in patch.funcs()}
-        vmlinux = next((o for o in patch.objects if o.name == "vmlinux"), None)
-        if vmlinux is None:
-            vmlinux = KlpObject("vmlinux", [])
-            patch.objects.append(vmlinux)
-        for old in self.patches:
-            if old is patch or not old.enabled:
-                continue
-            for f in old.funcs():
-                if f.old_addr not in mine:
-                    mine.add(f.old_addr)
-                    vmlinux.funcs.append(KlpFunc(f.old_name, f.old_sympos, f.old_addr, f.old_size, f.old_name,
-                                                 f.old_addr, f.old_size, nop=True))
 
     # -- guest helpers ---------------------------------------------------------------------------------------
 
@@ -538,9 +435,6 @@ class Livepatch:
             return 0
         ret = self.kernel.call(addr, self._objname, timeout=30.0) & 0xFFFF_FFFF
         return ret - (1 << 32) if ret & 0x8000_0000 else ret  # an int return value
-
-    def _set_func(self, func: KlpFunc, name: str, value: int) -> None:
-        self.kernel.memory.write_u64(func.guest + abi.klp_func.offsetof(name), value)
 
     def _task_refs(self) -> list[StructRef]:
         return [self.kernel.task(i) for i in range(self.kernel.boot_params.get("nr_tasks"))]
