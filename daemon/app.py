@@ -2,8 +2,9 @@
 
 ``Daemon(settings).run()`` owns one TaskGroup with named tasks (``mqtt.bridge``, ``service.janitor``,
 ``app.ready``); ``stop()`` (SIGTERM/SIGINT when ``install_signals``) makes it publish ``offline`` and return.
-Startup order: journal (boot sequence) -> kernel boot -> replay of requests accepted and never answered ->
-broker (embedded when none is configured) -> birth. Nothing here is process-global: a process may run many.
+Startup order: journal (boot sequence) -> kernel boot -> desired patches loaded and enabled again -> replay of
+requests accepted and never answered -> broker (embedded when none is configured) -> birth. Nothing here is
+process-global: a process may run many.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.livepatch.core import Livepatch
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
 from daemon.service import Journal, Metrics, Service, ftrace_verbs, kernel_verbs, patch_verbs
+from daemon.service.desired import DesiredState
 from daemon.service.journal import CHECKPOINT_PERIOD_S
 from daemon.settings import Settings
 from schemas import KernelState
@@ -77,6 +79,7 @@ class Daemon:
         self.kernel: Kernel | None = None
         self.ftrace: Ftrace | None = None
         self.livepatch: Livepatch | None = None
+        self.desired: DesiredState | None = None
         self.service: Service | None = None
         self.bridge: MqttBridge | None = None
         self.broker_url: str | None = None
@@ -95,6 +98,7 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         structlog.contextvars.bind_contextvars(host=s.host_id)
         journal = Journal(s.journal_path, durable=s.journal_durable)
+        desired = self.desired = DesiredState(s.desired_path, durable=s.journal_durable)  # re-applied at boot
         try:
             boot_seq = journal.next_boot_seq()
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
@@ -105,6 +109,7 @@ class Daemon:
                 await asyncio.to_thread(self.kernel.shutdown)
         finally:
             journal.close()
+            desired.close()
             log.info("daemon_stopped")
 
     async def _serve(self, journal: Journal, kernel: Kernel, boot_seq: int) -> None:
@@ -117,11 +122,15 @@ class Daemon:
         service.attach(loop)
         kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
-        self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=[])
+        keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
+        self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys)
         ftrace_verbs.register(service, kernel, ftrace)
-        patch_verbs.register(service, kernel, livepatch)
+        patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
+                                       stall_after_s=s.transition_stall_s, restore_timeout_s=s.patch_restore_timeout_s,
+                                       call_timeout_s=s.call_timeout_s)
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
+        await asyncio.to_thread(patches.restore)  # the desired patches, loaded and enabled again (load-at-boot)
         replayed = await service.replay()
         # The image, kallsyms and the kernel's objects live as long as the daemon: keep them out of the cyclic
         # GC's generations, whose full collections otherwise stall a request now and then for tens of ms.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"])
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--trusted-keys-dir", type=Path, help="trust the Ed25519 public keys (*.pub, *.pem) in this "
+                       "directory to sign patches")
+    serve.add_argument("--trusted-key", dest="trusted_keys", type=Path, action="append",
+                       help="trust this public key file too (repeatable)")
+    serve.add_argument("--dev-signing-key", action="store_true", default=None,
+                       help="FOR DEMOS ONLY: generate a signing key pair in the host's state directory "
+                       "(<state-dir>/<host>/dev-signing.key and .pub) and trust it; anyone who can read that file "
+                       "can sign patches this daemon will load")
+    _patch_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return run_demo(nr_cpus=args.cpus, toggles=args.toggles)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "patch":
+        return _patch(args)
     return 2
 
 
@@ -41,7 +54,8 @@ def _serve(args: argparse.Namespace) -> int:
     from daemon.app import serve  # noqa: PLC0415
     from daemon.settings import Settings  # noqa: PLC0415
 
-    keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level")
+    keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level",
+            "trusted_keys_dir", "trusted_keys", "dev_signing_key")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:
         settings = Settings(**overrides)
@@ -49,6 +63,150 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"livepatchd serve: invalid settings:\n{exc}")
         return 2
     return serve(settings)
+
+
+# -- livepatchd patch build|sign|verify|examples ------------------------------------------------------------------
+
+
+def _patch_parser(sub: Any) -> None:
+    patch = sub.add_parser("patch", help="build, sign and verify live-patch bundles (offline: no daemon needed)",
+                           description="Live-patch bundles: the C source compiled with the guest kernel's flags, its "
+                           "manifest, and an Ed25519 signature. Errors print '<code>: <message>' and exit 1.")
+    patch.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    cmd = patch.add_subparsers(dest="patch_command", required=True)
+    build = cmd.add_parser("build", help="compile SOURCE.c into an (unsigned) bundle")
+    build.add_argument("source", type=Path, help="the patch's C source")
+    build.add_argument("--manifest", type=Path, required=True, help="its manifest (JSON); a missing build_id is "
+                       "filled in with the committed kernel image's")
+    build.add_argument("--out", type=Path, required=True, help="the bundle file to write")
+    build.add_argument("--build-id", help="target this kernel build id instead")
+    build.add_argument("--key", type=Path, help="also sign it with this private key (PKCS#8 PEM)")
+    sign = cmd.add_parser("sign", help="sign a bundle with an Ed25519 private key")
+    sign.add_argument("bundle", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="the private key (PKCS#8 PEM)")
+    sign.add_argument("--out", type=Path, help="write the signed bundle here (default: in place)")
+    verify = cmd.add_parser("verify", help="run the daemon's admission checks on a bundle")
+    verify.add_argument("bundle", type=Path)
+    verify.add_argument("--trusted", type=Path, action="append", required=True,
+                        help="a trusted public key file (repeatable)")
+    verify.add_argument("--no-target", action="store_true", help="skip the checks against the committed kernel "
+                        "image (build id, functions)")
+    examples = cmd.add_parser("examples", help="build the example patches into bundles")
+    examples.add_argument("names", nargs="*", help="which ones (default: all; --list shows them)")
+    examples.add_argument("--out", type=Path, help="directory for <name>.lpb files")
+    examples.add_argument("--key", type=Path, help="sign them with this private key (PKCS#8 PEM)")
+    examples.add_argument("--list", action="store_true", help="only list the examples")
+
+
+def _patch(args: argparse.Namespace) -> int:
+    from daemon.errors import LivepatchdError  # noqa: PLC0415  (the other commands need none of this)
+
+    try:
+        result = _patch_command(args)
+    except LivepatchdError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": exc.to_dict()}, default=repr))
+        print(f"livepatchd patch {args.patch_command}: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    text = result.pop("text")
+    print(json.dumps({"ok": True, **result}) if args.json else text)
+    return 0
+
+
+def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile  # noqa: PLC0415
+
+    from daemon.errors import ArtifactError, ManifestError  # noqa: PLC0415
+    from daemon.guest.build import IMAGE_PATH  # noqa: PLC0415
+    from daemon.kernel.kernel import load_image  # noqa: PLC0415
+    from daemon.livepatch import artifact, examples, signing  # noqa: PLC0415
+    from daemon.livepatch.bundle import PatchBundle  # noqa: PLC0415
+    from daemon.livepatch.manifest import Manifest  # noqa: PLC0415
+
+    def describe(b: PatchBundle, path: Path) -> dict[str, Any]:
+        sig = b.signature
+        return {"bundle": str(path), "name": b.name, "build_id": b.manifest.build_id,
+                "object_sha256": signing.object_digest(b.object), "key_id": sig.key_id if sig else None,
+                "funcs": [f.old_name for o in b.manifest.objects for f in o.funcs]}
+
+    def committed_build_id() -> str:
+        return load_image(IMAGE_PATH)[0].build_id
+
+    def read_text(path: Path, what: str) -> str:
+        try:
+            return path.read_text()
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {what} {path}: {exc.strerror}", path=str(path)) from None
+
+    if args.patch_command == "build":
+        try:
+            template = json.loads(read_text(args.manifest, "manifest"))
+        except ValueError as exc:
+            raise ManifestError(f"manifest {args.manifest} is not JSON: {exc}", path=str(args.manifest)) from None
+        if not isinstance(template, dict):
+            raise ManifestError(f"manifest {args.manifest} is not a JSON object", path=str(args.manifest))
+        build_id = args.build_id or template.get("build_id") or committed_build_id()
+        manifest = Manifest.from_dict({**template, "build_id": build_id})
+        source = read_text(args.source, "source")
+        with tempfile.TemporaryDirectory(prefix="lpd-build-") as work:
+            bundle = artifact.build_patch(source, manifest, Path(work),
+                                          include_dirs=(artifact.PATCHES_DIR, args.source.resolve().parent))
+        if args.key is not None:
+            bundle = signing.sign(bundle, signing.load_private_key(args.key))
+        _write(bundle, args.out)
+        signed = f", signed by {bundle.signature.key_id[:16]}" if bundle.signature else " (unsigned)"
+        return {**describe(bundle, args.out), "text": f"{args.out}: {bundle.name} for build "
+                f"{build_id[:16]}{signed}, object {len(bundle.object)} bytes"}
+    if args.patch_command == "sign":
+        bundle = signing.sign(PatchBundle.load(args.bundle), signing.load_private_key(args.key))
+        out = args.out or args.bundle
+        _write(bundle, out)
+        assert bundle.signature is not None
+        return {**describe(bundle, out), "text": f"{out}: {bundle.name} signed by {bundle.signature.key_id[:16]}"}
+    if args.patch_command == "verify":
+        bundle = PatchBundle.load(args.bundle)
+        trusted = [signing.load_public_key(p) for p in args.trusted]
+        if args.no_target:
+            key = signing.verify(bundle, trusted)
+            artifact.check_object(bundle.manifest, bundle.object)
+        else:
+            image, kallsyms = load_image(IMAGE_PATH)
+            key = artifact.admit(bundle, trusted, image, kallsyms)
+        return {**describe(bundle, args.bundle), "text": f"{args.bundle}: {bundle.name} OK, signed by {key[:16]}"
+                + ("" if args.no_target else f", for this kernel ({bundle.manifest.build_id[:16]})")}
+    # examples
+    names = examples.example_names()
+    if args.list:
+        return {"examples": names, "text": "\n".join(names)}
+    unknown = [n for n in args.names if n not in names]
+    if unknown:
+        raise ArtifactError(f"no example named {', '.join(unknown)} (there are: {', '.join(names)})")
+    if args.out is None:
+        raise ArtifactError("give --out DIR for the bundles (or --list)")
+    private = signing.load_private_key(args.key) if args.key is not None else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory(prefix="lpd-examples-") as work:
+        build_id = committed_build_id()
+        for name in args.names or names:
+            bundle = examples.build_example(name, Path(work), build_id)
+            if private is not None:
+                bundle = signing.sign(bundle, private)
+            path = args.out / f"{name}.lpb"
+            _write(bundle, path)
+            written.append(describe(bundle, path))
+    return {"bundles": written, "text": "\n".join(f"{w['bundle']}: {w['name']}"
+                                                 + (f", signed by {w['key_id'][:16]}" if w["key_id"] else "")
+                                                 for w in written)}
+
+
+def _write(bundle: Any, path: Path) -> None:
+    from daemon.errors import ArtifactError  # noqa: PLC0415
+
+    try:
+        bundle.save(path)
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {path}: {exc.strerror}", path=str(path)) from None
 
 
 if __name__ == "__main__":

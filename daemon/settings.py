@@ -5,17 +5,18 @@ Validated once at startup and passed down; nothing reads the environment anywher
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -91,6 +92,18 @@ class Settings(BaseSettings):
     journal_keep: int = Field(default=10000, ge=100, description="answered requests kept for duplicate detection")
     journal_durable: bool = Field(default=False, description="fsync every journal commit (power-loss safe)")
 
+    trusted_keys_dir: Path | None = Field(default=None, description="a directory of Ed25519 public keys (PEM, "
+                                          "*.pub or *.pem) whose signatures on patches are trusted")
+    trusted_keys: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="more trusted public key files (env: comma-separated paths or a JSON "
+        "list); with no trusted key at all, every patch is refused")
+    dev_signing_key: bool = Field(default=False, description="FOR DEMOS ONLY: generate a signing key pair in the "
+                                  "host's state directory (dev-signing.key/.pub) and trust it")
+    patch_restore_timeout_s: float = Field(default=30.0, gt=0, description="at boot, how long each re-enabled "
+                                           "patch's transition may take before the daemon goes on")
+    transition_stall_s: float = Field(default=1.0, gt=0, description="a transition still blocked after this "
+                                      "long is reported stalled (event and state)")
+
     nr_cpus: int = Field(default=2, ge=1, le=8)
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus /metrics here "
                                      "(0: any free port); none: off")
@@ -104,6 +117,16 @@ class Settings(BaseSettings):
             raise ValueError("host_id must be 1-64 characters of A-Z a-z 0-9 _ -")
         return value
 
+    @field_validator("trusted_keys", mode="before")
+    @classmethod
+    def _key_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [p.strip() for p in text.replace(os.pathsep, ",").split(",") if p.strip()]
+        return value
+
     @field_validator("broker_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -114,6 +137,22 @@ class Settings(BaseSettings):
     @property
     def journal_path(self) -> Path:
         return self.state_dir / self.host_id / "journal.sqlite3"
+
+    @property
+    def host_dir(self) -> Path:
+        """This host's own state: the journal, the desired state, the demo signing key."""
+        return self.state_dir / self.host_id
+
+    @property
+    def desired_path(self) -> Path:
+        return self.host_dir / "desired.sqlite3"
+
+    def trusted_key_paths(self) -> list[Path]:
+        """Every configured public key file: ``trusted_keys``, then the directory's ``*.pub``/``*.pem`` sorted."""
+        paths = list(self.trusted_keys)
+        if self.trusted_keys_dir is not None:
+            paths += sorted(p for p in self.trusted_keys_dir.iterdir() if p.suffix in (".pub", ".pem") and p.is_file())
+        return paths
 
     def broker(self) -> BrokerAddress | None:
         """The configured broker with credentials merged (settings win over the URL), or None: embedded."""

@@ -1,9 +1,308 @@
-"""lpctl commands of the patch verbs (installed on the app by clients.cli.main)."""
+"""lpctl commands of the patch verbs (installed on the app by clients.cli.main).
+
+``lpctl patch build|sign`` work offline: lpctl never imports the daemon, so they run ``livepatchd patch
+build|sign`` (``python -m daemon.cli``, same interpreter) in a subprocess. The others talk to a daemon over the
+SDK. ``lpctl read FUNCTION`` shows what a reader function (like ``proc_cmdline_read``) renders now.
+
+Exit codes are lpctl's: 0 ok; 1 an error reply (its code is printed; with --json, the reply itself), a failed
+build or signature, or — for ``--wait`` — a transition that did not complete in time or was reversed; 2 usage;
+3 broker unreachable or no reply within --timeout.
+"""
 
 from __future__ import annotations
 
+import base64
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from clients.cli.main import Options, _request, _run, err, fail, out
+from clients.sdk import LivepatchClient, ReplyError
+from schemas.patch_verbs import (
+    CallReadData,
+    PatchChangeData,
+    PatchInfoData,
+    PatchListData,
+    PatchLoadData,
+    PatchTransitionData,
+    PatchUnloadData,
+    TransitionProgress,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+patch_app = typer.Typer(no_args_is_help=True, help="Live patches: build and sign bundles; load, enable, disable, "
+                        "unload, list, inspect and force them on a host.",
+                        epilog="Exit codes: 0 ok, 1 error reply / build failed / transition not completed, "
+                        "2 usage, 3 broker unreachable or timeout.")
+
+WaitOpt = Annotated[bool, typer.Option("--wait", help="wait for the transition to complete, with a progress bar "
+                                       "(with --json: the daemon waits and sends one reply)")]
+WaitTimeoutOpt = Annotated[float, typer.Option("--wait-timeout", min=0.1, help="seconds to wait for the transition")]
 
 
 def install(app: typer.Typer) -> None:
     """Add this module's commands (and sub-apps) to lpctl."""
+    app.add_typer(patch_app, name="patch")
+    app.command("read")(read)
+
+
+# -- offline: build and sign through livepatchd ------------------------------------------------------------------
+
+
+def _livepatchd(ctx: typer.Context, *args: str) -> None:
+    """Run ``livepatchd patch ARGS`` (--json passed through); exit 1 with its message when it fails."""
+    opts: Options = ctx.obj
+    cmd = [sys.executable, "-m", "daemon.cli", "patch", *(["--json"] if opts.json else []), *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        fail(EXIT_FAILED, f"cannot run livepatchd: {exc}", "is livepatchd installed in this Python environment?")
+    if proc.returncode == 0:
+        sys.stdout.write(proc.stdout)
+        return
+    if opts.json and proc.stdout.strip():
+        sys.stdout.write(proc.stdout)
+    message = proc.stderr.strip() or proc.stdout.strip() or f"livepatchd exited with {proc.returncode}"
+    if "No module named daemon" in message:
+        fail(EXIT_FAILED, "livepatchd is not installed in this Python environment",
+             "pip install livepatchd (the patch builder needs the guest toolchain and kernel image)")
+    if proc.returncode == 2:  # argparse: a usage error
+        fail(EXIT_USAGE, message)
+    fail(EXIT_FAILED, message)
+
+
+@patch_app.command("build")
+def build(ctx: typer.Context,
+          source: Annotated[Path, typer.Argument(help="the patch's C source (SOURCE.c)")],
+          *,
+          manifest: Annotated[Path, typer.Option("--manifest", help="its manifest (JSON; build_id optional)")],
+          out_path: Annotated[Path, typer.Option("--out", help="the bundle file to write (e.g. P.lpb)")],
+          build_id: Annotated[str | None, typer.Option(help="target this kernel build id (default: the kernel "
+                                                             "image livepatchd ships)")] = None,
+          key: Annotated[Path | None, typer.Option(help="also sign it with this private key")] = None) -> None:
+    """Compile a patch's C source with the guest kernel's flags into a bundle (unsigned unless --key)."""
+    args = ["build", str(source), "--manifest", str(manifest), "--out", str(out_path)]
+    args += ["--build-id", build_id] if build_id else []
+    args += ["--key", str(key)] if key else []
+    _livepatchd(ctx, *args)
+
+
+@patch_app.command("sign")
+def sign(ctx: typer.Context,
+         bundle: Annotated[Path, typer.Argument(help="the bundle file (P.lpb)")],
+         key: Annotated[Path, typer.Option("--key", help="the Ed25519 private key (lpctl keys generate)")],
+         out_path: Annotated[Path | None, typer.Option("--out", help="write here (default: in place)")] = None,
+         ) -> None:
+    """Sign a bundle with an Ed25519 private key (daemons trust the matching public key)."""
+    _livepatchd(ctx, "sign", str(bundle), "--key", str(key), *(["--out", str(out_path)] if out_path else []))
+
+
+# -- on a host --------------------------------------------------------------------------------------------------
+
+
+@patch_app.command("load")
+def load(ctx: typer.Context, bundle: Annotated[Path, typer.Argument(help="a signed bundle file")]) -> None:
+    """Load a signed bundle (disabled). Refused, with nothing loaded, unless the daemon trusts its signer."""
+    try:
+        raw = bundle.read_bytes()
+    except OSError as exc:
+        fail(EXIT_USAGE, f"cannot read {bundle}: {exc.strerror}")
+    data = PatchLoadData.model_validate(_request(ctx, "patch.load", {"bundle": base64.b64encode(raw).decode()}))
+    key = f"signed by {data.key_id[:16]}" if data.key_id else "unsigned"
+    out().print(f"loaded [bold]{data.name}[/] ({key}; stack order {data.stack_order}; replaces "
+                f"{', '.join(data.funcs) or 'no function'}{'; atomic replace' if data.replace else ''})")
+
+
+def _describe(progress: TransitionProgress) -> str:
+    blocked = ", ".join(f"{b.comm} (pid {b.pid}): {b.why}" for b in progress.blocked)
+    return f"{progress.target}: {progress.tasks_switched}/{progress.tasks_total} tasks" + (
+        f"; blocked: {blocked}" if blocked else "")
+
+
+def _change(ctx: typer.Context, verb: str, name: str, wait: bool, wait_timeout: float) -> None:
+    opts: Options = ctx.obj
+    params: dict[str, Any] = {"name": name}
+    if wait and opts.json:  # one reply, exactly: the daemon waits
+        params |= {"wait": True, "timeout_s": wait_timeout}
+        _json_wait(ctx, verb, params, wait_timeout)
+        return
+    data = PatchChangeData.model_validate(_request(ctx, verb, params))
+    what = "enabling" if verb == "patch.enable" else "disabling"
+    if data.reversed:
+        out().print(f"{name}: transition reversed (now {'patching' if data.enabled else 'unpatching'})")
+    if data.completed:
+        out().print(f"{name}: {'enabled' if data.enabled else 'disabled'} (transition complete)")
+        return
+    assert data.transition is not None
+    if not wait:
+        out().print(f"{name}: {what}, transition started — {_describe(data.transition)}")
+        out().print(f"[dim]lpctl patch transition {name} shows its progress[/]")
+        return
+    _progress_bar(opts, name, data.transition, want_enabled=verb == "patch.enable", timeout=wait_timeout)
+
+
+def _json_wait(ctx: typer.Context, verb: str, params: dict[str, Any], wait_timeout: float) -> None:
+    opts: Options = ctx.obj
+    client_timeout = max(opts.timeout, wait_timeout + 5.0)
+    raw = _run(opts, lambda c: c.request_raw(verb, params, timeout=client_timeout))
+    sys.stdout.write(raw.payload + "\n")
+    if not raw.reply.ok:
+        raise typer.Exit(EXIT_FAILED)
+    data = PatchChangeData.model_validate(raw.reply.data or {})
+    want = verb == "patch.enable"
+    raise typer.Exit(EXIT_OK if data.completed and data.enabled == want else EXIT_FAILED)
+
+
+def _progress_bar(opts: Options, name: str, first: TransitionProgress, *, want_enabled: bool,
+                  timeout: float) -> None:
+    """Poll patch.transition and show tasks switched / total until it ends (on stderr: stdout stays clean)."""
+    async def work(c: LivepatchClient) -> tuple[PatchTransitionData | None, PatchInfoData]:
+        deadline = time.monotonic() + timeout
+        last: PatchTransitionData | None = None
+        with Progress(TextColumn("[bold]{task.fields[patch]}[/] {task.fields[target]}"), BarColumn(),
+                      MofNCompleteColumn(), TextColumn("tasks"), TimeElapsedColumn(),
+                      TextColumn("{task.fields[blocked]}"), console=err(), transient=False) as bar:
+            task = bar.add_task(name, total=first.tasks_total, completed=first.tasks_switched, patch=name,
+                                target=first.target, blocked="")
+            async for last in c.transition_progress(name, poll_s=0.1):
+                p = last.progress
+                if p is None:
+                    bar.update(task, completed=bar.tasks[0].total, blocked="")
+                    break
+                blocked = "; ".join(f"{b.comm}: {b.why}" for b in p.blocked)
+                bar.update(task, total=p.tasks_total, completed=p.tasks_switched, target=p.target,
+                           blocked=f"[yellow]{'stalled — ' if p.stalled else ''}{blocked}[/]" if blocked else "")
+                if time.monotonic() >= deadline:
+                    break
+        return last, await c.patch_info(name)
+
+    try:
+        last, info = _run(opts, work)
+    except ReplyError as exc:  # the patch went away meanwhile
+        fail(EXIT_FAILED, f"{exc.code}: {exc.message}")
+    if last is not None and last.in_progress:
+        fail(EXIT_FAILED, f"{name}: the transition is still in progress after {timeout} s ("
+             f"{_describe(last.progress) if last.progress else 'no detail'})",
+             f"lpctl patch transition {name} shows why; lpctl patch disable {name} reverses it; "
+             f"lpctl patch force {name} --yes completes it without stack checks")
+    if info.enabled != want_enabled:
+        fail(EXIT_FAILED, f"{name}: the transition was reversed; the patch is "
+             f"{'enabled' if info.enabled else 'disabled'}")
+    out().print(f"{name}: {'enabled' if info.enabled else 'disabled'} (transition complete)")
+
+
+@patch_app.command("enable")
+def enable(ctx: typer.Context, name: Annotated[str, typer.Argument(help="a loaded patch")],
+           wait: WaitOpt = False, wait_timeout: WaitTimeoutOpt = 60.0) -> None:
+    """Enable a loaded patch: the patching transition starts (--wait: until it completes)."""
+    _change(ctx, "patch.enable", name, wait, wait_timeout)
+
+
+@patch_app.command("disable")
+def disable(ctx: typer.Context, name: Annotated[str, typer.Argument(help="an enabled patch")],
+            wait: WaitOpt = False, wait_timeout: WaitTimeoutOpt = 60.0) -> None:
+    """Disable a patch (unpatching transition), or reverse its transition in progress."""
+    _change(ctx, "patch.disable", name, wait, wait_timeout)
+
+
+@patch_app.command("unload")
+def unload(ctx: typer.Context, name: Annotated[str, typer.Argument(help="a disabled or replaced patch")]) -> None:
+    """Unload a disabled (or replaced) patch's module."""
+    data = PatchUnloadData.model_validate(_request(ctx, "patch.unload", {"name": name}))
+    out().print(f"{data.name}: unloaded")
+
+
+@patch_app.command("force")
+def force(ctx: typer.Context, name: Annotated[str, typer.Argument(help="the patch in transition")],
+          yes: Annotated[bool, typer.Option("--yes", help="confirm: consistency is no longer guaranteed and the "
+                                            "module can never be unloaded")] = False) -> None:
+    """Complete a stalled transition without stack checks (dangerous: pass --yes)."""
+    if not yes:
+        fail(EXIT_USAGE, f"forcing {name} switches every remaining task without checking its stack: consistency "
+             "is no longer guaranteed, and the patch's module can never be unloaded",
+             f"lpctl patch transition {name} shows what blocks it; lpctl patch disable {name} reverses it; "
+             "pass --yes to force anyway")
+    data = PatchChangeData.model_validate(_request(ctx, "patch.force", {"name": name}))
+    out().print(f"{data.name}: forced; {'enabled' if data.enabled else 'disabled'}; its module is pinned")
+
+
+@patch_app.command("list")
+def list_(ctx: typer.Context) -> None:
+    """Every loaded patch, in stack order, and the transition in progress."""
+    data = PatchListData.model_validate(_request(ctx, "patch.list", {}))
+    if not data.patches:
+        hint = "" if data.trusted_keys else " (and it trusts no signing key: every load will be refused)"
+        out().print(f"no live patches loaded{hint}")
+        return
+    table = Table("#", "patch", "enabled", "transition", "flags", "functions")
+    for p in data.patches:
+        flags = ", ".join(f for f, on in (("replace", p.replace), ("forced", p.forced), ("replaced", p.replaced))
+                          if on)
+        table.add_row(str(p.stack_order), p.name, "[green]yes[/]" if p.enabled else "no",
+                      "[yellow]yes[/]" if p.transition else "", flags, ", ".join(p.funcs))
+    out().print(table)
+    if data.transition is not None:
+        out().print(f"transition: {data.transition.patch} {_describe(data.transition)}")
+
+
+@patch_app.command("info")
+def info(ctx: typer.Context, name: Annotated[str, typer.Argument(help="a loaded patch")]) -> None:
+    """One patch as /sys/kernel/livepatch shows it: flags, functions, states, signer."""
+    d = PatchInfoData.model_validate(_request(ctx, "patch.info", {"name": name}))
+    table = Table(show_header=False, box=None)
+    desired = "not journaled" if d.desired_enabled is None else ("enabled" if d.desired_enabled else "loaded")
+    for key, value in (("patch", d.name), ("enabled", d.enabled), ("transition", d.transition),
+                       ("replace", d.replace), ("stack order", d.stack_order), ("forced", d.forced),
+                       ("replaced", d.replaced), ("module", f"{d.module} at {d.module_base:#x}"),
+                       ("signed by", d.key_id or "nobody"), ("kernel build id", d.build_id),
+                       ("states", ", ".join(f"{s.id} v{s.version}" for s in d.states) or "none"),
+                       ("at boot", desired)):
+        table.add_row(f"[bold]{key}[/]", str(value))
+    out().print(table)
+    funcs = Table("object", "function", "old", "new", "patched")
+    for o in d.objects:
+        for f in o.funcs:
+            funcs.add_row(o.name, f.sysfs_name, f"{f.old_addr:#x}", f"{f.new_name} {f.new_addr:#x}" if not f.nop
+                          else "(nop: original)", "yes" if f.patched else "no")
+    out().print(funcs)
+    if d.progress is not None:
+        out().print(f"transition: {_describe(d.progress)}")
+
+
+@patch_app.command("transition")
+def transition(ctx: typer.Context,
+               name: Annotated[str | None, typer.Argument(help="only this patch's transition")] = None,
+               all_tasks: Annotated[bool, typer.Option("--all", help="list every task, not only pending ones")]
+               = False) -> None:
+    """The transition in progress: target, attempts, signals, and each task's patch state and blocker."""
+    d = PatchTransitionData.model_validate(_request(ctx, "patch.transition", {} if name is None else {"name": name}))
+    p = d.progress
+    if p is None:
+        out().print(f"no transition in progress{f' for {name}' if name else ''}")
+    else:
+        out().print(f"{p.patch}: {'[yellow]stalled[/] ' if p.stalled else ''}{p.target} transition, "
+                    f"{p.tasks_switched}/{p.tasks_total} tasks switched, {p.elapsed_s:.1f} s, {p.attempts} attempts, "
+                    f"{p.signals_sent} signal rounds")
+    tasks = [t for t in d.tasks if all_tasks or t.pending or t.blocked]
+    if tasks:
+        table = Table("pid", "cpu", "comm", "kind", "patch_state", "pending", "blocked by")
+        for t in tasks:
+            table.add_row(str(t.pid), str(t.cpu), t.comm, t.kind, t.patch_state, "yes" if t.pending else "",
+                          t.blocked or "")
+        out().print(table)
+
+
+def read(ctx: typer.Context,
+         function: Annotated[str, typer.Argument(help="a reader fn(buf, size), e.g. proc_cmdline_read")],
+         size: Annotated[int, typer.Option(min=1, max=65536, help="buffer size")] = 4096,
+         cpu: Annotated[int, typer.Option(min=0, help="vCPU to run it on")] = 0) -> None:
+    """Call a reader function (like proc_cmdline_read, /proc/cmdline) and print the text it wrote."""
+    data = CallReadData.model_validate(_request(ctx, "call.read", {"function": function, "size": size, "cpu": cpu}))
+    sys.stdout.write(data.text if data.text.endswith("\n") or not data.text else data.text + "\n")

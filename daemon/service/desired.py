@@ -21,8 +21,8 @@ and was re-applied at boot, answer from the current state instead of applying it
 
 Storage: its own SQLite file next to the journal (``desired.sqlite3``), WAL mode, so it never contends with
 the request path's journal commits. ``synchronous=NORMAL`` survives a crash of the daemon (kill -9);
-``durable=True`` (``FULL``) survives a power loss too. Changes are rare (a patch load, an enable), so every
-commit is checkpointed right away: the main database file always holds the latest state.
+``durable=True`` (``FULL``) survives a power loss too. Changes are rare (a patch load, an enable): SQLite's
+automatic checkpoints are enough, and ``close()`` checkpoints the whole WAL.
 """
 
 from __future__ import annotations
@@ -113,7 +113,6 @@ class DesiredState:
             self._depth -= 1
             if outer:
                 self._db.execute("COMMIT")
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _note(self, request_id: str | None, kind: str, key: str) -> None:
         if request_id is None:
