@@ -8,6 +8,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+PAUSE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+"""Stop-machine pauses: p99 is a few ms even for 10,000 sites (bench/stop_machine)."""
 LATENCY_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
                    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -46,6 +48,15 @@ class Metrics:
         self.reconnects = Counter("lpd_mqtt_reconnects", "Successful broker connections after the first", registry=r)
         self.connected = Gauge("lpd_mqtt_connected", "1 while connected to the broker", registry=r)
         self.boot_seq = Gauge("lpd_boot_seq", "This run's boot sequence number", registry=r)
+        # -- ftrace verbs (daemon/service/ftrace_verbs.py) --
+        self.batch_pause = Histogram("lpd_batch_pause_seconds",
+                                     "Stop-machine pause of each text-patching batch a request applied (first vCPU "
+                                     "parked to last resumed), by verb", ["verb"], buckets=PAUSE_BUCKETS, registry=r)
+        self.trace_records = Counter("lpd_trace_records", "Function-tracer records drained from the guest rings",
+                                     registry=r)
+        self.trace_dropped = Counter("lpd_trace_dropped", "Function-tracer records lost: a guest ring was full "
+                                     "(reason=ring) or the daemon's unread buffer was (reason=buffer)", ["reason"],
+                                     registry=r)
 
     def serve(self, addr: str, port: int) -> MetricsServer:
         """Serve ``/metrics`` on ``addr:port`` (port 0: any free port; see ``.port``) in a daemon thread."""

@@ -1,0 +1,153 @@
+"""The function tracer behind ``trace.start`` / ``trace.read`` / ``trace.stop``, and its stream.
+
+A :class:`TraceSession` is one start..stop of a :class:`~daemon.ftrace.tracer.FunctionTracer`. While it runs, a
+thread of its own (``ftrace.trace-drainer``) drains the guest's per-CPU rings every ``DRAIN_PERIOD_S``. Each
+drain, whoever does it (that thread, ``trace.read``, ``trace.stop``), goes two ways:
+
+* into the session's unread buffer (at most ``TRACE_BUFFER`` records, the oldest discarded first and counted
+  as ``overrun``), which ``trace.read`` empties — like reading ``trace_pipe``;
+* onto the ``trace`` topic as :class:`~schemas.ftrace_verbs.TraceBatchDoc` messages, when the service offers
+  a stream outlet.
+
+So both a ``trace.read`` poller and a ``lpctl trace follow`` subscriber see every record exactly once. Draining
+under the session lock keeps both in ring order.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import structlog
+
+from daemon.ftrace import tracefs
+from daemon.ftrace.core import Ftrace
+from daemon.ftrace.tracer import FunctionTracer, TraceRecord
+from daemon.guest import abi
+from daemon.kernel.kernel import Kernel
+from daemon.service.core import Service
+from schemas.ftrace_verbs import TRACE_BUFFER, TraceBatchDoc, TraceEntry
+
+log = structlog.get_logger(__name__)
+
+DRAIN_PERIOD_S = 0.1
+STREAM_BATCH = 500
+"""Records per message on the trace topic (a message stays well under 1 MiB)."""
+
+
+class StreamOutlet(Protocol):
+    """What the service may offer to publish on topics other than state and events (thread-safe)."""
+
+    def put(self, topic: str, payload: str) -> None: ...
+
+
+class TraceFormatter:
+    """Trace records as the function tracer prints them, and as structured entries."""
+
+    def __init__(self, kernel: Kernel, ftrace: Ftrace) -> None:
+        self.ftrace = ftrace
+        self.comms = {t.pid: t.comm for t in kernel.tasks()}  # the task list is fixed after boot
+
+    def _ps(self, addr: int) -> str:
+        return self.ftrace.describe(addr).split("+", 1)[0]
+
+    def entry(self, r: TraceRecord) -> tuple[str, TraceEntry]:
+        line = tracefs.trace_line(self.ftrace, r, self.comms).rstrip("\n")
+        usecs = r.ts * 1_000_000 // abi.CNTFRQ_HZ
+        return line, TraceEntry(ip=r.ip, parent_ip=r.parent_ip, function=self._ps(r.ip), parent=self._ps(r.parent_ip),
+                                ts=r.ts, time=usecs / 1e6, pid=r.pid, cpu=r.cpu, comm=self.comms.get(r.pid, "<...>"))
+
+
+class TraceSession:
+    """One trace.start .. trace.stop: the tracer, the unread buffer, the drainer thread and the stream."""
+
+    def __init__(self, service: Service, kernel: Kernel, tracer: FunctionTracer, formatter: TraceFormatter, *,
+                 number: int, filter: str | None, notrace: str | None, streams: StreamOutlet | None) -> None:
+        self.service = service
+        self.kernel = kernel
+        self.tracer = tracer
+        self.formatter = formatter
+        self.number = number
+        self.filter, self.notrace = filter, notrace
+        self.streams = streams
+        self.buffer: collections.deque[tuple[str, TraceEntry]] = collections.deque()
+        self.overrun = 0
+        self.seq = 0
+        self.written = 0
+        self.dropped = 0
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def entries_per_cpu(self) -> int:
+        return self.tracer.entries_per_cpu
+
+    def start_draining(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="ftrace.trace-drainer", daemon=True)
+        self._thread.start()
+
+    def stop_draining(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def _loop(self) -> None:
+        vcpus = self.kernel.machine.vcpus
+        while not self._stop.wait(DRAIN_PERIOD_S):
+            if not any(v.alive for v in vcpus):  # the kernel is shutting down, and the daemon with it
+                return
+            try:
+                self.collect(self.tracer.drain)
+            except Exception:
+                log.exception("trace_drain_failed", session=self.number)
+                return
+
+    def collect(self, drain: Callable[[], list[TraceRecord]]) -> None:
+        """Drain (``tracer.drain``, or ``tracer.stop`` for the last time), buffer and publish the records."""
+        metrics = self.service.metrics
+        with self.lock:
+            before = self.tracer.dropped  # a stop frees the rings and their counters: read them first
+            records = drain()
+            running = self.tracer.running
+            dropped = self.tracer.dropped if running else before
+            written = self.tracer.written if running else self.tracer.read  # stopped: every entry was drained
+            if dropped > self.dropped:
+                metrics.trace_dropped.labels("ring").inc(dropped - self.dropped)
+            self.written, self.dropped = written, dropped
+            if not records:
+                return
+            metrics.trace_records.inc(len(records))
+            entries = [self.formatter.entry(r) for r in records]
+            self.buffer.extend(entries)
+            excess = len(self.buffer) - TRACE_BUFFER
+            if excess > 0:
+                for _ in range(excess):
+                    self.buffer.popleft()
+                self.overrun += excess
+                metrics.trace_dropped.labels("buffer").inc(excess)
+            if self.streams is not None:
+                self._publish(entries)
+
+    def _publish(self, entries: list[tuple[str, TraceEntry]]) -> None:
+        assert self.streams is not None
+        svc = self.service
+        for i in range(0, len(entries), STREAM_BATCH):
+            chunk = entries[i:i + STREAM_BATCH]
+            self.seq += 1
+            doc = TraceBatchDoc(host=svc.host, boot_seq=svc.boot_seq, session=self.number, seq=self.seq,
+                                time=time.time(), lines=[line for line, _ in chunk], records=[e for _, e in chunk],
+                                written=self.written, dropped=self.dropped)
+            self.streams.put(svc.topics.trace, doc.model_dump_json())
+
+    def read(self, limit: int, *, running: bool) -> dict[str, Any]:
+        """Up to ``limit`` unread records (lines and entries) and the counters: a TraceReadData's fields."""
+        with self.lock:
+            taken = [self.buffer.popleft() for _ in range(min(limit, len(self.buffer)))]
+            return {"lines": [line for line, _ in taken], "records": [e for _, e in taken], "written": self.written,
+                    "dropped": self.dropped, "overrun": self.overrun, "remaining": len(self.buffer),
+                    "running": running}
