@@ -166,7 +166,8 @@ class PatchDisableRequest(Request):
 
 class PatchForceRequest(Request):
     """klp_force_transition: switch every remaining task without checking its stack. Consistency is no longer
-    guaranteed; the patch's module (and, for atomic replace, the replaced ones) can never be unloaded."""
+    guaranteed; after a forced unpatching transition the patch's module can never be unloaded (``forced``), nor,
+    after a forced atomic replace, the modules of the patches it replaced."""
 
     name: PatchName
 
@@ -298,7 +299,7 @@ SPECS: list[VerbSpec] = [
     VerbSpec("patch.unload", PatchUnloadRequest, PatchUnloadData,
              "Unload a disabled or replaced patch's module.", mutating=True),
     VerbSpec("patch.force", PatchForceRequest, PatchChangeData,
-             "Force the patch's transition to complete without stack checks (its module is then pinned).",
+             "Force the patch's transition to complete without stack checks (dangerous; may pin modules).",
              mutating=True),
     VerbSpec("patch.list", PatchListRequest, PatchListData,
              "Every loaded patch in stack order, and the transition in progress."),

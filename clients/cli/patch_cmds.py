@@ -221,16 +221,18 @@ def unload(ctx: typer.Context, name: Annotated[str, typer.Argument(help="a disab
 
 @patch_app.command("force")
 def force(ctx: typer.Context, name: Annotated[str, typer.Argument(help="the patch in transition")],
-          yes: Annotated[bool, typer.Option("--yes", help="confirm: consistency is no longer guaranteed and the "
-                                            "module can never be unloaded")] = False) -> None:
+          yes: Annotated[bool, typer.Option("--yes", help="confirm: consistency is no longer guaranteed, and "
+                                            "after a forced unpatching the module can never be unloaded")]
+          = False) -> None:
     """Complete a stalled transition without stack checks (dangerous: pass --yes)."""
     if not yes:
         fail(EXIT_USAGE, f"forcing {name} switches every remaining task without checking its stack: consistency "
-             "is no longer guaranteed, and the patch's module can never be unloaded",
+             "is no longer guaranteed, and a forced unpatching pins the patch's module for good",
              f"lpctl patch transition {name} shows what blocks it; lpctl patch disable {name} reverses it; "
              "pass --yes to force anyway")
     data = PatchChangeData.model_validate(_request(ctx, "patch.force", {"name": name}))
-    out().print(f"{data.name}: forced; {'enabled' if data.enabled else 'disabled'}; its module is pinned")
+    pinned = "; its module can never be unloaded" if data.forced else ""
+    out().print(f"{data.name}: transition forced; {'enabled' if data.enabled else 'disabled'}{pinned}")
 
 
 @patch_app.command("list")
