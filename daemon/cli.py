@@ -15,9 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="livepatchd", description="Live-patching daemon for an emulated arm64 "
                                      "kernel.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="boot the kernel and toggle every call site under load")
+    demo = sub.add_parser("demo", help="the whole story: a daemon on an embedded broker, a signed patch loaded, "
+                          "enabled, observed and removed with lpctl")
     demo.add_argument("--cpus", type=int, default=2, help="number of vCPUs (1-8, default 2)")
-    demo.add_argument("--toggles", type=int, default=200, help="batches to apply (default 200)")
+    stress = sub.add_parser("stress-patching", help="boot the kernel and toggle every call site under load")
+    stress.add_argument("--cpus", type=int, default=2, help="number of vCPUs (1-8, default 2)")
+    stress.add_argument("--toggles", type=int, default=200, help="batches to apply (default 200)")
     serve = sub.add_parser("serve", help="run the daemon: MQTT API on a broker (embedded when none is given)",
                            description="Settings come from LIVEPATCHD_* environment variables; these options "
                            "override them.")
@@ -40,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     _patch_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
+        from daemon.walkthrough import run_walkthrough  # noqa: PLC0415  (imports the whole service)
+
+        return run_walkthrough(nr_cpus=args.cpus)
+    if args.command == "stress-patching":
         return run_demo(nr_cpus=args.cpus, toggles=args.toggles)
     if args.command == "serve":
         return _serve(args)

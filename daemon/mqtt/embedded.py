@@ -40,7 +40,9 @@ class EmbeddedBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
+        amqtt_log = logging.getLogger("amqtt")
+        if amqtt_log.level == logging.NOTSET:  # amqtt is chatty at INFO; a caller's own choice wins
+            amqtt_log.setLevel(logging.WARNING)
         last: Exception | None = None
         for _ in range(1 if self._fixed else 5):
             port = self.port if self._fixed else free_port(self.host)
