@@ -166,7 +166,7 @@ def _progress_bar(opts: Options, name: str, first: TransitionProgress, *, want_e
     async def work(c: LivepatchClient) -> tuple[PatchTransitionData | None, PatchInfoData]:
         deadline = time.monotonic() + timeout
         last: PatchTransitionData | None = None
-        with Progress(TextColumn("[bold]{task.fields[patch]}[/] {task.fields[target]}"), BarColumn(),
+        with Progress(TextColumn("[bold]{task.fields[patch]}[/] {task.fields[target]}"), BarColumn(bar_width=20),
                       MofNCompleteColumn(), TextColumn("tasks"), TimeElapsedColumn(),
                       TextColumn("{task.fields[blocked]}"), console=err(), transient=False) as bar:
             task = bar.add_task(name, total=first.tasks_total, completed=first.tasks_switched, patch=name,
@@ -176,9 +176,9 @@ def _progress_bar(opts: Options, name: str, first: TransitionProgress, *, want_e
                 if p is None:
                     bar.update(task, completed=bar.tasks[0].total, blocked="")
                     break
-                blocked = "; ".join(f"{b.comm}: {b.why}" for b in p.blocked)
+                blocked = f"{len(p.blocked)} blocked" if p.blocked else ""
                 bar.update(task, total=p.tasks_total, completed=p.tasks_switched, target=p.target,
-                           blocked=f"[yellow]{'stalled — ' if p.stalled else ''}{blocked}[/]" if blocked else "")
+                           blocked=f"[yellow]{'stalled: ' if p.stalled else ''}{blocked}[/]" if blocked else "")
                 if time.monotonic() >= deadline:
                     break
         return last, await c.patch_info(name)
@@ -263,16 +263,16 @@ def info(ctx: typer.Context, name: Annotated[str, typer.Argument(help="a loaded 
     for key, value in (("patch", d.name), ("enabled", d.enabled), ("transition", d.transition),
                        ("replace", d.replace), ("stack order", d.stack_order), ("forced", d.forced),
                        ("replaced", d.replaced), ("module", f"{d.module} at {d.module_base:#x}"),
-                       ("signed by", d.key_id or "nobody"), ("kernel build id", d.build_id),
+                       ("signed by", f"key {d.key_id[:16]}" if d.key_id else "nobody"), ("kernel build id", d.build_id),
                        ("states", ", ".join(f"{s.id} v{s.version}" for s in d.states) or "none"),
                        ("at boot", desired)):
         table.add_row(f"[bold]{key}[/]", str(value))
     out().print(table)
-    funcs = Table("object", "function", "old", "new", "patched")
+    funcs = Table("object", "function", "replaced by", "patched")
     for o in d.objects:
         for f in o.funcs:
-            funcs.add_row(o.name, f.sysfs_name, f"{f.old_addr:#x}", f"{f.new_name} {f.new_addr:#x}" if not f.nop
-                          else "(nop: original)", "yes" if f.patched else "no")
+            funcs.add_row(o.name, f.sysfs_name, f.new_name if not f.nop else "(nop: the original)",
+                          "yes" if f.patched else "no")
     out().print(funcs)
     if d.progress is not None:
         out().print(f"transition: {_describe(d.progress)}")
@@ -294,11 +294,13 @@ def transition(ctx: typer.Context,
                     f"{p.signals_sent} signal rounds")
     tasks = [t for t in d.tasks if all_tasks or t.pending or t.blocked]
     if tasks:
-        table = Table("pid", "cpu", "comm", "kind", "patch_state", "pending", "blocked by")
+        table = Table("pid", "cpu", "comm", "kind", "patch_state", "pending")
         for t in tasks:
-            table.add_row(str(t.pid), str(t.cpu), t.comm, t.kind, t.patch_state, "yes" if t.pending else "",
-                          t.blocked or "")
+            table.add_row(str(t.pid), str(t.cpu), t.comm, t.kind, t.patch_state, "yes" if t.pending else "")
         out().print(table)
+    for t in d.tasks:
+        if t.blocked:
+            out().print(f"pid {t.pid} ({t.comm}, cpu {t.cpu}) blocks: {t.blocked}")
 
 
 def read(ctx: typer.Context,
