@@ -435,6 +435,10 @@ def test_a_stalled_transition_is_reported_then_reversed(patchd: DaemonThread) ->
                                                            "by": "request"}
             assert await asyncio.to_thread(sleeper.wake) == 5 + 1 + 10 + 100, "it finished in the original"
             assert (await c.patch_info("livepatch_sleeper")).desired_enabled is False
+            metrics = patchd.daemon.metrics
+            assert metrics.transition_stalls._value.get() >= 1
+            assert metrics.transition_reversals.labels("request")._value.get() >= 1
+            assert metrics.transitions.labels("unpatched", "completed")._value.get() >= 1
             await s.cleanup()
     run(main())
 
@@ -487,6 +491,7 @@ def test_force_completes_stalled_transitions_and_pins_the_module(mosquitto: Mosq
                 assert (forced.enabled, forced.completed) == (True, True)
                 await s.event("patch.transition.completed", patch="livepatch_sleeper", target="patched")
                 assert s.types()[-2:] == ["patch.forced", "patch.transition.completed"]
+                assert d.daemon.metrics.transitions.labels("patched", "forced")._value.get() == 1
                 assert not (await c.patch_transition()).in_progress
                 assert await asyncio.to_thread(sleeper.wake) == 116, "it was asleep in the original"
                 # a stalled unpatching transition (asleep in the new function), forced: the module is pinned

@@ -14,6 +14,9 @@ LATENCY_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.001
                    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+TRANSITION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 300.0)
+
+
 @dataclass
 class MetricsServer:
     server: Any
@@ -57,6 +60,18 @@ class Metrics:
         self.trace_dropped = Counter("lpd_trace_dropped", "Function-tracer records lost: a guest ring was full "
                                      "(reason=ring) or the daemon's unread buffer was (reason=buffer)", ["reason"],
                                      registry=r)
+        # -- patch verbs (daemon/service/patch_verbs.py) --
+        self.livepatches = Gauge("lpd_livepatches", "Loaded live patches, by state (enabled, disabled, transition)",
+                                 ["state"], registry=r)
+        self.transitions = Counter("lpd_livepatch_transitions", "Livepatch transitions ended, by target (patched, "
+                                   "unpatched) and how (completed, forced)", ["target", "how"], registry=r)
+        self.transition_duration = Histogram("lpd_livepatch_transition_seconds", "Livepatch transitions, from start "
+                                             "(or reversal) to completion, by target", ["target"],
+                                             buckets=TRANSITION_BUCKETS, registry=r)
+        self.transition_stalls = Counter("lpd_livepatch_transition_stalls", "Transitions reported stalled (blocked "
+                                         "past the stall threshold)", registry=r)
+        self.transition_reversals = Counter("lpd_livepatch_transition_reversals", "Transitions reversed, by "
+                                            "whom (request, policy)", ["by"], registry=r)
 
     def serve(self, addr: str, port: int) -> MetricsServer:
         """Serve ``/metrics`` on ``addr:port`` (port 0: any free port; see ``.port``) in a daemon thread."""

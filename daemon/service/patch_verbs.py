@@ -146,6 +146,7 @@ class PatchVerbs:
         self._local = threading.local()  # per thread: Livepatch events held back while a handler runs
         self._started: dict[str, float] = {}  # patch -> when its current transition started (or reversed)
         self._key_ids: dict[str, str | None] = {}  # patch -> its signer's key id
+        self._forcing: set[str] = set()  # patches being forced (their completion counts as forced)
         self._watcher: threading.Thread | None = None
         self._watch_lock = threading.Lock()
         livepatch.on_event = self._on_livepatch_event
@@ -159,12 +160,13 @@ class PatchVerbs:
     def _held(self) -> Iterator[None]:
         """Hold back Livepatch's events raised by this thread (a completion inside ``enable()``) so that they
         follow the handler's own (enabled, transition started); released in order on exit."""
+        outer = getattr(self._local, "held", None)
         held: list[tuple[str, dict[str, object]]] = []
         self._local.held = held
         try:
             yield
         finally:
-            self._local.held = None
+            self._local.held = outer
             for event, data in held:
                 self._handle_livepatch_event(event, data)
 
@@ -191,6 +193,10 @@ class PatchVerbs:
             target = str(data.get("target"))
             started = self._started.pop(name, None)
             self._completed_in_desired(name, target)
+            metrics = self.service.metrics
+            metrics.transitions.labels(target, "forced" if name in self._forcing else "completed").inc()
+            if started is not None:
+                metrics.transition_duration.labels(target).observe(time.monotonic() - started)
             self.emit("patch.transition.completed", patch=name, target=target,
                       duration_s=None if started is None else round(time.monotonic() - started, 6))
         self.publish()
@@ -213,6 +219,10 @@ class PatchVerbs:
         """Republish ``components.livepatch`` (a no-op when nothing changed)."""
         with self.lp.lock:
             tr = self.lp.transition
+            gauge = self.service.metrics.livepatches
+            gauge.labels("enabled").set(sum(p.enabled for p in self.lp.patches))
+            gauge.labels("disabled").set(sum(not p.enabled for p in self.lp.patches))
+            gauge.labels("transition").set(int(tr is not None))
             section: dict[str, Any] = {
                 "patches": [s.model_dump(mode="json") for s in self._summaries()],
                 "transition": None if tr is None else {
@@ -257,9 +267,11 @@ class PatchVerbs:
                 blocked_now = frozenset(tr.blocked)
             if reversed_:  # by the stall policy (a disable request emits its own)
                 self._started[name] = time.monotonic()
+                self.service.metrics.transition_reversals.labels("policy").inc()
                 self.emit("patch.transition.reversed", patch=name, target=target, by="policy")
             if stalled:
                 stalled_for = now
+                self.service.metrics.transition_stalls.inc()
                 log.warning("transition_stalled", patch=name, target=target, waited_s=round(waited, 3),
                             blocked=[b.model_dump() for b in blocked])
                 self.emit("patch.transition.stalled", patch=name, target=target, waited_s=round(waited, 3),
@@ -388,6 +400,7 @@ class PatchVerbs:
             self._record(name, {"enabled": False}, request_id)
             self.emit("patch.disabled", patch=name, request_id=request_id, reversed=reversing)
             if reversing:
+                self.service.metrics.transition_reversals.labels("request").inc()
                 self.emit("patch.transition.reversed", patch=name, target="unpatched", by="request")
             else:
                 self.emit("patch.transition.started", patch=name, target="unpatched")
@@ -412,9 +425,14 @@ class PatchVerbs:
             target = STATE_NAMES.get(tr.target, str(tr.target))
             log.warning("transition_forced", patch=name, target=target,
                         note="tasks switched without a stack check; the module can never be unloaded")
-            self.lp.force(name)
-            self._record(name, {"forced": True}, request_id)
             self.emit("patch.forced", patch=name, target=target, request_id=request_id)
+            self._forcing.add(name)
+            try:
+                with self._held():  # the completion it causes is handled now, counted as forced
+                    self.lp.force(name)
+            finally:
+                self._forcing.discard(name)
+            self._record(name, {"forced": True}, request_id)
         self.publish()
         return self.change_data(name)
 
