@@ -31,7 +31,7 @@ class _Runner:
         self.env = env
         self.failed = False
         found = shutil.which("lpctl")
-        self.lpctl = [found] if found else [sys.executable, "-m", "clients.cli.main"]
+        self.lpctl = [found] if found else [sys.executable, "-m", "clients.cli"]
 
     def lpctl_(self, *args: str, note: str = "") -> str:
         shown = "lpctl " + " ".join(shlex.quote(a) for a in args)

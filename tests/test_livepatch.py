@@ -458,3 +458,24 @@ def test_shadow_variables_of_a_loaded_patch(lp: Livepatch, bundles: dict[str, Pa
     assert lp.shadow.count == 0, "the selftest frees everything it allocated"
     lp.shadow.synchronize()
     assert lp.shadow.quarantined == 0
+
+
+def test_enabling_during_its_unpatching_transition_reverses_it(lp: Livepatch, bundles: dict[str, PatchBundle]) -> None:
+    events: list[tuple[str, dict[str, object]]] = []
+    lp.on_event = lambda kind, data: events.append((kind, data))
+    k = lp.kernel
+    lp.load(bundles["livepatch_sleeper"])
+    lp.enable("livepatch_sleeper")
+    flag, fut = sleep_in_sleeper(k)  # asleep in the new function: unpatching must wait for it
+    lp.disable("livepatch_sleeper", wait=False)
+    assert not lp.wait(0.2)
+    lp.enable("livepatch_sleeper", timeout=5)
+    assert lp.transition is None
+    assert lp.patch("livepatch_sleeper").enabled
+    assert "livepatch: 'livepatch_sleeper': reversing transition from unpatching to patching" in lp.log
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["loaded", "transition_started", "transition_complete", "transition_started",
+                     "transition_reversed", "transition_started", "transition_complete"]
+    assert events[-1][1]["target"] == "patched"
+    wake(k, flag)
+    assert fut.result(5) == 5 + 1 + 20 + 100  # type: ignore[attr-defined]

@@ -138,7 +138,7 @@ def test_keys_generate(tmp_path: Path) -> None:
 
 
 def test_console_script_in_a_subprocess(lpd: DaemonThread) -> None:
-    proc = subprocess.run([sys.executable, "-m", "clients.cli.main", "--broker", lpd.url, "--host", lpd.host,
+    proc = subprocess.run([sys.executable, "-m", "clients.cli", "--broker", lpd.url, "--host", lpd.host,
                            "--json", "call", "work_chain", "1"], cwd=REPO, capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -267,7 +267,3 @@ patch_cmds.install(app)
 def main() -> None:
     """The ``lpctl`` console script."""
     app()
-
-
-if __name__ == "__main__":
-    main()

@@ -98,15 +98,21 @@ def check_object(manifest: Manifest, obj: bytes) -> None:
                                patch=manifest.name, missing=missing)
 
 
-def traceable_functions(image: KernelImage) -> set[int]:
+_TRACEABLE: dict[str, frozenset[int]] = {}  # by build id: an image's records never change
+
+
+def traceable_functions(image: KernelImage) -> frozenset[int]:
     """Addresses of the functions that have a patchable-entry record (mcount_loc)."""
-    out = set()
-    for entry in image.mcount_loc():
-        try:
-            out.add(callsite.func_addr(callsite.ftrace_call_adjust(entry)))
-        except PatchMisaligned:
-            continue  # a misaligned record can never be used: its function is not traceable
-    return out
+    found = _TRACEABLE.get(image.build_id)
+    if found is None:
+        out = set()
+        for entry in image.mcount_loc():
+            try:
+                out.add(callsite.func_addr(callsite.ftrace_call_adjust(entry)))
+            except PatchMisaligned:
+                continue  # a misaligned record can never be used: its function is not traceable
+        found = _TRACEABLE[image.build_id] = frozenset(out)
+    return found
 
 
 def old_function(kallsyms: Kallsyms, name: str, sympos: int, patch: str) -> Symbol:

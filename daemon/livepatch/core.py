@@ -146,6 +146,12 @@ class Livepatch:
         """klp_enable_patch; with ``wait``, returns once the transition is over (or ``timeout`` passes)."""
         with self.lock:
             patch = self.patch(name)
+            tr = self.transition
+            if tr is not None and tr.patch is patch and tr.target == UNPATCHED:
+                self._reverse()  # writing 1 to enabled during its own unpatching transition
+                if wait:
+                    self.wait(timeout)
+                return patch
             if patch.enabled or patch.replaced:
                 raise PatchStateError(f"patch {name!r} is already enabled" if patch.enabled else
                                       f"patch {name!r} was replaced; load it again to re-apply it", patch=name)
@@ -287,6 +293,7 @@ class Livepatch:
     def _start_transition(self) -> None:
         tr = self._transition()
         self._say(f"'{tr.patch.name}': starting {self._verb(tr.target)} transition")
+        self._emit("transition_started", tr.patch, target=STATE_NAMES[tr.target])
 
         def mark() -> None:
             for t in self._task_refs():
@@ -350,7 +357,8 @@ class Livepatch:
                 self._callback(obj, "post_unpatch")
                 obj.post_unpatch_enabled = False
         self._say(f"'{patch.name}': {self._verb(target)} complete")
-        self._emit("transition_complete", patch, target=STATE_NAMES[target])
+        self._emit("transition_complete", patch, target=STATE_NAMES[target], attempts=tr.attempts,
+                   seconds=round(time.monotonic() - tr.started, 6))
         self._done.notify_all()
 
     def _cancel(self, patch: KlpPatch) -> None:
@@ -388,6 +396,7 @@ class Livepatch:
         new_target = UNPATCHED if tr.target == PATCHED else PATCHED
         self._say(f"'{tr.patch.name}': reversing transition from {self._verb(tr.target)} to "
                   f"{self._verb(new_target)}")
+        self._emit("transition_reversed", tr.patch, target=STATE_NAMES[new_target], attempts=tr.attempts)
 
         def turn() -> None:
             for t in self._task_refs():
