@@ -84,6 +84,7 @@ KIND_OPS = "ftrace.ops"
 KIND_HIJACK = "ftrace.hijack"
 """Desired-state kinds (key: the ops or hijack name)."""
 CALLBACKS = {"count": "ops_func_count", "nop": "ops_func_nop"}
+_ENABLED = int(RecFlag.ENABLED)
 
 Callback = Literal["count", "nop"]
 Mode = Literal["ipmodify", "direct"]
@@ -226,7 +227,7 @@ class FtraceVerbs:
                     "session": session.number, "filter": session.filter, "notrace": session.notrace,
                     "entries_per_cpu": session.entries_per_cpu},
                 "ops_registered": len(self.ftrace.ops),
-                "enabled_functions": sum(1 for r in self.ftrace.records if r.flags & RecFlag.ENABLED),
+                "enabled_functions": sum(1 for r in self.ftrace.records if int(r.flags) & _ENABLED),
                 "records": len(self.ftrace.records),
                 "restore_failed": [] if self.restored is None else self.restored.failed,
             }
@@ -382,9 +383,9 @@ class FtraceVerbs:
                              next_offset=end if end < len(chosen) else None)
 
     def enabled(self, req: EnabledRequest, ctx: RequestContext) -> EnabledData:
-        want = RecFlag.TOUCHED if req.touched else RecFlag.ENABLED
+        want = int(RecFlag.TOUCHED if req.touched else RecFlag.ENABLED)
         with self.ftrace.lock:
-            chosen = [r for r in self.ftrace.records if r.flags & want]
+            chosen = [r for r in self.ftrace.records if int(r.flags) & want]  # int(): IntFlag's & is 20x slower
             page = chosen[req.offset:req.offset + req.limit]
             text = "".join(tracefs.enabled_line(self.ftrace, r) for r in page)
         end = req.offset + len(page)
