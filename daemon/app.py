@@ -2,9 +2,9 @@
 
 ``Daemon(settings).run()`` owns one TaskGroup with named tasks (``mqtt.bridge``, ``service.janitor``,
 ``app.ready``); ``stop()`` (SIGTERM/SIGINT when ``install_signals``) makes it publish ``offline`` and return.
-Startup order: journal (boot sequence) -> kernel boot -> desired patches loaded and enabled again -> replay of
-requests accepted and never answered -> broker (embedded when none is configured) -> birth. Nothing here is
-process-global: a process may run many.
+Startup order: journal (boot sequence) -> kernel boot -> desired patches loaded and enabled again, then the
+desired ftrace ops and hijacks -> replay of requests accepted and never answered -> broker (embedded when none
+is configured) -> birth. Nothing here is process-global: a process may run many.
 """
 
 from __future__ import annotations
@@ -124,18 +124,20 @@ class Daemon:
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
         keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
         self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys)
-        ftrace_verbs.register(service, kernel, ftrace)
+        ftrace_ops = ftrace_verbs.register(service, kernel, ftrace, desired=self.desired)
         patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
                                        stall_after_s=s.transition_stall_s, restore_timeout_s=s.patch_restore_timeout_s,
                                        call_timeout_s=s.call_timeout_s)
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
         await asyncio.to_thread(patches.restore)  # the desired patches, loaded and enabled again (load-at-boot)
+        await asyncio.to_thread(ftrace_ops.restore)  # then the desired ftrace ops and hijacks
         replayed = await service.replay()
         # The image, kallsyms and the kernel's objects live as long as the daemon: keep them out of the cyclic
         # GC's generations, whose full collections otherwise stall a request now and then for tens of ms.
         gc.freeze()
         async with contextlib.AsyncExitStack() as stack:
+            stack.callback(ftrace_ops.close)  # the trace drainer, if a trace is running
             config = await self._broker(stack)
             if s.metrics_port is not None:
                 server = self.metrics.serve(s.metrics_addr, s.metrics_port)

@@ -635,11 +635,7 @@ def test_a_replayed_change_already_restored_is_answered_from_the_state(tmp_path:
 
 # -- what needs the daemon's wiring (daemon/app.py, the MQTT bridge) ---------------------------------------------
 
-NOT_WIRED_STREAM = "the MQTT bridge has no stream outlet yet (Service.streams, published by MqttBridge._publisher)"
-NOT_WIRED_RESTORE = "daemon/app.py does not pass desired= to ftrace_verbs.register nor call restore() yet"
 
-
-@pytest.mark.xfail(reason=NOT_WIRED_STREAM, strict=True)
 def test_trace_stream_through_the_bridge(lpd: DaemonThread) -> None:
     async def main() -> None:
         async with client(lpd) as c, client(lpd) as follower:
@@ -665,7 +661,6 @@ def test_trace_stream_through_the_bridge(lpd: DaemonThread) -> None:
     run(main())
 
 
-@pytest.mark.xfail(reason=NOT_WIRED_RESTORE, strict=True)
 def test_ops_and_hijacks_survive_kill_9(mosquitto: Mosquitto, tmp_path: Path) -> None:
     d = DaemonProcess(tmp_path, mosquitto.url).start()
     try:

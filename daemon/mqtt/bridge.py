@@ -262,7 +262,7 @@ class MqttBridge:
         return 1
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
-        """State and events: published as they change, while this connection lasts."""
+        """State, events and streams: published as they change, while this connection lasts."""
         service = self.service
         while True:
             await service.outgoing.wait()
@@ -273,3 +273,6 @@ class MqttBridge:
             while (event := service.events.peek()) is not None:
                 await client.publish(self.topics.events, event.model_dump_json(), qos=1)
                 service.events.pop()
+            while (message := service.streams.peek()) is not None:
+                await client.publish(message[0], message[1], qos=1)
+                service.streams.pop()

@@ -1,4 +1,5 @@
-"""What the daemon publishes on its own: the versioned ``state`` document and the ``events`` stream.
+"""What the daemon publishes on its own: the versioned ``state`` document, the ``events`` stream and data streams
+(trace batches).
 
 Both may be fed from any thread (a blocking handler runs in a worker thread); changes are handed to the
 event loop, where the MQTT adapter waits on the shared ``outgoing`` event and publishes.
@@ -91,6 +92,31 @@ class EventLog(_LoopBound):
         self._in_loop(apply)
 
     def peek(self) -> EventDoc | None:
+        return self._pending[0] if self._pending else None
+
+    def pop(self) -> None:
+        self._pending.popleft()
+
+
+class StreamBoard(_LoopBound):
+    """Messages for other topics (the ``trace`` stream): queued from any thread, published in order, at most
+    ``maxlen`` waiting (a slow broker loses the oldest batches, never blocks the drainer)."""
+
+    def __init__(self, outgoing: asyncio.Event, maxlen: int = 256) -> None:
+        super().__init__(outgoing)
+        self._pending: collections.deque[tuple[str, str]] = collections.deque(maxlen=maxlen)
+        self.dropped = 0
+
+    def put(self, topic: str, payload: str) -> None:
+        """Queue one message (thread-safe)."""
+        def apply() -> None:
+            if len(self._pending) == self._pending.maxlen:
+                self.dropped += 1
+            self._pending.append((topic, payload))
+            self._outgoing.set()
+        self._in_loop(apply)
+
+    def peek(self) -> tuple[str, str] | None:
         return self._pending[0] if self._pending else None
 
     def pop(self) -> None:

@@ -21,7 +21,7 @@ import structlog
 from pydantic import ValidationError
 
 from daemon.errors import LivepatchdError
-from daemon.service.board import EventLog, StateBoard
+from daemon.service.board import EventLog, StateBoard, StreamBoard
 from daemon.service.errors import (
     INTERNAL,
     BadRequest,
@@ -92,6 +92,7 @@ class Service:
         """Set when the state document changed or events wait: the MQTT adapter's cue to publish."""
         self.state = StateBoard(journal, host, boot_seq, kernel, self.outgoing)
         self.events = EventLog(host, boot_seq, self.outgoing)
+        self.streams = StreamBoard(self.outgoing)
         self.max_payload_bytes = max_payload_bytes
         self.request_timeout_s = request_timeout_s
         self.replayed = 0
@@ -103,6 +104,7 @@ class Service:
         """Bind to the loop that runs the service (state and event changes from threads are handed to it)."""
         self.state.attach(loop)
         self.events.attach(loop)
+        self.streams.attach(loop)
 
     # -- registry --------------------------------------------------------------------------------------------
 
