@@ -102,7 +102,13 @@ class Daemon:
         try:
             boot_seq = journal.next_boot_seq()
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
-            self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(nr_cpus=s.nr_cpus)).boot())
+            self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
+                nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions)).boot())
+            if s.count_guest_instructions:
+                vcpus = self.kernel.machine.vcpus
+                self.metrics.guest_instructions.set_function(lambda: sum(v.instructions for v in vcpus))
+            else:
+                self.metrics.registry.unregister(self.metrics.guest_instructions)
             try:
                 await self._serve(journal, self.kernel, boot_seq)
             finally:

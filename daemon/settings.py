@@ -105,6 +105,8 @@ class Settings(BaseSettings):
                                       "long is reported stalled (event and state)")
 
     nr_cpus: int = Field(default=2, ge=1, le=8)
+    count_guest_instructions: bool = Field(default=False, description="exact guest instruction counts on /metrics "
+                                           "(a block hook on every vCPU: the guest runs several times slower)")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus /metrics here "
                                      "(0: any free port); none: off")
     metrics_addr: str = "127.0.0.1"

@@ -51,6 +51,9 @@ class Metrics:
         self.reconnects = Counter("lpd_mqtt_reconnects", "Successful broker connections after the first", registry=r)
         self.connected = Gauge("lpd_mqtt_connected", "1 while connected to the broker", registry=r)
         self.boot_seq = Gauge("lpd_boot_seq", "This run's boot sequence number", registry=r)
+        self.guest_instructions = Gauge("lpd_guest_instructions", "Guest instructions executed by every vCPU since "
+                                        "boot (counted only with count_guest_instructions; else absent)",
+                                        registry=r)
         # -- ftrace verbs (daemon/service/ftrace_verbs.py) --
         self.batch_pause = Histogram("lpd_batch_pause_seconds",
                                      "Stop-machine pause of each text-patching batch a request applied (first vCPU "
