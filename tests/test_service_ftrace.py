@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
 from mqtt_fixtures import DaemonProcess, DaemonThread, Mosquitto, run
 
@@ -27,7 +25,6 @@ from daemon.guest import abi
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.service import Journal, Service, ftrace_verbs
 from daemon.service.desired import DesiredState
-from daemon.service.ftrace_verbs import FtraceVerbs
 from schemas import KernelState, Reply
 from schemas.ftrace_verbs import MAX_PAGE, TraceBatchDoc
 
@@ -43,50 +40,6 @@ def step_c(x: int) -> int:
 def work_chain(x: int, c: Any = step_c) -> int:
     b = (c((x * 3 + 3) & MASK64) + 5) & MASK64
     return ((b ^ 0x55) + c(x)) & MASK64
-
-
-def ftrace_verbs_of(lpd: DaemonThread) -> FtraceVerbs:
-    """The daemon's FtraceVerbs (app.py keeps no reference: reach it through a handler)."""
-    service = lpd.daemon.service
-    assert service is not None
-    verbs = service._handlers["trace.start"].fn.__self__
-    assert isinstance(verbs, FtraceVerbs)
-    return verbs
-
-
-class MqttOutlet:
-    """A stream outlet publishing on its own MQTT connection: stands in for the bridge's outlet, which the MQTT
-    layer does not offer yet (see ftrace_trace.StreamOutlet)."""
-
-    def __init__(self, url: str) -> None:
-        host, port = url.removeprefix("mqtt://").split(":")
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"outlet-{time.monotonic_ns()}")
-        connected = threading.Event()
-        self.client.on_connect = lambda *_: connected.set()
-        self.client.connect(host, int(port))
-        self.client.loop_start()
-        assert connected.wait(10)
-        self.published = 0
-
-    def put(self, topic: str, payload: str) -> None:
-        self.client.publish(topic, payload, qos=1)
-        self.published += 1
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-@pytest.fixture
-def outlet(lpd: DaemonThread) -> Iterator[MqttOutlet]:
-    """Trace batches of the session's daemon published through a test outlet for the duration of a test."""
-    verbs = ftrace_verbs_of(lpd)
-    saved = verbs.streams
-    o = MqttOutlet(lpd.url)
-    verbs.streams = o
-    yield o
-    verbs.streams = saved
-    o.close()
 
 
 async def cleanup(c: LivepatchClient) -> None:
@@ -319,7 +272,7 @@ def test_trace_buffer_overrun_and_ring_drops(lpd: DaemonThread) -> None:
     run(main())
 
 
-def test_trace_stream_publishes_every_record(lpd: DaemonThread, outlet: MqttOutlet) -> None:
+def test_trace_stream_publishes_every_record(lpd: DaemonThread) -> None:
     async def main() -> None:
         async with client(lpd) as c, client(lpd) as follower:
             subscribed = asyncio.Event()
@@ -633,32 +586,7 @@ def test_a_replayed_change_already_restored_is_answered_from_the_state(tmp_path:
         second.close()
 
 
-# -- what needs the daemon's wiring (daemon/app.py, the MQTT bridge) ---------------------------------------------
-
-
-def test_trace_stream_through_the_bridge(lpd: DaemonThread) -> None:
-    async def main() -> None:
-        async with client(lpd) as c, client(lpd) as follower:
-            subscribed = asyncio.Event()
-            lines: list[str] = []
-
-            async def follow() -> None:
-                async for batch in follower.trace_batches(subscribed=subscribed.set):
-                    lines.extend(batch.lines)
-                    if len(lines) >= 4:
-                        return
-            task = asyncio.create_task(follow())
-            await subscribed.wait()
-            started = await c.trace_start("work_step_*")
-            await c.call("work_chain", 5)
-            try:
-                assert started.streaming
-                async with asyncio.timeout(5):
-                    await task
-            finally:
-                task.cancel()
-            assert lines == (await c.trace_stop()).lines
-    run(main())
+# -- through the daemon itself: kill -9 and restart ---------------------------------------------------------------
 
 
 def test_ops_and_hijacks_survive_kill_9(mosquitto: Mosquitto, tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ drain, whoever does it (that thread, ``trace.read``, ``trace.stop``), goes two w
 
 * into the session's unread buffer (at most ``TRACE_BUFFER`` records, the oldest discarded first and counted
   as ``overrun``), which ``trace.read`` empties — like reading ``trace_pipe``;
-* onto the ``trace`` topic as :class:`~schemas.ftrace_verbs.TraceBatchDoc` messages, when the service offers
-  a stream outlet.
+* onto the ``trace`` topic as :class:`~schemas.ftrace_verbs.TraceBatchDoc` messages, through the service's
+  stream board (``Service.streams``, published by the MQTT bridge).
 
 So both a ``trace.read`` poller and a ``lpctl trace follow`` subscriber see every record exactly once. Draining
 under the session lock keeps both in ring order.
@@ -39,7 +39,7 @@ STREAM_BATCH = 500
 
 
 class StreamOutlet(Protocol):
-    """What the service may offer to publish on topics other than state and events (thread-safe)."""
+    """Where batches go: ``Service.streams`` (a ``StreamBoard``), or anything with a thread-safe ``put``."""
 
     def put(self, topic: str, payload: str) -> None: ...
 

@@ -591,11 +591,10 @@ def register(service: Service, kernel: Kernel, ftrace: Ftrace, *, desired: Desir
     """Serve the ftrace verbs of ``ftrace`` on ``service`` and return their :class:`FtraceVerbs`.
 
     ``desired`` makes ops and hijacks survive restarts: call ``restore()`` on the result at boot (after the live
-    patches' restore, before the journal replay). ``streams`` (default: the service's ``streams`` outlet, if it
-    has one) publishes trace batches on the trace topic; without one, trace.read and trace.stop still return
-    every record and trace.start answers ``streaming: false``. Call ``close()`` at shutdown.
+    patches' restore, before the journal replay). Trace batches go on the trace topic through ``streams``
+    (default: ``service.streams``, which the MQTT bridge publishes). Call ``close()`` at shutdown.
     """
-    verbs = FtraceVerbs(service, kernel, ftrace, desired, streams or getattr(service, "streams", None))
+    verbs = FtraceVerbs(service, kernel, ftrace, desired, streams if streams is not None else service.streams)
     for verb, fn in (
         ("ftrace.ops.register", verbs.ops_register),
         ("ftrace.ops.unregister", verbs.ops_unregister),
