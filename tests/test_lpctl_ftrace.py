@@ -126,7 +126,7 @@ def test_trace_commands(lpd: DaemonThread) -> None:
 
 
 def test_trace_follow_prints_published_lines(lpd: DaemonThread) -> None:
-    cmd = [sys.executable, "-c", "from clients.cli.main import main; main()", "--broker", lpd.url, "--host",
+    cmd = [sys.executable, "-m", "clients.cli", "--broker", lpd.url, "--host",
            lpd.host, "trace", "follow", "--count", "8", "--seconds", "60"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
