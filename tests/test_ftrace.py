@@ -476,3 +476,17 @@ def test_everything_holds_while_all_vcpus_run_the_workload(loaded: Ftrace) -> No
     assert direct_hits(k) > 0
     assert tracefs.enabled_functions(ft) == ""
     assert k.memory.read_u64(ft.list_head) == ft.list_end
+
+
+def test_appending_a_negated_term_removes_it_like_set_ftrace_filter(ftrace: Ftrace) -> None:
+    """echo '!work_step_b' >> set_ftrace_filter: the function leaves the existing filter."""
+    ops = counting("a")
+    ftrace.set_filter(ops, "work_step_*")
+    ftrace.register(ops)
+    ftrace.set_filter(ops, "!work_step_b", reset=False)
+    assert ops.filter == {ftrace.record("work_step_a").ip, ftrace.record("work_step_c").ip}
+    ftrace.set_notrace(ops, "work_step_c")
+    ftrace.set_notrace(ops, "work_step_a", reset=False)
+    ftrace.set_notrace(ops, "!work_step_c", reset=False)
+    assert ops.notrace == {ftrace.record("work_step_a").ip}
+    assert tracefs.enabled_functions(ftrace).startswith("work_step_c (1)")

@@ -368,9 +368,10 @@ class Ftrace:
                   ) -> BatchResult | None:
         with self.lock:
             empty = expr is None or not ftrace_filter.terms(expr)
-            chosen = frozenset() if empty or expr is None else self.select(expr)
             current = (ops.filter or frozenset()) if which == "filter" else ops.notrace
-            merged = chosen if reset else current | chosen
+            base = frozenset() if reset else current
+            merged = base if empty or expr is None else frozenset(
+                ftrace_filter.select(expr, self.records, self.by_name, start=base))
             if which == "filter":
                 return self._replace_filters(ops, merged or None, ops.notrace)
             return self._replace_filters(ops, ops.filter, merged)

@@ -32,9 +32,11 @@ def terms(expr: str | Iterable[str]) -> list[str]:
     return [p for p in parts if p]
 
 
-def select(expr: str | Iterable[str], records: list[DynFtrace], by_name: dict[str, list[DynFtrace]]) -> set[int]:
-    """The set of rec->ip the expression selects (FilterNoMatch for a term that matches nothing)."""
-    chosen: set[int] = set()
+def select(expr: str | Iterable[str], records: list[DynFtrace], by_name: dict[str, list[DynFtrace]],
+           start: Iterable[int] = ()) -> set[int]:
+    """The set of rec->ip the expression selects, applied to ``start`` (``>>`` appends to a filter: a ``!`` term
+    then removes from what it already held). FilterNoMatch for a term that matches nothing."""
+    chosen: set[int] = set(start)
     for term in terms(expr):
         negate = term.startswith("!")
         pattern = term[1:] if negate else term
