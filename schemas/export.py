@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 from schemas._base import SCHEMA_VERSION
 from schemas.documents import EventDoc, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply
+from schemas.ftrace_verbs import TraceBatchDoc
 from schemas.topics import ROOT
 from schemas.verbs import VERBS
 
@@ -26,7 +27,7 @@ JSON_DIR = HERE / "json"
 ASYNCAPI = HERE / "asyncapi.json"
 REF = "#/components/schemas/{model}"
 
-DOCUMENTS: tuple[type[BaseModel], ...] = (Reply, ErrorBody, StatusDoc, StateDoc, EventDoc)
+DOCUMENTS: tuple[type[BaseModel], ...] = (Reply, ErrorBody, StatusDoc, StateDoc, EventDoc, TraceBatchDoc)
 
 
 Mode = Literal["validation", "serialization"]
@@ -83,6 +84,8 @@ def asyncapi() -> str:
         (StatusDoc, "status", True, "Birth and death (also the last will), retained."),
         (StateDoc, "state", True, "Every host-visible fact, versioned, retained."),
         (EventDoc, "events", False, "Events (transitions, errors, reconnects), with a per-boot sequence number."),
+        (TraceBatchDoc, "trace", False, "Function-tracer records drained from the guest's per-CPU rings while a "
+                                        "trace runs (trace.start), in batches, as trace lines and structured entries."),
     ):
         name = model.__name__
         messages[name] = {"name": name, "contentType": "application/json", "payload": {"$ref": REF.format(model=name)}}

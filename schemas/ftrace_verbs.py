@@ -59,6 +59,19 @@ class BatchInfo(Outbound):
     pause_us: float = Field(description="first vCPU parked to last vCPU resumed")
 
 
+FtraceEventType = Literal[
+    "ftrace.ops.registered",    # data: the ops (name, callback, filter, notrace, functions)
+    "ftrace.ops.filtered",      # data: the ops after its filter or notrace changed
+    "ftrace.ops.unregistered",  # data: name
+    "hijack.created",           # data: the hijack (function, target, mode)
+    "hijack.deleted",           # data: name, function
+    "trace.started",            # data: filter, notrace, functions, entries_per_cpu
+    "trace.stopped",            # data: records, dropped
+    "ftrace.restored",          # data: ops, hijacks (re-applied at boot, before online)
+    "ftrace.restore_failed",    # data: kind, name, code, message
+]
+"""Events of the ftrace verbs (on ``events``, with the daemon's own ``EventType``)."""
+
 # -- ops -------------------------------------------------------------------------------------------------------
 
 
