@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from daemon.errors import SymbolError
+from daemon.kernel.kallsyms import Symbol
 from daemon.kernel.kernel import Kernel
 from daemon.service.core import RequestContext, Service
 from daemon.service.errors import InvalidArgument
@@ -23,6 +24,17 @@ from schemas import (
 )
 
 _U64 = (1 << 64) - 1
+
+
+def callable_symbol(kernel: Kernel, function: str, sympos: int, cpu: int) -> Symbol:
+    """The function a ``call``-like request names, on a CPU this kernel has (``invalid_argument`` otherwise)."""
+    nr_cpus = kernel.config.nr_cpus
+    if cpu >= nr_cpus:
+        raise InvalidArgument(f"this kernel has {nr_cpus} CPUs; there is no CPU {cpu}", cpu=cpu, nr_cpus=nr_cpus)
+    sym = kernel.kallsyms.lookup(function, sympos)
+    if not sym.is_func:
+        raise InvalidArgument(f"{function!r} is not a function", symbol=function)
+    return sym
 
 
 def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: float = 10.0) -> None:
@@ -58,12 +70,7 @@ def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: 
 
     @service.handler("call")
     def call(req: CallRequest, ctx: RequestContext) -> CallData:
-        if req.cpu >= nr_cpus:
-            raise InvalidArgument(f"this kernel has {nr_cpus} CPUs; there is no CPU {req.cpu}", cpu=req.cpu,
-                                  nr_cpus=nr_cpus)
-        sym = kernel.kallsyms.lookup(req.function, req.sympos)
-        if not sym.is_func:
-            raise InvalidArgument(f"{req.function!r} is not a function", symbol=req.function)
+        sym = callable_symbol(kernel, req.function, req.sympos, req.cpu)
         value = kernel.call(sym.addr, *(a & _U64 for a in req.args), cpu=req.cpu, timeout=call_timeout_s)
         signed = value - (1 << 64) if value >> 63 else value
         return CallData(function=sym.name, address=sym.addr, cpu=req.cpu, value=value, signed=signed)

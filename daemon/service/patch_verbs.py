@@ -40,9 +40,9 @@ from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.klp import KlpPatch
 from daemon.livepatch.transition import STATE_NAMES, Transition
+from daemon.service import kernel_verbs
 from daemon.service.core import RequestContext, Service
 from daemon.service.desired import DesiredState
-from daemon.service.errors import InvalidArgument
 from schemas.patch_verbs import (
     BlockedTask,
     CallReadData,
@@ -581,13 +581,7 @@ def register(service: Service, kernel: Kernel, livepatch: Livepatch, *, desired:
 
     @service.handler("call.read")
     def call_read(req: CallReadRequest, ctx: RequestContext) -> CallReadData:
-        nr_cpus = kernel.config.nr_cpus
-        if req.cpu >= nr_cpus:
-            raise InvalidArgument(f"this kernel has {nr_cpus} CPUs; there is no CPU {req.cpu}", cpu=req.cpu,
-                                  nr_cpus=nr_cpus)
-        sym = kernel.kallsyms.lookup(req.function, req.sympos)
-        if not sym.is_func:
-            raise InvalidArgument(f"{req.function!r} is not a function", symbol=req.function)
+        sym = kernel_verbs.callable_symbol(kernel, req.function, req.sympos, req.cpu)
         buf = kernel.host_buffer.alloc(req.size)
         try:
             n = kernel.call(sym.addr, buf, req.size, cpu=req.cpu, timeout=call_timeout_s)
