@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_fixtures import DaemonProcess, DaemonThread, Mosquitto, run
+from mqtt_fixtures import DaemonProcess, DaemonThread, Mosquitto, daemon_settings, run
 
 from clients.sdk import LivepatchClient, ReplyError
 from daemon.ftrace import tracefs
@@ -53,6 +53,15 @@ async def cleanup(c: LivepatchClient) -> None:
         await c.hijack_delete(h.name)
     for o in (await c.ops_list()).ops:
         await c.ops_unregister(o.name)
+
+
+@pytest.fixture(scope="module")
+def lpd(mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonThread]:
+    """This file's own daemon: its enabled_functions checks need records no other test has touched (the M flag
+    of a function once hijacked or patched stays set, as in Linux)."""
+    d = DaemonThread(daemon_settings(tmp_path_factory.mktemp("lpd-ftrace"), mosquitto.url, metrics_port=0)).start()
+    yield d
+    d.stop()
 
 
 @pytest.fixture(autouse=True)
