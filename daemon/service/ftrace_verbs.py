@@ -37,7 +37,7 @@ import structlog
 
 from daemon.arch.arm64 import callsite
 from daemon.arch.arm64.patching import BatchResult
-from daemon.errors import AmbiguousSymbol, BadDirectCall, FtraceError, LivepatchdError, OpsStateError, SymbolError
+from daemon.errors import FtraceError, LivepatchdError, OpsStateError
 from daemon.ftrace import filter as ftrace_filter
 from daemon.ftrace import tracefs
 from daemon.ftrace.core import Ftrace
@@ -47,10 +47,9 @@ from daemon.ftrace.tracer import FunctionTracer
 from daemon.kernel.kernel import Kernel
 from daemon.service.core import RequestContext, Service
 from daemon.service.desired import DesiredState, Item
-from daemon.service.errors import InvalidArgument
+from daemon.service.ftrace_targets import check_no_loop, direct_trampoline, function_start, traceable
 from daemon.service.ftrace_trace import DRAIN_PERIOD_S, StreamOutlet, TraceFormatter, TraceSession
 from schemas.ftrace_verbs import (
-    DIRECT_TRAMPOLINES,
     AvailableData,
     AvailableRequest,
     BatchInfo,
@@ -446,77 +445,20 @@ class FtraceVerbs:
 
     # -- hijacks ---------------------------------------------------------------------------------------------
 
-    def _traceable(self, name: str, sympos: int) -> DynFtrace:
-        """The record of a traceable function (``sympos`` among the traceable definitions of ``name``)."""
-        recs = self.ftrace.by_name.get(name)
-        if not recs:
-            if name in self.kernel.kallsyms:
-                raise ftrace_filter.no_match(name)
-            raise SymbolError(f"unknown symbol {name!r}", symbol=name)
-        if sympos == 0 and len(recs) > 1:
-            raise AmbiguousSymbol(f"{name!r} names {len(recs)} functions; give its position (sympos 1..{len(recs)})",
-                                  symbol=name, count=len(recs))
-        if sympos > len(recs):
-            raise SymbolError(f"{name!r} has no position {sympos} (it has {len(recs)})", symbol=name, sympos=sympos)
-        return recs[max(sympos, 1) - 1]
-
-    def _function_start(self, target: str, sympos: int) -> int:
-        """A function's first instruction in kernel or module text, by name or by hex address."""
-        if target.lower().startswith("0x"):
-            try:
-                addr = int(target, 16)
-            except ValueError:
-                raise InvalidArgument(f"{target!r} is not a hex address", target=target) from None
-            sym = self.kernel.kallsyms.containing(addr)
-            is_start = (sym.is_func and sym.addr == addr) if sym is not None else (
-                self.ftrace.describe(addr).split("/", 1)[0].endswith("+0x0"))  # a loaded module's symbol
-        elif target in self.kernel.kallsyms:
-            sym = self.kernel.kallsyms.lookup(target, sympos)
-            if not sym.is_func:
-                raise InvalidArgument(f"{target!r} is not a function", target=target)
-            addr, is_start = sym.addr, True
-        elif target in self.ftrace.by_name:  # a loaded module's function
-            addr, is_start = callsite.func_addr(self._traceable(target, sympos).ip), True
-        else:
-            raise SymbolError(f"unknown symbol {target!r}", symbol=target)
-        if not is_start or not self.kernel.is_text(addr):
-            raise InvalidArgument(f"{target} ({addr:#x}) is not the start of a function in kernel or module text",
-                                  target=target, address=addr)
-        return addr
-
-    def _trampoline(self, target: str) -> int:
-        if target not in DIRECT_TRAMPOLINES:
-            raise BadDirectCall(f"{target!r} is not a direct trampoline this daemon allows: use one of "
-                                f"{', '.join(DIRECT_TRAMPOLINES)} (or mode 'ipmodify' to redirect to a function)",
-                                target=target, allowed=list(DIRECT_TRAMPOLINES))
-        return self.kernel.kallsyms.addr(target)
-
-    def _check_no_loop(self, function: str, start: int, target: int) -> None:
-        """Refuse A -> A and A -> B -> ... -> A: the redirected call would re-enter its own redirect forever."""
-        redirects = {h.address: h.target for h in self.hijacks.values() if h.mode == "ipmodify"}
-        seen, addr = set(), target
-        while True:
-            if addr == start:
-                raise InvalidArgument(f"redirecting {function} to {self.ftrace.describe(target)} would loop back "
-                                      f"to {function}", function=function, target=self.ftrace.describe(target))
-            if addr in seen or addr not in redirects:
-                return
-            seen.add(addr)
-            addr = redirects[addr]
-
     def _create(self, name: str, spec: dict[str, Any]) -> tuple[_Hijack, BatchResult | None]:
         if name in self.hijacks:
             raise OpsStateError(f"a hijack named {name!r} exists already (lpctl hijack list)", hijack=name)
         mode: Mode = spec["mode"]
-        rec = self._traceable(spec["function"], spec["sympos"])
+        rec = traceable(self.kernel, self.ftrace, spec["function"], spec["sympos"])
         ops = FtraceOps(f"hijack:{name}")
         self.ftrace.set_filter_ips(ops, [rec.ip])
         if mode == "direct":
-            target = self._trampoline(spec["target"])
+            target = direct_trampoline(self.kernel, spec["target"])
             result = self.ftrace.register_direct(ops, target)
         else:
-            target = self._function_start(spec["target"], spec["target_sympos"])
-            self._check_no_loop(rec.name, callsite.func_addr(rec.ip), target)
+            target = function_start(self.kernel, self.ftrace, spec["target"], spec["target_sympos"])
+            redirects = {h.address: h.target for h in self.hijacks.values() if h.mode == "ipmodify"}
+            check_no_loop(self.ftrace, redirects, rec.name, callsite.func_addr(rec.ip), target)
             ops.func, ops.flags, ops.private = "ftrace_redirect_call", OpsFlag.IPMODIFY, target
             result = self.ftrace.register(ops)
         hijack = self.hijacks[name] = _Hijack(name, mode, rec, spec["sympos"], target, ops, spec)
@@ -547,7 +489,7 @@ class FtraceVerbs:
                 raise OpsStateError(f"no hijack named {req.name!r} (lpctl hijack list)", hijack=req.name)
             return found
         assert req.function is not None
-        rec = self._traceable(req.function, req.sympos)
+        rec = traceable(self.kernel, self.ftrace, req.function, req.sympos)
         for h in self.hijacks.values():
             if h.rec is rec:
                 return h
