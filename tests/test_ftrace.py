@@ -126,7 +126,7 @@ def test_function_tracer_records_exactly_the_calls(ftrace: Ftrace) -> None:
     for x in (1, 2, 3):
         assert k.call("work_chain", x, cpu=1) == work_chain(x)
     records = tracer.stop()
-    names = [(tracefs._ps(ftrace, r.ip), tracefs._ps(ftrace, r.parent_ip)) for r in records]
+    names = [(ftrace.symbol_name(r.ip), ftrace.symbol_name(r.parent_ip)) for r in records]
     one_call = [("work_step_a", "work_chain"), ("work_step_b", "work_step_a"), ("work_step_c", "work_step_b"),
                 ("work_step_c", "work_chain")]
     assert names == one_call * 3

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from daemon.arch.arm64 import callsite, insn
 from daemon.arch.arm64.callsite import DataPatch, InsnPatch
 from daemon.arch.arm64.patching import BatchResult, TextPatcher
-from daemon.errors import BadDirectCall, FtraceBusy, FtraceError, OpsStateError, SymbolError
+from daemon.errors import AmbiguousSymbol, BadDirectCall, FtraceBusy, FtraceError, OpsStateError, SymbolError
 from daemon.ftrace import filter as ftrace_filter
 from daemon.ftrace.hashes import GuestHash
 from daemon.ftrace.ops import FtraceOps, OpsFlag
-from daemon.ftrace.records import DynFtrace, RecFlag
+from daemon.ftrace.records import DynFtrace, RecFlag, records_from
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 
@@ -85,15 +85,13 @@ class Ftrace:
     # -- records ---------------------------------------------------------------------------------------------
 
     def _init_records(self) -> None:
-        """ftrace_init / ftrace_process_locs: a record per patchable entry, each site made `mov x9, lr; nop`."""
-        recs = []
-        for entry in self.kernel.image.mcount_loc():
-            ip = callsite.ftrace_call_adjust(entry)
-            sym = self.kernel.kallsyms.containing(callsite.func_addr(ip))
-            if sym is None or sym.addr != callsite.func_addr(ip):
-                continue  # __ftrace_invalid_address__: an entry with no function symbol is never traced
-            recs.append(DynFtrace(ip, sym.name, literal=self.nop_ops))
-        self.add_records(recs)
+        """ftrace_init: a record per patchable entry of the kernel image, each site made `mov x9, lr; nop`."""
+        ks = self.kernel.kallsyms
+
+        def name_at(addr: int) -> str | None:
+            sym = ks.containing(addr)
+            return sym.name if sym is not None and sym.addr == addr else None
+        self.add_records(records_from(self.kernel.image.mcount_loc(), name_at))
 
     def add_records(self, recs: Sequence[DynFtrace], describe: Callable[[int], str | None] | None = None) -> None:
         """Take over fresh call sites (kernel text at boot; later, loaded modules): ftrace_init_nop on each.
@@ -140,15 +138,18 @@ class Ftrace:
             self.records = [r for r in self.records if r.ip not in gone]
 
     def record(self, name: str, sympos: int = 0) -> DynFtrace:
-        """The record of a traceable function (``sympos`` picks among duplicates, 1-based)."""
+        """The record of a traceable function (``sympos`` picks among its traceable definitions, 1-based)."""
         found = self.by_name.get(name, [])
         if not found:
-            raise ftrace_filter.no_match(name)
+            if name in self.kernel.kallsyms:
+                raise ftrace_filter.no_match(name)  # a function, but notrace
+            raise SymbolError(f"unknown symbol {name!r}", symbol=name)
         if sympos == 0 and len(found) > 1:
-            raise FtraceError(f"{name!r} names {len(found)} functions; give sympos 1..{len(found)}",
-                              function=name, count=len(found))
+            raise AmbiguousSymbol(f"{name!r} names {len(found)} functions; give its position (sympos "
+                                  f"1..{len(found)})", symbol=name, count=len(found))
         if sympos > len(found):
-            raise FtraceError(f"{name!r} has no position {sympos}", function=name, sympos=sympos)
+            raise SymbolError(f"{name!r} has no position {sympos} (it has {len(found)})", symbol=name,
+                              sympos=sympos)
         return found[max(sympos, 1) - 1]
 
     def describe(self, addr: int) -> str:
@@ -160,6 +161,10 @@ class Ftrace:
         if self.kernel.kallsyms.containing(addr) is None:
             return f"{addr:#x}"
         return self.kernel.kallsyms.describe(addr)
+
+    def symbol_name(self, addr: int) -> str:
+        """%ps: the name of the symbol holding ``addr``, without offset (or the raw address)."""
+        return self.describe(addr).split("+", 1)[0]
 
     def name_of(self, rec: DynFtrace) -> str:
         """%ps of a record: the function name, with `` [module]`` for module text."""
@@ -367,10 +372,9 @@ class Ftrace:
     def _set_hash(self, ops: FtraceOps, which: str, expr: str | Iterable[str] | None, reset: bool
                   ) -> BatchResult | None:
         with self.lock:
-            empty = expr is None or not ftrace_filter.terms(expr)
             current = (ops.filter or frozenset()) if which == "filter" else ops.notrace
             base = frozenset() if reset else current
-            merged = base if empty or expr is None else frozenset(
+            merged = base if expr is None or not ftrace_filter.terms(expr) else frozenset(
                 ftrace_filter.select(expr, self.records, self.by_name, start=base))
             if which == "filter":
                 return self._replace_filters(ops, merged or None, ops.notrace)

@@ -20,8 +20,11 @@ bit   flag          meaning
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntFlag
+
+from daemon.arch.arm64 import callsite
 
 
 class RecFlag(IntFlag):
@@ -62,3 +65,16 @@ class DynFtrace:
 
     def has(self, flag: RecFlag) -> bool:
         return bool(self.flags & flag)
+
+
+def records_from(entries: Iterable[int], name_at: Callable[[int], str | None], *, module: str = "",
+                 plt: int = 0) -> list[DynFtrace]:
+    """ftrace_process_locs: a record per patchable entry whose function ``name_at(func_addr)`` names (an entry
+    with no function symbol starting there is __ftrace_invalid_address__ and never traced)."""
+    recs = []
+    for entry in entries:
+        ip = callsite.ftrace_call_adjust(entry)
+        name = name_at(callsite.func_addr(ip))
+        if name is not None:
+            recs.append(DynFtrace(ip, name, module=module, plt=plt))
+    return recs

@@ -78,8 +78,8 @@ def trace_line(ftrace: Ftrace, rec: TraceRecord, comms: dict[int, str]) -> str:
     """``comm-pid [cpu] flags secs.usecs: func <-parent`` exactly as the function tracer prints it."""
     usecs = rec.ts * 1_000_000 // abi.CNTFRQ_HZ
     secs, rem = divmod(usecs, 1_000_000)
-    func = _ps(ftrace, rec.ip)
-    parent = _ps(ftrace, rec.parent_ip)
+    func = ftrace.symbol_name(rec.ip)
+    parent = ftrace.symbol_name(rec.parent_ip)
     comm = comms.get(rec.pid, "<...>")
     return f"{comm:>16}-{rec.pid:<7d} [{rec.cpu:03d}] ..... {secs:5d}.{rem:06d}: {func} <-{parent}\n"
 
@@ -97,10 +97,3 @@ def function_stat(lines: Iterable[ProfileLine]) -> str:
     out = ["  Function                               Hit\n", "  --------                               ---\n"]
     out += [f"  {line.name[:30]:<30}  {line.hits:10d}\n" for line in lines]
     return "".join(out)
-
-
-def _ps(ftrace: Ftrace, addr: int) -> str:
-    """%ps: the symbol's name without offset, or the raw address."""
-    text = ftrace.describe(addr)
-    return text.split("+", 1)[0]
-

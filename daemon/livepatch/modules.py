@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from daemon.arch.arm64 import callsite
 from daemon.ftrace.core import Ftrace
-from daemon.ftrace.records import DynFtrace
+from daemon.ftrace.records import records_from
 from daemon.kernel.kernel import Kernel
 from daemon.livepatch import artifact
 from daemon.livepatch.bundle import PatchBundle
@@ -67,12 +67,10 @@ class PatchModules:
 
     def _add_records(self, module: LoadedModule) -> None:
         """ftrace_module_init: the module's patchable functions become records, reached through its PLT."""
-        recs = []
-        for entry in module.patchable_entries:
-            ip = callsite.ftrace_call_adjust(entry)
-            sym = module.containing(callsite.func_addr(ip))
-            if sym is not None and sym.addr == callsite.func_addr(ip):
-                recs.append(DynFtrace(ip, sym.name, module=module.name, plt=module.ftrace_plt or 0))
+        def name_at(addr: int) -> str | None:
+            sym = module.containing(addr)
+            return sym.name if sym is not None and sym.addr == addr else None
+        recs = records_from(module.patchable_entries, name_at, module=module.name, plt=module.ftrace_plt or 0)
 
         def describe(addr: int) -> str | None:
             return module.describe(addr) if module.contains(addr) else None

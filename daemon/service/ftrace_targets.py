@@ -4,28 +4,11 @@ text, or one of the guest's direct trampolines — with the checks that refuse t
 from __future__ import annotations
 
 from daemon.arch.arm64 import callsite
-from daemon.errors import AmbiguousSymbol, BadDirectCall, SymbolError
-from daemon.ftrace import filter as ftrace_filter
+from daemon.errors import BadDirectCall, SymbolError
 from daemon.ftrace.core import Ftrace
-from daemon.ftrace.records import DynFtrace
 from daemon.kernel.kernel import Kernel
 from daemon.service.errors import InvalidArgument
 from schemas.ftrace_verbs import DIRECT_TRAMPOLINES
-
-
-def traceable(kernel: Kernel, ftrace: Ftrace, name: str, sympos: int) -> DynFtrace:
-    """The record of a traceable function (``sympos`` among the traceable definitions of ``name``)."""
-    recs = ftrace.by_name.get(name)
-    if not recs:
-        if name in kernel.kallsyms:
-            raise ftrace_filter.no_match(name)
-        raise SymbolError(f"unknown symbol {name!r}", symbol=name)
-    if sympos == 0 and len(recs) > 1:
-        raise AmbiguousSymbol(f"{name!r} names {len(recs)} functions; give its position (sympos 1..{len(recs)})",
-                              symbol=name, count=len(recs))
-    if sympos > len(recs):
-        raise SymbolError(f"{name!r} has no position {sympos} (it has {len(recs)})", symbol=name, sympos=sympos)
-    return recs[max(sympos, 1) - 1]
 
 
 def function_start(kernel: Kernel, ftrace: Ftrace, target: str, sympos: int) -> int:
@@ -44,7 +27,7 @@ def function_start(kernel: Kernel, ftrace: Ftrace, target: str, sympos: int) -> 
             raise InvalidArgument(f"{target!r} is not a function", target=target)
         addr, is_start = sym.addr, True
     elif target in ftrace.by_name:  # a loaded module's function
-        addr, is_start = callsite.func_addr(traceable(kernel, ftrace, target, sympos).ip), True
+        addr, is_start = callsite.func_addr(ftrace.record(target, sympos).ip), True
     else:
         raise SymbolError(f"unknown symbol {target!r}", symbol=target)
     if not is_start or not kernel.is_text(addr):

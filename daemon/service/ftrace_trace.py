@@ -51,13 +51,11 @@ class TraceFormatter:
         self.ftrace = ftrace
         self.comms = {t.pid: t.comm for t in kernel.tasks()}  # the task list is fixed after boot
 
-    def _ps(self, addr: int) -> str:
-        return self.ftrace.describe(addr).split("+", 1)[0]
-
     def entry(self, r: TraceRecord) -> tuple[str, TraceEntry]:
         line = tracefs.trace_line(self.ftrace, r, self.comms).rstrip("\n")
         usecs = r.ts * 1_000_000 // abi.CNTFRQ_HZ
-        return line, TraceEntry(ip=r.ip, parent_ip=r.parent_ip, function=self._ps(r.ip), parent=self._ps(r.parent_ip),
+        return line, TraceEntry(ip=r.ip, parent_ip=r.parent_ip, function=self.ftrace.symbol_name(r.ip),
+                                parent=self.ftrace.symbol_name(r.parent_ip),
                                 ts=r.ts, time=usecs / 1e6, pid=r.pid, cpu=r.cpu, comm=self.comms.get(r.pid, "<...>"))
 
 

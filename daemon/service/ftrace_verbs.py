@@ -47,7 +47,7 @@ from daemon.ftrace.tracer import FunctionTracer
 from daemon.kernel.kernel import Kernel
 from daemon.service.core import RequestContext, Service
 from daemon.service.desired import DesiredState, Item
-from daemon.service.ftrace_targets import check_no_loop, direct_trampoline, function_start, traceable
+from daemon.service.ftrace_targets import check_no_loop, direct_trampoline, function_start
 from daemon.service.ftrace_trace import DRAIN_PERIOD_S, StreamOutlet, TraceFormatter, TraceSession
 from schemas.ftrace_verbs import (
     AvailableData,
@@ -449,7 +449,7 @@ class FtraceVerbs:
         if name in self.hijacks:
             raise OpsStateError(f"a hijack named {name!r} exists already (lpctl hijack list)", hijack=name)
         mode: Mode = spec["mode"]
-        rec = traceable(self.kernel, self.ftrace, spec["function"], spec["sympos"])
+        rec = self.ftrace.record(spec["function"], spec["sympos"])
         ops = FtraceOps(f"hijack:{name}")
         self.ftrace.set_filter_ips(ops, [rec.ip])
         if mode == "direct":
@@ -489,7 +489,7 @@ class FtraceVerbs:
                 raise OpsStateError(f"no hijack named {req.name!r} (lpctl hijack list)", hijack=req.name)
             return found
         assert req.function is not None
-        rec = traceable(self.kernel, self.ftrace, req.function, req.sympos)
+        rec = self.ftrace.record(req.function, req.sympos)
         for h in self.hijacks.values():
             if h.rec is rec:
                 return h
