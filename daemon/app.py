@@ -27,8 +27,8 @@ from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.livepatch.core import Livepatch
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
 from daemon.service import Journal, Metrics, Service, ftrace_verbs, kernel_verbs, patch_verbs
+from daemon.service.checkpoint import Checkpointer
 from daemon.service.desired import DesiredState
-from daemon.service.journal import CHECKPOINT_PERIOD_S
 from daemon.settings import Settings
 from schemas import KernelState
 
@@ -159,7 +159,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(bridge.run(), name="mqtt.bridge")
                 janitor = tg.create_task(self._janitor(service), name="service.janitor")
-                checkpointer = tg.create_task(self._checkpointer(journal), name="service.checkpointer")
+                checkpointer = tg.create_task(Checkpointer(journal).run(), name="service.checkpointer")
                 ready = tg.create_task(self._ready(bridge), name="app.ready")
                 await self._stop.wait()
                 log.info("daemon_stopping")
@@ -189,14 +189,6 @@ class Daemon:
         log.info("daemon_online", broker=self.broker_url, metrics_port=self.metrics_port)
         if self.on_ready is not None:
             self.on_ready(self)
-
-    @staticmethod
-    async def _checkpointer(journal: Journal) -> None:
-        """Delivery marks committed in batches, WAL checkpoints in a worker thread: both off the request path."""
-        while True:
-            await asyncio.sleep(CHECKPOINT_PERIOD_S)
-            journal.flush()
-            await asyncio.to_thread(journal.checkpoint)
 
     async def _janitor(self, service: Service) -> None:
         while True:

@@ -1,0 +1,68 @@
+"""WAL checkpoints of the journal, kept out of the way of requests.
+
+A checkpoint copies the WAL into the database file and fsyncs both: here ~1.6 ms of CPU and ~4.5 ms of wall
+time per 250 requests' worth of WAL. Run every 0.25 s in the default thread pool, it delayed the requests that
+arrived meanwhile by up to 3 ms — one request in a hundred, i.e. the whole p99 of ``info``. So a checkpoint
+runs:
+
+* when the journal has been quiet for ``idle_s`` (nobody waits then), or
+* when ``max_commits`` commits piled up without such a pause (sustained load: the WAL must stay bounded),
+
+in a thread of its own at the lowest CPU priority (nice 19), so the event loop and the broker go first. The
+delivery marks that no request committed (``Journal.flush``) are committed at the same moments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from daemon.service.journal import Journal
+
+log = structlog.get_logger(__name__)
+
+IDLE_S = 0.05
+MAX_COMMITS = 4000  # ~2,000 requests, ~18 MiB of WAL with 1 KiB pages
+TICK_S = 0.025
+
+
+def _lowest_priority() -> None:
+    # Linux: PRIO_PROCESS with a thread id sets that thread's nice value only.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+class Checkpointer:
+    def __init__(self, journal: Journal, *, idle_s: float = IDLE_S, max_commits: int = MAX_COMMITS) -> None:
+        self.journal = journal
+        self.idle_s = idle_s
+        self.max_commits = max_commits
+        self.checkpoints = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="journal-checkpoint", initializer=_lowest_priority)
+
+    def due(self, now: float) -> bool:
+        j = self.journal
+        if j.commits == 0:
+            return False
+        return j.commits >= self.max_commits or now - j.last_commit >= self.idle_s
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(TICK_S)
+                if not self.due(time.monotonic()):
+                    continue
+                self.journal.flush()
+                self.journal.commits = 0
+                await loop.run_in_executor(self._pool, self.journal.checkpoint)
+                self.checkpoints += 1
+        finally:
+            self._pool.shutdown(wait=True)
