@@ -17,15 +17,17 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import structlog
 
+from clients.sdk import LivepatchClient
 from daemon.app import Daemon, Extension
 from daemon.settings import Settings
+from schemas import StatusDoc
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +35,24 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
+
+
+async def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> None:
+    """Poll ``predicate`` on the running loop until it is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def next_status(c: LivepatchClient, want: str, boot_seq: int, timeout: float = 60.0) -> StatusDoc:
+    """The first status of the host in state ``want`` with boot sequence ``boot_seq`` (retained one included)."""
+    async with asyncio.timeout(timeout):
+        async for status in c.statuses():
+            if status.state == want and status.boot_seq == boot_seq:
+                return status
+    raise AssertionError("status stream ended")
 
 
 def free_port() -> int:

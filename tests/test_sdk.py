@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from pathlib import Path
 
 import pytest
-from mqtt_fixtures import DaemonThread, free_port, run
+from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, free_port, run
 
 from clients.sdk import BrokerUnreachable, LivepatchClient, ReplyError, RequestTimeout, SdkError, parse_broker_url
 
@@ -90,3 +91,38 @@ def test_metrics_count_requests_by_verb_and_result(lpd: DaemonThread) -> None:
     assert after['lpd_request_duration_seconds_count{verb="info"}'] >= 2
     assert after["lpd_mqtt_connected"] == 1
     assert after["lpd_boot_seq"] == 1
+
+
+def test_the_client_rides_out_a_broker_restart(tmp_path: Path) -> None:
+    """Streams keep flowing and requests made while the broker is away are sent once it is back; a request
+    whose timeout runs out meanwhile says why. The daemon reconnects seconds after the client: the request the
+    client publishes at once finds no subscriber on the fresh broker, and goes again on the daemon's birth."""
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    lpd = DaemonThread(daemon_settings(tmp_path / "state", broker.url, reconnect_min_s=3.0,
+                                       reconnect_max_s=3.0)).start()
+    try:
+        async def main() -> None:
+            async with LivepatchClient(broker.url, lpd.host, timeout=30) as c:
+                statuses = c.statuses()
+                first = await anext(statuses)
+                assert (first.state, first.reason) == ("online", "started")
+                broker.stop()
+                with pytest.raises(RequestTimeout, match="unreachable"):
+                    await c.request("info", {}, timeout=0.5)
+                asked = asyncio.ensure_future(c.info())  # made while the broker is down
+                await asyncio.sleep(0.3)
+                assert not asked.done()
+                broker.start()  # same port, nothing retained
+                assert (await asked).host == lpd.host
+                assert c.reconnects == 1
+                async with asyncio.timeout(30):  # the same stream: the daemon's new birth message
+                    status = await anext(statuses)
+                    while status.reason != "reconnected":
+                        status = await anext(statuses)
+                assert status.state == "online"
+                await statuses.aclose()
+        run(main())
+    finally:
+        lpd.stop()
+        broker.stop()

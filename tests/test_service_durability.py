@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from mqtt_fixtures import DaemonProcess, DaemonThread, Mosquitto, daemon_settings, run
+from mqtt_fixtures import DaemonProcess, DaemonThread, Mosquitto, daemon_settings, next_status, run, wait_for
 
 from clients.sdk import BrokerUnreachable, LivepatchClient
-from schemas import StatusDoc
 
 SLOW = 250_000_000  # getpid_loop iterations: a few seconds of guest time
 
@@ -30,22 +28,6 @@ def journal_row(path: Path, rid: str) -> tuple[int, str | None, float | None] | 
     finally:
         db.close()
     return (int(row[0]), row[1], row[2]) if row else None
-
-
-async def wait_for(predicate: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
-async def next_status(c: LivepatchClient, want: str, boot_seq: int, timeout: float = 30.0) -> StatusDoc:
-    async with asyncio.timeout(timeout):
-        async for status in c.statuses():
-            if status.state == want and status.boot_seq == boot_seq:
-                return status
-    raise AssertionError("status stream ended")
 
 
 def test_kill_9_after_accept_then_restart_answers_the_request(mosquitto: Mosquitto, tmp_path: Path) -> None:
@@ -137,34 +119,36 @@ def test_broker_restart_reconnects_and_loses_no_request(tmp_path: Path) -> None:
         slow = SLOW // 2
 
         async def main() -> None:
-            async with LivepatchClient(broker.url, lpd.host, timeout=60) as c:
+            async with (LivepatchClient(broker.url, lpd.host, timeout=60) as c,
+                        LivepatchClient(broker.url, lpd.host, timeout=60, reconnect=False) as fragile):
                 pending = asyncio.ensure_future(c.request_raw("call", {"function": "getpid_loop", "args": [slow]},
                                                               request_id=rid))
                 await wait_for(lambda: service.journal.get(rid) is not None)
                 broker.stop()
-                with pytest.raises(BrokerUnreachable):
-                    await pending
+                with pytest.raises(BrokerUnreachable):  # a client without reconnect fails at once
+                    await fragile.info()
                 # the call finishes while the broker is away: its reply waits in the journal
                 await wait_for(lambda: (e := service.journal.get(rid)) is not None and e.reply is not None)
                 entry = service.journal.get(rid)
                 assert entry is not None
                 assert entry.delivered_at is None
-            broker.start()  # same port; persistence off: sessions and retained messages are gone
-            async with LivepatchClient(broker.url, lpd.host, timeout=30) as c:
+                assert not pending.done()  # the SDK waits for the broker instead of failing the request
+                broker.start()  # same port; persistence off: sessions and retained messages are gone
+                again = await pending  # reconnected, sent again with its id, answered from the journal
+                assert again.reply.ok
+                assert again.reply.data is not None
+                assert again.reply.data["value"] == slow
+                assert c.reconnects == 1
+                entry = service.journal.get(rid)
+                assert entry is not None
+                assert entry.attempts == 1  # ran once
                 status = await next_status(c, "online", 1)
                 assert status.reason == "reconnected"  # the daemon republished its retained status
                 state = await c.state()
                 assert state is not None
                 assert state.boot_seq == 1
                 await wait_for(lambda: (e := service.journal.get(rid)) is not None and e.delivered_at is not None)
-                again = await c.request_raw("call", {"function": "getpid_loop", "args": [slow]}, request_id=rid)
-                assert again.reply.ok
-                assert again.reply.data is not None
-                assert again.reply.data["value"] == slow
-                entry = service.journal.get(rid)
-                assert entry is not None
-                assert entry.attempts == 1
-                assert (await c.info()).host == lpd.host  # resubscribed: new requests are served
+                assert (await c.info()).host == lpd.host  # the daemon resubscribed: new requests are served
             assert service.metrics.reconnects._value.get() >= 1
         run(main())
     finally:

@@ -6,19 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 import uuid
 from pathlib import Path
-from typing import Any
 
-from mqtt_fixtures import DaemonProcess, DaemonThread, Mosquitto, run
+from mqtt_fixtures import DaemonProcess, DaemonThread, Mosquitto, next_status, run, wait_for
 from test_service_patch import PATCHED_CMDLINE, b64, signed, signer, trusting_settings
 
 from clients.sdk import LivepatchClient
 from daemon.service.desired import DesiredState
 from daemon.service.journal import Journal, fingerprint
 from daemon.service.patch_verbs import KIND
-from schemas import StatusDoc
 
 SLOW = 250_000_000  # getpid_loop iterations: a few seconds of guest time
 
@@ -35,21 +32,6 @@ def journal_row(path: Path, rid: str) -> tuple[int, str | None] | None:
     finally:
         db.close()
     return (int(row[0]), row[1]) if row else None
-
-
-async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
-async def next_status(c: LivepatchClient, want: str, boot_seq: int, timeout: float = 60.0) -> StatusDoc:
-    async with asyncio.timeout(timeout):
-        async for status in c.statuses():
-            if status.state == want and status.boot_seq == boot_seq:
-                return status
-    raise AssertionError("status stream ended")
 
 
 def log_events(proc: DaemonProcess) -> list[str]:

@@ -1,8 +1,9 @@
 """``LivepatchClient``: request/response with correlation and timeouts, typed results, status/state/event streams.
 
-One MQTT connection per client (TCP_NODELAY; MQTT 5 with a response topic and correlation data, or 3.1.1
-with ``reply_to`` in the payload when the broker refuses 5). Replies come back on the client's own topic
-``livepatch/v1/<host>/reply/<client id>``, matched to their request by ``request_id``.
+One MQTT connection per client (``clients.sdk.connection``: TCP_NODELAY; MQTT 5 with a response topic and
+correlation data, or 3.1.1 with ``reply_to`` in the payload when the broker refuses 5; reconnects by itself).
+Replies come back on the client's own topic ``livepatch/v1/<host>/reply/<client id>``, matched to their request
+by ``request_id``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import ssl
 import uuid
 from collections.abc import AsyncIterator
@@ -20,13 +20,11 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ValidationError
 
+from clients.sdk.connection import Connection
 from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, SdkError
 from clients.sdk.ftrace_api import FtraceApi
 from clients.sdk.patch_api import PatchApi
@@ -45,8 +43,6 @@ from schemas import (
     host_of,
 )
 
-NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-_UNSUPPORTED_PROTOCOL = {1, 132}
 M = TypeVar("M", bound=Outbound)
 
 
@@ -83,112 +79,101 @@ class LivepatchClient(FtraceApi, PatchApi):
         username, password: override the URL's credentials.
         tls_context: for ``mqtts://`` (default: the system's trust store).
         client_id: the MQTT client id (default: ``lpsdk-<random>``); replies go to ``reply/<client_id>``.
+        reconnect: when the connection drops, connect again (with backoff) and re-send the requests still
+            waiting, with their ids, instead of failing them with ``BrokerUnreachable`` (the daemon answers a
+            repeated id from its journal: nothing runs twice). A request still fails with ``RequestTimeout``
+            when no reply comes within its timeout.
     """
 
     def __init__(self, broker: str = "mqtt://127.0.0.1:1883", host: str | None = None, *, timeout: float = 10.0,
                  protocol: Literal["auto", "5", "3.1.1"] = "auto", username: str | None = None,
                  password: str | None = None, tls_context: ssl.SSLContext | None = None,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, reconnect: bool = True) -> None:
         hostname, port, tls, url_user, url_password = parse_broker_url(broker)
         self.hostname, self.port = hostname, port
-        self.username = username or url_user
-        self.password = password or url_password
-        self.tls_context = tls_context or (ssl.create_default_context() if tls else None)
         self.host = host
         self.topics = Topics(host) if host is not None else None
         self.timeout = timeout
-        self.protocol_setting = protocol
-        self.protocol = aiomqtt.ProtocolVersion.V311 if protocol == "3.1.1" else aiomqtt.ProtocolVersion.V5
         self.client_id = client_id or f"lpsdk-{uuid.uuid4().hex[:12]}"
-        self._client: aiomqtt.Client | None = None
-        self._router: asyncio.Task[None] | None = None
+        self._conn = Connection(
+            hostname, port, client_id=self.client_id, username=username or url_user,
+            password=password or url_password,
+            tls_context=tls_context or (ssl.create_default_context() if tls else None),
+            protocol=protocol, timeout=timeout, reconnect=reconnect, on_message=self._on_message,
+            on_reconnect=self._reconnected, on_lost=self._on_lost)
         self._pending: dict[str, asyncio.Future[RawReply]] = {}
-        self._subscribed: set[str] = set()
+        self._sent: dict[str, tuple[str, str, Any]] = {}  # request id -> what to publish again after a reconnect
         self._listeners: dict[str, set[asyncio.Queue[tuple[str, bytes] | None]]] = {}
-        self._lost: BrokerUnreachable | None = None
+        self._resends: set[asyncio.Task[None]] = set()
 
     # -- connection ------------------------------------------------------------------------------------------
 
-    def _new_client(self) -> aiomqtt.Client:
-        v5 = self.protocol == aiomqtt.ProtocolVersion.V5
-        return aiomqtt.Client(
-            self.hostname, self.port, username=self.username, password=self.password, identifier=self.client_id,
-            protocol=self.protocol, clean_session=None if v5 else True,
-            clean_start=True if v5 else MQTT_CLEAN_START_FIRST_ONLY, tls_context=self.tls_context,
-            socket_options=[NODELAY], timeout=self.timeout)
-
     async def __aenter__(self) -> LivepatchClient:
-        while True:
-            client = self._new_client()
-            try:
-                await client.__aenter__()
-            except MqttConnectError as exc:
-                rc = exc.rc.value if isinstance(exc.rc, ReasonCode) else exc.rc
-                if (rc in _UNSUPPORTED_PROTOCOL and self.protocol_setting == "auto"
-                        and self.protocol == aiomqtt.ProtocolVersion.V5):
-                    self.protocol = aiomqtt.ProtocolVersion.V311
-                    continue
-                raise BrokerUnreachable(f"broker {self.hostname}:{self.port} refused the connection: {exc}") from None
-            except aiomqtt.MqttError as exc:
-                raise BrokerUnreachable(f"cannot reach broker {self.hostname}:{self.port}: {exc}") from None
-            break
-        self._client = client
-        self._router = asyncio.get_running_loop().create_task(self._route(client), name="lpsdk.router")
+        await self._conn.open()
         if self.topics is not None:
-            await self._subscribe(self.topics.reply(self.client_id))
+            await self._conn.subscribe(self.topics.reply(self.client_id))
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        client, self._client = self._client, None
-        if self._router is not None:
-            self._router.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._router
-        if client is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.__aexit__(None, None, None)
+        await self._conn.close()
 
     @property
     def mqtt_version(self) -> str:
-        return "5" if self.protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1"
+        return "5" if self._conn.protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1"
 
-    def _connected(self) -> aiomqtt.Client:
-        if self._lost is not None:
-            raise self._lost
-        if self._client is None:
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was lost and made again."""
+        return self._conn.reconnects
+
+    def _check_open(self) -> None:
+        if not self._conn.opened:
             raise SdkError("use the client inside 'async with LivepatchClient(...) as client:'")
-        return self._client
 
     async def _subscribe(self, topic: str, *, again: bool = False) -> None:
-        """Subscribe once; ``again`` subscribes anew, which makes the broker resend the retained messages."""
-        if again or topic not in self._subscribed:
-            try:
-                await self._connected().subscribe(topic, qos=1)
-            except aiomqtt.MqttError as exc:
-                raise BrokerUnreachable(f"subscribe to {topic} failed: {exc}") from None
-            self._subscribed.add(topic)
+        self._check_open()
+        await self._conn.subscribe(topic, again=again)
 
-    async def _route(self, client: aiomqtt.Client) -> None:
-        try:
-            async for message in client.messages:
-                topic = message.topic.value
-                payload = message.payload if isinstance(message.payload, bytes) else b""
-                if self.topics is not None and topic == self.topics.reply(self.client_id):
-                    self._on_reply(payload)
-                    continue
-                for pattern, queues in self._listeners.items():
-                    if message.topic.matches(pattern):
-                        for q in queues:
-                            q.put_nowait((topic, payload))
-        except aiomqtt.MqttError as exc:
-            self._lost = BrokerUnreachable(f"connection to {self.hostname}:{self.port} lost: {exc}")
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(self._lost)
-            for queues in self._listeners.values():
+    def _on_message(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        if self.topics is not None:
+            if topic == self.topics.reply(self.client_id):
+                self._on_reply(payload)
+                return
+            if topic == self.topics.status and not message.retain and self._sent and b'"online"' in payload:
+                # A live birth: the daemon (re)subscribed just now. A request published before that, while a
+                # restarted broker had no subscription for it, was dropped: send the waiting ones again.
+                task = asyncio.get_running_loop().create_task(self._resend(), name="lpsdk.resend")
+                self._resends.add(task)
+                task.add_done_callback(self._resends.discard)
+        for pattern, queues in self._listeners.items():
+            if message.topic.matches(pattern):
                 for q in queues:
-                    q.put_nowait(None)  # wakes every stream, which then raises
+                    q.put_nowait((topic, payload))
+
+    def _on_lost(self, lost: BrokerUnreachable) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(lost)
+        for queues in self._listeners.values():
+            for q in queues:
+                q.put_nowait(None)  # wakes every stream, which then raises
+
+    async def _reconnected(self) -> None:
+        if self.topics is not None:
+            # The daemon may reconnect after us (a restarted broker): its birth tells when to send again.
+            await self._conn.subscribe(self.topics.status)
+        await self._resend()
+
+    async def _resend(self) -> None:
+        """After a reconnect (replies published while we were away are gone: clean session) or a live birth of
+        the daemon: the requests still waiting go again, with their ids; the daemon answers a repeat from its
+        journal, without running it twice."""
+        for topic, payload, props in list(self._sent.values()):
+            with contextlib.suppress(BrokerUnreachable):
+                await self._conn.publish(topic, payload, props)
 
     def _on_reply(self, payload: bytes) -> None:
         try:
@@ -208,14 +193,14 @@ class LivepatchClient(FtraceApi, PatchApi):
         ``request_id`` to retry a request: the daemon answers a repeat from its journal without re-running it."""
         if self.topics is None:
             raise SdkError("this client has no host: LivepatchClient(broker, host)")
-        client = self._connected()
+        self._check_open()
         body = params.model_dump(mode="json", exclude_none=True) if isinstance(params, BaseModel) else dict(
             params or {})
         rid = request_id or body.get("request_id") or uuid.uuid4().hex
         body["request_id"] = rid
         reply_topic = self.topics.reply(self.client_id)
         props: Any = None
-        if self.protocol == aiomqtt.ProtocolVersion.V5:
+        if self._conn.protocol == aiomqtt.ProtocolVersion.V5:
             props = _properties(PacketTypes.PUBLISH)
             props.ResponseTopic = reply_topic
             props.CorrelationData = rid.encode()
@@ -224,17 +209,21 @@ class LivepatchClient(FtraceApi, PatchApi):
         fut: asyncio.Future[RawReply] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         wait = self.timeout if timeout is None else timeout
+        topic, payload = self.topics.request(verb), json.dumps(body)
         try:
             async with asyncio.timeout(wait):
-                await client.publish(self.topics.request(verb), json.dumps(body), qos=1, properties=props)
+                await self._conn.publish(topic, payload, props)
+                self._sent[rid] = (topic, payload, props)
                 return await fut
         except TimeoutError:
-            raise RequestTimeout(f"no reply to {verb} from {self.host} within {wait} s (is it online?)",
+            why = "is it online?" if self._conn.up.is_set() else f"the broker {self._conn.where} is unreachable"
+            raise RequestTimeout(f"no reply to {verb} from {self.host} within {wait} s ({why})",
                                  request_id=rid, verb=verb) from None
-        except aiomqtt.MqttError as exc:
-            raise BrokerUnreachable(f"publish to {self.hostname}:{self.port} failed: {exc}") from None
         finally:
             self._pending.pop(rid, None)
+            self._sent.pop(rid, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: a loss may have failed it while the publish was failing too
 
     async def request(self, verb: str, params: dict[str, Any] | BaseModel | None = None, *,
                       request_id: str | None = None, timeout: float | None = None) -> dict[str, Any]:
@@ -278,12 +267,16 @@ class LivepatchClient(FtraceApi, PatchApi):
     async def _stream(self, topic: str, *, retained: bool = False) -> AsyncIterator[tuple[str, bytes]]:
         queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         self._listeners.setdefault(topic, set()).add(queue)
+        last: bytes | None = None
         try:
             await self._subscribe(topic, again=retained)
             while True:
                 item = await queue.get()
                 if item is None:
-                    raise self._lost or BrokerUnreachable("connection lost")
+                    raise self._conn.lost or BrokerUnreachable("connection lost")
+                if retained and item[1] == last:
+                    continue  # the same retained document again (a new subscription, a reconnect)
+                last = item[1]
                 yield item
         finally:
             self._listeners[topic].discard(queue)
