@@ -31,6 +31,20 @@ def test_timeout_for_a_host_that_is_not_there(lpd: DaemonThread) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_an_oversized_request_gets_its_refusal(lpd: DaemonThread, protocol: str) -> None:
+    """Not a timeout: the refusal finds its way back by the id in the payload's first bytes (and, over MQTT 5,
+    by the correlation data as well)."""
+    async def main() -> None:
+        async with LivepatchClient(lpd.url, lpd.host, timeout=5, protocol=protocol) as c:  # type: ignore[arg-type]
+            with pytest.raises(ReplyError) as err:
+                await c.request("info", {"pad": "a" * 70_000})
+            assert err.value.code == "payload_too_large"
+            assert err.value.details["limit"] < 70_000
+            assert (await c.info()).host == lpd.host
+    run(main())
+
+
 def test_unreachable_broker() -> None:
     async def main() -> None:
         with pytest.raises(BrokerUnreachable, match="cannot reach"):

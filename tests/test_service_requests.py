@@ -82,9 +82,19 @@ def test_fuzz_structured_requests(fuzz_service: Service, verb: str, doc: dict[st
 
 def test_oversized_payload_is_refused_unparsed(tmp_path: Path, kernel: Kernel) -> None:
     service = make_service(tmp_path, kernel)
-    reply = check(service, "info", json.dumps({"request_id": "big", "x": "a" * 5000}).encode())
-    assert reply.error is not None
-    assert (reply.error.code, reply.request_id) == ("payload_too_large", None)
+    pad = "a" * 5000
+    # the id is looked for in the first and last 4 KiB only, as a plain string
+    for doc, rid in [({"request_id": "big", "x": pad}, "big"), ({"x": pad, "request_id": "end"}, "end"),
+                     ({"x": pad, "request_id": "mid", "y": pad}, None), ({"request_id": 'q\\"x', "x": pad}, None),
+                     ({"request_id": "bad id", "x": pad}, "bad id")]:
+        reply = check(service, "info", json.dumps(doc).encode())
+        assert reply.error is not None
+        assert (reply.error.code, reply.request_id) == ("payload_too_large", rid)
+    def routed(reply_to: str) -> str:
+        payload = json.dumps({"request_id": "r", "reply_to": reply_to, "x": pad}).encode()
+        return asyncio.run(service.handle("info", payload)).route.topic
+    assert routed("my/replies") == "my/replies"
+    assert routed("a/+/b") == service.topics.reply()  # not a topic name: the default reply topic
 
 
 def test_unanswered_request_is_replayed_by_the_next_run(tmp_path: Path, kernel: Kernel) -> None:

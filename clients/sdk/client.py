@@ -140,7 +140,8 @@ class LivepatchClient(FtraceApi, PatchApi):
         payload = message.payload if isinstance(message.payload, bytes) else b""
         if self.topics is not None:
             if topic == self.topics.reply(self.client_id):
-                self._on_reply(payload)
+                correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
+                self._on_reply(payload, correlation)
                 return
             if topic == self.topics.status and not message.retain and self._sent and b'"online"' in payload:
                 # A live birth: the daemon (re)subscribed just now. A request published before that, while a
@@ -175,13 +176,16 @@ class LivepatchClient(FtraceApi, PatchApi):
             with contextlib.suppress(BrokerUnreachable):
                 await self._conn.publish(topic, payload, props)
 
-    def _on_reply(self, payload: bytes) -> None:
+    def _on_reply(self, payload: bytes, correlation: bytes | None) -> None:
         try:
             text = payload.decode()
             reply = Reply.model_validate_json(text)
         except (UnicodeDecodeError, ValidationError):
             return
-        fut = self._pending.get(reply.request_id or "")
+        rid = reply.request_id
+        if rid is None and correlation is not None:  # MQTT 5: a refusal that could not read the id still has it
+            rid = correlation.decode(errors="replace")
+        fut = self._pending.get(rid or "")
         if fut is not None and not fut.done():
             fut.set_result(RawReply(reply, text))
 
@@ -194,10 +198,12 @@ class LivepatchClient(FtraceApi, PatchApi):
         if self.topics is None:
             raise SdkError("this client has no host: LivepatchClient(broker, host)")
         self._check_open()
-        body = params.model_dump(mode="json", exclude_none=True) if isinstance(params, BaseModel) else dict(
+        fields = params.model_dump(mode="json", exclude_none=True) if isinstance(params, BaseModel) else dict(
             params or {})
-        rid = request_id or body.get("request_id") or uuid.uuid4().hex
-        body["request_id"] = rid
+        rid = request_id or fields.pop("request_id", None) or uuid.uuid4().hex
+        fields.pop("request_id", None)
+        # The envelope goes first: a daemon refusing a payload as too large still finds it in the first bytes.
+        body: dict[str, Any] = {"request_id": rid}
         reply_topic = self.topics.reply(self.client_id)
         props: Any = None
         if self._conn.protocol == aiomqtt.ProtocolVersion.V5:
@@ -206,6 +212,7 @@ class LivepatchClient(FtraceApi, PatchApi):
             props.CorrelationData = rid.encode()
         else:
             body["reply_to"] = reply_topic
+        body.update(fields)
         fut: asyncio.Future[RawReply] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         wait = self.timeout if timeout is None else timeout

@@ -10,8 +10,10 @@ Any ``LivepatchdError`` becomes an error reply with its ``code``; anything else 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,6 +168,7 @@ class Service:
         reply_to: str | None = None
         try:
             if len(payload) > self.max_payload_bytes:
+                rid, reply_to = _peek_oversized(payload)
                 raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds the limit of "
                                       f"{self.max_payload_bytes}", size=len(payload), limit=self.max_payload_bytes)
             doc = _parse_object(payload)
@@ -330,6 +333,22 @@ def _peek_envelope(doc: dict[str, Any]) -> tuple[str | None, str | None]:
         rid = doc.get("request_id")
         return (rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None), None
     return envelope.request_id, envelope.reply_to
+
+
+_ENVELOPE_FIELD = re.compile(rb'"(request_id|reply_to)"\s*:\s*"([^"\\]{1,256})"')
+PEEK_BYTES = 4096
+
+
+def _peek_oversized(payload: bytes) -> tuple[str | None, str | None]:
+    """Best effort, without parsing a payload too large to parse: the id and reply topic to answer with, if
+    they appear as plain strings in its first or last ``PEEK_BYTES`` (the SDK writes them first). A match
+    inside some nested object is possible and harmless: the reply then goes where the payload says."""
+    found: dict[str, str] = {}
+    for part in (payload[:PEEK_BYTES], payload[-PEEK_BYTES:]):
+        for m in _ENVELOPE_FIELD.finditer(part):
+            with contextlib.suppress(UnicodeDecodeError):
+                found.setdefault(m.group(1).decode(), m.group(2).decode())
+    return _peek_envelope(found)
 
 
 def _validate(spec: VerbSpec, doc: dict[str, Any]) -> Request:
