@@ -1,10 +1,13 @@
-"""The daemon and the SDK over TLS (mqtts://) to a private Mosquitto with a certificate from a test CA."""
+"""The daemon, the SDK and lpctl over TLS (mqtts://) to a private Mosquitto with a certificate from a test CA;
+then with client certificates required (mutual TLS, the certificate's name as the MQTT user name)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, run
+from typer.testing import CliRunner
 
+from clients.cli.main import app
 from clients.sdk import BrokerUnreachable, LivepatchClient
 
 
@@ -36,19 +41,37 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-@pytest.fixture
-def tls_broker(tmp_path: Path) -> tuple[Mosquitto, Path]:
-    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+def _issue(tmp: Path, names: list[str]) -> None:
+    """A test CA (ca.crt) and, signed by it, a certificate and key per name (<name>.crt, <name>.key)."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert("livepatchd test CA", ca_key, ca=True)
-    srv = _cert("127.0.0.1", srv_key, issuer=ca.subject, issuer_key=ca_key)
-    files = {"ca.crt": ca.public_bytes(serialization.Encoding.PEM), "server.crt": srv.public_bytes(
-        serialization.Encoding.PEM), "server.key": _pem_key(srv_key)}
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
+    (tmp / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for name in names:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert(name, key, issuer=ca.subject, issuer_key=ca_key)
+        (tmp / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp / f"{name}.key").write_bytes(_pem_key(key))
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[tuple[Mosquitto, Path]]:
+    _issue(tmp_path, ["server"])
     broker = Mosquitto(tmp_path / "mosquitto", extra_conf=f"allow_anonymous true\ncertfile {tmp_path / 'server.crt'}\n"
                        f"keyfile {tmp_path / 'server.key'}\n")
     broker.start()
-    yield broker, tmp_path / "ca.crt"  # type: ignore[misc]
+    yield broker, tmp_path / "ca.crt"
+    broker.stop()
+
+
+@pytest.fixture
+def mtls_broker(tmp_path: Path) -> Iterator[tuple[Mosquitto, Path]]:
+    """Client certificates required; a client's user name is its certificate's common name."""
+    _issue(tmp_path, ["server", "daemon", "operator"])
+    broker = Mosquitto(tmp_path / "mosquitto", extra_conf=(
+        f"allow_anonymous false\ncertfile {tmp_path / 'server.crt'}\nkeyfile {tmp_path / 'server.key'}\n"
+        f"cafile {tmp_path / 'ca.crt'}\nrequire_certificate true\nuse_identity_as_username true\n"))
+    broker.start()
+    yield broker, tmp_path
     broker.stop()
 
 
@@ -69,5 +92,27 @@ def test_daemon_and_sdk_over_tls(tls_broker: tuple[Mosquitto, Path], tmp_path: P
                 async with LivepatchClient(url, lpd.host, timeout=3) as c:
                     await c.info()
         run(main())
+    finally:
+        lpd.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as above: refused handshakes
+def test_client_certificates(mtls_broker: tuple[Mosquitto, Path], tmp_path: Path) -> None:
+    broker, pki = mtls_broker
+    url = f"mqtts://127.0.0.1:{broker.port}"
+    lpd = DaemonThread(daemon_settings(tmp_path / "lpd", url, tls_ca_file=pki / "ca.crt",
+                                       tls_cert_file=pki / "daemon.crt", tls_key_file=pki / "daemon.key")).start()
+    try:
+        base = ["--broker", url, "--host", lpd.host, "--timeout", "5", "--tls-ca", str(pki / "ca.crt")]
+        operator = ["--tls-cert", str(pki / "operator.crt"), "--tls-key", str(pki / "operator.key")]
+        result = CliRunner().invoke(app, [*base, *operator, "--json", "info"])
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(result.stdout)["data"]["host"] == lpd.host
+        result = CliRunner().invoke(app, [*base, "info"])  # no client certificate: the broker refuses
+        assert result.exit_code == 3
+        assert "broker" in result.stderr
+        result = CliRunner().invoke(app, [*base, "--tls-cert", str(pki / "nope.crt"), "info"])
+        assert result.exit_code == 2
+        assert "cannot load the TLS files" in result.stderr
     finally:
         lpd.stop()

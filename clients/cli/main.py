@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +47,18 @@ class Options:
     json: bool
     timeout: float
     protocol: Protocol
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The trust anchors and client certificate given, if any (mqtts:// alone: the system's trust store)."""
+        if self.tls_ca is None and self.tls_cert is None:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+        if self.tls_cert is not None:
+            ctx.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+        return ctx
 
 
 app = typer.Typer(name="lpctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -83,15 +96,26 @@ def options(
     timeout: Annotated[float, typer.Option(envvar="LPCTL_TIMEOUT", min=0.1, help="seconds to wait for a reply")]
     = 10.0,
     protocol: Annotated[Protocol, typer.Option(help="MQTT version: auto tries 5, then 3.1.1")] = Protocol.auto,
+    tls_ca: Annotated[Path | None, typer.Option(envvar="LPCTL_TLS_CA", help="CA certificate(s) to verify the "
+                                                "broker with (PEM); implies TLS")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(envvar="LPCTL_TLS_CERT", help="client certificate (PEM) for "
+                                                  "brokers that require one; implies TLS")] = None,
+    tls_key: Annotated[Path | None, typer.Option(envvar="LPCTL_TLS_KEY", help="its private key (PEM), when not "
+                                                 "in the certificate file")] = None,
 ) -> None:
-    ctx.obj = Options(broker, host, json_, timeout, protocol)
+    ctx.obj = Options(broker, host, json_, timeout, protocol, tls_ca, tls_cert, tls_key)
 
 
 def _client(opts: Options, *, need_host: bool = True) -> LivepatchClient:
     if need_host and not opts.host:
         fail(EXIT_USAGE, "no host given", "pass --host HOST or set LPCTL_HOST (lpctl hosts lists them)")
     try:
-        return LivepatchClient(opts.broker, opts.host, timeout=opts.timeout, protocol=opts.protocol.value)
+        tls = opts.tls_context()
+    except (OSError, ssl.SSLError) as exc:
+        fail(EXIT_USAGE, f"cannot load the TLS files: {exc}", "check --tls-ca, --tls-cert and --tls-key")
+    try:
+        return LivepatchClient(opts.broker, opts.host, timeout=opts.timeout, protocol=opts.protocol.value,
+                               tls_context=tls)
     except ValueError as exc:
         fail(EXIT_USAGE, str(exc))
 
