@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"])
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--tls-ca", dest="tls_ca_file", type=Path, help="CA certificate(s) to verify the broker "
+                       "with (PEM); implies TLS")
+    serve.add_argument("--tls-cert", dest="tls_cert_file", type=Path, help="client certificate (PEM), for brokers "
+                       "that require one")
+    serve.add_argument("--tls-key", dest="tls_key_file", type=Path, help="its private key (PEM), when not in the "
+                       "certificate file")
     serve.add_argument("--trusted-keys-dir", type=Path, help="trust the Ed25519 public keys (*.pub, *.pem) in this "
                        "directory to sign patches")
     serve.add_argument("--trusted-key", dest="trusted_keys", type=Path, action="append",
@@ -62,12 +68,16 @@ def _serve(args: argparse.Namespace) -> int:
     from daemon.settings import Settings  # noqa: PLC0415
 
     keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level",
-            "trusted_keys_dir", "trusted_keys", "dev_signing_key")
+            "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys", "dev_signing_key")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:
         settings = Settings(**overrides)
+        settings.tls_context()  # unreadable or malformed certificate files: say so now, not at the first connect
     except ValidationError as exc:
         print(f"livepatchd serve: invalid settings:\n{exc}")
+        return 2
+    except OSError as exc:  # ssl.SSLError included
+        print(f"livepatchd serve: cannot load the TLS files: {exc}")
         return 2
     return serve(settings)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, FilePath, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -71,9 +71,9 @@ class Settings(BaseSettings):
                                    "127.0.0.1 on a free port")
     username: str | None = None
     password: SecretStr | None = None
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
+    tls_ca_file: FilePath | None = None
+    tls_cert_file: FilePath | None = None
+    tls_key_file: FilePath | None = None
     tls_insecure: bool = Field(default=False, description="skip the broker certificate's host name check")
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
         default="auto", description="auto: MQTT 5, falling back to 3.1.1 when the broker refuses it")

@@ -72,7 +72,7 @@ def test_checkpoint_policy(tmp_path: Path) -> None:
     assert not cp.due(time.monotonic() + 10)  # nothing to copy
     answered(journal, "a")
     assert not cp.due(journal.last_commit + 0.01)  # requests are still coming
-    assert cp.due(journal.last_commit + 0.05)  # quiet for idle_s
+    assert cp.due(journal.last_commit + 0.06)  # quiet for idle_s
     for i in range(5):
         answered(journal, f"b{i}")
     assert cp.due(journal.last_commit)  # 12 commits: due even without a pause

@@ -116,3 +116,15 @@ def test_serve_refuses_invalid_settings(tmp_path: Path) -> None:
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "host_id" in proc.stdout
+
+
+def test_serve_refuses_unusable_tls_files(tmp_path: Path) -> None:
+    not_pem = tmp_path / "ca.crt"
+    not_pem.write_text("not a certificate\n")
+    for args, said in [(["--tls-ca", str(tmp_path / "missing.crt")], "tls_ca_file"),
+                       (["--tls-ca", str(not_pem)], "cannot load the TLS files")]:
+        proc = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--broker", "mqtts://127.0.0.1:1",
+                               "--state-dir", str(tmp_path), *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert said in proc.stdout
