@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -87,6 +89,43 @@ def test_status_and_hosts(lpd: DaemonThread) -> None:
     assert json.loads(out)[lpd.host]["state"] == "online"
     code, out, _ = lpctl(None, "hosts", broker=lpd.url)
     assert lpd.host in out
+
+
+def test_state(lpd: DaemonThread) -> None:
+    code, out, _ = lpctl(lpd, "--json", "state")
+    assert code == 0
+    doc = json.loads(out)
+    assert (doc["host"], doc["boot_seq"]) == (lpd.host, 1)
+    assert {"ftrace", "livepatch"} <= set(doc["components"])
+    code, out, _ = lpctl(lpd, "state")
+    assert code == 0
+    assert re.search(rf"^{lpd.host}  state version \d+, boot 1", out)  # the version may have moved on since
+    assert "livepatch" in out
+    code, _, err = lpctl(None, "--host", "nobody-here", "--timeout", "0.5", "state", broker=lpd.url)
+    assert code == 4
+    assert "no state" in err
+
+
+def test_events_follow(lpd: DaemonThread) -> None:
+    """``lpctl events`` prints events as they happen: here the refusal of a mutating request, which the test
+    keeps causing until the follower has seen one."""
+    follower = subprocess.Popen([sys.executable, "-m", "clients.cli", "--broker", lpd.url, "--host", lpd.host,
+                                 "--json", "events", "--type", "request.*", "--count", "1", "--seconds", "60"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert follower.stderr is not None
+        assert "following the events" in follower.stderr.readline()
+        while follower.poll() is None:
+            code, _, _ = lpctl(lpd, "ftrace", "ops", "unregister", "no-such-ops")
+            assert code == 1
+            time.sleep(0.2)
+        out, _ = follower.communicate(timeout=10)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0
+    event = json.loads(out.splitlines()[0])
+    assert event["type"] == "request.failed"
+    assert event["data"]["verb"] == "ftrace.ops.unregister"
 
 
 def test_exit_codes(lpd: DaemonThread) -> None:

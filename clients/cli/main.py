@@ -281,9 +281,10 @@ def keys_generate(ctx: typer.Context,
                 f"key id:      {pair.key_id}")
 
 
-# the ftrace/trace/hijack and patch commands live in their own modules, over the helpers above
-from clients.cli import ftrace_cmds, patch_cmds  # noqa: E402
+# state/events, the ftrace/trace/hijack and the patch commands live in their own modules, over the helpers above
+from clients.cli import ftrace_cmds, observe_cmds, patch_cmds  # noqa: E402
 
+observe_cmds.install(app)
 ftrace_cmds.install(app)
 patch_cmds.install(app)
 
