@@ -39,11 +39,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def write(name: str, params: dict[str, Any], rows: list[dict[str, Any]], units: dict[str, str],
-          notes: str = "") -> Path:
-    """Write results/<name>.json (everything) and results/<name>.md (a table), and print the table."""
+          notes: str = "", *, figures: dict[str, Any] | None = None) -> Path:
+    """Write results/<name>.json (everything; ``figures``: measurements that fit no row) and results/<name>.md
+    (a table), and print the table."""
     RESULTS.mkdir(exist_ok=True)
     doc = {"benchmark": name, "parameters": params, "units": units, "results": rows, "machine": machine_info(),
-           "notes": notes}
+           "notes": notes, **({"figures": figures} if figures else {})}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     cols = list(rows[0])

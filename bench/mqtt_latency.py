@@ -189,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
             v311: list[float] = []
             bare: list[float] = []
             per_round = max(1, args.requests // args.rounds)
+            round_p99: dict[str, list[float]] = {"5": [], "3.1.1": []}
             before = scrape(metrics_port)
             for _ in range(args.rounds):
-                v5 += asyncio.run(sequential_info(broker.url, daemon.host, "5", per_round, args.warmup))
-                v311 += asyncio.run(sequential_info(broker.url, daemon.host, "3.1.1", per_round, args.warmup))
+                for protocol, samples in (("5", v5), ("3.1.1", v311)):
+                    got = asyncio.run(sequential_info(broker.url, daemon.host, protocol, per_round, args.warmup))
+                    samples.extend(got)
+                    round_p99[protocol].append(percentile(got, 0.99) * 1e3)
                 bare += asyncio.run(echo_round_trips(broker.port, per_round, args.warmup))
             after = scrape(metrics_port)
             rows.append({"measurement": "info round trip, MQTT 5, QoS 1", **ms(v5), "requests": len(v5),
@@ -218,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             code = daemon.terminate()
             broker.stop()
     p99 = rows[0]["p99_ms"]
-    notes = (f"Goal: info p99 <= 2 ms at QoS 1 (MQTT 5: {p99:.2f} ms, {'met' if p99 <= 2 else 'NOT met'}); daemon "
+    spread = "; ".join(f"MQTT {proto}: {min(v):.2f}-{max(v):.2f} ms" for proto, v in round_p99.items())
+    notes = (f"Goal: info p99 <= 2 ms at QoS 1 (MQTT 5: {p99:.2f} ms, {'met' if p99 <= 2 else 'NOT met'}; "
+             f"p99 of each of the {args.rounds} rounds of {per_round} requests: {spread}); daemon "
              f"overhead < 1 ms (its own time: mean {rows[3]['mean_ms']:.3f} ms, p99 <= {rows[3]['p99_ms']:.2f} ms). "
              "Everything on one 2-core machine: mosquitto, the daemon (event loop + 2 vCPU threads) and the clients "
              f"share it (1-minute load average {load_before[0]:.2f} before, {load_after[0]:.2f} after). "
@@ -228,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     write("mqtt_latency", {"requests": args.requests, "rounds": args.rounds, "warmup": args.warmup,
                            "clients": args.clients,
                            "seconds": args.seconds, "qos": 1, "tcp_nodelay": True},
-          rows, {"p50_ms": "ms", "p99_ms": "ms", "mean_ms": "ms", "requests_per_s": "req/s"}, notes)
+          rows, {"p50_ms": "ms", "p99_ms": "ms", "mean_ms": "ms", "requests_per_s": "req/s"}, notes,
+          figures={"info_p99_ms_per_round": round_p99})
     return 0
 
 
