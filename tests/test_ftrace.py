@@ -333,6 +333,70 @@ def test_ipmodify_conflict_is_ebusy_and_writes_nothing(ftrace: Ftrace) -> None:
     assert "M" in tracefs.enabled_functions(ftrace), "MODIFIED sticks once an IPMODIFY ops has been attached"
 
 
+# -- kernel.ftrace_enabled ------------------------------------------------------------------------------------
+
+
+def test_ftrace_enabled_sysctl_turns_every_site_off_and_back(ftrace: Ftrace) -> None:
+    k = ftrace.kernel
+    a = counting("a")
+    ftrace.set_filter(a, "work_step_b work_step_c")
+    ftrace.register(a)
+    shared = counting("shared")
+    ftrace.set_filter(shared, "work_step_c")
+    ftrace.register(shared)
+    enabled_before = tracefs.enabled_functions(ftrace)
+    states_before = [site_state(ftrace, f) for f in ("work_step_b", "work_step_c")]
+    k.call("work_chain", 1)
+    assert (ftrace.ops_hits(a), ftrace.ops_hits(shared)) == (3, 2)
+
+    ftrace.set_enabled(False)
+    nop = (insn.MOV_X9_LR, insn.NOP, ftrace.nop_ops)
+    assert [site_state(ftrace, f) for f in ("work_step_b", "work_step_c")] == [nop, nop]
+    assert tracefs.enabled_functions(ftrace) == ""  # nothing ENABLED...
+    assert (ftrace.record("work_step_b").count, ftrace.record("work_step_c").count) == (1, 2)  # ...still counted
+    k.call("work_chain", 1)
+    assert (ftrace.ops_hits(a), ftrace.ops_hits(shared)) == (3, 2)
+    late = counting("late")  # an ops registered meanwhile waits for the sysctl too
+    ftrace.set_filter(late, "work_step_a")
+    ftrace.register(late)
+    assert site_state(ftrace, "work_step_a") == nop
+    assert ftrace.set_enabled(False) is None  # already off: no batch
+
+    ftrace.set_enabled(True)
+    assert [site_state(ftrace, f) for f in ("work_step_b", "work_step_c")] == states_before
+    assert site_state(ftrace, "work_step_a")[2] == late.addr
+    again = [line for line in tracefs.enabled_functions(ftrace).splitlines() if not line.startswith("work_step_a")]
+    assert again == enabled_before.splitlines()
+    k.call("work_chain", 1)
+    assert (ftrace.ops_hits(a), ftrace.ops_hits(shared), ftrace.ops_hits(late)) == (6, 4, 1)
+
+
+def test_permanent_ops_and_ftrace_enabled_exclude_each_other(ftrace: Ftrace) -> None:
+    """kernel.ftrace_enabled=0 refuses a PERMANENT ops (-EBUSY), and a PERMANENT ops refuses the sysctl."""
+    k = ftrace.kernel
+    stub = k.kallsyms.addr("ftrace_stub")
+    perm = FtraceOps("klp-like", "ftrace_redirect_call", flags=OpsFlag.IPMODIFY | OpsFlag.PERMANENT, private=stub)
+    ftrace.set_filter(perm, "work_step_c")
+    ftrace.set_enabled(False)
+    before = snapshot(ftrace)
+    with pytest.raises(FtraceBusy) as err:
+        ftrace.register(perm)
+    assert err.value.errno == -16
+    assert not perm.registered
+    assert snapshot(ftrace) == before
+    ftrace.set_enabled(True)
+    ftrace.register(perm)
+    assert k.call("work_chain", 5) == work_chain(5, c=lambda x: x)
+    before = snapshot(ftrace)
+    with pytest.raises(FtraceBusy, match="PERMANENT"):
+        ftrace.set_enabled(False)
+    assert ftrace.enabled
+    assert snapshot(ftrace) == before
+    ftrace.unregister(perm)
+    ftrace.set_enabled(False)
+    assert not ftrace.enabled
+
+
 # -- direct calls -----------------------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from daemon.errors import (
     CallbackFailed,
+    FtraceBusy,
     PatchFtraceFailed,
     PatchIncompatible,
     PatchInUse,
@@ -356,6 +357,30 @@ def test_ipmodify_conflict_refuses_the_patch(lp: Livepatch, bundles: dict[str, P
     lp.ftrace.unregister(hijack)
     lp.enable("livepatch_cmdline")
     assert cmdline(k) == "livepatch_cmdline: this has been live patched\n"
+
+
+def test_ftrace_enabled_sysctl_and_livepatch(lp: Livepatch, bundles: dict[str, PatchBundle]) -> None:
+    """test-ftrace.sh, part 1: with kernel.ftrace_enabled=0 a patch cannot be enabled (-16), with 1 it can,
+    and while it is enabled the sysctl cannot be cleared."""
+    k = lp.kernel
+    original = cmdline(k)
+    lp.ftrace.set_enabled(False)
+    lp.load(bundles["livepatch_cmdline"])
+    with pytest.raises(PatchFtraceFailed) as err:
+        lp.enable("livepatch_cmdline")
+    assert err.value.errno == -16
+    assert "livepatch: failed to register ftrace handler for function 'cmdline_proc_show' (-16)" in lp.log
+    assert not lp.patch("livepatch_cmdline").enabled
+    assert cmdline(k) == original
+    lp.ftrace.set_enabled(True)
+    lp.enable("livepatch_cmdline")
+    assert cmdline(k) == "livepatch_cmdline: this has been live patched\n"
+    with pytest.raises(FtraceBusy):
+        lp.ftrace.set_enabled(False)
+    assert cmdline(k) == "livepatch_cmdline: this has been live patched\n"
+    lp.disable("livepatch_cmdline")
+    lp.ftrace.set_enabled(False)
+    assert cmdline(k) == original
 
 
 def test_tracing_the_livepatched_function(lp: Livepatch, bundles: dict[str, PatchBundle]) -> None:

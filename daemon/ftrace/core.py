@@ -13,6 +13,11 @@ Every change (register, unregister, a new filter, a new direct target) goes thro
 Because every vCPU parks at a safe point outside any ftrace callback, the stop-machine pause is also the
 grace period ``ftrace_shutdown`` waits for with RCU-tasks: ops and hashes replaced by a batch are freed as
 soon as it returns.
+
+``enabled`` is the ``kernel.ftrace_enabled`` sysctl. Cleared, every site is a NOP again (records keep their
+ops count and their static flags, losing ENABLED and the ``*_EN`` bits, as ``ftrace_check_record`` disables
+them); ops may still register (non-PERMANENT ones: their sites wait for the sysctl), and it cannot be cleared
+while a PERMANENT ops — a livepatch — is registered: both refusals are -EBUSY.
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ class Ftrace:
         self._describe: list[Callable[[int], str | None]] = []
         self.last_batch: BatchResult | None = None
         self.ring_owner: object | None = None  # the function tracer using the per-CPU rings, if any
+        self.enabled = True
+        """kernel.ftrace_enabled (change it with :meth:`set_enabled`)."""
         self._init_records()
 
     # -- records ---------------------------------------------------------------------------------------------
@@ -174,6 +181,24 @@ class Ftrace:
         """The record ips a set_ftrace_filter expression selects."""
         return frozenset(ftrace_filter.select(expr, self.records, self.by_name))
 
+    # -- the sysctl ------------------------------------------------------------------------------------------
+
+    def set_enabled(self, value: bool) -> BatchResult | None:
+        """sysctl kernel.ftrace_enabled: every traced site off (NOP) or back to what its ops want, in one batch."""
+        with self.lock:
+            if value == self.enabled:
+                return None
+            permanent = [o.name for o in self._ops if o.flags & OpsFlag.PERMANENT]
+            if not value and permanent:
+                raise FtraceBusy(f"ftrace_enabled cannot be cleared while PERMANENT ops are registered "
+                                 f"({', '.join(permanent)}: live patches need their call sites)", ops=permanent)
+            self.enabled = value
+            try:
+                return self._apply(self._plan(r.ip for r in self.records if r.count))
+            except BaseException:
+                self.enabled = not value
+                raise
+
     # -- ops: public API -------------------------------------------------------------------------------------
 
     @property
@@ -187,6 +212,9 @@ class Ftrace:
         with self.lock:
             if ops in self._ops or ops.registered:
                 raise OpsStateError(f"ops {ops.name!r} is already registered", ops=ops.name)
+            if ops.flags & OpsFlag.PERMANENT and not self.enabled:
+                raise FtraceBusy(f"ops {ops.name!r} is PERMANENT and ftrace_enabled is 0: set it to 1 first",
+                                 ops=ops.name)
             self._check_ops(ops)
             func = self.kernel.resolve(ops.func)
             if not self.kernel.is_text(func):
@@ -434,6 +462,8 @@ class Ftrace:
         if count == 1 and not self.force_list and not covering[0].flags & OpsFlag.RECURSION:
             flags |= RecFlag.CALL_OPS | RecFlag.CALL_OPS_EN
             literal = covering[0].addr
+        if not self.enabled:  # counted, not called: the flags ftrace_check_record keeps for a disabled record
+            return _State(flags & ~(RecFlag.ENABLED | RecFlag.CALL_OPS_EN), self.nop_ops, 0)
         target = self.caller
         if count == 1 and direct and insn.reachable_by_bl(rec.ip, direct):
             flags |= RecFlag.DIRECT_EN
