@@ -113,8 +113,7 @@ class Connection:
     async def _drop(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(aiomqtt.MqttError, OSError):
-                await client.__aexit__(None, None, None)
+            await _close(client)
 
     async def _supervise(self, client: aiomqtt.Client) -> None:
         while True:
@@ -149,9 +148,11 @@ class Connection:
                 for topic in self._subscribed:
                     await client.subscribe(topic, qos=1)
             except aiomqtt.MqttError:
-                with contextlib.suppress(aiomqtt.MqttError, OSError):
-                    await client.__aexit__(None, None, None)
+                await _close(client)
                 continue
+            except asyncio.CancelledError:  # closed while reconnecting: do not leave this connection open
+                await _close(client)
+                raise
             self._client = client
             self.reconnects += 1
             self.up.set()
@@ -207,3 +208,8 @@ class Connection:
             if not self.reconnect:
                 raise BrokerUnreachable(f"publish to {self.where} failed: {error}")
             await asyncio.sleep(self.reconnect_min_s)  # the supervisor notices the loss and reconnects
+
+
+async def _close(client: aiomqtt.Client) -> None:
+    with contextlib.suppress(aiomqtt.MqttError, OSError):
+        await client.__aexit__(None, None, None)
