@@ -11,6 +11,9 @@ drain, whoever does it (that thread, ``trace.read``, ``trace.stop``), goes two w
 
 So both a ``trace.read`` poller and a ``lpctl trace follow`` subscriber see every record exactly once. Draining
 under the session lock keeps both in ring order.
+
+The verbs themselves are :class:`TraceVerbs`, part of :class:`~daemon.service.ftrace_verbs.FtraceVerbs`: at most
+one session at a time.
 """
 
 from __future__ import annotations
@@ -19,17 +22,31 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from daemon.arch.arm64.patching import BatchResult
+from daemon.errors import FtraceError
 from daemon.ftrace import tracefs
 from daemon.ftrace.core import Ftrace
+from daemon.ftrace.ops import FtraceOps
 from daemon.ftrace.tracer import FunctionTracer, TraceRecord
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
-from daemon.service.core import Service
-from schemas.ftrace_verbs import TRACE_BUFFER, TraceBatchDoc, TraceEntry
+from daemon.service.core import RequestContext, Service
+from schemas.ftrace_verbs import (
+    TRACE_BUFFER,
+    BatchInfo,
+    TraceBatchDoc,
+    TraceEntry,
+    TraceReadData,
+    TraceReadRequest,
+    TraceStartData,
+    TraceStartRequest,
+    TraceStopData,
+    TraceStopRequest,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -149,3 +166,80 @@ class TraceSession:
             return {"lines": [line for line, _ in taken], "records": [e for _, e in taken], "written": self.written,
                     "dropped": self.dropped, "overrun": self.overrun, "remaining": len(self.buffer),
                     "running": running}
+
+
+class TraceNotRunning(FtraceError):
+    """trace.read or trace.stop while the function tracer is not running."""
+
+    code = "trace_not_running"
+
+
+class TraceVerbs:
+    """Part of :class:`~daemon.service.ftrace_verbs.FtraceVerbs`: the function tracer's verbs."""
+
+    # set by FtraceVerbs.__init__
+    service: Service
+    kernel: Kernel
+    ftrace: Ftrace
+    streams: StreamOutlet | None
+    session: TraceSession | None
+    sessions: int
+    formatter: TraceFormatter
+    _lock: threading.RLock
+
+    if TYPE_CHECKING:  # defined by FtraceVerbs
+        def functions(self, ops: FtraceOps) -> int: ...
+        def _observe(self, verb: str, *results: BatchResult | None) -> BatchInfo | None: ...
+        def publish(self) -> None: ...
+
+    # -- the function tracer ---------------------------------------------------------------------------------
+
+    def trace_start(self, req: TraceStartRequest, ctx: RequestContext) -> TraceStartData:
+        with self._lock:
+            if self.session is not None:
+                raise FtraceError("the function tracer is already running; stop it first (trace.stop)",
+                                  session=self.session.number)
+            tracer = FunctionTracer(self.ftrace, filter=req.filter, notrace=req.notrace,
+                                    entries_per_cpu=req.entries_per_cpu)
+            result = tracer.start()
+            self.sessions += 1
+            session = self.session = TraceSession(self.service, self.kernel, tracer, self.formatter,
+                                                  number=self.sessions, filter=req.filter or None,
+                                                  notrace=req.notrace or None, streams=self.streams)
+            session.start_draining()
+            functions = self.functions(tracer.ops)
+        self.publish()
+        ctx.events.emit("trace.started", session=session.number, filter=session.filter, functions=functions)
+        return TraceStartData(filter=session.filter, notrace=session.notrace, entries_per_cpu=req.entries_per_cpu,
+                              functions=functions, topic=self.service.topics.trace, streaming=self.streams is not None,
+                              period_ms=round(DRAIN_PERIOD_S * 1000), batch=self._observe(ctx.verb, result))
+
+    def _session(self) -> TraceSession:
+        if self.session is None:
+            raise TraceNotRunning("the function tracer is not running (trace.start starts it)")
+        return self.session
+
+    def trace_read(self, req: TraceReadRequest, ctx: RequestContext) -> TraceReadData:
+        with self._lock:
+            session = self._session()
+            session.collect(session.tracer.drain)
+            return TraceReadData.model_validate(session.read(req.limit, running=True))
+
+    def trace_stop(self, req: TraceStopRequest, ctx: RequestContext) -> TraceStopData:
+        with self._lock:
+            session = self._session()
+            session.stop_draining()
+            before = self.ftrace.last_batch
+            try:
+                session.collect(session.tracer.stop)
+            except BaseException:
+                session.start_draining()  # still running: keep draining
+                raise
+            after = self.ftrace.last_batch
+            self.session = None
+            data = session.read(req.limit, running=False)
+            data.update(remaining=0, discarded=data["remaining"],
+                        batch=self._observe(ctx.verb, after if after is not before else None))
+        self.publish()
+        ctx.events.emit("trace.stopped", session=session.number, written=data["written"], dropped=data["dropped"])
+        return TraceStopData.model_validate(data)

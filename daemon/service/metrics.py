@@ -54,7 +54,7 @@ class Metrics:
         self.guest_instructions = Gauge("lpd_guest_instructions", "Guest instructions executed by every vCPU since "
                                         "boot (counted only with count_guest_instructions; else absent)",
                                         registry=r)
-        # -- ftrace verbs (daemon/service/ftrace_verbs.py) --
+        # -- ftrace verbs (daemon/service/ftrace_*.py) --
         self.batch_pause = Histogram("lpd_batch_pause_seconds",
                                      "Stop-machine pause of each text-patching batch a request applied (first vCPU "
                                      "parked to last resumed), by verb", ["verb"], buckets=PAUSE_BUCKETS, registry=r)
@@ -63,7 +63,7 @@ class Metrics:
         self.trace_dropped = Counter("lpd_trace_dropped", "Function-tracer records lost: a guest ring was full "
                                      "(reason=ring) or the daemon's unread buffer was (reason=buffer)", ["reason"],
                                      registry=r)
-        # -- patch verbs (daemon/service/patch_verbs.py) --
+        # -- patch verbs (daemon/service/patch_*.py) --
         self.livepatches = Gauge("lpd_livepatches", "Loaded live patches, by state (enabled, disabled, transition)",
                                  ["state"], registry=r)
         self.transitions = Counter("lpd_livepatch_transitions", "Livepatch transitions ended, by target (patched, "

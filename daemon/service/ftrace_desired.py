@@ -1,0 +1,34 @@
+"""The ftrace API's desired state: the kinds its ops and hijacks are stored under in the :class:`DesiredState`
+store, what each change records there, the tombstone a removal leaves, and the check for a replayed request whose
+change already reached the store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daemon.service.core import RequestContext
+from daemon.service.desired import DesiredState, Item
+
+KIND_OPS = "ftrace.ops"
+KIND_HIJACK = "ftrace.hijack"
+"""Desired-state kinds (key: the ops or hijack name)."""
+
+
+class FtraceDesired:
+    """Part of :class:`~daemon.service.ftrace_verbs.FtraceVerbs`: its records in the desired-state store."""
+
+    desired: DesiredState | None  # set by FtraceVerbs.__init__
+
+    # -- desired state ---------------------------------------------------------------------------------------
+
+    def _already(self, ctx: RequestContext) -> bool:
+        """A replayed request whose change reached the store before the crash (and was restored at boot)."""
+        return ctx.replayed and self.desired is not None and self.desired.applied(ctx.request_id)
+
+    def _record(self, kind: str, key: str, doc: dict[str, Any], ctx: RequestContext) -> None:
+        if self.desired is not None:
+            self.desired.put(kind, key, doc, request_id=ctx.request_id)
+
+    def _tombstone(self, kind: str, key: str) -> Item | None:
+        item = self.desired.get(kind, key) if self.desired is not None else None
+        return item if item is not None and "last" in item.doc else None

@@ -1,0 +1,74 @@
+"""How :class:`~daemon.service.patch_verbs.PatchVerbs` describes loaded patches in replies and in the state: their
+summaries, a change's outcome, and everything ``patch.info`` shows (objects, functions, sysfs files)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from daemon.livepatch import sysfs
+from daemon.livepatch.core import Livepatch
+from daemon.service.desired import DesiredState
+from daemon.service.patch_desired import KIND
+from schemas.patch_verbs import (
+    FuncInfo,
+    ObjectInfo,
+    PatchChangeData,
+    PatchInfoData,
+    PatchSummary,
+    StateInfo,
+    SysfsFile,
+    TransitionProgress,
+)
+
+
+class PatchViews:
+    """Part of :class:`~daemon.service.patch_verbs.PatchVerbs`: its views of the loaded patches."""
+
+    # set by PatchVerbs.__init__
+    lp: Livepatch
+    desired: DesiredState | None
+    _key_ids: dict[str, str | None]
+
+    if TYPE_CHECKING:  # defined by TransitionWatch
+        def _progress(self) -> TransitionProgress | None: ...
+
+    # -- views -----------------------------------------------------------------------------------------------
+
+    def _summaries(self) -> list[PatchSummary]:
+        tr = self.lp.transition
+        return [PatchSummary(name=p.name, enabled=p.enabled, transition=tr is not None and tr.patch is p,
+                             replace=p.replace, stack_order=i + 1, forced=p.forced, replaced=p.replaced,
+                             funcs=[f.sysfs_name for f in p.funcs() if not f.nop])
+                for i, p in enumerate(self.lp.patches)]
+
+    def change_data(self, name: str, *, waited_s: float | None = None, reversed_: bool = False) -> PatchChangeData:
+        with self.lp.lock:
+            p = self.lp.patch(name)
+            tr = self.lp.transition
+            mine = tr is not None and tr.patch is p
+            return PatchChangeData(name=p.name, enabled=p.enabled, forced=p.forced, replaced=p.replaced,
+                                   completed=not mine, reversed=reversed_, waited_s=waited_s,
+                                   transition=self._progress() if mine else None)
+
+    def info_data(self, name: str) -> PatchInfoData:
+        with self.lp.lock:
+            p = self.lp.patch(name)
+            view = sysfs.patch_view(self.lp, name)
+            mine = self.lp.transition is not None and self.lp.transition.patch is p
+            item = self.desired.get(KIND, name) if self.desired is not None else None
+            objects = [ObjectInfo(name=o.name, patched=o.patched, callbacks=sorted(o.callbacks),
+                                  funcs=[FuncInfo(old_name=f.old_name, old_sympos=f.old_sympos, old_addr=f.old_addr,
+                                                  new_name=f.new_name, new_addr=f.new_addr, sysfs_name=f.sysfs_name,
+                                                  patched=f.patched, transition=f.transition, nop=f.nop)
+                                         for f in o.funcs])
+                       for o in p.objects]
+            files = [SysfsFile(path=path, mode=mode, content=content) for path, mode, content in sysfs.files(self.lp)
+                     if path.split("/", 1)[0] == name]
+            return PatchInfoData(
+                name=p.name, enabled=bool(view["enabled"]), transition=bool(view["transition"]),
+                replace=bool(view["replace"]), stack_order=view["stack_order"], forced=p.forced, replaced=p.replaced,
+                module=p.module.name, module_base=p.module.text[0], build_id=p.manifest.build_id,
+                key_id=self._key_ids.get(name),
+                states=[StateInfo(id=i, version=v) for i, v in sorted(p.states.items())], objects=objects,
+                progress=self._progress() if mine else None,
+                desired_enabled=None if item is None else bool(item.doc.get("enabled")), sysfs=files)
