@@ -63,6 +63,7 @@ FtraceEventType = Literal[
     "ftrace.ops.registered",    # data: the ops (name, callback, filter, notrace, functions)
     "ftrace.ops.filtered",      # data: the ops after its filter or notrace changed
     "ftrace.ops.unregistered",  # data: name
+    "ftrace.sysctl",            # data: ftrace_enabled, sites
     "hijack.created",           # data: the hijack (function, target, mode)
     "hijack.deleted",           # data: name, function
     "trace.started",            # data: filter, notrace, functions, entries_per_cpu
@@ -174,6 +175,20 @@ class EnabledData(Outbound):
     total: int = Field(description="records in the whole file")
     offset: int
     next_offset: int | None
+
+
+class SysctlRequest(Request):
+    """sysctl kernel.ftrace_enabled: read it (no parameter) or set it. Cleared, every traced call site is a NOP
+    again; it cannot be cleared while a live patch (a PERMANENT ops) is registered, and no live patch can be
+    enabled while it is cleared (both ``ftrace_busy``, -16)."""
+
+    ftrace_enabled: bool | None = Field(default=None, description="the new value; omit to read the current one")
+
+
+class SysctlData(Outbound):
+    ftrace_enabled: bool
+    changed: bool = Field(description="whether this request changed it")
+    sites: int = Field(description="call sites rewritten by the change (0 when unchanged)")
 
 
 # -- the function tracer ---------------------------------------------------------------------------------------
@@ -336,6 +351,8 @@ SPECS: list[VerbSpec] = [
              "The traceable functions, paged, optionally matching a glob."),
     VerbSpec("ftrace.enabled_functions", EnabledRequest, EnabledData,
              "enabled_functions (or touched_functions) as tracefs prints it, paged by record."),
+    VerbSpec("ftrace.sysctl", SysctlRequest, SysctlData,
+             "Read or set kernel.ftrace_enabled (every traced call site off, or back on).", mutating=True),
     VerbSpec("trace.start", TraceStartRequest, TraceStartData,
              "Start the function tracer; batches of records are published on the trace topic.", mutating=True),
     VerbSpec("trace.stop", TraceStopRequest, TraceStopData, "Stop the function tracer; returns the unread records.",

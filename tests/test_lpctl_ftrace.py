@@ -101,6 +101,16 @@ def test_available_and_enabled(lpd: DaemonThread) -> None:
     assert ok(lpd, "ftrace", "enabled", "--touched") == tracefs.enabled_functions(ft, touched=True)
 
 
+def test_sysctl(lpd: DaemonThread) -> None:
+    assert ok(lpd, "ftrace", "sysctl") == "kernel.ftrace_enabled = 1\n"
+    ok(lpd, "ftrace", "ops", "register", "steps", "-f", "work_step_*")
+    assert ok(lpd, "ftrace", "sysctl", "0") == "kernel.ftrace_enabled = 0  (3 call sites rewritten)\n"
+    assert json.loads(ok(lpd, "--json", "ftrace", "sysctl"))["data"]["ftrace_enabled"] is False
+    assert ok(lpd, "ftrace", "sysctl", "1") == "kernel.ftrace_enabled = 1  (3 call sites rewritten)\n"
+    assert lpctl(lpd, "ftrace", "sysctl", "2")[0] == 2
+    ok(lpd, "ftrace", "ops", "unregister", "steps")
+
+
 def test_trace_commands(lpd: DaemonThread) -> None:
     out = ok(lpd, "trace", "start", "work_step_*", "--entries", "256")
     assert out.startswith("tracing 3 functions, 256 entries per CPU")

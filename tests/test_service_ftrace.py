@@ -141,6 +141,31 @@ def test_ops_register_count_filter_unregister(lpd: DaemonThread) -> None:
     run(main())
 
 
+def test_ftrace_enabled_sysctl(lpd: DaemonThread) -> None:
+    async def main() -> None:
+        async with client(lpd) as c:
+            assert (await c.ftrace_sysctl()).model_dump() == {"ftrace_enabled": True, "changed": False, "sites": 0}
+            await c.ops_register("steps", filter="work_step_*")
+            on = await c.enabled_functions_text()
+            await c.call("work_chain", 1)
+            off = await c.ftrace_sysctl(False)
+            assert (off.ftrace_enabled, off.changed, off.sites) == (False, True, 3)
+            assert await c.enabled_functions_text() == ""
+            await c.call("work_chain", 1)
+            assert (await c.ops_list()).ops[0].hits == 4  # not called while off
+            state = await c.state()
+            assert state is not None
+            assert state.components["ftrace"]["ftrace_enabled"] is False
+            again = await c.ftrace_sysctl(False)
+            assert (again.changed, again.sites) == (False, 0)
+            back = await c.ftrace_sysctl(True)
+            assert (back.ftrace_enabled, back.changed, back.sites) == (True, True, 3)
+            assert await c.enabled_functions_text() == on
+            await c.call("work_chain", 1)
+            assert (await c.ops_list()).ops[0].hits == 8
+    run(main())
+
+
 def test_nop_and_recursion_ops_and_foreign_ops(lpd: DaemonThread) -> None:
     async def main() -> None:
         async with client(lpd) as c:
@@ -527,6 +552,9 @@ def test_ops_and_hijacks_are_restored_after_a_restart(tmp_path: Path) -> None:
         first.ok("hijack.create", function="corpus_helper", sympos=2, target="ftrace_stub", name="tmp")
         first.ok("hijack.delete", name="tmp")
         first.ok("trace.start", filter="work_chain")  # not desired state: a restart ends it
+        first.ok("ftrace.sysctl", ftrace_enabled=False)
+        assert tracefs.enabled_functions(first.ftrace) == ""
+        first.ok("ftrace.sysctl", ftrace_enabled=True)
         want = tracefs.enabled_functions(first.ftrace)
         want_ops = {o["name"]: (o["filter"], o["notrace"], o["functions"]) for o in first.ok("ftrace.ops.list")["ops"]}
         want_hijacks = first.ok("hijack.list")["hijacks"]
@@ -554,6 +582,24 @@ def test_ops_and_hijacks_are_restored_after_a_restart(tmp_path: Path) -> None:
         doc = second.service.state.document().components["ftrace"]
         assert ([o["name"] for o in doc["ops"]], [h["name"] for h in doc["hijacks"]]) == (
             ["steps", "nop-all-but-corpus"], ["work_step_b", "d"])
+    finally:
+        second.close()
+
+
+def test_a_cleared_ftrace_enabled_is_restored_before_the_ops(tmp_path: Path) -> None:
+    first = Host(tmp_path)
+    try:
+        first.ok("ftrace.sysctl", ftrace_enabled=False)
+        first.ok("ftrace.ops.register", name="steps", filter="work_step_*")
+    finally:
+        first.close()
+    second = Host(tmp_path)
+    try:
+        report = second.verbs.restore()
+        assert (report.ops, report.failed) == (["steps"], [])
+        assert second.ok("ftrace.sysctl") == {"ftrace_enabled": False, "changed": False, "sites": 0}
+        assert tracefs.enabled_functions(second.ftrace) == ""  # registered, waiting for the sysctl
+        assert second.ok("ftrace.sysctl", ftrace_enabled=True)["sites"] == 3
     finally:
         second.close()
 

@@ -275,6 +275,28 @@ def test_atomic_replace_and_stacking(patchd: DaemonThread) -> None:
     run(main())
 
 
+def test_ftrace_enabled_and_live_patches_exclude_each_other(patchd: DaemonThread) -> None:
+    """test-ftrace.sh over MQTT: no patch can be enabled while kernel.ftrace_enabled is 0, and it cannot be
+    cleared while a patch is enabled (both ftrace_busy, -16), nothing changing either way."""
+    async def main() -> None:
+        async with Session(patchd.url, patchd.host) as s:
+            c = s.c
+            await c.patch_load(signed("livepatch_cmdline").to_bytes())
+            await c.ftrace_sysctl(False)
+            err = await s.error("patch.enable", {"request_id": uuid.uuid4().hex, "name": "livepatch_cmdline"})
+            assert err["code"] == "livepatch_ftrace_failed", err
+            assert (await c.call_read("proc_cmdline_read")).text == ORIGINAL_CMDLINE
+            await c.ftrace_sysctl(True)
+            await c.patch_enable("livepatch_cmdline", wait=True)
+            err = await s.error("ftrace.sysctl", {"request_id": uuid.uuid4().hex, "ftrace_enabled": False})
+            assert err["code"] == "ftrace_busy"
+            assert "PERMANENT ops are registered: klp:cmdline_proc_show" in err["message"]
+            assert (await c.ftrace_sysctl()).ftrace_enabled is True
+            assert (await c.call_read("proc_cmdline_read")).text == PATCHED_CMDLINE
+            await s.cleanup()
+    run(main())
+
+
 def test_repeated_request_id_is_answered_from_the_journal(patchd: DaemonThread) -> None:
     async def main() -> None:
         async with Session(patchd.url, patchd.host) as s:

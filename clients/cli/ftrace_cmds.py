@@ -9,6 +9,7 @@ command                                                verb
 ``lpctl ftrace ops filter NAME [-f F] [-n N] [--add]`` ftrace.ops.filter
 ``lpctl ftrace available [PATTERN]``                   ftrace.available_filter_functions (every page)
 ``lpctl ftrace enabled [--touched]``                   ftrace.enabled_functions (every page)
+``lpctl ftrace sysctl [0|1]``                          ftrace.sysctl: read or set kernel.ftrace_enabled
 ``lpctl trace start [FILTER] [-n N]``                  trace.start
 ``lpctl trace read`` / ``lpctl trace stop``            trace.read / trace.stop: trace lines on stdout
 ``lpctl trace follow [--count N]``                     the trace topic: lines as they are published, until Ctrl-C
@@ -43,6 +44,7 @@ from schemas.ftrace_verbs import (
     OpsData,
     OpsInfo,
     OpsListData,
+    SysctlData,
     TraceReadData,
     TraceStartData,
     TraceStopData,
@@ -178,6 +180,17 @@ def enabled(ctx: typer.Context,
     pages: list[EnabledData] = _paged(ctx, "ftrace.enabled_functions", _params(touched=touched or None),
                                       offset=offset, limit=limit, page=EnabledData)
     sys.stdout.write("".join(p.text for p in pages))
+
+
+@ftrace_app.command("sysctl")
+def sysctl(ctx: typer.Context,
+           value: Annotated[int | None, typer.Argument(min=0, max=1, help="kernel.ftrace_enabled: 0 turns every traced "
+                                                       "call site off, 1 back on; omitted: print it")] = None) -> None:
+    """Read or set kernel.ftrace_enabled (refused with ftrace_busy while a live patch is enabled)."""
+    data = SysctlData.model_validate(_request(ctx, "ftrace.sysctl", _params(
+        ftrace_enabled=None if value is None else bool(value))))
+    note = f"  ({data.sites} call sites rewritten)" if data.changed else ""
+    out().print(f"kernel.ftrace_enabled = {int(data.ftrace_enabled)}{note}")
 
 
 # -- the function tracer -----------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from schemas.ftrace_verbs import (
     HijackListData,
     OpsData,
     OpsListData,
+    SysctlData,
     TraceBatchDoc,
     TraceReadData,
     TraceStartData,
@@ -117,6 +118,12 @@ class FtraceApi:
             parts.append(page.text)
             offset = page.next_offset
         return "".join(parts)
+
+    async def ftrace_sysctl(self: _Client, ftrace_enabled: bool | None = None, *,
+                            request_id: str | None = None) -> SysctlData:
+        """kernel.ftrace_enabled: read it (no argument) or set it (False: every traced call site off)."""
+        return SysctlData.model_validate(await self.request(
+            "ftrace.sysctl", _params(ftrace_enabled=ftrace_enabled), request_id=request_id))
 
     # -- the function tracer ---------------------------------------------------------------------------------
 

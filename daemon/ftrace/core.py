@@ -190,8 +190,9 @@ class Ftrace:
                 return None
             permanent = [o.name for o in self._ops if o.flags & OpsFlag.PERMANENT]
             if not value and permanent:
-                raise FtraceBusy(f"ftrace_enabled cannot be cleared while PERMANENT ops are registered "
-                                 f"({', '.join(permanent)}: live patches need their call sites)", ops=permanent)
+                raise FtraceBusy(f"ftrace_enabled cannot be cleared while PERMANENT ops are registered: "
+                                 f"{', '.join(permanent)} (live patches need their call sites; disable them first)",
+                                 ops=permanent)
             self.enabled = value
             try:
                 return self._apply(self._plan(r.ip for r in self.records if r.count))

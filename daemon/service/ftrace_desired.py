@@ -11,7 +11,8 @@ from daemon.service.desired import DesiredState, Item
 
 KIND_OPS = "ftrace.ops"
 KIND_HIJACK = "ftrace.hijack"
-"""Desired-state kinds (key: the ops or hijack name)."""
+KIND_SYSCTL = "ftrace.sysctl"
+"""Desired-state kinds (key: the ops or hijack name; for the sysctl, ``ftrace_enabled``)."""
 
 
 class FtraceDesired:

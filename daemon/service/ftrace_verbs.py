@@ -48,7 +48,7 @@ from daemon.kernel.kernel import Kernel
 from daemon.service.core import RequestContext, Service
 from daemon.service.desired import DesiredState
 from daemon.service.ftrace_api_ops import OpsVerbs, _ApiOps, _text
-from daemon.service.ftrace_desired import KIND_HIJACK, KIND_OPS, FtraceDesired
+from daemon.service.ftrace_desired import KIND_HIJACK, KIND_OPS, KIND_SYSCTL, FtraceDesired
 from daemon.service.ftrace_hijacks import HijackVerbs, _Hijack
 from daemon.service.ftrace_trace import StreamOutlet, TraceFormatter, TraceSession, TraceVerbs
 from schemas.ftrace_verbs import (
@@ -57,6 +57,8 @@ from schemas.ftrace_verbs import (
     BatchInfo,
     EnabledData,
     EnabledRequest,
+    SysctlData,
+    SysctlRequest,
 )
 
 log = structlog.get_logger(__name__)
@@ -130,6 +132,7 @@ class FtraceVerbs(OpsVerbs, HijackVerbs, TraceVerbs, FtraceDesired):
                 "trace": None if session is None else {
                     "session": session.number, "filter": session.filter, "notrace": session.notrace,
                     "entries_per_cpu": session.entries_per_cpu},
+                "ftrace_enabled": self.ftrace.enabled,
                 "ops_registered": len(self.ftrace.ops),
                 "enabled_functions": sum(1 for r in self.ftrace.records if int(r.flags) & _ENABLED),
                 "records": len(self.ftrace.records),
@@ -140,19 +143,23 @@ class FtraceVerbs(OpsVerbs, HijackVerbs, TraceVerbs, FtraceDesired):
     # -- boot --------------------------------------------------------------------------------------------------
 
     def restore(self) -> RestoreReport:
-        """Re-register the desired ops, then re-create the desired hijacks, in the order they were first made.
+        """Set kernel.ftrace_enabled as last asked, re-register the desired ops, then re-create the desired
+        hijacks, in the order they were first made.
 
         Blocking: call it in a worker thread, after the live patches' restore and before the journal replay.
         A failure is logged, published (``ftrace.restore_failed`` events, ``restore_failed`` in the state) and
         skipped; the item stays desired.
         """
         report = RestoreReport()
-        items = [*self.desired.items(KIND_OPS), *self.desired.items(KIND_HIJACK)] if self.desired else []
+        items = [*self.desired.items(KIND_SYSCTL), *self.desired.items(KIND_OPS), *self.desired.items(KIND_HIJACK)
+                 ] if self.desired else []
         with self._lock:
             for item in items:
                 doc = item.doc
                 try:
-                    if item.kind == KIND_OPS and doc.get("registered"):
+                    if item.kind == KIND_SYSCTL:
+                        self.ftrace.set_enabled(bool(doc["value"]))
+                    elif item.kind == KIND_OPS and doc.get("registered"):
                         self._register(item.key, doc["callback"], bool(doc.get("recursion")),
                                        [(e, bool(r)) for e, r in doc.get("filter", [])],
                                        [(e, bool(r)) for e, r in doc.get("notrace", [])])
@@ -174,6 +181,21 @@ class FtraceVerbs(OpsVerbs, HijackVerbs, TraceVerbs, FtraceDesired):
                                      failed=len(report.failed))
         self.publish()
         return report
+
+    # -- sysctl --------------------------------------------------------------------------------------------------
+
+    def sysctl(self, req: SysctlRequest, ctx: RequestContext) -> SysctlData:
+        """kernel.ftrace_enabled: read, or set (idempotent: a replay sets the same value again)."""
+        with self._lock:
+            value = req.ftrace_enabled
+            if value is None or value == self.ftrace.enabled:
+                return SysctlData(ftrace_enabled=self.ftrace.enabled, changed=False, sites=0)
+            batch = self._observe("ftrace.sysctl", self.ftrace.set_enabled(value))
+            self._record(KIND_SYSCTL, "ftrace_enabled", {"value": value}, ctx)
+            sites = batch.sites if batch is not None else 0
+            self.service.events.emit("ftrace.sysctl", ftrace_enabled=value, sites=sites)
+        self.publish()
+        return SysctlData(ftrace_enabled=value, changed=True, sites=sites)
 
     # -- tracefs views ---------------------------------------------------------------------------------------
 
@@ -218,6 +240,7 @@ def register(service: Service, kernel: Kernel, ftrace: Ftrace, *, desired: Desir
         ("ftrace.ops.filter", verbs.ops_filter),
         ("ftrace.available_filter_functions", verbs.available),
         ("ftrace.enabled_functions", verbs.enabled),
+        ("ftrace.sysctl", verbs.sysctl),
         ("trace.start", verbs.trace_start),
         ("trace.read", verbs.trace_read),
         ("trace.stop", verbs.trace_stop),
