@@ -150,6 +150,8 @@ def test_atomic_replace(lp: Livepatch, bundles: dict[str, PatchBundle]) -> None:
     lp.unload("livepatch_demo_target")
     with pytest.raises(PatchStateError):
         lp.enable("livepatch_atomic_replace")
+    with pytest.raises(PatchStateError):  # what a restart restores applies to disabled patches only
+        lp.mark_replaced("livepatch_atomic_replace")
     lp.disable("livepatch_atomic_replace")
     assert cmdline(k) == ORIGINAL_CMDLINE
     assert k.call("klp_demo_target", 7) == 22

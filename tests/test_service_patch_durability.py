@@ -144,7 +144,7 @@ def test_clean_restart_restores_the_desired_state(mosquitto: Mosquitto, tmp_path
                     await c.patch_load(signed(name).to_bytes())
                     await c.patch_enable(name, wait=True)
                 await c.patch_unload("livepatch_demo_target")  # replaced: unloads without a disable
-                before = [(p.name, p.enabled, p.stack_order) for p in (await c.patch_list()).patches]
+                before = [(p.name, p.enabled, p.replaced, p.stack_order) for p in (await c.patch_list()).patches]
                 text = (await c.call_read("proc_cmdline_read")).text
                 statuses = c.statuses()
                 assert (await anext(statuses)).state == "online"
@@ -153,10 +153,15 @@ def test_clean_restart_restores_the_desired_state(mosquitto: Mosquitto, tmp_path
                 proc.start()
                 await next_status(c, "online", 2)
                 await statuses.aclose()
-                after = [(p.name, p.enabled, p.stack_order) for p in (await c.patch_list()).patches]
-                assert after == before == [("livepatch_cmdline", False, 1), ("livepatch_atomic_replace", True, 2)]
+                after = [(p.name, p.enabled, p.replaced, p.stack_order) for p in (await c.patch_list()).patches]
+                assert after == before == [("livepatch_cmdline", False, True, 1),
+                                           ("livepatch_atomic_replace", True, False, 2)]
                 assert (await c.call_read("proc_cmdline_read")).text == text
                 assert (await c.call("klp_demo_target", 7)).value == 22
+                refused = await c.request_raw("patch.enable", {"name": "livepatch_cmdline"})
+                assert refused.reply.error is not None
+                assert refused.reply.error.code == "livepatch_bad_state"  # still replaced: load it again instead
+                assert "replaced" in refused.reply.error.message
         run(main())
     finally:
         proc.kill()

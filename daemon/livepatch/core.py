@@ -126,6 +126,16 @@ class Livepatch:
             self._emit("loaded", patch)
             return patch
 
+    def mark_replaced(self, name: str) -> KlpPatch:
+        """A loaded, disabled patch that an atomic replace took over before a restart: it stays replaced (it may
+        be unloaded, not enabled again), as it was before the restart."""
+        with self.lock:
+            patch = self.patch(name)
+            if patch.enabled or (self.transition is not None and self.transition.patch is patch):
+                raise PatchStateError(f"patch {name!r} is enabled: it cannot be marked replaced", patch=name)
+            patch.replaced = True
+            return patch
+
     def unload(self, name: str) -> None:
         """rmmod: a disabled (or replaced) patch that is not in transition and was never forced."""
         with self.lock:

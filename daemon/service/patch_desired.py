@@ -88,6 +88,8 @@ class PatchDesired:
                 bundle = PatchBundle.from_bytes(item.blob, f"desired bundle {item.key}")
                 self._key_ids[item.key] = bundle.signature.key_id if bundle.signature is not None else None
                 self.lp.load(bundle)
+                if item.doc.get("replaced"):
+                    self.lp.mark_replaced(item.key)
                 report.loaded.append(item.key)
             except LivepatchdError as exc:
                 self._restore_failed(report, item.key, exc.code, exc.message)
