@@ -344,18 +344,23 @@ def test_every_task_calling_the_syscall_transitions(lp: Livepatch, bundles: dict
 # -- test-ftrace.sh / test-kprobe.sh ----------------------------------------------------------------------------
 
 
-def test_ipmodify_conflict_refuses_the_patch(lp: Livepatch, bundles: dict[str, PatchBundle]) -> None:
-    k = lp.kernel
-    hijack = FtraceOps("probe", "ftrace_redirect_call", flags=OpsFlag.IPMODIFY, private=k.kallsyms.addr("ftrace_stub"))
-    lp.ftrace.set_filter(hijack, "cmdline_proc_show")
-    lp.ftrace.register(hijack)
-    lp.load(bundles["livepatch_cmdline"])
+def enable_refused_by_ftrace(lp: Livepatch) -> None:
+    """Enabling livepatch_cmdline fails to register its ftrace handler (-EBUSY) and is cancelled."""
     with pytest.raises(PatchFtraceFailed) as err:
         lp.enable("livepatch_cmdline")
     assert err.value.errno == -16
     assert "livepatch: failed to register ftrace handler for function 'cmdline_proc_show' (-16)" in lp.log
     assert lp.log[-1] == "livepatch: canceling patching transition, going to unpatch"
     assert not lp.patch("livepatch_cmdline").enabled
+
+
+def test_ipmodify_conflict_refuses_the_patch(lp: Livepatch, bundles: dict[str, PatchBundle]) -> None:
+    k = lp.kernel
+    hijack = FtraceOps("probe", "ftrace_redirect_call", flags=OpsFlag.IPMODIFY, private=k.kallsyms.addr("ftrace_stub"))
+    lp.ftrace.set_filter(hijack, "cmdline_proc_show")
+    lp.ftrace.register(hijack)
+    lp.load(bundles["livepatch_cmdline"])
+    enable_refused_by_ftrace(lp)
     lp.ftrace.unregister(hijack)
     lp.enable("livepatch_cmdline")
     assert cmdline(k) == "livepatch_cmdline: this has been live patched\n"
@@ -368,11 +373,7 @@ def test_ftrace_enabled_sysctl_and_livepatch(lp: Livepatch, bundles: dict[str, P
     original = cmdline(k)
     lp.ftrace.set_enabled(False)
     lp.load(bundles["livepatch_cmdline"])
-    with pytest.raises(PatchFtraceFailed) as err:
-        lp.enable("livepatch_cmdline")
-    assert err.value.errno == -16
-    assert "livepatch: failed to register ftrace handler for function 'cmdline_proc_show' (-16)" in lp.log
-    assert not lp.patch("livepatch_cmdline").enabled
+    enable_refused_by_ftrace(lp)
     assert cmdline(k) == original
     lp.ftrace.set_enabled(True)
     lp.enable("livepatch_cmdline")

@@ -25,15 +25,13 @@ Text output is the kernel's where there is one (available_filter_functions, enab
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from clients.cli.main import EXIT_USAGE, Options, _request, _run, err, fail, out
-from clients.sdk import LivepatchClient
+from clients.cli.main import EXIT_USAGE, Options, _follow, _request, err, fail, out
 from schemas.ftrace_verbs import (
     MAX_PAGE,
     AvailableData,
@@ -45,6 +43,7 @@ from schemas.ftrace_verbs import (
     OpsInfo,
     OpsListData,
     SysctlData,
+    TraceBatchDoc,
     TraceReadData,
     TraceStartData,
     TraceStopData,
@@ -240,32 +239,18 @@ def trace_follow(ctx: typer.Context,
     """Print trace lines as the daemon publishes them (while the tracer runs), until Ctrl-C."""
     opts: Options = ctx.obj
 
-    async def follow(client: LivepatchClient) -> int:
-        printed = 0
+    def subscribed() -> None:
+        err().print(f"[dim]following the trace of {opts.host} (Ctrl-C to stop)[/]")
 
-        def subscribed() -> None:
-            err().print(f"[dim]following the trace of {opts.host} (Ctrl-C to stop)[/]")
-        try:
-            async with asyncio.timeout(seconds):
-                async for batch in client.trace_batches(subscribed=subscribed):
-                    if opts.json:
-                        sys.stdout.write(batch.model_dump_json() + "\n")
-                        printed += len(batch.lines)
-                    else:
-                        lines = batch.lines if count is None else batch.lines[:count - printed]
-                        sys.stdout.write("".join(f"{line}\n" for line in lines))
-                        printed += len(lines)
-                    sys.stdout.flush()
-                    if count is not None and printed >= count:
-                        break
-        except TimeoutError:
-            pass
-        return printed
+    def show(batch: TraceBatchDoc, left: int | None) -> int:
+        if opts.json:
+            sys.stdout.write(batch.model_dump_json() + "\n")
+            return len(batch.lines)
+        lines = batch.lines if left is None else batch.lines[:left]
+        sys.stdout.write("".join(f"{line}\n" for line in lines))
+        return len(lines)
 
-    try:
-        _run(opts, follow)
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    _follow(opts, lambda c: c.trace_batches(subscribed=subscribed), show, count=count, seconds=seconds)
 
 
 # -- hijacks -------------------------------------------------------------------------------------------------------

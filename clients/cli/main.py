@@ -12,11 +12,12 @@ Exit codes (stable; scripts may rely on them):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -134,6 +135,26 @@ def _run(opts: Options, work: Callable[[LivepatchClient], Awaitable[T]], *, need
         fail(EXIT_UNREACHABLE, str(exc), "check --broker (or LPCTL_BROKER) and the broker's credentials")
     except SdkError as exc:
         fail(EXIT_USAGE, str(exc))
+
+
+def _follow(opts: Options, items: Callable[[LivepatchClient], AsyncIterator[T]],
+            show: Callable[[T, int | None], int], *, count: int | None, seconds: float | None) -> None:
+    """Print a stream's items until ``count`` were shown, ``seconds`` passed, or Ctrl-C. ``show(item, left)``
+    writes one item (at most ``left`` lines of it, when a count is given) and says how many it showed."""
+    async def follow(client: LivepatchClient) -> int:
+        shown = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                async for item in items(client):
+                    shown += show(item, None if count is None else count - shown)
+                    sys.stdout.flush()
+                    if count is not None and shown >= count:
+                        break
+        return shown
+    try:
+        _run(opts, follow)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 def _request(ctx: typer.Context, verb: str, params: dict[str, Any]) -> dict[str, Any]:

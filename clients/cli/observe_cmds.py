@@ -10,7 +10,6 @@ Both work with an observer's credentials (deploy/livepatchd.acl lets observers r
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import fnmatch
 import json
@@ -20,8 +19,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from clients.cli.main import EXIT_OFFLINE, Options, _run, err, fail, out
-from clients.sdk import LivepatchClient
+from clients.cli.main import EXIT_OFFLINE, Options, _follow, _run, err, fail, out
 from schemas import EventDoc, StateDoc
 
 
@@ -61,27 +59,14 @@ def events(ctx: typer.Context,
     """Print the host's events as they are published (none are retained), until Ctrl-C."""
     opts: Options = ctx.obj
 
-    async def follow(client: LivepatchClient) -> int:
-        printed = 0
-        err().print(f"[dim]following the events of {opts.host} (Ctrl-C to stop)[/]")
-        try:
-            async with asyncio.timeout(seconds):
-                async for event in client.events():
-                    if not fnmatch.fnmatchcase(event.type, type_):
-                        continue
-                    sys.stdout.write((event.model_dump_json() if opts.json else _event_line(event)) + "\n")
-                    sys.stdout.flush()
-                    printed += 1
-                    if count is not None and printed >= count:
-                        break
-        except TimeoutError:
-            pass
-        return printed
+    def show(event: EventDoc, _left: int | None) -> int:
+        if not fnmatch.fnmatchcase(event.type, type_):
+            return 0
+        sys.stdout.write((event.model_dump_json() if opts.json else _event_line(event)) + "\n")
+        return 1
 
-    try:
-        _run(opts, follow)
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    err().print(f"[dim]following the events of {opts.host} (Ctrl-C to stop)[/]")
+    _follow(opts, lambda c: c.events(), show, count=count, seconds=seconds)
 
 
 def install(app: typer.Typer) -> None:
