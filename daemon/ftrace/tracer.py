@@ -72,6 +72,7 @@ class RingTracer:
         self._buffers: list[int] = []
         self._lock = threading.Lock()
         self.read = 0  # entries drained so far
+        self._final = (0, 0)  # (dropped, written) when the rings were freed
 
     @property
     def running(self) -> bool:
@@ -121,6 +122,8 @@ class RingTracer:
     def _release(self, *, detached: bool = False) -> None:
         if not detached:
             self._detach()
+        if self._buffers:
+            self._final = (self.dropped, self.written)
         for buf in self._buffers:
             self.kernel.heap.free(buf, self.entries_per_cpu * abi.trace_entry.size)
         self._buffers = []
@@ -149,11 +152,15 @@ class RingTracer:
 
     @property
     def dropped(self) -> int:
-        """Entries lost because a ring was full (the host did not drain fast enough)."""
+        """Entries lost because a ring was full (the host did not drain fast enough); kept after stop."""
+        if not self._buffers:
+            return self._final[0]
         return sum(self.kernel.memory.read_u64(self._rb_field(c, "dropped")) for c in range(len(self._buffers)))
 
     @property
     def written(self) -> int:
+        if not self._buffers:
+            return self._final[1]
         return sum(self.kernel.memory.read_u64(self._rb_field(c, "head")) for c in range(len(self._buffers)))
 
 
