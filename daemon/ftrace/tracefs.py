@@ -95,7 +95,7 @@ def trace(ftrace: Ftrace, records: Sequence[TraceRecord], *, written: int | None
 
 
 def function_stat(lines: Iterable[ProfileLine]) -> str:
-    """trace_stat/function*: the profiler's table without graph times (no function_graph tracer here)."""
+    """trace_stat/function*: the profiler's table without graph times (the profiler does not use fgraph)."""
     out = ["  Function                               Hit\n", "  --------                               ---\n"]
     out += [f"  {line.name[:30]:<30}  {line.hits:10d}\n" for line in lines]
     return "".join(out)
