@@ -536,7 +536,9 @@ def test_everything_holds_while_all_vcpus_run_the_workload(loaded: Ftrace) -> No
     assert stats["errors"] == 0, "every workload call returned its expected result"
     assert stats["calls"] - start > 10_000
     assert drained > 100
-    assert tracer.dropped == 0
+    # the host drains slower than four traced functions on every vCPU fill 16K-entry rings: entries are
+    # dropped (and counted), but every entry written reaches the host
+    assert drained == tracer.written
     assert direct_hits(k) > 0
     assert tracefs.enabled_functions(ft) == ""
     assert k.memory.read_u64(ft.list_head) == ft.list_end

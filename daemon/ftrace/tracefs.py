@@ -8,6 +8,7 @@ available_filter_functions     :func:`available_filter_functions`
 enabled_functions              :func:`enabled_functions` (records with a BL, with flags and ops)
 touched_functions              :func:`enabled_functions` with ``touched=True``
 trace                          :func:`trace` (the function tracer's format, irq-info header)
+trace (function_graph)         :func:`function_graph` (CPU, duration with overhead mark, nested calls)
 trace_stat/function<cpu>       :func:`function_stat` (function profiler, without graph times)
 =============================  ===================================================================
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from daemon.ftrace.core import Ftrace
+from daemon.ftrace.fgraph import GraphRecord
 from daemon.ftrace.records import DynFtrace, RecFlag
 from daemon.ftrace.tracer import ProfileLine, TraceRecord
 from daemon.guest import abi
@@ -93,7 +95,84 @@ def trace(ftrace: Ftrace, records: Sequence[TraceRecord], *, written: int | None
 
 
 def function_stat(lines: Iterable[ProfileLine]) -> str:
-    """trace_stat/function*: the profiler's table without graph times (no function_graph tracer here)."""
+    """trace_stat/function*: the profiler's table without graph times (the profiler does not use fgraph)."""
     out = ["  Function                               Hit\n", "  --------                               ---\n"]
     out += [f"  {line.name[:30]:<30}  {line.hits:10d}\n" for line in lines]
+    return "".join(out)
+
+
+_GRAPH_HEADER = """\
+# tracer: function_graph
+#
+# CPU  DURATION                  FUNCTION CALLS
+# |     |   |                     |   |   |   |
+"""
+
+# The overhead mark before a duration: the first threshold (ns) the duration exceeds
+_MARKS = ((1_000_000_000, "$"), (100_000_000, "@"), (10_000_000, "*"), (1_000_000, "#"), (100_000, "!"),
+          (10_000, "+"))
+
+
+def graph_duration(ns: int) -> str:
+    """The duration column: ``mark usecs.nsecs us`` padded to a fixed width (at most 7 digits in all)."""
+    mark = next((sym for limit, sym in _MARKS if ns > limit), " ")
+    usecs = str(ns // 1000)
+    text = usecs
+    if len(usecs) < 7:
+        text += "." + f"{ns % 1000:03d}"[: 7 - len(usecs)]
+    return f"{mark} {text} us " + " " * max(0, 8 - len(text))
+
+
+_NO_DURATION = " " * 14  # mark, space and the duration's width
+
+
+def _task_label(pid: int, comms: dict[int, str]) -> str:
+    return f"{comms.get(pid, '<...>')[:7]}-{pid}".center(8)
+
+
+def function_graph(ftrace: Ftrace, records: Sequence[GraphRecord]) -> str:
+    """The function_graph ``trace`` file: a call whose return is the next event on its CPU is one leaf line
+    (``func();`` with its duration); others open with ``func() {`` and close with ``}`` and the duration
+    (``} /* func */`` when the entry was not seen). A CPU switching tasks gets a separator, as in the kernel.
+    """
+    cpus = ftrace.kernel.config.nr_cpus
+    width = len(str(cpus - 1))
+    comms = {t.pid: t.comm for t in ftrace.kernel.tasks()}
+    following: dict[int, int] = {}  # index -> index of the next event on the same CPU
+    last: dict[int, int] = {}
+    for i in range(len(records) - 1, -1, -1):
+        if records[i].cpu in last:
+            following[i] = last[records[i].cpu]
+        last[records[i].cpu] = i
+    open_calls: dict[int, list[tuple[int, int]]] = {}  # pid -> (ip, depth) of entries printed with "{"
+    task_on: dict[int, int] = {}
+    skip: set[int] = set()
+    out = [_GRAPH_HEADER]
+    for i, r in enumerate(records):
+        if i in skip:
+            continue
+        cpu = f" {r.cpu:>{width}d}) "
+        prev = task_on.get(r.cpu)
+        if prev is not None and prev != r.pid:
+            out.append(f" ------------------------------------------\n{cpu}{_task_label(prev, comms)} => "
+                       f"{_task_label(r.pid, comms)}\n ------------------------------------------\n\n")
+        task_on[r.cpu] = r.pid
+        indent = "  " * r.depth
+        name = ftrace.symbol_name(r.ip)
+        if r.entry:
+            j = following.get(i)
+            ret = records[j] if j is not None else None
+            if ret is not None and not ret.entry and (ret.pid, ret.ip, ret.depth) == (r.pid, r.ip, r.depth):
+                skip.add(j)  # type: ignore[arg-type]
+                out.append(f"{cpu}{graph_duration(ret.duration_ns)}|  {indent}{name}();\n")
+            else:
+                open_calls.setdefault(r.pid, []).append((r.ip, r.depth))
+                out.append(f"{cpu}{_NO_DURATION}|  {indent}{name}() {{\n")
+            continue
+        stack = open_calls.get(r.pid, [])
+        matched = bool(stack) and stack[-1] == (r.ip, r.depth)
+        if matched:
+            stack.pop()
+        tail = "" if matched else f" /* {name} */"
+        out.append(f"{cpu}{graph_duration(r.duration_ns)}|  {indent}}}{tail}\n")
     return "".join(out)

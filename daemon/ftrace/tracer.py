@@ -4,11 +4,13 @@
 tracer                    guest callback          what the host reads
 ========================  ======================  =================================================================
 :class:`FunctionTracer`   function_trace_call     per-CPU rings of (ip, parent_ip, ts, pid/cpu), drained
+FunctionGraphTracer       ftrace_graph_func +     the same rings: entry and return records with depth and
+                          return_to_handler       duration (function_graph, in :mod:`daemon.ftrace.fgraph`)
 :class:`FunctionProfiler` function_profile_call   per-CPU hit counters per function, summed (trace_stat/function*)
 :class:`FtraceOps`        ops_func_count          per-CPU counts in the ops itself (:meth:`Ftrace.ops_hits`)
 ========================  ======================  =================================================================
 
-The rings live in ``cpu_data.rb`` (one function tracer at a time, like the top-level trace instance). Each is
+The rings live in ``cpu_data.rb`` (one ring tracer at a time, like the top-level trace instance). Each is
 single-producer (its CPU) / single-consumer (the host): the guest stores the entry, then publishes ``head``;
 the host copies ``[tail, head)`` and then publishes ``tail``. A full ring drops the newest entry and counts it.
 """
@@ -27,8 +29,10 @@ from daemon.ftrace.hashes import GuestHash
 from daemon.ftrace.ops import FtraceOps
 from daemon.guest import abi
 
-_ENTRY = struct.Struct("<4Q")
+_ENTRY = struct.Struct("<4Q2IQ")  # ip, parent_ip, ts, pid_cpu, type, depth, duration
 assert _ENTRY.size == abi.trace_entry.size
+
+RawEntry = tuple[int, int, int, int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,15 @@ class TraceRecord:
         return self.ts / abi.CNTFRQ_HZ
 
 
-class FunctionTracer:
-    """``echo function > current_tracer``, restricted by set_ftrace_filter / set_ftrace_notrace expressions."""
+class RingTracer:
+    """A tracer whose guest callback writes the per-CPU rings: attach them, register, drain, detach.
 
-    def __init__(self, ftrace: Ftrace, *, filter: str | Iterable[str] | None = None,
+    Only one ring tracer may run per kernel (``Ftrace.ring_owner``), like the top-level trace instance.
+    """
+
+    name = "function"
+
+    def __init__(self, ftrace: Ftrace, func: str, *, filter: str | Iterable[str] | None = None,
                  notrace: str | Iterable[str] | None = None, entries_per_cpu: int = 4096) -> None:
         if entries_per_cpu < 2 or entries_per_cpu & (entries_per_cpu - 1):
             raise FtraceError(f"ring size must be a power of two >= 2, not {entries_per_cpu}",
@@ -57,12 +66,13 @@ class FunctionTracer:
         self.ftrace = ftrace
         self.kernel = ftrace.kernel
         self.entries_per_cpu = entries_per_cpu
-        self.ops = FtraceOps("function", "function_trace_call")
+        self.ops = FtraceOps(self.name, func)
         ftrace.set_filter(self.ops, filter)
         ftrace.set_notrace(self.ops, notrace)
         self._buffers: list[int] = []
         self._lock = threading.Lock()
         self.read = 0  # entries drained so far
+        self._final = (0, 0)  # (dropped, written) when the rings were freed
 
     @property
     def running(self) -> bool:
@@ -76,8 +86,10 @@ class FunctionTracer:
 
     def start(self) -> BatchResult | None:
         with self.ftrace.lock:
-            if self.ftrace.ring_owner is not None:
-                raise FtraceBusy("the function tracer is already running on this kernel; stop it first")
+            owner = self.ftrace.ring_owner
+            if owner is not None:
+                raise FtraceBusy(f"the {getattr(owner, 'name', 'function')} tracer is already running on this "
+                                 "kernel; stop it first")
             self.ftrace.ring_owner = self
         try:
             mem = self.kernel.memory
@@ -93,29 +105,36 @@ class FunctionTracer:
             self._release()
             raise
 
-    def stop(self) -> list[TraceRecord]:
-        """Unregister, then return what was still in the rings; the buffers are freed."""
+    def _stop(self) -> list[RawEntry]:
         if not self.running:
-            raise FtraceError("the function tracer is not running")
-        self.ftrace.unregister(self.ops)  # after the batch no CPU is inside function_trace_call
-        rest = self.drain()
-        self._release()
+            raise FtraceError(f"the {self.name} tracer is not running")
+        self.ftrace.unregister(self.ops)  # after the batch no CPU is inside the callback
+        self._detach()
+        rest = self._drain_raw()
+        self._release(detached=True)
         return rest
 
-    def _release(self) -> None:
-        mem = self.kernel.memory
-        for cpu, buf in enumerate(self._buffers):
-            mem.write_u64(self._rb_field(cpu, "entries"), 0)
+    def _detach(self) -> None:
+        """Stop the guest writing the rings (it tests ``entries`` first)."""
+        for cpu in range(len(self._buffers)):
+            self.kernel.memory.write_u64(self._rb_field(cpu, "entries"), 0)
+
+    def _release(self, *, detached: bool = False) -> None:
+        if not detached:
+            self._detach()
+        if self._buffers:
+            self._final = (self.dropped, self.written)
+        for buf in self._buffers:
             self.kernel.heap.free(buf, self.entries_per_cpu * abi.trace_entry.size)
         self._buffers = []
         with self.ftrace.lock:
             if self.ftrace.ring_owner is self:
                 self.ftrace.ring_owner = None
 
-    def drain(self) -> list[TraceRecord]:
-        """Take every entry written since the last drain, per CPU in order, merged by timestamp."""
+    def _drain_raw(self) -> list[RawEntry]:
+        """Every entry written since the last drain, per CPU in order, merged by timestamp (a stable sort)."""
         mem = self.kernel.memory
-        out: list[TraceRecord] = []
+        out: list[RawEntry] = []
         with self._lock:
             for cpu, buf in enumerate(self._buffers):
                 head = mem.read_u64(self._rb_field(cpu, "head"))
@@ -124,23 +143,46 @@ class FunctionTracer:
                 while tail != head:
                     i = tail & mask
                     n = min(head - tail, self.entries_per_cpu - i)
-                    raw = mem.read(buf + i * _ENTRY.size, n * _ENTRY.size)
-                    for ip, parent, ts, pid_cpu in _ENTRY.iter_unpack(raw):
-                        out.append(TraceRecord(ip, parent, ts, pid_cpu >> 8, pid_cpu & 0xFF))
+                    out.extend(_ENTRY.iter_unpack(mem.read(buf + i * _ENTRY.size, n * _ENTRY.size)))
                     tail += n
                 mem.write_u64(self._rb_field(cpu, "tail"), tail)
             self.read += len(out)
-        out.sort(key=lambda r: r.ts)
+        out.sort(key=lambda e: e[2])
         return out
 
     @property
     def dropped(self) -> int:
-        """Entries lost because a ring was full (the host did not drain fast enough)."""
+        """Entries lost because a ring was full (the host did not drain fast enough); kept after stop."""
+        if not self._buffers:
+            return self._final[0]
         return sum(self.kernel.memory.read_u64(self._rb_field(c, "dropped")) for c in range(len(self._buffers)))
 
     @property
     def written(self) -> int:
+        if not self._buffers:
+            return self._final[1]
         return sum(self.kernel.memory.read_u64(self._rb_field(c, "head")) for c in range(len(self._buffers)))
+
+
+def _record(e: RawEntry) -> TraceRecord:
+    return TraceRecord(e[0], e[1], e[2], e[3] >> 8, e[3] & 0xFF)
+
+
+class FunctionTracer(RingTracer):
+    """``echo function > current_tracer``, restricted by set_ftrace_filter / set_ftrace_notrace expressions."""
+
+    def __init__(self, ftrace: Ftrace, *, filter: str | Iterable[str] | None = None,
+                 notrace: str | Iterable[str] | None = None, entries_per_cpu: int = 4096) -> None:
+        super().__init__(ftrace, "function_trace_call", filter=filter, notrace=notrace,
+                         entries_per_cpu=entries_per_cpu)
+
+    def stop(self) -> list[TraceRecord]:
+        """Unregister, then return what was still in the rings; the buffers are freed."""
+        return [_record(e) for e in self._stop()]
+
+    def drain(self) -> list[TraceRecord]:
+        """Take every entry written since the last drain, per CPU in order, merged by timestamp."""
+        return [_record(e) for e in self._drain_raw()]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ Memory map (guest addresses; Unicorn runs the kernel at EL1 with the MMU off, so
 
 from __future__ import annotations
 
-from daemon.guest.layout import Struct, nested, u8, u64
+from daemon.guest.layout import Struct, nested, u8, u32, u64
 
 KIMAGE_VADDR = 0xFFFF_8000_8000_0000
 HEAP_VADDR = 0xFFFF_8001_0000_0000  # host-allocated kernel data (ftrace ops, hashes, ring buffers): like vmalloc
@@ -81,6 +81,12 @@ FTRACE_OPS_FL_DIRECT = 1 << 17
 
 CNTFRQ_HZ = 62_500_000  # cntvct_el0 ticks per second (the emulated generic timer's frequency)
 TRACE_RECURSION_LIST = 1 << 0  # cpu_data.trace_recursion: inside ftrace_ops_list_func
+TRACE_RECURSION_GRAPH = 1 << 1  # cpu_data.trace_recursion: inside ftrace_graph_func
+FTRACE_RETFUNC_DEPTH = 50  # hooked returns a task can hold at once (deeper calls are not hooked, and counted)
+# trace_entry.type
+TRACE_FN = 0  # function tracer: a call (ip <- parent_ip at ts)
+TRACE_GRAPH_ENT = 1  # function_graph: entry of ip at ts, depth = hooked returns below it on the task
+TRACE_GRAPH_RET = 2  # function_graph: return of ip at ts, parent_ip = where it returned, duration in ticks
 HASH_MULTIPLIER = 0x9E37_79B9_7F4A_7C15  # ftrace_hash bucket = ((ip >> 2) * HASH_MULTIPLIER) >> (64 - bits)
 
 LOADGEN_OFF = 0
@@ -105,6 +111,12 @@ loadgen = Struct(
     doc="a load generator's control word and its counters",
 )
 
+ftrace_ret_stack = Struct(
+    "ftrace_ret_stack",
+    [u64("ret"), u64("func"), u64("fp"), u64("calltime")],
+    doc="one hooked return: the original return address, the function, its caller's x29 (checked) and entry time",
+)
+
 task_struct = Struct(
     "task_struct",
     [
@@ -123,6 +135,9 @@ task_struct = Struct(
         nested("job", job),
         nested("lg", loadgen),
         u8("comm", TASK_COMM_LEN),
+        u64("curr_ret_stack"),  # entries in use in ret_stack (the next call's depth)
+        u64("trace_overrun"),  # calls not hooked because ret_stack was full
+        nested("ret_stack", ftrace_ret_stack, FTRACE_RETFUNC_DEPTH),
     ],
     doc="one schedulable kernel task",
 )
@@ -198,8 +213,8 @@ ftrace_profile = Struct(
 
 trace_entry = Struct(
     "trace_entry",
-    [u64("ip"), u64("parent_ip"), u64("ts"), u64("pid_cpu")],
-    doc="one function-tracer record; pid_cpu = pid << 8 | cpu",
+    [u64("ip"), u64("parent_ip"), u64("ts"), u64("pid_cpu"), u32("type"), u32("depth"), u64("duration")],
+    doc="one tracer record (TRACE_FN or TRACE_GRAPH_ENT/RET); pid_cpu = pid << 8 | cpu",
 )
 
 ring_buffer = Struct(
@@ -245,8 +260,8 @@ boot_params = Struct(
     doc="written by the host before boot; count_armed tells load generators that call sites count hits",
 )
 
-STRUCTS: list[Struct] = [cpu_context, job, loadgen, task_struct, host_trap, ftrace_regs, ftrace_hash, ftrace_ops,
-                         ftrace_profile, klp_func, klp_ops, klp_shadow,
+STRUCTS: list[Struct] = [cpu_context, job, loadgen, ftrace_ret_stack, task_struct, host_trap, ftrace_regs,
+                         ftrace_hash, ftrace_ops, ftrace_profile, klp_func, klp_ops, klp_shadow,
                          klp_shadow_req, trace_entry, ring_buffer, cpu_data, boot_params]
 
 CONSTANTS: dict[str, int] = {

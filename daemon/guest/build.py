@@ -54,7 +54,7 @@ CFLAGS = [
 ]
 LDFLAGS = ["--target=aarch64-freestanding-none", "-nostdlib", "-Wl,--no-gc-sections", "-Wl,--build-id=sha1",
            "-Wl,-T,kernel.lds", "-Wl,-z,norelro"]
-SOURCES = ["entry.S", "ftrace_entry.S", "sched.c", "lib.c", "workload.c", "ftrace.c", "livepatch.c"]
+SOURCES = ["entry.S", "ftrace_entry.S", "sched.c", "lib.c", "workload.c", "ftrace.c", "fgraph.c", "livepatch.c"]
 
 
 def _zig_cc(args: list[str], cwd: Path) -> None:

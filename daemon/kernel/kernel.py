@@ -210,7 +210,17 @@ class Kernel:
         else:
             pc, fp = task.get("cpu_context.pc"), task.get("cpu_context.fp")
         return unwind(self.memory, pc=pc, fp=fp, stack_lo=task.get("stack_lo"), stack_hi=task.get("stack_hi"),
-                      is_text=self.is_text)
+                      is_text=self.is_text, return_hook=self.kallsyms.addr("return_to_handler"),
+                      ret_stack=self.ret_stack_of(task))
+
+    def ret_stack_of(self, task: StructRef) -> list[tuple[int, int]]:
+        """The task's hooked returns (function_graph), bottom first: (original return address, caller's fp)."""
+        depth = min(task.get("curr_ret_stack"), abi.FTRACE_RETFUNC_DEPTH)
+        base = task.addr + abi.task_struct.offsetof("ret_stack")
+        size, ret, fp = abi.ftrace_ret_stack.size, abi.ftrace_ret_stack.offsetof("ret"), \
+            abi.ftrace_ret_stack.offsetof("fp")
+        return [(self.memory.read_u64(base + i * size + ret), self.memory.read_u64(base + i * size + fp))
+                for i in range(depth)]
 
     def symbolize(self, pcs: Iterable[int]) -> list[str]:
         return [self.kallsyms.describe(pc) for pc in pcs]

@@ -5,11 +5,19 @@ An AArch64 frame record is two words at x29: ``{previous x29, return address}``.
 seen the whole stack. The walk is *reliable* only if it gets there with every record inside the task stack,
 16-byte aligned, strictly above the previous one, and every return address in kernel or module text —
 the rules livepatch's consistency model needs before trusting that a function is not on a stack.
+
+A function hooked by the function_graph tracer returns to ``return_to_handler``: that is the address its frame
+record holds while it runs. The unwinder translates it back through the task's return stack (arm64's
+``ftrace_graph_ret_addr``): hooked frames appear on the stack in the order they were pushed, so the walk takes
+entries from the top down, and each entry's saved frame pointer must be the frame record's next x29.
+Otherwise the hooked function's caller would vanish from the trace, and a livepatch transition could switch
+a task that is still inside a function being patched. A hooked return that cannot be translated makes the
+walk unreliable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from daemon.emu.memory import Memory
@@ -25,9 +33,15 @@ class StackTrace:
 
 
 def unwind(mem: Memory, *, pc: int, fp: int, stack_lo: int, stack_hi: int,
-           is_text: Callable[[int], bool]) -> StackTrace:
-    """Walk the frame records of one task from (pc, fp)."""
+           is_text: Callable[[int], bool], return_hook: int = 0,
+           ret_stack: Sequence[tuple[int, int]] = ()) -> StackTrace:
+    """Walk the frame records of one task from (pc, fp).
+
+    ``ret_stack`` is the task's function_graph return stack, bottom first, as (original return address,
+    caller's frame pointer); a return address equal to ``return_hook`` is replaced by its entry.
+    """
     pcs = [pc]
+    graph = len(ret_stack)  # entries not yet matched to a frame, from the top
     if not is_text(pc):
         return StackTrace(tuple(pcs), False, f"pc {pc:#x} is not in kernel text")
     final = stack_hi - 16
@@ -45,6 +59,14 @@ def unwind(mem: Memory, *, pc: int, fp: int, stack_lo: int, stack_hi: int,
             return StackTrace(tuple(pcs), False, f"frame pointer {fp:#x} does not move up the stack")
         prev = fp
         fp, ret = mem.read_u64(fp), mem.read_u64(fp + 8)
+        if return_hook and ret == return_hook:
+            if not graph:
+                return StackTrace(tuple(pcs), False, "hooked return with no return-stack entry left")
+            graph -= 1
+            ret, saved_fp = ret_stack[graph]
+            if saved_fp != fp:
+                return StackTrace(tuple(pcs), False,
+                                  f"hooked return's frame pointer {saved_fp:#x} is not the frame's {fp:#x}")
         if not is_text(ret):
             return StackTrace(tuple(pcs), False, f"return address {ret:#x} is not in kernel text")
         pcs.append(ret)

@@ -20,6 +20,20 @@ static inline __attribute__((always_inline)) struct task_struct *current_task(vo
 	return this_cpu()->current;
 }
 
+/* The trace clock: the generic timer's virtual count (CNTFRQ_HZ ticks per second). */
+static inline __attribute__((always_inline)) u64 trace_clock(void)
+{
+	u64 t;
+	__asm__ __volatile__("mrs %0, cntvct_el0" : "=r"(t));
+	return t;
+}
+
+/* ftrace.c: the next free entry of this CPU's trace ring, or NULL (detached, or full: counted as dropped) */
+struct trace_entry *trace_ring_reserve(struct cpu_data *c);
+
+/* ftrace_entry.S */
+void return_to_handler(void);
+
 /* entry.S */
 void host_call(u64 reason, u64 arg0, u64 arg1);
 void cpu_switch_to(struct task_struct *prev, struct task_struct *next);

@@ -1,6 +1,7 @@
 /*
  * The guest half of ftrace: the stub and list ops, ftrace_ops_list_func with real hash lookups, direct-call
- * dispatch, and the tracers (function tracer into per-CPU ring buffers, counting and nop callbacks).
+ * dispatch, and the tracers (function tracer into per-CPU ring buffers, counting and nop callbacks; the
+ * function_graph tracer is in fgraph.c).
  * Everything here runs per traced call; the host only builds the data it reads.
  */
 #include "kernel.h"
@@ -121,35 +122,36 @@ notrace void function_profile_call(u64 ip, u64 parent_ip, struct ftrace_ops *op,
 		p->hits[(this_cpu()->cpu << p->hash->size_bits) | (u64)i]++;
 }
 
-notrace static u64 trace_clock(void)
+/* Single producer: only this CPU writes its ring, and nothing interrupts it between reserve and publish. */
+notrace struct trace_entry *trace_ring_reserve(struct cpu_data *c)
 {
-	u64 t;
+	struct ring_buffer *rb = &c->rb;
+	u64 head = rb->head;
 
-	__asm__ __volatile__("mrs %0, cntvct_el0" : "=r"(t));
-	return t;
+	if (!rb->entries)
+		return NULL;
+	if (head - READ_ONCE(rb->tail) > rb->mask) {
+		rb->dropped++;
+		return NULL;
+	}
+	return &rb->entries[head & rb->mask];
 }
 
 /* The function tracer: one record per call into this CPU's ring buffer, which the host drains. */
 notrace void function_trace_call(u64 ip, u64 parent_ip, struct ftrace_ops *op, struct ftrace_regs *fregs)
 {
 	struct cpu_data *c = this_cpu();
-	struct ring_buffer *rb = &c->rb;
-	u64 head = rb->head;
-	struct trace_entry *e;
+	struct trace_entry *e = trace_ring_reserve(c);
 
 	(void)op, (void)fregs;
-	if (!rb->entries)
+	if (!e)
 		return;
-	if (head - READ_ONCE(rb->tail) > rb->mask) {
-		rb->dropped++;
-		return;
-	}
-	e = &rb->entries[head & rb->mask];
 	e->ip = ip;
 	e->parent_ip = parent_ip;
 	e->ts = trace_clock();
 	e->pid_cpu = (c->current->pid << 8) | c->cpu;
-	WRITE_ONCE(rb->head, head + 1);
+	e->type = TRACE_FN;
+	WRITE_ONCE(c->rb.head, c->rb.head + 1);
 }
 
 /* Benchmark tracees (samples/ftrace/ftrace-ops.c) and the notrace loop that calls them. */

@@ -73,6 +73,36 @@ ftrace_caller_direct:
 	br	x17					// x9 = parent, x30 = resume point
 	.size ftrace_caller, . - ftrace_caller
 
+/*
+ * Where a call hooked by ftrace_graph_func returns (its saved LR was swapped for this address). The return
+ * values are live in x0-x7 (and x8, the indirect result pointer, in case a caller relies on it), so they are
+ * saved in an ftrace_regs-shaped frame around the C handler, which pops the task's ret_stack and returns the
+ * original return address. x29 is already the caller's frame (the traced function's epilogue restored it),
+ * so the handler's own frame record links straight to it:
+ *   sp + 0 .. 111   struct ftrace_regs (only x0-x8 used)
+ */
+	.globl return_to_handler
+	.type return_to_handler, %function
+	.balign 8
+return_to_handler:
+	sub	sp, sp, #FTRACE_REGS_SIZE
+	stp	x0, x1, [sp, #FREGS(REGS) + 0]
+	stp	x2, x3, [sp, #FREGS(REGS) + 16]
+	stp	x4, x5, [sp, #FREGS(REGS) + 32]
+	stp	x6, x7, [sp, #FREGS(REGS) + 48]
+	str	x8, [sp, #FREGS(REGS) + 64]
+	mov	x0, x29					// the caller's frame, as ftrace_graph_func saw it
+	bl	ftrace_return_to_handler
+	mov	x30, x0					// the original return address
+	ldp	x0, x1, [sp, #FREGS(REGS) + 0]
+	ldp	x2, x3, [sp, #FREGS(REGS) + 16]
+	ldp	x4, x5, [sp, #FREGS(REGS) + 32]
+	ldp	x6, x7, [sp, #FREGS(REGS) + 48]
+	ldr	x8, [sp, #FREGS(REGS) + 64]
+	add	sp, sp, #FTRACE_REGS_SIZE
+	ret
+	.size return_to_handler, . - return_to_handler
+
 /* The smallest valid callback and direct trampoline. */
 	.globl ftrace_stub
 	.type ftrace_stub, %function

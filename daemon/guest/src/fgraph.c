@@ -1,0 +1,85 @@
+/*
+ * The function_graph tracer (arm64 WITH_ARGS style): an ordinary ftrace_ops callback that hooks the traced
+ * call's return, and the C half of return_to_handler that unhooks it.
+ *
+ *   entry   ftrace_graph_func: push {fregs->lr, ip, fregs->fp, now} on current's ret_stack, record
+ *           TRACE_GRAPH_ENT, set fregs->lr = return_to_handler (ftrace_caller restores x30 from it)
+ *   return  the traced function's `ret` lands in return_to_handler (ftrace_entry.S), which saves x0-x7 and
+ *           calls ftrace_return_to_handler(x29): pop, check the frame pointer, record TRACE_GRAPH_RET with
+ *           the duration, hand back the original return address
+ *
+ * The frame pointer is the caller's x29: what the traced function sees at entry (fregs->fp) and what its
+ * epilogue has restored by the time it returns, leaf or not. The host unwinder uses the same ret_stack to see
+ * through return_to_handler in a sleeping task's frame records.
+ */
+#include "kernel.h"
+
+notrace static void graph_record(struct cpu_data *c, u32 type, u64 ip, u64 parent_ip, u64 ts, u64 depth,
+				 u64 duration)
+{
+	struct trace_entry *e = trace_ring_reserve(c);
+
+	if (!e)
+		return;
+	e->ip = ip;
+	e->parent_ip = parent_ip;
+	e->ts = ts;
+	e->pid_cpu = (c->current->pid << 8) | c->cpu;
+	e->type = type;
+	e->depth = (u32)depth;
+	e->duration = duration;
+	WRITE_ONCE(c->rb.head, c->rb.head + 1);
+}
+
+notrace void ftrace_graph_func(u64 ip, u64 parent_ip, struct ftrace_ops *op, struct ftrace_regs *fregs)
+{
+	struct cpu_data *c = this_cpu();
+	struct task_struct *t = c->current;
+	struct ftrace_ret_stack *rs;
+	u64 depth, now;
+
+	(void)op;
+	/* the list function's guard only covers shared sites: a CALL_OPS site calls this directly */
+	if (c->trace_recursion & TRACE_RECURSION_GRAPH) {
+		c->recursion_misses++;
+		return;
+	}
+	c->trace_recursion |= TRACE_RECURSION_GRAPH;
+	if (!READ_ONCE(c->rb.entries))
+		goto out;	/* the tracer is detaching: hook nothing new */
+	depth = t->curr_ret_stack;
+	if (depth >= FTRACE_RETFUNC_DEPTH) {
+		t->trace_overrun++;
+		goto out;
+	}
+	now = trace_clock();
+	rs = &t->ret_stack[depth];
+	rs->ret = fregs->lr;
+	rs->func = ip;
+	rs->fp = fregs->fp;
+	rs->calltime = now;
+	WRITE_ONCE(t->curr_ret_stack, depth + 1);
+	graph_record(c, TRACE_GRAPH_ENT, ip, parent_ip, now, depth, 0);
+	fregs->lr = (u64)return_to_handler;
+out:
+	c->trace_recursion &= ~TRACE_RECURSION_GRAPH;
+}
+
+/* Called by return_to_handler with the returning function's x29; returns where that function really returns. */
+notrace u64 ftrace_return_to_handler(u64 fp)
+{
+	struct cpu_data *c = this_cpu();
+	struct task_struct *t = c->current;
+	u64 depth = t->curr_ret_stack, now;
+	struct ftrace_ret_stack *rs;
+
+	if (depth == 0 || depth > FTRACE_RETFUNC_DEPTH)
+		panic("function_graph: return_to_handler with an empty return stack", depth);
+	rs = &t->ret_stack[depth - 1];
+	if (rs->fp != fp)
+		panic("function_graph: frame pointer mismatch on return (ret_stack corrupt), fp", fp);
+	now = trace_clock();
+	WRITE_ONCE(t->curr_ret_stack, depth - 1);
+	graph_record(c, TRACE_GRAPH_RET, rs->func, rs->ret, now, depth - 1, now - rs->calltime);
+	return rs->ret;
+}
