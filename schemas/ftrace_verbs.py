@@ -195,8 +195,12 @@ class SysctlData(Outbound):
 
 
 class TraceStartRequest(Request):
-    """``echo function > current_tracer`` with set_ftrace_filter / set_ftrace_notrace expressions."""
+    """``echo function > current_tracer`` (or ``function_graph``) with set_ftrace_filter / set_ftrace_notrace
+    expressions."""
 
+    tracer: Literal["function", "function_graph"] = Field(
+        default="function", description="function: one line per call; function_graph: entries and returns, "
+        "nested, with durations")
     filter: FilterExpr | None = None
     notrace: FilterExpr | None = None
     entries_per_cpu: int = Field(default=4096, ge=2, le=MAX_RING_ENTRIES, description="ring size, a power of two")
@@ -209,6 +213,7 @@ class TraceStartRequest(Request):
 
 
 class TraceStartData(Outbound):
+    tracer: Literal["function", "function_graph"] = "function"
     filter: str | None
     notrace: str | None
     entries_per_cpu: int
@@ -220,10 +225,13 @@ class TraceStartData(Outbound):
 
 
 class TraceEntry(Outbound):
-    """One function-tracer record."""
+    """One line's record: a function-tracer call, or a function_graph ``call`` (a leaf: entry and return),
+    ``entry`` (opens a brace) or ``return`` (closes one)."""
 
+    kind: Literal["function", "call", "entry", "return"] = "function"
     ip: Address = Field(description="rec->ip of the traced function")
-    parent_ip: Address
+    parent_ip: Address = Field(description="the caller (function tracer, entry, call), or the address a "
+                                           "return went back to")
     function: str = Field(description="%ps of ip")
     parent: str = Field(description="%ps of parent_ip")
     ts: int = Field(description="guest counter ticks")
@@ -231,6 +239,8 @@ class TraceEntry(Outbound):
     pid: int
     cpu: int
     comm: str
+    depth: int | None = Field(default=None, description="function_graph: the call's nesting depth on its task")
+    duration_ns: int | None = Field(default=None, description="function_graph: the call's duration (call, return)")
 
 
 class TraceReadRequest(Request):

@@ -139,6 +139,27 @@ def test_function_graph_output_format(ftrace: Ftrace) -> None:
     assert tracefs.graph_duration(12_345_678) == "* 12345.67 us "
 
 
+def test_a_printer_fed_in_chunks_closes_braces_across_them(ftrace: Ftrace) -> None:
+    """What a trace session does with each drain: an entry at the end of a chunk opens a brace (its return is
+    not there to make a leaf), and the return in the next chunk closes it without naming it again."""
+    tracer = FunctionGraphTracer(ftrace, filter="work_*")
+    tracer.start()
+    ftrace.kernel.call("work_chain", 3, cpu=1)
+    records = tracer.stop()
+    whole = tracefs.GraphPrinter(ftrace).feed(records)
+    printer = tracefs.GraphPrinter(ftrace)
+    split = printer.feed(records[:4]) + printer.feed(records[4:])  # after work_step_c's entry
+    assert [(ln.kind, ln.record.depth) for ln in whole] == [("entry", 0), ("entry", 1), ("entry", 2), ("call", 3),
+                                                             ("return", 2), ("return", 1), ("call", 1), ("return", 0)]
+    assert [(ln.kind, ln.record.depth) for ln in split] == [("entry", 0), ("entry", 1), ("entry", 2), ("entry", 3),
+                                                             ("return", 3), ("return", 2), ("return", 1), ("call", 1),
+                                                             ("return", 0)]
+    assert split[3].text.endswith("|        work_step_c() {\n")
+    assert split[4].text.endswith("|        }\n")  # matched: no /* work_step_c */
+    assert split[4].duration_ns == whole[3].duration_ns
+    assert "".join(ln.text for ln in whole) == tracefs.function_graph(ftrace, records).split("|   |   |   |\n", 1)[1]
+
+
 def test_unmatched_return_names_its_function(ftrace: Ftrace) -> None:
     """A return whose entry was not seen (drained earlier, or dropped) closes with ``} /* func */``."""
     tracer = FunctionGraphTracer(ftrace, filter="work_chain work_step_a")

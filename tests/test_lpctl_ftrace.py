@@ -113,7 +113,7 @@ def test_sysctl(lpd: DaemonThread) -> None:
 
 def test_trace_commands(lpd: DaemonThread) -> None:
     out = ok(lpd, "trace", "start", "work_step_*", "--entries", "256")
-    assert out.startswith("tracing 3 functions, 256 entries per CPU")
+    assert out.startswith("function: tracing 3 functions, 256 entries per CPU")
     ok(lpd, "call", "work_chain", "7", "--cpu", "1")
     code, out, err = lpctl(lpd, "trace", "read")
     assert code == 0

@@ -242,6 +242,42 @@ ONE_CALL = [("work_step_a", "work_chain"), ("work_step_b", "work_step_a"), ("wor
             ("work_step_c", "work_chain")]
 
 
+GRAPH_OF_ONE_CALL = [("entry", "work_chain", 0), ("entry", "work_step_a", 1), ("entry", "work_step_b", 2),
+                     ("call", "work_step_c", 3), ("return", "work_step_b", 2), ("return", "work_step_a", 1),
+                     ("call", "work_step_c", 1), ("return", "work_chain", 0)]
+
+
+def test_function_graph_over_mqtt(lpd: DaemonThread) -> None:
+    """trace.start with tracer function_graph: one record per output line (leaf calls merged), nested, with
+    durations; braces opened in one drain close in a later one (the session keeps the printer)."""
+    async def main() -> None:
+        async with client(lpd) as c:
+            started = await c.trace_start("work_*", tracer="function_graph")
+            assert (started.tracer, started.functions) == ("function_graph", 4)
+            assert [(o.name, o.functions) for o in (await c.ops_list()).others] == [("function_graph", 4)]
+            assert (await c.call("work_chain", 5, cpu=1)).value == work_chain(5)
+            first = await c.trace_read()
+            assert (await c.call("work_chain", 6, cpu=1)).value == work_chain(6)
+            stopped = await c.trace_stop()
+            records = first.records + stopped.records
+            lines = first.lines + stopped.lines
+            assert [(r.kind, r.function, r.depth) for r in records] == GRAPH_OF_ONE_CALL * 2
+            assert len(lines) == len(records)
+            assert lines[0].endswith("|  work_chain() {")
+            assert lines[3].endswith("|        work_step_c();")
+            assert lines[4].endswith("|      }")
+            assert re.match(r"^ 1\) [ +!#*@$] +\d+\.\d+ us +\|        work_step_c\(\);$", lines[3])
+            assert all(r.cpu == 1 and r.comm for r in records)
+            for r in records:
+                assert (r.duration_ns is None) == (r.kind == "entry")
+            durations = {r.function: r.duration_ns for r in records[:8] if r.kind == "return"}
+            leaves = [r.duration_ns for r in records[:8] if r.kind == "call"]
+            assert durations["work_chain"] >= durations["work_step_a"] + leaves[1]  # type: ignore[operator]
+            assert durations["work_step_a"] >= durations["work_step_b"] >= leaves[0]  # type: ignore[operator]
+            assert await c.enabled_functions_text() == ""
+    run(main())
+
+
 def test_trace_records_exactly_the_calls(lpd: DaemonThread) -> None:
     kernel = lpd.daemon.kernel
     assert kernel is not None

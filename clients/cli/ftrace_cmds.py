@@ -10,7 +10,7 @@ command                                                verb
 ``lpctl ftrace available [PATTERN]``                   ftrace.available_filter_functions (every page)
 ``lpctl ftrace enabled [--touched]``                   ftrace.enabled_functions (every page)
 ``lpctl ftrace sysctl [0|1]``                          ftrace.sysctl: read or set kernel.ftrace_enabled
-``lpctl trace start [FILTER] [-n N]``                  trace.start
+``lpctl trace start [FILTER] [-n N] [--graph]``        trace.start (``--graph``: the function_graph tracer)
 ``lpctl trace read`` / ``lpctl trace stop``            trace.read / trace.stop: trace lines on stdout
 ``lpctl trace follow [--count N]``                     the trace topic: lines as they are published, until Ctrl-C
 ``lpctl hijack create FUNCTION TARGET [--direct]``     hijack.create
@@ -201,12 +201,14 @@ def trace_start(ctx: typer.Context,
                     metavar="FILTER", help="set_ftrace_filter syntax; omitted: every function")] = None,
                 notrace: NotraceOpt = None,
                 entries: Annotated[int | None, typer.Option(min=2, help="ring entries per CPU (a power of two)")]
-                = None) -> None:
-    """Start the function tracer."""
+                = None,
+                graph: Annotated[bool, typer.Option("--graph", help="function_graph: entries and returns, nested, "
+                                                     "with durations")] = False) -> None:
+    """Start the function tracer (or, --graph, the function_graph tracer)."""
     data = TraceStartData.model_validate(_request(ctx, "trace.start", _params(
-        filter=filter_, notrace=notrace, entries_per_cpu=entries)))
+        filter=filter_, notrace=notrace, entries_per_cpu=entries, tracer="function_graph" if graph else None)))
     stream = f"; batches on {data.topic} (lpctl trace follow)" if data.streaming else ""
-    out().print(f"tracing {_functions(data.functions)}, {data.entries_per_cpu} entries per CPU{stream}")
+    out().print(f"{data.tracer}: tracing {_functions(data.functions)}, {data.entries_per_cpu} entries per CPU{stream}")
 
 
 def _print_records(data: TraceReadData) -> None:

@@ -128,9 +128,13 @@ class FtraceApi:
     # -- the function tracer ---------------------------------------------------------------------------------
 
     async def trace_start(self: _Client, filter: str | None = None, *, notrace: str | None = None,
-                          entries_per_cpu: int | None = None, request_id: str | None = None) -> TraceStartData:
-        """Start the function tracer on the functions ``filter`` selects (None: every function)."""
-        params = _params(filter=filter, notrace=notrace, entries_per_cpu=entries_per_cpu)
+                          entries_per_cpu: int | None = None,
+                          tracer: Literal["function", "function_graph"] = "function",
+                          request_id: str | None = None) -> TraceStartData:
+        """Start the function tracer (or ``tracer="function_graph"``: entries and returns with durations) on the
+        functions ``filter`` selects (None: every function)."""
+        params = _params(filter=filter, notrace=notrace, entries_per_cpu=entries_per_cpu,
+                         tracer=None if tracer == "function" else tracer)
         return TraceStartData.model_validate(await self.request("trace.start", params, request_id=request_id))
 
     async def trace_read(self: _Client, *, limit: int | None = None) -> TraceReadData:

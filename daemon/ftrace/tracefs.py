@@ -16,6 +16,8 @@ trace_stat/function<cpu>       :func:`function_stat` (function profiler, without
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.fgraph import GraphRecord
@@ -130,49 +132,76 @@ def _task_label(pid: int, comms: dict[int, str]) -> str:
     return f"{comms.get(pid, '<...>')[:7]}-{pid}".center(8)
 
 
+@dataclass(frozen=True)
+class GraphLine:
+    """One line of function_graph output: a leaf ``call`` (an entry and its return), an ``entry`` that opens
+    a brace, or a ``return`` that closes one. ``separator``: the task-switch banner printed before it."""
+
+    text: str
+    kind: Literal["call", "entry", "return"]
+    record: GraphRecord
+    duration_ns: int | None
+    separator: str | None = None
+
+
+class GraphPrinter:
+    """function_graph output, fed in chunks (drains) with its state kept between them: the braces still open
+    per task and the task last seen per CPU. Within a chunk, an entry whose return is the next event on its
+    CPU is one leaf line; an entry at the end of a chunk opens a brace its return closes later."""
+
+    def __init__(self, ftrace: Ftrace) -> None:
+        self.ftrace = ftrace
+        self.width = len(str(ftrace.kernel.config.nr_cpus - 1))
+        self.comms = {t.pid: t.comm for t in ftrace.kernel.tasks()}
+        self.open_calls: dict[int, list[tuple[int, int]]] = {}  # pid -> (ip, depth) of entries printed with "{"
+        self.task_on: dict[int, int] = {}
+
+    def feed(self, records: Sequence[GraphRecord]) -> list[GraphLine]:
+        following: dict[int, int] = {}  # index -> index of the next event on the same CPU
+        last: dict[int, int] = {}
+        for i in range(len(records) - 1, -1, -1):
+            if records[i].cpu in last:
+                following[i] = last[records[i].cpu]
+            last[records[i].cpu] = i
+        skip: set[int] = set()
+        out: list[GraphLine] = []
+        for i, r in enumerate(records):
+            if i in skip:
+                continue
+            cpu = f" {r.cpu:>{self.width}d}) "
+            prev = self.task_on.get(r.cpu)
+            banner = None
+            if prev is not None and prev != r.pid:
+                banner = (f" ------------------------------------------\n{cpu}{_task_label(prev, self.comms)} => "
+                          f"{_task_label(r.pid, self.comms)}\n ------------------------------------------\n\n")
+            self.task_on[r.cpu] = r.pid
+            indent = "  " * r.depth
+            name = self.ftrace.symbol_name(r.ip)
+            if r.entry:
+                j = following.get(i)
+                ret = records[j] if j is not None else None
+                if ret is not None and not ret.entry and (ret.pid, ret.ip, ret.depth) == (r.pid, r.ip, r.depth):
+                    skip.add(j)  # type: ignore[arg-type]
+                    out.append(GraphLine(f"{cpu}{graph_duration(ret.duration_ns)}|  {indent}{name}();\n", "call",
+                                         r, ret.duration_ns, banner))
+                else:
+                    self.open_calls.setdefault(r.pid, []).append((r.ip, r.depth))
+                    out.append(GraphLine(f"{cpu}{_NO_DURATION}|  {indent}{name}() {{\n", "entry", r, None, banner))
+                continue
+            stack = self.open_calls.get(r.pid, [])
+            matched = bool(stack) and stack[-1] == (r.ip, r.depth)
+            if matched:
+                stack.pop()
+            tail = "" if matched else f" /* {name} */"
+            out.append(GraphLine(f"{cpu}{graph_duration(r.duration_ns)}|  {indent}}}{tail}\n", "return", r,
+                                 r.duration_ns, banner))
+        return out
+
+
 def function_graph(ftrace: Ftrace, records: Sequence[GraphRecord]) -> str:
     """The function_graph ``trace`` file: a call whose return is the next event on its CPU is one leaf line
     (``func();`` with its duration); others open with ``func() {`` and close with ``}`` and the duration
     (``} /* func */`` when the entry was not seen). A CPU switching tasks gets a separator, as in the kernel.
     """
-    cpus = ftrace.kernel.config.nr_cpus
-    width = len(str(cpus - 1))
-    comms = {t.pid: t.comm for t in ftrace.kernel.tasks()}
-    following: dict[int, int] = {}  # index -> index of the next event on the same CPU
-    last: dict[int, int] = {}
-    for i in range(len(records) - 1, -1, -1):
-        if records[i].cpu in last:
-            following[i] = last[records[i].cpu]
-        last[records[i].cpu] = i
-    open_calls: dict[int, list[tuple[int, int]]] = {}  # pid -> (ip, depth) of entries printed with "{"
-    task_on: dict[int, int] = {}
-    skip: set[int] = set()
-    out = [_GRAPH_HEADER]
-    for i, r in enumerate(records):
-        if i in skip:
-            continue
-        cpu = f" {r.cpu:>{width}d}) "
-        prev = task_on.get(r.cpu)
-        if prev is not None and prev != r.pid:
-            out.append(f" ------------------------------------------\n{cpu}{_task_label(prev, comms)} => "
-                       f"{_task_label(r.pid, comms)}\n ------------------------------------------\n\n")
-        task_on[r.cpu] = r.pid
-        indent = "  " * r.depth
-        name = ftrace.symbol_name(r.ip)
-        if r.entry:
-            j = following.get(i)
-            ret = records[j] if j is not None else None
-            if ret is not None and not ret.entry and (ret.pid, ret.ip, ret.depth) == (r.pid, r.ip, r.depth):
-                skip.add(j)  # type: ignore[arg-type]
-                out.append(f"{cpu}{graph_duration(ret.duration_ns)}|  {indent}{name}();\n")
-            else:
-                open_calls.setdefault(r.pid, []).append((r.ip, r.depth))
-                out.append(f"{cpu}{_NO_DURATION}|  {indent}{name}() {{\n")
-            continue
-        stack = open_calls.get(r.pid, [])
-        matched = bool(stack) and stack[-1] == (r.ip, r.depth)
-        if matched:
-            stack.pop()
-        tail = "" if matched else f" /* {name} */"
-        out.append(f"{cpu}{graph_duration(r.duration_ns)}|  {indent}}}{tail}\n")
-    return "".join(out)
+    lines = GraphPrinter(ftrace).feed(records)
+    return _GRAPH_HEADER + "".join((line.separator or "") + line.text for line in lines)

@@ -1,6 +1,9 @@
-"""The function tracer behind ``trace.start`` / ``trace.read`` / ``trace.stop``, and its stream.
+"""The tracers behind ``trace.start`` / ``trace.read`` / ``trace.stop``, and their stream.
 
-A :class:`TraceSession` is one start..stop of a :class:`~daemon.ftrace.tracer.FunctionTracer`. While it runs, a
+A :class:`TraceSession` is one start..stop of a :class:`~daemon.ftrace.tracer.FunctionTracer` or, with
+``tracer: function_graph``, a :class:`~daemon.ftrace.fgraph.FunctionGraphTracer` (its lines come from a
+:class:`~daemon.ftrace.tracefs.GraphPrinter` kept for the whole session, so braces opened in one drain close
+in a later one). While it runs, a
 thread of its own (``ftrace.trace-drainer``) drains the guest's per-CPU rings every ``DRAIN_PERIOD_S``. Each
 drain, whoever does it (that thread, ``trace.read``, ``trace.stop``), goes two ways:
 
@@ -30,6 +33,7 @@ from daemon.arch.arm64.patching import BatchResult
 from daemon.errors import FtraceError
 from daemon.ftrace import tracefs
 from daemon.ftrace.core import Ftrace
+from daemon.ftrace.fgraph import FunctionGraphTracer, GraphRecord
 from daemon.ftrace.ops import FtraceOps
 from daemon.ftrace.tracer import FunctionTracer, TraceRecord
 from daemon.guest import abi
@@ -70,21 +74,32 @@ class TraceFormatter:
 
     def entry(self, r: TraceRecord) -> tuple[str, TraceEntry]:
         line = tracefs.trace_line(self.ftrace, r, self.comms).rstrip("\n")
+        return line, self._entry(r)
+
+    def graph(self, printer: tracefs.GraphPrinter, records: list[GraphRecord]) -> list[tuple[str, TraceEntry]]:
+        """function_graph lines (task-switch banners left out: every record names its task) and their records."""
+        return [(line.text.rstrip("\n"), self._entry(line.record, kind=line.kind, depth=line.record.depth,
+                                                    duration_ns=line.duration_ns))
+                for line in printer.feed(records)]
+
+    def _entry(self, r: TraceRecord | GraphRecord, **graph: Any) -> TraceEntry:
         usecs = r.ts * 1_000_000 // abi.CNTFRQ_HZ
-        return line, TraceEntry(ip=r.ip, parent_ip=r.parent_ip, function=self.ftrace.symbol_name(r.ip),
-                                parent=self.ftrace.symbol_name(r.parent_ip),
-                                ts=r.ts, time=usecs / 1e6, pid=r.pid, cpu=r.cpu, comm=self.comms.get(r.pid, "<...>"))
+        return TraceEntry(ip=r.ip, parent_ip=r.parent_ip, function=self.ftrace.symbol_name(r.ip),
+                          parent=self.ftrace.symbol_name(r.parent_ip), ts=r.ts, time=usecs / 1e6, pid=r.pid,
+                          cpu=r.cpu, comm=self.comms.get(r.pid, "<...>"), **graph)
 
 
 class TraceSession:
     """One trace.start .. trace.stop: the tracer, the unread buffer, the drainer thread and the stream."""
 
-    def __init__(self, service: Service, kernel: Kernel, tracer: FunctionTracer, formatter: TraceFormatter, *,
-                 number: int, filter: str | None, notrace: str | None, streams: StreamOutlet | None) -> None:
+    def __init__(self, service: Service, kernel: Kernel, tracer: FunctionTracer | FunctionGraphTracer,
+                 formatter: TraceFormatter, *, number: int, filter: str | None, notrace: str | None,
+                 streams: StreamOutlet | None) -> None:
         self.service = service
         self.kernel = kernel
         self.tracer = tracer
         self.formatter = formatter
+        self.printer = tracefs.GraphPrinter(tracer.ftrace) if isinstance(tracer, FunctionGraphTracer) else None
         self.number = number
         self.filter, self.notrace = filter, notrace
         self.streams = streams
@@ -122,7 +137,7 @@ class TraceSession:
                 log.exception("trace_drain_failed", session=self.number)
                 return
 
-    def collect(self, drain: Callable[[], list[TraceRecord]]) -> None:
+    def collect(self, drain: Callable[[], list[TraceRecord]] | Callable[[], list[GraphRecord]]) -> None:
         """Drain (``tracer.drain``, or ``tracer.stop`` for the last time), buffer and publish the records."""
         metrics = self.service.metrics
         with self.lock:
@@ -137,7 +152,7 @@ class TraceSession:
             if not records:
                 return
             metrics.trace_records.inc(len(records))
-            entries = [self.formatter.entry(r) for r in records]
+            entries = self._lines(records)
             self.buffer.extend(entries)
             excess = len(self.buffer) - TRACE_BUFFER
             if excess > 0:
@@ -147,6 +162,11 @@ class TraceSession:
                 metrics.trace_dropped.labels("buffer").inc(excess)
             if self.streams is not None:
                 self._publish(entries)
+
+    def _lines(self, records: list[TraceRecord] | list[GraphRecord]) -> list[tuple[str, TraceEntry]]:
+        if self.printer is not None:
+            return self.formatter.graph(self.printer, [r for r in records if isinstance(r, GraphRecord)])
+        return [self.formatter.entry(r) for r in records if isinstance(r, TraceRecord)]
 
     def _publish(self, entries: list[tuple[str, TraceEntry]]) -> None:
         assert self.streams is not None
@@ -199,8 +219,8 @@ class TraceVerbs:
             if self.session is not None:
                 raise FtraceError("the function tracer is already running; stop it first (trace.stop)",
                                   session=self.session.number)
-            tracer = FunctionTracer(self.ftrace, filter=req.filter, notrace=req.notrace,
-                                    entries_per_cpu=req.entries_per_cpu)
+            kind = FunctionGraphTracer if req.tracer == "function_graph" else FunctionTracer
+            tracer = kind(self.ftrace, filter=req.filter, notrace=req.notrace, entries_per_cpu=req.entries_per_cpu)
             result = tracer.start()
             self.sessions += 1
             session = self.session = TraceSession(self.service, self.kernel, tracer, self.formatter,
@@ -209,9 +229,11 @@ class TraceVerbs:
             session.start_draining()
             functions = self.functions(tracer.ops)
         self.publish()
-        ctx.events.emit("trace.started", session=session.number, filter=session.filter, functions=functions)
-        return TraceStartData(filter=session.filter, notrace=session.notrace, entries_per_cpu=req.entries_per_cpu,
-                              functions=functions, topic=self.service.topics.trace, streaming=self.streams is not None,
+        ctx.events.emit("trace.started", session=session.number, tracer=req.tracer, filter=session.filter,
+                         functions=functions)
+        return TraceStartData(tracer=req.tracer, filter=session.filter, notrace=session.notrace,
+                              entries_per_cpu=req.entries_per_cpu, functions=functions,
+                              topic=self.service.topics.trace, streaming=self.streams is not None,
                               period_ms=round(DRAIN_PERIOD_S * 1000), batch=self._observe(ctx.verb, result))
 
     def _session(self) -> TraceSession:
