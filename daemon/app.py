@@ -159,7 +159,8 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(bridge.run(), name="mqtt.bridge")
                 janitor = tg.create_task(self._janitor(service), name="service.janitor")
-                checkpointer = tg.create_task(Checkpointer(journal).run(), name="service.checkpointer")
+                checkpointer = tg.create_task(Checkpointer(journal, metrics=service.metrics).run(),
+                                               name="service.checkpointer")
                 ready = tg.create_task(self._ready(bridge), name="app.ready")
                 await self._stop.wait()
                 log.info("daemon_stopping")

@@ -15,6 +15,7 @@ import pytest
 from daemon.service import Journal
 from daemon.service.checkpoint import Checkpointer
 from daemon.service.journal import _SCHEMA
+from daemon.service.metrics import Metrics
 
 
 def answered(journal: Journal, rid: str) -> None:
@@ -83,8 +84,10 @@ def test_checkpointer_runs_when_quiet_in_a_nice_thread(tmp_path: Path) -> None:
     answered(journal, "a")
     journal.delivered("a")
 
+    metrics = Metrics()
+
     async def scenario() -> tuple[int, int]:
-        cp = Checkpointer(journal, idle_s=0.02)
+        cp = Checkpointer(journal, idle_s=0.02, metrics=metrics)
         task = asyncio.create_task(cp.run())
         tid = await asyncio.get_running_loop().run_in_executor(cp._pool, threading.get_native_id)
         deadline = time.monotonic() + 5
@@ -99,5 +102,6 @@ def test_checkpointer_runs_when_quiet_in_a_nice_thread(tmp_path: Path) -> None:
     checkpoints, nice = asyncio.run(scenario())
     assert checkpoints >= 1
     assert nice == 19
+    assert metrics.registry.get_sample_value("lpd_journal_checkpoint_seconds_count", {"trigger": "idle"}) == checkpoints
     assert journal.commits == 0
     assert delivered_on_disk(journal.path) == {"a": True}  # the quiet moment also committed the marks

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from daemon.service.journal import Journal
+from daemon.service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -39,8 +40,10 @@ def _lowest_priority() -> None:
 
 
 class Checkpointer:
-    def __init__(self, journal: Journal, *, idle_s: float = IDLE_S, max_commits: int = MAX_COMMITS) -> None:
+    def __init__(self, journal: Journal, *, idle_s: float = IDLE_S, max_commits: int = MAX_COMMITS,
+                 metrics: Metrics | None = None) -> None:
         self.journal = journal
+        self.metrics = metrics
         self.idle_s = idle_s
         self.max_commits = max_commits
         self.checkpoints = 0
@@ -60,9 +63,13 @@ class Checkpointer:
                 await asyncio.sleep(TICK_S)
                 if not self.due(time.monotonic()):
                     continue
+                trigger = "backlog" if self.journal.commits >= self.max_commits else "idle"
                 self.journal.flush()
                 self.journal.commits = 0
+                started = time.perf_counter()
                 await loop.run_in_executor(self._pool, self.journal.checkpoint)
                 self.checkpoints += 1
+                if self.metrics is not None:
+                    self.metrics.checkpoint.labels(trigger).observe(time.perf_counter() - started)
         finally:
             self._pool.shutdown(wait=True)

@@ -48,6 +48,9 @@ class Metrics:
                                 registry=r)
         self.duplicates = Counter("lpd_requests_duplicate", "Repeated request ids answered from the journal",
                                   registry=r)
+        self.checkpoint = Histogram("lpd_journal_checkpoint_seconds", "WAL checkpoints of the journal (in their "
+                                    "low-priority thread, beside the request path), by what started them (idle, "
+                                    "backlog)", ["trigger"], buckets=PAUSE_BUCKETS, registry=r)
         self.reconnects = Counter("lpd_mqtt_reconnects", "Successful broker connections after the first", registry=r)
         self.connected = Gauge("lpd_mqtt_connected", "1 while connected to the broker", registry=r)
         self.boot_seq = Gauge("lpd_boot_seq", "This run's boot sequence number", registry=r)
