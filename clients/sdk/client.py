@@ -68,6 +68,13 @@ def _properties(packet_type: int) -> Any:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
+def _is_birth(payload: bytes) -> bool:
+    try:
+        return StatusDoc.model_validate_json(payload).state == "online"
+    except ValidationError:
+        return False
+
+
 class LivepatchClient(FtraceApi, PatchApi):
     """Client of one daemon (``host``) — or of none, for fleet-wide reads like ``hosts()``.
 
@@ -143,7 +150,7 @@ class LivepatchClient(FtraceApi, PatchApi):
                 correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
                 self._on_reply(payload, correlation)
                 return
-            if topic == self.topics.status and not message.retain and self._sent and b'"online"' in payload:
+            if topic == self.topics.status and not message.retain and self._sent and _is_birth(payload):
                 # A live birth: the daemon (re)subscribed just now. A request published before that, while a
                 # restarted broker had no subscription for it, was dropped: send the waiting ones again.
                 task = asyncio.get_running_loop().create_task(self._resend(), name="lpsdk.resend")
