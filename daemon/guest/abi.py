@@ -137,6 +137,8 @@ task_struct = Struct(
         u8("comm", TASK_COMM_LEN),
         u64("curr_ret_stack"),  # entries in use in ret_stack (the next call's depth)
         u64("trace_overrun"),  # calls not hooked because ret_stack was full
+        u64("graph_depth"),  # set_graph_function: depth just above the entry the task is inside (0: outside)
+        u64("graph_notrace"),  # set_graph_notrace: 1 while the top ret_stack entry is such a function
         nested("ret_stack", ftrace_ret_stack, FTRACE_RETFUNC_DEPTH),
     ],
     doc="one schedulable kernel task",
@@ -158,6 +160,12 @@ ftrace_hash = Struct(
     "ftrace_hash",
     [u64("size_bits"), u64("count"), u64("buckets")],
     doc="open-addressing set of record ips (0 = empty bucket), built by the host",
+)
+
+fgraph_hashes = Struct(
+    "fgraph_hashes",
+    [u64("function_hash", ctype="struct ftrace_hash *"), u64("notrace_hash", ctype="struct ftrace_hash *")],
+    doc="set_graph_function / set_graph_notrace: the function_graph ops' private data; a NULL hash is not set",
 )
 
 ftrace_ops = Struct(
@@ -261,7 +269,7 @@ boot_params = Struct(
 )
 
 STRUCTS: list[Struct] = [cpu_context, job, loadgen, ftrace_ret_stack, task_struct, host_trap, ftrace_regs,
-                         ftrace_hash, ftrace_ops, ftrace_profile, klp_func, klp_ops, klp_shadow,
+                         ftrace_hash, fgraph_hashes, ftrace_ops, ftrace_profile, klp_func, klp_ops, klp_shadow,
                          klp_shadow_req, trace_entry, ring_buffer, cpu_data, boot_params]
 
 CONSTANTS: dict[str, int] = {
