@@ -192,10 +192,9 @@ A_SUBTREE = [("ent", "work_step_a", 0), ("ent", "work_step_b", 1), ("ent", "work
              ("ret", "work_step_c", 2), ("ret", "work_step_b", 1), ("ret", "work_step_a", 0)]
 
 
-def graph_state(k: Kernel) -> set[tuple[int, int, int]]:
-    """(curr_ret_stack, graph_depth, graph_notrace) of every task."""
-    return {(t.get("curr_ret_stack"), t.get("graph_depth"), t.get("graph_notrace"))
-            for t in map(k.task, range(k.boot_params.get("nr_tasks")))}
+def graph_state(k: Kernel) -> set[tuple[int, int]]:
+    """(curr_ret_stack, graph_state) of every task."""
+    return {(t.get("curr_ret_stack"), t.get("graph_state")) for t in map(k.task, range(k.boot_params.get("nr_tasks")))}
 
 
 def graph_trace(ftrace: Ftrace, calls: int = 2, **exprs: str) -> list[tuple[str, str, int]]:
@@ -219,7 +218,7 @@ def test_graph_function_records_only_what_runs_inside_it(ftrace: Ftrace) -> None
     assert graph_trace(ftrace, graph_function="work_chain") == one_chain() * 2
     leaf = [("ent", "work_step_c", 0), ("ret", "work_step_c", 0)]
     assert graph_trace(ftrace, graph_function="work_step_c") == leaf * 4, "inside b, and from work_chain"
-    assert graph_state(ftrace.kernel) == {(0, 0, 0)}
+    assert graph_state(ftrace.kernel) == {(0, 0)}
 
 
 def test_graph_notrace_leaves_out_a_function_and_what_it_calls(ftrace: Ftrace) -> None:
@@ -227,7 +226,7 @@ def test_graph_notrace_leaves_out_a_function_and_what_it_calls(ftrace: Ftrace) -
         ("ent", "work_chain", 0), ("ent", "work_step_a", 1), ("ret", "work_step_a", 1), ("ent", "work_step_c", 1),
         ("ret", "work_step_c", 1), ("ret", "work_chain", 0)] * 2
     assert graph_trace(ftrace, graph_notrace="work_chain") == []
-    assert graph_state(ftrace.kernel) == {(0, 0, 0)}
+    assert graph_state(ftrace.kernel) == {(0, 0)}
 
 
 def test_graph_function_and_notrace_together(ftrace: Ftrace) -> None:
@@ -238,7 +237,7 @@ def test_graph_function_and_notrace_together(ftrace: Ftrace) -> None:
         ("ent", "work_step_a", 0), ("ent", "work_step_b", 1), ("ret", "work_step_b", 1),
         ("ret", "work_step_a", 0)] * 2
     assert graph_trace(ftrace, graph_function="work_step_a", graph_notrace="work_step_a") == [], "notrace wins"
-    assert graph_state(ftrace.kernel) == {(0, 0, 0)}
+    assert graph_state(ftrace.kernel) == {(0, 0)}
 
 
 def test_graph_filters_combine_with_set_ftrace_filter(ftrace: Ftrace) -> None:
@@ -270,7 +269,7 @@ def test_graph_filters_start_stop_leave_everything_as_before(ftrace: Ftrace) -> 
         tracer.stop()
         assert tracer.ops.private == 0
         assert snapshot(ftrace) == before, "text, list head and heap exactly as before"
-        assert graph_state(k) == {(0, 0, 0)}
+        assert graph_state(k) == {(0, 0)}
         assert ftrace.ring_owner is None
 
 

@@ -82,6 +82,7 @@ FTRACE_OPS_FL_DIRECT = 1 << 17
 CNTFRQ_HZ = 62_500_000  # cntvct_el0 ticks per second (the emulated generic timer's frequency)
 TRACE_RECURSION_LIST = 1 << 0  # cpu_data.trace_recursion: inside ftrace_ops_list_func
 TRACE_RECURSION_GRAPH = 1 << 1  # cpu_data.trace_recursion: inside ftrace_graph_func
+FGRAPH_NOTRACE = 1 << 63  # task_struct.graph_state: beneath a set_graph_notrace function, nothing is hooked
 FTRACE_RETFUNC_DEPTH = 50  # hooked returns a task can hold at once (deeper calls are not hooked, and counted)
 # trace_entry.type
 TRACE_FN = 0  # function tracer: a call (ip <- parent_ip at ts)
@@ -137,8 +138,8 @@ task_struct = Struct(
         u8("comm", TASK_COMM_LEN),
         u64("curr_ret_stack"),  # entries in use in ret_stack (the next call's depth)
         u64("trace_overrun"),  # calls not hooked because ret_stack was full
-        u64("graph_depth"),  # set_graph_function: depth just above the entry the task is inside (0: outside)
-        u64("graph_notrace"),  # set_graph_notrace: 1 while the top ret_stack entry is such a function
+        u64("graph_state"),  # function_graph filters: the ret_stack depth just above the set_graph_function
+        # entry the task is inside (0: outside), | FGRAPH_NOTRACE while the top entry is a set_graph_notrace one
         nested("ret_stack", ftrace_ret_stack, FTRACE_RETFUNC_DEPTH),
     ],
     doc="one schedulable kernel task",

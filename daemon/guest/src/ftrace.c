@@ -149,3 +149,9 @@ notrace u64 bench_tracee(u64 calls)
 		tracee_relevant();
 	return calls;
 }
+
+/* A traced caller of that loop: with set_graph_function on it, every tracee_relevant call runs inside it. */
+noinline u64 bench_tracee_caller(u64 calls)
+{
+	return bench_tracee(calls);
+}
