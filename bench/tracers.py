@@ -4,6 +4,10 @@
 untraced (the two entry NOPs run), a nop ops (``ops_func_nop``), the function tracer (one ring entry per call)
 and the function_graph tracer (entry and return entries, the return hooked through ``return_to_handler``),
 each with per-callsite ops (CALL_OPS) and forced through ``ftrace_list_ops`` (a kernel without CALL_OPS).
+Then function_graph with set_graph_function / set_graph_notrace (the call hooked in every case): a call inside
+the graph function (``bench_tracee_caller(n)``, a traced caller of the same loop, is the graph function), a
+call of the graph function itself, a call outside it (the graph function is ``tracee_irrelevant``: the call is
+neither pushed nor hooked) and a set_graph_notrace function (pushed and hooked, nothing recorded).
 
 Measured: exact guest instructions per call, from a counting run on one vCPU (cost(2n) - cost(n) over n calls,
 so the host call around it cancels out), with rings large enough that no entry is dropped (a full ring takes
@@ -35,17 +39,30 @@ def _nop(ft: Ftrace) -> Callable[[], object]:
     return lambda: ft.unregister(ops)
 
 
-def _tracer(kind: type[FunctionTracer] | type[FunctionGraphTracer]) -> Callable[[Ftrace], Callable[[], object]]:
+def _tracer(kind: type[FunctionTracer] | type[FunctionGraphTracer], **graph: str
+            ) -> Callable[[Ftrace], Callable[[], object]]:
     def attach(ft: Ftrace) -> Callable[[], object]:
-        tracer = kind(ft, filter="tracee_relevant", entries_per_cpu=RING)
+        tracer = kind(ft, filter="tracee_relevant bench_tracee_caller" if graph else "tracee_relevant",
+                      entries_per_cpu=RING, **graph)
         tracer.start()
         return tracer.stop
     return attach
 
 
-CASES: list[tuple[str, Callable[[Ftrace], Callable[[], object]] | None]] = [
-    ("untraced", None), ("nop ops", _nop), ("function tracer", _tracer(FunctionTracer)),
-    ("function_graph tracer", _tracer(FunctionGraphTracer))]
+LOOP = "bench_tracee"
+# (case, how to attach it, the loop calling tracee_relevant)
+CASES: list[tuple[str, Callable[[Ftrace], Callable[[], object]] | None, str]] = [
+    ("untraced", None, LOOP), ("nop ops", _nop, LOOP), ("function tracer", _tracer(FunctionTracer), LOOP),
+    ("function_graph tracer", _tracer(FunctionGraphTracer), LOOP),
+    ("function_graph, call inside set_graph_function", _tracer(FunctionGraphTracer,
+                                                                graph_function="bench_tracee_caller"),
+     "bench_tracee_caller"),
+    ("function_graph, call of the set_graph_function", _tracer(FunctionGraphTracer, graph_function="tracee_relevant"),
+     LOOP),
+    ("function_graph, call outside set_graph_function", _tracer(FunctionGraphTracer,
+                                                                 graph_function="tracee_irrelevant"), LOOP),
+    ("function_graph, call of a set_graph_notrace", _tracer(FunctionGraphTracer, graph_notrace="tracee_relevant"),
+     LOOP)]
 
 
 def main() -> int:
@@ -54,26 +71,29 @@ def main() -> int:
         kernel = Kernel(KernelConfig(nr_cpus=1, count_instructions=True, loadgens_per_cpu=0)).boot()
         try:
             ft = Ftrace(kernel, force_list=force_list)
-            base = common.guest_insn_per_call(kernel, "bench_tracee", CALLS)
-            for name, attach in CASES:
+            base = common.guest_insn_per_call(kernel, LOOP, CALLS)
+            for name, attach, loop in CASES:
                 if attach is None:
                     per_call = base
                 else:
                     detach = attach(ft)
                     try:
-                        per_call = common.guest_insn_per_call(kernel, "bench_tracee", CALLS)
+                        per_call = common.guest_insn_per_call(kernel, loop, CALLS)
                     finally:
                         detach()
                 rows.append({"case": name, "path": path, "insn_per_call": per_call,
                              "extra_insn_per_call": per_call - base})
         finally:
             kernel.shutdown()
-    graph = {r["path"]: r["extra_insn_per_call"] for r in rows if r["case"] == "function_graph tracer"}
-    function = {r["path"]: r["extra_insn_per_call"] for r in rows if r["case"] == "function tracer"}
+    extra = {str(r["case"]): r["extra_insn_per_call"] for r in rows if r["path"] == "per-callsite ops"}
+    graph, function = extra["function_graph tracer"], extra["function tracer"]
+    inside, outside = (extra[f"function_graph, call {w} set_graph_function"] for w in ("inside", "outside"))
     notes = ("Extra guest instructions per call of tracee_relevant over an untraced call (exact counts, one vCPU). "
-             f"function_graph costs {graph['per-callsite ops']:.0f} more than an untraced call with per-callsite "
-             f"ops ({graph['per-callsite ops'] - function['per-callsite ops']:.0f} more than the function tracer): "
-             "the entry callback, a ret_stack push, two ring entries and the return through return_to_handler.")
+             f"function_graph costs {graph:.0f} more than an untraced call with per-callsite ops "
+             f"({graph - function:.0f} more than the function tracer): the entry callback, a ret_stack push, two "
+             "ring entries and the return through return_to_handler. With set_graph_function, a call inside it "
+             f"costs {inside:.0f} (the graph tests are a few loads: the task is already inside, no hash lookup) "
+             f"and a call outside it {outside:.0f} (one hash lookup; nothing pushed, recorded or hooked).")
     common.write("tracers", {"calls": CALLS, "ring_entries_per_cpu": RING, "nr_cpus": 1}, rows,
                  {"insn_per_call": "guest insn", "extra_insn_per_call": "guest insn"}, notes)
     return 0

@@ -203,6 +203,12 @@ class TraceStartRequest(Request):
         "nested, with durations")
     filter: FilterExpr | None = None
     notrace: FilterExpr | None = None
+    graph_function: FilterExpr | None = Field(
+        default=None, description="function_graph only, set_graph_function: record only calls made while the task "
+        "is inside one of these functions (themselves included); empty = no restriction")
+    graph_notrace: FilterExpr | None = Field(
+        default=None, description="function_graph only, set_graph_notrace: never record these functions nor "
+        "anything they call")
     entries_per_cpu: int = Field(default=4096, ge=2, le=MAX_RING_ENTRIES, description="ring size, a power of two")
 
     @model_validator(mode="after")
@@ -211,11 +217,19 @@ class TraceStartRequest(Request):
             raise ValueError("entries_per_cpu must be a power of two")
         return self
 
+    @model_validator(mode="after")
+    def _graph_only(self) -> TraceStartRequest:
+        if self.tracer != "function_graph" and (self.graph_function is not None or self.graph_notrace is not None):
+            raise ValueError("graph_function and graph_notrace need tracer function_graph")
+        return self
+
 
 class TraceStartData(Outbound):
     tracer: Literal["function", "function_graph"] = "function"
     filter: str | None
     notrace: str | None
+    graph_function: str | None = None
+    graph_notrace: str | None = None
     entries_per_cpu: int
     functions: int = Field(description="functions traced")
     topic: str = Field(description="where batches of records are published while the tracer runs")

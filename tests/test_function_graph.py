@@ -13,7 +13,7 @@ import pytest
 from test_ftrace import snapshot, work_chain
 from test_livepatch import bundles, wait_until  # noqa: F401  (the compiled example patches, module-scoped)
 
-from daemon.errors import FtraceBusy, GuestPanic
+from daemon.errors import FilterNoMatch, FtraceBusy, GuestPanic
 from daemon.ftrace import tracefs
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.fgraph import FunctionGraphTracer, GraphRecord
@@ -184,6 +184,107 @@ def test_filter_and_notrace(ftrace: Ftrace) -> None:
     only_c.start()
     ftrace.kernel.call("work_chain", 5, cpu=0)
     assert events(ftrace, only_c.stop()) == [("ent", "work_step_c", 0), ("ret", "work_step_c", 0)] * 2
+
+
+# -- set_graph_function / set_graph_notrace -----------------------------------------------------------------------
+
+A_SUBTREE = [("ent", "work_step_a", 0), ("ent", "work_step_b", 1), ("ent", "work_step_c", 2),
+             ("ret", "work_step_c", 2), ("ret", "work_step_b", 1), ("ret", "work_step_a", 0)]
+
+
+def graph_state(k: Kernel) -> set[tuple[int, int]]:
+    """(curr_ret_stack, graph_state) of every task."""
+    return {(t.get("curr_ret_stack"), t.get("graph_state")) for t in map(k.task, range(k.boot_params.get("nr_tasks")))}
+
+
+def graph_trace(ftrace: Ftrace, calls: int = 2, **exprs: str) -> list[tuple[str, str, int]]:
+    """Every function hooked; ``calls`` calls of work_chain on CPU 1 under the given graph expressions."""
+    tracer = FunctionGraphTracer(ftrace, **exprs)
+    tracer.start()
+    assert len(tracer.ops.hashes["filter"].ips) == 0, "no set_ftrace_filter: every function is hooked"
+    for x in range(calls):
+        assert ftrace.kernel.call("work_chain", x, cpu=1) == work_chain(x)
+    records = tracer.stop()
+    assert tracer.dropped == tracer.overrun == 0
+    assert check_nesting(records, complete=True) == len(records) // 2
+    return events(ftrace, records)
+
+
+def test_graph_function_records_only_what_runs_inside_it(ftrace: Ftrace) -> None:
+    """set_graph_function=work_step_a: work_step_a and everything it calls, at depths counted from the task's
+    ret_stack (work_chain, outside, is not even hooked), not work_chain nor the work_step_c it calls itself."""
+    assert graph_trace(ftrace, graph_function="work_step_a") == A_SUBTREE * 2
+    assert graph_trace(ftrace, graph_function="work_step_* !work_step_b !work_step_c") == A_SUBTREE * 2
+    assert graph_trace(ftrace, graph_function="work_chain") == one_chain() * 2
+    leaf = [("ent", "work_step_c", 0), ("ret", "work_step_c", 0)]
+    assert graph_trace(ftrace, graph_function="work_step_c") == leaf * 4, "inside b, and from work_chain"
+    assert graph_state(ftrace.kernel) == {(0, 0)}
+
+
+def test_graph_notrace_leaves_out_a_function_and_what_it_calls(ftrace: Ftrace) -> None:
+    assert graph_trace(ftrace, graph_notrace="work_step_b") == [
+        ("ent", "work_chain", 0), ("ent", "work_step_a", 1), ("ret", "work_step_a", 1), ("ent", "work_step_c", 1),
+        ("ret", "work_step_c", 1), ("ret", "work_chain", 0)] * 2
+    assert graph_trace(ftrace, graph_notrace="work_chain") == []
+    assert graph_state(ftrace.kernel) == {(0, 0)}
+
+
+def test_graph_function_and_notrace_together(ftrace: Ftrace) -> None:
+    assert graph_trace(ftrace, graph_function="work_chain", graph_notrace="work_step_b") == [
+        ("ent", "work_chain", 0), ("ent", "work_step_a", 1), ("ret", "work_step_a", 1), ("ent", "work_step_c", 1),
+        ("ret", "work_step_c", 1), ("ret", "work_chain", 0)] * 2
+    assert graph_trace(ftrace, graph_function="work_step_a", graph_notrace="work_step_c") == [
+        ("ent", "work_step_a", 0), ("ent", "work_step_b", 1), ("ret", "work_step_b", 1),
+        ("ret", "work_step_a", 0)] * 2
+    assert graph_trace(ftrace, graph_function="work_step_a", graph_notrace="work_step_a") == [], "notrace wins"
+    assert graph_state(ftrace.kernel) == {(0, 0)}
+
+
+def test_graph_filters_combine_with_set_ftrace_filter(ftrace: Ftrace) -> None:
+    """Only hooked functions are recorded, and a graph function that is not hooked is never entered: its calls
+    are not seen (as in the kernel)."""
+    tracer = FunctionGraphTracer(ftrace, filter="work_step_b work_step_c", graph_function="work_step_a")
+    tracer.start()
+    ftrace.kernel.call("work_chain", 3, cpu=1)
+    assert tracer.stop() == []
+    tracer = FunctionGraphTracer(ftrace, filter="work_step_*", notrace="work_step_b", graph_function="work_step_a")
+    tracer.start()
+    ftrace.kernel.call("work_chain", 3, cpu=1)
+    assert events(ftrace, tracer.stop()) == [("ent", "work_step_a", 0), ("ent", "work_step_c", 1),
+                                             ("ret", "work_step_c", 1), ("ret", "work_step_a", 0)]
+
+
+def test_graph_filters_start_stop_leave_everything_as_before(ftrace: Ftrace) -> None:
+    k = ftrace.kernel
+    before = snapshot(ftrace)
+    for exprs in ({"graph_function": "work_step_a"}, {"graph_notrace": "work_step_b"},
+                  {"graph_function": "work_*", "graph_notrace": "work_step_c", "filter": "work_* proc_*"}):
+        tracer = FunctionGraphTracer(ftrace, **exprs)
+        assert snapshot(ftrace) == before, "nothing written before start"
+        tracer.start()
+        assert tracer.ops.private
+        assert snapshot(ftrace) != before
+        assert k.call("work_chain", 11, cpu=1) == work_chain(11)
+        assert k.read_string("proc_cmdline_read").startswith("console=")
+        tracer.stop()
+        assert tracer.ops.private == 0
+        assert snapshot(ftrace) == before, "text, list head and heap exactly as before"
+        assert graph_state(k) == {(0, 0)}
+        assert ftrace.ring_owner is None
+
+
+def test_bad_graph_expressions_are_refused_with_nothing_changed(ftrace: Ftrace) -> None:
+    before = snapshot(ftrace)
+    for exprs in ({"graph_function": "nope_*"}, {"graph_notrace": "work_step_a !nope"},
+                  {"graph_function": "work_step_a", "graph_notrace": "0x1234"},
+                  {"graph_function": "proc_cmdline_show_unknown"}):
+        with pytest.raises(FilterNoMatch) as err:
+            FunctionGraphTracer(ftrace, **exprs)
+        assert err.value.code == "ftrace_filter_no_match"
+        assert snapshot(ftrace) == before
+        assert ftrace.ring_owner is None
+        assert ftrace.ops == []
+    assert graph_trace(ftrace, graph_function="work_step_a") == A_SUBTREE * 2
 
 
 def test_start_stop_leaves_sites_and_ops_list_as_before(ftrace: Ftrace) -> None:

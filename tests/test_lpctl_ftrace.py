@@ -135,6 +135,23 @@ def test_trace_commands(lpd: DaemonThread) -> None:
     refused(lpd, "ftrace_filter_no_match", "trace", "start", "nope_*")
 
 
+def test_trace_start_graph_function_and_notrace(lpd: DaemonThread) -> None:
+    out = ok(lpd, "trace", "start", "work_*", "--graph", "--graph-function", "work_step_a", "--graph-notrace",
+             "work_step_c")
+    assert out.startswith("function_graph: tracing 4 functions, inside 'work_step_a', not under 'work_step_c', ")
+    ok(lpd, "call", "work_chain", "7", "--cpu", "1")
+    code, out, _ = lpctl(lpd, "--json", "trace", "stop")
+    assert code == 0
+    records = json.loads(out)["data"]["records"]
+    assert [(r["kind"], r["function"], r["depth"]) for r in records] == [
+        ("entry", "work_step_a", 0), ("call", "work_step_b", 1), ("return", "work_step_a", 0)]
+    code, _, err = lpctl(lpd, "trace", "start", "--graph-function", "work_step_a")
+    assert code == 2
+    assert "need --graph" in err
+    refused(lpd, "ftrace_filter_no_match", "trace", "start", "--graph", "--graph-notrace", "nope_*")
+    refused(lpd, "trace_not_running", "trace", "read")
+
+
 def test_trace_follow_prints_published_lines(lpd: DaemonThread) -> None:
     cmd = [sys.executable, "-m", "clients.cli", "--broker", lpd.url, "--host",
            lpd.host, "trace", "follow", "--count", "8", "--seconds", "60"]

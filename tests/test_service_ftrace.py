@@ -278,6 +278,41 @@ def test_function_graph_over_mqtt(lpd: DaemonThread) -> None:
     run(main())
 
 
+def test_graph_function_and_notrace_over_mqtt(lpd: DaemonThread) -> None:
+    """trace.start with graph_function / graph_notrace: every function hooked, only work_step_a's subtree recorded
+    (work_step_b's left out with graph_notrace); both refused for the function tracer, nothing started."""
+    async def main() -> None:
+        async with client(lpd) as c:
+            started = await c.trace_start(tracer="function_graph", graph_function="work_step_a")
+            assert (started.graph_function, started.graph_notrace) == ("work_step_a", None)
+            assert started.functions > 1000, "set_graph_function does not choose what is hooked"
+            assert (await c.call("work_chain", 5, cpu=1)).value == work_chain(5)
+            stopped = await c.trace_stop()
+            assert [(r.kind, r.function, r.depth) for r in stopped.records] == [
+                ("entry", "work_step_a", 0), ("entry", "work_step_b", 1), ("call", "work_step_c", 2),
+                ("return", "work_step_b", 1), ("return", "work_step_a", 0)]
+            assert stopped.lines[0].endswith("|  work_step_a() {")
+            started = await c.trace_start("work_*", tracer="function_graph", graph_function="work_chain",
+                                          graph_notrace="work_step_b")
+            assert (started.functions, started.graph_function, started.graph_notrace) == (
+                4, "work_chain", "work_step_b")
+            assert (await c.call("work_chain", 6, cpu=1)).value == work_chain(6)
+            stopped = await c.trace_stop()
+            assert [(r.kind, r.function, r.depth) for r in stopped.records] == [
+                ("entry", "work_chain", 0), ("call", "work_step_a", 1), ("call", "work_step_c", 1),
+                ("return", "work_chain", 0)]
+            for params, code in (({"graph_function": "work_step_a"}, "bad_request"),
+                                 ({"tracer": "function", "graph_notrace": "work_step_a"}, "bad_request"),
+                                 ({"tracer": "function_graph", "graph_function": "nope_*"}, "ftrace_filter_no_match"),
+                                 ({"tracer": "function_graph", "graph_notrace": "work_step_a !nope"},
+                                  "ftrace_filter_no_match")):
+                await expect_error(c.request("trace.start", params), code)
+                assert (await c.ops_list()).others == []
+            await expect_error(c.trace_read(), "trace_not_running")
+            assert await c.enabled_functions_text() == ""
+    run(main())
+
+
 def test_trace_records_exactly_the_calls(lpd: DaemonThread) -> None:
     kernel = lpd.daemon.kernel
     assert kernel is not None

@@ -10,7 +10,8 @@ command                                                verb
 ``lpctl ftrace available [PATTERN]``                   ftrace.available_filter_functions (every page)
 ``lpctl ftrace enabled [--touched]``                   ftrace.enabled_functions (every page)
 ``lpctl ftrace sysctl [0|1]``                          ftrace.sysctl: read or set kernel.ftrace_enabled
-``lpctl trace start [FILTER] [-n N] [--graph]``        trace.start (``--graph``: the function_graph tracer)
+``lpctl trace start [FILTER] [-n N] [--graph]``        trace.start (``--graph``: the function_graph tracer, with
+                                                      ``--graph-function`` / ``--graph-notrace``)
 ``lpctl trace read`` / ``lpctl trace stop``            trace.read / trace.stop: trace lines on stdout
 ``lpctl trace follow [--count N]``                     the trace topic: lines as they are published, until Ctrl-C
 ``lpctl hijack create FUNCTION TARGET [--direct]``     hijack.create
@@ -198,17 +199,29 @@ def sysctl(ctx: typer.Context,
 @trace_app.command("start")
 def trace_start(ctx: typer.Context,
                 filter_: Annotated[str | None, typer.Argument(
-                    metavar="FILTER", help="set_ftrace_filter syntax; omitted: every function")] = None,
+                    metavar="FILTER", help="set_ftrace_filter syntax; omitted: every function")] = None, *,
                 notrace: NotraceOpt = None,
                 entries: Annotated[int | None, typer.Option(min=2, help="ring entries per CPU (a power of two)")]
                 = None,
                 graph: Annotated[bool, typer.Option("--graph", help="function_graph: entries and returns, nested, "
-                                                     "with durations")] = False) -> None:
+                                                     "with durations")] = False,
+                graph_function: Annotated[str | None, typer.Option(
+                    "--graph-function", help="with --graph, set_graph_function: record only what runs inside these "
+                    "functions")] = None,
+                graph_notrace: Annotated[str | None, typer.Option(
+                    "--graph-notrace", help="with --graph, set_graph_notrace: leave out these functions and what "
+                    "they call")] = None) -> None:
     """Start the function tracer (or, --graph, the function_graph tracer)."""
+    if not graph and (graph_function is not None or graph_notrace is not None):
+        fail(EXIT_USAGE, "--graph-function and --graph-notrace need --graph", "add --graph (function_graph)")
     data = TraceStartData.model_validate(_request(ctx, "trace.start", _params(
-        filter=filter_, notrace=notrace, entries_per_cpu=entries, tracer="function_graph" if graph else None)))
+        filter=filter_, notrace=notrace, entries_per_cpu=entries, tracer="function_graph" if graph else None,
+        graph_function=graph_function, graph_notrace=graph_notrace)))
     stream = f"; batches on {data.topic} (lpctl trace follow)" if data.streaming else ""
-    out().print(f"{data.tracer}: tracing {_functions(data.functions)}, {data.entries_per_cpu} entries per CPU{stream}")
+    within = "".join(f", {label} {expr!r}" for label, expr in (("inside", data.graph_function),
+                                                                ("not under", data.graph_notrace)) if expr)
+    out().print(f"{data.tracer}: tracing {_functions(data.functions)}{within}, {data.entries_per_cpu} entries per "
+                f"CPU{stream}")
 
 
 def _print_records(data: TraceReadData) -> None:

@@ -130,11 +130,15 @@ class FtraceApi:
     async def trace_start(self: _Client, filter: str | None = None, *, notrace: str | None = None,
                           entries_per_cpu: int | None = None,
                           tracer: Literal["function", "function_graph"] = "function",
+                          graph_function: str | None = None, graph_notrace: str | None = None,
                           request_id: str | None = None) -> TraceStartData:
         """Start the function tracer (or ``tracer="function_graph"``: entries and returns with durations) on the
-        functions ``filter`` selects (None: every function)."""
+        functions ``filter`` selects (None: every function). function_graph only: ``graph_function``
+        (set_graph_function) records only what runs inside those functions, ``graph_notrace``
+        (set_graph_notrace) leaves those functions and what they call out."""
         params = _params(filter=filter, notrace=notrace, entries_per_cpu=entries_per_cpu,
-                         tracer=None if tracer == "function" else tracer)
+                         tracer=None if tracer == "function" else tracer, graph_function=graph_function,
+                         graph_notrace=graph_notrace)
         return TraceStartData.model_validate(await self.request("trace.start", params, request_id=request_id))
 
     async def trace_read(self: _Client, *, limit: int | None = None) -> TraceReadData:

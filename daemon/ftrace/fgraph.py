@@ -13,17 +13,28 @@ return    ``return_to_handler`` saves x0-x8, ``ftrace_return_to_handler(x29)`` p
           original return address
 ========  ====================================================================================================
 
-The host side only attaches the rings, registers the ops and drains. A call hooked before ``stop`` still
-returns through ``return_to_handler`` afterwards (a sleeping task keeps its ``ret_stack``); the rings are
-detached inside a stop-machine pause, so no CPU is halfway through writing one when its buffer is freed.
+``set_graph_function`` (``graph_function``) and ``set_graph_notrace`` (``graph_notrace``) are guest hashes in the
+ops' private data (struct fgraph_hashes), tested in ``ftrace_graph_func``: with a graph function set, a call is
+recorded only while its task is inside one of those functions (which records itself and everything beneath it);
+a graph notrace function and everything beneath it are never recorded. Which functions are hooked at all is
+still set_ftrace_filter / set_ftrace_notrace's business.
+
+The host side only attaches the rings, writes the hashes, registers the ops and drains. A call hooked before
+``stop`` still returns through ``return_to_handler`` afterwards (a sleeping task keeps its ``ret_stack``); the
+rings are detached inside a stop-machine pause, so no CPU is halfway through writing one when its buffer is
+freed, and the hashes are freed after the ops is unregistered (``return_to_handler`` never reads them).
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from daemon.arch.arm64.patching import BatchResult
+from daemon.ftrace import filter as ftrace_filter
 from daemon.ftrace.core import Ftrace
+from daemon.ftrace.hashes import GuestHash
 from daemon.ftrace.tracer import RawEntry, RingTracer
 from daemon.guest import abi
 from daemon.kernel.structs import StructRef
@@ -50,6 +61,13 @@ class GraphRecord:
         return self.duration * 1_000_000_000 // abi.CNTFRQ_HZ
 
 
+def _graph_set(ftrace: Ftrace, expr: str | Iterable[str] | None) -> frozenset[int]:
+    """The record ips of a set_graph_function / set_graph_notrace expression (None or empty: none)."""
+    if expr is None or not ftrace_filter.terms(expr):
+        return frozenset()
+    return ftrace.select(expr)
+
+
 def _record(e: RawEntry) -> GraphRecord:
     ip, parent, ts, pid_cpu, kind, depth, duration = e
     if kind not in (abi.TRACE_GRAPH_ENT, abi.TRACE_GRAPH_RET):
@@ -58,18 +76,56 @@ def _record(e: RawEntry) -> GraphRecord:
 
 
 class FunctionGraphTracer(RingTracer):
-    """``echo function_graph > current_tracer``, restricted by set_ftrace_filter / set_ftrace_notrace."""
+    """``echo function_graph > current_tracer``, restricted by set_ftrace_filter / set_ftrace_notrace (what is
+    hooked) and set_graph_function / set_graph_notrace (what of it is recorded), all in the same syntax."""
 
     name = "function_graph"
 
     def __init__(self, ftrace: Ftrace, *, filter: str | Iterable[str] | None = None,
-                 notrace: str | Iterable[str] | None = None, entries_per_cpu: int = 4096) -> None:
+                 notrace: str | Iterable[str] | None = None, graph_function: str | Iterable[str] | None = None,
+                 graph_notrace: str | Iterable[str] | None = None, entries_per_cpu: int = 4096) -> None:
+        # checked first: a bad expression is refused before anything is set up
+        self.graph_function = _graph_set(ftrace, graph_function)
+        self.graph_notrace = _graph_set(ftrace, graph_notrace)
         super().__init__(ftrace, "ftrace_graph_func", filter=filter, notrace=notrace,
                          entries_per_cpu=entries_per_cpu)
+        self._hashes: list[GuestHash] = []
+
+    def start(self) -> BatchResult | None:
+        if self.graph_function or self.graph_notrace:
+            self.ops.private = self._write_hashes()
+        try:
+            return super().start()
+        except BaseException:
+            self._free_hashes()
+            raise
+
+    def _write_hashes(self) -> int:
+        """struct fgraph_hashes and its non-empty hashes, in the heap until the tracer stops."""
+        addrs = []
+        for ips in (self.graph_function, self.graph_notrace):
+            if ips:
+                self._hashes.append(GuestHash(self.kernel, ips))
+            addrs.append(self._hashes[-1].addr if ips else 0)
+        addr = self.kernel.heap.alloc(abi.fgraph_hashes.size)
+        self.kernel.memory.write(addr, struct.pack("<2Q", *addrs))
+        return addr
+
+    def _free_hashes(self) -> None:
+        for h in self._hashes:
+            h.free()
+        self._hashes = []
+        if self.ops.private:
+            self.kernel.heap.free(self.ops.private, abi.fgraph_hashes.size)
+            self.ops.private = 0
 
     def _detach(self) -> None:
         # return_to_handler writes the rings even after the ops is gone: park every CPU to detach them
         self.kernel.machine.stop_machine(super()._detach)
+
+    def _release(self, *, detached: bool = False) -> None:
+        super()._release(detached=detached)
+        self._free_hashes()  # unregistered: no CPU is inside ftrace_graph_func (return_to_handler never reads them)
 
     def stop(self) -> list[GraphRecord]:
         """Unregister, detach the rings, and return what was still in them; the buffers are freed."""

@@ -82,6 +82,7 @@ FTRACE_OPS_FL_DIRECT = 1 << 17
 CNTFRQ_HZ = 62_500_000  # cntvct_el0 ticks per second (the emulated generic timer's frequency)
 TRACE_RECURSION_LIST = 1 << 0  # cpu_data.trace_recursion: inside ftrace_ops_list_func
 TRACE_RECURSION_GRAPH = 1 << 1  # cpu_data.trace_recursion: inside ftrace_graph_func
+FGRAPH_NOTRACE = 1 << 63  # task_struct.graph_state: beneath a set_graph_notrace function, nothing is hooked
 FTRACE_RETFUNC_DEPTH = 50  # hooked returns a task can hold at once (deeper calls are not hooked, and counted)
 # trace_entry.type
 TRACE_FN = 0  # function tracer: a call (ip <- parent_ip at ts)
@@ -137,6 +138,8 @@ task_struct = Struct(
         u8("comm", TASK_COMM_LEN),
         u64("curr_ret_stack"),  # entries in use in ret_stack (the next call's depth)
         u64("trace_overrun"),  # calls not hooked because ret_stack was full
+        u64("graph_state"),  # function_graph filters: the ret_stack depth just above the set_graph_function
+        # entry the task is inside (0: outside), | FGRAPH_NOTRACE while the top entry is a set_graph_notrace one
         nested("ret_stack", ftrace_ret_stack, FTRACE_RETFUNC_DEPTH),
     ],
     doc="one schedulable kernel task",
@@ -158,6 +161,12 @@ ftrace_hash = Struct(
     "ftrace_hash",
     [u64("size_bits"), u64("count"), u64("buckets")],
     doc="open-addressing set of record ips (0 = empty bucket), built by the host",
+)
+
+fgraph_hashes = Struct(
+    "fgraph_hashes",
+    [u64("function_hash", ctype="struct ftrace_hash *"), u64("notrace_hash", ctype="struct ftrace_hash *")],
+    doc="set_graph_function / set_graph_notrace: the function_graph ops' private data; a NULL hash is not set",
 )
 
 ftrace_ops = Struct(
@@ -261,7 +270,7 @@ boot_params = Struct(
 )
 
 STRUCTS: list[Struct] = [cpu_context, job, loadgen, ftrace_ret_stack, task_struct, host_trap, ftrace_regs,
-                         ftrace_hash, ftrace_ops, ftrace_profile, klp_func, klp_ops, klp_shadow,
+                         ftrace_hash, fgraph_hashes, ftrace_ops, ftrace_profile, klp_func, klp_ops, klp_shadow,
                          klp_shadow_req, trace_entry, ring_buffer, cpu_data, boot_params]
 
 CONSTANTS: dict[str, int] = {

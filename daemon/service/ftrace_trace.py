@@ -219,8 +219,14 @@ class TraceVerbs:
             if self.session is not None:
                 raise FtraceError("the function tracer is already running; stop it first (trace.stop)",
                                   session=self.session.number)
-            kind = FunctionGraphTracer if req.tracer == "function_graph" else FunctionTracer
-            tracer = kind(self.ftrace, filter=req.filter, notrace=req.notrace, entries_per_cpu=req.entries_per_cpu)
+            tracer: FunctionTracer | FunctionGraphTracer
+            if req.tracer == "function_graph":
+                tracer = FunctionGraphTracer(self.ftrace, filter=req.filter, notrace=req.notrace,
+                                             graph_function=req.graph_function, graph_notrace=req.graph_notrace,
+                                             entries_per_cpu=req.entries_per_cpu)
+            else:
+                tracer = FunctionTracer(self.ftrace, filter=req.filter, notrace=req.notrace,
+                                        entries_per_cpu=req.entries_per_cpu)
             result = tracer.start()
             self.sessions += 1
             session = self.session = TraceSession(self.service, self.kernel, tracer, self.formatter,
@@ -232,6 +238,7 @@ class TraceVerbs:
         ctx.events.emit("trace.started", session=session.number, tracer=req.tracer, filter=session.filter,
                          functions=functions)
         return TraceStartData(tracer=req.tracer, filter=session.filter, notrace=session.notrace,
+                              graph_function=req.graph_function or None, graph_notrace=req.graph_notrace or None,
                               entries_per_cpu=req.entries_per_cpu, functions=functions,
                               topic=self.service.topics.trace, streaming=self.streams is not None,
                               period_ms=round(DRAIN_PERIOD_S * 1000), batch=self._observe(ctx.verb, result))

@@ -28,6 +28,31 @@ static inline __attribute__((always_inline)) u64 trace_clock(void)
 	return t;
 }
 
+/*
+ * The bucket of a host-built struct ftrace_hash holding ip, or -1: open addressing with linear probing, tables at
+ * most half full. Inline: the ops filters and the graph tracer's hashes test it on every traced call.
+ */
+static inline __attribute__((always_inline)) s64 hash_index(const struct ftrace_hash *hash, u64 ip)
+{
+	u64 mask = (1ULL << hash->size_bits) - 1;
+	u64 i = ((ip >> 2) * HASH_MULTIPLIER) >> (64 - hash->size_bits);
+	const u64 *buckets = (const u64 *)hash->buckets;
+
+	for (;; i = (i + 1) & mask) {
+		u64 entry = buckets[i];
+
+		if (entry == ip)
+			return (s64)i;
+		if (entry == 0)
+			return -1;
+	}
+}
+
+static inline __attribute__((always_inline)) int hash_contains(const struct ftrace_hash *hash, u64 ip)
+{
+	return hash_index(hash, ip) >= 0;
+}
+
 /* ftrace.c: the next free entry of this CPU's trace ring, or NULL (detached, or full: counted as dropped) */
 struct trace_entry *trace_ring_reserve(struct cpu_data *c);
 

@@ -11,6 +11,16 @@
  * The frame pointer is the caller's x29: what the traced function sees at entry (fregs->fp) and what its
  * epilogue has restored by the time it returns, leaf or not. The host unwinder uses the same ret_stack to see
  * through return_to_handler in a sleeping task's frame records.
+ *
+ * set_graph_function and set_graph_notrace are the hashes in op->private (struct fgraph_hashes, NULL when the
+ * tracer has neither); where a task stands is one word next to its ret_stack, graph_state:
+ *   depth            the ret_stack depth just above the set_graph_function entry the task is inside (0: outside
+ *                    any). A call outside is neither pushed nor hooked, so it costs no return.
+ *   FGRAPH_NOTRACE   set while the top ret_stack entry is a set_graph_notrace function: that entry is pushed and
+ *                    hooked without a record so that its return clears the bit, and nothing is pushed above
+ *                    it, so the next return on the task is always that entry's.
+ * One word so that the return path tests it once; it is tested whatever the hashes, because it describes
+ * hooked returns, which outlive a session.
  */
 #include "kernel.h"
 
@@ -35,10 +45,10 @@ notrace void ftrace_graph_func(u64 ip, u64 parent_ip, struct ftrace_ops *op, str
 {
 	struct cpu_data *c = this_cpu();
 	struct task_struct *t = c->current;
+	const struct fgraph_hashes *h = (const struct fgraph_hashes *)op->private;
 	struct ftrace_ret_stack *rs;
-	u64 depth, now;
+	u64 depth, now, state, next;
 
-	(void)op;
 	/* the list function's guard only covers shared sites: a CALL_OPS site calls this directly */
 	if (c->trace_recursion & TRACE_RECURSION_GRAPH) {
 		c->recursion_misses++;
@@ -47,7 +57,19 @@ notrace void ftrace_graph_func(u64 ip, u64 parent_ip, struct ftrace_ops *op, str
 	c->trace_recursion |= TRACE_RECURSION_GRAPH;
 	if (!READ_ONCE(c->rb.entries))
 		goto out;	/* the tracer is detaching: hook nothing new */
+	state = next = t->graph_state;
+	if (state & FGRAPH_NOTRACE)
+		goto out;	/* beneath a set_graph_notrace function */
 	depth = t->curr_ret_stack;
+	if (h) {
+		if (h->function_hash && !state) {
+			if (!hash_contains(h->function_hash, ip))
+				goto out;
+			next = depth + 1;	/* entering: its return takes the task outside again */
+		}
+		if (h->notrace_hash && hash_contains(h->notrace_hash, ip))
+			next = state | FGRAPH_NOTRACE;	/* notrace wins over set_graph_function, as in the kernel */
+	}
 	if (depth >= FTRACE_RETFUNC_DEPTH) {
 		t->trace_overrun++;
 		goto out;
@@ -59,7 +81,9 @@ notrace void ftrace_graph_func(u64 ip, u64 parent_ip, struct ftrace_ops *op, str
 	rs->fp = fregs->fp;
 	rs->calltime = now;
 	WRITE_ONCE(t->curr_ret_stack, depth + 1);
-	graph_record(c, TRACE_GRAPH_ENT, ip, parent_ip, now, depth, 0);
+	t->graph_state = next;
+	if (!(next & FGRAPH_NOTRACE))
+		graph_record(c, TRACE_GRAPH_ENT, ip, parent_ip, now, depth, 0);
 	fregs->lr = (u64)return_to_handler;
 out:
 	c->trace_recursion &= ~TRACE_RECURSION_GRAPH;
@@ -70,7 +94,7 @@ notrace u64 ftrace_return_to_handler(u64 fp)
 {
 	struct cpu_data *c = this_cpu();
 	struct task_struct *t = c->current;
-	u64 depth = t->curr_ret_stack, now;
+	u64 depth = t->curr_ret_stack, now, state;
 	struct ftrace_ret_stack *rs;
 
 	if (depth == 0 || depth > FTRACE_RETFUNC_DEPTH)
@@ -78,8 +102,17 @@ notrace u64 ftrace_return_to_handler(u64 fp)
 	rs = &t->ret_stack[depth - 1];
 	if (rs->fp != fp)
 		panic("function_graph: frame pointer mismatch on return (ret_stack corrupt), fp", fp);
-	now = trace_clock();
 	WRITE_ONCE(t->curr_ret_stack, depth - 1);
+	state = t->graph_state;
+	if (state) {	/* inside a set_graph_function, or leaving a set_graph_notrace one */
+		if (state & FGRAPH_NOTRACE) {
+			t->graph_state = state & ~FGRAPH_NOTRACE;	/* never recorded */
+			return rs->ret;
+		}
+		if (state == depth)
+			t->graph_state = 0;	/* leaving the set_graph_function the task was inside */
+	}
+	now = trace_clock();
 	graph_record(c, TRACE_GRAPH_RET, rs->func, rs->ret, now, depth - 1, now - rs->calltime);
 	return rs->ret;
 }

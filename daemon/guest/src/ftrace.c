@@ -23,28 +23,6 @@ notrace void ftrace_ops_nop_func(u64 ip, u64 parent_ip, struct ftrace_ops *op, s
 	(void)ip, (void)parent_ip, (void)op, (void)fregs;
 }
 
-/* The bucket holding ip, or -1: open addressing with linear probing, tables at most half full. */
-notrace static s64 hash_index(const struct ftrace_hash *hash, u64 ip)
-{
-	u64 mask = (1ULL << hash->size_bits) - 1;
-	u64 i = ((ip >> 2) * HASH_MULTIPLIER) >> (64 - hash->size_bits);
-	const u64 *buckets = (const u64 *)hash->buckets;
-
-	for (;; i = (i + 1) & mask) {
-		u64 entry = buckets[i];
-
-		if (entry == ip)
-			return (s64)i;
-		if (entry == 0)
-			return -1;
-	}
-}
-
-notrace static int hash_contains(const struct ftrace_hash *hash, u64 ip)
-{
-	return hash_index(hash, ip) >= 0;
-}
-
 /* ftrace_ops_test: an empty filter means every function, an empty notrace hash excludes none. */
 notrace static int ftrace_ops_test(const struct ftrace_ops *op, u64 ip)
 {
@@ -170,4 +148,10 @@ notrace u64 bench_tracee(u64 calls)
 	for (u64 i = 0; i < calls; i++)
 		tracee_relevant();
 	return calls;
+}
+
+/* A traced caller of that loop: with set_graph_function on it, every tracee_relevant call runs inside it. */
+noinline u64 bench_tracee_caller(u64 calls)
+{
+	return bench_tracee(calls);
 }
