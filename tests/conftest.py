@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from daemon.ftrace.core import Ftrace
+from daemon.guest import abi
 from daemon.kernel.kernel import Kernel, KernelConfig
 
 
@@ -25,6 +28,22 @@ def module_kernel() -> Iterator[Kernel]:
 def kernel() -> Iterator[Kernel]:
     """A freshly booted 2-vCPU kernel, shut down after the test."""
     yield from booted()
+
+
+@pytest.fixture
+def ftrace(kernel: Kernel) -> Ftrace:
+    """ftrace on a fresh kernel."""
+    return Ftrace(kernel)
+
+
+@pytest.fixture
+def loaded(ftrace: Ftrace) -> Iterator[Ftrace]:
+    """``ftrace`` with the mixed workload running on every vCPU."""
+    k = ftrace.kernel
+    k.set_load(abi.LOADGEN_MIX)
+    time.sleep(0.05)
+    yield ftrace
+    k.set_load(abi.LOADGEN_OFF)
 
 
 from mqtt_fixtures import lpd, mosquitto  # noqa: E402  (the service tests' broker and daemon)

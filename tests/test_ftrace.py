@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -33,11 +32,6 @@ def work_chain(x: int, c: object = step_c) -> int:
     fc = c if callable(c) else step_c
     b = (fc((x * 3 + 3) & MASK64) + 5) & MASK64
     return ((b ^ 0x55) + fc(x)) & MASK64
-
-
-@pytest.fixture
-def ftrace(kernel: Kernel) -> Ftrace:
-    return Ftrace(kernel)
 
 
 def counting(name: str, **kw: object) -> FtraceOps:
@@ -495,15 +489,6 @@ def test_bad_direct_calls(ftrace: Ftrace) -> None:
 
 
 # -- under load -------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def loaded(ftrace: Ftrace) -> Iterator[Ftrace]:
-    k = ftrace.kernel
-    k.set_load(abi.LOADGEN_MIX)
-    time.sleep(0.05)
-    yield ftrace
-    k.set_load(abi.LOADGEN_OFF)
 
 
 def test_everything_holds_while_all_vcpus_run_the_workload(loaded: Ftrace) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 
 import pytest
 from test_ftrace import snapshot, work_chain
@@ -29,11 +28,6 @@ from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import StallPolicy
 
 CHAIN = [("work_chain", 0), ("work_step_a", 1), ("work_step_b", 2), ("work_step_c", 3)]
-
-
-@pytest.fixture
-def ftrace(kernel: Kernel) -> Ftrace:
-    return Ftrace(kernel)
 
 
 def events(ft: Ftrace, records: list[GraphRecord]) -> list[tuple[str, str, int]]:
@@ -482,15 +476,6 @@ def test_stopping_while_a_task_sleeps_with_hooked_returns(ftrace: Ftrace) -> Non
     k.machine.kick(1)
     assert fut.result(5) == 116
     assert tracer.hooked() == {}
-
-
-@pytest.fixture
-def loaded(ftrace: Ftrace) -> Iterator[Ftrace]:
-    k = ftrace.kernel
-    k.set_load(abi.LOADGEN_MIX)
-    time.sleep(0.05)
-    yield ftrace
-    k.set_load(abi.LOADGEN_OFF)
 
 
 def test_under_load_on_every_vcpu(loaded: Ftrace) -> None:
