@@ -66,6 +66,8 @@ FtraceEventType = Literal[
     "ftrace.sysctl",            # data: ftrace_enabled, sites
     "hijack.created",           # data: the hijack (function, target, mode)
     "hijack.deleted",           # data: name, function
+    "profile.started",          # data: filter, functions
+    "profile.stopped",          # data: functions (with hits), hits
     "trace.started",            # data: filter, notrace, functions, entries_per_cpu
     "trace.stopped",            # data: records, dropped
     "ftrace.restored",          # data: ops, hijacks (re-applied at boot, before online)
@@ -284,6 +286,52 @@ class TraceStopData(TraceReadData):
     batch: BatchInfo | None = None
 
 
+# -- the function profiler ------------------------------------------------------------------------------------
+
+
+class ProfileStartRequest(Request):
+    """``echo 1 > function_profile_enabled``: count the calls of each function the filter selects (every
+    function when omitted), per CPU, in the guest."""
+
+    filter: FilterExpr | None = None
+
+
+class ProfileStartData(Outbound):
+    filter: str | None
+    functions: int = Field(description="functions counted")
+    batch: BatchInfo | None = None
+
+
+class ProfileLine(Outbound):
+    function: str
+    address: Address
+    hits: int
+
+
+class ProfileReadRequest(Request):
+    """trace_stat/function: the counts so far, most called first (functions never called are left out)."""
+
+    limit: int = Field(default=MAX_PAGE, ge=1, le=MAX_PAGE)
+
+
+class ProfileReadData(Outbound):
+    text: str = Field(description="trace_stat/function as tracefs prints it (these lines)")
+    functions: list[ProfileLine]
+    total_functions: int = Field(description="functions with at least one hit")
+    total_hits: int
+    running: bool
+
+
+class ProfileStopRequest(Request):
+    """``echo 0 > function_profile_enabled``; the reply carries the final counts."""
+
+    limit: int = Field(default=MAX_PAGE, ge=1, le=MAX_PAGE)
+
+
+class ProfileStopData(ProfileReadData):
+    batch: BatchInfo | None = None
+
+
 class TraceBatchDoc(Outbound):
     """Published on ``trace`` (not retained) while the function tracer runs: records drained from the rings.
 
@@ -383,6 +431,12 @@ SPECS: list[VerbSpec] = [
              mutating=True),
     VerbSpec("trace.read", TraceReadRequest, TraceReadData,
              "Drain the rings now; returns the records not read yet as trace lines and structured records."),
+    VerbSpec("profile.start", ProfileStartRequest, ProfileStartData,
+             "Start the function profiler (calls per function, counted in the guest).", mutating=True),
+    VerbSpec("profile.read", ProfileReadRequest, ProfileReadData,
+             "trace_stat/function: calls per function so far, most called first."),
+    VerbSpec("profile.stop", ProfileStopRequest, ProfileStopData, "Stop the function profiler; the final counts.",
+             mutating=True),
     VerbSpec("hijack.create", HijackCreateRequest, HijackData,
              "Redirect a function to another (IPMODIFY) or through a direct trampoline.", mutating=True),
     VerbSpec("hijack.delete", HijackDeleteRequest, HijackData, "Remove a hijack, by name or by function.",

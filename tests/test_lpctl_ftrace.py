@@ -111,6 +111,22 @@ def test_sysctl(lpd: DaemonThread) -> None:
     ok(lpd, "ftrace", "ops", "unregister", "steps")
 
 
+def test_profile_commands(lpd: DaemonThread) -> None:
+    refused(lpd, "profile_not_running", "profile", "read")
+    assert ok(lpd, "profile", "start", "work_step_*").startswith("profiling 3 functions; 3 sites")
+    refused(lpd, "ftrace_error", "profile", "start")  # already running
+    ok(lpd, "call", "work_chain", "7")
+    code, out, err = lpctl(lpd, "profile", "read")
+    assert code == 0
+    assert [line.split() for line in out.splitlines()] == [["Function", "Hit"], ["--------", "---"],
+                                                           ["work_step_c", "2"], ["work_step_a", "1"],
+                                                           ["work_step_b", "1"]]
+    assert "# 4 calls in 3 functions" in err
+    reply = json.loads(ok(lpd, "--json", "profile", "stop", "--limit", "1"))
+    assert (reply["data"]["total_hits"], [f["function"] for f in reply["data"]["functions"]]) == (4, ["work_step_c"])
+    refused(lpd, "profile_not_running", "profile", "stop")
+
+
 def test_trace_commands(lpd: DaemonThread) -> None:
     out = ok(lpd, "trace", "start", "work_step_*", "--entries", "256")
     assert out.startswith("function: tracing 3 functions, 256 entries per CPU")

@@ -313,6 +313,52 @@ def test_graph_function_and_notrace_over_mqtt(lpd: DaemonThread) -> None:
     run(main())
 
 
+def test_function_profiler(lpd: DaemonThread) -> None:
+    """profile.start / read / stop: calls per function counted in the guest, trace_stat/function's format, beside
+    a running trace session; refusals change nothing."""
+    ft = lpd.daemon.ftrace
+    assert ft is not None
+
+    async def main() -> None:
+        async with client(lpd) as c:
+            with pytest.raises(ReplyError) as err:
+                await c.profile_read()
+            assert err.value.code == "profile_not_running"
+            with pytest.raises(ReplyError) as err:
+                await c.profile_start("no_such_function_*")
+            assert err.value.code == "ftrace_filter_no_match"
+            assert await c.enabled_functions_text() == ""
+            started = await c.profile_start("work_*")
+            assert (started.filter, started.functions) == ("work_*", 4)
+            assert started.batch is not None
+            assert started.batch.sites == 4
+            with pytest.raises(ReplyError):
+                await c.profile_start()  # one profiler at a time
+            await c.trace_start("work_step_a")  # a trace session beside it: the profiler uses no ring
+            for x in (1, 2, 3):
+                await c.call("work_chain", x)
+            read = await c.profile_read()
+            assert [(f.function, f.hits) for f in read.functions] == [
+                ("work_step_c", 6), ("work_chain", 3), ("work_step_a", 3), ("work_step_b", 3)]
+            assert (read.total_functions, read.total_hits, read.running) == (4, 15, True)
+            assert read.functions[0].address == ft.record("work_step_c").ip
+            assert read.text.splitlines()[0].split() == ["Function", "Hit"]
+            assert read.text.splitlines()[2].split() == ["work_step_c", "6"]
+            state = await c.state()
+            assert state is not None
+            assert state.components["ftrace"]["profile"] == {"filter": "work_*", "functions": 4}
+            assert len((await c.trace_stop()).records) == 3
+            await c.call("work_chain", 4)
+            stopped = await c.profile_stop(limit=2)
+            assert (stopped.total_hits, stopped.running, len(stopped.functions)) == (20, False, 2)
+            assert stopped.batch is not None
+            assert await c.enabled_functions_text() == ""
+            with pytest.raises(ReplyError) as err:
+                await c.profile_stop()
+            assert err.value.code == "profile_not_running"
+    run(main())
+
+
 def test_trace_records_exactly_the_calls(lpd: DaemonThread) -> None:
     kernel = lpd.daemon.kernel
     assert kernel is not None

@@ -303,10 +303,11 @@ def keys_generate(ctx: typer.Context,
 
 
 # state/events, the ftrace/trace/hijack and the patch commands live in their own modules, over the helpers above
-from clients.cli import ftrace_cmds, observe_cmds, patch_cmds  # noqa: E402
+from clients.cli import ftrace_cmds, observe_cmds, patch_cmds, profile_cmds  # noqa: E402
 
 observe_cmds.install(app)
 ftrace_cmds.install(app)
+profile_cmds.install(app)
 patch_cmds.install(app)
 
 

@@ -31,6 +31,9 @@ from schemas.ftrace_verbs import (
     HijackListData,
     OpsData,
     OpsListData,
+    ProfileReadData,
+    ProfileStartData,
+    ProfileStopData,
     SysctlData,
     TraceBatchDoc,
     TraceReadData,
@@ -149,6 +152,24 @@ class FtraceApi:
         """Stop the function tracer; returns the records not read yet."""
         return TraceStopData.model_validate(await self.request("trace.stop", _params(limit=limit),
                                                                request_id=request_id))
+
+    # -- the function profiler -------------------------------------------------------------------------------
+
+    async def profile_start(self: _Client, filter: str | None = None, *,
+                            request_id: str | None = None) -> ProfileStartData:
+        """Count the calls of each function ``filter`` selects (None: every function), in the guest."""
+        return ProfileStartData.model_validate(await self.request("profile.start", _params(filter=filter),
+                                                                  request_id=request_id))
+
+    async def profile_read(self: _Client, *, limit: int | None = None) -> ProfileReadData:
+        """Calls per function so far (trace_stat/function), most called first."""
+        return ProfileReadData.model_validate(await self.request("profile.read", _params(limit=limit)))
+
+    async def profile_stop(self: _Client, *, limit: int | None = None,
+                           request_id: str | None = None) -> ProfileStopData:
+        """Stop the function profiler; returns the final counts."""
+        return ProfileStopData.model_validate(await self.request("profile.stop", _params(limit=limit),
+                                                                 request_id=request_id))
 
     async def trace_batches(self: _Client, *, subscribed: Callable[[], None] | None = None
                             ) -> AsyncIterator[TraceBatchDoc]:

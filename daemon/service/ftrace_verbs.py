@@ -1,11 +1,12 @@
-"""The ftrace verbs: ops with filters, tracefs views, the function tracer and hijacks (redirects).
+"""The ftrace verbs: ops with filters, tracefs views, the tracers, the function profiler and hijacks (redirects).
 
-:func:`register` serves ``ftrace.*``, ``trace.*`` and ``hijack.*`` for one kernel's :class:`Ftrace` and returns
-the :class:`FtraceVerbs` that owns what the API created: ops by name, hijacks by name, and at most one
-function-tracer session (``ftrace_trace.TraceSession``). Every change is one ftrace call, so one stop-machine
-batch that is all-or-nothing: a refused request leaves the kernel exactly as it was (validation raises before
-anything is written). After each change the ``ftrace`` section of the state document is republished and an
-event is emitted (``ftrace.ops.registered``, ``hijack.created``, ``trace.started``, …).
+:func:`register` serves ``ftrace.*``, ``trace.*``, ``profile.*`` and ``hijack.*`` for one kernel's
+:class:`Ftrace` and returns the :class:`FtraceVerbs` that owns what the API created: ops by name, hijacks by
+name, at most one tracer session (``ftrace_trace.TraceSession``) and at most one function profiler. Every
+change is one ftrace call, so one stop-machine batch that is all-or-nothing: a refused request leaves the kernel
+exactly as it was (validation raises before anything is written). After each change the ``ftrace`` section of the
+state document is republished and an event is emitted (``ftrace.ops.registered``, ``hijack.created``,
+``trace.started``, …).
 
 Safety rules (the API never takes a guest address to call):
 
@@ -26,8 +27,8 @@ answered from the state instead of being applied twice. Trace sessions are not d
 them, as a reboot ends tracing.
 
 :class:`FtraceVerbs` holds the registries, the state section, the restore and the tracefs views; its verbs are
-mixed in from ``ftrace_api_ops`` (``ftrace.ops.*``), ``ftrace_hijacks`` (``hijack.*``) and ``ftrace_trace``
-(``trace.*``), its desired-state records from ``ftrace_desired``.
+mixed in from ``ftrace_api_ops`` (``ftrace.ops.*``), ``ftrace_hijacks`` (``hijack.*``), ``ftrace_trace``
+(``trace.*``) and ``ftrace_profile`` (``profile.*``), its desired-state records from ``ftrace_desired``.
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ from daemon.ftrace import tracefs
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.ops import FtraceOps
 from daemon.ftrace.records import RecFlag
+from daemon.ftrace.tracer import FunctionProfiler
 from daemon.kernel.kernel import Kernel
 from daemon.service.core import RequestContext, Service
 from daemon.service.desired import DesiredState
 from daemon.service.ftrace_api_ops import OpsVerbs, _ApiOps, _text
 from daemon.service.ftrace_desired import KIND_HIJACK, KIND_OPS, KIND_SYSCTL, FtraceDesired
 from daemon.service.ftrace_hijacks import HijackVerbs, _Hijack
+from daemon.service.ftrace_profile import ProfileVerbs
 from daemon.service.ftrace_trace import StreamOutlet, TraceFormatter, TraceSession, TraceVerbs
 from schemas.ftrace_verbs import (
     AvailableData,
@@ -83,7 +86,7 @@ class RestoreReport:
     failed: list[dict[str, str]] = field(default_factory=list)
 
 
-class FtraceVerbs(OpsVerbs, HijackVerbs, TraceVerbs, FtraceDesired):
+class FtraceVerbs(OpsVerbs, HijackVerbs, TraceVerbs, ProfileVerbs, FtraceDesired):
     """The API's ops, hijacks and trace session on one kernel's ftrace (see the module docstring)."""
 
     def __init__(self, service: Service, kernel: Kernel, ftrace: Ftrace, desired: DesiredState | None = None,
@@ -97,6 +100,8 @@ class FtraceVerbs(OpsVerbs, HijackVerbs, TraceVerbs, FtraceDesired):
         self.hijacks: dict[str, _Hijack] = {}
         self.session: TraceSession | None = None
         self.sessions = 0
+        self.profiler: FunctionProfiler | None = None
+        self.profile_filter: str | None = None
         self.restored: RestoreReport | None = None
         self.formatter = TraceFormatter(kernel, ftrace)
         self._lock = threading.RLock()  # the registries above (ftrace has its own lock for the kernel's state)
@@ -132,6 +137,8 @@ class FtraceVerbs(OpsVerbs, HijackVerbs, TraceVerbs, FtraceDesired):
                 "trace": None if session is None else {
                     "session": session.number, "filter": session.filter, "notrace": session.notrace,
                     "entries_per_cpu": session.entries_per_cpu},
+                "profile": None if self.profiler is None else {
+                    "filter": self.profile_filter, "functions": self.functions(self.profiler.ops)},
                 "ftrace_enabled": self.ftrace.enabled,
                 "ops_registered": len(self.ftrace.ops),
                 "enabled_functions": sum(1 for r in self.ftrace.records if int(r.flags) & _ENABLED),
@@ -244,6 +251,9 @@ def register(service: Service, kernel: Kernel, ftrace: Ftrace, *, desired: Desir
         ("trace.start", verbs.trace_start),
         ("trace.read", verbs.trace_read),
         ("trace.stop", verbs.trace_stop),
+        ("profile.start", verbs.profile_start),
+        ("profile.read", verbs.profile_read),
+        ("profile.stop", verbs.profile_stop),
         ("hijack.create", verbs.hijack_create),
         ("hijack.delete", verbs.hijack_delete),
         ("hijack.list", verbs.hijack_list),
