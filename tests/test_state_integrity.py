@@ -120,7 +120,7 @@ def test_truncated_journal_is_refused(tmp_path: Path) -> None:
 
 
 def test_garbage_in_the_wal_after_a_crash_is_detected_and_the_prefix_kept(tmp_path: Path) -> None:
-    journal, desired = make_state(tmp_path, boots=1, requests=0)
+    journal, _desired = make_state(tmp_path, boots=1, requests=0)
     j = Journal(journal)
     for i in range(30):
         j.accept(f"w{i}", "ftrace.ops.register", "{}", fp="f", reply_topic="t", correlation=None, boot_seq=1,

@@ -366,9 +366,9 @@ class Journal:
         cutoff = time.time() - keep_s if keep_s is not None else 0.0
         with self._tx() as db:
             cur = db.execute(
-                "DELETE FROM requests WHERE seq IN (SELECT seq FROM requests WHERE delivered_at IS NOT NULL AND "
-                "(answered_at < ? OR seq <= (SELECT max(seq) FROM requests) - ?) ORDER BY seq LIMIT ?)",
-                (cutoff, keep, batch))
+                "DELETE FROM requests WHERE seq IN (SELECT seq FROM (SELECT seq, answered_at, row_number() OVER "
+                "(ORDER BY seq DESC) AS rn FROM requests WHERE delivered_at IS NOT NULL) "
+                "WHERE rn > ? OR answered_at < ? ORDER BY seq LIMIT ?)", (keep, cutoff, batch))
             pruned = cur.rowcount
             db.execute("INSERT INTO meta(key, value) VALUES ('pruned', ?) "
                        "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value", (pruned,))
