@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -46,9 +48,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="FOR DEMOS ONLY: generate a signing key pair in the host's state directory "
                        "(<state-dir>/<host>/dev-signing.key and .pub) and trust it; anyone who can read that file "
                        "can sign patches this daemon will load")
+    dash = sub.add_parser("dashboard", help="serve the live fleet dashboard (a web page fed from MQTT)")
+    dash.add_argument("--broker", default="mqtt://127.0.0.1:1883",
+                      help="broker to follow, mqtt://[user:pass@]host:port (default %(default)s); connect as an "
+                      "observer")
+    dash.add_argument("--listen", default="127.0.0.1:8088", help="address:port to serve on (default %(default)s)")
     _patch_parser(sub)
     _state_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "dashboard":
+        return _dashboard(args.broker, args.listen)
     if args.command == "demo":
         from daemon.walkthrough import run_walkthrough  # noqa: PLC0415  (imports the whole service)
 
@@ -62,6 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "state":
         return _state(args)
     return 2
+
+
+def _dashboard(broker: str, listen: str) -> int:
+    from clients.dashboard import FleetFeed  # noqa: PLC0415  (web server libraries only for this command)
+    from clients.dashboard.app import serve  # noqa: PLC0415
+
+    address, _, port = listen.rpartition(":")
+    if not address or not port.isdigit():
+        print(f"livepatchd dashboard: --listen {listen!r} is not address:port", file=sys.stderr)
+        return 2
+    print(f"dashboard on http://{address}:{port}/ following {broker}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(FleetFeed(broker), address, int(port)))
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
