@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.livepatch.core import Livepatch
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
-from daemon.service import Journal, Metrics, Service, ftrace_verbs, kernel_verbs, patch_verbs
+from daemon.service import Journal, Metrics, Service, ftrace_verbs, integrity, kernel_verbs, patch_verbs
 from daemon.service.checkpoint import Checkpointer
 from daemon.service.desired import DesiredState
 from daemon.settings import Settings
@@ -34,7 +35,7 @@ from schemas import KernelState
 
 log = structlog.get_logger(__name__)
 
-JANITOR_PERIOD_S = 60.0
+JANITOR_PERIOD_S = 2.0  # often and in small batches: a prune is one short transaction
 
 
 class _Crashed(Exception):
@@ -110,10 +111,9 @@ class Daemon:
         s = self.settings
         self._loop = asyncio.get_running_loop()
         structlog.contextvars.bind_contextvars(host=s.host_id)
-        journal = Journal(s.journal_path, durable=s.journal_durable)
-        desired = self.desired = DesiredState(s.desired_path, durable=s.journal_durable)  # re-applied at boot
+        journal, desired, boot_seq = open_state(s)
+        self.desired = desired  # re-applied at boot
         try:
-            boot_seq = journal.next_boot_seq()
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
                 nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions,
@@ -148,6 +148,7 @@ class Daemon:
         patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
                                        stall_after_s=s.transition_stall_s, restore_timeout_s=s.patch_restore_timeout_s,
                                        call_timeout_s=s.call_timeout_s)
+        patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
         await asyncio.to_thread(patches.restore)  # the desired patches, loaded and enabled again (load-at-boot)
@@ -216,15 +217,70 @@ class Daemon:
             self.on_ready(self)
 
     async def _janitor(self, service: Service) -> None:
+        journal, metrics = service.journal, service.metrics
         while True:
             await asyncio.sleep(JANITOR_PERIOD_S)
-            pruned = service.journal.prune(self.settings.journal_keep)
+            try:
+                pruned = journal.prune(self.settings.journal_keep, self.settings.journal_keep_s)
+            except sqlite3.OperationalError as exc:  # a full disk: pruning frees nothing until it can write
+                log.warning("journal_prune_failed", error=str(exc))
+                pruned = 0
             if pruned:
-                log.info("journal_pruned", requests=pruned)
+                metrics.journal_pruned.inc(pruned)
+                log.debug("journal_pruned", requests=pruned)
+            metrics.journal_rows.set(journal.rows())
+            metrics.journal_bytes.labels("db").set(journal.db_bytes())
+            metrics.journal_bytes.labels("wal").set(journal.wal_bytes())
+
+
+def open_state(s: Settings) -> tuple[Journal, DesiredState, int]:
+    """Check, then open this host's journal and desired state and count this start; StateError (a message
+    naming the file and what to do) when that is impossible: damaged files, a full or read-only disk."""
+    problems = integrity.check(s.journal_path, s.desired_path)
+    if problems:
+        raise integrity.refuse(problems)
+    journal: Journal | None = None
+    desired: DesiredState | None = None
+    try:
+        journal = Journal(s.journal_path, durable=s.journal_durable)
+        desired = DesiredState(s.desired_path, durable=s.journal_durable)
+        boot_seq = journal.next_boot_seq()
+        if journal.pending:
+            raise sqlite3.OperationalError("database or disk is full")
+        desired.mark_boot(boot_seq)
+    except (OSError, sqlite3.Error) as exc:
+        for db in (journal, desired):
+            with contextlib.suppress(Exception):
+                if db is not None:
+                    db.close()
+        raise integrity.StateError(_why(s, exc)) from None
+    return journal, desired, boot_seq
+
+
+def _why(s: Settings, exc: BaseException) -> str:
+    text = str(exc)
+    reason = (exc.strerror or "") if isinstance(exc, OSError) else text  # without the path, which may say anything
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code == 28 or (code is None and "full" in reason):
+        what = "the file system is full"
+    elif code in (13, 30) or (code is None and "readonly" in reason):
+        what = "it is read-only or not writable (cannot write)"
+    else:
+        what = text
+    return (f"cannot use the state directory {s.host_dir}: {what} ({text}). Free space or fix its permissions "
+            "(or choose another with --state-dir), then start again.")
 
 
 def serve(settings: Settings) -> int:
     """``livepatchd serve``: run one daemon until SIGTERM/SIGINT."""
     configure_logging(settings.log_level)
-    asyncio.run(Daemon(settings, install_signals=True).run())
+    try:
+        asyncio.run(Daemon(settings, install_signals=True).run())
+    except integrity.StateError as exc:
+        print(f"livepatchd serve: {exc}", file=sys.stderr)
+        return STATE_EXIT
     return 0
+
+
+STATE_EXIT = 3
+"""``livepatchd serve``'s exit code when the state directory cannot be used (damaged, full, read-only)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -46,8 +48,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="FOR DEMOS ONLY: generate a signing key pair in the host's state directory "
                        "(<state-dir>/<host>/dev-signing.key and .pub) and trust it; anyone who can read that file "
                        "can sign patches this daemon will load")
+    dash = sub.add_parser("dashboard", help="serve the live fleet dashboard (a web page fed from MQTT)")
+    dash.add_argument("--broker", default="mqtt://127.0.0.1:1883",
+                      help="broker to follow, mqtt://[user:pass@]host:port (default %(default)s); connect as an "
+                      "observer")
+    dash.add_argument("--listen", default="127.0.0.1:8088", help="address:port to serve on (default %(default)s)")
     _patch_parser(sub)
+    _state_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "dashboard":
+        return _dashboard(args.broker, args.listen)
     if args.command == "demo":
         from daemon.walkthrough import run_walkthrough  # noqa: PLC0415  (imports the whole service)
 
@@ -58,7 +68,23 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "patch":
         return _patch(args)
+    if args.command == "state":
+        return _state(args)
     return 2
+
+
+def _dashboard(broker: str, listen: str) -> int:
+    from clients.dashboard import FleetFeed  # noqa: PLC0415  (web server libraries only for this command)
+    from clients.dashboard.app import serve  # noqa: PLC0415
+
+    address, _, port = listen.rpartition(":")
+    if not address or not port.isdigit():
+        print(f"livepatchd dashboard: --listen {listen!r} is not address:port", file=sys.stderr)
+        return 2
+    print(f"dashboard on http://{address}:{port}/ following {broker}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(FleetFeed(broker), address, int(port)))
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -80,6 +106,44 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"livepatchd serve: cannot load the TLS files: {exc}")
         return 2
     return serve(settings)
+
+
+# -- livepatchd state check|repair -------------------------------------------------------------------------------
+
+
+def _state_parser(sub: Any) -> None:
+    state = sub.add_parser("state", help="check or repair a host's state directory (journal, desired state); "
+                           "run it with the daemon stopped",
+                           description="check: exit 0 when the journal and the desired state are whole and agree, "
+                           "1 (with one line per problem) otherwise; the daemon refuses to start in that case "
+                           "(exit 3). repair: keep what can be kept (a damaged WAL's commits before the damage, "
+                           "the readable rows of a damaged database; damaged files are moved aside as "
+                           "*.damaged-<time>), then make both agree so the daemon starts.")
+    state.add_argument("action", choices=["check", "repair"])
+    state.add_argument("--state-dir", type=Path, help="the daemon's --state-dir (default: LIVEPATCHD_STATE_DIR "
+                       "or the built-in default)")
+    state.add_argument("--host", dest="host_id", help="the host id (default: the machine's host name)")
+
+
+def _state(args: argparse.Namespace) -> int:
+    from daemon.service import integrity  # noqa: PLC0415
+    from daemon.settings import Settings  # noqa: PLC0415
+
+    overrides = {k: getattr(args, k) for k in ("state_dir", "host_id") if getattr(args, k) is not None}
+    s = Settings(**overrides)
+    if args.action == "check":
+        problems = integrity.check(s.journal_path, s.desired_path)
+        for p in problems:
+            print(f"damaged: {p}")
+        if not problems:
+            print(f"ok: {s.host_dir}")
+        return 1 if problems else 0
+    for line in integrity.repair(s.journal_path, s.desired_path) or [f"nothing to repair: {s.host_dir}"]:
+        print(line)
+    left = integrity.check(s.journal_path, s.desired_path)
+    for p in left:
+        print(f"still damaged: {p}")
+    return 1 if left else 0
 
 
 # -- livepatchd patch build|sign|verify|examples ------------------------------------------------------------------

@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     call_timeout_s: float = Field(default=10.0, gt=0)
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="on SIGTERM, time given to requests in flight")
     journal_keep: int = Field(default=10000, ge=100, description="answered requests kept for duplicate detection")
+    journal_keep_s: float = Field(default=3600.0, ge=60, description="answered requests older than this are "
+                                  "pruned (the dedup window in time; journal_keep bounds it in count)")
     journal_durable: bool = Field(default=False, description="fsync every journal commit (power-loss safe)")
 
     trusted_keys_dir: Path | None = Field(default=None, description="a directory of Ed25519 public keys (PEM, "

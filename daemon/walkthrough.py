@@ -70,6 +70,7 @@ def run_walkthrough(nr_cpus: int = 2) -> int:
             print("the daemon did not come online within 60 s", file=sys.stderr)
             return 1
         env["LPCTL_BROKER"] = daemon.broker_url or ""
+        env["LPCTL_PROTOCOL"] = "3.1.1"  # the embedded broker speaks 3.1.1 only: no MQTT 5 attempt per command
         print(f"daemon 'demo' online: emulated kernel on {nr_cpus} vCPUs, embedded broker {daemon.broker_url}",
               flush=True)
         try:

@@ -19,7 +19,7 @@ from schemas._base import SCHEMA_VERSION
 from schemas.documents import EventDoc, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply
 from schemas.ftrace_verbs import TraceBatchDoc
-from schemas.topics import ROOT
+from schemas.topics import ROOT, verb_path
 from schemas.verbs import VERBS
 
 HERE = Path(__file__).resolve().parent
@@ -71,7 +71,7 @@ def asyncapi() -> str:
         messages[name] = {"name": name, "title": f"{spec.verb} request", "summary": spec.summary,
                           "contentType": "application/json", "payload": {"$ref": REF.format(model=name)},
                           "correlationId": {"location": "$message.payload#/request_id"}}
-        channels[f"{ROOT}/{{host}}/request/{spec.verb}"] = {
+        channels[f"{ROOT}/{{host}}/request/{verb_path(spec.verb)}"] = {
             "description": f"{spec.summary} Reply data: {spec.data.__name__}.",
             "parameters": host,
             "publish": {"operationId": f"request_{spec.verb.replace('.', '_')}", "summary": spec.summary,

@@ -1,7 +1,14 @@
-"""Topic names: the only place that spells them. ``livepatch/v1/<host>/{request/<verb>,reply,status,…}``."""
+"""Topic names: the only place that spells them. ``livepatch/v1/<host>/{request/<verb path>,reply,status,…}``.
+
+Every topic level is ``[A-Za-z0-9_-]+``: the strictest brokers reserve more than MQTT does (NATS refuses ``.`` and
+`` `` in MQTT topics before 2.10 and maps ``/`` to ``.``; RabbitMQ turns ``.`` into a routing-key separator; AWS IoT
+allows at most 8 levels and 256 bytes). A dotted verb (``patch.load``) keeps its name in payloads and schemas; its
+topic spells each part as its own level (``request/patch/load``).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 ROOT = "livepatch/v1"
@@ -9,6 +16,18 @@ ALL_STATUS = f"{ROOT}/+/status"
 """Subscribe here to discover hosts (retained births and deaths)."""
 ALL_STATE = f"{ROOT}/+/state"
 ALL_EVENTS = f"{ROOT}/+/events"
+
+
+LEVEL = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""One topic level that every broker we support accepts as it is."""
+
+
+def verb_path(verb: str) -> str:
+    """The topic levels of a verb: ``patch.load`` -> ``patch/load``."""
+    parts = verb.split(".")
+    if not all(LEVEL.match(p) for p in parts):
+        raise ValueError(f"verb {verb!r} must be dot-separated names of A-Z a-z 0-9 _ -")
+    return "/".join(parts)
 
 
 def _check_level(value: str, what: str) -> str:
@@ -31,12 +50,12 @@ class Topics:
         return f"{ROOT}/{self.host}"
 
     def request(self, verb: str) -> str:
-        return f"{self.base}/request/{_check_level(verb, 'verb')}"
+        return f"{self.base}/request/{verb_path(verb)}"
 
     @property
     def request_filter(self) -> str:
         """What the daemon subscribes to: every verb, known or not (unknown ones get ``unknown_verb``)."""
-        return f"{self.base}/request/+"
+        return f"{self.base}/request/#"
 
     def reply(self, client_id: str | None = None) -> str:
         """The default reply topic, or a client's own (``reply/<client id>``: an ACL can match it with ``%c``)."""
@@ -61,12 +80,15 @@ class Topics:
         return f"{self.base}/trace"
 
     def verb_of(self, topic: str) -> str | None:
-        """The verb of a request topic of this host, or None for any other topic."""
+        """The verb of a request topic of this host (``request/patch/load`` -> ``patch.load``), or None for any
+        other topic. A request topic whose levels are not plain names (``request/patch.load``, the old spelling)
+        gives its raw path, which names no verb: the daemon answers ``unknown_verb`` instead of running it."""
         prefix = f"{self.base}/request/"
         if topic.startswith(prefix):
-            verb = topic[len(prefix):]
-            if verb and "/" not in verb:
-                return verb
+            levels = topic[len(prefix):].split("/")
+            if all(LEVEL.match(level) for level in levels):
+                return ".".join(levels)
+            return "request/" + "/".join(levels)
         return None
 
     def is_request_topic(self, topic: str) -> bool:

@@ -1,9 +1,9 @@
 """One request model and one reply-data model per verb, and the catalog that names them.
 
-A verb is one topic level (``livepatch/v1/<host>/request/<verb>``); dotted names group verbs
-(``symbol.lookup``, later ``ftrace.ops.register``, ``patch.enable``). Adding a verb = adding its two models
-here (or in ``ftrace_verbs.py`` / ``patch_verbs.py``), one ``VerbSpec`` to ``VERBS`` (or to that module's
-``SPECS``), and a handler in the daemon's service layer.
+A verb's dotted name (``symbol.lookup``, ``ftrace.ops.register``, ``patch.enable``) groups verbs; on the wire
+each part is one topic level (``livepatch/v1/<host>/request/symbol/lookup``, see ``schemas.topics``).
+Adding a verb = adding its two models here (or in ``ftrace_verbs.py`` / ``patch_verbs.py``), one ``VerbSpec``
+to ``VERBS`` (or to that module's ``SPECS``), and a handler in the daemon's service layer.
 """
 
 from __future__ import annotations

@@ -268,3 +268,23 @@ def test_reply_to_in_the_payload_and_its_limits(lpd: DaemonThread) -> None:
                         break
             assert seen == {rid: mine, loop_rid: topics.reply()}
     run(main())
+
+
+def test_the_old_dotted_topic_spelling_names_no_verb(lpd: DaemonThread) -> None:
+    """``request/symbol.lookup`` (a ``.`` inside a level, refused or split by NATS and RabbitMQ) runs nothing."""
+    async def main() -> None:
+        topics = Topics(lpd.host)
+        async with aiomqtt.Client("127.0.0.1", int(lpd.url.rsplit(":", 1)[1]),
+                                  protocol=aiomqtt.ProtocolVersion.V311, socket_options=NODELAY) as c:
+            await c.subscribe(topics.reply(), qos=1)
+            await c.publish(f"{topics.base}/request/symbol.lookup", b'{"request_id": "dot-1", "name": "work_chain"}',
+                            qos=1)
+            async with asyncio.timeout(10):
+                async for msg in c.messages:
+                    assert isinstance(msg.payload, bytes)
+                    doc = json.loads(msg.payload)
+                    assert doc["request_id"] == "dot-1"
+                    assert not doc["ok"]
+                    assert doc["error"]["code"] == "unknown_verb"
+                    return
+    run(main())

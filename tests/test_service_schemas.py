@@ -32,7 +32,7 @@ def test_asyncapi_document_covers_every_verb_and_document() -> None:
     assert doc["asyncapi"] == "2.6.0"
     channels = doc["channels"]
     for verb, spec in VERBS.items():
-        channel = channels[f"livepatch/v1/{{host}}/request/{verb}"]
+        channel = channels[f"livepatch/v1/{{host}}/request/{verb.replace('.', '/')}"]
         assert channel["publish"]["bindings"]["mqtt"]["qos"] == 1
         assert spec.request.__name__ in doc["components"]["schemas"]
         assert spec.data.__name__ in doc["components"]["schemas"]
@@ -44,7 +44,7 @@ def test_asyncapi_document_covers_every_verb_and_document() -> None:
 def test_public_names_are_exported_and_sorted() -> None:
     public = {name for name in vars(schemas) if not name.startswith("_") and name not in
               {"annotations", "documents", "envelope", "topics", "verbs", "export", "spec",
-                                               "ftrace_verbs", "patch_verbs"}}
+                                               "ftrace_verbs", "patch_verbs", "rollout"}}
     assert set(schemas.__all__) == public
     # constants, then classes, then functions (isort style), each alphabetically
     assert schemas.__all__ == sorted(schemas.__all__, key=lambda n: (0 if n.isupper() else 1 if n[0].isupper() else 2,
@@ -92,14 +92,16 @@ def test_reply_wire_form() -> None:
 
 def test_topics() -> None:
     t = Topics("web-01")
-    assert t.request("symbol.lookup") == "livepatch/v1/web-01/request/symbol.lookup"
-    assert t.request_filter == "livepatch/v1/web-01/request/+"
+    assert t.request("symbol.lookup") == "livepatch/v1/web-01/request/symbol/lookup"
+    assert t.request_filter == "livepatch/v1/web-01/request/#"
     assert (t.reply(), t.reply("lpsdk-1")) == ("livepatch/v1/web-01/reply", "livepatch/v1/web-01/reply/lpsdk-1")
     assert (t.status, t.state, t.events, t.trace) == tuple(f"livepatch/v1/web-01/{x}" for x in
                                                           ("status", "state", "events", "trace"))
     assert t.verb_of("livepatch/v1/web-01/request/call") == "call"
     assert t.verb_of("livepatch/v1/web-02/request/call") is None
-    assert t.verb_of("livepatch/v1/web-01/request/a/b") is None
+    assert t.verb_of("livepatch/v1/web-01/request/a/b") == "a.b"
+    assert t.verb_of("livepatch/v1/web-01/request/symbol/lookup") == "symbol.lookup"
+    assert t.verb_of("livepatch/v1/web-01/request/symbol.lookup") == "request/symbol.lookup"  # names no verb
     assert host_of("livepatch/v1/web-01/status") == "web-01"
     assert is_request_topic("livepatch/v1/other/request/call")
     assert not is_request_topic("livepatch/v1/web-01/reply/request")
@@ -107,5 +109,5 @@ def test_topics() -> None:
     for bad in ("", "a/b", "+", "#", "$x"):
         with pytest.raises(ValueError, match="topic level"):
             Topics(bad)
-    with pytest.raises(ValueError, match="topic level"):
+    with pytest.raises(ValueError, match="dot-separated names"):
         t.request("a/b")

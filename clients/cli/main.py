@@ -96,7 +96,8 @@ def options(
     = False,
     timeout: Annotated[float, typer.Option(envvar="LPCTL_TIMEOUT", min=0.1, help="seconds to wait for a reply")]
     = 10.0,
-    protocol: Annotated[Protocol, typer.Option(help="MQTT version: auto tries 5, then 3.1.1")] = Protocol.auto,
+    protocol: Annotated[Protocol, typer.Option(envvar="LPCTL_PROTOCOL", help="MQTT version: auto tries 5, then "
+                                               "3.1.1 (3.1.1 for the daemon's embedded broker)")] = Protocol.auto,
     tls_ca: Annotated[Path | None, typer.Option(envvar="LPCTL_TLS_CA", help="CA certificate(s) to verify the "
                                                 "broker with (PEM); implies TLS")] = None,
     tls_cert: Annotated[Path | None, typer.Option(envvar="LPCTL_TLS_CERT", help="client certificate (PEM) for "
@@ -132,6 +133,8 @@ def _run(opts: Options, work: Callable[[LivepatchClient], Awaitable[T]], *, need
     except RequestTimeout as exc:
         fail(EXIT_UNREACHABLE, str(exc), f"check that {opts.host} is online: lpctl --host {opts.host} status")
     except BrokerUnreachable as exc:
+        if "refused MQTT 5" in str(exc):
+            fail(EXIT_UNREACHABLE, str(exc), "pass --protocol 3.1.1 (or auto; LPCTL_PROTOCOL) for this broker")
         fail(EXIT_UNREACHABLE, str(exc), "check --broker (or LPCTL_BROKER) and the broker's credentials")
     except SdkError as exc:
         fail(EXIT_USAGE, str(exc))

@@ -89,6 +89,9 @@ class Connection:
                         and self.protocol == aiomqtt.ProtocolVersion.V5):
                     self.protocol = aiomqtt.ProtocolVersion.V311
                     continue
+                if rc in _UNSUPPORTED_PROTOCOL and self.protocol == aiomqtt.ProtocolVersion.V5:
+                    raise BrokerUnreachable(f"broker {self.where} refused MQTT 5 ({exc}): it speaks 3.1.1 only; "
+                                            "use protocol '3.1.1' or 'auto'") from None
                 raise BrokerUnreachable(f"broker {self.where} refused the connection: {exc}") from None
             except aiomqtt.MqttError as exc:
                 raise BrokerUnreachable(f"cannot reach broker {self.where}: {exc}") from None

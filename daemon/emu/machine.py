@@ -45,6 +45,8 @@ _TRAP = abi.cpu_data.offsetof("trap")
 # Above this much text, one ctl_flush_tb (18 us) beats removing the range block by block (measured: 0.4-1.7 ms per
 # engine for the 600 KiB of a 10,000-site batch); a range that large is nearly all the hot code anyway.
 FLUSH_ALL_ABOVE = 128 << 10
+PAUSES_KEPT = 4096
+"""Recent stop-machine pauses kept for statistics (~450 B each: a long-running daemon must not keep them all)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,9 @@ class Machine:
         self._exiting = False
         self._kicks = [0] * nr_cpus
         self._handlers: dict[int, HostCallHandler] = {abi.HC_PARK: self._on_park, abi.HC_IDLE: self._on_idle}
-        self.pauses: collections.deque[Pause] = collections.deque(maxlen=100_000)
+        self.pauses: collections.deque[Pause] = collections.deque(maxlen=PAUSES_KEPT)
+        self.pauses_total = 0
+        """Pauses recorded since boot (``pauses`` keeps the last ``PAUSES_KEPT``)."""
         self.on_vcpu_stopped: list[Callable[[VCpu], None]] = []
         self.vcpus = [VCpu(self, i, tcg_buffer_size, count_instructions) for i in range(nr_cpus)]
         for v in self.vcpus:
@@ -250,6 +254,7 @@ class Machine:
                     parked, resumed = list(st.parked.values()), list(st.resumed.values())
                 if parked and resumed:
                     self.pauses.append(Pause(min(parked) - t0, max(parked) - t0, t_applied - t0, max(resumed) - t0))
+                    self.pauses_total += 1
             return result
 
     def _all(self, cpus: dict[int, int]) -> bool:

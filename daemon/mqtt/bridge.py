@@ -83,7 +83,10 @@ class MqttBridge:
         self._stop = asyncio.Event()
         self._active: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(max_concurrent)  # a flood waits in the broker, not in our memory
-        self._delivering: set[tuple[str, str, bytes | None]] = set()
+        self._delivering: dict[tuple[str, str, bytes | None], aiomqtt.Client] = {}
+        """Replies being published, and on which connection: the same reply is not published twice at once on
+        one connection, but a connection that died mid-publish (its publish waits for a timeout) never holds
+        back the reply on the next one (the client re-sends its request after a reconnect and waits for it)."""
         self._tg: asyncio.TaskGroup | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -251,22 +254,22 @@ class MqttBridge:
         client = self._client
         rid = outcome.request_id
         key = (rid, *outcome.route) if rid is not None and outcome.journaled else None
-        if client is None or key in self._delivering:
+        if client is None or (key is not None and self._delivering.get(key) is client):
             return 0
         props: Any = None
         if outcome.route.correlation is not None and self.protocol == aiomqtt.ProtocolVersion.V5:
             props = _properties(PacketTypes.PUBLISH)
             props.CorrelationData = outcome.route.correlation
         if key is not None:
-            self._delivering.add(key)
+            self._delivering[key] = client
         try:
             await client.publish(outcome.route.topic, outcome.payload, qos=1, properties=props)
         except aiomqtt.MqttError as exc:
             log.info("reply_deferred", request_id=rid, error=str(exc))
             return 0
         finally:
-            if key is not None:
-                self._delivering.discard(key)
+            if key is not None and self._delivering.get(key) is client:
+                del self._delivering[key]
         self.service.delivered(outcome)
         return 1
 

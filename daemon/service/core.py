@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import json
 import re
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +31,10 @@ from daemon.service.errors import (
     PayloadTooLarge,
     RequestIdConflict,
     RequestTimeout,
+    StorageFull,
     UnknownVerb,
 )
-from daemon.service.journal import Journal, fingerprint
+from daemon.service.journal import Journal, JournalFull, fingerprint, is_full
 from daemon.service.metrics import Metrics
 from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec, is_request_topic
 
@@ -216,8 +218,22 @@ class Service:
             log.info("request_duplicate", answered_at=entry.answered_at)
             return Outcome(rid, verb, Reply.model_validate_json(entry.reply), entry.reply, route, True)
         # get() and accept() run with no await between them: no duplicate can slip in on this loop.
-        self.journal.accept(rid, verb, json.dumps(params, separators=(",", ":")), fp=fp, reply_topic=route.topic,
-                            correlation=route.correlation, boot_seq=self.boot_seq)
+        try:
+            self.journal.accept(rid, verb, json.dumps(params, separators=(",", ":")), fp=fp,
+                                reply_topic=route.topic, correlation=route.correlation, boot_seq=self.boot_seq,
+                                sync=handler.spec.mutating)
+        except JournalFull as full:
+            accepted()  # refused, not accepted: the reply says so
+            self.metrics.storage_full.inc()
+            if handler.spec.mutating:
+                log.warning("request_refused", code=StorageFull.code, error=str(full))
+                refusal = StorageFull(f"the state directory is full: {verb} was not accepted; free space and retry",
+                                      state_dir=str(self.journal.path.parent))
+                reply = Reply.failure(rid, refusal.code, refusal.message, refusal.details)
+                return _outcome(rid, verb, reply, route, False)
+            # a read changes nothing: it is answered without a journal row (a duplicate runs it again)
+            reply = await self._execute(handler, request, replayed=False)
+            return _outcome(rid, verb, reply, route, False)
         accepted()
         return await self._run(handler, request, route, retry=False)
 
@@ -257,6 +273,12 @@ class Service:
             return self._failed(spec, request, exc)
         except LivepatchdError as exc:
             return self._failed(spec, request, exc)
+        except sqlite3.OperationalError as err:
+            if not is_full(err):
+                raise
+            full = StorageFull(f"the state directory filled up while {spec.verb} ran: its change may be applied "
+                               "but not recorded for the next start; free space and check the state")
+            return self._failed(spec, request, full)
         except Exception:
             log.exception("request_crashed")
             if spec.mutating:

@@ -20,8 +20,9 @@ API (every method is thread-safe; handlers run in worker threads)::
 and was re-applied at boot, answer from the current state instead of applying it twice.
 
 Storage: its own SQLite file next to the journal (``desired.sqlite3``), WAL mode, so it never contends with
-the request path's journal commits. ``synchronous=NORMAL`` survives a crash of the daemon (kill -9);
-``durable=True`` (``FULL``) survives a power loss too. Changes are rare (a patch load, an enable): SQLite's
+the request path's journal commits. Every change is the effect of a mutating request,
+so commits use ``synchronous=FULL`` (fsynced: they survive a power loss like the request's journal row).
+Changes are rare (a patch load, an enable): SQLite's
 automatic checkpoints are enough, and ``close()`` checkpoints the whole WAL.
 """
 
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS desired (
     updated_at REAL NOT NULL,
     UNIQUE (kind, key)
 );
+CREATE TABLE IF NOT EXISTS marks (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS applied (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id TEXT NOT NULL UNIQUE,
@@ -83,7 +85,7 @@ class DesiredState:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._db.execute("PRAGMA synchronous=FULL")  # `durable` kept for callers: always durable now
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
         self._depth = 0
@@ -92,6 +94,12 @@ class DesiredState:
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
+
+    def mark_boot(self, boot_seq: int) -> None:
+        """Record this start's boot sequence (the journal's): ``integrity.check`` compares the two."""
+        with self.batch():
+            self._db.execute("INSERT INTO marks(key, value) VALUES ('boot_seq', ?) ON CONFLICT(key) DO UPDATE "
+                             "SET value = excluded.value", (boot_seq,))
 
     # -- transactions ----------------------------------------------------------------------------------------
 
@@ -158,6 +166,16 @@ class DesiredState:
             cur = self._db.execute("DELETE FROM desired WHERE kind = ? AND key = ?", (kind, key))
             self._note(request_id, kind, key)
         return cur.rowcount > 0
+
+    def forget_tombstones(self, kind: str, keep: int) -> int:
+        """Delete all but the ``keep`` most recent items of ``kind`` whose document holds ``last`` (what a removal
+        leaves for a replayed request: only the last few requests can ever be replayed)."""
+        with self.batch():
+            cur = self._db.execute(
+                "DELETE FROM desired WHERE seq IN (SELECT seq FROM desired WHERE kind = ? AND "
+                "json_extract(doc, '$.last') IS NOT NULL ORDER BY updated_at DESC, seq DESC LIMIT -1 OFFSET ?)",
+                (kind, keep))
+        return cur.rowcount
 
     # -- reads -----------------------------------------------------------------------------------------------
 

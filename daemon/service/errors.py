@@ -53,5 +53,13 @@ class ServiceUnavailable(LivepatchdError):
     errno = -11  # -EAGAIN
 
 
+class StorageFull(LivepatchdError):
+    """The state directory's file system is full: the request was not journaled (nor acknowledged as accepted)
+    and not executed; read-only verbs are still served. Retry once space is freed."""
+
+    code = "storage_full"
+    errno = -28  # -ENOSPC
+
+
 INTERNAL = "internal"
 """The code of an unexpected failure (a bug): the message says so; the traceback goes to the log only."""

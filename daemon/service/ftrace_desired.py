@@ -13,6 +13,8 @@ KIND_OPS = "ftrace.ops"
 KIND_HIJACK = "ftrace.hijack"
 KIND_SYSCTL = "ftrace.sysctl"
 """Desired-state kinds (key: the ops or hijack name; for the sysctl, ``ftrace_enabled``)."""
+TOMBSTONES_KEPT = 1000
+"""Per kind: a replay after a crash concerns the last few requests only; older tombstones are forgotten."""
 
 
 class FtraceDesired:
@@ -28,7 +30,10 @@ class FtraceDesired:
 
     def _record(self, kind: str, key: str, doc: dict[str, Any], ctx: RequestContext) -> None:
         if self.desired is not None:
-            self.desired.put(kind, key, doc, request_id=ctx.request_id)
+            with self.desired.batch():
+                self.desired.put(kind, key, doc, request_id=ctx.request_id)
+                if "last" in doc:
+                    self.desired.forget_tombstones(kind, TOMBSTONES_KEPT)
 
     def _tombstone(self, kind: str, key: str) -> Item | None:
         item = self.desired.get(kind, key) if self.desired is not None else None

@@ -5,8 +5,15 @@ a request the broker saw acknowledged is on disk). A row without a reply after a
 reply without a delivery mark is published again after a (re)connect. Rows are pruned oldest first once more
 than ``keep`` answered and delivered ones exist.
 
-The commits use ``synchronous=NORMAL``: durable across a crash of the daemon (kill -9), not across a power
-loss of the host; ``durable=True`` switches to ``FULL`` (an fsync per commit). What a request costs on the
+Durability: a *mutating* request's row is committed with ``synchronous=FULL`` (the WAL is fsynced before
+``accept`` returns, i.e. before the PUBACK): it survives a power loss of the host. Every other commit (read-only
+requests, replies, delivery marks) uses ``NORMAL``: durable across a crash of the daemon (kill -9), not across a
+power loss (a lost reply re-executes its request at the next start; a lost read-only request was never promised);
+``durable=True`` makes every commit ``FULL``.
+
+A full disk never crashes the journal's user: ``accept`` raises :class:`JournalFull` (nothing was journaled);
+a reply that cannot be written is kept in memory (``get`` sees it) and written by the next ``flush``; counters
+(boot sequence, state version) advance in memory and are written when space returns. What a request costs on the
 event loop is one INSERT (which also commits the delivery marks recorded since the previous one) and one
 UPDATE. WAL checkpoints (which fsync) never run on the request path: automatic checkpointing is off and
 ``daemon.service.checkpoint`` runs them beside it. New journals use 1 KiB pages and no secondary index but
@@ -49,7 +56,16 @@ DROP INDEX IF EXISTS requests_undelivered;
 """
 
 PAGE_SIZE = 1024  # a request touches a few pages: small ones keep the WAL (and checkpoints) small
-WAL_SIZE_LIMIT = 64 << 20
+WAL_SIZE_LIMIT = 16 << 20  # what a reset WAL file is truncated to
+SQLITE_FULL = 13
+
+
+class JournalFull(Exception):
+    """The journal's file system is full: nothing was written."""
+
+
+def is_full(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
 
 _COLUMNS = ("seq, request_id, verb, payload, fingerprint, reply_topic, correlation, accepted_at, boot_seq, attempts, "
             "answered_at, reply, delivered_at")
@@ -106,6 +122,8 @@ class Journal:
         self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         self._db.executescript(_SCHEMA)
         self._checkpointer: sqlite3.Connection | None = None
+        self._answers: dict[str, tuple[str, float]] = {}  # replies not written yet (the disk was full)
+        self._meta_unsaved: dict[str, int] = {}  # counters advanced in memory while the disk was full
         # Lifetime counts, kept in memory (a request costs one INSERT and one UPDATE, nothing more):
         # accepted = the AUTOINCREMENT high-water mark; answered = answered rows + those pruned since.
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'requests'").fetchone()
@@ -113,6 +131,7 @@ class Journal:
         row = self._db.execute("SELECT count(*) FROM requests WHERE answered_at IS NOT NULL").fetchone()
         self._answered = int(row[0]) + self.meta("pruned")
         self._delivered: dict[str, float] = {}
+        self.sync_full = durable
         self.commits = 0
         """Commits since the last checkpoint began (what the checkpointer decides on)."""
         self.last_commit = time.monotonic()
@@ -123,6 +142,27 @@ class Journal:
             self._checkpointer.close()
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
+
+    def restart_wal(self) -> None:
+        """On the request path's connection, between two requests: copy what the last background checkpoint left
+        (a few frames) and make the next commit start the WAL from its beginning. Under sustained load a PASSIVE
+        checkpoint never catches up with the writer, so without this the WAL grows without bound."""
+        self._db.execute("PRAGMA wal_checkpoint(RESTART)")
+
+    def wal_bytes(self) -> int:
+        try:
+            return self.path.with_name(self.path.name + "-wal").stat().st_size
+        except OSError:
+            return 0
+
+    def db_bytes(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def rows(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM requests").fetchone()[0])
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database (PASSIVE: never blocks the writer). Thread-safe with the request
@@ -151,10 +191,20 @@ class Journal:
     # -- meta counters ---------------------------------------------------------------------------------------
 
     def _bump(self, key: str) -> int:
+        value = self._meta_unsaved.get(key, self.meta(key)) + 1
+        try:
+            self._set_meta(key, value)
+        except sqlite3.OperationalError as exc:
+            if not is_full(exc):
+                raise
+            self._meta_unsaved[key] = value  # written by the next flush once there is space
+        return value
+
+    def _set_meta(self, key: str, value: int) -> None:
         with self._tx() as db:
-            self._count(db, key)
-            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return int(row[0])
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                       "value = max(value, excluded.value)", (key, value))
+        self._meta_unsaved.pop(key, None)
 
     @staticmethod
     def _count(db: sqlite3.Connection, key: str) -> None:
@@ -162,6 +212,8 @@ class Journal:
                    (key,))
 
     def meta(self, key: str) -> int:
+        if key in self._meta_unsaved:
+            return self._meta_unsaved[key]
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return int(row[0]) if row else 0
 
@@ -180,15 +232,35 @@ class Journal:
 
     def get(self, request_id: str) -> Entry | None:
         entry = self._one("request_id = ?", request_id)
+        if entry is not None and entry.reply is None and request_id in self._answers:
+            reply, at = self._answers[request_id]
+            entry = dataclasses.replace(entry, reply=reply, answered_at=at)
         if entry is not None and entry.delivered_at is None and request_id in self._delivered:
             return dataclasses.replace(entry, delivered_at=self._delivered[request_id])
         return entry
 
     def accept(self, request_id: str, verb: str, payload: str, *, fp: str, reply_topic: str,
-               correlation: bytes | None, boot_seq: int) -> None:
-        """Commit a new request (raises sqlite3.IntegrityError if the id is journaled already), with the
-        delivery marks recorded since the last commit: one transaction instead of a batch later."""
+               correlation: bytes | None, boot_seq: int, sync: bool = False) -> None:
+        """Commit a new request (raises sqlite3.IntegrityError if the id is journaled already, JournalFull if
+        the disk is full), with the delivery marks recorded since the last commit: one transaction instead of a
+        batch later. ``sync``: fsync the WAL before returning (a mutating request, acknowledged next)."""
         row = (request_id, verb, payload, fp, reply_topic, correlation, time.time(), boot_seq)
+        if self._answers or self._meta_unsaved:
+            self._save_pending()
+        full = sync and not self.sync_full
+        if full:
+            self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            self._accept(row)
+        except sqlite3.OperationalError as exc:
+            if is_full(exc):
+                raise JournalFull(str(exc)) from None
+            raise
+        finally:
+            if full:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def _accept(self, row: tuple[Any, ...]) -> None:
         if self._delivered:
             marks, self._delivered = self._delivered, {}
             try:
@@ -203,22 +275,54 @@ class Journal:
             self._committed()
         self._accepted += 1
 
-    def retry(self, request_id: str) -> None:
-        """An unanswered request is being executed again (after a restart)."""
-        self._db.execute("UPDATE requests SET attempts = attempts + 1 WHERE request_id = ?", (request_id,))
+    def _best_effort(self, sql: str, args: tuple[Any, ...]) -> bool:
+        try:
+            self._db.execute(sql, args)
+        except sqlite3.OperationalError as exc:
+            if not is_full(exc):
+                raise
+            return False
         self._committed()
+        return True
+
+    def retry(self, request_id: str) -> None:
+        """An unanswered request is being executed again (after a restart). Not counted on a full disk."""
+        self._best_effort("UPDATE requests SET attempts = attempts + 1 WHERE request_id = ?", (request_id,))
 
     def reroute(self, request_id: str, reply_topic: str, correlation: bytes | None) -> None:
-        """A duplicate came with a new place to reply to: later deliveries go there."""
-        self._db.execute("UPDATE requests SET reply_topic = ?, correlation = ? WHERE request_id = ?",
-                         (reply_topic, correlation, request_id))
-        self._committed()
+        """A duplicate came with a new place to reply to: later deliveries go there (best effort on a full
+        disk: this reply is published to the new place anyway)."""
+        self._best_effort("UPDATE requests SET reply_topic = ?, correlation = ? WHERE request_id = ?",
+                          (reply_topic, correlation, request_id))
 
     def answer(self, request_id: str, reply: str) -> None:
-        self._db.execute("UPDATE requests SET reply = ?, answered_at = ? WHERE request_id = ?",
-                         (reply, time.time(), request_id))
-        self._committed()
+        """Record the reply; on a full disk it is kept in memory (and published) until ``flush`` can write it."""
+        at = time.time()
+        if not self._best_effort("UPDATE requests SET reply = ?, answered_at = ? WHERE request_id = ?",
+                                 (reply, at, request_id)):
+            self._answers[request_id] = (reply, at)
         self._answered += 1
+
+    def _save_pending(self) -> None:
+        """Write the replies and counters a full disk held back; stops at the first write that still fails."""
+        try:
+            for key, value in list(self._meta_unsaved.items()):
+                self._set_meta(key, value)
+            if self._answers:
+                answers = dict(self._answers)
+                with self._tx() as db:
+                    db.executemany("UPDATE requests SET reply = ?, answered_at = ? WHERE request_id = ?",
+                                   [(r, t, rid) for rid, (r, t) in answers.items()])
+                for rid in answers:
+                    self._answers.pop(rid, None)
+        except sqlite3.OperationalError as exc:
+            if not is_full(exc):
+                raise
+
+    @property
+    def pending(self) -> int:
+        """Replies and counters waiting for disk space."""
+        return len(self._answers) + len(self._meta_unsaved)
 
     def delivered(self, request_id: str) -> None:
         """The reply was published (and acknowledged). Recorded in memory, committed with the next request or
@@ -227,15 +331,23 @@ class Journal:
         self._delivered.setdefault(request_id, time.time())
 
     def flush(self) -> None:
-        """Commit the delivery marks recorded since the last flush, in one transaction."""
-        if self._delivered:
+        """Commit what a full disk held back, then the delivery marks recorded since the last flush, in one
+        transaction (kept for later if the disk is still full)."""
+        if self._answers or self._meta_unsaved:
+            self._save_pending()
+        if self._delivered and not self._answers:
             marks, self._delivered = self._delivered, {}
-            with self._tx() as db:
-                _mark_delivered(db, marks)
+            try:
+                with self._tx() as db:
+                    _mark_delivered(db, marks)
+            except sqlite3.OperationalError as exc:
+                self._delivered = marks | self._delivered
+                if not is_full(exc):
+                    raise
 
     def unanswered(self) -> list[Entry]:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM requests WHERE answered_at IS NULL ORDER BY seq")
-        return [Entry(*r) for r in rows]
+        return [e for e in (Entry(*r) for r in rows) if e.request_id not in self._answers]
 
     def undelivered(self) -> list[Entry]:
         rows = self._db.execute(
@@ -246,13 +358,17 @@ class Journal:
         """Lifetime counts (they survive pruning)."""
         return {"accepted": self._accepted, "answered": self._answered}
 
-    def prune(self, keep: int) -> int:
-        """Forget the oldest answered and delivered requests beyond ``keep``; returns how many went."""
+    def prune(self, keep: int, keep_s: float | None = None, *, batch: int = 2000) -> int:
+        """Forget the answered and delivered requests beyond the dedup window: all but the newest ``keep``, and
+        those answered more than ``keep_s`` seconds ago. At most ``batch`` rows per call (one short
+        transaction: the janitor calls it often). Returns how many went."""
         self.flush()
+        cutoff = time.time() - keep_s if keep_s is not None else 0.0
         with self._tx() as db:
             cur = db.execute(
-                "DELETE FROM requests WHERE seq IN (SELECT seq FROM requests WHERE delivered_at IS NOT NULL "
-                "ORDER BY seq DESC LIMIT -1 OFFSET ?)", (keep,))
+                "DELETE FROM requests WHERE seq IN (SELECT seq FROM (SELECT seq, answered_at, row_number() OVER "
+                "(ORDER BY seq DESC) AS rn FROM requests WHERE delivered_at IS NOT NULL) "
+                "WHERE rn > ? OR answered_at < ? ORDER BY seq LIMIT ?)", (keep, cutoff, batch))
             pruned = cur.rowcount
             db.execute("INSERT INTO meta(key, value) VALUES ('pruned', ?) "
                        "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value", (pruned,))

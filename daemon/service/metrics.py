@@ -51,6 +51,12 @@ class Metrics:
         self.checkpoint = Histogram("lpd_journal_checkpoint_seconds", "WAL checkpoints of the journal (in their "
                                     "low-priority thread, beside the request path), by what started them (idle, "
                                     "backlog)", ["trigger"], buckets=PAUSE_BUCKETS, registry=r)
+        self.storage_full = Counter("lpd_requests_storage_full", "Requests that found the state directory full "
+                                    "(mutating ones refused with storage_full, reads served unjournaled)", registry=r)
+        self.journal_rows = Gauge("lpd_journal_rows", "Requests kept in the journal (the dedup window)", registry=r)
+        self.journal_bytes = Gauge("lpd_journal_bytes", "Size of the journal's files", ["file"], registry=r)
+        self.journal_pruned = Counter("lpd_journal_pruned", "Answered requests pruned past the dedup window",
+                                      registry=r)
         self.reconnects = Counter("lpd_mqtt_reconnects", "Successful broker connections after the first", registry=r)
         self.connected = Gauge("lpd_mqtt_connected", "1 while connected to the broker", registry=r)
         self.boot_seq = Gauge("lpd_boot_seq", "This run's boot sequence number", registry=r)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from daemon.livepatch.core import Livepatch
@@ -28,6 +28,8 @@ class PatchEvents:
     _started: dict[str, float]
     _key_ids: dict[str, str | None]
     _forcing: set[str]
+    also_publish: list[Callable[[], None]]
+    """Other sections that a patch change moves (ftrace's counts of ops and enabled functions)."""
 
     if TYPE_CHECKING:  # defined by PatchDesired, TransitionWatch and PatchViews
         def _completed_in_desired(self, name: str, target: str) -> None: ...
@@ -103,3 +105,5 @@ class PatchEvents:
             section["restored"] = {"loaded": self.restored.loaded, "enabled": self.restored.enabled,
                                    "failed": self.restored.failed}
         self.service.state.set_component("livepatch", section)
+        for publish in self.also_publish:
+            publish()

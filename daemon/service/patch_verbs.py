@@ -96,6 +96,7 @@ class PatchVerbs(PatchEvents, TransitionWatch, PatchViews, PatchDesired):
         self._forcing: set[str] = set()  # patches being forced (their completion counts as forced)
         self._watcher: threading.Thread | None = None
         self._watch_lock = threading.Lock()
+        self.also_publish = []
         livepatch.on_event = self._on_livepatch_event
 
     # -- changes ---------------------------------------------------------------------------------------------

@@ -72,9 +72,9 @@ class TextPatcher:
         spans = [e.span for e in edits]
         with self._lock:
             machine = self.kernel.machine
-            before = len(machine.pauses)
+            before = machine.pauses_total
             machine.stop_machine(lambda: self._commit(edits, data), invalidate=spans)
-            pause = machine.pauses[-1].pause_ns if len(machine.pauses) > before else 0
+            pause = machine.pauses[-1].pause_ns if machine.pauses_total > before else 0
         return BatchResult(len(sites), len(data), pause)
 
     def modify_code(self, addr: int, old: int, new: int) -> None:

@@ -1,0 +1,59 @@
+"""What the engine needs from hosts: the host API's patch verbs, behind one seam.
+
+``MqttDriver`` (``clients.rollout.mqtt_driver``) speaks to real daemons; ``SimDriver`` (``clients.rollout.sim``)
+is the seeded twin a rehearsal runs against on the simulated clock. Every mutating call carries a request id
+derived from (rollout, host, step, attempt): sent again after a crash, the daemon answers it from its journal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from clients.rollout.plan import HostInfo
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A host's reply: ``ok``, or the daemon's error ``code`` and ``message``."""
+
+    ok: bool
+    code: str | None = None
+    message: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TransitionView:
+    completed: bool
+    enabled: bool
+    blocked: list[dict[str, Any]] = field(default_factory=list)
+    signals_sent: int = 0
+
+
+class HostDriver(Protocol):
+    async def fleet(self) -> dict[str, HostInfo]: ...
+
+    async def load(self, host: str, bundle_b64: str, request_id: str) -> Outcome: ...
+
+    async def enable(self, host: str, patch: str, request_id: str) -> Outcome: ...
+
+    async def transition(self, host: str, patch: str) -> TransitionView | Outcome: ...
+
+    async def disable(self, host: str, patch: str, request_id: str) -> Outcome: ...
+
+    async def unload(self, host: str, patch: str, request_id: str) -> Outcome: ...
+
+    async def force(self, host: str, patch: str, request_id: str) -> Outcome: ...
+
+    async def check(self, host: str, patch: str) -> Outcome: ...
+
+    async def effect(self, host: str, patch: str) -> Outcome: ...
+
+
+REJECT_CODES = frozenset({
+    "patch_signature_missing", "patch_signature_untrusted", "patch_signature_invalid", "patch_object_tampered",
+    "module_bad_elf", "patch_build_id_mismatch", "patch_old_func_not_found", "bundle_invalid",
+    "livepatch_state_incompatible", "patch_state_incompatible",
+})
+"""Host refusals that no retry can change: the execution is REJECTED."""

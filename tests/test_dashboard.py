@@ -1,0 +1,201 @@
+"""The fleet dashboard in a real browser (Debian's chromium driven by Playwright) against real daemons on a
+private mosquitto: the fleet grid, a host's view, a state change, a stopped host, a broker restart and a
+dashboard restart, and a foreign document that must not break the page."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import uvicorn
+from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, free_port
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from clients.dashboard import FleetFeed, create_app
+from clients.sdk import LivepatchClient
+
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run", "--disable-dev-shm-usage"]
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        raise RuntimeError("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+    return path
+
+
+class DashboardServer:
+    """The dashboard app under uvicorn in a thread, startable again on the same port."""
+
+    def __init__(self, broker_url: str, port: int) -> None:
+        self.broker_url, self.port = broker_url, port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> DashboardServer:
+        app = create_app(FleetFeed(self.broker_url), batch_s=0.1)
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                     lifespan="on", timeout_graceful_shutdown=1))
+        self._thread = threading.Thread(target=self._server.run, name="dashboard", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            assert time.monotonic() < deadline, "dashboard did not start"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        assert self._server is not None
+        assert self._thread is not None
+        self._server.should_exit = True
+        self._thread.join(20)
+        assert not self._thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    b = Mosquitto(tmp_path_factory.mktemp("dash-mosquitto"))
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def hosts(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[DaemonThread]]:
+    ds = [DaemonThread(daemon_settings(tmp_path_factory.mktemp(f"dash-h{i}"), broker.url, nr_cpus=1,
+                                       host_id=f"dash-{i}")).start() for i in range(3)]
+    yield ds
+    for d in ds:
+        if d._thread.is_alive():  # one is stopped by a test
+            d.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    p = browser.new_page(viewport={"width": 1280, "height": 900})
+    yield p
+    p.close()
+
+
+def in_thread(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine to its end on a loop of its own (Playwright's sync API owns this thread's loop)."""
+    errors: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            asyncio.run(coro)
+        except BaseException as e:  # noqa: BLE001  (re-raised below)
+            errors.append(e)
+    t = threading.Thread(target=main)
+    t.start()
+    t.join(60)
+    if errors:
+        raise errors[0]
+
+
+def cell(page: Page, host: str) -> str:
+    return f'#groups .cell[data-host="{host}"]'
+
+
+def test_the_fleet_page_is_live(broker: Mosquitto, hosts: list[DaemonThread], page: Page) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    dash = DashboardServer(broker.url, free_port()).start()
+    try:
+        page.goto(dash.url)
+        for d in hosts:
+            expect(page.locator(cell(page, d.host))).to_have_attribute("data-state", "online", timeout=15_000)
+        expect(page.locator('[data-count="online"]')).to_contain_text("online 3")
+        expect(page.locator("#banner")).to_be_hidden()
+        page.screenshot(path=str(SHOTS / "fleet.png"), full_page=True)
+
+        # A state change on a host reaches the open page (ops registered over MQTT → the host's ftrace section).
+        target = hosts[0].host
+        page.click(cell(page, target))
+        expect(page.locator("#host-name")).to_have_text(target)
+
+        async def register() -> None:
+            async with LivepatchClient(broker.url, target) as c:
+                await c.ops_register("dash_ops", filter="work_step_*")
+        in_thread(register())
+        expect(page.locator("#host-body")).to_contain_text("dash_ops", timeout=5_000)
+        page.screenshot(path=str(SHOTS / "host.png"), full_page=True)
+
+        # A foreign document on a host's state topic is skipped; the page keeps working.
+        async def foreign() -> None:
+            async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+                await c.publish(f"livepatch/v1/{target}/events", b"\x00not json", qos=1)
+                await c.publish("livepatch/v1/intruder/state", json.dumps([1, 2]).encode(), qos=1)
+        in_thread(foreign())
+
+        # A host that stops turns offline (its retained death).
+        hosts[2].stop()
+        expect(page.locator(cell(page, hosts[2].host))).to_have_attribute("data-state", "offline", timeout=10_000)
+        expect(page.locator('[data-count="offline"]')).to_contain_text("offline 1")
+
+        # Broker restart: a banner while it is down, the view rebuilt from retained documents after.
+        broker.stop()
+        expect(page.locator("#banner")).to_contain_text("broker", timeout=15_000)
+        page.screenshot(path=str(SHOTS / "broker-down.png"))
+        broker.start()
+        expect(page.locator("#banner")).to_be_hidden(timeout=20_000)
+        expect(page.locator(cell(page, hosts[0].host))).to_have_attribute("data-state", "online", timeout=20_000)
+
+        # Dashboard restart: the page says so, reconnects by itself and rebuilds from the new server's snapshot.
+        dash.stop()
+        expect(page.locator("#banner")).to_contain_text("dashboard server", timeout=15_000)
+        dash = DashboardServer(broker.url, dash.port).start()
+        expect(page.locator("#banner")).to_be_hidden(timeout=20_000)
+        for d in hosts[:2]:
+            expect(page.locator(cell(page, d.host))).to_have_attribute("data-state", "online", timeout=15_000)
+        # the test broker keeps no persistence: the stopped host's retained death went with the restart
+        expect(page.locator("#groups .cell")).to_have_count(2)
+    finally:
+        dash.stop()
+
+
+def test_feed_deltas_carry_only_what_changed() -> None:
+    feed = FleetFeed("mqtt://127.0.0.1:1")
+    feed.ingest("livepatch/v1/a/status", json.dumps({"state": "online", "boot_seq": 1}).encode())
+    feed.ingest("livepatch/v1/b/status", json.dumps({"state": "online", "boot_seq": 1}).encode())
+    cursor = feed.snapshot()["cursor"]
+    assert feed.delta(cursor) is None
+    feed.ingest("livepatch/v1/b/state", json.dumps({"version": 5, "components": {}}).encode())
+    feed.ingest("livepatch/v1/b/state", json.dumps({"version": 4, "components": {"late": {}}}).encode())
+    feed.ingest("livepatch/v1/b/events", b"{broken")
+    feed.ingest("livepatch/v1/b/state", b"[]")
+    delta = feed.delta(cursor)
+    assert delta is not None
+    assert list(delta["hosts"]) == ["b"]
+    assert delta["hosts"]["b"]["state"] == {"version": 5, "components": {}}
+    assert delta["events"] == []
+    feed.ingest("livepatch/v1/a/status", b"")  # a cleared retained status: the host is gone
+    assert "a" not in feed.snapshot()["hosts"]
+
+
+def test_dashboard_command_refuses_a_bad_listen_address() -> None:
+    from daemon.cli import main  # noqa: PLC0415
+    assert main(["dashboard", "--listen", "nowhere"]) == 2
+
+
