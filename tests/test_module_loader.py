@@ -581,3 +581,21 @@ def test_fuzz_mutated_objects(kernel: Kernel, loader: ModuleLoader, objects: dic
 def test_object_compiles_reproducibly(tmp_path: Path, objects: dict[str, bytes]) -> None:
     """The same source compiled elsewhere gives the same bytes (relative names, -g0)."""
     assert compile_object(C_MODULE, "c_module", tmp_path) == objects["c_module"]
+
+
+@pytest.mark.parametrize(("section", "entsize"), [(".rela.text", 0), (".rela.text", 16), (".symtab", 0),
+                                                   (".symtab", 48)])
+def test_table_entry_sizes_are_checked(kernel: Kernel, loader: ModuleLoader, objects: dict[str, bytes],
+                                       section: str, entsize: int) -> None:
+    """A RELA or symbol table whose sh_entsize is not its entry's size is refused (module_bad_elf), not read
+    as if it were 24 / 24 bytes per entry; nothing is allocated."""
+    raw = bytearray(objects["c_module"])
+    target = next(s for s in elf.parse(bytes(raw)).sections if s.name == section)
+    shoff = struct.unpack_from("<Q", raw, 0x28)[0]
+    struct.pack_into("<Q", raw, shoff + target.index * 64 + 56, entsize)  # sh_entsize, the header's last field
+    before = area_state(kernel)
+    with pytest.raises(ModuleFormatError, match=f"entry size {entsize}, expected 24") as err:
+        loader.load("bad", bytes(raw))
+    assert err.value.code == "module_bad_elf"
+    assert err.value.details["section"] == section
+    assert area_state(kernel) == before

@@ -51,6 +51,7 @@ class Section:
     link: int
     info: int
     data: bytes  # empty for SHT_NOBITS
+    entsize: int = 0  # sh_entsize: the size of one entry in a table section (RELA, symtab)
 
     @property
     def alloc(self) -> bool:
@@ -162,7 +163,7 @@ def parse(raw: bytes) -> ObjectFile:
         raise _bad("section name table is not a string table", index=shstrndx)
     names = contents[shstrndx]
     sections = tuple(
-        Section(i, _cstr(names, h[0], "section"), h[1], h[2], h[5], max(h[8], 1), h[6], h[7], contents[i])
+        Section(i, _cstr(names, h[0], "section"), h[1], h[2], h[5], max(h[8], 1), h[6], h[7], contents[i], h[9])
         for i, h in enumerate(headers))
     symtabs = [s for s in sections if s.type == SHT_SYMTAB]
     if len(symtabs) > 1:
@@ -185,7 +186,16 @@ def _target(sections: tuple[Section, ...], rel: Section) -> Section:
     return sections[rel.info]
 
 
+def _check_entsize(table: Section, expected: int, what: str) -> None:
+    # A table's entries are read at sh_entsize strides in the kernel (and in readelf); one whose header names
+    # another size is not the layout this reader decodes, so it is refused rather than read at our stride.
+    if table.entsize != expected:
+        raise _bad(f"{what} {table.name} has entry size {table.entsize}, expected {expected}",
+                   section=table.name, entsize=table.entsize, expected=expected)
+
+
 def _symbols(sections: tuple[Section, ...], symtab: Section) -> tuple[Symbol, ...]:
+    _check_entsize(symtab, _SYM.size, "symbol table")
     if symtab.size % _SYM.size or not 0 < symtab.link < len(sections) or \
             sections[symtab.link].type != SHT_STRTAB:
         raise _bad("symbol table has a bad size or string table link")
@@ -205,6 +215,7 @@ def _relocs(sections: tuple[Section, ...], rela: Section, symtab: Section | None
     target = _target(sections, rela)
     if symtab is None or rela.link != symtab.index:
         raise _bad(f"relocation section {rela.name} is not linked to the symbol table", section=rela.name)
+    _check_entsize(rela, _RELA.size, "relocation section")
     if rela.size % _RELA.size:
         raise _bad(f"relocation section {rela.name} size {rela.size} is not a multiple of {_RELA.size}",
                    section=rela.name)
