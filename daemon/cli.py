@@ -258,7 +258,10 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
     # examples
     names = examples.example_names()
     if args.list:
-        return {"examples": names, "text": "\n".join(names)}
+        from daemon.livepatch.artifact import PATCHES_DIR  # noqa: PLC0415
+
+        return {"examples": names, "directory": str(PATCHES_DIR),
+                "text": "\n".join(f"{n:<26} {PATCHES_DIR / n}.c (+ .manifest.json)" for n in names)}
     unknown = [n for n in args.names if n not in names]
     if unknown:
         raise ArtifactError(f"no example named {', '.join(unknown)} (there are: {', '.join(names)})")

@@ -183,8 +183,11 @@ def daemon_settings(tmp: Path, broker_url: str | None, **overrides: Any) -> Sett
 class DaemonProcess:
     """``livepatchd serve`` as a child process (for SIGTERM and kill -9)."""
 
-    def __init__(self, tmp: Path, broker_url: str, host: str | None = None, **env: str) -> None:
+    def __init__(self, tmp: Path, broker_url: str, host: str | None = None, *, serve_args: Sequence[str] = (),
+                 cwd: Path = REPO, **env: str) -> None:
         self.tmp = tmp
+        self.serve_args = list(serve_args)
+        self.cwd = cwd
         self.host = host or unique_host("p")
         self.broker_url = broker_url
         self.env = env
@@ -196,11 +199,12 @@ class DaemonProcess:
         return self.tmp / self.host / "journal.sqlite3"
 
     def start(self) -> DaemonProcess:
-        env = {**os.environ, "LIVEPATCHD_RECONNECT_MAX_S": "0.5", **self.env}
+        env = {**os.environ, "LIVEPATCHD_RECONNECT_MAX_S": "0.5", "PYTHONPATH": str(REPO), **self.env}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon.cli", "serve", "--broker", self.broker_url, "--host", self.host,
-                 "--state-dir", str(self.tmp), "--cpus", "2"], cwd=REPO, env=env, stdout=log, stderr=log)
+                 "--state-dir", str(self.tmp), "--cpus", "2", *self.serve_args], cwd=self.cwd, env=env,
+                stdout=log, stderr=log)
         return self
 
     def wait_online(self, timeout: float = 30.0) -> None:

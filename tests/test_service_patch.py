@@ -402,6 +402,8 @@ def test_a_daemon_trusting_no_key_refuses_every_patch_with_a_hint(lpd: DaemonThr
             assert "trusts no signing key" in err["message"]
             assert "LIVEPATCHD_TRUSTED_KEYS" in err["details"]["hint"]
             assert "--dev-signing-key" in err["details"]["hint"]
+            assert "--trusted-key FILE.pub" in err["details"]["hint"]
+            assert "--trusted-keys-dir DIR" in err["details"]["hint"]
             listing = await s.c.patch_list()
             assert (listing.patches, listing.trusted_keys) == ([], 0)
     run(main())

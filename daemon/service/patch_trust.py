@@ -14,8 +14,10 @@ from daemon.livepatch import signing
 log = structlog.get_logger(__name__)
 
 DEV_KEY_NAME = "dev-signing"
-NO_KEYS_HINT = ("configure trusted Ed25519 public keys: LIVEPATCHD_TRUSTED_KEYS_DIR (a directory of .pub/.pem files) "
-                "or LIVEPATCHD_TRUSTED_KEYS (paths); for a demo only, `livepatchd serve --dev-signing-key`")
+NO_KEYS_HINT = ("configure trusted Ed25519 public keys: `livepatchd serve --trusted-key FILE.pub` (repeatable; e.g. "
+                "the .pub that `lpctl keys generate` wrote) or `--trusted-keys-dir DIR` (a directory of .pub/.pem "
+                "files), or LIVEPATCHD_TRUSTED_KEYS (paths) / LIVEPATCHD_TRUSTED_KEYS_DIR; for a demo only, "
+                "`livepatchd serve --dev-signing-key`")
 
 
 class NoTrustedKeys(UntrustedKey):
