@@ -65,6 +65,8 @@ def test_the_readme_patch_walkthrough_works_as_written(mosquitto: Mosquitto, tmp
             daemon.kill()
     assert daemon is not None, "the block starts a daemon"
     loaded = [out for line, out in outputs.items() if " patch load " in line]
-    assert loaded and "livepatch_cmdline" in loaded[0]  # the name the manifest gave it
+    assert loaded
+    assert "livepatch_cmdline" in loaded[0]
     read = [out for line, out in outputs.items() if " read proc_cmdline_read" in line]
-    assert read and "livepatch" in read[0]  # /proc/cmdline as the enabled patch renders it
+    assert read
+    assert "livepatch" in read[0]
