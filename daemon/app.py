@@ -137,8 +137,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         service = self.service = Service(
             host=s.host_id, boot_seq=boot_seq, journal=journal, metrics=self.metrics,
-            kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release, nr_cpus=s.nr_cpus,
-                               booted_at=time.time()),
+            kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release, nr_cpus=s.nr_cpus, booted_at=time.time()),
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s)
         service.attach(loop)
         kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
