@@ -107,9 +107,6 @@ class Settings(BaseSettings):
                                       "long is reported stalled (event and state)")
 
     nr_cpus: int = Field(default=2, ge=1, le=8)
-    tcg_buffer_size_mb: int = Field(default=32, ge=1, le=1024, description="each vCPU's translation cache "
-                                    "(virtual reservation; a fleet of hosts uses a few MiB each)")
-    kernel_release: str = Field(default="6.1-lp1", description="the kernel build's version string, in the state")
     count_guest_instructions: bool = Field(default=False, description="exact guest instruction counts on /metrics "
                                            "(a block hook on every vCPU: the guest runs several times slower)")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus /metrics here "

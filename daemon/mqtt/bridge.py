@@ -106,15 +106,6 @@ class MqttBridge:
     def stop(self) -> None:
         self._stop.set()
 
-    def sever(self) -> None:
-        """Cut the broker connection at the socket, without DISCONNECT: the broker publishes the last will (how a
-        crashed host looks from outside). The caller then cancels ``run()``."""
-        client = self._client
-        sock = client._client.socket() if client is not None else None
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
     def _status(self, state: Literal["online", "offline"],
                 reason: Literal["started", "reconnected", "shutdown", "connection_lost"]) -> bytes:
         doc = StatusDoc(host=self.service.host, state=state, boot_seq=self.service.boot_seq, reason=reason,
