@@ -231,13 +231,18 @@ class DaemonProcess:
         return self.proc.wait(30)
 
 
-@pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    """One private anonymous mosquitto for the session."""
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+def running_mosquitto(workdir: Path) -> Iterator[Mosquitto]:
+    """A private anonymous mosquitto for a fixture's lifetime (``yield from`` it)."""
+    broker = Mosquitto(workdir)
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One private anonymous mosquitto for the session."""
+    yield from running_mosquitto(tmp_path_factory.mktemp("mosquitto"))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from typing import Any
 import aiomqtt
 import pytest
 import uvicorn
-from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, free_port
+from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, free_port, running_mosquitto
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from clients.dashboard import FleetFeed, create_app
@@ -68,10 +68,8 @@ class DashboardServer:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("dash-mosquitto"))
-    b.start()
-    yield b
-    b.stop()
+    """Its own broker: the test restarts it."""
+    yield from running_mosquitto(tmp_path_factory.mktemp("dash-mosquitto"))
 
 
 @pytest.fixture(scope="module")

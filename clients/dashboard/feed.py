@@ -48,7 +48,6 @@ class FleetFeed:
     events: deque[tuple[int, dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=EVENT_TAIL))
     counter: int = 0
     connected: bool = False
-    connected_changed: int = 0
 
     # -- reading ------------------------------------------------------------------------------------------------
 
@@ -105,7 +104,7 @@ class FleetFeed:
     def _set_connected(self, up: bool) -> None:
         if up != self.connected:
             self.connected = up
-            self.connected_changed = self._bump()
+            self._bump()
 
     # -- the subscription ---------------------------------------------------------------------------------------
 
