@@ -80,7 +80,10 @@ def asyncapi() -> str:
         }
     for model, topic, retained, text in (
         (Reply, "reply", False, "Replies for MQTT 3.1.1 clients that gave no reply_to (v5 clients get theirs on "
-                                "their response topic, with their correlation data)."),
+                                "their response topic, with their correlation data), and refusals of requests "
+                                "whose reply destination is refused: invalid_reply_topic (not a topic a reply can "
+                                "be published to) or forbidden_reply_topic (a topic of livepatch/v1/ that is not a "
+                                "reply topic)."),
         (StatusDoc, "status", True, "Birth and death (also the last will), retained."),
         (StateDoc, "state", True, "Every host-visible fact, versioned, retained."),
         (EventDoc, "events", False, "Events (transitions, errors, reconnects), with a per-boot sequence number."),
