@@ -58,7 +58,7 @@ def nats_binary() -> str:
 async def _probe(port: int) -> None:
     async with aiomqtt.Client("127.0.0.1", port, identifier=f"probe-{uuid.uuid4().hex[:8]}", timeout=5,
                               protocol=aiomqtt.ProtocolVersion.V311) as c:
-        codes = await c.subscribe("livepatch/v1/probe/ready", qos=1)
+        codes = await c.subscribe("livepatch/v1/probe/status", qos=1)  # what even an observer may read
         value = codes[0].value if isinstance(codes[0], ReasonCode) else int(codes[0])
         if value >= 0x80:
             raise RuntimeError(f"SUBACK {value:#x}")
