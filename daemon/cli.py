@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the daemon: MQTT API on a broker (embedded when none is given)",
                            description="Settings come from LIVEPATCHD_* environment variables; these options "
                            "override them.")
-    serve.add_argument("--broker", dest="broker_url", help="mqtt://[user:pass@]host:port or mqtts://...; default: "
-                       "an embedded broker on 127.0.0.1 on a free port")
+    serve.add_argument("--broker", dest="broker_url", action="append",
+                       help="mqtt://[user:pass@]host:port or mqtts://...; the nodes of a cluster: repeat the option "
+                       "or separate URLs with commas; default: an embedded broker on 127.0.0.1 on a free port")
     serve.add_argument("--host", dest="host_id", help="this host's id (default: the machine's host name)")
     serve.add_argument("--state-dir", type=Path, help="where the journal lives")
     serve.add_argument("--cpus", dest="nr_cpus", type=int, help="number of vCPUs (1-8)")
@@ -96,6 +97,8 @@ def _serve(args: argparse.Namespace) -> int:
     keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level",
             "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys", "dev_signing_key")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if "broker_url" in overrides:
+        overrides["broker_url"] = ",".join(overrides["broker_url"])
     try:
         settings = Settings(**overrides)
         settings.tls_context()  # unreadable or malformed certificate files: say so now, not at the first connect

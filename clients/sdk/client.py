@@ -13,11 +13,10 @@ import contextlib
 import json
 import ssl
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Literal, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -42,6 +41,8 @@ from schemas import (
     Topics,
     host_of,
 )
+from schemas.brokers import parse_broker_url as _parse_one
+from schemas.brokers import parse_broker_urls
 
 M = TypeVar("M", bound=Outbound)
 
@@ -56,12 +57,8 @@ class RawReply:
 
 def parse_broker_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
     """``mqtt://[user[:password]@]host[:port]`` -> (host, port, tls, user, password); ``mqtts://`` means TLS."""
-    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ValueError(f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
-    tls = parts.scheme == "mqtts"
-    return (parts.hostname, parts.port or (8883 if tls else 1883), tls,
-            unquote(parts.username) if parts.username else None, unquote(parts.password) if parts.password else None)
+    node = _parse_one(url)
+    return node.hostname, node.port, node.tls, node.username, node.password
 
 
 def _properties(packet_type: int) -> Any:
@@ -79,7 +76,9 @@ class LivepatchClient(FtraceApi, PatchApi):
     """Client of one daemon (``host``) — or of none, for fleet-wide reads like ``hosts()``.
 
     Args:
-        broker: ``mqtt://[user:pass@]host:port`` (``mqtts://`` for TLS).
+        broker: ``mqtt://[user:pass@]host:port`` (``mqtts://`` for TLS); the nodes of a clustered broker as a
+            list or comma-separated: the client connects to the first that answers and, after a loss, to the
+            next one.
         host: the daemon's host id; needed by every request and by ``status``/``state``/``events``.
         timeout: seconds to wait for a reply (and for the connection).
         protocol: ``"auto"`` tries MQTT 5 and falls back to 3.1.1; or force ``"5"`` / ``"3.1.1"``.
@@ -92,22 +91,22 @@ class LivepatchClient(FtraceApi, PatchApi):
             when no reply comes within its timeout.
     """
 
-    def __init__(self, broker: str = "mqtt://127.0.0.1:1883", host: str | None = None, *, timeout: float = 10.0,
+    def __init__(self, broker: str | Sequence[str] = "mqtt://127.0.0.1:1883", host: str | None = None, *,
+                 timeout: float = 10.0,
                  protocol: Literal["auto", "5", "3.1.1"] = "auto", username: str | None = None,
                  password: str | None = None, tls_context: ssl.SSLContext | None = None,
                  client_id: str | None = None, reconnect: bool = True) -> None:
-        hostname, port, tls, url_user, url_password = parse_broker_url(broker)
-        self.hostname, self.port = hostname, port
+        nodes = tuple(replace(n, username=username or n.username, password=password or n.password)
+                      for n in parse_broker_urls(broker))
+        self.nodes = nodes
+        self.hostname, self.port = nodes[0].hostname, nodes[0].port
         self.host = host
         self.topics = Topics(host) if host is not None else None
         self.timeout = timeout
         self.client_id = client_id or f"lpsdk-{uuid.uuid4().hex[:12]}"
         self._conn = Connection(
-            hostname, port, client_id=self.client_id, username=username or url_user,
-            password=password or url_password,
-            tls_context=tls_context or (ssl.create_default_context() if tls else None),
-            protocol=protocol, timeout=timeout, reconnect=reconnect, on_message=self._on_message,
-            on_reconnect=self._reconnected, on_lost=self._on_lost)
+            nodes, client_id=self.client_id, tls_context=tls_context, protocol=protocol, timeout=timeout,
+            reconnect=reconnect, on_message=self._on_message, on_reconnect=self._reconnected, on_lost=self._on_lost)
         self._pending: dict[str, asyncio.Future[RawReply]] = {}
         self._sent: dict[str, tuple[str, str, Any]] = {}  # request id -> what to publish again after a reconnect
         self._listeners: dict[str, set[asyncio.Queue[tuple[str, bytes] | None]]] = {}
@@ -128,6 +127,11 @@ class LivepatchClient(FtraceApi, PatchApi):
     @property
     def mqtt_version(self) -> str:
         return "5" if self._conn.protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1"
+
+    @property
+    def node(self) -> str:
+        """The broker node of the connection, host:port (the last one while reconnecting)."""
+        return self._conn.node.where
 
     @property
     def reconnects(self) -> int:
@@ -230,8 +234,12 @@ class LivepatchClient(FtraceApi, PatchApi):
                 self._sent[rid] = (topic, payload, props)
                 return await fut
         except TimeoutError:
-            why = "is it online?" if self._conn.up.is_set() else f"the broker {self._conn.where} is unreachable"
-            raise RequestTimeout(f"no reply to {verb} from {self.host} within {wait} s ({why})",
+            if self._conn.up.is_set():
+                why = "is it online?"
+            else:
+                last = self._conn.last_error
+                why = f"the broker {self._conn.where} is unreachable" + (f": {last}" if last else "")
+            raise RequestTimeout(f"no reply to {verb} from {self.host} within {wait:.3g} s ({why})",
                                  request_id=rid, verb=verb) from None
         finally:
             self._pending.pop(rid, None)

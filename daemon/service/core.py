@@ -36,6 +36,7 @@ from daemon.service.journal import Journal, JournalFull, fingerprint, is_full
 from daemon.service.metrics import Metrics
 from daemon.service.payload import check_reply_topic, parse_object, peek_envelope, peek_oversized, reply_topic_ok
 from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
+from schemas.verbs import BrokerLink
 
 log = structlog.get_logger(__name__)
 
@@ -99,6 +100,8 @@ class Service:
         self.max_payload_bytes = max_payload_bytes
         self.request_timeout_s = request_timeout_s
         self.replayed = 0
+        self.link: BrokerLink | None = None
+        """The broker connection in use, as the MQTT adapter last set it (``info`` shows it)."""
         self._handlers: dict[str, _Handler] = {}
         self._lock = asyncio.Lock()
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
