@@ -156,7 +156,8 @@ class Daemon:
                     loop.add_signal_handler(sig, self._stop.set)
                     stack.callback(loop.remove_signal_handler, sig)
             bridge = self.bridge = MqttBridge(service, config, version=version(), grace_s=s.shutdown_grace_s,
-                                              max_concurrent=s.max_concurrent_requests)
+                                              max_concurrent=s.max_concurrent_requests, heartbeat_s=s.heartbeat_s,
+                                              status_expiry_s=s.status_expiry_s)
             service.events.emit("daemon.started", boot_seq=boot_seq, replayed=replayed)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(bridge.run(), name="mqtt.bridge")

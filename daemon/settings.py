@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     session_expiry_s: int = Field(default=7 * 86400, ge=0, description="how long the broker keeps our session "
                                   "(queued requests) while we are away (MQTT 5)")
+    heartbeat_s: float = Field(default=10.0, ge=0.1, le=3600, description="republish the retained online status "
+                               "this often; clients call a host stale after 3 periods without one")
+    status_expiry_s: int = Field(default=86400, ge=0, description="MQTT 5 message expiry of the online status: "
+                                 "the broker forgets a host silent for this long (0: never)")
     reconnect_min_s: float = Field(default=0.1, gt=0)
     reconnect_max_s: float = Field(default=5.0, gt=0)
 

@@ -6,7 +6,7 @@ Exit codes (stable; scripts may rely on them):
     1  the daemon answered with an error reply (its code is printed; with --json, the reply itself)
     2  usage error: unknown option, bad argument, missing --host
     3  no answer: broker unreachable, connection refused or lost, or no reply within --timeout
-    4  the host is offline, or never announced itself (``status``)
+    4  the host is offline, stale (no heartbeat lately), or never announced itself (``status``)
 """
 
 from __future__ import annotations
@@ -237,24 +237,39 @@ def _int(text: str) -> int:
 
 @app.command()
 def hosts(ctx: typer.Context,
-          wait: Annotated[float, typer.Option(min=0.05, help="seconds to collect the hosts' answers (on top of "
+          wait: Annotated[float, typer.Option(min=0.05, help="seconds to collect retained statuses, and as long "
+                                              "again for discovery answers when there is none (on top of "
                                               "--timeout)")] = 0.5) -> None:
-    """List the hosts that announced themselves on this broker (retained status)."""
+    """List the hosts that announced themselves on this broker: online, stale (no heartbeat for 3 periods) or
+    offline."""
     opts: Options = ctx.obj
-    found: dict[str, StatusDoc] = _run(opts, lambda c: c.hosts(wait), need_host=False, budget=opts.timeout + wait)
+    found: dict[str, StatusDoc] = _run(opts, lambda c: c.hosts(wait), need_host=False,
+                                       budget=opts.timeout + 2 * wait)  # retained, then discovery
+    now = time.time()
     if opts.json:
-        sys.stdout.write(json.dumps({h: s.model_dump(mode="json") for h, s in found.items()}) + "\n")
+        sys.stdout.write(json.dumps({h: {**s.model_dump(mode="json"), "liveness": s.liveness(now)}
+                                     for h, s in found.items()}) + "\n")
         return
-    table = Table("host", "state", "boot", "since", "version")
+    table = Table("host", "state", "boot", "since", "last heartbeat", "version")
     for host, s in found.items():
-        color = "green" if s.state == "online" else "red"
-        table.add_row(host, f"[{color}]{s.state}[/]", str(s.boot_seq), s.reason, s.version)
+        live = s.liveness(now)
+        table.add_row(host, f"[{LIVENESS_COLOR[live]}]{live}[/]", str(s.boot_seq), s.reason, _beat_age(s, now),
+                      s.version)
     out().print(table if found else "no hosts have announced themselves on this broker")
+
+
+LIVENESS_COLOR = {"online": "green", "stale": "yellow", "offline": "red"}
+
+
+def _beat_age(doc: StatusDoc, now: float) -> str:
+    if doc.heartbeat_at is None:
+        return "-"
+    return f"{max(0.0, now - doc.heartbeat_at):.1f} s ago (every {doc.heartbeat_s:g} s)"
 
 
 @app.command()
 def status(ctx: typer.Context) -> None:
-    """The host's retained status; exit 4 when it is offline or unknown."""
+    """The host's retained status; exit 4 when it is offline, stale (no heartbeat for 3 periods) or unknown."""
     opts: Options = ctx.obj
     doc: StatusDoc | None = _run(opts, lambda c: c.status(wait=remaining(2.0)))
     if doc is None:
@@ -262,13 +277,15 @@ def status(ctx: typer.Context) -> None:
             sys.stdout.write("null\n")
         fail(EXIT_OFFLINE, f"host {opts.host} has never announced itself on {opts.broker}",
              "lpctl hosts lists the hosts this broker knows")
+    now = time.time()
+    live = doc.liveness(now)
     if opts.json:
         sys.stdout.write(doc.model_dump_json() + "\n")
     else:
-        color = "green" if doc.state == "online" else "red"
-        out().print(f"{doc.host}: [{color}]{doc.state}[/] (boot {doc.boot_seq}, {doc.reason}, livepatchd "
-                    f"{doc.version})")
-    if doc.state != "online":
+        beat = f", last heartbeat {_beat_age(doc, now)}" if doc.heartbeat_at is not None else ""
+        out().print(f"{doc.host}: [{LIVENESS_COLOR[live]}]{live}[/] (boot {doc.boot_seq}, {doc.reason}{beat}, "
+                    f"livepatchd {doc.version})")
+    if live != "online":
         raise typer.Exit(EXIT_OFFLINE)
 
 
