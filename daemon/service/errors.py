@@ -57,6 +57,14 @@ class InvalidArgument(RequestError):
     code = "invalid_argument"
 
 
+class JournalUnreadable(LivepatchdError):
+    """A journal row cannot be read back (written by an older version, damaged): its request is answered with
+    this instead of being executed again, or its reply instead of being repeated."""
+
+    code = "journal_unreadable"
+    errno = -5  # -EIO
+
+
 class RequestTimeout(LivepatchdError):
     code = "timeout"
     errno = -110  # -ETIMEDOUT
