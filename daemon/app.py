@@ -66,8 +66,12 @@ Extension = Callable[[Service, Kernel], None]
 """Registers more verbs on a daemon's service for its kernel (``register(service, kernel)``)."""
 
 
+class _Crashed(Exception):
+    """Raised inside the daemon's task group by ``crash()``: ends every task at once, with no graceful step."""
+
+
 class Daemon:
-    """One host: its emulated kernel, its journal, its MQTT identity."""
+    """One host: its emulated kernel, its journal, its MQTT identity (a fleet process holds many)."""
 
     def __init__(self, settings: Settings, *, install_signals: bool = False,
                  on_ready: Callable[[Daemon], None] | None = None,
@@ -87,6 +91,15 @@ class Daemon:
         self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
+        self._crash = False
+        self.crashed = False
+        """True once ``run()`` returned after ``crash()``."""
+
+    def crash(self) -> None:
+        """Die abruptly (an injected fault): the broker connection is cut without DISCONNECT, so the broker
+        publishes the last will; nothing more is published, no request is drained. Call on the daemon's loop."""
+        self._crash = True
+        self._stop.set()
 
     def stop(self) -> None:
         """Ask the daemon to shut down (from any thread)."""
@@ -103,7 +116,8 @@ class Daemon:
         try:
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
-                nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions)).boot())
+                nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions,
+                tcg_buffer_size=s.tcg_buffer_size_mb << 20)).boot())
             if s.count_guest_instructions:
                 vcpus = self.kernel.machine.vcpus
                 self.metrics.guest_instructions.set_function(lambda: sum(v.instructions for v in vcpus))
@@ -123,9 +137,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         service = self.service = Service(
             host=s.host_id, boot_seq=boot_seq, journal=journal, metrics=self.metrics,
-            kernel=KernelState(build_id=kernel.image.build_id, nr_cpus=s.nr_cpus, booted_at=time.time()),
+            kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or "", nr_cpus=s.nr_cpus,
+                               booted_at=time.time()),
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s)
         service.attach(loop)
+        if s.labels:  # what a fleet selects this host by (rollout targets, dashboard grouping)
+            service.state.set_component("labels", dict(s.labels))
         kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
         keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
@@ -157,19 +174,29 @@ class Daemon:
             bridge = self.bridge = MqttBridge(service, config, version=version(), grace_s=s.shutdown_grace_s,
                                               max_concurrent=s.max_concurrent_requests)
             service.events.emit("daemon.started", boot_seq=boot_seq, replayed=replayed)
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(bridge.run(), name="mqtt.bridge")
-                janitor = tg.create_task(self._janitor(service), name="service.janitor")
-                checkpointer = tg.create_task(Checkpointer(journal, metrics=service.metrics).run(),
-                                               name="service.checkpointer")
-                ready = tg.create_task(self._ready(bridge), name="app.ready")
-                await self._stop.wait()
-                log.info("daemon_stopping")
-                service.events.emit("daemon.stopping", reason="requested")
-                ready.cancel()
-                janitor.cancel()
-                checkpointer.cancel()
-                bridge.stop()
+            try:
+                await self._tasks(service, journal, bridge)
+            except* _Crashed:
+                self.crashed = True
+
+    async def _tasks(self, service: Service, journal: Journal, bridge: MqttBridge) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(bridge.run(), name="mqtt.bridge")
+            janitor = tg.create_task(self._janitor(service), name="service.janitor")
+            checkpointer = tg.create_task(Checkpointer(journal, metrics=service.metrics).run(),
+                                           name="service.checkpointer")
+            ready = tg.create_task(self._ready(bridge), name="app.ready")
+            await self._stop.wait()
+            if self._crash:
+                log.warning("daemon_crashed")
+                bridge.sever()
+                raise _Crashed  # the group cancels every task at once, as a dead process's would stop
+            log.info("daemon_stopping")
+            service.events.emit("daemon.stopping", reason="requested")
+            ready.cancel()
+            janitor.cancel()
+            checkpointer.cancel()
+            bridge.stop()
 
     async def _broker(self, stack: contextlib.AsyncExitStack) -> BrokerConfig:
         s = self.settings

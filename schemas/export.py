@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 from schemas._base import SCHEMA_VERSION
 from schemas.documents import EventDoc, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply
+from schemas.fleet import FleetSpec
 from schemas.ftrace_verbs import TraceBatchDoc
 from schemas.topics import ROOT, verb_path
 from schemas.verbs import VERBS
@@ -28,6 +29,8 @@ ASYNCAPI = HERE / "asyncapi.json"
 REF = "#/components/schemas/{model}"
 
 DOCUMENTS: tuple[type[BaseModel], ...] = (Reply, ErrorBody, StatusDoc, StateDoc, EventDoc, TraceBatchDoc)
+SPECS: tuple[type[BaseModel], ...] = (FleetSpec,)
+"""Files an operator writes (not MQTT messages): a JSON Schema each, none in the AsyncAPI document."""
 
 
 Mode = Literal["validation", "serialization"]
@@ -35,7 +38,8 @@ Mode = Literal["validation", "serialization"]
 
 def _mode(model: type[BaseModel]) -> Mode:
     """Requests are described as the daemon validates them; everything else as the daemon writes it."""
-    return "validation" if model in {spec.request for spec in VERBS.values()} else "serialization"
+    inbound = {spec.request for spec in VERBS.values()} | set(SPECS)
+    return "validation" if model in inbound else "serialization"
 
 
 def _models() -> list[type[BaseModel]]:
@@ -52,7 +56,7 @@ def _dump(doc: Any) -> str:
 def json_schemas() -> dict[str, str]:
     """File name -> content: one standalone JSON Schema (draft 2020-12) per model."""
     out = {}
-    for model in _models():
+    for model in [*_models(), *SPECS]:
         schema = model.model_json_schema(mode=_mode(model))
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         out[f"{model.__name__}.json"] = _dump(schema)
