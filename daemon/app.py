@@ -23,12 +23,15 @@ from typing import TextIO
 
 import structlog
 
+from daemon.emu.machine import VCpu
+from daemon.errors import GuestPanic
 from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.livepatch.core import Livepatch
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
 from daemon.service import Journal, Metrics, Service, ftrace_verbs, integrity, kernel_verbs, patch_verbs
 from daemon.service.checkpoint import Checkpointer
+from daemon.service.crash_guard import CrashLoopGuard, previous_panic, record_panic
 from daemon.service.desired import DesiredState
 from daemon.settings import Settings
 from schemas import KernelState
@@ -94,6 +97,9 @@ class Daemon:
         self._crash = False
         self.crashed = False
         """True once ``run()`` returned after ``crash()``."""
+        self.panic: GuestPanic | None = None
+        """The guest panic that ended this boot (the daemon then crashed, as a panicked host dies)."""
+        self._boot_seq = 0
 
     def crash(self) -> None:
         """Die abruptly (an injected fault): the broker connection is cut without DISCONNECT, so the broker
@@ -112,12 +118,14 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         structlog.contextvars.bind_contextvars(host=s.host_id)
         journal, desired, boot_seq = open_state(s)
+        self._boot_seq = boot_seq
         self.desired = desired  # re-applied at boot
         try:
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
                 nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions,
                 tcg_buffer_size=s.tcg_buffer_size_mb << 20)).boot())
+            self.kernel.machine.on_vcpu_stopped.append(self._vcpu_stopped)
             if s.count_guest_instructions:
                 vcpus = self.kernel.machine.vcpus
                 self.metrics.guest_instructions.set_function(lambda: sum(v.instructions for v in vcpus))
@@ -148,9 +156,10 @@ class Daemon:
         keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
         self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys)
         ftrace_ops = ftrace_verbs.register(service, kernel, ftrace, desired=self.desired)
+        guard = CrashLoopGuard(previous_panic(s.host_dir, boot_seq), s.crash_loop_grace_s)
         patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
                                        stall_after_s=s.transition_stall_s, restore_timeout_s=s.patch_restore_timeout_s,
-                                       call_timeout_s=s.call_timeout_s)
+                                       call_timeout_s=s.call_timeout_s, guard=guard)
         patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
@@ -197,6 +206,23 @@ class Daemon:
             janitor.cancel()
             checkpointer.cancel()
             bridge.stop()
+
+    def _vcpu_stopped(self, vcpu: VCpu) -> None:
+        """On the vCPU's thread: a vCPU that stopped on a guest panic takes the whole host down with it."""
+        loop = self._loop
+        if isinstance(vcpu.error, GuestPanic) and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._panicked, vcpu.error)
+
+    def _panicked(self, error: GuestPanic) -> None:
+        if self.panic is not None or (self._stop.is_set() and not self._crash):
+            return
+        self.panic = error
+        log.error("kernel_panic", message=error.message, details=error.details)
+        try:  # what the crash-loop guard reads at the next boot
+            record_panic(self.settings.host_dir, self._boot_seq, error.message)
+        except OSError as exc:
+            log.error("panic_record_failed", error=str(exc))
+        self.crash()
 
     async def _broker(self, stack: contextlib.AsyncExitStack) -> BrokerConfig:
         s = self.settings
@@ -277,13 +303,20 @@ def _why(s: Settings, exc: BaseException) -> str:
 def serve(settings: Settings) -> int:
     """``livepatchd serve``: run one daemon until SIGTERM/SIGINT."""
     configure_logging(settings.log_level)
+    daemon = Daemon(settings, install_signals=True)
     try:
-        asyncio.run(Daemon(settings, install_signals=True).run())
+        asyncio.run(daemon.run())
     except integrity.StateError as exc:
         print(f"livepatchd serve: {exc}", file=sys.stderr)
         return STATE_EXIT
+    if daemon.panic is not None:
+        print(f"livepatchd serve: the kernel panicked ({daemon.panic.message}); start again to reboot it",
+              file=sys.stderr)
+        return PANIC_EXIT
     return 0
 
 
 STATE_EXIT = 3
 """``livepatchd serve``'s exit code when the state directory cannot be used (damaged, full, read-only)."""
+PANIC_EXIT = 4
+"""``livepatchd serve``'s exit code after its kernel panicked (a service manager restarts it: the reboot)."""

@@ -104,6 +104,8 @@ class Settings(BaseSettings):
                                   "host's state directory (dev-signing.key/.pub) and trust it")
     patch_restore_timeout_s: float = Field(default=30.0, gt=0, description="at boot, how long each re-enabled "
                                            "patch's transition may take before the daemon goes on")
+    crash_loop_grace_s: float = Field(default=60.0, ge=0, description="a kernel panic within this long after a "
+                                      "patch was enabled keeps that patch disabled at the next boot (0: off)")
     transition_stall_s: float = Field(default=1.0, gt=0, description="a transition still blocked after this "
                                       "long is reported stalled (event and state)")
 

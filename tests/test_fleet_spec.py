@@ -40,8 +40,10 @@ def test_the_same_seed_gives_the_same_fleet() -> None:
     assert [f.kind for f in a[7].faults].count("reject") == 1
     assert 5 <= faults["slow"] <= 40, "a share is a probability per host"
     zones = Counter(p.labels["zone"] for p in a)
-    assert set(zones) == {"eu", "us", "ap"} and zones["eu"] > zones["ap"]
-    assert a[0].labels["role"] == "canary" and a[0].workload == "mix"
+    assert set(zones) == {"eu", "us", "ap"}
+    assert zones["eu"] > zones["ap"]
+    assert a[0].labels["role"] == "canary"
+    assert a[0].workload == "mix"
     assert {p.workload for p in a} == {"idle", "steady", "mix"}
     assert [p.host for p in a[:2]] == ["sim-0000", "sim-0001"]
 
@@ -70,7 +72,8 @@ def test_bad_specs_are_refused_naming_the_field(change: dict[str, Any], field: s
         parse_spec({**SPEC, **change})
     assert err.value.code == "bad_fleet_spec"
     assert err.value.details["field"] == field
-    assert f"{field}: " in err.value.message and words in err.value.message
+    assert f"{field}: " in err.value.message
+    assert words in err.value.message
 
 
 def test_spec_files_in_yaml_and_json(tmp_path: Path) -> None:
@@ -94,7 +97,8 @@ def test_the_command_refuses_a_bad_spec_and_starts_nothing(tmp_path: Path, capsy
     state = tmp_path / "state"
     assert main(["fleet", "--spec", str(spec), "--state-dir", str(state)]) == 2
     err = capsys.readouterr().err
-    assert "bad_fleet_spec" in err and "builds: the shares sum to 0.5, they must sum to 1" in err
+    assert "bad_fleet_spec" in err
+    assert "builds: the shares sum to 0.5, they must sum to 1" in err
     assert not state.exists(), "nothing started"
     assert main(["fleet", "--hosts", "-3", "--state-dir", str(state)]) == 2
     assert "--hosts must be 0 or more" in capsys.readouterr().err

@@ -17,12 +17,17 @@ from typing import Any
 import structlog
 
 from daemon.app import Daemon
+from daemon.fleet.faults import HostFaults
+from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.service import Service
 from daemon.settings import Settings
 from schemas.fleet import HostPlan
 
 log = structlog.get_logger(__name__)
+
+PANIC_REBOOT_S = 1.0
+"""How long a host whose kernel panicked stays down before it boots again."""
 
 HostEvent = Callable[[str, str, dict[str, Any]], None]
 """``(host, event, data)``: ``online`` (boot_seq), ``crashed``, ``stopped``."""
@@ -54,8 +59,9 @@ class Host:
         self.daemon: Daemon | None = None
         self.boots = 0
         self.crashes = 0
+        self.faults = HostFaults(self, plan)
         self._stopping = False
-        self._reboot_after_s = 0.0
+        self._reboot_after_s: float | None = None
         self._wake = asyncio.Event()
 
     @property
@@ -88,22 +94,31 @@ class Host:
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(host=self.host_id)
         while not self._stopping:
-            daemon = self.daemon = Daemon(self.settings, extensions=[self._attributes], on_ready=self._ready)
+            daemon = self.daemon = Daemon(self.settings, extensions=[self._attributes, self.faults.extension],
+                                          on_ready=self._ready)
             self.boots += 1
-            await daemon.run()
+            self._reboot_after_s = None
+            async with asyncio.TaskGroup() as tg:
+                timed = tg.create_task(self.faults.timed(daemon), name="fleet.faults")
+                try:
+                    await daemon.run()
+                finally:
+                    timed.cancel()
             if not daemon.crashed:
                 break
             self.crashes += 1
-            self._emit("crashed", boot_seq=daemon.service.boot_seq if daemon.service else None,
-                       reboot_after_s=self._reboot_after_s)
+            delay = PANIC_REBOOT_S if self._reboot_after_s is None else self._reboot_after_s
+            self._emit("crashed", boot_seq=daemon.service.boot_seq if daemon.service else None, reboot_after_s=delay,
+                       panic=daemon.panic.message if daemon.panic is not None else None)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._reboot_after_s)
+                await asyncio.wait_for(self._wake.wait(), delay)
         self._emit("stopped")
 
     def _attributes(self, service: Service, kernel: Kernel) -> None:
-        del kernel
         service.state.set_component("fleet", fleet_section(self.plan))
+        if self.plan.workload != "idle":  # the guest's own load generators: no Python per call
+            kernel.set_load(abi.LOADGEN_CORPUS if self.plan.workload == "steady" else abi.LOADGEN_MIX)
 
     def _ready(self, daemon: Daemon) -> None:
         self._emit("online", boot_seq=daemon.service.boot_seq if daemon.service else None)

@@ -81,14 +81,19 @@ class EventLog(_LoopBound):
         self._boot_seq = boot_seq
         self._seq = 0
         self._pending: collections.deque[EventDoc] = collections.deque(maxlen=maxlen)
+        self.listeners: list[Callable[[EventDoc], None]] = []
+        """Called on the loop with each event as it is queued: in-process observers (a fleet host's faults)."""
 
     def emit(self, type_: str, **data: Any) -> None:
         """Queue an event (thread-safe)."""
         def apply() -> None:
             self._seq += 1
-            self._pending.append(EventDoc(host=self._host, boot_seq=self._boot_seq, seq=self._seq, time=time.time(),
-                                          type=type_, data=data))
+            event = EventDoc(host=self._host, boot_seq=self._boot_seq, seq=self._seq, time=time.time(), type=type_,
+                             data=data)
+            self._pending.append(event)
             self._outgoing.set()
+            for listener in self.listeners:
+                listener(event)
         self._in_loop(apply)
 
     def peek(self) -> EventDoc | None:

@@ -42,6 +42,7 @@ from daemon.livepatch.klp import KlpPatch
 from daemon.livepatch.transition import STATE_NAMES
 from daemon.service import kernel_verbs
 from daemon.service.core import RequestContext, Service
+from daemon.service.crash_guard import CrashLoopGuard
 from daemon.service.desired import DesiredState
 from daemon.service.patch_desired import KIND, PatchDesired, RestoreReport
 from daemon.service.patch_events import PatchEvents
@@ -82,8 +83,10 @@ class PatchVerbs(PatchEvents, TransitionWatch, PatchViews, PatchDesired):
     """The live-patch use-cases of one daemon (see the module docstring)."""
 
     def __init__(self, service: Service, kernel: Kernel, livepatch: Livepatch, desired: DesiredState | None, *,
-                 stall_after_s: float = 1.0, restore_timeout_s: float = 30.0) -> None:
+                 stall_after_s: float = 1.0, restore_timeout_s: float = 30.0,
+                 guard: CrashLoopGuard | None = None) -> None:
         self.service = service
+        self.guard = guard
         self.kernel = kernel
         self.lp = livepatch
         self.desired = desired
@@ -138,7 +141,7 @@ class PatchVerbs(PatchEvents, TransitionWatch, PatchViews, PatchDesired):
         with self.lp.lock, self._held():
             self.lp.enable(name, wait=False)
             self._started[name] = time.monotonic()
-            self._record(name, {"enabled": True}, request_id)
+            self._record(name, {"enabled": True, "held_back": None}, request_id)  # an operator's retry clears it
             self.emit("patch.enabled", patch=name, request_id=request_id)
             self.emit("patch.transition.started", patch=name, target="patched")
         return self._after_change(name, wait, timeout_s)
@@ -210,11 +213,11 @@ def decode_bundle(text: str) -> tuple[PatchBundle, bytes]:
 
 def register(service: Service, kernel: Kernel, livepatch: Livepatch, *, desired: DesiredState | None = None,
              stall_after_s: float = 1.0, restore_timeout_s: float = 30.0,
-             call_timeout_s: float = 10.0) -> PatchVerbs:
+             call_timeout_s: float = 10.0, guard: CrashLoopGuard | None = None) -> PatchVerbs:
     """Serve the live-patch verbs of ``livepatch`` on ``service``; ``desired`` makes patches survive restarts
     (then call ``restore()`` on the result before the journal replay)."""
     verbs = PatchVerbs(service, kernel, livepatch, desired, stall_after_s=stall_after_s,
-                       restore_timeout_s=restore_timeout_s)
+                       restore_timeout_s=restore_timeout_s, guard=guard)
     lp = livepatch
 
     def replayed_or(ctx: RequestContext, redo: Callable[[], T], answer: Callable[[], T]) -> T:
