@@ -82,7 +82,10 @@ def asyncapi() -> str:
         }
     for model, topic, retained, text in (
         (Reply, "reply", False, "Replies for MQTT 3.1.1 clients that gave no reply_to (v5 clients get theirs on "
-                                "their response topic, with their correlation data)."),
+                                "their response topic, with their correlation data), and refusals of requests "
+                                "whose reply destination is refused: invalid_reply_topic (not a topic a reply can "
+                                "be published to) or forbidden_reply_topic (a topic of livepatch/v1/ that is not a "
+                                "reply topic)."),
         (StatusDoc, "status", True, "Birth, heartbeats (every heartbeat_s; a host is stale after 3 periods without "
                                     "one) and death (also the last will, whose time is null), retained."),
         (StateDoc, "state", True, "Every host-visible fact, versioned, retained."),
