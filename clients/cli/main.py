@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clients.cli import keys
+from clients.cli.help_format import LpctlGroup
 from clients.sdk import BrokerUnreachable, LivepatchClient, RawReply, RequestTimeout, SdkError
 from schemas import CallData, InfoData, StatusDoc, SymbolData, TasksData
 
@@ -62,7 +63,7 @@ class Options:
         return ctx
 
 
-app = typer.Typer(name="lpctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(name="lpctl", cls=LpctlGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Operate livepatchd daemons over MQTT.", epilog="Exit codes: 0 ok, 1 error reply, 2 usage, "
                   "3 broker unreachable or timeout, 4 host offline.")
 keys_app = typer.Typer(no_args_is_help=True, help="Ed25519 keys for signing patches.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,9 +221,6 @@ class Kernel:
             abi.ftrace_ret_stack.offsetof("fp")
         return [(self.memory.read_u64(base + i * size + ret), self.memory.read_u64(base + i * size + fp))
                 for i in range(depth)]
-
-    def symbolize(self, pcs: Iterable[int]) -> list[str]:
-        return [self.kallsyms.describe(pc) for pc in pcs]
 
     # -- host jobs -------------------------------------------------------------------------------------------
 

@@ -251,13 +251,6 @@ class Livepatch:
                 self._done.wait(left if left is not None else 0.5)
         return True
 
-    def poll(self) -> bool:
-        """One klp_try_complete_transition attempt; True when no transition is left."""
-        with self.lock:
-            if self.transition is None:
-                return True
-            return self._try_complete()
-
     # -- checks ----------------------------------------------------------------------------------------------
 
     def _check_idle(self) -> None:
