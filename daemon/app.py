@@ -151,11 +151,10 @@ class Daemon:
         kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
         keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
-        self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys)
+        self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys, stall_after_s=s.transition_stall_s)
         ftrace_ops = ftrace_verbs.register(service, kernel, ftrace, desired=self.desired)
         patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
-                                       stall_after_s=s.transition_stall_s, restore_timeout_s=s.patch_restore_timeout_s,
-                                       call_timeout_s=s.call_timeout_s)
+                                       restore_timeout_s=s.patch_restore_timeout_s, call_timeout_s=s.call_timeout_s)
         patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)

@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--broker", dest="broker_url", help="mqtt://[user:pass@]host:port or mqtts://...; default: "
                        "an embedded broker on 127.0.0.1 on a free port")
     serve.add_argument("--host", dest="host_id", help="this host's id (default: the machine's host name)")
-    serve.add_argument("--state-dir", type=Path, metavar="DIR", help="where each host keeps its journal and desired state, in "
-                       f"<state-dir>/<host>/ (default: LIVEPATCHD_STATE_DIR, else {default_state_dir()})")
-    serve.add_argument("--cpus", dest="nr_cpus", type=int, metavar="N", help="number of vCPUs, 1-8 (default: LIVEPATCHD_NR_CPUS, "
-                       "else 2)")
+    serve.add_argument("--state-dir", type=Path, metavar="DIR", help="where each host keeps its journal and desired "
+                       f"state, in DIR/<host>/ (default: LIVEPATCHD_STATE_DIR, else {default_state_dir()})")
+    serve.add_argument("--cpus", dest="nr_cpus", type=int, metavar="N", help="number of vCPUs, 1-8 (default: "
+                       "LIVEPATCHD_NR_CPUS, else 2)")
     serve.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"],
                        help="MQTT version to speak to --broker: auto tries 5 and falls back to 3.1.1 when the broker "
                        "refuses it (default: LIVEPATCHD_MQTT_PROTOCOL, else auto; the embedded broker speaks 3.1.1)")
@@ -103,7 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
     from daemon.settings import Settings  # noqa: PLC0415
 
     keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level",
-            "log_format", "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys", "dev_signing_key")
+            "log_format", "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys",
+            "dev_signing_key")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:
         settings = Settings(**overrides)

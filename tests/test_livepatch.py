@@ -490,7 +490,7 @@ def test_shadow_variables_of_a_loaded_patch(lp: Livepatch, bundles: dict[str, Pa
 
 def test_enabling_during_its_unpatching_transition_reverses_it(lp: Livepatch, bundles: dict[str, PatchBundle]) -> None:
     events: list[tuple[str, dict[str, object]]] = []
-    lp.on_event = lambda kind, data: events.append((kind, data))
+    lp.subscribe(lambda kind, data: events.append((kind, data)))
     k = lp.kernel
     lp.load(bundles["livepatch_sleeper"])
     lp.enable("livepatch_sleeper")

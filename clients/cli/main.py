@@ -63,9 +63,9 @@ class Options:
         return ctx
 
 
-app = typer.Typer(name="lpctl", cls=LpctlGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Operate livepatchd daemons over MQTT.", epilog="Exit codes: 0 ok, 1 error reply, 2 usage, "
-                  "3 broker unreachable or timeout, 4 host offline.")
+app = typer.Typer(name="lpctl", cls=LpctlGroup, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, help="Operate livepatchd daemons over MQTT.",
+                  epilog="Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker unreachable or timeout, 4 host offline.")
 keys_app = typer.Typer(no_args_is_help=True, help="Ed25519 keys for signing patches.")
 app.add_typer(keys_app, name="keys")
 
