@@ -32,6 +32,7 @@ from daemon.service.checkpoint import Checkpointer
 from daemon.service.desired import DesiredState
 from daemon.settings import Settings
 from schemas import KernelState
+from schemas.brokers import BrokerAddress
 
 log = structlog.get_logger(__name__)
 
@@ -176,7 +177,8 @@ class Daemon:
                     loop.add_signal_handler(sig, self._stop.set)
                     stack.callback(loop.remove_signal_handler, sig)
             bridge = self.bridge = MqttBridge(service, config, version=version(), grace_s=s.shutdown_grace_s,
-                                              max_concurrent=s.max_concurrent_requests)
+                                              max_concurrent=s.max_concurrent_requests, heartbeat_s=s.heartbeat_s,
+                                              status_expiry_s=s.status_expiry_s)
             service.events.emit("daemon.started", boot_seq=boot_seq, replayed=replayed)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(bridge.run(), name="mqtt.bridge")
@@ -194,18 +196,19 @@ class Daemon:
 
     async def _broker(self, stack: contextlib.AsyncExitStack) -> BrokerConfig:
         s = self.settings
-        addr = s.broker()
-        if addr is None:
+        nodes = s.brokers()
+        if nodes is None:
             embedded = await stack.enter_async_context(EmbeddedBroker())
             self.broker_url = embedded.url
             log.info("embedded_broker_started", url=embedded.url)
             if self.on_embedded_broker is not None:
                 self.on_embedded_broker(embedded.url)
-            return BrokerConfig("127.0.0.1", embedded.port, protocol="3.1.1", keepalive_s=s.keepalive_s,
-                                reconnect_min_s=s.reconnect_min_s, reconnect_max_s=s.reconnect_max_s)
-        self.broker_url = f"mqtt{'s' if addr.tls else ''}://{addr.hostname}:{addr.port}"
-        return BrokerConfig(addr.hostname, addr.port, username=addr.username, password=addr.password,
-                            tls_context=s.tls_context(), protocol=s.mqtt_protocol, keepalive_s=s.keepalive_s,
+            # amqtt speaks 3.1.1 only: never offer it 5
+            return BrokerConfig((BrokerAddress("127.0.0.1", embedded.port),), protocol="3.1.1",
+                                keepalive_s=s.keepalive_s, reconnect_min_s=s.reconnect_min_s,
+                                reconnect_max_s=s.reconnect_max_s)
+        self.broker_url = ",".join(node.url for node in nodes)
+        return BrokerConfig(nodes, tls_context=s.tls_context(), protocol=s.mqtt_protocol, keepalive_s=s.keepalive_s,
                             session_expiry_s=s.session_expiry_s, reconnect_min_s=s.reconnect_min_s,
                             reconnect_max_s=s.reconnect_max_s)
 

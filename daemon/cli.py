@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the daemon: MQTT API on a broker (embedded when none is given)",
                            description="Settings come from LIVEPATCHD_* environment variables; these options "
                            "override them.")
-    serve.add_argument("--broker", dest="broker_url", help="mqtt://[user:pass@]host:port or mqtts://...; default: "
-                       "an embedded broker on 127.0.0.1 on a free port")
+    serve.add_argument("--broker", dest="broker_url", action="append",
+                       help="mqtt://[user:pass@]host:port or mqtts://...; the nodes of a cluster: repeat the option "
+                       "or separate URLs with commas; default: an embedded broker on 127.0.0.1 on a free port")
     serve.add_argument("--host", dest="host_id", help="this host's id (default: the machine's host name)")
     serve.add_argument("--state-dir", type=Path, metavar="DIR", help="where each host keeps its journal and desired "
                        f"state, in DIR/<host>/ (default: LIVEPATCHD_STATE_DIR, else {default_state_dir()})")
@@ -106,6 +107,8 @@ def _serve(args: argparse.Namespace) -> int:
             "log_format", "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys",
             "dev_signing_key")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if "broker_url" in overrides:
+        overrides["broker_url"] = ",".join(overrides["broker_url"])
     try:
         settings = Settings(**overrides)
         settings.tls_context()  # unreadable or malformed certificate files: say so now, not at the first connect

@@ -42,13 +42,13 @@ def test_no_thread_outlives_its_host(mosquitto: Mosquitto, tmp_path: Path) -> No
         kernel = kernel_of(d)
         sleeper = Sleeper(kernel)
 
-        async def busy() -> None:
+        async def busy(d: DaemonThread) -> None:
             async with LivepatchClient(d.url, d.host, timeout=30) as c:
                 await c.patch_load(signed("livepatch_sleeper").to_bytes())
                 change = await c.patch_enable("livepatch_sleeper")
                 assert not change.completed, "the sleeper holds the transition up: its driver keeps running"
                 await c.trace_start("work_step_*")
-        run(busy())
+        run(busy(d))
         assert sorted(kernel.worker.jobs) == ["ftrace.trace-drainer", "klp-transition"]
         running = {t.name for t in _threads() - baseline}
         assert {"kworker", "vcpu0", "vcpu1"} <= running
