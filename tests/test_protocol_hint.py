@@ -43,10 +43,9 @@ def make(node: BrokerAddress, protocol: Protocol) -> aiomqtt.Client:
 async def warnings_for(port: int, seconds: float) -> list[dict[str, object]]:
     config = BrokerConfig((BrokerAddress("127.0.0.1", port),), protocol="5", reconnect_min_s=0.05,
                           reconnect_max_s=0.1, connect_timeout_s=1.0)
-    with capture_logs() as logs:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await Connector(config, make).connect()  # never connects: it keeps trying
+    with capture_logs() as logs, contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await Connector(config, make).connect()  # never connects: it keeps trying
     assert sum(1 for e in logs if e["event"] == "mqtt_connect_failed") >= 2, "it kept trying"
     return [e for e in logs if e["log_level"] == "warning"]
 
