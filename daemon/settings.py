@@ -94,6 +94,9 @@ class Settings(BaseSettings):
                                      "(0: any free port); none: off")
     metrics_addr: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "console", "json"] = Field(
+        default="auto", description="console: human-readable lines; json: one JSON object per line; auto: console "
+        "on a terminal, JSON otherwise")
 
     @field_validator("host_id")
     @classmethod

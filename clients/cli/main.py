@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
@@ -30,6 +31,7 @@ from rich.table import Table
 
 from clients.cli import keys
 from clients.cli.deadline import Deadline
+from clients.cli.help_format import LpctlGroup
 from clients.sdk import BrokerUnreachable, LivepatchClient, RawReply, RequestTimeout, SdkError, SubscriptionFailed
 from schemas import CallData, InfoData, StatusDoc, SymbolData, TasksData
 
@@ -55,6 +57,11 @@ class Options:
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
+    @property
+    def shown_broker(self) -> str:
+        """The broker URL(s) as error messages name them: with the password, if any, left out."""
+        return ",".join(_without_password(url) for url in self.broker.split(","))
+
     def tls_context(self) -> ssl.SSLContext | None:
         """The trust anchors and client certificate given, if any (mqtts:// alone: the system's trust store)."""
         if self.tls_ca is None and self.tls_cert is None:
@@ -65,9 +72,17 @@ class Options:
         return ctx
 
 
-app = typer.Typer(name="lpctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Operate livepatchd daemons over MQTT.", epilog="Exit codes: 0 ok, 1 error reply, 2 usage, "
-                  "3 broker unreachable or timeout, 4 host offline.")
+def _without_password(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.password is None:
+        return url.strip()
+    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+app = typer.Typer(name="lpctl", cls=LpctlGroup, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, help="Operate livepatchd daemons over MQTT.",
+                  epilog="Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker unreachable or timeout, 4 host offline.")
 keys_app = typer.Typer(no_args_is_help=True, help="Ed25519 keys for signing patches.")
 app.add_typer(keys_app, name="keys")
 
@@ -156,14 +171,17 @@ def _run(opts: Options, work: Callable[[LivepatchClient], Awaitable[T]], *, need
         fail(EXIT_UNREACHABLE, _no_answer(opts, total, connected),
              f"check that {opts.host} is online: lpctl --host {opts.host} status" if connected and opts.host
              else "check --broker (or LPCTL_BROKER); --timeout gives the command more time")
-    except RequestTimeout as exc:
-        fail(EXIT_UNREACHABLE, str(exc), f"check that {opts.host} is online: lpctl --host {opts.host} status")
+    except RequestTimeout as exc:  # every message of a connection problem names the broker it used
+        fail(EXIT_UNREACHABLE, f"{exc}, over {opts.shown_broker}",
+             f"check that {opts.host} is online: lpctl --host {opts.host} status; and that it uses this broker "
+             "(--broker, LPCTL_BROKER)")
     except BrokerUnreachable as exc:
+        where = f"{exc} (--broker {opts.shown_broker})"
         if "MQTT 5" in str(exc):
-            fail(EXIT_UNREACHABLE, str(exc), "pass --protocol 3.1.1 (or auto; LPCTL_PROTOCOL) for this broker")
+            fail(EXIT_UNREACHABLE, where, "pass --protocol 3.1.1 (or auto; LPCTL_PROTOCOL) for this broker")
         if isinstance(exc, SubscriptionFailed):
-            fail(EXIT_UNREACHABLE, str(exc), "check the broker's ACL for this user (it must read the topic)")
-        fail(EXIT_UNREACHABLE, str(exc), "check --broker (or LPCTL_BROKER) and the broker's credentials")
+            fail(EXIT_UNREACHABLE, where, "check the broker's ACL for this user (it must read the topic)")
+        fail(EXIT_UNREACHABLE, where, "check --broker (or LPCTL_BROKER) and the broker's credentials")
     except SdkError as exc:
         fail(EXIT_USAGE, str(exc))
     finally:
@@ -182,8 +200,8 @@ def remaining(at_most: float) -> float:
 
 def _no_answer(opts: Options, total: float, connected: bool) -> str:
     if connected:
-        return f"no answer within {total:g} s (--timeout) from {opts.host or 'the hosts'} over {opts.broker}"
-    return f"could not connect to {opts.broker} within {total:g} s (--timeout)"
+        return f"no answer within {total:g} s (--timeout) from {opts.host or 'the hosts'} over {opts.shown_broker}"
+    return f"could not connect to {opts.shown_broker} within {total:g} s (--timeout)"
 
 
 def _follow(opts: Options, items: Callable[[LivepatchClient], AsyncIterator[T]],
@@ -275,7 +293,7 @@ def status(ctx: typer.Context) -> None:
     if doc is None:
         if opts.json:
             sys.stdout.write("null\n")
-        fail(EXIT_OFFLINE, f"host {opts.host} has never announced itself on {opts.broker}",
+        fail(EXIT_OFFLINE, f"host {opts.host} has never announced itself on {opts.shown_broker}",
              "lpctl hosts lists the hosts this broker knows")
     now = time.time()
     live = doc.liveness(now)

@@ -32,6 +32,12 @@ from schemas.brokers import BrokerAddress, Negotiation, Protocol, ProtocolSettin
 log = structlog.get_logger(__name__)
 
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+PROTOCOL_HINTS = {
+    "refused_protocol": "the broker refused MQTT 5: it speaks 3.1.1 only; start the daemon with --protocol 3.1.1 or "
+                        "auto (LIVEPATCHD_MQTT_PROTOCOL)",
+    "no_connack": "the broker did not answer an MQTT 5 CONNECT, as a broker speaking 3.1.1 only does: try --protocol "
+                  "3.1.1 or auto (LIVEPATCHD_MQTT_PROTOCOL)",
+}
 UNSUPPORTED_PROTOCOL = {1, 132}  # CONNACK: 3.1.1 "unacceptable protocol version", 5 "unsupported protocol version"
 
 
@@ -195,6 +201,8 @@ class Connector:
     negotiation: Negotiation = field(init=False)
     attempts: int = 0
     """Attempts since the last successful connection."""
+    hinted: set[BrokerAddress] = field(default_factory=set)
+    """Nodes already told about as refusing MQTT 5."""
     connack_s: float = field(init=False)
     _silent_in_round: int = field(init=False, default=0)
 
@@ -240,6 +248,12 @@ class Connector:
                     self.negotiation.failed(index)
                 self._silent(exc.kind == "no_connack" and exc.reason.startswith("no CONNACK within"))
                 delay = self.rotation.failed()
+                if protocol == "5" and exc.kind in ("no_connack", "refused_protocol") and node not in self.hinted:
+                    # what a 3.1.1-only broker does to a v5 CONNECT (amqtt stays silent): say so once per node,
+                    # rather than let it pass for an address or credentials problem
+                    self.hinted.add(node)
+                    log.warning("mqtt_protocol_refused", node=node.where, error=exc.reason,
+                                hint=PROTOCOL_HINTS[exc.kind])
                 log.info("mqtt_connect_failed", node=node.where, protocol=protocol, error=exc.reason, rc=exc.rc,
                          retry_in_s=round(delay, 3), next_node=self.node.where)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))

@@ -62,13 +62,6 @@ class RequestTimeout(LivepatchdError):
     errno = -110  # -ETIMEDOUT
 
 
-class ServiceUnavailable(LivepatchdError):
-    """The daemon is shutting down."""
-
-    code = "unavailable"
-    errno = -11  # -EAGAIN
-
-
 class StorageFull(LivepatchdError):
     """The state directory's file system is full: the request was not journaled (nor acknowledged as accepted)
     and not executed; read-only verbs are still served. Retry once space is freed."""
