@@ -8,6 +8,8 @@ to ``VERBS`` (or to that module's ``SPECS``), and a handler in the daemon's serv
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 # the ftrace / hijack / trace and the patch / transition verbs live in their own modules
@@ -34,6 +36,13 @@ class RequestCounts(Outbound):
     replayed: int = Field(description="requests re-executed at this boot after a crash")
 
 
+class BrokerLink(Outbound):
+    """The broker connection the daemon answers on."""
+
+    node: str = Field(description="the node in use, host:port (of the configured broker URLs)")
+    protocol: Literal["5", "3.1.1"] = Field(description="the MQTT version negotiated with that node")
+
+
 class InfoData(Outbound):
     host: HostId
     version: str = Field(description="livepatchd version")
@@ -46,6 +55,7 @@ class InfoData(Outbound):
     symbols: int
     tasks: int
     requests: RequestCounts
+    broker: BrokerLink | None = Field(default=None, description="the connection this reply came over")
 
 
 # -- symbol.lookup ---------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import inspect
 import json
-import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -38,7 +37,9 @@ from daemon.service.errors import (
 )
 from daemon.service.journal import Journal, JournalFull, fingerprint, is_full
 from daemon.service.metrics import Metrics
-from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec, is_request_topic
+from daemon.service.payload import check_reply_topic, parse_object, peek_envelope, peek_oversized, reply_topic_ok
+from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
+from schemas.verbs import BrokerLink
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +103,8 @@ class Service:
         self.max_payload_bytes = max_payload_bytes
         self.request_timeout_s = request_timeout_s
         self.replayed = 0
+        self.link: BrokerLink | None = None
+        """The broker connection in use, as the MQTT adapter last set it (``info`` shows it)."""
         self._handlers: dict[str, _Handler] = {}
         self._lock = asyncio.Lock()
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
@@ -147,12 +150,23 @@ class Service:
     # -- the request path ------------------------------------------------------------------------------------
 
     def route(self, response_topic: str | None, reply_to: str | None, correlation: bytes | None) -> ReplyRoute:
-        """The v5 response topic, else the payload's ``reply_to``, else ``reply``; never a request topic (a reply
-        published as a request to this or another daemon would start a loop)."""
-        topic = response_topic or reply_to or self.topics.reply()
-        if is_request_topic(topic):
-            topic = self.topics.reply()
-        return ReplyRoute(topic, correlation)
+        """The v5 response topic, else the payload's ``reply_to``, else ``reply``. Both given destinations must be
+        topics a reply may go to (``InvalidReplyTopic``, ``ForbiddenReplyTopic`` otherwise: never a request topic,
+        whose reply would start a loop, nor a document topic of the daemons)."""
+        if response_topic is not None:
+            check_reply_topic(response_topic, "the MQTT v5 response topic")
+        if reply_to is not None:
+            check_reply_topic(reply_to, "reply_to")
+        return ReplyRoute(response_topic or reply_to or self.topics.reply(), correlation)
+
+    def refusal_route(self, response_topic: str | None, reply_to: str | None,
+                      correlation: bytes | None) -> ReplyRoute:
+        """Where a refusal goes: the first of the v5 response topic and ``reply_to`` that a reply may go to, else
+        the default reply topic (a bad destination is answered there)."""
+        for topic in (response_topic, reply_to):
+            if topic is not None and reply_topic_ok(topic):
+                return ReplyRoute(topic, correlation)
+        return ReplyRoute(self.topics.reply(), correlation)
 
     async def handle(self, verb: str, payload: bytes, *, response_topic: str | None = None,
                      correlation: bytes | None = None, ack: Callable[[], None] | None = None) -> Outcome:
@@ -182,24 +196,20 @@ class Service:
         reply_to: str | None = None
         try:
             if len(payload) > self.max_payload_bytes:
-                rid, reply_to = _peek_oversized(payload)
+                rid, reply_to = peek_oversized(payload)
                 raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds the limit of "
                                       f"{self.max_payload_bytes}", size=len(payload), limit=self.max_payload_bytes)
-            doc = _parse_object(payload)
+            doc = parse_object(payload)
+            rid, reply_to = peek_envelope(doc)
+            route = self.route(response_topic, reply_to, correlation)  # before anything is journaled
             handler = self._handlers.get(verb)
             if handler is None:
-                rid, reply_to = _peek_envelope(doc)
                 raise UnknownVerb(f"unknown verb {verb!r}", verb=verb, verbs=self.verbs)
-            try:
-                request = _validate(handler.spec, doc)
-            except BadRequest:
-                rid, reply_to = _peek_envelope(doc)
-                raise
+            request = _validate(handler.spec, doc)
         except LivepatchdError as exc:
-            route = self.route(response_topic, reply_to, correlation)
+            route = self.refusal_route(response_topic, reply_to, correlation)
             log.info("request_refused", request_id=rid, verb=verb, code=exc.code)
             return _outcome(rid, verb, Reply.failure(rid, exc.code, exc.message, exc.details), route, False)
-        route = self.route(response_topic, request.reply_to, correlation)
         with structlog.contextvars.bound_contextvars(request_id=request.request_id, verb=verb):
             return await self._execute_once(handler, request, route, accepted)
 
@@ -386,42 +396,6 @@ class Service:
 
 def _outcome(rid: str | None, verb: str, reply: Reply, route: ReplyRoute, journaled: bool) -> Outcome:
     return Outcome(rid, verb, reply, reply.to_json(), route, journaled)
-
-
-def _parse_object(payload: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"payload is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise BadRequest(f"payload must be a JSON object, not {type(doc).__name__}")
-    return doc
-
-
-def _peek_envelope(doc: dict[str, Any]) -> tuple[str | None, str | None]:
-    """Best effort, before validation: the id and reply topic to answer a refused request with."""
-    try:
-        envelope = Request.model_validate({k: doc[k] for k in ("request_id", "reply_to") if k in doc})
-    except ValidationError:
-        rid = doc.get("request_id")
-        return (rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None), None
-    return envelope.request_id, envelope.reply_to
-
-
-_ENVELOPE_FIELD = re.compile(rb'"(request_id|reply_to)"\s*:\s*"([^"\\]{1,256})"')
-PEEK_BYTES = 4096
-
-
-def _peek_oversized(payload: bytes) -> tuple[str | None, str | None]:
-    """Best effort, without parsing a payload too large to parse: the id and reply topic to answer with, if
-    they appear as plain strings in its first or last ``PEEK_BYTES`` (the SDK writes them first). A match
-    inside some nested object is possible and harmless: the reply then goes where the payload says."""
-    found: dict[str, str] = {}
-    for part in (payload[:PEEK_BYTES], payload[-PEEK_BYTES:]):
-        for m in _ENVELOPE_FIELD.finditer(part):
-            with contextlib.suppress(UnicodeDecodeError):
-                found.setdefault(m.group(1).decode(), m.group(2).decode())
-    return _peek_envelope(found)
 
 
 def _validate(spec: VerbSpec, doc: dict[str, Any]) -> Request:

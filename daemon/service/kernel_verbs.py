@@ -51,7 +51,8 @@ def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: 
                         boot_seq=service.boot_seq, uptime_s=round(time.monotonic() - started, 6),
                         symbols=len(kernel.kallsyms), tasks=nr_tasks,
                         requests=RequestCounts(accepted=counts["accepted"], answered=counts["answered"],
-                                               replayed=service.replayed))
+                                               replayed=service.replayed),
+                        broker=service.link)
 
     @service.handler("symbol.lookup")
     async def symbol_lookup(req: SymbolLookupRequest, ctx: RequestContext) -> SymbolData:
