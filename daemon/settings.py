@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     session_expiry_s: int = Field(default=7 * 86400, ge=0, description="how long the broker keeps our session "
                                   "(queued requests) while we are away (MQTT 5)")
+    heartbeat_s: float = Field(default=10.0, ge=0.1, le=3600, description="republish the retained online status "
+                               "this often; clients call a host stale after 3 periods without one")
+    status_expiry_s: int = Field(default=86400, ge=0, description="MQTT 5 message expiry of the online status: "
+                                 "the broker forgets a host silent for this long (0: never)")
     reconnect_min_s: float = Field(default=0.1, gt=0)
     reconnect_max_s: float = Field(default=5.0, gt=0)
 
@@ -70,6 +74,12 @@ class Settings(BaseSettings):
     journal_keep_s: float = Field(default=3600.0, ge=60, description="answered requests older than this are "
                                   "pruned (the dedup window in time; journal_keep bounds it in count)")
     journal_durable: bool = Field(default=False, description="fsync every journal commit (power-loss safe)")
+    read_fast_path: bool = Field(default=True, description="a mutating request's fsync runs beside the event loop "
+                                 "(group fsync), so read-only requests never wait for it; off: the fsync is part "
+                                 "of its commit on the loop (the baseline of bench.mixed_load); durable either way")
+    gil_switch_interval_ms: float = Field(default=0.2, gt=0, le=100, description="livepatchd serve's GIL switch "
+                                          "interval: how long the event loop may wait for the GIL while a handler "
+                                          "thread computes (CPython's default: 5)")
 
     trusted_keys_dir: Path | None = Field(default=None, description="a directory of Ed25519 public keys (PEM, "
                                           "*.pub or *.pem) whose signatures on patches are trusted")
@@ -90,6 +100,9 @@ class Settings(BaseSettings):
                                      "(0: any free port); none: off")
     metrics_addr: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "console", "json"] = Field(
+        default="auto", description="console: human-readable lines; json: one JSON object per line; auto: console "
+        "on a terminal, JSON otherwise")
 
     @field_validator("host_id")
     @classmethod

@@ -4,7 +4,7 @@ Imported by the daemon's service and mqtt layers and by the clients; it imports 
 """
 
 from schemas._base import SCHEMA_VERSION, Address, HostId, Inbound, Outbound, RequestId
-from schemas.documents import EventDoc, EventType, KernelState, StateDoc, StatusDoc
+from schemas.documents import STALE_AFTER_BEATS, EventDoc, EventType, KernelState, Liveness, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply, Request
 from schemas.spec import VerbSpec
 from schemas.topics import ALL_EVENTS, ALL_STATE, ALL_STATUS, ROOT, Topics, host_of, is_request_topic
@@ -30,6 +30,7 @@ __all__ = [
     "MAX_CALL_ARGS",
     "ROOT",
     "SCHEMA_VERSION",
+    "STALE_AFTER_BEATS",
     "VERBS",
     "Address",
     "CallData",
@@ -42,6 +43,7 @@ __all__ = [
     "InfoData",
     "InfoRequest",
     "KernelState",
+    "Liveness",
     "Outbound",
     "Reply",
     "Request",

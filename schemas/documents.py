@@ -8,12 +8,21 @@ from pydantic import Field
 
 from schemas._base import SCHEMA_VERSION, HostId, Outbound
 
+STALE_AFTER_BEATS = 3
+"""A host whose last heartbeat is older than this many heartbeat periods is ``stale``: it said online, but it has
+not said so lately (a broker node died with its connection, so no last will was published; a partition)."""
+
+Liveness = Literal["online", "stale", "offline"]
+
 
 class StatusDoc(Outbound):
-    """Retained on ``status``: the birth (``online``) and the death (``offline``, also the last will).
+    """Retained on ``status``: the birth (``online``), the heartbeats, and the death (``offline``, also the last
+    will).
 
     A death pairs with the birth that carries the same ``boot_seq`` (Sparkplug's bdSeq rule), so a stale
-    last will from an earlier run can never be mistaken for the current daemon going away.
+    last will from an earlier run can never be mistaken for the current daemon going away. While online, the
+    daemon publishes the document again every ``heartbeat_s`` seconds (``beat`` 1, 2, …; MQTT 5 gives it a message
+    expiry): ``liveness()`` tells an online host that stopped beating (``stale``) from one that is alive.
     """
 
     schema_version: int = SCHEMA_VERSION
@@ -21,8 +30,29 @@ class StatusDoc(Outbound):
     state: Literal["online", "offline"]
     boot_seq: int
     reason: Literal["started", "reconnected", "shutdown", "connection_lost"]
-    time: float = Field(description="Unix time at which the document was made (for the will: at connect)")
+    time: float | None = Field(description="Unix time at which the document was made; null in the last will, "
+                               "whose time cannot be known when it is registered (at connect): the broker "
+                               "publishes it later, when it notices the connection is gone")
     version: str = Field(description="livepatchd version")
+    beat: int = Field(default=0, ge=0, description="0: the birth (the daemon has just subscribed); 1, 2, …: the "
+                      "heartbeats that follow on the same connection")
+    heartbeat_at: float | None = Field(default=None, description="Unix time of this heartbeat (online only)")
+    heartbeat_s: float | None = Field(default=None, description="the heartbeat period; stale after "
+                                      f"{STALE_AFTER_BEATS} periods without one")
+
+    @property
+    def birth(self) -> bool:
+        return self.state == "online" and self.beat == 0
+
+    def liveness(self, now: float) -> Liveness:
+        """``offline``; ``stale`` when online but the last heartbeat is older than ``STALE_AFTER_BEATS`` periods
+        (``now`` and ``heartbeat_at`` are wall-clock times: the rule assumes clocks within a period of each other);
+        else ``online`` (also for a daemon too old to beat)."""
+        if self.state == "offline":
+            return "offline"
+        if self.heartbeat_at is None or self.heartbeat_s is None:
+            return "online"
+        return "stale" if now - self.heartbeat_at > STALE_AFTER_BEATS * self.heartbeat_s else "online"
 
 
 class KernelState(Outbound):

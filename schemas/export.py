@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from schemas._base import SCHEMA_VERSION
+from schemas.discovery import DISCOVER, DISCOVER_REPLY_PREFIX, DiscoverRequest
 from schemas.documents import EventDoc, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply
 from schemas.ftrace_verbs import TraceBatchDoc
@@ -27,7 +28,8 @@ JSON_DIR = HERE / "json"
 ASYNCAPI = HERE / "asyncapi.json"
 REF = "#/components/schemas/{model}"
 
-DOCUMENTS: tuple[type[BaseModel], ...] = (Reply, ErrorBody, StatusDoc, StateDoc, EventDoc, TraceBatchDoc)
+DOCUMENTS: tuple[type[BaseModel], ...] = (Reply, ErrorBody, StatusDoc, StateDoc, EventDoc, TraceBatchDoc,
+                                          DiscoverRequest)
 
 
 Mode = Literal["validation", "serialization"]
@@ -80,8 +82,12 @@ def asyncapi() -> str:
         }
     for model, topic, retained, text in (
         (Reply, "reply", False, "Replies for MQTT 3.1.1 clients that gave no reply_to (v5 clients get theirs on "
-                                "their response topic, with their correlation data)."),
-        (StatusDoc, "status", True, "Birth and death (also the last will), retained."),
+                                "their response topic, with their correlation data), and refusals of requests "
+                                "whose reply destination is refused: invalid_reply_topic (not a topic a reply can "
+                                "be published to) or forbidden_reply_topic (a topic of livepatch/v1/ that is not a "
+                                "reply topic)."),
+        (StatusDoc, "status", True, "Birth, heartbeats (every heartbeat_s; a host is stale after 3 periods without "
+                                    "one) and death (also the last will, whose time is null), retained."),
         (StateDoc, "state", True, "Every host-visible fact, versioned, retained."),
         (EventDoc, "events", False, "Events (transitions, errors, reconnects), with a per-boot sequence number."),
         (TraceBatchDoc, "trace", False, "Function-tracer records drained from the guest's per-CPU rings while a "
@@ -94,6 +100,21 @@ def asyncapi() -> str:
             "subscribe": {"operationId": f"receive_{topic}", "bindings": {"mqtt": {"qos": 1, "retain": retained}},
                           "message": {"$ref": f"#/components/messages/{name}"}},
         }
+    messages["DiscoverRequest"] = {"name": "DiscoverRequest", "contentType": "application/json",
+                                   "payload": {"$ref": REF.format(model="DiscoverRequest")}}
+    channels[DISCOVER] = {
+        "description": "Discovery without retained wildcards: every online host answers with its current status on "
+                       "the request's reply_to (which must be " + DISCOVER_REPLY_PREFIX + "<client id>). Used when "
+                       "the retained statuses do not reach a wildcard subscription (RabbitMQ).",
+        "publish": {"operationId": "discover", "bindings": {"mqtt": {"qos": 0, "retain": False}},
+                    "message": {"$ref": "#/components/messages/DiscoverRequest"}},
+    }
+    channels[DISCOVER_REPLY_PREFIX + "{client_id}"] = {
+        "description": "The answers to a client's discovery request: one StatusDoc per online host.",
+        "parameters": {"client_id": {"description": "the asking client's MQTT client id (one topic level)"}},
+        "subscribe": {"operationId": "receive_discovered", "bindings": {"mqtt": {"qos": 0, "retain": False}},
+                      "message": {"$ref": "#/components/messages/StatusDoc"}},
+    }
     doc = {
         "asyncapi": "2.6.0",
         "info": {"title": "livepatchd MQTT API", "version": f"{SCHEMA_VERSION}.0.0",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, run

@@ -6,7 +6,7 @@ Exit codes (stable; scripts may rely on them):
     1  the daemon answered with an error reply (its code is printed; with --json, the reply itself)
     2  usage error: unknown option, bad argument, missing --host
     3  no answer: broker unreachable, connection refused or lost, or no reply within --timeout
-    4  the host is offline, or never announced itself (``status``)
+    4  the host is offline, stale (no heartbeat lately), or never announced itself (``status``)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
@@ -30,6 +31,7 @@ from rich.table import Table
 
 from clients.cli import keys
 from clients.cli.deadline import Deadline
+from clients.cli.help_format import LpctlGroup
 from clients.sdk import BrokerUnreachable, LivepatchClient, RawReply, RequestTimeout, SdkError, SubscriptionFailed
 from schemas import CallData, InfoData, StatusDoc, SymbolData, TasksData
 
@@ -55,6 +57,11 @@ class Options:
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
+    @property
+    def shown_broker(self) -> str:
+        """The broker URL(s) as error messages name them: with the password, if any, left out."""
+        return ",".join(_without_password(url) for url in self.broker.split(","))
+
     def tls_context(self) -> ssl.SSLContext | None:
         """The trust anchors and client certificate given, if any (mqtts:// alone: the system's trust store)."""
         if self.tls_ca is None and self.tls_cert is None:
@@ -65,9 +72,17 @@ class Options:
         return ctx
 
 
-app = typer.Typer(name="lpctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Operate livepatchd daemons over MQTT.", epilog="Exit codes: 0 ok, 1 error reply, 2 usage, "
-                  "3 broker unreachable or timeout, 4 host offline.")
+def _without_password(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.password is None:
+        return url.strip()
+    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+app = typer.Typer(name="lpctl", cls=LpctlGroup, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, help="Operate livepatchd daemons over MQTT.",
+                  epilog="Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker unreachable or timeout, 4 host offline.")
 keys_app = typer.Typer(no_args_is_help=True, help="Ed25519 keys for signing patches.")
 app.add_typer(keys_app, name="keys")
 
@@ -156,14 +171,17 @@ def _run(opts: Options, work: Callable[[LivepatchClient], Awaitable[T]], *, need
         fail(EXIT_UNREACHABLE, _no_answer(opts, total, connected),
              f"check that {opts.host} is online: lpctl --host {opts.host} status" if connected and opts.host
              else "check --broker (or LPCTL_BROKER); --timeout gives the command more time")
-    except RequestTimeout as exc:
-        fail(EXIT_UNREACHABLE, str(exc), f"check that {opts.host} is online: lpctl --host {opts.host} status")
+    except RequestTimeout as exc:  # every message of a connection problem names the broker it used
+        fail(EXIT_UNREACHABLE, f"{exc}, over {opts.shown_broker}",
+             f"check that {opts.host} is online: lpctl --host {opts.host} status; and that it uses this broker "
+             "(--broker, LPCTL_BROKER)")
     except BrokerUnreachable as exc:
+        where = f"{exc} (--broker {opts.shown_broker})"
         if "MQTT 5" in str(exc):
-            fail(EXIT_UNREACHABLE, str(exc), "pass --protocol 3.1.1 (or auto; LPCTL_PROTOCOL) for this broker")
+            fail(EXIT_UNREACHABLE, where, "pass --protocol 3.1.1 (or auto; LPCTL_PROTOCOL) for this broker")
         if isinstance(exc, SubscriptionFailed):
-            fail(EXIT_UNREACHABLE, str(exc), "check the broker's ACL for this user (it must read the topic)")
-        fail(EXIT_UNREACHABLE, str(exc), "check --broker (or LPCTL_BROKER) and the broker's credentials")
+            fail(EXIT_UNREACHABLE, where, "check the broker's ACL for this user (it must read the topic)")
+        fail(EXIT_UNREACHABLE, where, "check --broker (or LPCTL_BROKER) and the broker's credentials")
     except SdkError as exc:
         fail(EXIT_USAGE, str(exc))
     finally:
@@ -182,8 +200,8 @@ def remaining(at_most: float) -> float:
 
 def _no_answer(opts: Options, total: float, connected: bool) -> str:
     if connected:
-        return f"no answer within {total:g} s (--timeout) from {opts.host or 'the hosts'} over {opts.broker}"
-    return f"could not connect to {opts.broker} within {total:g} s (--timeout)"
+        return f"no answer within {total:g} s (--timeout) from {opts.host or 'the hosts'} over {opts.shown_broker}"
+    return f"could not connect to {opts.shown_broker} within {total:g} s (--timeout)"
 
 
 def _follow(opts: Options, items: Callable[[LivepatchClient], AsyncIterator[T]],
@@ -237,38 +255,55 @@ def _int(text: str) -> int:
 
 @app.command()
 def hosts(ctx: typer.Context,
-          wait: Annotated[float, typer.Option(min=0.05, help="seconds to collect the hosts' answers (on top of "
+          wait: Annotated[float, typer.Option(min=0.05, help="seconds to collect retained statuses, and as long "
+                                              "again for discovery answers when there is none (on top of "
                                               "--timeout)")] = 0.5) -> None:
-    """List the hosts that announced themselves on this broker (retained status)."""
+    """List the hosts that announced themselves on this broker: online, stale (no heartbeat for 3 periods) or
+    offline."""
     opts: Options = ctx.obj
-    found: dict[str, StatusDoc] = _run(opts, lambda c: c.hosts(wait), need_host=False, budget=opts.timeout + wait)
+    found: dict[str, StatusDoc] = _run(opts, lambda c: c.hosts(wait), need_host=False,
+                                       budget=opts.timeout + 2 * wait)  # retained, then discovery
+    now = time.time()
     if opts.json:
-        sys.stdout.write(json.dumps({h: s.model_dump(mode="json") for h, s in found.items()}) + "\n")
+        sys.stdout.write(json.dumps({h: {**s.model_dump(mode="json"), "liveness": s.liveness(now)}
+                                     for h, s in found.items()}) + "\n")
         return
-    table = Table("host", "state", "boot", "since", "version")
+    table = Table("host", "state", "boot", "since", "last heartbeat", "version")
     for host, s in found.items():
-        color = "green" if s.state == "online" else "red"
-        table.add_row(host, f"[{color}]{s.state}[/]", str(s.boot_seq), s.reason, s.version)
+        live = s.liveness(now)
+        table.add_row(host, f"[{LIVENESS_COLOR[live]}]{live}[/]", str(s.boot_seq), s.reason, _beat_age(s, now),
+                      s.version)
     out().print(table if found else "no hosts have announced themselves on this broker")
+
+
+LIVENESS_COLOR = {"online": "green", "stale": "yellow", "offline": "red"}
+
+
+def _beat_age(doc: StatusDoc, now: float) -> str:
+    if doc.heartbeat_at is None:
+        return "-"
+    return f"{max(0.0, now - doc.heartbeat_at):.1f} s ago (every {doc.heartbeat_s:g} s)"
 
 
 @app.command()
 def status(ctx: typer.Context) -> None:
-    """The host's retained status; exit 4 when it is offline or unknown."""
+    """The host's retained status; exit 4 when it is offline, stale (no heartbeat for 3 periods) or unknown."""
     opts: Options = ctx.obj
-    doc: StatusDoc | None = _run(opts, lambda c: c.status(wait=remaining(2.0)))
+    doc: StatusDoc | None = _run(opts, lambda c: c.current_status(wait=remaining(2.0)))
     if doc is None:
         if opts.json:
             sys.stdout.write("null\n")
-        fail(EXIT_OFFLINE, f"host {opts.host} has never announced itself on {opts.broker}",
+        fail(EXIT_OFFLINE, f"host {opts.host} has never announced itself on {opts.shown_broker}",
              "lpctl hosts lists the hosts this broker knows")
+    now = time.time()
+    live = doc.liveness(now)
     if opts.json:
         sys.stdout.write(doc.model_dump_json() + "\n")
     else:
-        color = "green" if doc.state == "online" else "red"
-        out().print(f"{doc.host}: [{color}]{doc.state}[/] (boot {doc.boot_seq}, {doc.reason}, livepatchd "
-                    f"{doc.version})")
-    if doc.state != "online":
+        beat = f", last heartbeat {_beat_age(doc, now)}" if doc.heartbeat_at is not None else ""
+        out().print(f"{doc.host}: [{LIVENESS_COLOR[live]}]{live}[/] (boot {doc.boot_seq}, {doc.reason}{beat}, "
+                    f"livepatchd {doc.version})")
+    if live != "online":
         raise typer.Exit(EXIT_OFFLINE)
 
 

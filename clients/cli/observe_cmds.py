@@ -37,7 +37,7 @@ def state(ctx: typer.Context) -> None:
     opts: Options = ctx.obj
     doc: StateDoc | None = _run(opts, lambda c: c.state(wait=remaining(2.0)))
     if doc is None:
-        fail(EXIT_OFFLINE, f"host {opts.host} has published no state on {opts.broker}",
+        fail(EXIT_OFFLINE, f"host {opts.host} has published no state on {opts.shown_broker}",
              "lpctl hosts lists the hosts this broker knows")
     if opts.json:
         sys.stdout.write(doc.model_dump_json() + "\n")

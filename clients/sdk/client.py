@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ from schemas import (
     CallData,
     EventDoc,
     InfoData,
+    Liveness,
     Outbound,
     Reply,
     StateDoc,
@@ -43,6 +45,7 @@ from schemas import (
 )
 from schemas.brokers import parse_broker_url as _parse_one
 from schemas.brokers import parse_broker_urls
+from schemas.discovery import DISCOVER, DiscoverRequest, discover_reply
 
 M = TypeVar("M", bound=Outbound)
 
@@ -66,8 +69,9 @@ def _properties(packet_type: int) -> Any:
 
 
 def _is_birth(payload: bytes) -> bool:
+    """A birth, not a heartbeat: the daemon has just subscribed (heartbeats follow on the same subscription)."""
     try:
-        return StatusDoc.model_validate_json(payload).state == "online"
+        return StatusDoc.model_validate_json(payload).birth
     except ValidationError:
         return False
 
@@ -316,11 +320,34 @@ class LivepatchClient(FtraceApi, PatchApi):
         """The host's retained status (online/offline with its boot sequence), or None if it never announced."""
         return await self._first(self._topics().status, StatusDoc, wait)
 
+    async def current_status(self, wait: float = 1.0) -> StatusDoc | None:
+        """The host's status as of now: the retained one, and when that one is stale, the newest one published
+        within ``wait`` seconds (a broker may hand out a retained copy older than the beats it forwards live, as
+        a NATS cluster does for a while after a node died). None if the host never announced itself."""
+        latest: StatusDoc | None = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                async for _, payload in self._stream(self._topics().status, retained=True):
+                    if payload:
+                        with contextlib.suppress(ValidationError):
+                            latest = StatusDoc.model_validate_json(payload)
+                            if latest.liveness(time.time()) != "stale":
+                                break
+        return latest
+
+    async def liveness(self, wait: float = 1.0) -> Liveness | None:
+        """``online``, ``stale`` (online, but no heartbeat for ``STALE_AFTER_BEATS`` periods: unreachable), or
+        ``offline``, from ``current_status(wait)``; None if the host never announced itself."""
+        doc = await self.current_status(wait)
+        return None if doc is None else doc.liveness(time.time())
+
     async def state(self, wait: float = 1.0) -> StateDoc | None:
         return await self._first(self._topics().state, StateDoc, wait)
 
     async def hosts(self, wait: float = 0.5) -> dict[str, StatusDoc]:
-        """Every host that left a retained status on this broker, collected for ``wait`` seconds."""
+        """Every host that left a retained status on this broker, collected for ``wait`` seconds; when there is
+        none (RabbitMQ never delivers retained messages to a wildcard subscription), the online hosts that answer
+        a broadcast discovery request within another ``wait`` seconds (``schemas.discovery``)."""
         found: dict[str, StatusDoc] = {}
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
@@ -329,6 +356,30 @@ class LivepatchClient(FtraceApi, PatchApi):
                     if host is not None and payload:
                         with contextlib.suppress(ValidationError):
                             found[host] = StatusDoc.model_validate_json(payload)
+        if not found:
+            found = await self.discover(wait)
+        return dict(sorted(found.items()))
+
+    async def discover(self, wait: float = 0.5) -> dict[str, StatusDoc]:
+        """The online hosts that answer a broadcast discovery request within ``wait`` seconds (their current
+        status; hosts that are offline or unreachable do not answer)."""
+        reply_to = discover_reply(self.client_id)
+        found: dict[str, StatusDoc] = {}
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._listeners.setdefault(reply_to, set()).add(queue)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._subscribe(reply_to)  # SUBACK first: the answers come at once
+                    request = DiscoverRequest(request_id=uuid.uuid4().hex, reply_to=reply_to)
+                    await self._conn.publish(DISCOVER, request.model_dump_json())
+                    while (item := await queue.get()) is not None:
+                        with contextlib.suppress(ValidationError):
+                            doc = StatusDoc.model_validate_json(item[1])
+                            found[doc.host] = doc
+                    raise self._conn.lost or BrokerUnreachable("connection lost")
+        finally:
+            self._listeners[reply_to].discard(queue)
         return dict(sorted(found.items()))
 
     async def states(self) -> AsyncIterator[StateDoc]:

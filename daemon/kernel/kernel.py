@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from daemon.kernel.image import KernelImage
 from daemon.kernel.kallsyms import Kallsyms, Symbol
 from daemon.kernel.structs import StructRef
 from daemon.kernel.unwind import StackTrace, unwind
+from daemon.kernel.worker import HostWorker
 
 KIND_NAMES = {abi.TASK_KIND_IDLE: "idle", abi.TASK_KIND_WORKER: "worker", abi.TASK_KIND_LOADGEN: "loadgen"}
 
@@ -111,6 +112,8 @@ class Kernel:
         self.machine.on_host_call(abi.HC_JOB_DONE, self._on_job_done)
         self.machine.on_host_call(abi.HC_PANIC, self._on_panic)
         self.machine.on_vcpu_stopped.append(self._fail_jobs)
+        self.worker = HostWorker()
+        """The host's periodic work for this kernel (transition driver, trace drainer): stopped by shutdown()."""
         self._booted = threading.Event()
         self._started = False
         self._jobs_lock = threading.Lock()
@@ -164,6 +167,8 @@ class Kernel:
         return self
 
     def shutdown(self) -> None:
+        """Stop the host's work on this kernel, then its vCPUs (every thread of the kernel ends here)."""
+        self.worker.stop()
         self.machine.shutdown()
 
     def __enter__(self) -> Kernel:
@@ -221,9 +226,6 @@ class Kernel:
             abi.ftrace_ret_stack.offsetof("fp")
         return [(self.memory.read_u64(base + i * size + ret), self.memory.read_u64(base + i * size + fp))
                 for i in range(depth)]
-
-    def symbolize(self, pcs: Iterable[int]) -> list[str]:
-        return [self.kallsyms.describe(pc) for pc in pcs]
 
     # -- host jobs -------------------------------------------------------------------------------------------
 

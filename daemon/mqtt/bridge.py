@@ -25,6 +25,7 @@ from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from daemon.mqtt import discovery
 from daemon.mqtt.connect import (
     NODELAY,
     BrokerConfig,
@@ -35,9 +36,10 @@ from daemon.mqtt.connect import (
     close_client,
     subscribe_retrying,
 )
+from daemon.mqtt.liveness import Heartbeat
 from daemon.service import Outcome, Service
-from schemas import StatusDoc
 from schemas.brokers import BrokerAddress, Protocol
+from schemas.discovery import DISCOVER
 from schemas.verbs import BrokerLink as BrokerLinkDoc
 
 log = structlog.get_logger(__name__)
@@ -48,7 +50,7 @@ def _properties(packet_type: int) -> Any:
 
 class MqttBridge:
     def __init__(self, service: Service, config: BrokerConfig, *, version: str, grace_s: float = 5.0,
-                 max_concurrent: int = 64) -> None:
+                 max_concurrent: int = 64, heartbeat_s: float = 10.0, status_expiry_s: int = 86400) -> None:
         self.service = service
         self.config = config
         self.version = version
@@ -57,6 +59,8 @@ class MqttBridge:
         self.client_id = f"livepatchd-{service.host}"
         self.online = asyncio.Event()
         """Set once the first birth is published (and again after each reconnect)."""
+        self.heartbeat = Heartbeat(service.host, service.boot_seq, version, period_s=heartbeat_s,
+                                   expiry_s=status_expiry_s)
         self.connector = Connector(config, self._new_client)
         self.link: Link | None = None
         """The node and MQTT version of the connection in use (the last one while reconnecting)."""
@@ -92,9 +96,7 @@ class MqttBridge:
 
     def _status(self, state: Literal["online", "offline"],
                 reason: Literal["started", "reconnected", "shutdown", "connection_lost"]) -> bytes:
-        doc = StatusDoc(host=self.service.host, state=state, boot_seq=self.service.boot_seq, reason=reason,
-                        time=time.time(), version=self.version)
-        return doc.model_dump_json().encode()
+        return self.heartbeat.document(state, reason)
 
     @property
     def protocol(self) -> aiomqtt.ProtocolVersion:
@@ -103,20 +105,20 @@ class MqttBridge:
             return aiomqtt_protocol(self.link.protocol)
         return aiomqtt_protocol(self.connector.negotiation.protocol(self.connector.rotation.index))
 
-    def _new_client(self, node: BrokerAddress, protocol: Protocol) -> aiomqtt.Client:
+    def _new_client(self, node: BrokerAddress, protocol: Protocol, connack_s: float) -> aiomqtt.Client:
         cfg = self.config
         v5 = protocol == "5"
         props = None
         if v5:
             props = _properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = cfg.session_expiry_s
-        will = aiomqtt.Will(self.topics.status, self._status("offline", "connection_lost"), qos=1, retain=True)
+        will = aiomqtt.Will(self.topics.status, self.heartbeat.will(), qos=1, retain=True)
         return aiomqtt.Client(
             node.hostname, node.port, username=node.username, password=node.password, identifier=self.client_id,
             protocol=aiomqtt_protocol(protocol), will=will, clean_session=None if v5 else False,
             clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,  # (3.1.1 has clean_session only)
             keepalive=cfg.keepalive_s, properties=props, tls_context=cfg.tls_context if node.tls else None,
-            socket_options=[NODELAY], timeout=cfg.connect_timeout_s)
+            socket_options=[NODELAY], timeout=connack_s)
 
     async def _connection_loop(self) -> None:
         """Connect (any node, any version that converges), serve the connection, and after a loss start again on
@@ -153,13 +155,17 @@ class MqttBridge:
         cfg = self.config
         await subscribe_retrying(client, self.topics.request_filter, 1, attempts=cfg.subscribe_attempts,
                                  timeout=cfg.subscribe_timeout_s)
+        await subscribe_retrying(client, DISCOVER, 0, attempts=cfg.subscribe_attempts,
+                                 timeout=cfg.subscribe_timeout_s)
         self._generation += 1
         self._client = client
         self.connections += 1
         self.service.metrics.connected.set(1)
         reconnect = self.connections > 1
-        await client.publish(self.topics.status, self._status("online", "reconnected" if reconnect else "started"),
-                             qos=1, retain=True)
+        reason: Literal["started", "reconnected"] = "reconnected" if reconnect else "started"
+        v5 = self.protocol == aiomqtt.ProtocolVersion.V5
+        await client.publish(self.topics.status, self._status("online", reason), qos=1, retain=True,
+                             properties=self.heartbeat.properties(v5))
         await client.publish(self.topics.state, self.service.state.document().model_dump_json(), qos=1, retain=True)
         self.service.state.take_dirty()
         redelivered = 0
@@ -176,6 +182,7 @@ class MqttBridge:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._publisher(client), name="mqtt.publisher")
+                tg.create_task(self.heartbeat.run(client, self.topics.status, reason, v5=v5), name="mqtt.heartbeat")
                 await self._receive(client)
                 raise aiomqtt.MqttError("message stream ended")
         except* aiomqtt.MqttError as group:  # the connection is gone: the reconnect loop takes over
@@ -202,6 +209,9 @@ class MqttBridge:
             verb = self.topics.verb_of(topic)
             if not self._accepting:
                 continue
+            if topic == DISCOVER:
+                self._answer_discovery(client, message)
+                continue
             if verb is None:
                 self._ack(client, generation, message)
                 continue
@@ -210,6 +220,12 @@ class MqttBridge:
             task = self._tg.create_task(self._serve(client, generation, message, verb), name="mqtt.request")
             self._active.add(task)
             task.add_done_callback(self._done)
+
+    def _answer_discovery(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        status = self.heartbeat.current()
+        assert self._tg is not None
+        self._tg.create_task(discovery.answer(client, payload, status), name="mqtt.discover")
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)
