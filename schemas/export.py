@@ -16,12 +16,12 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from schemas._base import SCHEMA_VERSION
+from schemas.catalog import VERBS
 from schemas.discovery import DISCOVER, DISCOVER_REPLY_PREFIX, DiscoverRequest
 from schemas.documents import EventDoc, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply
-from schemas.ftrace_verbs import TraceBatchDoc
+from schemas.ftrace import TraceBatchDoc
 from schemas.topics import ROOT, verb_path
-from schemas.verbs import VERBS
 
 HERE = Path(__file__).resolve().parent
 JSON_DIR = HERE / "json"

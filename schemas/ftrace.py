@@ -443,4 +443,4 @@ SPECS: list[VerbSpec] = [
              mutating=True),
     VerbSpec("hijack.list", HijackListRequest, HijackListData, "Every hijack in place."),
 ]
-"""This module's verbs; schemas.verbs.VERBS includes them."""
+"""This module's verbs; schemas.catalog.VERBS includes them."""

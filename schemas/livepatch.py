@@ -311,4 +311,4 @@ SPECS: list[VerbSpec] = [
              "Call a reader fn(buf, size) such as proc_cmdline_read on a vCPU and return the text it wrote.",
              mutating=True),
 ]
-"""This module's verbs; schemas.verbs.VERBS includes them."""
+"""This module's verbs; schemas.catalog.VERBS includes them."""
