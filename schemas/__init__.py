@@ -9,12 +9,26 @@ Its modules, each exported here:
 ``livepatch``  the live-patch verbs (load, enable, disable, transitions, call.read), events and state section
 ``catalog``    ``VERBS``: every verb, by name
 ``documents``  what the daemon publishes on its own: status, state, events
+``events``     ``EVENTS``: every event type and the model of its data (the daemon's own events)
 ``envelope``   requests and replies; ``spec``: a verb's ``VerbSpec``
 ``topics``     every topic name; ``brokers``, ``discovery``, ``rollout``: broker nodes, discovery, rollouts
 =============  ==================================================================================================
 """
 
-from schemas import brokers, catalog, discovery, documents, envelope, ftrace, kernel, livepatch, rollout, spec, topics
+from schemas import (
+    brokers,
+    catalog,
+    discovery,
+    documents,
+    envelope,
+    events,
+    ftrace,
+    kernel,
+    livepatch,
+    rollout,
+    spec,
+    topics,
+)
 from schemas._base import SCHEMA_VERSION, Address, HostId, Inbound, Outbound, RequestId
 from schemas.catalog import VERBS
 from schemas.documents import STALE_AFTER_BEATS, EventDoc, EventType, KernelState, Liveness, StateDoc, StatusDoc
@@ -75,6 +89,7 @@ __all__ = [
     "discovery",
     "documents",
     "envelope",
+    "events",
     "ftrace",
     "host_of",
     "is_request_topic",

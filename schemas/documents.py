@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from schemas._base import SCHEMA_VERSION, HostId, Outbound
+from schemas.events import EVENTS
 
 STALE_AFTER_BEATS = 3
 """A host whose last heartbeat is older than this many heartbeat periods is ``stale``: it said online, but it has
@@ -95,5 +96,12 @@ class EventDoc(Outbound):
     boot_seq: int
     seq: int
     time: float
-    type: str = Field(description="dotted event name; see EventType for the ones this version emits")
-    data: dict[str, Any] = Field(default_factory=dict)
+    type: str = Field(description="dotted event name; schemas.events.EVENTS lists the ones this version emits")
+    data: dict[str, Any] = Field(default_factory=dict, description="follows the model of its type (an "
+                                 "*Event model: EVENTS[type]); kept an object here so that a client reads the "
+                                 "envelope of a type it does not know")
+
+    def typed_data(self) -> Outbound | None:
+        """``data`` as its type's model; None for a type this schema version does not know."""
+        model = EVENTS.get(self.type)
+        return None if model is None else model.model_validate(self.data)

@@ -20,6 +20,7 @@ from schemas.catalog import VERBS
 from schemas.discovery import DISCOVER, DISCOVER_REPLY_PREFIX, DiscoverRequest
 from schemas.documents import EventDoc, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply
+from schemas.events import EVENTS
 from schemas.ftrace import TraceBatchDoc
 from schemas.topics import ROOT, verb_path
 
@@ -44,7 +45,7 @@ def _models() -> list[type[BaseModel]]:
     seen: list[type[BaseModel]] = []
     for spec in VERBS.values():
         seen += [spec.request, spec.data]
-    return seen + list(DOCUMENTS)
+    return seen + list(DOCUMENTS) + list(EVENTS.values())
 
 
 def _dump(doc: Any) -> str:
@@ -89,7 +90,8 @@ def asyncapi() -> str:
         (StatusDoc, "status", True, "Birth, heartbeats (every heartbeat_s; a host is stale after 3 periods without "
                                     "one) and death (also the last will, whose time is null), retained."),
         (StateDoc, "state", True, "Every host-visible fact, versioned, retained."),
-        (EventDoc, "events", False, "Events (transitions, errors, reconnects), with a per-boot sequence number."),
+        (EventDoc, "events", False, "Events (transitions, errors, reconnects), with a per-boot sequence number; "
+                                    "each type's data follows its own model (one message per type)."),
         (TraceBatchDoc, "trace", False, "Function-tracer records drained from the guest's per-CPU rings while a "
                                         "trace runs (trace.start), in batches, as trace lines and structured entries."),
     ):
@@ -100,6 +102,18 @@ def asyncapi() -> str:
             "subscribe": {"operationId": f"receive_{topic}", "bindings": {"mqtt": {"qos": 1, "retain": retained}},
                           "message": {"$ref": f"#/components/messages/{name}"}},
         }
+    events = []
+    for type_, model in EVENTS.items():
+        name = f"event.{type_}"
+        messages[name] = {
+            "name": name, "title": f"{type_} event", "summary": (model.__doc__ or "").strip().split("\n")[0],
+            "contentType": "application/json",
+            "payload": {"allOf": [{"$ref": REF.format(model="EventDoc")},
+                                  {"type": "object", "required": ["type", "data"],
+                                   "properties": {"type": {"const": type_},
+                                                  "data": {"$ref": REF.format(model=model.__name__)}}}]}}
+        events.append({"$ref": f"#/components/messages/{name}"})
+    channels[f"{ROOT}/{{host}}/events"]["subscribe"]["message"] = {"oneOf": events}
     messages["DiscoverRequest"] = {"name": "DiscoverRequest", "contentType": "application/json",
                                    "payload": {"$ref": REF.format(model="DiscoverRequest")}}
     channels[DISCOVER] = {

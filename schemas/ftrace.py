@@ -444,3 +444,119 @@ SPECS: list[VerbSpec] = [
     VerbSpec("hijack.list", HijackListRequest, HijackListData, "Every hijack in place."),
 ]
 """This module's verbs; schemas.catalog.VERBS includes them."""
+
+
+# -- events (on ``events``: ``EventDoc.data`` of each type) ------------------------------------------------------
+
+
+class OpsRegisteredEvent(Outbound):
+    """``ftrace.ops.registered``: an ops registered through ftrace.ops.register."""
+
+    name: str
+    callback: Callback
+    functions: int = Field(description="functions it covers")
+
+
+class OpsUnregisteredEvent(Outbound):
+    """``ftrace.ops.unregistered``."""
+
+    name: str
+    hits: int = Field(description="calls its callback counted while registered")
+
+
+class OpsFilteredEvent(Outbound):
+    """``ftrace.ops.filtered``: its filter or notrace set changed."""
+
+    name: str
+    filter: str | None
+    notrace: str | None
+    functions: int
+
+
+class SysctlEvent(Outbound):
+    """``ftrace.sysctl``: kernel.ftrace_enabled was set."""
+
+    ftrace_enabled: bool
+    sites: int = Field(description="call sites rewritten")
+
+
+class HijackCreatedEvent(Outbound):
+    """``hijack.created``."""
+
+    name: str
+    mode: Literal["ipmodify", "direct"]
+    function: str
+    target: str
+
+
+class HijackDeletedEvent(Outbound):
+    """``hijack.deleted``."""
+
+    name: str
+    mode: Literal["ipmodify", "direct"]
+    function: str
+
+
+class ProfileStartedEvent(Outbound):
+    """``profile.started``."""
+
+    filter: str | None
+    functions: int
+
+
+class ProfileStoppedEvent(Outbound):
+    """``profile.stopped``."""
+
+    functions: int = Field(description="functions with at least one hit")
+    hits: int
+
+
+class TraceStartedEvent(Outbound):
+    """``trace.started``."""
+
+    session: int
+    tracer: Literal["function", "function_graph"]
+    filter: str | None
+    functions: int
+
+
+class TraceStoppedEvent(Outbound):
+    """``trace.stopped``."""
+
+    session: int
+    written: int
+    dropped: int
+
+
+class FtraceRestoredEvent(Outbound):
+    """``ftrace.restored``: the desired ops and hijacks re-applied at boot, before the daemon went online."""
+
+    ops: list[str]
+    hijacks: list[str]
+    failed: int
+
+
+class FtraceRestoreFailedEvent(Outbound):
+    """``ftrace.restore_failed``: a desired ops or hijack that could not be re-applied at boot."""
+
+    kind: str
+    name: str
+    code: str
+    message: str
+
+
+EVENTS: dict[str, type[Outbound]] = {
+    "ftrace.ops.registered": OpsRegisteredEvent,
+    "ftrace.ops.filtered": OpsFilteredEvent,
+    "ftrace.ops.unregistered": OpsUnregisteredEvent,
+    "ftrace.sysctl": SysctlEvent,
+    "hijack.created": HijackCreatedEvent,
+    "hijack.deleted": HijackDeletedEvent,
+    "profile.started": ProfileStartedEvent,
+    "profile.stopped": ProfileStoppedEvent,
+    "trace.started": TraceStartedEvent,
+    "trace.stopped": TraceStoppedEvent,
+    "ftrace.restored": FtraceRestoredEvent,
+    "ftrace.restore_failed": FtraceRestoreFailedEvent,
+}
+"""This module's events, by type: the model of each one's ``data`` (``schemas.events.EVENTS`` includes them)."""

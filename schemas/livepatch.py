@@ -312,3 +312,116 @@ SPECS: list[VerbSpec] = [
              mutating=True),
 ]
 """This module's verbs; schemas.catalog.VERBS includes them."""
+
+
+# -- events (on ``events``: ``EventDoc.data`` of each type) ------------------------------------------------------
+
+
+class PatchLoadedEvent(Outbound):
+    """``patch.loaded``."""
+
+    patch: str
+    key_id: str | None = Field(description="the signer's key id; None: signatures are not checked")
+    replace: bool
+    funcs: list[str] = Field(description="sysfs names of the functions it replaces")
+
+
+class PatchUnloadedEvent(Outbound):
+    """``patch.unloaded``."""
+
+    patch: str
+
+
+class PatchEnabledEvent(Outbound):
+    """``patch.enabled``: a request enabled it; its patching transition starts."""
+
+    patch: str
+    request_id: str | None
+
+
+class PatchDisabledEvent(Outbound):
+    """``patch.disabled``: a request disabled it; its unpatching transition starts, or (``reversed``) its own
+    patching transition turns around."""
+
+    patch: str
+    request_id: str | None
+    reversed: bool
+
+
+class PatchForcedEvent(Outbound):
+    """``patch.forced``: its transition was forced (consistency not guaranteed; the module stays loaded)."""
+
+    patch: str
+    target: TransitionTarget
+    request_id: str | None
+
+
+class TransitionStartedEvent(Outbound):
+    """``patch.transition.started``."""
+
+    patch: str
+    target: TransitionTarget
+
+
+class TransitionStalledEvent(Outbound):
+    """``patch.transition.stalled``: still blocked ``transition_stall_s`` after it started."""
+
+    patch: str
+    target: TransitionTarget
+    waited_s: float
+    blocked: list[BlockedTask]
+
+
+class TransitionReversedEvent(Outbound):
+    """``patch.transition.reversed``."""
+
+    patch: str
+    target: TransitionTarget = Field(description="the new target")
+    by: Literal["request", "policy"]
+
+
+class TransitionCompletedEvent(Outbound):
+    """``patch.transition.completed``."""
+
+    patch: str
+    target: TransitionTarget
+    duration_s: float | None = Field(description="since the transition started (None: not known)")
+
+
+class RestoreFailure(Outbound):
+    patch: str
+    code: str
+    message: str
+
+
+class PatchRestoredEvent(Outbound):
+    """``patch.restored``: the desired patches re-applied at boot, before the daemon went online."""
+
+    patches: list[str] = Field(description="loaded again")
+    enabled: list[str] = Field(description="enabled again (transition completed)")
+    failed: list[RestoreFailure]
+    duration_s: float
+
+
+class PatchRestoreFailedEvent(Outbound):
+    """``patch.restore_failed``: a desired patch that could not be re-applied at boot."""
+
+    patch: str
+    code: str
+    message: str
+
+
+EVENTS: dict[str, type[Outbound]] = {
+    "patch.loaded": PatchLoadedEvent,
+    "patch.unloaded": PatchUnloadedEvent,
+    "patch.enabled": PatchEnabledEvent,
+    "patch.disabled": PatchDisabledEvent,
+    "patch.forced": PatchForcedEvent,
+    "patch.transition.started": TransitionStartedEvent,
+    "patch.transition.stalled": TransitionStalledEvent,
+    "patch.transition.reversed": TransitionReversedEvent,
+    "patch.transition.completed": TransitionCompletedEvent,
+    "patch.restored": PatchRestoredEvent,
+    "patch.restore_failed": PatchRestoreFailedEvent,
+}
+"""This module's events, by type: the model of each one's ``data`` (``schemas.events.EVENTS`` includes them)."""

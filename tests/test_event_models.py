@@ -1,0 +1,72 @@
+"""Every event type has a model of its data, listed in the exported JSON Schema and AsyncAPI document; the daemon
+checks each event it emits against its model (the test fixtures fail on one that does not follow it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import get_args
+
+import pytest
+from pydantic import ValidationError
+
+from daemon.service.board import EventLog
+from schemas import EventDoc, EventType
+from schemas import export as schema_export
+from schemas.events import EVENTS, UnknownEvent, check_event
+from schemas.ftrace import FtraceEventType
+from schemas.livepatch import PatchEventType, TransitionStalledEvent
+
+
+def test_every_event_type_has_a_model_and_every_model_a_type() -> None:
+    documented = {*get_args(EventType), *get_args(FtraceEventType), *get_args(PatchEventType)}
+    assert set(EVENTS) == documented
+    assert len(set(EVENTS.values())) == len(EVENTS), "one model per type"
+
+
+def test_the_exported_contract_lists_each_event_model() -> None:
+    asyncapi = json.loads(schema_export.ASYNCAPI.read_text())
+    one_of = asyncapi["channels"]["livepatch/v1/{host}/events"]["subscribe"]["message"]["oneOf"]
+    assert len(one_of) == len(EVENTS)
+    for type_, model in EVENTS.items():
+        assert (schema_export.JSON_DIR / f"{model.__name__}.json").is_file()
+        message = asyncapi["components"]["messages"][f"event.{type_}"]
+        typed = message["payload"]["allOf"][1]["properties"]
+        assert typed["type"] == {"const": type_}
+        assert typed["data"] == {"$ref": f"#/components/schemas/{model.__name__}"}
+        assert model.__name__ in asyncapi["components"]["schemas"]
+
+
+def test_check_event_refuses_what_a_model_does_not_say() -> None:
+    good = {"patch": "p", "target": "patched", "waited_s": 1.5,
+            "blocked": [{"pid": 7, "comm": "worker1", "cpu": 1, "why": "sleeping on function f"}]}
+    parsed = check_event("patch.transition.stalled", good)
+    assert isinstance(parsed, TransitionStalledEvent)
+    assert parsed.blocked[0].pid == 7
+    with pytest.raises(UnknownEvent):
+        check_event("patch.transition.wobbled", {})
+    with pytest.raises(ValueError, match="not in TransitionStalledEvent"):
+        check_event("patch.transition.stalled", {**good, "extra": 1})
+    with pytest.raises(ValidationError):
+        check_event("patch.transition.stalled", {**good, "target": "sideways"})
+    with pytest.raises(ValidationError):
+        check_event("patch.transition.stalled", {"patch": "p"})
+
+
+def test_an_event_doc_gives_its_data_as_the_model_of_its_type() -> None:
+    doc = EventDoc(host="h", boot_seq=1, seq=1, time=0.0, type="patch.unloaded", data={"patch": "p"})
+    typed = doc.typed_data()
+    assert typed is not None
+    assert typed.model_dump() == {"patch": "p"}
+    assert EventDoc(host="h", boot_seq=1, seq=2, time=0.0, type="from.the.future", data={}).typed_data() is None
+
+
+def test_the_daemon_records_an_event_that_does_not_follow_its_model() -> None:
+    log = EventLog("h", 1, asyncio.Event())
+    log.emit("patch.unloaded", patch="p")
+    assert log.invalid == []
+    log.emit("patch.unloaded", patch="p", surprise=True)
+    log.emit("patch.wobbled")
+    assert len(log.invalid) == 2
+    assert log.invalid[0].startswith("patch.unloaded: ")
+    assert log.peek() is not None, "published all the same"
