@@ -103,15 +103,15 @@ def asyncapi() -> str:
                           "message": {"$ref": f"#/components/messages/{name}"}},
         }
     events = []
-    for type_, model in EVENTS.items():
+    for type_, data_model in EVENTS.items():
         name = f"event.{type_}"
         messages[name] = {
-            "name": name, "title": f"{type_} event", "summary": (model.__doc__ or "").strip().split("\n")[0],
+            "name": name, "title": f"{type_} event", "summary": (data_model.__doc__ or "").strip().split("\n")[0],
             "contentType": "application/json",
             "payload": {"allOf": [{"$ref": REF.format(model="EventDoc")},
                                   {"type": "object", "required": ["type", "data"],
                                    "properties": {"type": {"const": type_},
-                                                  "data": {"$ref": REF.format(model=model.__name__)}}}]}}
+                                                  "data": {"$ref": REF.format(model=data_model.__name__)}}}]}}
         events.append({"$ref": f"#/components/messages/{name}"})
     channels[f"{ROOT}/{{host}}/events"]["subscribe"]["message"] = {"oneOf": events}
     messages["DiscoverRequest"] = {"name": "DiscoverRequest", "contentType": "application/json",
