@@ -18,7 +18,7 @@ from pydantic.json_schema import models_json_schema
 from schemas._base import SCHEMA_VERSION
 from schemas.catalog import VERBS
 from schemas.discovery import DISCOVER, DISCOVER_REPLY_PREFIX, DiscoverRequest
-from schemas.documents import EventDoc, StateDoc, StatusDoc
+from schemas.documents import COMPONENTS, EventDoc, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply
 from schemas.events import EVENTS
 from schemas.ftrace import TraceBatchDoc
@@ -45,7 +45,14 @@ def _models() -> list[type[BaseModel]]:
     seen: list[type[BaseModel]] = []
     for spec in VERBS.values():
         seen += [spec.request, spec.data]
-    return seen + list(DOCUMENTS) + list(EVENTS.values())
+    return seen + list(DOCUMENTS) + list(EVENTS.values()) + list(COMPONENTS.values())
+
+
+def _typed_components(state: dict[str, Any], ref: str) -> None:
+    """StateDoc's ``components``: each section this version defines, by reference to its model (``ref``: where
+    the models' schemas are; the document keeps the sections plain objects, see ``StateDoc``)."""
+    components = state["properties"]["components"]
+    components["properties"] = {name: {"$ref": ref.format(model=model.__name__)} for name, model in COMPONENTS.items()}
 
 
 def _dump(doc: Any) -> str:
@@ -58,6 +65,12 @@ def json_schemas() -> dict[str, str]:
     for model in _models():
         schema = model.model_json_schema(mode=_mode(model))
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        if model is StateDoc:
+            _typed_components(schema, "#/$defs/{model}")
+            for section in COMPONENTS.values():
+                section_schema = section.model_json_schema(mode="serialization")
+                schema["$defs"].update(section_schema.pop("$defs", {}))
+                schema["$defs"][section.__name__] = section_schema
         out[f"{model.__name__}.json"] = _dump(schema)
     return out
 
@@ -66,6 +79,7 @@ def asyncapi() -> str:
     """An AsyncAPI 2.6 document, from a client's point of view (clients publish requests, subscribe the rest)."""
     _, defs = models_json_schema([(m, _mode(m)) for m in _models()], ref_template=REF)
     schemas = defs.get("$defs", {})
+    _typed_components(schemas["StateDoc"], REF)
     host = {"host": {"description": "the daemon's host id (one topic level)"}}
     channels: dict[str, Any] = {}
     messages: dict[str, Any] = {}

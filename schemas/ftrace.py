@@ -560,3 +560,50 @@ EVENTS: dict[str, type[Outbound]] = {
     "ftrace.restore_failed": FtraceRestoreFailedEvent,
 }
 """This module's events, by type: the model of each one's ``data`` (``schemas.events.EVENTS`` includes them)."""
+
+
+# -- the state section (``StateDoc.components["ftrace"]``) ------------------------------------------------------
+
+
+class OpsSummary(Outbound):
+    name: str
+    callback: Callback
+    filter: str | None
+    notrace: str | None
+    functions: int
+
+
+class HijackSummary(Outbound):
+    name: str
+    mode: Literal["ipmodify", "direct"]
+    function: str
+    sympos: int
+    target: str = Field(description="%pS of the target")
+
+
+class TraceSummary(Outbound):
+    session: int
+    filter: str | None
+    notrace: str | None
+    entries_per_cpu: int
+
+
+class ProfileSummary(Outbound):
+    filter: str | None
+    functions: int
+
+
+class FtraceSection(Outbound):
+    """``components.ftrace`` of the retained state: the API's ops and hijacks, the running tracer and profiler,
+    kernel.ftrace_enabled and the counts of ftrace's own tables."""
+
+    ops: list[OpsSummary]
+    hijacks: list[HijackSummary]
+    trace: TraceSummary | None
+    profile: ProfileSummary | None
+    ftrace_enabled: bool
+    ops_registered: int = Field(description="every registered ftrace ops (tracers, hijacks, livepatch included)")
+    enabled_functions: int
+    records: int = Field(description="patchable call sites")
+    restore_failed: list[FtraceRestoreFailedEvent] = Field(description="desired ops and hijacks not re-applied "
+                                                           "at this boot")

@@ -425,3 +425,30 @@ EVENTS: dict[str, type[Outbound]] = {
     "patch.restore_failed": PatchRestoreFailedEvent,
 }
 """This module's events, by type: the model of each one's ``data`` (``schemas.events.EVENTS`` includes them)."""
+
+
+# -- the state section (``StateDoc.components["livepatch"]``) ---------------------------------------------------
+
+
+class TransitionSummary(Outbound):
+    patch: str
+    target: TransitionTarget
+    stalled: bool = Field(description="still blocked transition_stall_s after it started")
+    blocked: list[int] = Field(description="pids of the tasks holding it up (patch.transition tells why)")
+
+
+class RestoredSummary(Outbound):
+    """What the restore at this boot re-applied."""
+
+    loaded: list[str]
+    enabled: list[str]
+    failed: list[RestoreFailure]
+
+
+class LivepatchSection(Outbound):
+    """``components.livepatch`` of the retained state: the loaded patches, the transition, the trusted keys."""
+
+    patches: list[PatchSummary]
+    transition: TransitionSummary | None
+    trusted_keys: int = Field(description="how many keys the daemon trusts to sign patches")
+    restored: RestoredSummary | None = Field(default=None, description="absent when nothing was restored")

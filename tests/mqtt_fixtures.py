@@ -174,9 +174,11 @@ class DaemonThread:
         self.check_events()
 
     def check_events(self) -> None:
-        """Every event this daemon published followed its model (schemas.events): checked as each was emitted."""
+        """Every event this daemon published followed its model (schemas.events), and every state section its
+        own (schemas.documents.COMPONENTS): checked as each was emitted."""
         service = self.daemon.service
         assert service is None or service.events.invalid == [], service.events.invalid
+        assert service is None or service.state.invalid == [], service.state.invalid
 
 
 def daemon_settings(tmp: Path, broker_url: str | None, **overrides: Any) -> Settings:

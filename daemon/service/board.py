@@ -18,6 +18,7 @@ import structlog
 
 from daemon.service.journal import Journal
 from schemas import EventDoc, KernelState, StateDoc
+from schemas.documents import COMPONENTS
 from schemas.events import check_event
 
 log = structlog.get_logger(__name__)
@@ -53,9 +54,24 @@ class StateBoard(_LoopBound):
         self._components: dict[str, dict[str, Any]] = {}
         self._doc: StateDoc | None = None
         self._dirty = True
+        self.invalid: list[str] = []
+        """Sections set that did not follow their model (each with why)."""
 
     def set_component(self, name: str, section: dict[str, Any]) -> None:
-        """Replace one subsystem's section (thread-safe); the document is republished with a new version."""
+        """Replace one subsystem's section (thread-safe); the document is republished with a new version. A
+        section that does not follow its model (``schemas.documents.COMPONENTS``) is a bug: logged and kept in
+        ``invalid`` (the test fixtures fail on it), and published all the same."""
+        model = COMPONENTS.get(name)
+        if model is not None:
+            try:
+                unknown = sorted(set(section) - set(model.model_fields))
+                if unknown:
+                    raise ValueError(f"fields {unknown} are not in {model.__name__}")
+                model.model_validate(section)
+            except ValueError as exc:  # pydantic's ValidationError included
+                self.invalid.append(f"{name}: {exc}")
+                log.error("state_section_invalid", section=name, error=str(exc))
+
         def apply() -> None:
             if self._components.get(name) != section:
                 self._components[name] = section
