@@ -64,15 +64,23 @@ EVENTS: dict[str, type[Outbound]] = {**DAEMON_EVENTS, **ftrace.EVENTS, **livepat
 """Every event type this schema version emits -> the model of its ``data``."""
 
 
+NAMESPACES = frozenset(t.split(".", 1)[0] for t in EVENTS)
+"""The first parts of the event types this schema owns (``patch``, ``ftrace``, …). A type outside them is an
+extension's (``Daemon(extensions=...)``), documented by its author."""
+
+
 class UnknownEvent(ValueError):
-    """An event type this schema version does not define."""
+    """An event type in this schema's namespaces that this schema version does not define."""
 
 
-def check_event(type_: str, data: dict[str, Any]) -> Outbound:
-    """``data`` as its type's model; ``UnknownEvent`` for a type not in ``EVENTS``, pydantic's ValidationError for
-    data that does not follow the model, ValueError for a field the model does not define."""
+def check_event(type_: str, data: dict[str, Any]) -> Outbound | None:
+    """``data`` as its type's model, or None for an extension's type (outside ``NAMESPACES``); ``UnknownEvent``
+    for a type of the schema's namespaces not in ``EVENTS``, pydantic's ValidationError for data that does not
+    follow the model, ValueError for a field the model does not define."""
     model = EVENTS.get(type_)
     if model is None:
+        if type_.split(".", 1)[0] not in NAMESPACES:
+            return None
         raise UnknownEvent(f"event type {type_!r} is not in schemas.events.EVENTS")
     unknown = sorted(set(data) - set(model.model_fields))
     if unknown:

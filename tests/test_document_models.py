@@ -51,6 +51,7 @@ def test_check_event_refuses_what_a_model_does_not_say() -> None:
     assert parsed.blocked[0].pid == 7
     with pytest.raises(UnknownEvent):
         check_event("patch.transition.wobbled", {})
+    assert check_event("myext.thing", {"any": 1}) is None, "an extension's own type is its author's to document"
     with pytest.raises(ValueError, match="not in TransitionStalledEvent"):
         check_event("patch.transition.stalled", {**good, "extra": 1})
     with pytest.raises(ValidationError):
