@@ -135,15 +135,19 @@ class Nats(_Process):
         return f"mqtt://127.0.0.1:{self.mqtt_port}"
 
     def write_conf(self) -> None:
-        cluster = ""
+        cluster = replicas = ""
         if self.cluster_port is not None:
+            # Every node holds every MQTT stream (sessions, retained messages, QoS 1 queues): with the default,
+            # taken from the servers up when the first MQTT client came, a stream may live on two nodes only
+            # and lose its quorum with one of them.
+            replicas = f"  stream_replicas: {len(self.routes) + 1}\n  consumer_replicas: {len(self.routes) + 1}\n"
             routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)
             cluster = f"cluster {{\n  name: lp\n  listen: 127.0.0.1:{self.cluster_port}\n  routes: [{routes}]\n}}\n"
         self.conf.write_text(
             f"server_name: {self.name}\nlisten: 127.0.0.1:{self.port}\n"
             f"jetstream {{\n  store_dir: \"{self.workdir / ('js-' + self.name)}\"\n  max_memory_store: 64MB\n"
             f"  max_file_store: 256MB\n}}\n"
-            f"mqtt {{\n  listen: 127.0.0.1:{self.mqtt_port}\n}}\n{cluster}{self.conf_extra}")
+            f"mqtt {{\n  listen: 127.0.0.1:{self.mqtt_port}\n{replicas}}}\n{cluster}{self.conf_extra}")
 
     def launch(self) -> None:
         self.write_conf()

@@ -35,9 +35,9 @@ async def fake_broker(answer: Callable[[asyncio.StreamWriter], None]) -> AsyncIt
         await server.wait_closed()
 
 
-def make(node: BrokerAddress, protocol: Protocol) -> aiomqtt.Client:
+def make(node: BrokerAddress, protocol: Protocol, connack_s: float) -> aiomqtt.Client:
     return aiomqtt.Client(node.hostname, node.port, protocol=aiomqtt_protocol(protocol), identifier="hint-test",
-                          timeout=1.0)
+                          timeout=connack_s)
 
 
 async def warnings_for(port: int, seconds: float) -> list[dict[str, object]]:

@@ -289,7 +289,7 @@ def _beat_age(doc: StatusDoc, now: float) -> str:
 def status(ctx: typer.Context) -> None:
     """The host's retained status; exit 4 when it is offline, stale (no heartbeat for 3 periods) or unknown."""
     opts: Options = ctx.obj
-    doc: StatusDoc | None = _run(opts, lambda c: c.status(wait=remaining(2.0)))
+    doc: StatusDoc | None = _run(opts, lambda c: c.current_status(wait=remaining(2.0)))
     if doc is None:
         if opts.json:
             sys.stdout.write("null\n")

@@ -320,10 +320,25 @@ class LivepatchClient(FtraceApi, PatchApi):
         """The host's retained status (online/offline with its boot sequence), or None if it never announced."""
         return await self._first(self._topics().status, StatusDoc, wait)
 
+    async def current_status(self, wait: float = 1.0) -> StatusDoc | None:
+        """The host's status as of now: the retained one, and when that one is stale, the newest one published
+        within ``wait`` seconds (a broker may hand out a retained copy older than the beats it forwards live, as
+        a NATS cluster does for a while after a node died). None if the host never announced itself."""
+        latest: StatusDoc | None = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                async for _, payload in self._stream(self._topics().status, retained=True):
+                    if payload:
+                        with contextlib.suppress(ValidationError):
+                            latest = StatusDoc.model_validate_json(payload)
+                            if latest.liveness(time.time()) != "stale":
+                                break
+        return latest
+
     async def liveness(self, wait: float = 1.0) -> Liveness | None:
         """``online``, ``stale`` (online, but no heartbeat for ``STALE_AFTER_BEATS`` periods: unreachable), or
-        ``offline``, from the host's retained status; None if it never announced itself."""
-        doc = await self.status(wait)
+        ``offline``, from ``current_status(wait)``; None if the host never announced itself."""
+        doc = await self.current_status(wait)
         return None if doc is None else doc.liveness(time.time())
 
     async def state(self, wait: float = 1.0) -> StateDoc | None:

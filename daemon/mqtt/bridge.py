@@ -105,7 +105,7 @@ class MqttBridge:
             return aiomqtt_protocol(self.link.protocol)
         return aiomqtt_protocol(self.connector.negotiation.protocol(self.connector.rotation.index))
 
-    def _new_client(self, node: BrokerAddress, protocol: Protocol) -> aiomqtt.Client:
+    def _new_client(self, node: BrokerAddress, protocol: Protocol, connack_s: float) -> aiomqtt.Client:
         cfg = self.config
         v5 = protocol == "5"
         props = None
@@ -118,7 +118,7 @@ class MqttBridge:
             protocol=aiomqtt_protocol(protocol), will=will, clean_session=None if v5 else False,
             clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,  # (3.1.1 has clean_session only)
             keepalive=cfg.keepalive_s, properties=props, tls_context=cfg.tls_context if node.tls else None,
-            socket_options=[NODELAY], timeout=cfg.connect_timeout_s)
+            socket_options=[NODELAY], timeout=connack_s)
 
     async def _connection_loop(self) -> None:
         """Connect (any node, any version that converges), serve the connection, and after a loss start again on
