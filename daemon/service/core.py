@@ -39,7 +39,7 @@ from daemon.service.journal import Journal, JournalFull, fingerprint, is_full
 from daemon.service.metrics import Metrics
 from daemon.service.payload import check_reply_topic, parse_object, peek_envelope, peek_oversized, reply_topic_ok
 from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
-from schemas.verbs import BrokerLink
+from schemas.kernel import BrokerLink
 
 log = structlog.get_logger(__name__)
 

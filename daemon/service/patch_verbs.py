@@ -11,7 +11,7 @@
   from the restored state, never applied twice;
 * **events** — Livepatch's own (loaded, unloaded, transition started, stalled, reversed, completed: it is
   subscribed to once), with each request's enable or disable announced with its transition, and ``forced``,
-  all on the ``events`` topic (types in ``schemas.patch_verbs.PatchEventType``);
+  all on the ``events`` topic (types in ``schemas.livepatch.PatchEventType``);
 * **state** — the retained state's ``components.livepatch`` section: patches, the transition, the keys.
 
 Signature checks are Livepatch's (``trusted_keys``): a bundle is refused before anything is loaded. With no
@@ -46,7 +46,7 @@ from daemon.service.patch_desired import KIND, PatchDesired, RestoreReport
 from daemon.service.patch_events import Change, PatchEvents
 from daemon.service.patch_trust import NO_KEYS_HINT, NoTrustedKeys, dev_signing_key, trusted_keys
 from daemon.service.patch_views import PatchViews
-from schemas.patch_verbs import (
+from schemas.livepatch import (
     CallReadData,
     CallReadRequest,
     PatchChangeData,
