@@ -35,10 +35,13 @@ from daemon.service.crash_guard import CrashLoopGuard, previous_panic, record_pa
 from daemon.service.desired import DesiredState
 from daemon.settings import Settings
 from schemas import KernelState
+from schemas.brokers import BrokerAddress
 
 log = structlog.get_logger(__name__)
 
 JANITOR_PERIOD_S = 2.0  # often and in small batches: a prune is one short transaction
+PRUNE_BATCH = 250  # rows per prune: ~2 ms on the event loop
+PRUNE_AGAIN_S = 0.05  # after a full batch: up to 5,000 rows/s, more than the daemon can accept
 
 
 def version() -> str:
@@ -48,21 +51,40 @@ def version() -> str:
         return "0+unknown"
 
 
-def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
-    """JSON lines on stderr, with the bound context (host, request_id, verb). Called once, by the command."""
+def configure_logging(level: str = "info", stream: TextIO | None = None, fmt: str = "auto") -> None:
+    """Log lines on stderr, with the bound context (host, request_id, verb). Called once, by the command.
+
+    ``fmt``: ``console`` (human-readable), ``json`` (one object per line, for collectors), or ``auto``: console
+    when the stream is a terminal. Third-party libraries log through the standard ``logging`` module (amqtt,
+    asyncio, paho): a handler on the root logger renders their records with the same processors, so one
+    session's output is one format, never JSON interleaved with plain text.
+    """
+    out = stream or sys.stderr
+    human = fmt == "console" or (fmt == "auto" and out.isatty())
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.typing.Processor
+    if human:
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    else:
+        shared.append(structlog.processors.format_exc_info)  # the console renderer prints tracebacks itself
+        renderer = structlog.processors.JSONRenderer()
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr)
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))
 
 
 Extension = Callable[[Service, Kernel], None]
@@ -78,8 +100,11 @@ class Daemon:
 
     def __init__(self, settings: Settings, *, install_signals: bool = False,
                  on_ready: Callable[[Daemon], None] | None = None,
-                 extensions: Sequence[Extension] = ()) -> None:
+                 extensions: Sequence[Extension] = (),
+                 on_embedded_broker: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        self.on_embedded_broker = on_embedded_broker
+        """Called with the URL of the embedded broker once it listens (``serve`` tells a terminal how to reach it)."""
         self.extensions = tuple(extensions)
         self.install_signals = install_signals
         self.on_ready = on_ready
@@ -142,24 +167,31 @@ class Daemon:
 
     async def _serve(self, journal: Journal, kernel: Kernel, boot_seq: int) -> None:
         s = self.settings
-        loop = asyncio.get_running_loop()
         service = self.service = Service(
             host=s.host_id, boot_seq=boot_seq, journal=journal, metrics=self.metrics,
             kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or "", nr_cpus=s.nr_cpus,
                                booted_at=time.time()),
-            max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s)
+            max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s,
+            read_fast_path=s.read_fast_path)
+        try:
+            await self._run_service(service, journal, kernel, boot_seq)
+        finally:
+            service.close()
+
+    async def _run_service(self, service: Service, journal: Journal, kernel: Kernel, boot_seq: int) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
         service.attach(loop)
         if s.labels:  # what a fleet selects this host by (rollout targets, dashboard grouping)
             service.state.set_component("labels", dict(s.labels))
-        kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
+        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
         keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
-        self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys)
+        self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys, stall_after_s=s.transition_stall_s)
         ftrace_ops = ftrace_verbs.register(service, kernel, ftrace, desired=self.desired)
         guard = CrashLoopGuard(previous_panic(s.host_dir, boot_seq), s.crash_loop_grace_s)
         patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
-                                       stall_after_s=s.transition_stall_s, restore_timeout_s=s.patch_restore_timeout_s,
-                                       call_timeout_s=s.call_timeout_s, guard=guard)
+                                       restore_timeout_s=s.patch_restore_timeout_s, calls=calls, guard=guard)
         patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
@@ -181,7 +213,8 @@ class Daemon:
                     loop.add_signal_handler(sig, self._stop.set)
                     stack.callback(loop.remove_signal_handler, sig)
             bridge = self.bridge = MqttBridge(service, config, version=version(), grace_s=s.shutdown_grace_s,
-                                              max_concurrent=s.max_concurrent_requests)
+                                              max_concurrent=s.max_concurrent_requests, heartbeat_s=s.heartbeat_s,
+                                              status_expiry_s=s.status_expiry_s)
             service.events.emit("daemon.started", boot_seq=boot_seq, replayed=replayed)
             try:
                 await self._tasks(service, journal, bridge)
@@ -226,16 +259,19 @@ class Daemon:
 
     async def _broker(self, stack: contextlib.AsyncExitStack) -> BrokerConfig:
         s = self.settings
-        addr = s.broker()
-        if addr is None:
+        nodes = s.brokers()
+        if nodes is None:
             embedded = await stack.enter_async_context(EmbeddedBroker())
             self.broker_url = embedded.url
             log.info("embedded_broker_started", url=embedded.url)
-            return BrokerConfig("127.0.0.1", embedded.port, protocol="3.1.1", keepalive_s=s.keepalive_s,
-                                reconnect_min_s=s.reconnect_min_s, reconnect_max_s=s.reconnect_max_s)
-        self.broker_url = f"mqtt{'s' if addr.tls else ''}://{addr.hostname}:{addr.port}"
-        return BrokerConfig(addr.hostname, addr.port, username=addr.username, password=addr.password,
-                            tls_context=s.tls_context(), protocol=s.mqtt_protocol, keepalive_s=s.keepalive_s,
+            if self.on_embedded_broker is not None:
+                self.on_embedded_broker(embedded.url)
+            # amqtt speaks 3.1.1 only: never offer it 5
+            return BrokerConfig((BrokerAddress("127.0.0.1", embedded.port),), protocol="3.1.1",
+                                keepalive_s=s.keepalive_s, reconnect_min_s=s.reconnect_min_s,
+                                reconnect_max_s=s.reconnect_max_s)
+        self.broker_url = ",".join(node.url for node in nodes)
+        return BrokerConfig(nodes, tls_context=s.tls_context(), protocol=s.mqtt_protocol, keepalive_s=s.keepalive_s,
                             session_expiry_s=s.session_expiry_s, reconnect_min_s=s.reconnect_min_s,
                             reconnect_max_s=s.reconnect_max_s)
 
@@ -247,19 +283,26 @@ class Daemon:
 
     async def _janitor(self, service: Service) -> None:
         journal, metrics = service.journal, service.metrics
+        metrics_due = 0.0
+        pruned = 0
         while True:
-            await asyncio.sleep(JANITOR_PERIOD_S)
+            # a full batch: more is waiting (under sustained load requests arrive faster than one batch per
+            # period); small batches keep each prune, which runs on the event loop, to a couple of ms
+            await asyncio.sleep(PRUNE_AGAIN_S if pruned >= PRUNE_BATCH else JANITOR_PERIOD_S)
             try:
-                pruned = journal.prune(self.settings.journal_keep, self.settings.journal_keep_s)
+                pruned = journal.prune(self.settings.journal_keep, self.settings.journal_keep_s, batch=PRUNE_BATCH)
             except sqlite3.OperationalError as exc:  # a full disk: pruning frees nothing until it can write
                 log.warning("journal_prune_failed", error=str(exc))
                 pruned = 0
             if pruned:
                 metrics.journal_pruned.inc(pruned)
                 log.debug("journal_pruned", requests=pruned)
-            metrics.journal_rows.set(journal.rows())
-            metrics.journal_bytes.labels("db").set(journal.db_bytes())
-            metrics.journal_bytes.labels("wal").set(journal.wal_bytes())
+            now = time.monotonic()
+            if now >= metrics_due:
+                metrics_due = now + JANITOR_PERIOD_S
+                metrics.journal_rows.set(journal.rows())
+                metrics.journal_bytes.labels("db").set(journal.db_bytes())
+                metrics.journal_bytes.labels("wal").set(journal.wal_bytes())
 
 
 def open_state(s: Settings) -> tuple[Journal, DesiredState, int]:
@@ -302,8 +345,17 @@ def _why(s: Settings, exc: BaseException) -> str:
 
 def serve(settings: Settings) -> int:
     """``livepatchd serve``: run one daemon until SIGTERM/SIGINT."""
-    configure_logging(settings.log_level)
-    daemon = Daemon(settings, install_signals=True)
+    configure_logging(settings.log_level, fmt=settings.log_format)
+    # The process's own setting, so here and not in Daemon (a test process runs many daemons in threads): the
+    # event loop hands the GIL to a handler thread on every socket or SQLite call, and waits the switch
+    # interval to get it back while that thread computes (an update plan, a filter): CPython's 5 ms, several
+    # times per request, was most of a read's latency under a mixed load (bench.mixed_load).
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+
+    def tell_lpctl(url: str) -> None:  # the one thing a new user needs from the first screen of output
+        print(f"export LPCTL_BROKER={url} LPCTL_HOST={settings.host_id}    # lpctl's way to this daemon",
+              file=sys.stderr, flush=True)
+    daemon = Daemon(settings, install_signals=True, on_embedded_broker=tell_lpctl if sys.stderr.isatty() else None)
     try:
         asyncio.run(daemon.run())
     except integrity.StateError as exc:

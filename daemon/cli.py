@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.demo import run_demo
+from daemon.settings import default_state_dir
+from daemon.stress_patching import run_stress_patching
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,14 +27,23 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the daemon: MQTT API on a broker (embedded when none is given)",
                            description="Settings come from LIVEPATCHD_* environment variables; these options "
                            "override them.")
-    serve.add_argument("--broker", dest="broker_url", help="mqtt://[user:pass@]host:port or mqtts://...; default: "
-                       "an embedded broker on 127.0.0.1 on a free port")
+    serve.add_argument("--broker", dest="broker_url", action="append",
+                       help="mqtt://[user:pass@]host:port or mqtts://...; the nodes of a cluster: repeat the option "
+                       "or separate URLs with commas; default: an embedded broker on 127.0.0.1 on a free port")
     serve.add_argument("--host", dest="host_id", help="this host's id (default: the machine's host name)")
-    serve.add_argument("--state-dir", type=Path, help="where the journal lives")
-    serve.add_argument("--cpus", dest="nr_cpus", type=int, help="number of vCPUs (1-8)")
-    serve.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"])
+    serve.add_argument("--state-dir", type=Path, metavar="DIR", help="where each host keeps its journal and desired "
+                       f"state, in DIR/<host>/ (default: LIVEPATCHD_STATE_DIR, else {default_state_dir()})")
+    serve.add_argument("--cpus", dest="nr_cpus", type=int, metavar="N", help="number of vCPUs, 1-8 (default: "
+                       "LIVEPATCHD_NR_CPUS, else 2)")
+    serve.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"],
+                       help="MQTT version to speak to --broker: auto tries 5 and falls back to 3.1.1 when the broker "
+                       "refuses it (default: LIVEPATCHD_MQTT_PROTOCOL, else auto; the embedded broker speaks 3.1.1)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="the least severe log events written (default: LIVEPATCHD_LOG_LEVEL, else info)")
+    serve.add_argument("--log-format", choices=["auto", "console", "json"],
+                       help="console: human-readable lines; json: one JSON object per line; auto: console on a "
+                       "terminal, JSON otherwise (default: LIVEPATCHD_LOG_FORMAT, else auto)")
     serve.add_argument("--tls-ca", dest="tls_ca_file", type=Path, help="CA certificate(s) to verify the broker "
                        "with (PEM); implies TLS")
     serve.add_argument("--tls-cert", dest="tls_cert_file", type=Path, help="client certificate (PEM), for brokers "
@@ -60,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dashboard":
         return _dashboard(args.broker, args.listen)
     if args.command == "demo":
-        from daemon.walkthrough import run_walkthrough  # noqa: PLC0415  (imports the whole service)
+        from daemon.demo import run_demo  # noqa: PLC0415  (imports the whole service)
 
-        return run_walkthrough(nr_cpus=args.cpus)
+        return run_demo(nr_cpus=args.cpus)
     if args.command == "stress-patching":
-        return run_demo(nr_cpus=args.cpus, toggles=args.toggles)
+        return run_stress_patching(nr_cpus=args.cpus, toggles=args.toggles)
     if args.command == "serve":
         return _serve(args)
     if args.command == "fleet":
@@ -97,8 +107,11 @@ def _serve(args: argparse.Namespace) -> int:
     from daemon.settings import Settings  # noqa: PLC0415
 
     keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level",
-            "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys", "dev_signing_key")
+            "log_format", "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys",
+            "dev_signing_key")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if "broker_url" in overrides:
+        overrides["broker_url"] = ",".join(overrides["broker_url"])
     try:
         settings = Settings(**overrides)
         settings.tls_context()  # unreadable or malformed certificate files: say so now, not at the first connect

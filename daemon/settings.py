@@ -10,13 +10,16 @@ import os
 import re
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, FilePath, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from schemas.brokers import BrokerAddress, parse_broker_url, parse_broker_urls
+
+__all__ = ["BrokerAddress", "Settings", "default_host_id", "default_state_dir", "parse_broker_url"]
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -33,33 +36,6 @@ def default_state_dir() -> Path:
     return Path(base) / "livepatchd"
 
 
-@dataclass(frozen=True)
-class BrokerAddress:
-    """A parsed ``mqtt://`` or ``mqtts://`` URL."""
-
-    hostname: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://[user[:password]@]host[:port]`` (default port 1883) or ``mqtts://…`` (TLS, default 8883)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ValueError(f"broker URL {url!r}: the scheme must be mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ValueError(f"broker URL {url!r} has no host")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise ValueError(f"broker URL {url!r}: {exc}") from None
-    return BrokerAddress(parts.hostname, port, tls, unquote(parts.username) if parts.username else None,
-                         unquote(parts.password) if parts.password else None)
-
-
 class Settings(BaseSettings):
     """Everything a daemon needs to know; one instance per daemon (a process may run many)."""
 
@@ -68,8 +44,9 @@ class Settings(BaseSettings):
     host_id: str = Field(default_factory=default_host_id, description="this host's MQTT identity (one topic level)")
     state_dir: Path = Field(default_factory=default_state_dir, description="journal and other state of this host")
 
-    broker_url: str | None = Field(default=None, description="mqtt://host:port; none: an embedded broker on "
-                                   "127.0.0.1 on a free port")
+    broker_url: str | None = Field(default=None, description="mqtt://host:port, or the nodes of one clustered "
+                                   "broker comma-separated (tried in turn, the session resumed on whichever "
+                                   "answers); none: an embedded broker on 127.0.0.1 on a free port")
     username: str | None = None
     password: SecretStr | None = None
     tls_ca_file: FilePath | None = None
@@ -81,6 +58,10 @@ class Settings(BaseSettings):
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     session_expiry_s: int = Field(default=7 * 86400, ge=0, description="how long the broker keeps our session "
                                   "(queued requests) while we are away (MQTT 5)")
+    heartbeat_s: float = Field(default=10.0, ge=0.1, le=3600, description="republish the retained online status "
+                               "this often; clients call a host stale after 3 periods without one")
+    status_expiry_s: int = Field(default=86400, ge=0, description="MQTT 5 message expiry of the online status: "
+                                 "the broker forgets a host silent for this long (0: never)")
     reconnect_min_s: float = Field(default=0.1, gt=0)
     reconnect_max_s: float = Field(default=5.0, gt=0)
 
@@ -94,6 +75,12 @@ class Settings(BaseSettings):
     journal_keep_s: float = Field(default=3600.0, ge=60, description="answered requests older than this are "
                                   "pruned (the dedup window in time; journal_keep bounds it in count)")
     journal_durable: bool = Field(default=False, description="fsync every journal commit (power-loss safe)")
+    read_fast_path: bool = Field(default=True, description="a mutating request's fsync runs beside the event loop "
+                                 "(group fsync), so read-only requests never wait for it; off: the fsync is part "
+                                 "of its commit on the loop (the baseline of bench.mixed_load); durable either way")
+    gil_switch_interval_ms: float = Field(default=0.2, gt=0, le=100, description="livepatchd serve's GIL switch "
+                                          "interval: how long the event loop may wait for the GIL while a handler "
+                                          "thread computes (CPython's default: 5)")
 
     trusted_keys_dir: Path | None = Field(default=None, description="a directory of Ed25519 public keys (PEM, "
                                           "*.pub or *.pem) whose signatures on patches are trusted")
@@ -123,6 +110,9 @@ class Settings(BaseSettings):
                                      "(0: any free port); none: off")
     metrics_addr: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "console", "json"] = Field(
+        default="auto", description="console: human-readable lines; json: one JSON object per line; auto: console "
+        "on a terminal, JSON otherwise")
 
     @field_validator("host_id")
     @classmethod
@@ -166,7 +156,7 @@ class Settings(BaseSettings):
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_broker_url(value)
+            parse_broker_urls(value)
         return value
 
     @property
@@ -189,18 +179,20 @@ class Settings(BaseSettings):
             paths += sorted(p for p in self.trusted_keys_dir.iterdir() if p.suffix in (".pub", ".pem") and p.is_file())
         return paths
 
-    def broker(self) -> BrokerAddress | None:
-        """The configured broker with credentials merged (settings win over the URL), or None: embedded."""
+    def brokers(self) -> tuple[BrokerAddress, ...] | None:
+        """The configured broker's nodes with credentials merged (settings win over the URLs), or None: embedded.
+        A CA file means TLS on every node."""
         if self.broker_url is None:
             return None
-        addr = parse_broker_url(self.broker_url)
-        password = self.password.get_secret_value() if self.password is not None else addr.password
-        return BrokerAddress(addr.hostname, addr.port, addr.tls or self.tls_ca_file is not None,
-                             self.username or addr.username, password)
+        password = self.password.get_secret_value() if self.password is not None else None
+        return tuple(replace(node, tls=node.tls or self.tls_ca_file is not None,
+                             username=self.username or node.username,
+                             password=password if password is not None else node.password)
+                     for node in parse_broker_urls(self.broker_url))
 
     def tls_context(self) -> ssl.SSLContext | None:
-        addr = self.broker()
-        if addr is None or not addr.tls:
+        nodes = self.brokers()
+        if nodes is None or not any(node.tls for node in nodes):
             return None
         ctx = ssl.create_default_context(cafile=str(self.tls_ca_file) if self.tls_ca_file else None)
         if self.tls_cert_file is not None:

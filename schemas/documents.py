@@ -7,13 +7,25 @@ from typing import Any, Literal
 from pydantic import Field
 
 from schemas._base import SCHEMA_VERSION, HostId, Outbound
+from schemas.events import EVENTS
+from schemas.ftrace import FtraceSection
+from schemas.livepatch import LivepatchSection
+
+STALE_AFTER_BEATS = 3
+"""A host whose last heartbeat is older than this many heartbeat periods is ``stale``: it said online, but it has
+not said so lately (a broker node died with its connection, so no last will was published; a partition)."""
+
+Liveness = Literal["online", "stale", "offline"]
 
 
 class StatusDoc(Outbound):
-    """Retained on ``status``: the birth (``online``) and the death (``offline``, also the last will).
+    """Retained on ``status``: the birth (``online``), the heartbeats, and the death (``offline``, also the last
+    will).
 
     A death pairs with the birth that carries the same ``boot_seq`` (Sparkplug's bdSeq rule), so a stale
-    last will from an earlier run can never be mistaken for the current daemon going away.
+    last will from an earlier run can never be mistaken for the current daemon going away. While online, the
+    daemon publishes the document again every ``heartbeat_s`` seconds (``beat`` 1, 2, …; MQTT 5 gives it a message
+    expiry): ``liveness()`` tells an online host that stopped beating (``stale``) from one that is alive.
     """
 
     schema_version: int = SCHEMA_VERSION
@@ -21,8 +33,29 @@ class StatusDoc(Outbound):
     state: Literal["online", "offline"]
     boot_seq: int
     reason: Literal["started", "reconnected", "shutdown", "connection_lost"]
-    time: float = Field(description="Unix time at which the document was made (for the will: at connect)")
+    time: float | None = Field(description="Unix time at which the document was made; null in the last will, "
+                               "whose time cannot be known when it is registered (at connect): the broker "
+                               "publishes it later, when it notices the connection is gone")
     version: str = Field(description="livepatchd version")
+    beat: int = Field(default=0, ge=0, description="0: the birth (the daemon has just subscribed); 1, 2, …: the "
+                      "heartbeats that follow on the same connection")
+    heartbeat_at: float | None = Field(default=None, description="Unix time of this heartbeat (online only)")
+    heartbeat_s: float | None = Field(default=None, description="the heartbeat period; stale after "
+                                      f"{STALE_AFTER_BEATS} periods without one")
+
+    @property
+    def birth(self) -> bool:
+        return self.state == "online" and self.beat == 0
+
+    def liveness(self, now: float) -> Liveness:
+        """``offline``; ``stale`` when online but the last heartbeat is older than ``STALE_AFTER_BEATS`` periods
+        (``now`` and ``heartbeat_at`` are wall-clock times: the rule assumes clocks within a period of each other);
+        else ``online`` (also for a daemon too old to beat)."""
+        if self.state == "offline":
+            return "offline"
+        if self.heartbeat_at is None or self.heartbeat_s is None:
+            return "online"
+        return "stale" if now - self.heartbeat_at > STALE_AFTER_BEATS * self.heartbeat_s else "online"
 
 
 class KernelState(Outbound):
@@ -33,11 +66,17 @@ class KernelState(Outbound):
     booted_at: float
 
 
+COMPONENTS: dict[str, type[Outbound]] = {"livepatch": LivepatchSection, "ftrace": FtraceSection}
+"""The sections of ``StateDoc.components`` this schema version defines, by name -> their model."""
+
+
 class StateDoc(Outbound):
     """Retained on ``state``: every host-visible fact, versioned. ``version`` only grows, across restarts.
 
-    ``components`` carries one section per subsystem (ftrace, livepatch, …), each a JSON object that its
-    owner documents; a dashboard can be built from this document alone.
+    ``components`` carries one section per subsystem (``livepatch``: :class:`~schemas.livepatch.LivepatchSection`,
+    ``ftrace``: :class:`~schemas.ftrace.FtraceSection`, see ``COMPONENTS``); a dashboard can be built from this
+    document alone. The sections stay JSON objects here (a client of an older schema still reads a newer
+    document); ``section(name)`` gives one as its model.
     """
 
     schema_version: int = SCHEMA_VERSION
@@ -46,7 +85,16 @@ class StateDoc(Outbound):
     boot_seq: int
     time: float
     kernel: KernelState
-    components: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    components: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="one section per subsystem, each following its model (COMPONENTS; the "
+        "exported schema names them); other sections are objects their owners document")
+
+    def section(self, name: str) -> Outbound | None:
+        """Section ``name`` as its model (``COMPONENTS``); None when the document has no such section. KeyError
+        for a section this schema version does not define."""
+        model = COMPONENTS[name]
+        section = self.components.get(name)
+        return None if section is None else model.model_validate(section)
 
 
 EventType = Literal[
@@ -66,5 +114,12 @@ class EventDoc(Outbound):
     boot_seq: int
     seq: int
     time: float
-    type: str = Field(description="dotted event name; see EventType for the ones this version emits")
-    data: dict[str, Any] = Field(default_factory=dict)
+    type: str = Field(description="dotted event name; schemas.events.EVENTS lists the ones this version emits")
+    data: dict[str, Any] = Field(default_factory=dict, description="follows the model of its type (an "
+                                 "*Event model: EVENTS[type]); kept an object here so that a client reads the "
+                                 "envelope of a type it does not know")
+
+    def typed_data(self) -> Outbound | None:
+        """``data`` as its type's model; None for a type this schema version does not know."""
+        model = EVENTS.get(self.type)
+        return None if model is None else model.model_validate(self.data)

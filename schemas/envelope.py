@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from schemas._base import Inbound, Outbound, RequestId
+from schemas.topics import reply_destination_problem
 
 REPLY_TO_MAX = 256
 
@@ -18,13 +19,19 @@ class Request(Inbound):
     request_id: RequestId
     reply_to: str | None = Field(
         default=None, max_length=REPLY_TO_MAX,
-        description="topic for the reply when the request has no MQTT v5 response topic (MQTT 3.1.1 clients)")
+        description="topic for the reply when the request has no MQTT v5 response topic (MQTT 3.1.1 clients): "
+                    "a topic name (non-empty, no leading '$', no wildcard, no control character U+0000-U+001F or "
+                    "U+007F-U+009F, no non-character such as U+FFFE, U+FFFF or U+FDD0-U+FDEF) outside livepatch/v1/ "
+                    "unless it is a reply topic (livepatch/v1/<host>/reply or below it); otherwise the request is "
+                    "refused with invalid_reply_topic or forbidden_reply_topic on the default reply topic")
 
     @field_validator("reply_to")
     @classmethod
     def _topic_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value or any(c in value for c in "+#\0") or value.startswith("$")):
-            raise ValueError("reply_to must be a topic name: non-empty, no wildcards, no leading '$'")
+        if value is not None:
+            problem = reply_destination_problem(value)
+            if problem is not None:
+                raise ValueError(f"reply_to {problem[1]}")
         return value
 
 

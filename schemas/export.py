@@ -16,19 +16,22 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from schemas._base import SCHEMA_VERSION
-from schemas.documents import EventDoc, StateDoc, StatusDoc
+from schemas.catalog import VERBS
+from schemas.discovery import DISCOVER, DISCOVER_REPLY_PREFIX, DiscoverRequest
+from schemas.documents import COMPONENTS, EventDoc, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply
+from schemas.events import EVENTS
 from schemas.fleet import FleetSpec
-from schemas.ftrace_verbs import TraceBatchDoc
+from schemas.ftrace import TraceBatchDoc
 from schemas.topics import ROOT, verb_path
-from schemas.verbs import VERBS
 
 HERE = Path(__file__).resolve().parent
 JSON_DIR = HERE / "json"
 ASYNCAPI = HERE / "asyncapi.json"
 REF = "#/components/schemas/{model}"
 
-DOCUMENTS: tuple[type[BaseModel], ...] = (Reply, ErrorBody, StatusDoc, StateDoc, EventDoc, TraceBatchDoc)
+DOCUMENTS: tuple[type[BaseModel], ...] = (Reply, ErrorBody, StatusDoc, StateDoc, EventDoc, TraceBatchDoc,
+                                          DiscoverRequest)
 SPECS: tuple[type[BaseModel], ...] = (FleetSpec,)
 """Files an operator writes (not MQTT messages): a JSON Schema each, none in the AsyncAPI document."""
 
@@ -46,7 +49,14 @@ def _models() -> list[type[BaseModel]]:
     seen: list[type[BaseModel]] = []
     for spec in VERBS.values():
         seen += [spec.request, spec.data]
-    return seen + list(DOCUMENTS)
+    return seen + list(DOCUMENTS) + list(EVENTS.values()) + list(COMPONENTS.values())
+
+
+def _typed_components(state: dict[str, Any], ref: str) -> None:
+    """StateDoc's ``components``: each section this version defines, by reference to its model (``ref``: where
+    the models' schemas are; the document keeps the sections plain objects, see ``StateDoc``)."""
+    components = state["properties"]["components"]
+    components["properties"] = {name: {"$ref": ref.format(model=model.__name__)} for name, model in COMPONENTS.items()}
 
 
 def _dump(doc: Any) -> str:
@@ -59,6 +69,12 @@ def json_schemas() -> dict[str, str]:
     for model in [*_models(), *SPECS]:
         schema = model.model_json_schema(mode=_mode(model))
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        if model is StateDoc:
+            _typed_components(schema, "#/$defs/{model}")
+            for section in COMPONENTS.values():
+                section_schema = section.model_json_schema(mode="serialization")
+                schema["$defs"].update(section_schema.pop("$defs", {}))
+                schema["$defs"][section.__name__] = section_schema
         out[f"{model.__name__}.json"] = _dump(schema)
     return out
 
@@ -67,6 +83,7 @@ def asyncapi() -> str:
     """An AsyncAPI 2.6 document, from a client's point of view (clients publish requests, subscribe the rest)."""
     _, defs = models_json_schema([(m, _mode(m)) for m in _models()], ref_template=REF)
     schemas = defs.get("$defs", {})
+    _typed_components(schemas["StateDoc"], REF)
     host = {"host": {"description": "the daemon's host id (one topic level)"}}
     channels: dict[str, Any] = {}
     messages: dict[str, Any] = {}
@@ -84,10 +101,15 @@ def asyncapi() -> str:
         }
     for model, topic, retained, text in (
         (Reply, "reply", False, "Replies for MQTT 3.1.1 clients that gave no reply_to (v5 clients get theirs on "
-                                "their response topic, with their correlation data)."),
-        (StatusDoc, "status", True, "Birth and death (also the last will), retained."),
+                                "their response topic, with their correlation data), and refusals of requests "
+                                "whose reply destination is refused: invalid_reply_topic (not a topic a reply can "
+                                "be published to) or forbidden_reply_topic (a topic of livepatch/v1/ that is not a "
+                                "reply topic)."),
+        (StatusDoc, "status", True, "Birth, heartbeats (every heartbeat_s; a host is stale after 3 periods without "
+                                    "one) and death (also the last will, whose time is null), retained."),
         (StateDoc, "state", True, "Every host-visible fact, versioned, retained."),
-        (EventDoc, "events", False, "Events (transitions, errors, reconnects), with a per-boot sequence number."),
+        (EventDoc, "events", False, "Events (transitions, errors, reconnects), with a per-boot sequence number; "
+                                    "each type's data follows its own model (one message per type)."),
         (TraceBatchDoc, "trace", False, "Function-tracer records drained from the guest's per-CPU rings while a "
                                         "trace runs (trace.start), in batches, as trace lines and structured entries."),
     ):
@@ -98,6 +120,33 @@ def asyncapi() -> str:
             "subscribe": {"operationId": f"receive_{topic}", "bindings": {"mqtt": {"qos": 1, "retain": retained}},
                           "message": {"$ref": f"#/components/messages/{name}"}},
         }
+    events = []
+    for type_, data_model in EVENTS.items():
+        name = f"event.{type_}"
+        messages[name] = {
+            "name": name, "title": f"{type_} event", "summary": (data_model.__doc__ or "").strip().split("\n")[0],
+            "contentType": "application/json",
+            "payload": {"allOf": [{"$ref": REF.format(model="EventDoc")},
+                                  {"type": "object", "required": ["type", "data"],
+                                   "properties": {"type": {"const": type_},
+                                                  "data": {"$ref": REF.format(model=data_model.__name__)}}}]}}
+        events.append({"$ref": f"#/components/messages/{name}"})
+    channels[f"{ROOT}/{{host}}/events"]["subscribe"]["message"] = {"oneOf": events}
+    messages["DiscoverRequest"] = {"name": "DiscoverRequest", "contentType": "application/json",
+                                   "payload": {"$ref": REF.format(model="DiscoverRequest")}}
+    channels[DISCOVER] = {
+        "description": "Discovery without retained wildcards: every online host answers with its current status on "
+                       "the request's reply_to (which must be " + DISCOVER_REPLY_PREFIX + "<client id>). Used when "
+                       "the retained statuses do not reach a wildcard subscription (RabbitMQ).",
+        "publish": {"operationId": "discover", "bindings": {"mqtt": {"qos": 0, "retain": False}},
+                    "message": {"$ref": "#/components/messages/DiscoverRequest"}},
+    }
+    channels[DISCOVER_REPLY_PREFIX + "{client_id}"] = {
+        "description": "The answers to a client's discovery request: one StatusDoc per online host.",
+        "parameters": {"client_id": {"description": "the asking client's MQTT client id (one topic level)"}},
+        "subscribe": {"operationId": "receive_discovered", "bindings": {"mqtt": {"qos": 0, "retain": False}},
+                      "message": {"$ref": "#/components/messages/StatusDoc"}},
+    }
     doc = {
         "asyncapi": "2.6.0",
         "info": {"title": "livepatchd MQTT API", "version": f"{SCHEMA_VERSION}.0.0",

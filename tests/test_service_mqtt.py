@@ -255,18 +255,22 @@ def test_reply_to_in_the_payload_and_its_limits(lpd: DaemonThread) -> None:
             await c.subscribe(topics.reply(), qos=1)
             rid = uuid.uuid4().hex
             await c.publish(topics.request("info"), json.dumps({"request_id": rid, "reply_to": mine}), qos=1)
-            # a reply_to that names a request topic (of any daemon) is answered on 'reply' instead
+            # a reply_to that names a request topic (of any daemon) is refused on 'reply' instead
             loop_rid = uuid.uuid4().hex
             await c.publish(topics.request("info"),
                             json.dumps({"request_id": loop_rid, "reply_to": Topics("other").request("call")}), qos=1)
             seen: dict[str, str] = {}
+            codes: dict[str, str | None] = {}
             async with asyncio.timeout(10):
                 async for message in c.messages:
                     assert isinstance(message.payload, bytes)
-                    seen[json.loads(message.payload)["request_id"]] = message.topic.value
+                    doc = json.loads(message.payload)
+                    seen[doc["request_id"]] = message.topic.value
+                    codes[doc["request_id"]] = doc["error"]["code"] if not doc["ok"] else None
                     if len(seen) == 2:
                         break
             assert seen == {rid: mine, loop_rid: topics.reply()}
+            assert codes == {rid: None, loop_rid: "forbidden_reply_topic"}
     run(main())
 
 

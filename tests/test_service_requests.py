@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from daemon.kernel.kernel import Kernel
 from daemon.service import Journal, Service, kernel_verbs
 from schemas import VERBS, KernelState, Reply
+from schemas.topics import reply_destination_problem
 
 REFUSALS = {"bad_request", "unknown_verb", "payload_too_large", "unknown_symbol", "ambiguous_symbol",
-            "invalid_argument", "request_id_conflict"}
+            "invalid_argument", "request_id_conflict", "invalid_reply_topic", "forbidden_reply_topic"}
 FIELDS = ["request_id", "reply_to", "name", "sympos", "address", "function", "args", "cpu", "extra"]
 
 json_values = st.recursive(
@@ -51,6 +52,7 @@ def check(service: Service, verb: str, payload: bytes) -> Reply:
     before = service.journal.counts()["accepted"]
     outcome = asyncio.run(service.handle(verb, payload))
     reply = Reply.model_validate_json(outcome.payload)  # always a well-formed reply
+    assert reply_destination_problem(outcome.route.topic) is None  # to a topic it can and may be published to
     assert reply == outcome.reply
     if reply.ok:
         assert reply.data is not None

@@ -14,6 +14,7 @@ import pytest
 
 from clients.sdk import LivepatchClient
 from schemas import ALL_EVENTS, ALL_STATE, ALL_STATUS, VERBS, Topics
+from schemas.discovery import DISCOVER, discover_reply, valid_reply_to
 
 LEVEL = re.compile(r"^[A-Za-z0-9_-]+$")
 LONGEST_HOST = "h" * 64  # the longest host id the daemon's settings accept
@@ -25,6 +26,7 @@ def catalog() -> list[str]:
     names = [t.request(verb) for verb in VERBS]
     names += [t.reply(), t.reply(LONGEST_CLIENT), t.status, t.state, t.events, t.trace]
     names += [t.request_filter, ALL_STATUS, ALL_STATE, ALL_EVENTS]
+    names += [DISCOVER, discover_reply(LONGEST_CLIENT)]
     return names
 
 
@@ -78,3 +80,11 @@ def test_the_sdk_reply_topic_passes() -> None:
     client = LivepatchClient("mqtt://127.0.0.1:1", "web-01")
     assert client.topics is not None
     assert strict_violations(client.topics.reply(client.client_id)) == []
+
+
+def test_discovery_stays_clear_of_every_host_and_answers_only_its_own_replies() -> None:
+    assert not DISCOVER.startswith("livepatch/v1/")  # no host id can collide with it
+    assert valid_reply_to(discover_reply("lpsdk-1"))
+    for bad in ("livepatch/v1/h/request/call", f"{DISCOVER}/reply/a/b", f"{DISCOVER}/reply/+", f"{DISCOVER}/reply/",
+                f"{DISCOVER}/replyx", "livepatch/discover/v1/reply/#"):
+        assert not valid_reply_to(bad), bad

@@ -6,28 +6,33 @@ Exit codes (stable; scripts may rely on them):
     1  the daemon answered with an error reply (its code is printed; with --json, the reply itself)
     2  usage error: unknown option, bad argument, missing --host
     3  no answer: broker unreachable, connection refused or lost, or no reply within --timeout
-    4  the host is offline, or never announced itself (``status``)
+    4  the host is offline, stale (no heartbeat lately), or never announced itself (``status``)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import json
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from clients.cli import keys
-from clients.sdk import BrokerUnreachable, LivepatchClient, RawReply, RequestTimeout, SdkError
+from clients.cli.deadline import Deadline
+from clients.cli.help_format import LpctlGroup
+from clients.sdk import BrokerUnreachable, LivepatchClient, RawReply, RequestTimeout, SdkError, SubscriptionFailed
 from schemas import CallData, InfoData, StatusDoc, SymbolData, TasksData
 
 T = TypeVar("T")
@@ -52,6 +57,11 @@ class Options:
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
+    @property
+    def shown_broker(self) -> str:
+        """The broker URL(s) as error messages name them: with the password, if any, left out."""
+        return ",".join(_without_password(url) for url in self.broker.split(","))
+
     def tls_context(self) -> ssl.SSLContext | None:
         """The trust anchors and client certificate given, if any (mqtts:// alone: the system's trust store)."""
         if self.tls_ca is None and self.tls_cert is None:
@@ -62,9 +72,17 @@ class Options:
         return ctx
 
 
-app = typer.Typer(name="lpctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Operate livepatchd daemons over MQTT.", epilog="Exit codes: 0 ok, 1 error reply, 2 usage, "
-                  "3 broker unreachable or timeout, 4 host offline.")
+def _without_password(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.password is None:
+        return url.strip()
+    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+app = typer.Typer(name="lpctl", cls=LpctlGroup, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, help="Operate livepatchd daemons over MQTT.",
+                  epilog="Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker unreachable or timeout, 4 host offline.")
 keys_app = typer.Typer(no_args_is_help=True, help="Ed25519 keys for signing patches.")
 app.add_typer(keys_app, name="keys")
 
@@ -89,12 +107,14 @@ def fail(code: int, message: str, hint: str | None = None) -> NoReturn:
 def options(
     ctx: typer.Context,
     *,
-    broker: Annotated[str, typer.Option(envvar="LPCTL_BROKER", help="mqtt://\\[user:pass@]host:port or mqtts://…")]
-    = "mqtt://127.0.0.1:1883",
+    broker: Annotated[list[str] | None, typer.Option(
+        envvar="LPCTL_BROKER", help="mqtt://\\[user:pass@]host:port or mqtts://…; a cluster's nodes: repeat the "
+        "option or separate URLs with commas (default mqtt://127.0.0.1:1883)")] = None,
     host: Annotated[str | None, typer.Option(envvar="LPCTL_HOST", help="the daemon's host id")] = None,
     json_: Annotated[bool, typer.Option("--json", help="print the daemon's reply (or document) exactly, as JSON")]
     = False,
-    timeout: Annotated[float, typer.Option(envvar="LPCTL_TIMEOUT", min=0.1, help="seconds to wait for a reply")]
+    timeout: Annotated[float, typer.Option(envvar="LPCTL_TIMEOUT", min=0.1, help="seconds the whole command may "
+                                           "take: connecting (every node, reconnects included) and the reply")]
     = 10.0,
     protocol: Annotated[Protocol, typer.Option(envvar="LPCTL_PROTOCOL", help="MQTT version: auto tries 5, then "
                                                "3.1.1 (3.1.1 for the daemon's embedded broker)")] = Protocol.auto,
@@ -105,7 +125,8 @@ def options(
     tls_key: Annotated[Path | None, typer.Option(envvar="LPCTL_TLS_KEY", help="its private key (PEM), when not "
                                                  "in the certificate file")] = None,
 ) -> None:
-    ctx.obj = Options(broker, host, json_, timeout, protocol, tls_ca, tls_cert, tls_key)
+    ctx.obj = Options(",".join(broker or ["mqtt://127.0.0.1:1883"]), host, json_, timeout, protocol, tls_ca,
+                      tls_cert, tls_key)
 
 
 def _client(opts: Options, *, need_host: bool = True) -> LivepatchClient:
@@ -122,22 +143,65 @@ def _client(opts: Options, *, need_host: bool = True) -> LivepatchClient:
         fail(EXIT_USAGE, str(exc))
 
 
-def _run(opts: Options, work: Callable[[LivepatchClient], Awaitable[T]], *, need_host: bool = True) -> T:
+def _run(opts: Options, work: Callable[[LivepatchClient], Awaitable[T]], *, need_host: bool = True,
+         budget: float | None = None, stream: bool = False) -> T:
+    """Connect, run ``work``, disconnect, within ``budget`` seconds (default ``--timeout``) in all: connecting to
+    every node, reconnecting and waiting for replies included. A ``stream`` (events, trace follow) runs until it
+    ends; only its connection is bounded. Past the budget the command exits 3, even when a thread is stuck in
+    a blocking connect: a watchdog ends the process two seconds later."""
     client = _client(opts, need_host=need_host)
+    total = opts.timeout if budget is None else budget
+    _deadline.set(time.monotonic() + total)
+    connected = False
+    watchdog = Deadline(total + 2.0, lambda: _no_answer(opts, total, connected))
 
     async def main() -> T:
-        async with client:
-            return await work(client)
+        nonlocal connected
+        async with asyncio.timeout(total) as scope:
+            async with client:
+                connected = True
+                if stream:
+                    scope.reschedule(None)
+                    watchdog.cancel()
+                return await work(client)
+    watchdog.start()
     try:
         return asyncio.run(main())
-    except RequestTimeout as exc:
-        fail(EXIT_UNREACHABLE, str(exc), f"check that {opts.host} is online: lpctl --host {opts.host} status")
+    except TimeoutError:
+        fail(EXIT_UNREACHABLE, _no_answer(opts, total, connected),
+             f"check that {opts.host} is online: lpctl --host {opts.host} status" if connected and opts.host
+             else "check --broker (or LPCTL_BROKER); --timeout gives the command more time")
+    except RequestTimeout as exc:  # every message of a connection problem names the broker it used
+        fail(EXIT_UNREACHABLE, f"{exc}, over {opts.shown_broker}",
+             f"check that {opts.host} is online: lpctl --host {opts.host} status; and that it uses this broker "
+             "(--broker, LPCTL_BROKER)")
     except BrokerUnreachable as exc:
-        if "refused MQTT 5" in str(exc):
-            fail(EXIT_UNREACHABLE, str(exc), "pass --protocol 3.1.1 (or auto; LPCTL_PROTOCOL) for this broker")
-        fail(EXIT_UNREACHABLE, str(exc), "check --broker (or LPCTL_BROKER) and the broker's credentials")
+        where = f"{exc} (--broker {opts.shown_broker})"
+        if "MQTT 5" in str(exc):
+            fail(EXIT_UNREACHABLE, where, "pass --protocol 3.1.1 (or auto; LPCTL_PROTOCOL) for this broker")
+        if isinstance(exc, SubscriptionFailed):
+            fail(EXIT_UNREACHABLE, where, "check the broker's ACL for this user (it must read the topic)")
+        fail(EXIT_UNREACHABLE, where, "check --broker (or LPCTL_BROKER) and the broker's credentials")
     except SdkError as exc:
         fail(EXIT_USAGE, str(exc))
+    finally:
+        watchdog.cancel()
+
+
+_deadline: contextvars.ContextVar[float] = contextvars.ContextVar("lpctl_deadline")
+
+
+def remaining(at_most: float) -> float:
+    """Seconds left before the command's deadline (a little less, so that a wait inside it ends first), at most
+    ``at_most``."""
+    left = _deadline.get(time.monotonic() + at_most) - time.monotonic() - 0.05
+    return max(0.01, min(at_most, left))
+
+
+def _no_answer(opts: Options, total: float, connected: bool) -> str:
+    if connected:
+        return f"no answer within {total:g} s (--timeout) from {opts.host or 'the hosts'} over {opts.shown_broker}"
+    return f"could not connect to {opts.shown_broker} within {total:g} s (--timeout)"
 
 
 def _follow(opts: Options, items: Callable[[LivepatchClient], AsyncIterator[T]],
@@ -155,7 +219,7 @@ def _follow(opts: Options, items: Callable[[LivepatchClient], AsyncIterator[T]],
                         break
         return shown
     try:
-        _run(opts, follow)
+        _run(opts, follow, stream=True)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
 
@@ -163,7 +227,7 @@ def _follow(opts: Options, items: Callable[[LivepatchClient], AsyncIterator[T]],
 def _request(ctx: typer.Context, verb: str, params: dict[str, Any]) -> dict[str, Any]:
     """Send one request; print the reply exactly with --json; exit 1 on an error reply."""
     opts: Options = ctx.obj
-    raw: RawReply = _run(opts, lambda c: c.request_raw(verb, params))
+    raw: RawReply = _run(opts, lambda c: c.request_raw(verb, params, timeout=remaining(opts.timeout)))
     if opts.json:
         sys.stdout.write(raw.payload + "\n")
     reply = raw.reply
@@ -191,37 +255,55 @@ def _int(text: str) -> int:
 
 @app.command()
 def hosts(ctx: typer.Context,
-          wait: Annotated[float, typer.Option(min=0.05, help="seconds to collect retained statuses")] = 0.5) -> None:
-    """List the hosts that announced themselves on this broker (retained status)."""
+          wait: Annotated[float, typer.Option(min=0.05, help="seconds to collect retained statuses, and as long "
+                                              "again for discovery answers when there is none (on top of "
+                                              "--timeout)")] = 0.5) -> None:
+    """List the hosts that announced themselves on this broker: online, stale (no heartbeat for 3 periods) or
+    offline."""
     opts: Options = ctx.obj
-    found: dict[str, StatusDoc] = _run(opts, lambda c: c.hosts(wait), need_host=False)
+    found: dict[str, StatusDoc] = _run(opts, lambda c: c.hosts(wait), need_host=False,
+                                       budget=opts.timeout + 2 * wait)  # retained, then discovery
+    now = time.time()
     if opts.json:
-        sys.stdout.write(json.dumps({h: s.model_dump(mode="json") for h, s in found.items()}) + "\n")
+        sys.stdout.write(json.dumps({h: {**s.model_dump(mode="json"), "liveness": s.liveness(now)}
+                                     for h, s in found.items()}) + "\n")
         return
-    table = Table("host", "state", "boot", "since", "version")
+    table = Table("host", "state", "boot", "since", "last heartbeat", "version")
     for host, s in found.items():
-        color = "green" if s.state == "online" else "red"
-        table.add_row(host, f"[{color}]{s.state}[/]", str(s.boot_seq), s.reason, s.version)
+        live = s.liveness(now)
+        table.add_row(host, f"[{LIVENESS_COLOR[live]}]{live}[/]", str(s.boot_seq), s.reason, _beat_age(s, now),
+                      s.version)
     out().print(table if found else "no hosts have announced themselves on this broker")
+
+
+LIVENESS_COLOR = {"online": "green", "stale": "yellow", "offline": "red"}
+
+
+def _beat_age(doc: StatusDoc, now: float) -> str:
+    if doc.heartbeat_at is None:
+        return "-"
+    return f"{max(0.0, now - doc.heartbeat_at):.1f} s ago (every {doc.heartbeat_s:g} s)"
 
 
 @app.command()
 def status(ctx: typer.Context) -> None:
-    """The host's retained status; exit 4 when it is offline or unknown."""
+    """The host's retained status; exit 4 when it is offline, stale (no heartbeat for 3 periods) or unknown."""
     opts: Options = ctx.obj
-    doc: StatusDoc | None = _run(opts, lambda c: c.status(wait=min(opts.timeout, 2.0)))
+    doc: StatusDoc | None = _run(opts, lambda c: c.current_status(wait=remaining(2.0)))
     if doc is None:
         if opts.json:
             sys.stdout.write("null\n")
-        fail(EXIT_OFFLINE, f"host {opts.host} has never announced itself on {opts.broker}",
+        fail(EXIT_OFFLINE, f"host {opts.host} has never announced itself on {opts.shown_broker}",
              "lpctl hosts lists the hosts this broker knows")
+    now = time.time()
+    live = doc.liveness(now)
     if opts.json:
         sys.stdout.write(doc.model_dump_json() + "\n")
     else:
-        color = "green" if doc.state == "online" else "red"
-        out().print(f"{doc.host}: [{color}]{doc.state}[/] (boot {doc.boot_seq}, {doc.reason}, livepatchd "
-                    f"{doc.version})")
-    if doc.state != "online":
+        beat = f", last heartbeat {_beat_age(doc, now)}" if doc.heartbeat_at is not None else ""
+        out().print(f"{doc.host}: [{LIVENESS_COLOR[live]}]{live}[/] (boot {doc.boot_seq}, {doc.reason}{beat}, "
+                    f"livepatchd {doc.version})")
+    if live != "online":
         raise typer.Exit(EXIT_OFFLINE)
 
 
@@ -234,7 +316,8 @@ def info(ctx: typer.Context) -> None:
                        ("arch", data.arch), ("cpus", data.nr_cpus), ("boot", data.boot_seq),
                        ("uptime", f"{data.uptime_s:.1f} s"), ("symbols", data.symbols), ("tasks", data.tasks),
                        ("requests", f"{data.requests.accepted} accepted, {data.requests.answered} answered, "
-                                    f"{data.requests.replayed} replayed at boot")):
+                                    f"{data.requests.replayed} replayed at boot"),
+                       ("broker", f"{data.broker.node} (MQTT {data.broker.protocol})" if data.broker else "unknown")):
         table.add_row(f"[bold]{key}[/]", str(value))
     out().print(table)
 

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from clients.cli.main import Options, _request, _run, err, fail, out
 from clients.sdk import LivepatchClient, ReplyError
-from schemas.patch_verbs import (
+from schemas.livepatch import (
     CallReadData,
     PatchChangeData,
     PatchInfoData,
@@ -151,7 +151,8 @@ def _change(ctx: typer.Context, verb: str, name: str, wait: bool, wait_timeout: 
 def _json_wait(ctx: typer.Context, verb: str, params: dict[str, Any], wait_timeout: float) -> None:
     opts: Options = ctx.obj
     client_timeout = max(opts.timeout, wait_timeout + 5.0)
-    raw = _run(opts, lambda c: c.request_raw(verb, params, timeout=client_timeout))
+    raw = _run(opts, lambda c: c.request_raw(verb, params, timeout=client_timeout),
+               budget=client_timeout + opts.timeout)
     sys.stdout.write(raw.payload + "\n")
     if not raw.reply.ok:
         raise typer.Exit(EXIT_FAILED)
@@ -184,7 +185,7 @@ def _progress_bar(opts: Options, name: str, first: TransitionProgress, *, want_e
         return last, await c.patch_info(name)
 
     try:
-        last, info = _run(opts, work)
+        last, info = _run(opts, work, budget=timeout + 2 * opts.timeout)
     except ReplyError as exc:  # the patch went away meanwhile
         fail(EXIT_FAILED, f"{exc.code}: {exc.message}")
     if last is not None and last.in_progress:

@@ -6,7 +6,7 @@
 """
 
 from clients.sdk.client import LivepatchClient, RawReply, parse_broker_url
-from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, SdkError
+from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, SdkError, SubscriptionFailed
 
 __all__ = ["BrokerUnreachable", "LivepatchClient", "RawReply", "ReplyError", "RequestTimeout", "SdkError",
-           "parse_broker_url"]
+           "SubscriptionFailed", "parse_broker_url"]

@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import json
 import ssl
+import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Literal, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -33,6 +33,7 @@ from schemas import (
     CallData,
     EventDoc,
     InfoData,
+    Liveness,
     Outbound,
     Reply,
     StateDoc,
@@ -42,6 +43,9 @@ from schemas import (
     Topics,
     host_of,
 )
+from schemas.brokers import parse_broker_url as _parse_one
+from schemas.brokers import parse_broker_urls
+from schemas.discovery import DISCOVER, DiscoverRequest, discover_reply
 
 M = TypeVar("M", bound=Outbound)
 
@@ -56,12 +60,8 @@ class RawReply:
 
 def parse_broker_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
     """``mqtt://[user[:password]@]host[:port]`` -> (host, port, tls, user, password); ``mqtts://`` means TLS."""
-    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ValueError(f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
-    tls = parts.scheme == "mqtts"
-    return (parts.hostname, parts.port or (8883 if tls else 1883), tls,
-            unquote(parts.username) if parts.username else None, unquote(parts.password) if parts.password else None)
+    node = _parse_one(url)
+    return node.hostname, node.port, node.tls, node.username, node.password
 
 
 def _properties(packet_type: int) -> Any:
@@ -69,8 +69,9 @@ def _properties(packet_type: int) -> Any:
 
 
 def _is_birth(payload: bytes) -> bool:
+    """A birth, not a heartbeat: the daemon has just subscribed (heartbeats follow on the same subscription)."""
     try:
-        return StatusDoc.model_validate_json(payload).state == "online"
+        return StatusDoc.model_validate_json(payload).birth
     except ValidationError:
         return False
 
@@ -79,7 +80,9 @@ class LivepatchClient(FtraceApi, PatchApi):
     """Client of one daemon (``host``) — or of none, for fleet-wide reads like ``hosts()``.
 
     Args:
-        broker: ``mqtt://[user:pass@]host:port`` (``mqtts://`` for TLS).
+        broker: ``mqtt://[user:pass@]host:port`` (``mqtts://`` for TLS); the nodes of a clustered broker as a
+            list or comma-separated: the client connects to the first that answers and, after a loss, to the
+            next one.
         host: the daemon's host id; needed by every request and by ``status``/``state``/``events``.
         timeout: seconds to wait for a reply (and for the connection).
         protocol: ``"auto"`` tries MQTT 5 and falls back to 3.1.1; or force ``"5"`` / ``"3.1.1"``.
@@ -92,22 +95,22 @@ class LivepatchClient(FtraceApi, PatchApi):
             when no reply comes within its timeout.
     """
 
-    def __init__(self, broker: str = "mqtt://127.0.0.1:1883", host: str | None = None, *, timeout: float = 10.0,
+    def __init__(self, broker: str | Sequence[str] = "mqtt://127.0.0.1:1883", host: str | None = None, *,
+                 timeout: float = 10.0,
                  protocol: Literal["auto", "5", "3.1.1"] = "auto", username: str | None = None,
                  password: str | None = None, tls_context: ssl.SSLContext | None = None,
                  client_id: str | None = None, reconnect: bool = True) -> None:
-        hostname, port, tls, url_user, url_password = parse_broker_url(broker)
-        self.hostname, self.port = hostname, port
+        nodes = tuple(replace(n, username=username or n.username, password=password or n.password)
+                      for n in parse_broker_urls(broker))
+        self.nodes = nodes
+        self.hostname, self.port = nodes[0].hostname, nodes[0].port
         self.host = host
         self.topics = Topics(host) if host is not None else None
         self.timeout = timeout
         self.client_id = client_id or f"lpsdk-{uuid.uuid4().hex[:12]}"
         self._conn = Connection(
-            hostname, port, client_id=self.client_id, username=username or url_user,
-            password=password or url_password,
-            tls_context=tls_context or (ssl.create_default_context() if tls else None),
-            protocol=protocol, timeout=timeout, reconnect=reconnect, on_message=self._on_message,
-            on_reconnect=self._reconnected, on_lost=self._on_lost)
+            nodes, client_id=self.client_id, tls_context=tls_context, protocol=protocol, timeout=timeout,
+            reconnect=reconnect, on_message=self._on_message, on_reconnect=self._reconnected, on_lost=self._on_lost)
         self._pending: dict[str, asyncio.Future[RawReply]] = {}
         self._sent: dict[str, tuple[str, str, Any]] = {}  # request id -> what to publish again after a reconnect
         self._listeners: dict[str, set[asyncio.Queue[tuple[str, bytes] | None]]] = {}
@@ -128,6 +131,11 @@ class LivepatchClient(FtraceApi, PatchApi):
     @property
     def mqtt_version(self) -> str:
         return "5" if self._conn.protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1"
+
+    @property
+    def node(self) -> str:
+        """The broker node of the connection, host:port (the last one while reconnecting)."""
+        return self._conn.node.where
 
     @property
     def reconnects(self) -> int:
@@ -230,8 +238,12 @@ class LivepatchClient(FtraceApi, PatchApi):
                 self._sent[rid] = (topic, payload, props)
                 return await fut
         except TimeoutError:
-            why = "is it online?" if self._conn.up.is_set() else f"the broker {self._conn.where} is unreachable"
-            raise RequestTimeout(f"no reply to {verb} from {self.host} within {wait} s ({why})",
+            if self._conn.up.is_set():
+                why = "is it online?"
+            else:
+                last = self._conn.last_error
+                why = f"the broker {self._conn.where} is unreachable" + (f": {last}" if last else "")
+            raise RequestTimeout(f"no reply to {verb} from {self.host} within {wait:.3g} s ({why})",
                                  request_id=rid, verb=verb) from None
         finally:
             self._pending.pop(rid, None)
@@ -308,11 +320,34 @@ class LivepatchClient(FtraceApi, PatchApi):
         """The host's retained status (online/offline with its boot sequence), or None if it never announced."""
         return await self._first(self._topics().status, StatusDoc, wait)
 
+    async def current_status(self, wait: float = 1.0) -> StatusDoc | None:
+        """The host's status as of now: the retained one, and when that one is stale, the newest one published
+        within ``wait`` seconds (a broker may hand out a retained copy older than the beats it forwards live, as
+        a NATS cluster does for a while after a node died). None if the host never announced itself."""
+        latest: StatusDoc | None = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                async for _, payload in self._stream(self._topics().status, retained=True):
+                    if payload:
+                        with contextlib.suppress(ValidationError):
+                            latest = StatusDoc.model_validate_json(payload)
+                            if latest.liveness(time.time()) != "stale":
+                                break
+        return latest
+
+    async def liveness(self, wait: float = 1.0) -> Liveness | None:
+        """``online``, ``stale`` (online, but no heartbeat for ``STALE_AFTER_BEATS`` periods: unreachable), or
+        ``offline``, from ``current_status(wait)``; None if the host never announced itself."""
+        doc = await self.current_status(wait)
+        return None if doc is None else doc.liveness(time.time())
+
     async def state(self, wait: float = 1.0) -> StateDoc | None:
         return await self._first(self._topics().state, StateDoc, wait)
 
     async def hosts(self, wait: float = 0.5) -> dict[str, StatusDoc]:
-        """Every host that left a retained status on this broker, collected for ``wait`` seconds."""
+        """Every host that left a retained status on this broker, collected for ``wait`` seconds; when there is
+        none (RabbitMQ never delivers retained messages to a wildcard subscription), the online hosts that answer
+        a broadcast discovery request within another ``wait`` seconds (``schemas.discovery``)."""
         found: dict[str, StatusDoc] = {}
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
@@ -321,6 +356,30 @@ class LivepatchClient(FtraceApi, PatchApi):
                     if host is not None and payload:
                         with contextlib.suppress(ValidationError):
                             found[host] = StatusDoc.model_validate_json(payload)
+        if not found:
+            found = await self.discover(wait)
+        return dict(sorted(found.items()))
+
+    async def discover(self, wait: float = 0.5) -> dict[str, StatusDoc]:
+        """The online hosts that answer a broadcast discovery request within ``wait`` seconds (their current
+        status; hosts that are offline or unreachable do not answer)."""
+        reply_to = discover_reply(self.client_id)
+        found: dict[str, StatusDoc] = {}
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._listeners.setdefault(reply_to, set()).add(queue)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._subscribe(reply_to)  # SUBACK first: the answers come at once
+                    request = DiscoverRequest(request_id=uuid.uuid4().hex, reply_to=reply_to)
+                    await self._conn.publish(DISCOVER, request.model_dump_json())
+                    while (item := await queue.get()) is not None:
+                        with contextlib.suppress(ValidationError):
+                            doc = StatusDoc.model_validate_json(item[1])
+                            found[doc.host] = doc
+                    raise self._conn.lost or BrokerUnreachable("connection lost")
+        finally:
+            self._listeners[reply_to].discard(queue)
         return dict(sorted(found.items()))
 
     async def states(self) -> AsyncIterator[StateDoc]:

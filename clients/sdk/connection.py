@@ -1,10 +1,15 @@
-"""``Connection``: one MQTT connection of the SDK, kept alive.
+"""``Connection``: one MQTT connection of the SDK, kept alive, to one broker of one or more nodes.
 
-* Connect with TCP_NODELAY, MQTT 5 first and 3.1.1 when the broker refuses 5 (``protocol="auto"``).
+* Connect with TCP_NODELAY to the first node that answers (``schemas.brokers.Rotation``), in the MQTT version
+  that node speaks (``schemas.brokers.Negotiation``: with ``protocol="auto"`` MQTT 5 first, 3.1.1 at once when the
+  node refuses 5, closes the connection or stays silent before its CONNACK).
+* Every SUBACK is read (``clients.sdk.handshake``): a refused or unacknowledged subscription is retried with a
+  doubling wait, then raised as ``SubscriptionFailed`` with the broker's reason.
 * A supervisor task routes incoming messages to ``on_message``. When the connection drops:
-  - with ``reconnect`` (the default), it connects again with exponential backoff, subscribes to every topic
-    subscribed so far (the broker resends the retained ones) and calls ``on_reconnect``: the client re-sends
-    the requests still waiting for a reply, with their ids, and the daemon answers repeats from its journal;
+  - with ``reconnect`` (the default), it connects again — the next node first, a backoff after a whole round of
+    failures — subscribes to every topic subscribed so far (the broker resends the retained ones) and calls
+    ``on_reconnect``: the client re-sends the requests still waiting for a reply, with their ids, and the daemon
+    answers repeats from its journal;
   - without, the loss is final: ``on_lost`` is told, and every later call raises ``BrokerUnreachable``.
 * ``publish`` waits while the connection is down and retries after a reconnect; the caller bounds the wait.
 
@@ -19,36 +24,48 @@ import contextlib
 import random
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import aiomqtt
-from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
-from paho.mqtt.reasoncodes import ReasonCode
 
-from clients.sdk.errors import BrokerUnreachable
+from clients.sdk.errors import BrokerUnreachable, SubscriptionFailed
+from clients.sdk.handshake import LOGGER, AttemptFailed, close_client, open_client, subscribe_checked
+from schemas.brokers import BrokerAddress, Negotiation, Protocol, ProtocolSetting, Rotation
 
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-_UNSUPPORTED_PROTOCOL = {1, 132}  # CONNACK: 3.1.1 "unacceptable protocol version", 5 "unsupported protocol version"
+TCP_CONNECT_TIMEOUT_S = 5.0
+
+
+def _version(protocol: Protocol) -> aiomqtt.ProtocolVersion:
+    return aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
+
+
+def _describe(node: BrokerAddress, exc: AttemptFailed) -> str:
+    if exc.kind == "unreachable":
+        return f"cannot reach broker {node.where}: {exc.reason}"
+    return f"broker {node.where} {exc.reason}"
 
 
 class Connection:
-    def __init__(self, hostname: str, port: int, *, client_id: str, username: str | None, password: str | None,
-                 tls_context: ssl.SSLContext | None, protocol: Literal["auto", "5", "3.1.1"], timeout: float,
-                 on_message: Callable[[aiomqtt.Message], None], reconnect: bool = True,
-                 reconnect_min_s: float = 0.05, reconnect_max_s: float = 2.0,
+    def __init__(self, nodes: Sequence[BrokerAddress], *, client_id: str, tls_context: ssl.SSLContext | None,
+                 protocol: ProtocolSetting, timeout: float, on_message: Callable[[aiomqtt.Message], None],
+                 reconnect: bool = True, reconnect_min_s: float = 0.05, reconnect_max_s: float = 2.0,
                  on_reconnect: Callable[[], Awaitable[None]] | None = None,
-                 on_lost: Callable[[BrokerUnreachable], None] | None = None) -> None:
-        self.hostname, self.port = hostname, port
+                 on_lost: Callable[[BrokerUnreachable], None] | None = None, subscribe_attempts: int = 4) -> None:
+        if not nodes:
+            raise ValueError("no broker node given")
+        self.nodes = tuple(nodes)
         self.client_id = client_id
-        self.username, self.password = username, password
         self.tls_context = tls_context
         self.protocol_setting = protocol
-        self.protocol = aiomqtt.ProtocolVersion.V311 if protocol == "3.1.1" else aiomqtt.ProtocolVersion.V5
+        self.rotation = Rotation(len(self.nodes), reconnect_min_s, reconnect_max_s)
+        self.negotiation = Negotiation(protocol, len(self.nodes))
         self.timeout = timeout
         self.reconnect = reconnect
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
+        self.subscribe_attempts = subscribe_attempts
         self.on_message = on_message
         self.on_reconnect = on_reconnect
         self.on_lost = on_lost
@@ -56,7 +73,11 @@ class Connection:
         """Set while connected."""
         self.lost: BrokerUnreachable | None = None
         """Set when the connection is gone for good (no ``reconnect``, or closed)."""
+        self.last_error: str | None = None
+        """Why the last connection attempt or subscription failed (for timeout messages)."""
         self.reconnects = 0
+        self._node = 0
+        self._protocol: Protocol = self.negotiation.protocol(0)
         self._client: aiomqtt.Client | None = None
         self._subscribed: dict[str, None] = {}  # insertion-ordered set
         self._supervisor: asyncio.Task[None] | None = None
@@ -67,42 +88,81 @@ class Connection:
         return self._supervisor is not None
 
     @property
+    def protocol(self) -> aiomqtt.ProtocolVersion:
+        """The MQTT version of the connection (the last one while reconnecting)."""
+        return _version(self._protocol)
+
+    @property
+    def node(self) -> BrokerAddress:
+        """The node of the connection (the last one while reconnecting)."""
+        return self.nodes[self._node]
+
+    @property
     def where(self) -> str:
-        return f"{self.hostname}:{self.port}"
+        if len(self.nodes) == 1:
+            return self.nodes[0].where
+        return ",".join(n.where for n in self.nodes)
 
-    def _new_client(self) -> aiomqtt.Client:
-        v5 = self.protocol == aiomqtt.ProtocolVersion.V5
-        return aiomqtt.Client(
-            self.hostname, self.port, username=self.username, password=self.password, identifier=self.client_id,
-            protocol=self.protocol, clean_session=None if v5 else True,
-            clean_start=True if v5 else MQTT_CLEAN_START_FIRST_ONLY, tls_context=self.tls_context,
-            socket_options=[NODELAY], timeout=self.timeout)
+    def _new_client(self, node: BrokerAddress, protocol: Protocol) -> aiomqtt.Client:
+        v5 = protocol == "5"
+        tls = self.tls_context if self.tls_context is not None else (
+            ssl.create_default_context() if node.tls else None)
+        client = aiomqtt.Client(
+            node.hostname, node.port, username=node.username, password=node.password, identifier=self.client_id,
+            protocol=_version(protocol), clean_session=None if v5 else True,
+            clean_start=True if v5 else MQTT_CLEAN_START_FIRST_ONLY, tls_context=tls, socket_options=[NODELAY],
+            timeout=self.timeout, logger=LOGGER)
+        client._client.connect_timeout = min(TCP_CONNECT_TIMEOUT_S, self.timeout)
+        return client
 
-    async def _connect(self) -> aiomqtt.Client:
+    async def _attempt(self, index: int) -> aiomqtt.Client:
+        """Connect to node ``index``, falling back to 3.1.1 at once when ``auto`` and 5 got no CONNACK."""
+        node = self.nodes[index]
         while True:
-            client = self._new_client()
+            protocol = self.negotiation.protocol(index)
+            client = self._new_client(node, protocol)
             try:
-                await client.__aenter__()
-            except MqttConnectError as exc:
-                rc = exc.rc.value if isinstance(exc.rc, ReasonCode) else exc.rc
-                if (rc in _UNSUPPORTED_PROTOCOL and self.protocol_setting == "auto"
-                        and self.protocol == aiomqtt.ProtocolVersion.V5):
-                    self.protocol = aiomqtt.ProtocolVersion.V311
+                await open_client(client)
+            except AttemptFailed as exc:
+                if exc.kind in ("no_connack", "refused_protocol") and self.negotiation.fall_back(
+                        index, refused=exc.kind == "refused_protocol"):
                     continue
-                if rc in _UNSUPPORTED_PROTOCOL and self.protocol == aiomqtt.ProtocolVersion.V5:
-                    raise BrokerUnreachable(f"broker {self.where} refused MQTT 5 ({exc}): it speaks 3.1.1 only; "
-                                            "use protocol '3.1.1' or 'auto'") from None
-                raise BrokerUnreachable(f"broker {self.where} refused the connection: {exc}") from None
-            except aiomqtt.MqttError as exc:
-                raise BrokerUnreachable(f"cannot reach broker {self.where}: {exc}") from None
+                if exc.kind == "refused":
+                    self.negotiation.answered(index)
+                else:
+                    self.negotiation.failed(index)
+                if exc.kind == "refused_protocol" and protocol == "5":
+                    exc.reason = f"refused MQTT 5 ({exc.reason}): it speaks 3.1.1 only; use protocol '3.1.1' or 'auto'"
+                elif exc.kind == "no_connack" and protocol == "5" and self.protocol_setting == "5":
+                    exc.reason = (f"{exc.reason} to an MQTT 5 CONNECT (refused MQTT 5?): use protocol '3.1.1' or "
+                                  "'auto'")
+                self.last_error = _describe(node, exc)
+                raise
+            self.negotiation.answered(index)
+            self._node, self._protocol = index, protocol
             return client
 
     async def open(self) -> None:
-        """Connect (a first failure is raised, not retried), then keep the connection in the background."""
-        client = await self._connect()
-        self._client = client
-        self.up.set()
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise(client), name="lpsdk.connection")
+        """Connect to the first node that answers (a whole round of failures is raised, not retried), then keep
+        the connection in the background."""
+        reasons: list[str] = []
+        for _ in self.nodes:
+            index = self.rotation.index
+            try:
+                client = await self._attempt(index)
+            except AttemptFailed as exc:
+                reasons.append(_describe(self.nodes[index], exc))
+                self.rotation.failed()
+                continue
+            self.rotation.connected()
+            self._client = client
+            self.up.set()
+            self._supervisor = asyncio.get_running_loop().create_task(self._supervise(client),
+                                                                      name="lpsdk.connection")
+            return
+        if len(reasons) == 1:
+            raise BrokerUnreachable(reasons[0])
+        raise BrokerUnreachable(f"no broker node answered ({len(reasons)} tried): " + "; ".join(reasons))
 
     async def close(self) -> None:
         self.lost = self.lost or BrokerUnreachable("the client is closed")
@@ -116,7 +176,7 @@ class Connection:
     async def _drop(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            await _close(client)
+            await close_client(client)
 
     async def _supervise(self, client: aiomqtt.Client) -> None:
         while True:
@@ -130,34 +190,41 @@ class Connection:
             for task in self._publishing:  # aiomqtt would wait for their PUBACKs until its own timeout
                 task.cancel()
             if not self.reconnect:
-                self.lost = BrokerUnreachable(f"connection to {self.where} lost: {error}")
+                self.lost = BrokerUnreachable(f"connection to {self.node.where} lost: {error}")
                 if self.on_lost is not None:
                     self.on_lost(self.lost)
                 await self._drop()
                 return
+            self.last_error = f"connection to {self.node.where} lost: {error}"
             await self._drop()
             client = await self._reconnect()
 
     async def _reconnect(self) -> aiomqtt.Client:
-        delay = self.reconnect_min_s
+        """The next node first; after a whole round of failures, a doubling wait."""
+        delay = self.rotation.failed()
         while True:
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, self.reconnect_max_s)
+            await asyncio.sleep(max(delay, 0.01) * random.uniform(0.8, 1.2))
+            index = self.rotation.index
             try:
-                client = await self._connect()
-            except BrokerUnreachable:
+                client = await self._attempt(index)
+            except AttemptFailed:
+                delay = self.rotation.failed()
                 continue
             try:
                 for topic in self._subscribed:
-                    await client.subscribe(topic, qos=1)
-            except aiomqtt.MqttError:
-                await _close(client)
+                    await self._subscribe_retrying(client, topic)
+            except BrokerUnreachable as exc:  # SubscriptionFailed included: this node cannot serve us now
+                self.last_error = str(exc)
+                await close_client(client)
+                delay = self.rotation.failed()
                 continue
             except asyncio.CancelledError:  # closed while reconnecting: do not leave this connection open
-                await _close(client)
+                await close_client(client)
                 raise
+            self.rotation.connected()
             self._client = client
             self.reconnects += 1
+            self.last_error = None
             self.up.set()
             if self.on_reconnect is not None:
                 await self.on_reconnect()
@@ -168,9 +235,23 @@ class Connection:
             raise self.lost
         return self._client if self.up.is_set() else None
 
+    async def _subscribe_retrying(self, client: aiomqtt.Client, topic: str) -> None:
+        delay = 0.1
+        for attempt in range(1, self.subscribe_attempts + 1):
+            try:
+                await subscribe_checked(client, topic, timeout=self.timeout)
+                return
+            except SubscriptionFailed as exc:
+                self.last_error = str(exc)
+                if attempt == self.subscribe_attempts:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     async def subscribe(self, topic: str, *, again: bool = False) -> None:
-        """Subscribe (again: the broker resends the retained messages). While the connection is down, the
-        subscription is made by the reconnect."""
+        """Subscribe (again: the broker resends the retained messages), checking the SUBACK; a subscription the
+        broker keeps refusing raises ``SubscriptionFailed``. While the connection is down, the subscription is
+        made by the reconnect."""
         if topic in self._subscribed and not again:
             return
         self._subscribed[topic] = None
@@ -178,10 +259,13 @@ class Connection:
         if client is None:
             return
         try:
-            await client.subscribe(topic, qos=1)
-        except aiomqtt.MqttError as exc:
+            await self._subscribe_retrying(client, topic)
+        except SubscriptionFailed:
+            self._subscribed.pop(topic, None)
+            raise
+        except BrokerUnreachable:
             if not self.reconnect:
-                raise BrokerUnreachable(f"subscribe to {topic} failed: {exc}") from None
+                raise
 
     async def publish(self, topic: str, payload: str, properties: Any = None) -> None:
         """Publish at QoS 1; while the connection is down, wait for the reconnect (the caller's timeout bounds
@@ -211,8 +295,3 @@ class Connection:
             if not self.reconnect:
                 raise BrokerUnreachable(f"publish to {self.where} failed: {error}")
             await asyncio.sleep(self.reconnect_min_s)  # the supervisor notices the loss and reconnects
-
-
-async def _close(client: aiomqtt.Client) -> None:
-    with contextlib.suppress(aiomqtt.MqttError, OSError):
-        await client.__aexit__(None, None, None)

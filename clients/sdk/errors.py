@@ -4,6 +4,7 @@
       ReplyError          the daemon answered with an error reply (code, message, details)
       RequestTimeout      no reply within the timeout (the request may still run: retry with the same id)
       BrokerUnreachable   cannot connect to the broker, or the connection was lost
+        SubscriptionFailed  the broker refused a subscription, or never acknowledged it, after retries
 """
 
 from __future__ import annotations
@@ -37,3 +38,13 @@ class RequestTimeout(SdkError):
 
 class BrokerUnreachable(SdkError):
     """The broker refused or dropped the connection (``reason`` says why, as paho put it)."""
+
+
+class SubscriptionFailed(BrokerUnreachable):
+    """The broker refused a subscription (its SUBACK's reason) or sent no SUBACK in time, again and again: the
+    replies or documents it would have carried can never arrive."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"subscription to {topic} failed: {reason}")
+        self.topic = topic
+        self.reason = reason

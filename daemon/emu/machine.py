@@ -21,9 +21,11 @@ before the hook returns, means no vCPU can run a stale block of a batch, and the
 
 from __future__ import annotations
 
+import atexit
 import collections
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -160,6 +162,17 @@ class _StopVCpu(Exception):
     """Raised inside a hook to end this vCPU's emu_start cleanly (shutdown)."""
 
 
+_RUNNING: weakref.WeakSet[Machine] = weakref.WeakSet()
+"""Machines started and not shut down, shut down at interpreter exit. Without that, a script that boots kernels
+and returns ends with a segmentation fault: unicorn frees each engine with a ``weakref.finalize``, whose exit
+hook releases the engines while their vCPU threads are still inside ``emu_start``."""
+
+
+def _shut_down_at_exit() -> None:
+    for machine in list(_RUNNING):
+        machine.shutdown()
+
+
 class Machine:
     """N vCPUs over one :class:`Memory`; see the module docstring for the protocol."""
 
@@ -188,11 +201,17 @@ class Machine:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self, primary_pc: int, secondary_pc: int) -> None:
+        _RUNNING.add(self)
+        # Exit hooks run last-registered first: registered again after this machine's engines (and with them
+        # the finalizers' exit hook) exist, the shutdown runs before any engine is released.
+        atexit.unregister(_shut_down_at_exit)
+        atexit.register(_shut_down_at_exit)
         for v in self.vcpus:
             v.start(primary_pc if v.index == 0 else secondary_pc)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Park every vCPU and end its thread."""
+        _RUNNING.discard(self)
         with self._cond:
             self._exiting = True
             self._cond.notify_all()

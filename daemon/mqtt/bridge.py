@@ -16,57 +16,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
-import ssl
 import time
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiomqtt
 import structlog
-from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from daemon.mqtt import discovery
+from daemon.mqtt.connect import (
+    NODELAY,
+    BrokerConfig,
+    Connector,
+    Link,
+    SubscribeRefused,
+    aiomqtt_protocol,
+    close_client,
+    subscribe_retrying,
+)
+from daemon.mqtt.liveness import Heartbeat
 from daemon.service import Outcome, Service
-from schemas import StatusDoc
+from schemas.brokers import BrokerAddress, Protocol
+from schemas.discovery import DISCOVER
+from schemas.kernel import BrokerLink as BrokerLinkDoc
 
 log = structlog.get_logger(__name__)
-
-NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-_UNSUPPORTED_PROTOCOL = {1, 132}  # CONNACK: 3.1.1 "unacceptable protocol version", 5 "unsupported protocol version"
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    hostname: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    tls_context: ssl.SSLContext | None = None
-    protocol: Literal["auto", "5", "3.1.1"] = "auto"
-    keepalive_s: int = 30
-    session_expiry_s: int = 7 * 86400
-    reconnect_min_s: float = 0.1
-    reconnect_max_s: float = 5.0
-
 
 def _properties(packet_type: int) -> Any:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
-def _rc(exc: aiomqtt.MqttError) -> int | None:
-    rc = getattr(exc, "rc", None)
-    if rc is None:
-        return None
-    return int(getattr(rc, "value", rc))
-
-
 class MqttBridge:
     def __init__(self, service: Service, config: BrokerConfig, *, version: str, grace_s: float = 5.0,
-                 max_concurrent: int = 64) -> None:
+                 max_concurrent: int = 64, heartbeat_s: float = 10.0, status_expiry_s: int = 86400) -> None:
         self.service = service
         self.config = config
         self.version = version
@@ -75,7 +60,11 @@ class MqttBridge:
         self.client_id = f"livepatchd-{service.host}"
         self.online = asyncio.Event()
         """Set once the first birth is published (and again after each reconnect)."""
-        self.protocol = aiomqtt.ProtocolVersion.V311 if config.protocol == "3.1.1" else aiomqtt.ProtocolVersion.V5
+        self.heartbeat = Heartbeat(service.host, service.boot_seq, version, period_s=heartbeat_s,
+                                   expiry_s=status_expiry_s)
+        self.connector = Connector(config, self._new_client)
+        self.link: Link | None = None
+        """The node and MQTT version of the connection in use (the last one while reconnecting)."""
         self.connections = 0
         self._client: aiomqtt.Client | None = None
         self._generation = 0
@@ -120,67 +109,76 @@ class MqttBridge:
 
     def _status(self, state: Literal["online", "offline"],
                 reason: Literal["started", "reconnected", "shutdown", "connection_lost"]) -> bytes:
-        doc = StatusDoc(host=self.service.host, state=state, boot_seq=self.service.boot_seq, reason=reason,
-                        time=time.time(), version=self.version)
-        return doc.model_dump_json().encode()
+        return self.heartbeat.document(state, reason)
 
-    def _new_client(self) -> aiomqtt.Client:
+    @property
+    def protocol(self) -> aiomqtt.ProtocolVersion:
+        """The MQTT version of the connection in use (or of the next attempt)."""
+        if self.link is not None:
+            return aiomqtt_protocol(self.link.protocol)
+        return aiomqtt_protocol(self.connector.negotiation.protocol(self.connector.rotation.index))
+
+    def _new_client(self, node: BrokerAddress, protocol: Protocol, connack_s: float) -> aiomqtt.Client:
         cfg = self.config
-        v5 = self.protocol == aiomqtt.ProtocolVersion.V5
+        v5 = protocol == "5"
         props = None
         if v5:
             props = _properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = cfg.session_expiry_s
-        will = aiomqtt.Will(self.topics.status, self._status("offline", "connection_lost"), qos=1, retain=True)
+        will = aiomqtt.Will(self.topics.status, self.heartbeat.will(), qos=1, retain=True)
         return aiomqtt.Client(
-            cfg.hostname, cfg.port, username=cfg.username, password=cfg.password, identifier=self.client_id,
-            protocol=self.protocol, will=will, clean_session=None if v5 else False,
+            node.hostname, node.port, username=node.username, password=node.password, identifier=self.client_id,
+            protocol=aiomqtt_protocol(protocol), will=will, clean_session=None if v5 else False,
             clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,  # (3.1.1 has clean_session only)
-            keepalive=cfg.keepalive_s, properties=props, tls_context=cfg.tls_context, socket_options=[NODELAY],
-            timeout=10)
+            keepalive=cfg.keepalive_s, properties=props, tls_context=cfg.tls_context if node.tls else None,
+            socket_options=[NODELAY], timeout=connack_s)
 
     async def _connection_loop(self) -> None:
-        cfg = self.config
-        delay = cfg.reconnect_min_s
-        attempts = 0
+        """Connect (any node, any version that converges), serve the connection, and after a loss start again on
+        the next node. The persistent session (fixed client id, clean start off) is resumed on whichever node
+        answers: a cluster keeps it for the client id, not for one node."""
         lost_at: float | None = None
         while True:
-            attempts += 1
-            client = self._new_client()
+            client, link = await self.connector.connect()
+            attempts = self.connector.attempts
+            self.link = link
+            self.service.link = BrokerLinkDoc(node=link.node.where, protocol=link.protocol)
             try:
-                async with client:
-                    delay = cfg.reconnect_min_s
-                    await self._connected(client, attempts, lost_at)
+                await self._connected(client, attempts, lost_at)
+            except SubscribeRefused as exc:
+                log.error("mqtt_subscribe_failed", node=link.node.where, topic=exc.topic, reason=exc.reason,
+                          hint="check the broker's ACL for this user, or its health (a cluster electing leaders)")
             except aiomqtt.MqttError as exc:
-                rc = _rc(exc)
-                if (isinstance(exc, MqttConnectError) and rc in _UNSUPPORTED_PROTOCOL
-                        and cfg.protocol == "auto" and self.protocol == aiomqtt.ProtocolVersion.V5):
-                    log.info("mqtt_protocol_fallback", to="3.1.1")
-                    self.protocol = aiomqtt.ProtocolVersion.V311
-                    continue
                 if self._client is client:
-                    lost_at, attempts = time.monotonic(), 0
-                    log.warning("mqtt_disconnected", error=str(exc))
+                    log.warning("mqtt_disconnected", node=link.node.where, error=str(exc))
                 else:
-                    log.info("mqtt_connect_failed", error=str(exc), rc=rc, retry_in_s=round(delay, 3))
+                    log.info("mqtt_setup_failed", node=link.node.where, error=str(exc))
             finally:
                 if self._client is client:
                     self._client = None
                     self.online.clear()
                     self.service.metrics.connected.set(0)
-            await asyncio.sleep(max(delay * random.uniform(0.8, 1.2), self._hold_until - time.monotonic()))
-            delay = min(delay * 2, cfg.reconnect_max_s)
+                    lost_at = time.monotonic()
+                await close_client(client)
+            delay = self.connector.lost()
+            await asyncio.sleep(max(delay, self._hold_until - time.monotonic()))
 
     async def _connected(self, client: aiomqtt.Client, attempts: int, lost_at: float | None) -> None:
         client._client.manual_ack_set(True)  # PUBACK after the journal commit, not on receipt
-        await client.subscribe(self.topics.request_filter, qos=1)
+        cfg = self.config
+        await subscribe_retrying(client, self.topics.request_filter, 1, attempts=cfg.subscribe_attempts,
+                                 timeout=cfg.subscribe_timeout_s)
+        await subscribe_retrying(client, DISCOVER, 0, attempts=cfg.subscribe_attempts,
+                                 timeout=cfg.subscribe_timeout_s)
         self._generation += 1
         self._client = client
         self.connections += 1
         self.service.metrics.connected.set(1)
         reconnect = self.connections > 1
-        await client.publish(self.topics.status, self._status("online", "reconnected" if reconnect else "started"),
-                             qos=1, retain=True)
+        reason: Literal["started", "reconnected"] = "reconnected" if reconnect else "started"
+        v5 = self.protocol == aiomqtt.ProtocolVersion.V5
+        await client.publish(self.topics.status, self._status("online", reason), qos=1, retain=True,
+                             properties=self.heartbeat.properties(v5))
         await client.publish(self.topics.state, self.service.state.document().model_dump_json(), qos=1, retain=True)
         self.service.state.take_dirty()
         redelivered = 0
@@ -191,12 +189,13 @@ class MqttBridge:
             outage = round(time.monotonic() - lost_at, 3) if lost_at is not None else None
             self.service.events.emit("broker.reconnected", attempts=attempts, outage_s=outage,
                                      redelivered=redelivered)
-        log.info("mqtt_online", protocol="5" if self.protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1",
-                 reconnect=reconnect, redelivered=redelivered)
+        log.info("mqtt_online", node=self.link.node.where if self.link else None,
+                 protocol=self.link.protocol if self.link else None, reconnect=reconnect, redelivered=redelivered)
         self.online.set()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._publisher(client), name="mqtt.publisher")
+                tg.create_task(self.heartbeat.run(client, self.topics.status, reason, v5=v5), name="mqtt.heartbeat")
                 await self._receive(client)
                 raise aiomqtt.MqttError("message stream ended")
         except* aiomqtt.MqttError as group:  # the connection is gone: the reconnect loop takes over
@@ -223,6 +222,9 @@ class MqttBridge:
             verb = self.topics.verb_of(topic)
             if not self._accepting:
                 continue
+            if topic == DISCOVER:
+                self._answer_discovery(client, message)
+                continue
             if verb is None:
                 self._ack(client, generation, message)
                 continue
@@ -231,6 +233,12 @@ class MqttBridge:
             task = self._tg.create_task(self._serve(client, generation, message, verb), name="mqtt.request")
             self._active.add(task)
             task.add_done_callback(self._done)
+
+    def _answer_discovery(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        status = self.heartbeat.current()
+        assert self._tg is not None
+        self._tg.create_task(discovery.answer(client, payload, status), name="mqtt.discover")
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)

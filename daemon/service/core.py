@@ -3,7 +3,8 @@
 A handler is registered for a verb of ``schemas.VERBS`` and is called with the validated request model and a
 ``RequestContext``; it returns the verb's data model (or a dict that validates as one). A plain function is
 run in a worker thread (kernel work never runs on the event loop); a coroutine function is awaited on the
-loop and must not block. Verbs the schema marks ``mutating`` run one at a time (the ``ftrace_lock`` analogue).
+loop and must not block. Verbs the schema marks ``mutating`` run one at a time (the ``ftrace_lock`` analogue),
+once their journal row is fsynced (``daemon.service.durability``: beside the loop, which serves reads meanwhile).
 Any ``LivepatchdError`` becomes an error reply with its ``code``; anything else is a bug: ``internal``.
 """
 
@@ -13,7 +14,6 @@ import asyncio
 import contextlib
 import inspect
 import json
-import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from daemon.errors import LivepatchdError
 from daemon.service.board import EventLog, StateBoard, StreamBoard
+from daemon.service.durability import GroupSync
 from daemon.service.errors import (
     INTERNAL,
     BadRequest,
@@ -36,7 +37,9 @@ from daemon.service.errors import (
 )
 from daemon.service.journal import Journal, JournalFull, fingerprint, is_full
 from daemon.service.metrics import Metrics
-from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec, is_request_topic
+from daemon.service.payload import check_reply_topic, parse_object, peek_envelope, peek_oversized, reply_topic_ok
+from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
+from schemas.kernel import BrokerLink
 
 log = structlog.get_logger(__name__)
 
@@ -85,7 +88,7 @@ class Service:
 
     def __init__(self, *, host: str, boot_seq: int, journal: Journal, kernel: KernelState,
                  max_payload_bytes: int = 65536, request_timeout_s: float = 30.0,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, read_fast_path: bool = True) -> None:
         self.host = host
         self.boot_seq = boot_seq
         self.topics = Topics(host)
@@ -102,9 +105,21 @@ class Service:
         self.replayed = 0
         self.reply_delay_s = 0.0
         """Added to every reply (a fleet host's injected ``slow`` fault); 0 in production."""
+        self.link: BrokerLink | None = None
+        """The broker connection in use, as the MQTT adapter last set it (``info`` shows it)."""
         self._handlers: dict[str, _Handler] = {}
         self._lock = asyncio.Lock()
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        # The read fast path: a mutating request's fsync runs beside the loop (group fsync), so the requests
+        # behind it — reads, which have nothing to make durable — never wait for it. Off: the fsync is part of
+        # the commit on the loop (synchronous=FULL), as a benchmark's baseline. A journal that fsyncs every
+        # commit anyway (durable=True) needs neither.
+        self._sync = GroupSync(self.journal.fsync_wal) if read_fast_path and not journal.sync_full else None
+
+    def close(self) -> None:
+        """Stop the fsync thread (after the last request)."""
+        if self._sync is not None:
+            self._sync.close()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Bind to the loop that runs the service (state and event changes from threads are handed to it)."""
@@ -137,12 +152,23 @@ class Service:
     # -- the request path ------------------------------------------------------------------------------------
 
     def route(self, response_topic: str | None, reply_to: str | None, correlation: bytes | None) -> ReplyRoute:
-        """The v5 response topic, else the payload's ``reply_to``, else ``reply``; never a request topic (a reply
-        published as a request to this or another daemon would start a loop)."""
-        topic = response_topic or reply_to or self.topics.reply()
-        if is_request_topic(topic):
-            topic = self.topics.reply()
-        return ReplyRoute(topic, correlation)
+        """The v5 response topic, else the payload's ``reply_to``, else ``reply``. Both given destinations must be
+        topics a reply may go to (``InvalidReplyTopic``, ``ForbiddenReplyTopic`` otherwise: never a request topic,
+        whose reply would start a loop, nor a document topic of the daemons)."""
+        if response_topic is not None:
+            check_reply_topic(response_topic, "the MQTT v5 response topic")
+        if reply_to is not None:
+            check_reply_topic(reply_to, "reply_to")
+        return ReplyRoute(response_topic or reply_to or self.topics.reply(), correlation)
+
+    def refusal_route(self, response_topic: str | None, reply_to: str | None,
+                      correlation: bytes | None) -> ReplyRoute:
+        """Where a refusal goes: the first of the v5 response topic and ``reply_to`` that a reply may go to, else
+        the default reply topic (a bad destination is answered there)."""
+        for topic in (response_topic, reply_to):
+            if topic is not None and reply_topic_ok(topic):
+                return ReplyRoute(topic, correlation)
+        return ReplyRoute(self.topics.reply(), correlation)
 
     async def handle(self, verb: str, payload: bytes, *, response_topic: str | None = None,
                      correlation: bytes | None = None, ack: Callable[[], None] | None = None) -> Outcome:
@@ -174,24 +200,20 @@ class Service:
         reply_to: str | None = None
         try:
             if len(payload) > self.max_payload_bytes:
-                rid, reply_to = _peek_oversized(payload)
+                rid, reply_to = peek_oversized(payload)
                 raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds the limit of "
                                       f"{self.max_payload_bytes}", size=len(payload), limit=self.max_payload_bytes)
-            doc = _parse_object(payload)
+            doc = parse_object(payload)
+            rid, reply_to = peek_envelope(doc)
+            route = self.route(response_topic, reply_to, correlation)  # before anything is journaled
             handler = self._handlers.get(verb)
             if handler is None:
-                rid, reply_to = _peek_envelope(doc)
                 raise UnknownVerb(f"unknown verb {verb!r}", verb=verb, verbs=self.verbs)
-            try:
-                request = _validate(handler.spec, doc)
-            except BadRequest:
-                rid, reply_to = _peek_envelope(doc)
-                raise
+            request = _validate(handler.spec, doc)
         except LivepatchdError as exc:
-            route = self.route(response_topic, reply_to, correlation)
+            route = self.refusal_route(response_topic, reply_to, correlation)
             log.info("request_refused", request_id=rid, verb=verb, code=exc.code)
             return _outcome(rid, verb, Reply.failure(rid, exc.code, exc.message, exc.details), route, False)
-        route = self.route(response_topic, request.reply_to, correlation)
         with structlog.contextvars.bound_contextvars(request_id=request.request_id, verb=verb):
             return await self._execute_once(handler, request, route, accepted)
 
@@ -209,6 +231,8 @@ class Service:
                 exc = RequestIdConflict(f"request id {rid!r} was used for another request", request_id=rid,
                                         verb=entry.verb)
                 return _outcome(rid, verb, Reply.failure(rid, exc.code, exc.message, exc.details), route, False)
+            if handler.spec.mutating:
+                await self._settled()  # the first copy's row is durable before this one is acknowledged
             accepted()
             self.metrics.duplicates.inc()
             if pending is not None:
@@ -222,10 +246,11 @@ class Service:
             log.info("request_duplicate", answered_at=entry.answered_at)
             return Outcome(rid, verb, Reply.model_validate_json(entry.reply), entry.reply, route, True)
         # get() and accept() run with no await between them: no duplicate can slip in on this loop.
+        group = handler.spec.mutating and self._sync is not None
         try:
             self.journal.accept(rid, verb, json.dumps(params, separators=(",", ":")), fp=fp,
                                 reply_topic=route.topic, correlation=route.correlation, boot_seq=self.boot_seq,
-                                sync=handler.spec.mutating)
+                                sync=handler.spec.mutating and not group)
         except JournalFull as full:
             accepted()  # refused, not accepted: the reply says so
             self.metrics.storage_full.inc()
@@ -238,14 +263,36 @@ class Service:
             # a read changes nothing: it is answered without a journal row (a duplicate runs it again)
             reply = await self._execute(handler, request, replayed=False)
             return _outcome(rid, verb, reply, route, False)
-        accepted()
-        return await self._run(handler, request, route, retry=False)
+        if self._sync is None or not group:
+            accepted()
+            return await self._run(handler, request, route, retry=False)
+        return await self._run(handler, request, route, retry=False, durable=(self._sync.ticket(), accepted))
 
-    async def _run(self, handler: _Handler, request: Request, route: ReplyRoute, *, retry: bool) -> Outcome:
+    async def _settled(self) -> None:
+        """Every commit made so far is durable (a no-op without the fast path: each was fsynced on commit)."""
+        if self._sync is not None:
+            with contextlib.suppress(OSError):  # the first copy's refusal answers this one too
+                await self._sync.durable(self._sync.pending())
+
+    async def _run(self, handler: _Handler, request: Request, route: ReplyRoute, *, retry: bool,
+                   durable: tuple[int, Callable[[], None]] | None = None) -> Outcome:
+        """Execute a journaled request. ``durable``: (fsync ticket, acknowledge) — wait for the row's fsync
+        (registered as in flight first: a duplicate waits for this run) and acknowledge, before executing."""
         rid, verb = request.request_id, handler.spec.verb
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._inflight[rid] = future
         try:
+            if durable is not None:
+                ticket, accepted = durable
+                assert self._sync is not None
+                try:
+                    await self._sync.durable(ticket)
+                except OSError as err:
+                    outcome = self._not_durable(handler.spec, request, route, err)
+                    accepted()  # refused, not accepted: the reply says so
+                    future.set_result(outcome)
+                    return outcome
+                accepted()
             if retry:
                 self.journal.retry(rid)
             reply = await self._execute(handler, request, replayed=retry)
@@ -290,6 +337,20 @@ class Service:
             return Reply.failure(rid, INTERNAL, f"internal error while handling {spec.verb}; see the daemon log")
         log.info("request_done", ok=True, replayed=replayed)
         return Reply.success(rid, dumped)
+
+    def _not_durable(self, spec: VerbSpec, request: Request, route: ReplyRoute, err: OSError) -> Outcome:
+        """The row could not be fsynced: refuse the request (not executed) and record the refusal as its answer,
+        so that neither a restart nor a repeated id runs it."""
+        rid = request.request_id
+        self.metrics.storage_full.inc()
+        log.warning("request_refused", code=StorageFull.code, error=str(err))
+        refusal = StorageFull(f"the journal could not be made durable ({err.strerror or err}): {spec.verb} was "
+                              "not executed; free space or check the disk and retry",
+                              state_dir=str(self.journal.path.parent), errno=err.errno)
+        reply = Reply.failure(rid, refusal.code, refusal.message, refusal.details)
+        text = reply.to_json()
+        self.journal.answer(rid, text)
+        return Outcome(rid, spec.verb, reply, text, route, True)
 
     def _failed(self, spec: VerbSpec, request: Request, exc: LivepatchdError) -> Reply:
         log.info("request_done", ok=False, code=exc.code)
@@ -339,42 +400,6 @@ class Service:
 
 def _outcome(rid: str | None, verb: str, reply: Reply, route: ReplyRoute, journaled: bool) -> Outcome:
     return Outcome(rid, verb, reply, reply.to_json(), route, journaled)
-
-
-def _parse_object(payload: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"payload is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise BadRequest(f"payload must be a JSON object, not {type(doc).__name__}")
-    return doc
-
-
-def _peek_envelope(doc: dict[str, Any]) -> tuple[str | None, str | None]:
-    """Best effort, before validation: the id and reply topic to answer a refused request with."""
-    try:
-        envelope = Request.model_validate({k: doc[k] for k in ("request_id", "reply_to") if k in doc})
-    except ValidationError:
-        rid = doc.get("request_id")
-        return (rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None), None
-    return envelope.request_id, envelope.reply_to
-
-
-_ENVELOPE_FIELD = re.compile(rb'"(request_id|reply_to)"\s*:\s*"([^"\\]{1,256})"')
-PEEK_BYTES = 4096
-
-
-def _peek_oversized(payload: bytes) -> tuple[str | None, str | None]:
-    """Best effort, without parsing a payload too large to parse: the id and reply topic to answer with, if
-    they appear as plain strings in its first or last ``PEEK_BYTES`` (the SDK writes them first). A match
-    inside some nested object is possible and harmless: the reply then goes where the payload says."""
-    found: dict[str, str] = {}
-    for part in (payload[:PEEK_BYTES], payload[-PEEK_BYTES:]):
-        for m in _ENVELOPE_FIELD.finditer(part):
-            with contextlib.suppress(UnicodeDecodeError):
-                found.setdefault(m.group(1).decode(), m.group(2).decode())
-    return _peek_envelope(found)
 
 
 def _validate(spec: VerbSpec, doc: dict[str, Any]) -> Request:

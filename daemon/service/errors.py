@@ -18,6 +18,22 @@ class BadRequest(RequestError):
     code = "bad_request"
 
 
+class InvalidReplyTopic(RequestError):
+    """The v5 response topic or ``reply_to`` is not a topic a reply can be published to (a wildcard, a control
+    character or non-character, too long, empty, ``$``…): refused before anything is journaled, answered on the
+    default reply topic."""
+
+    code = "invalid_reply_topic"
+
+
+class ForbiddenReplyTopic(RequestError):
+    """The v5 response topic or ``reply_to`` names a topic of the daemons' namespace that is not a reply topic
+    (a request, ``status``, ``state``, ``events``, ``trace``…): a reply there would pose as that document."""
+
+    code = "forbidden_reply_topic"
+    errno = -1  # -EPERM
+
+
 class UnknownVerb(RequestError):
     code = "unknown_verb"
     errno = -95  # -EOPNOTSUPP
@@ -44,13 +60,6 @@ class InvalidArgument(RequestError):
 class RequestTimeout(LivepatchdError):
     code = "timeout"
     errno = -110  # -ETIMEDOUT
-
-
-class ServiceUnavailable(LivepatchdError):
-    """The daemon is shutting down."""
-
-    code = "unavailable"
-    errno = -11  # -EAGAIN
 
 
 class StorageFull(LivepatchdError):

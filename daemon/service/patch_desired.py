@@ -45,12 +45,10 @@ class PatchDesired:
     restored: RestoreReport | None
     guard: CrashLoopGuard | None
     _started: dict[str, float]
-    _key_ids: dict[str, str | None]
 
-    if TYPE_CHECKING:  # defined by PatchEvents and TransitionWatch
+    if TYPE_CHECKING:  # defined by PatchEvents
         def emit(self, type_: str, **data: Any) -> None: ...
         def publish(self) -> None: ...
-        def _watch(self) -> None: ...
 
     def _completed_in_desired(self, name: str, target: str) -> None:
         """The store follows what a transition ended in (a reversal by the stall policy included)."""
@@ -92,7 +90,6 @@ class PatchDesired:
                 if item.blob is None:
                     raise BundleFormatError(f"the desired state of {item.key} holds no bundle", patch=item.key)
                 bundle = PatchBundle.from_bytes(item.blob, f"desired bundle {item.key}")
-                self._key_ids[item.key] = bundle.signature.key_id if bundle.signature is not None else None
                 self.lp.load(bundle)
                 if item.doc.get("replaced"):
                     self.lp.mark_replaced(item.key)
@@ -112,7 +109,6 @@ class PatchDesired:
                 if not self.lp.wait(self.restore_timeout_s):
                     self._restore_failed(report, item.key, "timeout", f"the transition of {item.key} did not "
                                          f"complete within {self.restore_timeout_s} s; it goes on")
-                    self._watch()
                     break
                 report.enabled.append(item.key)
             except LivepatchdError as exc:
