@@ -37,6 +37,8 @@ from schemas.brokers import BrokerAddress
 log = structlog.get_logger(__name__)
 
 JANITOR_PERIOD_S = 2.0  # often and in small batches: a prune is one short transaction
+PRUNE_BATCH = 250  # rows per prune: ~2 ms on the event loop
+PRUNE_AGAIN_S = 0.05  # after a full batch: up to 5,000 rows/s, more than the daemon can accept
 
 
 def version() -> str:
@@ -143,19 +145,27 @@ class Daemon:
 
     async def _serve(self, journal: Journal, kernel: Kernel, boot_seq: int) -> None:
         s = self.settings
-        loop = asyncio.get_running_loop()
         service = self.service = Service(
             host=s.host_id, boot_seq=boot_seq, journal=journal, metrics=self.metrics,
             kernel=KernelState(build_id=kernel.image.build_id, nr_cpus=s.nr_cpus, booted_at=time.time()),
-            max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s)
+            max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s,
+            read_fast_path=s.read_fast_path)
+        try:
+            await self._run_service(service, journal, kernel, boot_seq)
+        finally:
+            service.close()
+
+    async def _run_service(self, service: Service, journal: Journal, kernel: Kernel, boot_seq: int) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
         service.attach(loop)
-        kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
+        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
         keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
         self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys, stall_after_s=s.transition_stall_s)
         ftrace_ops = ftrace_verbs.register(service, kernel, ftrace, desired=self.desired)
         patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
-                                       restore_timeout_s=s.patch_restore_timeout_s, call_timeout_s=s.call_timeout_s)
+                                       restore_timeout_s=s.patch_restore_timeout_s, calls=calls)
         patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
@@ -220,19 +230,26 @@ class Daemon:
 
     async def _janitor(self, service: Service) -> None:
         journal, metrics = service.journal, service.metrics
+        metrics_due = 0.0
+        pruned = 0
         while True:
-            await asyncio.sleep(JANITOR_PERIOD_S)
+            # a full batch: more is waiting (under sustained load requests arrive faster than one batch per
+            # period); small batches keep each prune, which runs on the event loop, to a couple of ms
+            await asyncio.sleep(PRUNE_AGAIN_S if pruned >= PRUNE_BATCH else JANITOR_PERIOD_S)
             try:
-                pruned = journal.prune(self.settings.journal_keep, self.settings.journal_keep_s)
+                pruned = journal.prune(self.settings.journal_keep, self.settings.journal_keep_s, batch=PRUNE_BATCH)
             except sqlite3.OperationalError as exc:  # a full disk: pruning frees nothing until it can write
                 log.warning("journal_prune_failed", error=str(exc))
                 pruned = 0
             if pruned:
                 metrics.journal_pruned.inc(pruned)
                 log.debug("journal_pruned", requests=pruned)
-            metrics.journal_rows.set(journal.rows())
-            metrics.journal_bytes.labels("db").set(journal.db_bytes())
-            metrics.journal_bytes.labels("wal").set(journal.wal_bytes())
+            now = time.monotonic()
+            if now >= metrics_due:
+                metrics_due = now + JANITOR_PERIOD_S
+                metrics.journal_rows.set(journal.rows())
+                metrics.journal_bytes.labels("db").set(journal.db_bytes())
+                metrics.journal_bytes.labels("wal").set(journal.wal_bytes())
 
 
 def open_state(s: Settings) -> tuple[Journal, DesiredState, int]:
@@ -276,6 +293,11 @@ def _why(s: Settings, exc: BaseException) -> str:
 def serve(settings: Settings) -> int:
     """``livepatchd serve``: run one daemon until SIGTERM/SIGINT."""
     configure_logging(settings.log_level, fmt=settings.log_format)
+    # The process's own setting, so here and not in Daemon (a test process runs many daemons in threads): the
+    # event loop hands the GIL to a handler thread on every socket or SQLite call, and waits the switch
+    # interval to get it back while that thread computes (an update plan, a filter): CPython's 5 ms, several
+    # times per request, was most of a read's latency under a mixed load (bench.mixed_load).
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
 
     def tell_lpctl(url: str) -> None:  # the one thing a new user needs from the first screen of output
         print(f"export LPCTL_BROKER={url} LPCTL_HOST={settings.host_id}    # lpctl's way to this daemon",

@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     journal_keep_s: float = Field(default=3600.0, ge=60, description="answered requests older than this are "
                                   "pruned (the dedup window in time; journal_keep bounds it in count)")
     journal_durable: bool = Field(default=False, description="fsync every journal commit (power-loss safe)")
+    read_fast_path: bool = Field(default=True, description="a mutating request's fsync runs beside the event loop "
+                                 "(group fsync), so read-only requests never wait for it; off: the fsync is part "
+                                 "of its commit on the loop (the baseline of bench.mixed_load); durable either way")
+    gil_switch_interval_ms: float = Field(default=0.2, gt=0, le=100, description="livepatchd serve's GIL switch "
+                                          "interval: how long the event loop may wait for the GIL while a handler "
+                                          "thread computes (CPython's default: 5)")
 
     trusted_keys_dir: Path | None = Field(default=None, description="a directory of Ed25519 public keys (PEM, "
                                           "*.pub or *.pem) whose signatures on patches are trusted")

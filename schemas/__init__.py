@@ -1,16 +1,40 @@
 """The wire contract of livepatchd's MQTT API (pydantic models and topic names).
 
 Imported by the daemon's service and mqtt layers and by the clients; it imports only pydantic and the stdlib.
+Its modules, each exported here:
+
+=============  ==================================================================================================
+``kernel``     the kernel's own verbs (info, symbol.lookup, call, tasks)
+``ftrace``     ftrace's verbs (ops, filters, tracers, profiler, hijacks), its events and its state section
+``livepatch``  the live-patch verbs (load, enable, disable, transitions, call.read), events and state section
+``catalog``    ``VERBS``: every verb, by name
+``documents``  what the daemon publishes on its own: status, state, events
+``events``     ``EVENTS``: every event type and the model of its data (the daemon's own events)
+``envelope``   requests and replies; ``spec``: a verb's ``VerbSpec``
+``topics``     every topic name; ``brokers``, ``discovery``, ``rollout``: broker nodes, discovery, rollouts
+=============  ==================================================================================================
 """
 
+from schemas import (
+    brokers,
+    catalog,
+    discovery,
+    documents,
+    envelope,
+    events,
+    ftrace,
+    kernel,
+    livepatch,
+    rollout,
+    spec,
+    topics,
+)
 from schemas._base import SCHEMA_VERSION, Address, HostId, Inbound, Outbound, RequestId
+from schemas.catalog import VERBS
 from schemas.documents import STALE_AFTER_BEATS, EventDoc, EventType, KernelState, Liveness, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply, Request
-from schemas.spec import VerbSpec
-from schemas.topics import ALL_EVENTS, ALL_STATE, ALL_STATUS, ROOT, Topics, host_of, is_request_topic
-from schemas.verbs import (
+from schemas.kernel import (
     MAX_CALL_ARGS,
-    VERBS,
     CallData,
     CallRequest,
     InfoData,
@@ -22,6 +46,8 @@ from schemas.verbs import (
     TasksData,
     TasksRequest,
 )
+from schemas.spec import VerbSpec
+from schemas.topics import ALL_EVENTS, ALL_STATE, ALL_STATUS, ROOT, Topics, host_of, is_request_topic
 
 __all__ = [
     "ALL_EVENTS",
@@ -58,6 +84,18 @@ __all__ = [
     "TasksRequest",
     "Topics",
     "VerbSpec",
+    "brokers",
+    "catalog",
+    "discovery",
+    "documents",
+    "envelope",
+    "events",
+    "ftrace",
     "host_of",
     "is_request_topic",
+    "kernel",
+    "livepatch",
+    "rollout",
+    "spec",
+    "topics",
 ]

@@ -33,7 +33,7 @@ import typer
 from rich.table import Table
 
 from clients.cli.main import EXIT_USAGE, Options, _follow, _request, err, fail, out
-from schemas.ftrace_verbs import (
+from schemas.ftrace import (
     MAX_PAGE,
     AvailableData,
     BatchInfo,

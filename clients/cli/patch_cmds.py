@@ -24,7 +24,7 @@ from rich.table import Table
 
 from clients.cli.main import Options, _request, _run, err, fail, out
 from clients.sdk import LivepatchClient, ReplyError
-from schemas.patch_verbs import (
+from schemas.livepatch import (
     CallReadData,
     PatchChangeData,
     PatchInfoData,

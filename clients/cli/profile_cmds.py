@@ -15,7 +15,7 @@ import typer
 
 from clients.cli.ftrace_cmds import LimitOpt, _batch, _functions, _params
 from clients.cli.main import _request, err, out
-from schemas.ftrace_verbs import MAX_PAGE, ProfileReadData, ProfileStartData, ProfileStopData
+from schemas.ftrace import MAX_PAGE, ProfileReadData, ProfileStartData, ProfileStopData
 
 profile_app = typer.Typer(no_args_is_help=True, help="The function profiler: calls per function, counted in the "
                           "guest (trace_stat/function).")

@@ -40,7 +40,7 @@ from daemon.mqtt.liveness import Heartbeat
 from daemon.service import Outcome, Service
 from schemas.brokers import BrokerAddress, Protocol
 from schemas.discovery import DISCOVER
-from schemas.verbs import BrokerLink as BrokerLinkDoc
+from schemas.kernel import BrokerLink as BrokerLinkDoc
 
 log = structlog.get_logger(__name__)
 

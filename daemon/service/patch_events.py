@@ -22,7 +22,7 @@ from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import STATE_NAMES
 from daemon.service.core import Service
 from daemon.service.patch_desired import RestoreReport
-from schemas.patch_verbs import BlockedTask, PatchSummary
+from schemas.livepatch import BlockedTask, PatchSummary
 
 log = structlog.get_logger(__name__)
 

@@ -1,10 +1,5 @@
-"""One request model and one reply-data model per verb, and the catalog that names them.
-
-A verb's dotted name (``symbol.lookup``, ``ftrace.ops.register``, ``patch.enable``) groups verbs; on the wire
-each part is one topic level (``livepatch/v1/<host>/request/symbol/lookup``, see ``schemas.topics``).
-Adding a verb = adding its two models here (or in ``ftrace_verbs.py`` / ``patch_verbs.py``), one ``VerbSpec``
-to ``VERBS`` (or to that module's ``SPECS``), and a handler in the daemon's service layer.
-"""
+"""The kernel's own verbs (``info``, ``symbol.lookup``, ``call``, ``tasks``): one request model and one reply-data
+model each, and their ``SPECS`` (collected with the other subsystems' in ``schemas.catalog.VERBS``)."""
 
 from __future__ import annotations
 
@@ -12,9 +7,6 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-# the ftrace / hijack / trace and the patch / transition verbs live in their own modules
-from schemas import ftrace_verbs as _ftrace_verbs
-from schemas import patch_verbs as _patch_verbs
 from schemas._base import Address, HostId, Outbound
 from schemas.envelope import Request
 from schemas.spec import VerbSpec
@@ -137,20 +129,14 @@ class TasksData(Outbound):
     tasks: list[TaskEntry]
 
 
-# -- the catalog -----------------------------------------------------------------------------------------------
+# -- the specs ------------------------------------------------------------------------------------------------
 
 
-VERBS: dict[str, VerbSpec] = {
-    spec.verb: spec
-    for spec in (
-        *_ftrace_verbs.SPECS,
-        *_patch_verbs.SPECS,
-        VerbSpec("info", InfoRequest, InfoData, "Kernel build id, CPUs, boot sequence, uptime and counts."),
-        VerbSpec("symbol.lookup", SymbolLookupRequest, SymbolData,
-                 "Resolve a symbol name (with sympos) to its address, or an address to name+offset/size."),
-        VerbSpec("call", CallRequest, CallData,
-                 "Call a kernel function on a vCPU with up to 8 integer arguments; returns x0.", mutating=True),
-        VerbSpec("tasks", TasksRequest, TasksData, "The kernel's tasks: pid, CPU, kind, comm, state."),
-    )
-}
-"""Every verb of this schema version, by name."""
+SPECS: list[VerbSpec] = [
+    VerbSpec("info", InfoRequest, InfoData, "Kernel build id, CPUs, boot sequence, uptime and counts."),
+    VerbSpec("symbol.lookup", SymbolLookupRequest, SymbolData,
+             "Resolve a symbol name (with sympos) to its address, or an address to name+offset/size."),
+    VerbSpec("call", CallRequest, CallData,
+             "Call a kernel function on a vCPU with up to 8 integer arguments; returns x0.", mutating=True),
+    VerbSpec("tasks", TasksRequest, TasksData, "The kernel's tasks: pid, CPU, kind, comm, state."),
+]
