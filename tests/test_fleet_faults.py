@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from mqtt_fixtures import Mosquitto, run, wait_for
 from test_fleet import _offline, overrides, running
 from test_service_patch import signed, signer
@@ -55,11 +56,8 @@ def test_each_fault_does_what_the_spec_says(mosquitto: Mosquitto, tmp_path: Path
             assert feed.hosts[h[1]].status["boot_seq"] == 1  # type: ignore[index]
 
             async with LivepatchClient(mosquitto.url, h[2], protocol="3.1.1") as c:  # reject
-                try:
+                with pytest.raises(ReplyError, match="trusts no signing key"):
                     await c.patch_load(cmdline)
-                    raise AssertionError("a host that trusts no key loaded a patch")
-                except ReplyError as err:
-                    assert err.code == "patch_signature_untrusted" or "trusts no signing key" in err.message
                 assert (await c.patch_list()).patches == []
 
             # crash right after the transition completes, then back with the patch re-applied (once: times=1)
