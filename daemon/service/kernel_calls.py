@@ -1,0 +1,81 @@
+"""Kernel functions run for the ``call`` verbs: which function a request names, and a call that outlives its timeout.
+
+A kernel thread cannot be killed in the middle of a function, and neither can a guest worker: a call that does
+not return within ``call_timeout_s`` is answered ``timeout`` (function name, address in hex) while the function
+keeps its worker; when it does return, the event ``call.finished_late`` says so, with its result.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import structlog
+
+from daemon.errors import GuestCallTimeout, LivepatchdError
+from daemon.kernel.kallsyms import Symbol
+from daemon.kernel.kernel import Kernel
+from daemon.service.board import EventLog
+from daemon.service.errors import InvalidArgument
+
+log = structlog.get_logger(__name__)
+
+_U64 = (1 << 64) - 1
+
+
+def as_u64(value: int) -> int:
+    """A 64-bit argument as its register holds it: -1 and 2**64 - 1 are the same x0 (two's complement)."""
+    return value & _U64
+
+
+def as_signed(value: int) -> int:
+    return value - (1 << 64) if value >> 63 else value
+
+
+@dataclass(frozen=True)
+class KernelCalls:
+    """Runs the functions that ``call`` and ``call.read`` name on ``kernel``."""
+
+    kernel: Kernel
+    timeout_s: float = 10.0
+
+    def symbol(self, function: str, sympos: int, cpu: int) -> Symbol:
+        """The function a request names, on a CPU this kernel has (``invalid_argument`` otherwise)."""
+        nr_cpus = self.kernel.config.nr_cpus
+        if cpu >= nr_cpus:
+            raise InvalidArgument(f"this kernel has {nr_cpus} CPUs; there is no CPU {cpu}", cpu=cpu, nr_cpus=nr_cpus)
+        sym = self.kernel.kallsyms.lookup(function, sympos)
+        if not sym.is_func:
+            raise InvalidArgument(f"{function!r} is not a function", symbol=function)
+        return sym
+
+    def run(self, sym: Symbol, args: tuple[int, ...], *, cpu: int, events: EventLog, request_id: str,
+            verb: str) -> int:
+        """``sym(*args)`` on a worker of ``cpu``; x0 as an unsigned 64-bit value."""
+        started = time.monotonic()
+        try:
+            return self.kernel.call(sym.addr, *(as_u64(a) for a in args), cpu=cpu, timeout=self.timeout_s)
+        except GuestCallTimeout as late:
+            late.details["request_id"] = request_id
+
+            def finished(job: Future[int]) -> None:
+                _report_late(job, events, started, verb=verb, request_id=request_id, function=sym.name,
+                             address=f"{sym.addr:#x}", cpu=cpu)
+
+            late.job.add_done_callback(finished)
+            raise
+
+
+def _report_late(job: Future[int], events: EventLog, started: float, **about: object) -> None:
+    """The event for a call answered ``timeout`` that has now returned (or died with its vCPU)."""
+    elapsed = round(time.monotonic() - started, 6)
+    exc = job.exception()
+    if exc is None:
+        value = job.result()
+        events.emit("call.finished_late", **about, elapsed_s=elapsed, ok=True, value=value, signed=as_signed(value))
+        log.info("call_finished_late", **about, elapsed_s=elapsed, ok=True)
+        return
+    code = exc.code if isinstance(exc, LivepatchdError) else "guest_error"
+    events.emit("call.finished_late", **about, elapsed_s=elapsed, ok=False, code=code, message=str(exc))
+    log.info("call_finished_late", **about, elapsed_s=elapsed, ok=False, code=code)
