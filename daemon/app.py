@@ -159,7 +159,8 @@ class Daemon:
         s = self.settings
         loop = asyncio.get_running_loop()
         service.attach(loop)
-        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
+        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s,
+                                     allow_any_call=s.allow_any_call)
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
         keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
         self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys, stall_after_s=s.transition_stall_s)

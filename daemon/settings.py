@@ -69,6 +69,8 @@ class Settings(BaseSettings):
                                          "more wait at the broker")
     request_timeout_s: float = Field(default=30.0, gt=0)
     call_timeout_s: float = Field(default=10.0, gt=0)
+    allow_any_call: bool = Field(default=False, description="FOR LABS: let the call verbs run any kernel function "
+                                 "(memset, ftrace's own...), not only those the image marks callable")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="on SIGTERM, time given to requests in flight")
     journal_keep: int = Field(default=10000, ge=100, description="answered requests kept for duplicate detection")
     journal_keep_s: float = Field(default=3600.0, ge=60, description="answered requests older than this are "

@@ -36,6 +36,7 @@ from schemas.envelope import ErrorBody, Reply, Request
 from schemas.kernel import (
     MAX_CALL_ARGS,
     CallData,
+    CallPolicy,
     CallRequest,
     InfoData,
     InfoRequest,
@@ -60,6 +61,7 @@ __all__ = [
     "VERBS",
     "Address",
     "CallData",
+    "CallPolicy",
     "CallRequest",
     "ErrorBody",
     "EventDoc",
