@@ -63,12 +63,21 @@ CALLABLE(getpid_loop);
 
 #define RESTART (-(u64)ERESTARTSYS)
 
-/* The sleep is interruptible: a fake signal unwinds the chain with -ERESTARTSYS and the job restarts. */
+/*
+ * The sleep is interruptible: a fake signal unwinds the chain with -ERESTARTSYS and the job restarts. Bit 0 of
+ * the (8-byte aligned) flag's address asks for an uninterruptible sleep instead (D state: no signal ends it).
+ */
 noinline u64 sleeper_inner(u64 flag)
 {
-	if (wait_on_interruptible((volatile u64 *)flag, 0))
+	volatile u64 *f = (volatile u64 *)(flag & ~1UL);
+
+	if (flag & 1) {
+		wait_on(f, 0);
+		return READ_ONCE(*f) + 1;
+	}
+	if (wait_on_interruptible(f, 0))
 		return RESTART;
-	return READ_ONCE(*(volatile u64 *)flag) + 1;
+	return READ_ONCE(*f) + 1;
 }
 
 noinline u64 sleeper_middle(u64 flag)
