@@ -24,7 +24,7 @@ from broker_fixtures import NatsCluster
 from mqtt_fixtures import DaemonThread, daemon_settings, run
 
 from clients.sdk import LivepatchClient
-from schemas.ftrace_verbs import OpsData
+from schemas.ftrace import OpsData
 
 BEAT_S = 0.2
 

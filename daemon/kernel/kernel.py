@@ -17,7 +17,7 @@ from pathlib import Path
 
 from daemon.emu.machine import Machine, VCpu
 from daemon.emu.memory import PAGE_SIZE, Backing, Memory, Perm, Region
-from daemon.errors import GuestError, GuestPanic, ImageError
+from daemon.errors import GuestCallTimeout, GuestError, GuestPanic, ImageError
 from daemon.guest import abi
 from daemon.guest.build import IMAGE_PATH
 from daemon.kernel.heap import GuestAllocator
@@ -254,13 +254,20 @@ class Kernel:
         return job.future
 
     def call(self, fn: str | int, *args: int, cpu: int = 0, timeout: float = 10.0) -> int:
-        """Run ``fn(*args)`` in the guest and wait for its result."""
+        """Run ``fn(*args)`` in the guest and wait for its result (``GuestCallTimeout`` after ``timeout`` s)."""
         future = self.submit(fn, *args, cpu=cpu)
         try:
             return future.result(timeout)
         except TimeoutError:
-            self.machine.check()
-            raise GuestError(f"guest call of {fn} on CPU {cpu} did not finish within {timeout} s") from None
+            if future.done():  # the vCPU died in the meantime: its error, not a timeout
+                return future.result()
+            addr = self.resolve(fn)
+            sym = self.kallsyms.containing(addr)
+            name = sym.name if sym is not None and sym.addr == addr else self.kallsyms.describe(addr)
+            raise GuestCallTimeout(
+                f"{name} ({addr:#x}) on CPU {cpu} did not return within {timeout} s; it keeps running on its "
+                "worker until it returns", job=future, function=name, address=f"{addr:#x}", cpu=cpu,
+                timeout_s=timeout) from None
 
     def _post(self, worker: int, cpu: int, job: _Job) -> None:
         t = StructRef(self.memory, abi.task_struct, worker)
@@ -306,9 +313,20 @@ class Kernel:
         buf = self.host_buffer.alloc(size)
         try:
             n = self.call(fn, buf, size, cpu=cpu)
+        except GuestCallTimeout as late:
+            self.free_when_done(late.job, buf, size)
+            raise
+        except BaseException:
+            self.host_buffer.free(buf, size)
+            raise
+        try:
             return self.memory.read(buf, min(n, size)).decode("utf-8", "replace")
         finally:
             self.host_buffer.free(buf, size)
+
+    def free_when_done(self, job: Future[int], buf: int, size: int) -> None:
+        """Give ``buf`` back to the host buffer once ``job`` (still writing into it) has returned."""
+        job.add_done_callback(lambda _job: self.host_buffer.free(buf, size))
 
     # -- load generators -------------------------------------------------------------------------------------
 

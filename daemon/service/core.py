@@ -39,7 +39,7 @@ from daemon.service.journal import Journal, JournalFull, fingerprint, is_full
 from daemon.service.metrics import Metrics
 from daemon.service.payload import check_reply_topic, parse_object, peek_envelope, peek_oversized, reply_topic_ok
 from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
-from schemas.verbs import BrokerLink
+from schemas.kernel import BrokerLink
 
 log = structlog.get_logger(__name__)
 
@@ -103,6 +103,8 @@ class Service:
         self.max_payload_bytes = max_payload_bytes
         self.request_timeout_s = request_timeout_s
         self.replayed = 0
+        self.reply_delay_s = 0.0
+        """Added to every reply (a fleet host's injected ``slow`` fault); 0 in production."""
         self.link: BrokerLink | None = None
         """The broker connection in use, as the MQTT adapter last set it (``info`` shows it)."""
         self._handlers: dict[str, _Handler] = {}
@@ -186,6 +188,8 @@ class Service:
             outcome = await self._handle(verb, payload, response_topic, correlation, accepted)
         finally:
             accepted()
+        if self.reply_delay_s > 0:
+            await asyncio.sleep(self.reply_delay_s)
         label = verb if verb in VERBS else "unknown"
         result = "ok" if outcome.reply.ok else (outcome.reply.error.code if outcome.reply.error else INTERNAL)
         self.metrics.requests.labels(label, result).inc()

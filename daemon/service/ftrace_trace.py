@@ -10,7 +10,7 @@ ways:
 
 * into the session's unread buffer (at most ``TRACE_BUFFER`` records, the oldest discarded first and counted
   as ``overrun``), which ``trace.read`` empties — like reading ``trace_pipe``;
-* onto the ``trace`` topic as :class:`~schemas.ftrace_verbs.TraceBatchDoc` messages, through the service's
+* onto the ``trace`` topic as :class:`~schemas.ftrace.TraceBatchDoc` messages, through the service's
   stream board (``Service.streams``, published by the MQTT bridge).
 
 So both a ``trace.read`` poller and a ``lpctl trace follow`` subscriber see every record exactly once. Draining
@@ -41,7 +41,7 @@ from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.kernel.worker import Job
 from daemon.service.core import RequestContext, Service
-from schemas.ftrace_verbs import (
+from schemas.ftrace import (
     TRACE_BUFFER,
     BatchInfo,
     TraceBatchDoc,

@@ -22,7 +22,7 @@ from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import STATE_NAMES
 from daemon.service.core import Service
 from daemon.service.patch_desired import RestoreReport
-from schemas.patch_verbs import BlockedTask, PatchSummary
+from schemas.livepatch import BlockedTask, PatchSummary
 
 log = structlog.get_logger(__name__)
 
@@ -137,7 +137,7 @@ class PatchEvents:
             }
         if self.restored is not None:
             section["restored"] = {"loaded": self.restored.loaded, "enabled": self.restored.enabled,
-                                   "failed": self.restored.failed}
+                                   "failed": self.restored.failed, "held_back": self.restored.held_back}
         self.service.state.set_component("livepatch", section)
         for publish in self.also_publish:
             publish()

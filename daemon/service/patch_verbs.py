@@ -11,7 +11,7 @@
   from the restored state, never applied twice;
 * **events** — Livepatch's own (loaded, unloaded, transition started, stalled, reversed, completed: it is
   subscribed to once), with each request's enable or disable announced with its transition, and ``forced``,
-  all on the ``events`` topic (types in ``schemas.patch_verbs.PatchEventType``);
+  all on the ``events`` topic (types in ``schemas.livepatch.PatchEventType``);
 * **state** — the retained state's ``components.livepatch`` section: patches, the transition, the keys.
 
 Signature checks are Livepatch's (``trusted_keys``): a bundle is refused before anything is loaded. With no
@@ -32,21 +32,22 @@ from typing import TypeVar, cast
 
 import structlog
 
-from daemon.errors import BundleFormatError, PatchStateError
+from daemon.errors import BundleFormatError, GuestCallTimeout, PatchStateError
 from daemon.kernel.kernel import Kernel
 from daemon.livepatch import signing
 from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.klp import KlpPatch
 from daemon.livepatch.transition import STATE_NAMES
-from daemon.service import kernel_verbs
 from daemon.service.core import RequestContext, Service
+from daemon.service.crash_guard import CrashLoopGuard
 from daemon.service.desired import DesiredState
+from daemon.service.kernel_calls import KernelCalls
 from daemon.service.patch_desired import KIND, PatchDesired, RestoreReport
 from daemon.service.patch_events import Change, PatchEvents
 from daemon.service.patch_trust import NO_KEYS_HINT, NoTrustedKeys, dev_signing_key, trusted_keys
 from daemon.service.patch_views import PatchViews
-from schemas.patch_verbs import (
+from schemas.livepatch import (
     CallReadData,
     CallReadRequest,
     PatchChangeData,
@@ -80,8 +81,9 @@ class PatchVerbs(PatchEvents, PatchViews, PatchDesired):
     """The live-patch use-cases of one daemon (see the module docstring)."""
 
     def __init__(self, service: Service, kernel: Kernel, livepatch: Livepatch, desired: DesiredState | None, *,
-                 restore_timeout_s: float = 30.0) -> None:
+                 restore_timeout_s: float = 30.0, guard: CrashLoopGuard | None = None) -> None:
         self.service = service
+        self.guard = guard
         self.kernel = kernel
         self.lp = livepatch
         self.desired = desired
@@ -135,7 +137,7 @@ class PatchVerbs(PatchEvents, PatchViews, PatchDesired):
                 self.lp.enable(name, wait=False)
             finally:
                 self._change = None
-            self._record(name, {"enabled": True}, request_id)
+            self._record(name, {"enabled": True, "held_back": None}, request_id)  # an operator's retry clears it
         return self._after_change(name, wait, timeout_s)
 
     def disable(self, name: str, request_id: str | None, *, wait: bool = False,
@@ -199,10 +201,13 @@ def decode_bundle(text: str) -> tuple[PatchBundle, bytes]:
 
 
 def register(service: Service, kernel: Kernel, livepatch: Livepatch, *, desired: DesiredState | None = None,
-             restore_timeout_s: float = 30.0, call_timeout_s: float = 10.0) -> PatchVerbs:
+             restore_timeout_s: float = 30.0, call_timeout_s: float = 10.0,
+             calls: KernelCalls | None = None, guard: CrashLoopGuard | None = None) -> PatchVerbs:
     """Serve the live-patch verbs of ``livepatch`` on ``service``; ``desired`` makes patches survive restarts
-    (then call ``restore()`` on the result before the journal replay)."""
-    verbs = PatchVerbs(service, kernel, livepatch, desired, restore_timeout_s=restore_timeout_s)
+    (then call ``restore()`` on the result before the journal replay); ``calls`` (the kernel verbs') runs the
+    readers of ``call.read``."""
+    reads = calls or KernelCalls(kernel, timeout_s=call_timeout_s)
+    verbs = PatchVerbs(service, kernel, livepatch, desired, restore_timeout_s=restore_timeout_s, guard=guard)
     lp = livepatch
 
     def replayed_or(ctx: RequestContext, redo: Callable[[], T], answer: Callable[[], T]) -> T:
@@ -268,10 +273,18 @@ def register(service: Service, kernel: Kernel, livepatch: Livepatch, *, desired:
 
     @service.handler("call.read")
     def call_read(req: CallReadRequest, ctx: RequestContext) -> CallReadData:
-        sym = kernel_verbs.callable_symbol(kernel, req.function, req.sympos, req.cpu)
+        sym = reads.symbol(req.function, req.sympos, req.cpu)
         buf = kernel.host_buffer.alloc(req.size)
         try:
-            n = kernel.call(sym.addr, buf, req.size, cpu=req.cpu, timeout=call_timeout_s)
+            n = reads.run(sym, (buf, req.size), cpu=req.cpu, events=ctx.events, request_id=ctx.request_id,
+                          verb=ctx.verb)
+        except GuestCallTimeout as late:
+            kernel.free_when_done(late.job, buf, req.size)  # the reader still writes into it
+            raise
+        except BaseException:
+            kernel.host_buffer.free(buf, req.size)
+            raise
+        try:
             text = kernel.memory.read(buf, min(n, req.size)).decode("utf-8", "replace")
         finally:
             kernel.host_buffer.free(buf, req.size)

@@ -13,7 +13,7 @@ from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import STATE_NAMES
 from daemon.service.desired import DesiredState
 from daemon.service.patch_desired import KIND
-from schemas.patch_verbs import (
+from schemas.livepatch import (
     BlockedTask,
     FuncInfo,
     ObjectInfo,
