@@ -128,7 +128,7 @@ class Daemon:
         try:
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
-                nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions)).boot())
+                nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions, tlb_mode=s.tlb_mode)).boot())
             if s.count_guest_instructions:
                 vcpus = self.kernel.machine.vcpus
                 self.metrics.guest_instructions.set_function(lambda: sum(v.instructions for v in vcpus))

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
                                       "long is reported stalled (event and state)")
 
     nr_cpus: int = Field(default=2, ge=1, le=8)
+    tlb_mode: Literal["virtual", "cpu"] = Field(
+        default="virtual", description="how the vCPUs translate guest addresses: virtual (Unicorn's virtual TLB with "
+        "the native fill; stores on the fast path, traced and patched calls ~5x cheaper) or cpu (the emulated CPU's "
+        "TLB; see README, Guest speed)")
     count_guest_instructions: bool = Field(default=False, description="exact guest instruction counts on /metrics "
                                            "(a block hook on every vCPU: the guest runs several times slower)")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus /metrics here "
