@@ -105,5 +105,5 @@ def test_an_unsupported_host_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_missing_object_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(native, "HERE", tmp_path)
-    with pytest.raises(native.NativeUnavailable, match="python -m daemon.emu.native"):
+    with pytest.raises(native.NativeUnavailable, match=r"python -m daemon\.emu\.native"):
         native.host_object()
