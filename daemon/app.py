@@ -149,7 +149,7 @@ class Daemon:
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
                 nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions,
-                tcg_buffer_size=s.tcg_buffer_size_mb << 20, tlb_mode=s.tlb_mode)).boot())
+                tcg_buffer_size=s.tcg_buffer_size_mb << 20)).boot())
             self.kernel.machine.on_vcpu_stopped.append(self._vcpu_stopped)
             if s.count_guest_instructions:
                 vcpus = self.kernel.machine.vcpus
