@@ -172,7 +172,7 @@ class Daemon:
             kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or "", nr_cpus=s.nr_cpus,
                                booted_at=time.time()),
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s,
-            read_fast_path=s.read_fast_path)
+            read_fast_path=s.read_fast_path, fsync=not s.unsafe_skip_fsync)
         try:
             await self._run_service(service, journal, kernel, boot_seq)
         finally:
@@ -184,7 +184,8 @@ class Daemon:
         service.attach(loop)
         if s.labels:  # what a fleet selects this host by (rollout targets, dashboard grouping)
             service.state.set_component("labels", dict(s.labels))
-        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
+        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s,
+                                     allow_any_call=s.allow_any_call)
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
         keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
         self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys, stall_after_s=s.transition_stall_s)
@@ -315,7 +316,7 @@ def open_state(s: Settings) -> tuple[Journal, DesiredState, int]:
     desired: DesiredState | None = None
     try:
         journal = Journal(s.journal_path, durable=s.journal_durable)
-        desired = DesiredState(s.desired_path, durable=s.journal_durable)
+        desired = DesiredState(s.desired_path, durable=s.journal_durable, fsync=not s.unsafe_skip_fsync)
         boot_seq = journal.next_boot_seq()
         if journal.pending:
             raise sqlite3.OperationalError("database or disk is full")

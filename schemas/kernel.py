@@ -35,6 +35,14 @@ class BrokerLink(Outbound):
     protocol: Literal["5", "3.1.1"] = Field(description="the MQTT version negotiated with that node")
 
 
+class CallPolicy(Outbound):
+    """Which kernel functions the call verbs (``call``, ``call.read``) run."""
+
+    allow_any: bool = Field(description="any function (a lab setting: allow_any_call); false: only ``callable``")
+    callable: list[str] = Field(description="the functions the kernel image marks callable (readers, syscall "
+                                "entry points, test helpers); others are refused with call_not_allowed")
+
+
 class InfoData(Outbound):
     host: HostId
     version: str = Field(description="livepatchd version")
@@ -48,6 +56,7 @@ class InfoData(Outbound):
     tasks: int
     requests: RequestCounts
     broker: BrokerLink | None = Field(default=None, description="the connection this reply came over")
+    calls: CallPolicy | None = Field(default=None, description="what the call verbs may run")
 
 
 # -- symbol.lookup ---------------------------------------------------------------------------------------------
