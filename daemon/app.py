@@ -23,6 +23,7 @@ from typing import TextIO
 
 import structlog
 
+from daemon.emu.tlb import TlbMode
 from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.livepatch.core import Livepatch
@@ -128,7 +129,8 @@ class Daemon:
         try:
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
-                nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions)).boot())
+                nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions,
+                tlb_mode=TlbMode(s.tlb_mode))).boot())
             if s.count_guest_instructions:
                 vcpus = self.kernel.machine.vcpus
                 self.metrics.guest_instructions.set_function(lambda: sum(v.instructions for v in vcpus))

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
                                       "long is reported stalled (event and state)")
 
     nr_cpus: int = Field(default=2, ge=1, le=8)
+    tlb_mode: Literal["virtual", "cpu"] = Field(
+        default="virtual", description="the vCPUs' TLB: virtual (Unicorn's virtual TLB, filled by native code with "
+        "each region's permissions; guest stores several times cheaper) or cpu (Unicorn's emulated CPU TLB)")
     count_guest_instructions: bool = Field(default=False, description="exact guest instruction counts on /metrics "
                                            "(a block hook on every vCPU: the guest runs several times slower)")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus /metrics here "
