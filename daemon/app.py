@@ -23,13 +23,16 @@ from typing import TextIO
 
 import structlog
 
+from daemon.emu.machine import VCpu
 from daemon.emu.tlb import TlbMode
+from daemon.errors import GuestPanic
 from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.livepatch.core import Livepatch
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
 from daemon.service import Journal, Metrics, Service, ftrace_verbs, integrity, kernel_verbs, patch_verbs
 from daemon.service.checkpoint import Checkpointer
+from daemon.service.crash_guard import CrashLoopGuard, previous_panic, record_panic
 from daemon.service.desired import DesiredState
 from daemon.settings import Settings
 from schemas import KernelState
@@ -89,8 +92,12 @@ Extension = Callable[[Service, Kernel], None]
 """Registers more verbs on a daemon's service for its kernel (``register(service, kernel)``)."""
 
 
+class _Crashed(Exception):
+    """Raised inside the daemon's task group by ``crash()``: ends every task at once, with no graceful step."""
+
+
 class Daemon:
-    """One host: its emulated kernel, its journal, its MQTT identity."""
+    """One host: its emulated kernel, its journal, its MQTT identity (a fleet process holds many)."""
 
     def __init__(self, settings: Settings, *, install_signals: bool = False,
                  on_ready: Callable[[Daemon], None] | None = None,
@@ -113,6 +120,18 @@ class Daemon:
         self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
+        self._crash = False
+        self.crashed = False
+        """True once ``run()`` returned after ``crash()``."""
+        self.panic: GuestPanic | None = None
+        """The guest panic that ended this boot (the daemon then crashed, as a panicked host dies)."""
+        self._boot_seq = 0
+
+    def crash(self) -> None:
+        """Die abruptly (an injected fault): the broker connection is cut without DISCONNECT, so the broker
+        publishes the last will; nothing more is published, no request is drained. Call on the daemon's loop."""
+        self._crash = True
+        self._stop.set()
 
     def stop(self) -> None:
         """Ask the daemon to shut down (from any thread)."""
@@ -125,12 +144,14 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         structlog.contextvars.bind_contextvars(host=s.host_id)
         journal, desired, boot_seq = open_state(s)
+        self._boot_seq = boot_seq
         self.desired = desired  # re-applied at boot
         try:
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
                 nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions,
-                tlb_mode=TlbMode(s.tlb_mode))).boot())
+                tcg_buffer_size=s.tcg_buffer_size_mb << 20, tlb_mode=TlbMode(s.tlb_mode))).boot())
+            self.kernel.machine.on_vcpu_stopped.append(self._vcpu_stopped)
             if s.count_guest_instructions:
                 vcpus = self.kernel.machine.vcpus
                 self.metrics.guest_instructions.set_function(lambda: sum(v.instructions for v in vcpus))
@@ -149,7 +170,8 @@ class Daemon:
         s = self.settings
         service = self.service = Service(
             host=s.host_id, boot_seq=boot_seq, journal=journal, metrics=self.metrics,
-            kernel=KernelState(build_id=kernel.image.build_id, nr_cpus=s.nr_cpus, booted_at=time.time()),
+            kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or "", nr_cpus=s.nr_cpus,
+                               booted_at=time.time()),
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s,
             read_fast_path=s.read_fast_path)
         try:
@@ -161,13 +183,17 @@ class Daemon:
         s = self.settings
         loop = asyncio.get_running_loop()
         service.attach(loop)
-        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
+        if s.labels:  # what a fleet selects this host by (rollout targets, dashboard grouping)
+            service.state.set_component("labels", dict(s.labels))
+        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s,
+                                     allow_any_call=s.allow_any_call)
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
         keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
         self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys, stall_after_s=s.transition_stall_s)
         ftrace_ops = ftrace_verbs.register(service, kernel, ftrace, desired=self.desired)
+        guard = CrashLoopGuard(previous_panic(s.host_dir, boot_seq), s.crash_loop_grace_s)
         patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
-                                       restore_timeout_s=s.patch_restore_timeout_s, calls=calls)
+                                       restore_timeout_s=s.patch_restore_timeout_s, calls=calls, guard=guard)
         patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
@@ -192,19 +218,46 @@ class Daemon:
                                               max_concurrent=s.max_concurrent_requests, heartbeat_s=s.heartbeat_s,
                                               status_expiry_s=s.status_expiry_s)
             service.events.emit("daemon.started", boot_seq=boot_seq, replayed=replayed)
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(bridge.run(), name="mqtt.bridge")
-                janitor = tg.create_task(self._janitor(service), name="service.janitor")
-                checkpointer = tg.create_task(Checkpointer(journal, metrics=service.metrics).run(),
-                                               name="service.checkpointer")
-                ready = tg.create_task(self._ready(bridge), name="app.ready")
-                await self._stop.wait()
-                log.info("daemon_stopping")
-                service.events.emit("daemon.stopping", reason="requested")
-                ready.cancel()
-                janitor.cancel()
-                checkpointer.cancel()
-                bridge.stop()
+            try:
+                await self._tasks(service, journal, bridge)
+            except* _Crashed:
+                self.crashed = True
+
+    async def _tasks(self, service: Service, journal: Journal, bridge: MqttBridge) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(bridge.run(), name="mqtt.bridge")
+            janitor = tg.create_task(self._janitor(service), name="service.janitor")
+            checkpointer = tg.create_task(Checkpointer(journal, metrics=service.metrics).run(),
+                                           name="service.checkpointer")
+            ready = tg.create_task(self._ready(bridge), name="app.ready")
+            await self._stop.wait()
+            if self._crash:
+                log.warning("daemon_crashed")
+                bridge.sever()
+                raise _Crashed  # the group cancels every task at once, as a dead process's would stop
+            log.info("daemon_stopping")
+            service.events.emit("daemon.stopping", reason="requested")
+            ready.cancel()
+            janitor.cancel()
+            checkpointer.cancel()
+            bridge.stop()
+
+    def _vcpu_stopped(self, vcpu: VCpu) -> None:
+        """On the vCPU's thread: a vCPU that stopped on a guest panic takes the whole host down with it."""
+        loop = self._loop
+        if isinstance(vcpu.error, GuestPanic) and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._panicked, vcpu.error)
+
+    def _panicked(self, error: GuestPanic) -> None:
+        if self.panic is not None or (self._stop.is_set() and not self._crash):
+            return
+        self.panic = error
+        log.error("kernel_panic", message=error.message, details=error.details)
+        try:  # what the crash-loop guard reads at the next boot
+            record_panic(self.settings.host_dir, self._boot_seq, error.message)
+        except OSError as exc:
+            log.error("panic_record_failed", error=str(exc))
+        self.crash()
 
     async def _broker(self, stack: contextlib.AsyncExitStack) -> BrokerConfig:
         s = self.settings
@@ -304,14 +357,20 @@ def serve(settings: Settings) -> int:
     def tell_lpctl(url: str) -> None:  # the one thing a new user needs from the first screen of output
         print(f"export LPCTL_BROKER={url} LPCTL_HOST={settings.host_id}    # lpctl's way to this daemon",
               file=sys.stderr, flush=True)
+    daemon = Daemon(settings, install_signals=True, on_embedded_broker=tell_lpctl if sys.stderr.isatty() else None)
     try:
-        asyncio.run(Daemon(settings, install_signals=True,
-                           on_embedded_broker=tell_lpctl if sys.stderr.isatty() else None).run())
+        asyncio.run(daemon.run())
     except integrity.StateError as exc:
         print(f"livepatchd serve: {exc}", file=sys.stderr)
         return STATE_EXIT
+    if daemon.panic is not None:
+        print(f"livepatchd serve: the kernel panicked ({daemon.panic.message}); start again to reboot it",
+              file=sys.stderr)
+        return PANIC_EXIT
     return 0
 
 
 STATE_EXIT = 3
 """``livepatchd serve``'s exit code when the state directory cannot be used (damaged, full, read-only)."""
+PANIC_EXIT = 4
+"""``livepatchd serve``'s exit code after its kernel panicked (a service manager restarts it: the reboot)."""

@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="FOR DEMOS ONLY: generate a signing key pair in the host's state directory "
                        "(<state-dir>/<host>/dev-signing.key and .pub) and trust it; anyone who can read that file "
                        "can sign patches this daemon will load")
+    serve.add_argument("--allow-any-call", dest="allow_any_call", action="store_true", default=None,
+                       help="FOR LABS ONLY: the call verbs may run any kernel function, not only the ones the image "
+                       "marks callable (readers, syscalls, test helpers); a call of memset can overwrite kernel "
+                       "memory (default: LIVEPATCHD_ALLOW_ANY_CALL, else off)")
+    _fleet_parser(sub)
     dash = sub.add_parser("dashboard", help="serve the live fleet dashboard (a web page fed from MQTT)")
     dash.add_argument("--broker", default="mqtt://127.0.0.1:1883",
                       help="broker to follow, mqtt://[user:pass@]host:port (default %(default)s); connect as an "
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_stress_patching(nr_cpus=args.cpus, toggles=args.toggles)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "fleet":
+        return _fleet(args)
     if args.command == "patch":
         return _patch(args)
     if args.command == "state":
@@ -105,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level",
             "log_format", "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys",
-            "dev_signing_key")
+            "dev_signing_key", "allow_any_call")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if "broker_url" in overrides:
         overrides["broker_url"] = ",".join(overrides["broker_url"])
@@ -119,6 +126,70 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"livepatchd serve: cannot load the TLS files: {exc}")
         return 2
     return serve(settings)
+
+
+# -- livepatchd fleet --------------------------------------------------------------------------------------------
+
+
+def _fleet_parser(sub: Any) -> None:
+    fleet = sub.add_parser("fleet", help="run a fleet of simulated hosts (each a full daemon with its own kernel, "
+                           "MQTT identity and state dir) in a few worker processes",
+                           description="Runs until SIGTERM/SIGINT. 'livepatchd fleet scale N --state-dir D' grows "
+                           "or shrinks a running fleet. Settings come from LIVEPATCHD_* variables as for serve; "
+                           "each host's state is <state-dir>/<host>/.")
+    fleet.add_argument("--hosts", type=int, help="how many hosts (default: the spec's, else 20)")
+    fleet.add_argument("--spec", type=Path, help="a fleet spec (YAML or JSON; schema: schemas/json/FleetSpec.json)")
+    fleet.add_argument("--seed", type=int, help="override the spec's seed")
+    fleet.add_argument("--workers", type=int, help="worker processes (default: one per core; 0: this process)")
+    fleet.add_argument("--broker", dest="broker_url", help="mqtt://[user:pass@]host:port; default: an embedded "
+                       "broker on 127.0.0.1 (enough for small fleets, see the README)")
+    fleet.add_argument("--state-dir", type=Path, help="where every host's state dir goes")
+    fleet.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"])
+    fleet.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    fleet.add_argument("--trusted-keys-dir", type=Path, help="every host trusts the public keys in this directory")
+    fleet.add_argument("--trusted-key", dest="trusted_keys", type=Path, action="append",
+                       help="every host trusts this public key file too (repeatable)")
+    action = fleet.add_subparsers(dest="fleet_command")
+    scale = action.add_parser("scale", help="grow or shrink the fleet running on --state-dir")
+    scale.add_argument("size", type=int, help="the number of hosts to have")
+    scale.add_argument("--state-dir", dest="scale_state_dir", type=Path, help="the running fleet's --state-dir")
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from daemon.errors import LivepatchdError  # noqa: PLC0415
+    from daemon.fleet import plan, runner  # noqa: PLC0415
+    from daemon.settings import Settings  # noqa: PLC0415
+
+    if args.fleet_command == "scale":
+        if args.size < 0:
+            print(f"livepatchd fleet scale: the size must be 0 or more, not {args.size}", file=sys.stderr)
+            return 2
+        state_dir = args.scale_state_dir or args.state_dir or Settings().state_dir
+        runner.request_size(state_dir, args.size)
+        print(f"asked the fleet on {state_dir} for {args.size} hosts")
+        return 0
+    keys = ("broker_url", "state_dir", "mqtt_protocol", "log_level", "trusted_keys_dir", "trusted_keys")
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    try:
+        spec = plan.load_spec(args.spec) if args.spec is not None else plan.parse_spec({})
+        if args.seed is not None:
+            spec = plan.parse_spec({**spec.model_dump(mode="json"), "seed": args.seed})
+        if args.hosts is not None and args.hosts < 0:
+            raise plan.FleetSpecError(f"--hosts must be 0 or more, not {args.hosts}", field="hosts")
+        if args.workers is not None and args.workers < 0:
+            raise plan.FleetSpecError(f"--workers must be 0 or more, not {args.workers}", field="workers")
+        Settings(**overrides)
+    except LivepatchdError as exc:
+        print(f"livepatchd fleet: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"livepatchd fleet: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    json_overrides = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
+                      for k, v in overrides.items()}
+    return runner.run_fleet(spec, json_overrides, workers=args.workers, hosts=args.hosts)
 
 
 # -- livepatchd state check|repair -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from schemas.brokers import BrokerAddress, parse_broker_url, parse_broker_urls
 __all__ = ["BrokerAddress", "Settings", "default_host_id", "default_state_dir", "parse_broker_url"]
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def default_host_id() -> str:
@@ -69,6 +70,8 @@ class Settings(BaseSettings):
                                          "more wait at the broker")
     request_timeout_s: float = Field(default=30.0, gt=0)
     call_timeout_s: float = Field(default=10.0, gt=0)
+    allow_any_call: bool = Field(default=False, description="FOR LABS: let the call verbs run any kernel function "
+                                 "(memset, ftrace's own...), not only those the image marks callable")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="on SIGTERM, time given to requests in flight")
     journal_keep: int = Field(default=10000, ge=100, description="answered requests kept for duplicate detection")
     journal_keep_s: float = Field(default=3600.0, ge=60, description="answered requests older than this are "
@@ -90,6 +93,8 @@ class Settings(BaseSettings):
                                   "host's state directory (dev-signing.key/.pub) and trust it")
     patch_restore_timeout_s: float = Field(default=30.0, gt=0, description="at boot, how long each re-enabled "
                                            "patch's transition may take before the daemon goes on")
+    crash_loop_grace_s: float = Field(default=60.0, ge=0, description="a kernel panic within this long after a "
+                                      "patch was enabled keeps that patch disabled at the next boot (0: off)")
     transition_stall_s: float = Field(default=1.0, gt=0, description="a transition still blocked after this "
                                       "long is reported stalled (event and state)")
 
@@ -97,6 +102,13 @@ class Settings(BaseSettings):
     tlb_mode: Literal["virtual", "cpu"] = Field(
         default="virtual", description="the vCPUs' TLB: virtual (Unicorn's virtual TLB, filled by native code with "
         "each region's permissions; guest stores several times cheaper) or cpu (Unicorn's emulated CPU TLB)")
+    tcg_buffer_size_mb: int = Field(default=32, ge=1, le=1024, description="each vCPU engine's translation cache "
+                                    "(a virtual reservation: resident memory grows only with the code translated)")
+    kernel_release: str | None = Field(default=None, max_length=64, description="the kernel build's version string "
+                                       "in the state (default: the image's own, else empty)")
+    labels: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="attributes a fleet selects hosts by (zone, tier, role, ...), published "
+        "in the state's components.labels (env: JSON object or k=v,k=v)")
     count_guest_instructions: bool = Field(default=False, description="exact guest instruction counts on /metrics "
                                            "(a block hook on every vCPU: the guest runs several times slower)")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus /metrics here "
@@ -122,6 +134,27 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [p.strip() for p in text.replace(os.pathsep, ",").split(",") if p.strip()]
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_map(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                return json.loads(text)
+            pairs = [p.strip() for p in text.split(",") if p.strip()]
+            if any("=" not in p for p in pairs):
+                raise ValueError("labels: write k=v,k=v or a JSON object")
+            return dict(p.split("=", 1) for p in pairs)
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for k, v in value.items():
+            if not _LABEL_RE.match(k) or len(v) > 128:
+                raise ValueError(f"label {k!r}: names are 1-64 characters of A-Z a-z 0-9 _ . -, values at most 128")
         return value
 
     @field_validator("broker_url")

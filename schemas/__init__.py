@@ -11,6 +11,7 @@ Its modules, each exported here:
 ``documents``  what the daemon publishes on its own: status, state, events
 ``events``     ``EVENTS``: every event type and the model of its data (the daemon's own events)
 ``envelope``   requests and replies; ``spec``: a verb's ``VerbSpec``
+``fleet``      the fleet spec (``livepatchd fleet --spec``) and the hosts drawn from it
 ``topics``     every topic name; ``brokers``, ``discovery``, ``rollout``: broker nodes, discovery, rollouts
 =============  ==================================================================================================
 """
@@ -22,6 +23,7 @@ from schemas import (
     documents,
     envelope,
     events,
+    fleet,
     ftrace,
     kernel,
     livepatch,
@@ -36,6 +38,7 @@ from schemas.envelope import ErrorBody, Reply, Request
 from schemas.kernel import (
     MAX_CALL_ARGS,
     CallData,
+    CallPolicy,
     CallRequest,
     InfoData,
     InfoRequest,
@@ -60,6 +63,7 @@ __all__ = [
     "VERBS",
     "Address",
     "CallData",
+    "CallPolicy",
     "CallRequest",
     "ErrorBody",
     "EventDoc",
@@ -90,6 +94,7 @@ __all__ = [
     "documents",
     "envelope",
     "events",
+    "fleet",
     "ftrace",
     "host_of",
     "is_request_topic",

@@ -60,6 +60,7 @@ class StatusDoc(Outbound):
 
 class KernelState(Outbound):
     build_id: str
+    release: str = Field(default="", description="the kernel build's version string (e.g. 6.1-lp1)")
     arch: str = "arm64"
     nr_cpus: int
     booted_at: float

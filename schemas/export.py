@@ -21,6 +21,7 @@ from schemas.discovery import DISCOVER, DISCOVER_REPLY_PREFIX, DiscoverRequest
 from schemas.documents import COMPONENTS, EventDoc, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply
 from schemas.events import EVENTS
+from schemas.fleet import FleetSpec
 from schemas.ftrace import TraceBatchDoc
 from schemas.topics import ROOT, verb_path
 
@@ -31,6 +32,8 @@ REF = "#/components/schemas/{model}"
 
 DOCUMENTS: tuple[type[BaseModel], ...] = (Reply, ErrorBody, StatusDoc, StateDoc, EventDoc, TraceBatchDoc,
                                           DiscoverRequest)
+SPECS: tuple[type[BaseModel], ...] = (FleetSpec,)
+"""Files an operator writes (not MQTT messages): a JSON Schema each, none in the AsyncAPI document."""
 
 
 Mode = Literal["validation", "serialization"]
@@ -38,7 +41,8 @@ Mode = Literal["validation", "serialization"]
 
 def _mode(model: type[BaseModel]) -> Mode:
     """Requests are described as the daemon validates them; everything else as the daemon writes it."""
-    return "validation" if model in {spec.request for spec in VERBS.values()} else "serialization"
+    inbound = {spec.request for spec in VERBS.values()} | set(SPECS)
+    return "validation" if model in inbound else "serialization"
 
 
 def _models() -> list[type[BaseModel]]:
@@ -62,7 +66,7 @@ def _dump(doc: Any) -> str:
 def json_schemas() -> dict[str, str]:
     """File name -> content: one standalone JSON Schema (draft 2020-12) per model."""
     out = {}
-    for model in _models():
+    for model in [*_models(), *SPECS]:
         schema = model.model_json_schema(mode=_mode(model))
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         if model is StateDoc:

@@ -49,6 +49,7 @@ PatchEventType = Literal[
     "patch.transition.completed",   # data: patch, target, duration_s
     "patch.restored",               # data: patches, enabled, failed, duration_s (at boot, before online)
     "patch.restore_failed",         # data: patch, code, message (a desired patch that could not be re-applied)
+    "patch.held_back",              # data: patch, reason, message, panic, ... (the crash-loop guard, at boot)
 ]
 """Events of the live-patch verbs (on ``events``, with the daemon's own ``EventType``)."""
 
@@ -394,13 +395,31 @@ class RestoreFailure(Outbound):
     message: str
 
 
+class HeldBack(Outbound):
+    """A desired-enabled patch the crash-loop guard did not enable at boot: the kernel panicked soon after it was
+    enabled (its desired state is now disabled; enabling it again retries it)."""
+
+    patch: str
+    reason: Literal["crash_loop"]
+    message: str
+    panic: str = Field(description="the panic's message")
+    panic_at: float
+    panic_boot_seq: int
+    enabled_at: float = Field(description="when its transition to patched had completed")
+
+
 class PatchRestoredEvent(Outbound):
     """``patch.restored``: the desired patches re-applied at boot, before the daemon went online."""
 
     patches: list[str] = Field(description="loaded again")
     enabled: list[str] = Field(description="enabled again (transition completed)")
     failed: list[RestoreFailure]
+    held_back: list[str] = Field(default_factory=list, description="kept disabled by the crash-loop guard")
     duration_s: float
+
+
+class PatchHeldBackEvent(HeldBack):
+    """``patch.held_back``: the crash-loop guard kept a patch disabled at boot."""
 
 
 class PatchRestoreFailedEvent(Outbound):
@@ -423,6 +442,7 @@ EVENTS: dict[str, type[Outbound]] = {
     "patch.transition.completed": TransitionCompletedEvent,
     "patch.restored": PatchRestoredEvent,
     "patch.restore_failed": PatchRestoreFailedEvent,
+    "patch.held_back": PatchHeldBackEvent,
 }
 """This module's events, by type: the model of each one's ``data`` (``schemas.events.EVENTS`` includes them)."""
 
@@ -443,6 +463,7 @@ class RestoredSummary(Outbound):
     loaded: list[str]
     enabled: list[str]
     failed: list[RestoreFailure]
+    held_back: list[HeldBack] = Field(default_factory=list, description="kept disabled by the crash-loop guard")
 
 
 class LivepatchSection(Outbound):

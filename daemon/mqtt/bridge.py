@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from typing import Any, Literal
 
@@ -76,6 +77,8 @@ class MqttBridge:
         one connection, but a connection that died mid-publish (its publish waits for a timeout) never holds
         back the reply on the next one (the client re-sends its request after a reconnect and waits for it)."""
         self._tg: asyncio.TaskGroup | None = None
+        self._hold_until = 0.0
+        """``sever(hold_s)``: no reconnect before this (monotonic) time."""
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -93,6 +96,16 @@ class MqttBridge:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def sever(self, hold_s: float = 0.0) -> None:
+        """Cut the broker connection at the socket, without DISCONNECT, so the broker publishes the last will (how
+        a crashed host or a broken network looks from outside); reconnect no sooner than ``hold_s`` from now."""
+        self._hold_until = time.monotonic() + hold_s
+        client = self._client
+        sock = client._client.socket() if client is not None else None
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _status(self, state: Literal["online", "offline"],
                 reason: Literal["started", "reconnected", "shutdown", "connection_lost"]) -> bytes:
@@ -148,7 +161,7 @@ class MqttBridge:
                     lost_at = time.monotonic()
                 await close_client(client)
             delay = self.connector.lost()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(max(delay, self._hold_until - time.monotonic()))
 
     async def _connected(self, client: aiomqtt.Client, attempts: int, lost_at: float | None) -> None:
         client._client.manual_ack_set(True)  # PUBACK after the journal commit, not on receipt

@@ -102,6 +102,8 @@ class EventLog(_LoopBound):
         self._boot_seq = boot_seq
         self._seq = 0
         self._pending: collections.deque[EventDoc] = collections.deque(maxlen=maxlen)
+        self.listeners: list[Callable[[EventDoc], None]] = []
+        """Called on the loop with each event as it is queued: in-process observers (a fleet host's faults)."""
         self.invalid: list[str] = []
         """Events emitted that did not follow their model (each with why)."""
 
@@ -116,9 +118,12 @@ class EventLog(_LoopBound):
 
         def apply() -> None:
             self._seq += 1
-            self._pending.append(EventDoc(host=self._host, boot_seq=self._boot_seq, seq=self._seq, time=time.time(),
-                                          type=type_, data=data))
+            event = EventDoc(host=self._host, boot_seq=self._boot_seq, seq=self._seq, time=time.time(), type=type_,
+                             data=data)
+            self._pending.append(event)
             self._outgoing.set()
+            for listener in self.listeners:
+                listener(event)
         self._in_loop(apply)
 
     def peek(self) -> EventDoc | None:

@@ -103,6 +103,8 @@ class Service:
         self.max_payload_bytes = max_payload_bytes
         self.request_timeout_s = request_timeout_s
         self.replayed = 0
+        self.reply_delay_s = 0.0
+        """Added to every reply (a fleet host's injected ``slow`` fault); 0 in production."""
         self.link: BrokerLink | None = None
         """The broker connection in use, as the MQTT adapter last set it (``info`` shows it)."""
         self._handlers: dict[str, _Handler] = {}
@@ -184,6 +186,8 @@ class Service:
             outcome = await self._handle(verb, payload, response_topic, correlation, accepted)
         finally:
             accepted()
+        if self.reply_delay_s > 0:
+            await asyncio.sleep(self.reply_delay_s)
         label = verb if verb in VERBS else "unknown"
         result = "ok" if outcome.reply.ok else (outcome.reply.error.code if outcome.reply.error else INTERNAL)
         self.metrics.requests.labels(label, result).inc()

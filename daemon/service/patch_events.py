@@ -137,7 +137,7 @@ class PatchEvents:
             }
         if self.restored is not None:
             section["restored"] = {"loaded": self.restored.loaded, "enabled": self.restored.enabled,
-                                   "failed": self.restored.failed}
+                                   "failed": self.restored.failed, "held_back": self.restored.held_back}
         self.service.state.set_component("livepatch", section)
         for publish in self.also_publish:
             publish()

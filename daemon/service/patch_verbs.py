@@ -40,6 +40,7 @@ from daemon.livepatch.core import Livepatch
 from daemon.livepatch.klp import KlpPatch
 from daemon.livepatch.transition import STATE_NAMES
 from daemon.service.core import RequestContext, Service
+from daemon.service.crash_guard import CrashLoopGuard
 from daemon.service.desired import DesiredState
 from daemon.service.kernel_calls import KernelCalls
 from daemon.service.patch_desired import KIND, PatchDesired, RestoreReport
@@ -80,8 +81,9 @@ class PatchVerbs(PatchEvents, PatchViews, PatchDesired):
     """The live-patch use-cases of one daemon (see the module docstring)."""
 
     def __init__(self, service: Service, kernel: Kernel, livepatch: Livepatch, desired: DesiredState | None, *,
-                 restore_timeout_s: float = 30.0) -> None:
+                 restore_timeout_s: float = 30.0, guard: CrashLoopGuard | None = None) -> None:
         self.service = service
+        self.guard = guard
         self.kernel = kernel
         self.lp = livepatch
         self.desired = desired
@@ -135,7 +137,7 @@ class PatchVerbs(PatchEvents, PatchViews, PatchDesired):
                 self.lp.enable(name, wait=False)
             finally:
                 self._change = None
-            self._record(name, {"enabled": True}, request_id)
+            self._record(name, {"enabled": True, "held_back": None}, request_id)  # an operator's retry clears it
         return self._after_change(name, wait, timeout_s)
 
     def disable(self, name: str, request_id: str | None, *, wait: bool = False,
@@ -200,12 +202,12 @@ def decode_bundle(text: str) -> tuple[PatchBundle, bytes]:
 
 def register(service: Service, kernel: Kernel, livepatch: Livepatch, *, desired: DesiredState | None = None,
              restore_timeout_s: float = 30.0, call_timeout_s: float = 10.0,
-             calls: KernelCalls | None = None) -> PatchVerbs:
+             calls: KernelCalls | None = None, guard: CrashLoopGuard | None = None) -> PatchVerbs:
     """Serve the live-patch verbs of ``livepatch`` on ``service``; ``desired`` makes patches survive restarts
     (then call ``restore()`` on the result before the journal replay); ``calls`` (the kernel verbs') runs the
     readers of ``call.read``."""
     reads = calls or KernelCalls(kernel, timeout_s=call_timeout_s)
-    verbs = PatchVerbs(service, kernel, livepatch, desired, restore_timeout_s=restore_timeout_s)
+    verbs = PatchVerbs(service, kernel, livepatch, desired, restore_timeout_s=restore_timeout_s, guard=guard)
     lp = livepatch
 
     def replayed_or(ctx: RequestContext, redo: Callable[[], T], answer: Callable[[], T]) -> T:
