@@ -6,7 +6,6 @@ A wrong permission would be a security bug, so each forbidden access is tried in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,7 +46,7 @@ def _attempt(k: Kernel, case: str, cpu: int) -> GuestFault:
 
 
 @pytest.fixture(scope="module")
-def faults() -> Iterator[dict[TlbMode, dict[str, GuestFault]]]:
+def faults() -> dict[TlbMode, dict[str, GuestFault]]:
     out: dict[TlbMode, dict[str, GuestFault]] = {}
     for mode in TlbMode:
         with Kernel(KernelConfig(nr_cpus=len(CASES) + 1, workers_per_cpu=1, loadgens_per_cpu=0,
@@ -55,7 +54,7 @@ def faults() -> Iterator[dict[TlbMode, dict[str, GuestFault]]]:
             out[mode] = {case: _attempt(k, case, cpu) for cpu, case in enumerate(CASES)}
             # the last vCPU never faulted: the machine still serves
             assert k.call("getpid_loop", 100, cpu=len(CASES)) == 100
-    yield out
+    return out
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -83,7 +82,8 @@ def test_virtual_tlb_is_the_default_and_filled_natively() -> None:
     assert Settings().tlb_mode == "virtual"
     with Kernel(KernelConfig(nr_cpus=1)) as k:
         v = k.machine.vcpus[0]
-        assert v.tlb_mode is TlbMode.VIRTUAL and v.fill_table is not None
+        assert v.tlb_mode is TlbMode.VIRTUAL
+        assert v.fill_table is not None
         before = v.fill_table.fills
         assert k.call("bench_corpus", 2000, 1) == 0  # no wrong result
         assert v.fill_table.fills > before
@@ -122,7 +122,8 @@ def test_native_library_builds_into_a_fresh_cache_from_any_cwd(tmp_path: Path, m
     assert path.parent == tmp_path / "cache" / "native"
     assert native.read_digests()[native.host_target()] == native._digest(path)
     mtime = path.stat().st_mtime_ns
-    assert native.library_path() == path and path.stat().st_mtime_ns == mtime  # cached: not rebuilt
+    assert native.library_path() == path
+    assert path.stat().st_mtime_ns == mtime
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".build-")]
 
 
