@@ -173,7 +173,7 @@ class Daemon:
             kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or "", nr_cpus=s.nr_cpus,
                                booted_at=time.time()),
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s,
-            read_fast_path=s.read_fast_path)
+            read_fast_path=s.read_fast_path, fsync=not s.unsafe_skip_fsync)
         try:
             await self._run_service(service, journal, kernel, boot_seq)
         finally:
@@ -317,7 +317,7 @@ def open_state(s: Settings) -> tuple[Journal, DesiredState, int]:
     desired: DesiredState | None = None
     try:
         journal = Journal(s.journal_path, durable=s.journal_durable)
-        desired = DesiredState(s.desired_path, durable=s.journal_durable)
+        desired = DesiredState(s.desired_path, durable=s.journal_durable, fsync=not s.unsafe_skip_fsync)
         boot_seq = journal.next_boot_seq()
         if journal.pending:
             raise sqlite3.OperationalError("database or disk is full")

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     read_fast_path: bool = Field(default=True, description="a mutating request's fsync runs beside the event loop "
                                  "(group fsync), so read-only requests never wait for it; off: the fsync is part "
                                  "of its commit on the loop (the baseline of bench.mixed_load); durable either way")
+    unsafe_skip_fsync: bool = Field(default=False, description="FOR BENCHMARKS ONLY: mutating requests and the "
+                                    "desired state are not fsynced (what the durability contract costs: "
+                                    "bench.patch_latency, bench.mqtt_latency); an OS crash can lose acknowledged "
+                                    "changes")
     gil_switch_interval_ms: float = Field(default=0.2, gt=0, le=100, description="livepatchd serve's GIL switch "
                                           "interval: how long the event loop may wait for the GIL while a handler "
                                           "thread computes (CPython's default: 5)")
