@@ -24,6 +24,7 @@ from typing import TextIO
 import structlog
 
 from daemon.emu.machine import VCpu
+from daemon.emu.tlb import TlbMode
 from daemon.errors import GuestPanic
 from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel, KernelConfig
@@ -149,7 +150,7 @@ class Daemon:
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
                 nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions,
-                tcg_buffer_size=s.tcg_buffer_size_mb << 20)).boot())
+                tcg_buffer_size=s.tcg_buffer_size_mb << 20, tlb_mode=TlbMode(s.tlb_mode))).boot())
             self.kernel.machine.on_vcpu_stopped.append(self._vcpu_stopped)
             if s.count_guest_instructions:
                 vcpus = self.kernel.machine.vcpus

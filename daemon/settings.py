@@ -103,6 +103,9 @@ class Settings(BaseSettings):
                                       "long is reported stalled (event and state)")
 
     nr_cpus: int = Field(default=2, ge=1, le=8)
+    tlb_mode: Literal["virtual", "cpu"] = Field(
+        default="virtual", description="the vCPUs' TLB: virtual (Unicorn's virtual TLB, filled by native code with "
+        "each region's permissions; guest stores several times cheaper) or cpu (Unicorn's emulated CPU TLB)")
     tcg_buffer_size_mb: int = Field(default=32, ge=1, le=1024, description="each vCPU engine's translation cache "
                                     "(a virtual reservation: resident memory grows only with the code translated)")
     kernel_release: str | None = Field(default=None, max_length=64, description="the kernel build's version string "
