@@ -25,6 +25,7 @@ from typing import TextIO
 import structlog
 
 from daemon.emu.machine import VCpu
+from daemon.emu.tlb import TlbMode
 from daemon.errors import GuestPanic
 from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel, KernelConfig
@@ -152,7 +153,7 @@ class Daemon:
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
                 nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions,
-                tcg_buffer_size=s.tcg_buffer_size_mb << 20)).boot())
+                tcg_buffer_size=s.tcg_buffer_size_mb << 20, tlb_mode=TlbMode(s.tlb_mode))).boot())
             self.kernel.machine.on_vcpu_stopped.append(self._vcpu_stopped)
             if s.count_guest_instructions:
                 vcpus = self.kernel.machine.vcpus
@@ -175,7 +176,7 @@ class Daemon:
             kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or "", nr_cpus=s.nr_cpus,
                                booted_at=time.time()),
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s,
-            read_fast_path=s.read_fast_path)
+            read_fast_path=s.read_fast_path, fsync=not s.unsafe_skip_fsync)
         try:
             await self._run_service(service, journal, kernel, boot_seq)
         finally:
@@ -187,7 +188,8 @@ class Daemon:
         service.attach(loop)
         if s.labels:  # what a fleet selects this host by (rollout targets, dashboard grouping)
             service.state.set_component("labels", dict(s.labels))
-        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
+        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s,
+                                     allow_any_call=s.allow_any_call)
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
         keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
         self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys, stall_after_s=s.transition_stall_s)
@@ -318,7 +320,7 @@ def open_state(s: Settings) -> tuple[Journal, DesiredState, int]:
     desired: DesiredState | None = None
     try:
         journal = Journal(s.journal_path, durable=s.journal_durable)
-        desired = DesiredState(s.desired_path, durable=s.journal_durable)
+        desired = DesiredState(s.desired_path, durable=s.journal_durable, fsync=not s.unsafe_skip_fsync)
         boot_seq = journal.next_boot_seq()
         if journal.pending:
             raise sqlite3.OperationalError("database or disk is full")

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="FOR DEMOS ONLY: generate a signing key pair in the host's state directory "
                        "(<state-dir>/<host>/dev-signing.key and .pub) and trust it; anyone who can read that file "
                        "can sign patches this daemon will load")
+    serve.add_argument("--allow-any-call", dest="allow_any_call", action="store_true", default=None,
+                       help="FOR LABS ONLY: the call verbs may run any kernel function, not only the ones the image "
+                       "marks callable (readers, syscalls, test helpers); a call of memset can overwrite kernel "
+                       "memory (default: LIVEPATCHD_ALLOW_ANY_CALL, else off)")
     _fleet_parser(sub)
     dash = sub.add_parser("dashboard", help="serve the live fleet dashboard (a web page fed from MQTT)")
     dash.add_argument("--broker", default="mqtt://127.0.0.1:1883",
@@ -108,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level",
             "log_format", "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys",
-            "dev_signing_key")
+            "dev_signing_key", "allow_any_call")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if "broker_url" in overrides:
         overrides["broker_url"] = ",".join(overrides["broker_url"])

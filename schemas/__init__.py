@@ -38,6 +38,7 @@ from schemas.envelope import ErrorBody, Reply, Request
 from schemas.kernel import (
     MAX_CALL_ARGS,
     CallData,
+    CallPolicy,
     CallRequest,
     InfoData,
     InfoRequest,
@@ -62,6 +63,7 @@ __all__ = [
     "VERBS",
     "Address",
     "CallData",
+    "CallPolicy",
     "CallRequest",
     "ErrorBody",
     "EventDoc",

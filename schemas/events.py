@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
-from schemas import ftrace, livepatch
+from schemas import ftrace, kernel, livepatch
 from schemas._base import Outbound
 
 
@@ -60,7 +60,7 @@ DAEMON_EVENTS: dict[str, type[Outbound]] = {
     "request.failed": RequestFailedEvent,
 }
 
-EVENTS: dict[str, type[Outbound]] = {**DAEMON_EVENTS, **ftrace.EVENTS, **livepatch.EVENTS}
+EVENTS: dict[str, type[Outbound]] = {**DAEMON_EVENTS, **kernel.EVENTS, **ftrace.EVENTS, **livepatch.EVENTS}
 """Every event type this schema version emits -> the model of its ``data``."""
 
 

@@ -35,6 +35,14 @@ class BrokerLink(Outbound):
     protocol: Literal["5", "3.1.1"] = Field(description="the MQTT version negotiated with that node")
 
 
+class CallPolicy(Outbound):
+    """Which kernel functions the call verbs (``call``, ``call.read``) run."""
+
+    allow_any: bool = Field(description="any function (a lab setting: allow_any_call); false: only ``callable``")
+    callable: list[str] = Field(description="the functions the kernel image marks callable (readers, syscall "
+                                "entry points, test helpers); others are refused with call_not_allowed")
+
+
 class InfoData(Outbound):
     host: HostId
     version: str = Field(description="livepatchd version")
@@ -48,6 +56,7 @@ class InfoData(Outbound):
     tasks: int
     requests: RequestCounts
     broker: BrokerLink | None = Field(default=None, description="the connection this reply came over")
+    calls: CallPolicy | None = Field(default=None, description="what the call verbs may run")
 
 
 # -- symbol.lookup ---------------------------------------------------------------------------------------------
@@ -140,3 +149,29 @@ SPECS: list[VerbSpec] = [
              "Call a kernel function on a vCPU with up to 8 integer arguments; returns x0.", mutating=True),
     VerbSpec("tasks", TasksRequest, TasksData, "The kernel's tasks: pid, CPU, kind, comm, state."),
 ]
+
+
+# -- events (on ``events``: ``EventDoc.data`` of each type) ------------------------------------------------------
+
+
+class CallFinishedLateEvent(Outbound):
+    """``call.finished_late``: a call (or call.read) answered ``timeout`` has now returned, or died with its vCPU."""
+
+    verb: str
+    request_id: str | None
+    function: str
+    address: str = Field(description="the function's address, hex")
+    cpu: int
+    elapsed_s: float = Field(description="since the call started")
+    ok: bool
+    value: int | None = Field(default=None, description="x0 on return, unsigned 64-bit (ok only)")
+    signed: int | None = Field(default=None, description="x0 as a signed 64-bit value (ok only)")
+    code: str | None = Field(default=None, description="why it failed (not ok only)")
+    message: str | None = None
+
+
+KernelEventType = Literal["call.finished_late"]
+"""Events of the kernel's verbs (on ``events``, with the daemon's own ``EventType``)."""
+
+EVENTS: dict[str, type[Outbound]] = {"call.finished_late": CallFinishedLateEvent}
+"""This module's events, by type: the model of each one's ``data`` (``schemas.events.EVENTS`` includes them)."""

@@ -65,3 +65,19 @@ def _option_help(text: str, option: str) -> str:
 ])
 def test_serve_help_explains_each_option_and_its_default(option: str, says: str) -> None:
     assert says in _option_help(_serve_help(), option)
+
+
+@pytest.mark.parametrize("module", ["clients.cli.ftrace_cmds", "clients.cli.profile_cmds", "clients.cli.patch_cmds",
+                                    "clients.cli.observe_cmds", "clients.cli.runner", "clients.cli.main"])
+def test_each_lpctl_module_imports_on_its_own(module: str) -> None:
+    """No import cycle between lpctl's main module and its command modules (the shared helpers are in runner)."""
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_lpctl_main_runs_as_a_module() -> None:
+    done = subprocess.run([sys.executable, "-m", "clients.cli.main", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=False, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Operate livepatchd daemons over MQTT." in done.stdout

@@ -21,11 +21,13 @@ from schemas import export as schema_export
 from schemas.documents import COMPONENTS
 from schemas.events import EVENTS, UnknownEvent, check_event
 from schemas.ftrace import FtraceEventType, FtraceSection
+from schemas.kernel import KernelEventType
 from schemas.livepatch import LivepatchSection, PatchEventType, TransitionStalledEvent
 
 
 def test_every_event_type_has_a_model_and_every_model_a_type() -> None:
-    documented = {*get_args(EventType), *get_args(FtraceEventType), *get_args(PatchEventType)}
+    documented = {*get_args(EventType), *get_args(KernelEventType), *get_args(FtraceEventType),
+                  *get_args(PatchEventType)}
     assert set(EVENTS) == documented
     assert len(set(EVENTS.values())) == len(EVENTS), "one model per type"
 

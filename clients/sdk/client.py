@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -56,6 +57,21 @@ class RawReply:
 
     reply: Reply
     payload: str
+
+
+_captured: contextvars.ContextVar[list[RawReply] | None] = contextvars.ContextVar("lpsdk_captured", default=None)
+
+
+@contextlib.contextmanager
+def capture_replies() -> Iterator[list[RawReply]]:
+    """Collect the replies of the requests made inside the block (by this task), exactly as they arrived: what the
+    typed methods parse, for a caller that also wants the raw reply (``lpctl --json``)."""
+    replies: list[RawReply] = []
+    token = _captured.set(replies)
+    try:
+        yield replies
+    finally:
+        _captured.reset(token)
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
@@ -236,7 +252,11 @@ class LivepatchClient(FtraceApi, PatchApi):
             async with asyncio.timeout(wait):
                 await self._conn.publish(topic, payload, props)
                 self._sent[rid] = (topic, payload, props)
-                return await fut
+                raw = await fut
+                captured = _captured.get()
+                if captured is not None:
+                    captured.append(raw)
+                return raw
         except TimeoutError:
             if self._conn.up.is_set():
                 why = "is it online?"

@@ -35,6 +35,7 @@ from daemon.mqtt.connect import (
     SubscribeRefused,
     aiomqtt_protocol,
     close_client,
+    publish,
     subscribe_retrying,
 )
 from daemon.mqtt.liveness import Heartbeat
@@ -182,9 +183,9 @@ class MqttBridge:
         reconnect = self.connections > 1
         reason: Literal["started", "reconnected"] = "reconnected" if reconnect else "started"
         v5 = self.protocol == aiomqtt.ProtocolVersion.V5
-        await client.publish(self.topics.status, self._status("online", reason), qos=1, retain=True,
+        await publish(client, self.topics.status, self._status("online", reason), qos=1, retain=True,
                              properties=self.heartbeat.properties(v5))
-        await client.publish(self.topics.state, self.service.state.document().model_dump_json(), qos=1, retain=True)
+        await publish(client, self.topics.state, self.service.state.document().model_dump_json(), qos=1, retain=True)
         self.service.state.take_dirty()
         redelivered = 0
         for outcome in self.service.undelivered():
@@ -296,11 +297,11 @@ class MqttBridge:
             await service.outgoing.wait()
             service.outgoing.clear()
             if service.state.take_dirty():
-                await client.publish(self.topics.state, service.state.document().model_dump_json(), qos=1,
+                await publish(client, self.topics.state, service.state.document().model_dump_json(), qos=1,
                                      retain=True)
             while (event := service.events.peek()) is not None:
-                await client.publish(self.topics.events, event.model_dump_json(), qos=1)
+                await publish(client, self.topics.events, event.model_dump_json(), qos=1)
                 service.events.pop()
             while (message := service.streams.peek()) is not None:
-                await client.publish(message[0], message[1], qos=1)
+                await publish(client, message[0], message[1], qos=1)
                 service.streams.pop()

@@ -57,6 +57,13 @@ class InvalidArgument(RequestError):
     code = "invalid_argument"
 
 
+class CallNotAllowed(RequestError):
+    """The call verbs run only the functions the image marks callable, unless the daemon allows any call."""
+
+    code = "call_not_allowed"
+    errno = -1  # -EPERM
+
+
 class RequestTimeout(LivepatchdError):
     code = "timeout"
     errno = -110  # -ETIMEDOUT

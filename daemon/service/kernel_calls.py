@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -17,7 +17,7 @@ from daemon.errors import GuestCallTimeout, LivepatchdError
 from daemon.kernel.kallsyms import Symbol
 from daemon.kernel.kernel import Kernel
 from daemon.service.board import EventLog
-from daemon.service.errors import InvalidArgument
+from daemon.service.errors import CallNotAllowed, InvalidArgument
 
 log = structlog.get_logger(__name__)
 
@@ -33,21 +33,47 @@ def as_signed(value: int) -> int:
     return value - (1 << 64) if value >> 63 else value
 
 
+ALLOW_ANY_HINT = ("for a lab, let the daemon run any function: setting allow_any_call "
+                  "(LIVEPATCHD_ALLOW_ANY_CALL=1, or livepatchd serve --allow-any-call)")
+
+
 @dataclass(frozen=True)
 class KernelCalls:
-    """Runs the functions that ``call`` and ``call.read`` name on ``kernel``."""
+    """Runs the functions that ``call`` and ``call.read`` name on ``kernel``.
+
+    By default only the functions the image marks callable (its ``_callable_funcs`` table: readers, syscall-like
+    entry points, test helpers) may be run: a call is a kernel function run with the caller's arguments, and
+    ``memset``'s would overwrite kernel memory. ``allow_any`` lifts that, for labs.
+    """
 
     kernel: Kernel
     timeout_s: float = 10.0
+    allow_any: bool = False
+    callable: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "callable", frozenset(self.kernel.image.callable_funcs()))
+
+    def names(self) -> list[str]:
+        """The functions marked callable, by name."""
+        ks = self.kernel.kallsyms
+        return sorted(sym.name for addr in self.callable if (sym := ks.containing(addr)) is not None)
 
     def symbol(self, function: str, sympos: int, cpu: int) -> Symbol:
-        """The function a request names, on a CPU this kernel has (``invalid_argument`` otherwise)."""
+        """The function a request names, on a CPU this kernel has (``invalid_argument`` otherwise), and one it
+        may call (``call_not_allowed``)."""
         nr_cpus = self.kernel.config.nr_cpus
         if cpu >= nr_cpus:
             raise InvalidArgument(f"this kernel has {nr_cpus} CPUs; there is no CPU {cpu}", cpu=cpu, nr_cpus=nr_cpus)
         sym = self.kernel.kallsyms.lookup(function, sympos)
         if not sym.is_func:
             raise InvalidArgument(f"{function!r} is not a function", symbol=function)
+        if not self.allow_any and sym.addr not in self.callable:
+            raise CallNotAllowed(
+                f"{sym.name} is not marked callable in this kernel image: the call verbs run only the "
+                f"{len(self.callable)} functions it marks (readers, syscall entry points, test helpers; "
+                f"see info's callable list); {ALLOW_ANY_HINT}", function=sym.name, address=f"{sym.addr:#x}",
+                hint=ALLOW_ANY_HINT)
         return sym
 
     def run(self, sym: Symbol, args: tuple[int, ...], *, cpu: int, events: EventLog, request_id: str,

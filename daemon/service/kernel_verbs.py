@@ -11,6 +11,7 @@ from daemon.service.kernel_calls import KernelCalls, as_signed
 from schemas import (
     SCHEMA_VERSION,
     CallData,
+    CallPolicy,
     CallRequest,
     InfoData,
     InfoRequest,
@@ -23,9 +24,11 @@ from schemas import (
 )
 
 
-def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: float = 10.0) -> KernelCalls:
+def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: float = 10.0,
+             allow_any_call: bool = False) -> KernelCalls:
     """Serve the kernel verbs of ``kernel`` (booted) on ``service``; the calls they make serve ``call.read`` too."""
-    calls = KernelCalls(kernel, timeout_s=call_timeout_s)
+    calls = KernelCalls(kernel, timeout_s=call_timeout_s, allow_any=allow_any_call)
+    policy = CallPolicy(allow_any=allow_any_call, callable=calls.names())
     started = time.monotonic()
     nr_cpus = kernel.config.nr_cpus
     nr_tasks = len(kernel.tasks())  # fixed after boot
@@ -39,7 +42,7 @@ def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: 
                         symbols=len(kernel.kallsyms), tasks=nr_tasks,
                         requests=RequestCounts(accepted=counts["accepted"], answered=counts["answered"],
                                                replayed=service.replayed),
-                        broker=service.link)
+                        broker=service.link, calls=policy)
 
     @service.handler("symbol.lookup")
     async def symbol_lookup(req: SymbolLookupRequest, ctx: RequestContext) -> SymbolData:
