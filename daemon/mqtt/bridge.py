@@ -161,6 +161,11 @@ class MqttBridge:
                     self.service.metrics.connected.set(0)
                     lost_at = time.monotonic()
                 await close_client(client)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # cancelled while the connection was failing: the connection's task group reported only the
+                # MqttError (Python 3.11's TaskGroup drops the CancelledError then), so honour it here
+                raise asyncio.CancelledError
             delay = self.connector.lost()
             await asyncio.sleep(max(delay, self._hold_until - time.monotonic()))
 
