@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
 import logging
 import signal
@@ -126,6 +127,7 @@ class Daemon:
         self.panic: GuestPanic | None = None
         """The guest panic that ended this boot (the daemon then crashed, as a panicked host dies)."""
         self._boot_seq = 0
+        self._context: contextvars.Context | None = None
 
     def crash(self) -> None:
         """Die abruptly (an injected fault): the broker connection is cut without DISCONNECT, so the broker
@@ -143,6 +145,7 @@ class Daemon:
         s = self.settings
         self._loop = asyncio.get_running_loop()
         structlog.contextvars.bind_contextvars(host=s.host_id)
+        self._context = contextvars.copy_context()  # a panic reported from a vCPU thread is logged with the host
         journal, desired, boot_seq = open_state(s)
         self._boot_seq = boot_seq
         self.desired = desired  # re-applied at boot
@@ -246,7 +249,7 @@ class Daemon:
         """On the vCPU's thread: a vCPU that stopped on a guest panic takes the whole host down with it."""
         loop = self._loop
         if isinstance(vcpu.error, GuestPanic) and loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._panicked, vcpu.error)
+            loop.call_soon_threadsafe(self._panicked, vcpu.error, context=self._context)
 
     def _panicked(self, error: GuestPanic) -> None:
         if self.panic is not None or (self._stop.is_set() and not self._crash):
