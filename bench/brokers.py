@@ -41,6 +41,18 @@ async def sequential_info(url: str, host: str, protocol: str, n: int, warmup: in
     return samples
 
 
+def pin(pids: set[int], cpus: set[int]) -> None:
+    """Every thread of these processes and of their process groups (a broker's helpers) onto ``cpus``."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(entry) in pids or int(stat[2]) in pids:  # stat[2]: the process group id
+                for tid in os.listdir(f"/proc/{entry}/task"):
+                    os.sched_setaffinity(int(tid), cpus)
+
+
 async def wait_online(url: str, host: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     async with LivepatchClient(url, host, timeout=30) as c:
@@ -58,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000, help="sequential requests per broker (all rounds)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=50, help="unmeasured requests at the start of each round")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="pin brokers and daemons to CPU 0, the client to CPU 1 (default: on)")
     args = parser.parse_args(argv)
     per_round = max(1, args.requests // args.rounds)
     with tempfile.TemporaryDirectory(prefix="lpd-bench-brokers-") as tmp, contextlib.ExitStack() as stack:
@@ -87,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                 daemons[daemon_url] = d
         for _, daemon_url, client_url, _ in setups:
             asyncio.run(wait_online(client_url, daemons[daemon_url].host))
+        pinned = args.pin and len(os.sched_getaffinity(0)) >= 2
+        if pinned:
+            # brokers and daemons on one core, the client on the other (as bench.mqtt_latency): the scheduler no
+            # longer migrates them mid-request
+            servers = [mosquitto.proc, nats.proc, rabbit.proc, *(n.proc for n in cluster.nodes),
+                       *(d.proc for d in daemons.values())]
+            pin({p.pid for p in servers if p is not None}, {0})
+            os.sched_setaffinity(0, {1})
         samples: dict[str, list[float]] = {name: [] for name, *_ in setups}
         round_p99: dict[str, list[float]] = {name: [] for name, *_ in setups}
         load_before = os.getloadavg()
@@ -108,14 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     nats_single = rows[2]["p99_vs_mosquitto"]
     spread = "; ".join(f"{name.split(',')[0] if 'Mosquitto' not in name else name}: "
                        f"{min(v):.2f}-{max(v):.2f} ms" for name, v in round_p99.items())
+    placement = "brokers and daemons pinned to CPU 0, the client to CPU 1" if pinned else "unpinned"
     notes = (f"Goal: NATS single node within 1.6x of Mosquitto at p99 (measured {nats_single:.2f}x: "
              f"{'met' if nats_single <= 1.6 else 'NOT met'}). Ratios are to Mosquitto over MQTT 3.1.1 (the version "
              f"every broker here speaks). p99 of each of the {args.rounds} rounds of {per_round} requests: {spread}. "
-             "Everything on one 2-core machine, unpinned: the brokers, 4 daemons ("
-             f"2 vCPU threads each) and the client share it (1-minute load average {load_before[0]:.2f} before, "
-             f"{load_after[0]:.2f} after; other work on the machine included).")
+             f"Everything on one 2-core machine ({placement}): the brokers, 4 daemons (2 vCPU threads each) "
+             f"and the client share it (1-minute load average {load_before[0]:.2f} before, {load_after[0]:.2f} "
+             "after; other work on the machine included).")
     write("brokers", {"requests_per_broker": args.requests, "rounds": args.rounds, "warmup": args.warmup, "qos": 1,
-                      "verb": "info"}, rows,
+                      "verb": "info", "pinned": pinned}, rows,
           {"p50_ms": "ms", "p99_ms": "ms", "mean_ms": "ms", "p50_vs_mosquitto": "x", "p99_vs_mosquitto": "x"}, notes,
           figures={"info_p99_ms_per_round": round_p99})
     return 0

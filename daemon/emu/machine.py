@@ -37,7 +37,14 @@ import unicorn
 from unicorn import arm64_const as a64
 
 from daemon.emu.memory import Memory
-from daemon.emu.tlb import DEFAULT_TLB_MODE, FillTable, TlbMode, install_fill_hook, refusal_error
+from daemon.emu.tlb import (
+    DEFAULT_TLB_MODE,
+    FillTable,
+    TlbMode,
+    grow_tlb_if_churning,
+    install_fill_hook,
+    refusal_error,
+)
 from daemon.errors import GuestError, GuestFault, GuestPanic
 from daemon.guest import abi
 
@@ -344,6 +351,8 @@ class Machine:
         handler = self._handlers.get(reason)
         if handler is None:
             raise GuestError(f"vCPU {vcpu.index} made unknown host call {reason}", cpu=vcpu.index, reason=reason)
+        if vcpu.fill_table is not None:
+            grow_tlb_if_churning(vcpu.uc, vcpu.fill_table)
         handler(vcpu, arg0, arg1)
 
     def _vcpu_stopped(self, vcpu: VCpu) -> None:
