@@ -20,9 +20,9 @@ import matplotlib.pyplot as plt
 
 from bench import common
 from daemon.arch.arm64 import callsite
-from daemon.demo import SiteToggler
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel, KernelConfig
+from daemon.stress_patching import SiteToggler
 
 SIZES = (1, 100, 1_000, 10_000)
 REPEATS = 300

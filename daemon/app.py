@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
 import logging
 import signal
@@ -23,12 +24,16 @@ from typing import TextIO
 
 import structlog
 
+from daemon.emu.machine import VCpu
+from daemon.emu.tlb import TlbMode
+from daemon.errors import GuestPanic
 from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.livepatch.core import Livepatch
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
 from daemon.service import Journal, Metrics, Service, ftrace_verbs, integrity, kernel_verbs, patch_verbs
 from daemon.service.checkpoint import Checkpointer
+from daemon.service.crash_guard import CrashLoopGuard, previous_panic, record_panic
 from daemon.service.desired import DesiredState
 from daemon.settings import Settings
 from schemas import KernelState
@@ -37,6 +42,8 @@ from schemas.brokers import BrokerAddress
 log = structlog.get_logger(__name__)
 
 JANITOR_PERIOD_S = 2.0  # often and in small batches: a prune is one short transaction
+PRUNE_BATCH = 250  # rows per prune: ~2 ms on the event loop
+PRUNE_AGAIN_S = 0.05  # after a full batch: up to 5,000 rows/s, more than the daemon can accept
 
 
 def version() -> str:
@@ -46,34 +53,60 @@ def version() -> str:
         return "0+unknown"
 
 
-def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
-    """JSON lines on stderr, with the bound context (host, request_id, verb). Called once, by the command."""
+def configure_logging(level: str = "info", stream: TextIO | None = None, fmt: str = "auto") -> None:
+    """Log lines on stderr, with the bound context (host, request_id, verb). Called once, by the command.
+
+    ``fmt``: ``console`` (human-readable), ``json`` (one object per line, for collectors), or ``auto``: console
+    when the stream is a terminal. Third-party libraries log through the standard ``logging`` module (amqtt,
+    asyncio, paho): a handler on the root logger renders their records with the same processors, so one
+    session's output is one format, never JSON interleaved with plain text.
+    """
+    out = stream or sys.stderr
+    human = fmt == "console" or (fmt == "auto" and out.isatty())
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.typing.Processor
+    if human:
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    else:
+        shared.append(structlog.processors.format_exc_info)  # the console renderer prints tracebacks itself
+        renderer = structlog.processors.JSONRenderer()
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr)
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))
 
 
 Extension = Callable[[Service, Kernel], None]
 """Registers more verbs on a daemon's service for its kernel (``register(service, kernel)``)."""
 
 
+class _Crashed(Exception):
+    """Raised inside the daemon's task group by ``crash()``: ends every task at once, with no graceful step."""
+
+
 class Daemon:
-    """One host: its emulated kernel, its journal, its MQTT identity."""
+    """One host: its emulated kernel, its journal, its MQTT identity (a fleet process holds many)."""
 
     def __init__(self, settings: Settings, *, install_signals: bool = False,
                  on_ready: Callable[[Daemon], None] | None = None,
-                 extensions: Sequence[Extension] = ()) -> None:
+                 extensions: Sequence[Extension] = (),
+                 on_embedded_broker: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        self.on_embedded_broker = on_embedded_broker
+        """Called with the URL of the embedded broker once it listens (``serve`` tells a terminal how to reach it)."""
         self.extensions = tuple(extensions)
         self.install_signals = install_signals
         self.on_ready = on_ready
@@ -88,6 +121,19 @@ class Daemon:
         self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
+        self._crash = False
+        self.crashed = False
+        """True once ``run()`` returned after ``crash()``."""
+        self.panic: GuestPanic | None = None
+        """The guest panic that ended this boot (the daemon then crashed, as a panicked host dies)."""
+        self._boot_seq = 0
+        self._context: contextvars.Context | None = None
+
+    def crash(self) -> None:
+        """Die abruptly (an injected fault): the broker connection is cut without DISCONNECT, so the broker
+        publishes the last will; nothing more is published, no request is drained. Call on the daemon's loop."""
+        self._crash = True
+        self._stop.set()
 
     def stop(self) -> None:
         """Ask the daemon to shut down (from any thread)."""
@@ -99,12 +145,16 @@ class Daemon:
         s = self.settings
         self._loop = asyncio.get_running_loop()
         structlog.contextvars.bind_contextvars(host=s.host_id)
+        self._context = contextvars.copy_context()  # a panic reported from a vCPU thread is logged with the host
         journal, desired, boot_seq = open_state(s)
+        self._boot_seq = boot_seq
         self.desired = desired  # re-applied at boot
         try:
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
-                nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions)).boot())
+                nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions,
+                tcg_buffer_size=s.tcg_buffer_size_mb << 20, tlb_mode=TlbMode(s.tlb_mode))).boot())
+            self.kernel.machine.on_vcpu_stopped.append(self._vcpu_stopped)
             if s.count_guest_instructions:
                 vcpus = self.kernel.machine.vcpus
                 self.metrics.guest_instructions.set_function(lambda: sum(v.instructions for v in vcpus))
@@ -121,20 +171,32 @@ class Daemon:
 
     async def _serve(self, journal: Journal, kernel: Kernel, boot_seq: int) -> None:
         s = self.settings
-        loop = asyncio.get_running_loop()
         service = self.service = Service(
             host=s.host_id, boot_seq=boot_seq, journal=journal, metrics=self.metrics,
-            kernel=KernelState(build_id=kernel.image.build_id, nr_cpus=s.nr_cpus, booted_at=time.time()),
-            max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s)
+            kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or "", nr_cpus=s.nr_cpus,
+                               booted_at=time.time()),
+            max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s,
+            read_fast_path=s.read_fast_path, fsync=not s.unsafe_skip_fsync)
+        try:
+            await self._run_service(service, journal, kernel, boot_seq)
+        finally:
+            service.close()
+
+    async def _run_service(self, service: Service, journal: Journal, kernel: Kernel, boot_seq: int) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
         service.attach(loop)
-        kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s)
+        if s.labels:  # what a fleet selects this host by (rollout targets, dashboard grouping)
+            service.state.set_component("labels", dict(s.labels))
+        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s,
+                                     allow_any_call=s.allow_any_call)
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
         keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
-        self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys)
+        self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys, stall_after_s=s.transition_stall_s)
         ftrace_ops = ftrace_verbs.register(service, kernel, ftrace, desired=self.desired)
+        guard = CrashLoopGuard(previous_panic(s.host_dir, boot_seq), s.crash_loop_grace_s)
         patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
-                                       stall_after_s=s.transition_stall_s, restore_timeout_s=s.patch_restore_timeout_s,
-                                       call_timeout_s=s.call_timeout_s)
+                                       restore_timeout_s=s.patch_restore_timeout_s, calls=calls, guard=guard)
         patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
@@ -159,19 +221,46 @@ class Daemon:
                                               max_concurrent=s.max_concurrent_requests, heartbeat_s=s.heartbeat_s,
                                               status_expiry_s=s.status_expiry_s)
             service.events.emit("daemon.started", boot_seq=boot_seq, replayed=replayed)
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(bridge.run(), name="mqtt.bridge")
-                janitor = tg.create_task(self._janitor(service), name="service.janitor")
-                checkpointer = tg.create_task(Checkpointer(journal, metrics=service.metrics).run(),
-                                               name="service.checkpointer")
-                ready = tg.create_task(self._ready(bridge), name="app.ready")
-                await self._stop.wait()
-                log.info("daemon_stopping")
-                service.events.emit("daemon.stopping", reason="requested")
-                ready.cancel()
-                janitor.cancel()
-                checkpointer.cancel()
-                bridge.stop()
+            try:
+                await self._tasks(service, journal, bridge)
+            except* _Crashed:
+                self.crashed = True
+
+    async def _tasks(self, service: Service, journal: Journal, bridge: MqttBridge) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(bridge.run(), name="mqtt.bridge")
+            janitor = tg.create_task(self._janitor(service), name="service.janitor")
+            checkpointer = tg.create_task(Checkpointer(journal, metrics=service.metrics).run(),
+                                           name="service.checkpointer")
+            ready = tg.create_task(self._ready(bridge), name="app.ready")
+            await self._stop.wait()
+            if self._crash:
+                log.warning("daemon_crashed")
+                bridge.sever()
+                raise _Crashed  # the group cancels every task at once, as a dead process's would stop
+            log.info("daemon_stopping")
+            service.events.emit("daemon.stopping", reason="requested")
+            ready.cancel()
+            janitor.cancel()
+            checkpointer.cancel()
+            bridge.stop()
+
+    def _vcpu_stopped(self, vcpu: VCpu) -> None:
+        """On the vCPU's thread: a vCPU that stopped on a guest panic takes the whole host down with it."""
+        loop = self._loop
+        if isinstance(vcpu.error, GuestPanic) and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._panicked, vcpu.error, context=self._context)
+
+    def _panicked(self, error: GuestPanic) -> None:
+        if self.panic is not None or (self._stop.is_set() and not self._crash):
+            return
+        self.panic = error
+        log.error("kernel_panic", message=error.message, details=error.details)
+        try:  # what the crash-loop guard reads at the next boot
+            record_panic(self.settings.host_dir, self._boot_seq, error.message)
+        except OSError as exc:
+            log.error("panic_record_failed", error=str(exc))
+        self.crash()
 
     async def _broker(self, stack: contextlib.AsyncExitStack) -> BrokerConfig:
         s = self.settings
@@ -180,6 +269,8 @@ class Daemon:
             embedded = await stack.enter_async_context(EmbeddedBroker())
             self.broker_url = embedded.url
             log.info("embedded_broker_started", url=embedded.url)
+            if self.on_embedded_broker is not None:
+                self.on_embedded_broker(embedded.url)
             # amqtt speaks 3.1.1 only: never offer it 5
             return BrokerConfig((BrokerAddress("127.0.0.1", embedded.port),), protocol="3.1.1",
                                 keepalive_s=s.keepalive_s, reconnect_min_s=s.reconnect_min_s,
@@ -197,19 +288,26 @@ class Daemon:
 
     async def _janitor(self, service: Service) -> None:
         journal, metrics = service.journal, service.metrics
+        metrics_due = 0.0
+        pruned = 0
         while True:
-            await asyncio.sleep(JANITOR_PERIOD_S)
+            # a full batch: more is waiting (under sustained load requests arrive faster than one batch per
+            # period); small batches keep each prune, which runs on the event loop, to a couple of ms
+            await asyncio.sleep(PRUNE_AGAIN_S if pruned >= PRUNE_BATCH else JANITOR_PERIOD_S)
             try:
-                pruned = journal.prune(self.settings.journal_keep, self.settings.journal_keep_s)
+                pruned = journal.prune(self.settings.journal_keep, self.settings.journal_keep_s, batch=PRUNE_BATCH)
             except sqlite3.OperationalError as exc:  # a full disk: pruning frees nothing until it can write
                 log.warning("journal_prune_failed", error=str(exc))
                 pruned = 0
             if pruned:
                 metrics.journal_pruned.inc(pruned)
                 log.debug("journal_pruned", requests=pruned)
-            metrics.journal_rows.set(journal.rows())
-            metrics.journal_bytes.labels("db").set(journal.db_bytes())
-            metrics.journal_bytes.labels("wal").set(journal.wal_bytes())
+            now = time.monotonic()
+            if now >= metrics_due:
+                metrics_due = now + JANITOR_PERIOD_S
+                metrics.journal_rows.set(journal.rows())
+                metrics.journal_bytes.labels("db").set(journal.db_bytes())
+                metrics.journal_bytes.labels("wal").set(journal.wal_bytes())
 
 
 def open_state(s: Settings) -> tuple[Journal, DesiredState, int]:
@@ -222,7 +320,7 @@ def open_state(s: Settings) -> tuple[Journal, DesiredState, int]:
     desired: DesiredState | None = None
     try:
         journal = Journal(s.journal_path, durable=s.journal_durable)
-        desired = DesiredState(s.desired_path, durable=s.journal_durable)
+        desired = DesiredState(s.desired_path, durable=s.journal_durable, fsync=not s.unsafe_skip_fsync)
         boot_seq = journal.next_boot_seq()
         if journal.pending:
             raise sqlite3.OperationalError("database or disk is full")
@@ -252,14 +350,30 @@ def _why(s: Settings, exc: BaseException) -> str:
 
 def serve(settings: Settings) -> int:
     """``livepatchd serve``: run one daemon until SIGTERM/SIGINT."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, fmt=settings.log_format)
+    # The process's own setting, so here and not in Daemon (a test process runs many daemons in threads): the
+    # event loop hands the GIL to a handler thread on every socket or SQLite call, and waits the switch
+    # interval to get it back while that thread computes (an update plan, a filter): CPython's 5 ms, several
+    # times per request, was most of a read's latency under a mixed load (bench.mixed_load).
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+
+    def tell_lpctl(url: str) -> None:  # the one thing a new user needs from the first screen of output
+        print(f"export LPCTL_BROKER={url} LPCTL_HOST={settings.host_id}    # lpctl's way to this daemon",
+              file=sys.stderr, flush=True)
+    daemon = Daemon(settings, install_signals=True, on_embedded_broker=tell_lpctl if sys.stderr.isatty() else None)
     try:
-        asyncio.run(Daemon(settings, install_signals=True).run())
+        asyncio.run(daemon.run())
     except integrity.StateError as exc:
         print(f"livepatchd serve: {exc}", file=sys.stderr)
         return STATE_EXIT
+    if daemon.panic is not None:
+        print(f"livepatchd serve: the kernel panicked ({daemon.panic.message}); start again to reboot it",
+              file=sys.stderr)
+        return PANIC_EXIT
     return 0
 
 
 STATE_EXIT = 3
 """``livepatchd serve``'s exit code when the state directory cannot be used (damaged, full, read-only)."""
+PANIC_EXIT = 4
+"""``livepatchd serve``'s exit code after its kernel panicked (a service manager restarts it: the reboot)."""

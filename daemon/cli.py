@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.demo import run_demo
+from daemon.settings import default_state_dir
+from daemon.stress_patching import run_stress_patching
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,11 +31,19 @@ def main(argv: list[str] | None = None) -> int:
                        help="mqtt://[user:pass@]host:port or mqtts://...; the nodes of a cluster: repeat the option "
                        "or separate URLs with commas; default: an embedded broker on 127.0.0.1 on a free port")
     serve.add_argument("--host", dest="host_id", help="this host's id (default: the machine's host name)")
-    serve.add_argument("--state-dir", type=Path, help="where the journal lives")
-    serve.add_argument("--cpus", dest="nr_cpus", type=int, help="number of vCPUs (1-8)")
-    serve.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"])
+    serve.add_argument("--state-dir", type=Path, metavar="DIR", help="where each host keeps its journal and desired "
+                       f"state, in DIR/<host>/ (default: LIVEPATCHD_STATE_DIR, else {default_state_dir()})")
+    serve.add_argument("--cpus", dest="nr_cpus", type=int, metavar="N", help="number of vCPUs, 1-8 (default: "
+                       "LIVEPATCHD_NR_CPUS, else 2)")
+    serve.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"],
+                       help="MQTT version to speak to --broker: auto tries 5 and falls back to 3.1.1 when the broker "
+                       "refuses it (default: LIVEPATCHD_MQTT_PROTOCOL, else auto; the embedded broker speaks 3.1.1)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="the least severe log events written (default: LIVEPATCHD_LOG_LEVEL, else info)")
+    serve.add_argument("--log-format", choices=["auto", "console", "json"],
+                       help="console: human-readable lines; json: one JSON object per line; auto: console on a "
+                       "terminal, JSON otherwise (default: LIVEPATCHD_LOG_FORMAT, else auto)")
     serve.add_argument("--tls-ca", dest="tls_ca_file", type=Path, help="CA certificate(s) to verify the broker "
                        "with (PEM); implies TLS")
     serve.add_argument("--tls-cert", dest="tls_cert_file", type=Path, help="client certificate (PEM), for brokers "
@@ -49,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="FOR DEMOS ONLY: generate a signing key pair in the host's state directory "
                        "(<state-dir>/<host>/dev-signing.key and .pub) and trust it; anyone who can read that file "
                        "can sign patches this daemon will load")
+    serve.add_argument("--allow-any-call", dest="allow_any_call", action="store_true", default=None,
+                       help="FOR LABS ONLY: the call verbs may run any kernel function, not only the ones the image "
+                       "marks callable (readers, syscalls, test helpers); a call of memset can overwrite kernel "
+                       "memory (default: LIVEPATCHD_ALLOW_ANY_CALL, else off)")
+    _fleet_parser(sub)
     dash = sub.add_parser("dashboard", help="serve the live fleet dashboard (a web page fed from MQTT)")
     dash.add_argument("--broker", default="mqtt://127.0.0.1:1883",
                       help="broker to follow, mqtt://[user:pass@]host:port (default %(default)s); connect as an "
@@ -60,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dashboard":
         return _dashboard(args.broker, args.listen)
     if args.command == "demo":
-        from daemon.walkthrough import run_walkthrough  # noqa: PLC0415  (imports the whole service)
+        from daemon.demo import run_demo  # noqa: PLC0415  (imports the whole service)
 
-        return run_walkthrough(nr_cpus=args.cpus)
+        return run_demo(nr_cpus=args.cpus)
     if args.command == "stress-patching":
-        return run_demo(nr_cpus=args.cpus, toggles=args.toggles)
+        return run_stress_patching(nr_cpus=args.cpus, toggles=args.toggles)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "fleet":
+        return _fleet(args)
     if args.command == "patch":
         return _patch(args)
     if args.command == "state":
@@ -95,7 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
     from daemon.settings import Settings  # noqa: PLC0415
 
     keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level",
-            "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys", "dev_signing_key")
+            "log_format", "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys",
+            "dev_signing_key", "allow_any_call")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if "broker_url" in overrides:
         overrides["broker_url"] = ",".join(overrides["broker_url"])
@@ -109,6 +126,70 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"livepatchd serve: cannot load the TLS files: {exc}")
         return 2
     return serve(settings)
+
+
+# -- livepatchd fleet --------------------------------------------------------------------------------------------
+
+
+def _fleet_parser(sub: Any) -> None:
+    fleet = sub.add_parser("fleet", help="run a fleet of simulated hosts (each a full daemon with its own kernel, "
+                           "MQTT identity and state dir) in a few worker processes",
+                           description="Runs until SIGTERM/SIGINT. 'livepatchd fleet scale N --state-dir D' grows "
+                           "or shrinks a running fleet. Settings come from LIVEPATCHD_* variables as for serve; "
+                           "each host's state is <state-dir>/<host>/.")
+    fleet.add_argument("--hosts", type=int, help="how many hosts (default: the spec's, else 20)")
+    fleet.add_argument("--spec", type=Path, help="a fleet spec (YAML or JSON; schema: schemas/json/FleetSpec.json)")
+    fleet.add_argument("--seed", type=int, help="override the spec's seed")
+    fleet.add_argument("--workers", type=int, help="worker processes (default: one per core; 0: this process)")
+    fleet.add_argument("--broker", dest="broker_url", help="mqtt://[user:pass@]host:port; default: an embedded "
+                       "broker on 127.0.0.1 (enough for small fleets, see the README)")
+    fleet.add_argument("--state-dir", type=Path, help="where every host's state dir goes")
+    fleet.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"])
+    fleet.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    fleet.add_argument("--trusted-keys-dir", type=Path, help="every host trusts the public keys in this directory")
+    fleet.add_argument("--trusted-key", dest="trusted_keys", type=Path, action="append",
+                       help="every host trusts this public key file too (repeatable)")
+    action = fleet.add_subparsers(dest="fleet_command")
+    scale = action.add_parser("scale", help="grow or shrink the fleet running on --state-dir")
+    scale.add_argument("size", type=int, help="the number of hosts to have")
+    scale.add_argument("--state-dir", dest="scale_state_dir", type=Path, help="the running fleet's --state-dir")
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from daemon.errors import LivepatchdError  # noqa: PLC0415
+    from daemon.fleet import plan, runner  # noqa: PLC0415
+    from daemon.settings import Settings  # noqa: PLC0415
+
+    if args.fleet_command == "scale":
+        if args.size < 0:
+            print(f"livepatchd fleet scale: the size must be 0 or more, not {args.size}", file=sys.stderr)
+            return 2
+        state_dir = args.scale_state_dir or args.state_dir or Settings().state_dir
+        runner.request_size(state_dir, args.size)
+        print(f"asked the fleet on {state_dir} for {args.size} hosts")
+        return 0
+    keys = ("broker_url", "state_dir", "mqtt_protocol", "log_level", "trusted_keys_dir", "trusted_keys")
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    try:
+        spec = plan.load_spec(args.spec) if args.spec is not None else plan.parse_spec({})
+        if args.seed is not None:
+            spec = plan.parse_spec({**spec.model_dump(mode="json"), "seed": args.seed})
+        if args.hosts is not None and args.hosts < 0:
+            raise plan.FleetSpecError(f"--hosts must be 0 or more, not {args.hosts}", field="hosts")
+        if args.workers is not None and args.workers < 0:
+            raise plan.FleetSpecError(f"--workers must be 0 or more, not {args.workers}", field="workers")
+        Settings(**overrides)
+    except LivepatchdError as exc:
+        print(f"livepatchd fleet: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"livepatchd fleet: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    json_overrides = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
+                      for k, v in overrides.items()}
+    return runner.run_fleet(spec, json_overrides, workers=args.workers, hosts=args.hosts)
 
 
 # -- livepatchd state check|repair -------------------------------------------------------------------------------

@@ -1,93 +1,108 @@
-"""``livepatchd demo``: boot the emulated kernel, run its workload, and toggle every call site under load.
+"""``livepatchd demo``: the whole story on a fresh machine, with nothing to configure.
 
-What it shows, end to end on the real machine: the image boots on N vCPUs; every patchable function is
-initialised from *compiled* to *disabled* in one stop-machine batch; load generators on every vCPU call the
-10,000-function corpus and check each result while the host flips every call site between NOP and
-``BL count_tramp`` in batches; at the end, the hits counted by the trampoline equal the traced calls the load
-generators made while sites were enabled, and no result was wrong.
+It starts a daemon (its emulated kernel, an embedded MQTT broker on a free port, a state directory in a
+temporary folder), then drives it the way an operator would, with ``lpctl`` commands it prints before
+running: make a signing key, build and sign the example patch for /proc/cmdline, load and enable it, read
+/proc/cmdline again, show ftrace's enabled_functions, disable and unload it. The daemon trusts only the key
+made for the walk-through.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
 
-from daemon.arch.arm64 import callsite
-from daemon.arch.arm64.callsite import DataPatch, InsnPatch
-from daemon.arch.arm64.patching import TextPatcher
-from daemon.guest import abi
-from daemon.kernel.kernel import Kernel, KernelConfig
+from daemon.app import Daemon, configure_logging
+from daemon.livepatch.artifact import PATCHES_DIR
+from daemon.settings import Settings
 
-
-@dataclass
-class SiteToggler:
-    """Flips every record between disabled (NOP) and enabled (BL count_tramp), arming the hit count with it."""
-
-    kernel: Kernel
-    patcher: TextPatcher
-    rec_ips: list[int]
-    enabled: bool = False
-    _plans: dict[bool, list[InsnPatch]] = field(default_factory=dict)
-
-    @classmethod
-    def create(cls, kernel: Kernel) -> SiteToggler:
-        rec_ips = [callsite.ftrace_call_adjust(e) for e in kernel.image.mcount_loc()]
-        patcher = TextPatcher(kernel)
-        patcher.apply([callsite.init_nop(ip) for ip in rec_ips])
-        return cls(kernel, patcher, rec_ips)
-
-    def plan(self, enable: bool) -> list[InsnPatch]:
-        if enable not in self._plans:
-            tramp = self.kernel.kallsyms.addr("count_tramp")
-            make = callsite.make_call if enable else callsite.make_nop
-            self._plans[enable] = [make(ip, tramp) for ip in self.rec_ips]
-        return self._plans[enable]
-
-    def toggle(self) -> int:
-        enable = not self.enabled
-        armed = DataPatch(self.kernel.boot_params.addr_of("count_armed"), int(enable))
-        result = self.patcher.apply(self.plan(enable), [armed])
-        self.enabled = enable
-        return result.pause_ns
+PATCH = "livepatch_cmdline"
 
 
-def run_demo(nr_cpus: int = 2, toggles: int = 200, gap_ms: float = 2.0) -> int:
-    print(f"booting the emulated arm64 kernel on {nr_cpus} vCPUs ...")
-    with Kernel(KernelConfig(nr_cpus=nr_cpus)) as kernel:
-        img = kernel.image
-        print(f"  image {img.path.name}: build id {img.build_id[:16]}, {len(kernel.kallsyms)} symbols, "
-              f"{len(img.mcount_loc())} patchable call sites")
-        print(f"  /proc/cmdline: {kernel.read_string('proc_cmdline_read').strip()}")
-        pids = {kernel.call('__arm64_sys_getpid', 0, cpu=c) for c in range(nr_cpus)}
-        print(f"  getpid() from each CPU's workers: {sorted(pids)}")
-        t0 = time.perf_counter()
-        toggler = SiteToggler.create(kernel)
-        print(f"  ftrace_init_nop on {len(toggler.rec_ips)} sites in one batch: "
-              f"{(time.perf_counter() - t0) * 1e3:.1f} ms")
-        kernel.set_load(abi.LOADGEN_CORPUS)
-        time.sleep(0.2)
-        print(f"toggling all {len(toggler.rec_ips)} sites NOP <-> BL count_tramp {toggles} times under load ...")
-        pauses: list[int] = []
-        start = time.perf_counter()
-        for _ in range(toggles):
-            pauses.append(toggler.toggle())
-            time.sleep(gap_ms / 1e3)
-        if toggler.enabled:
-            pauses.append(toggler.toggle())
-        elapsed = time.perf_counter() - start
-        kernel.set_load(abi.LOADGEN_OFF)
-        time.sleep(0.05)
-        stats = kernel.load_stats()
-        kernel.machine.check()
-        pauses.sort()
-        p50, p99 = pauses[len(pauses) // 2] / 1e6, pauses[int(len(pauses) * 0.99)] / 1e6
-        print(f"  batches applied:        {len(pauses)} ({len(pauses) * len(toggler.rec_ips)} site writes "
-              f"in {elapsed:.2f} s)")
-        print(f"  stop-machine pause:     p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {pauses[-1] / 1e6:.2f} ms")
-        print(f"  corpus calls served:    {stats['calls']} in {stats['rounds']} rounds, wrong results: "
-              f"{stats['errors']}")
-        print(f"  trampoline hits:        {stats['trace_hits']} (expected from traced calls: "
-              f"{stats['expect_hits']})")
-        ok = stats["errors"] == 0 and stats["trace_hits"] == stats["expect_hits"]
-        print("result: " + ("OK — every result correct, every traced call counted once" if ok else "FAILED"))
-        return 0 if ok else 1
+class _Runner:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.failed = False
+        found = shutil.which("lpctl")
+        self.lpctl = [found] if found else [sys.executable, "-m", "clients.cli"]
+
+    def lpctl_(self, *args: str, note: str = "") -> str:
+        shown = "lpctl " + " ".join(shlex.quote(a) for a in args)
+        print(f"\n$ {shown}" + (f"    # {note}" if note else ""), flush=True)
+        done = subprocess.run([*self.lpctl, *args], env=self.env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        text = (done.stdout + done.stderr).rstrip()
+        if text:
+            print("  " + text.replace("\n", "\n  "), flush=True)
+        if done.returncode:
+            self.failed = True
+            print(f"  (exit code {done.returncode})", flush=True)
+        return done.stdout
+
+
+def run_demo(nr_cpus: int = 2) -> int:
+    configure_logging("warning")
+    # lpctl tries MQTT 5 first; the embedded broker (3.1.1 only) warns about each such attempt before the fallback
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="livepatchd-demo-") as tmp:
+        work = Path(tmp)
+        keys = work / "keys"
+        env = {**os.environ, "LPCTL_HOST": "demo", "LPCTL_TIMEOUT": "60"}
+        runner = _Runner(env)
+        print("livepatchd walk-through: a daemon with an emulated arm64 kernel, driven with lpctl\n", flush=True)
+        runner.lpctl_("keys", "generate", "demo", "--out", str(keys), note="the key the daemon will trust")
+        if runner.failed:
+            return 1
+        settings = Settings(host_id="demo", state_dir=work / "state", nr_cpus=nr_cpus,
+                            trusted_keys=[keys / "demo.pub"], log_level="warning")
+        ready = threading.Event()
+        daemon = Daemon(settings, on_ready=lambda _d: ready.set())
+        thread = threading.Thread(target=_run_daemon, args=(daemon,), name="livepatchd", daemon=True)
+        thread.start()
+        if not ready.wait(60):
+            print("the daemon did not come online within 60 s", file=sys.stderr)
+            return 1
+        env["LPCTL_BROKER"] = daemon.broker_url or ""
+        env["LPCTL_PROTOCOL"] = "3.1.1"  # the embedded broker speaks 3.1.1 only: no MQTT 5 attempt per command
+        print(f"daemon 'demo' online: emulated kernel on {nr_cpus} vCPUs, embedded broker {daemon.broker_url}",
+              flush=True)
+        try:
+            _story(runner, work)
+        finally:
+            daemon.stop()
+            thread.join(30)
+        print("\nresult: " + ("FAILED (see the exit codes above)" if runner.failed else
+                              "OK — patched, observed and unpatched live, nothing rebooted"), flush=True)
+        return 1 if runner.failed else 0
+
+
+def _run_daemon(daemon: Daemon) -> None:
+    import asyncio  # noqa: PLC0415
+
+    asyncio.run(daemon.run())
+
+
+def _story(r: _Runner, work: Path) -> None:
+    bundle = work / f"{PATCH}.lpb"
+    r.lpctl_("hosts")
+    r.lpctl_("info")
+    r.lpctl_("read", "proc_cmdline_read", note="/proc/cmdline, rendered by cmdline_proc_show")
+    r.lpctl_("patch", "build", str(PATCHES_DIR / f"{PATCH}.c"), "--manifest",
+             str(PATCHES_DIR / f"{PATCH}.manifest.json"), "--out", str(bundle),
+             note="compile the replacement with the kernel's own flags")
+    r.lpctl_("patch", "sign", str(bundle), "--key", str(work / "keys" / "demo.key"))
+    r.lpctl_("patch", "load", str(bundle), note="signature, build id and functions checked, then loaded")
+    r.lpctl_("patch", "enable", PATCH, "--wait", note="per-task consistency model")
+    r.lpctl_("read", "proc_cmdline_read", note="the same function, live patched")
+    r.lpctl_("ftrace", "enabled", note="enabled_functions: one IPMODIFY ops with per-callsite ops")
+    r.lpctl_("patch", "info", PATCH)
+    r.lpctl_("patch", "disable", PATCH, "--wait")
+    r.lpctl_("read", "proc_cmdline_read", note="back to the original")
+    r.lpctl_("patch", "unload", PATCH)

@@ -7,7 +7,9 @@ and a message a person can act on. Layers subclass the branch that fits; the tre
       GuestError            the emulated machine or its image misbehaved
         GuestFault            a vCPU faulted (unmapped access, bad instruction)
         GuestPanic            guest code called panic() or hit BUG()
+        GuestCallTimeout      a host job did not return in time (it keeps running on its worker)
         ImageError            the kernel image is missing, malformed or inconsistent
+        NativeBuildError      the emulator's native TLB fill callback cannot be built or loaded
       PatchError            a text-patching request was refused (nothing was written)
         PatchReadFault        the site could not be read            (Linux: -EFAULT)
         PatchMismatch         the site did not hold the expected insn (Linux: -EINVAL)
@@ -24,6 +26,7 @@ and a message a person can act on. Layers subclass the branch that fits; the tre
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
 
@@ -55,8 +58,25 @@ class GuestPanic(GuestError):
     code = "guest_panic"
 
 
+class GuestCallTimeout(GuestError):
+    """A function called on a worker did not return within the caller's timeout. The guest cannot be made to
+    drop it (no kernel can kill a kernel thread mid-function): it keeps its worker until it returns, and
+    ``job`` resolves then, so the caller can report the late result."""
+
+    code = "timeout"
+    errno = -110  # -ETIMEDOUT
+
+    def __init__(self, message: str, /, job: Future[int], **details: Any) -> None:
+        super().__init__(message, **details)
+        self.job = job
+
+
 class ImageError(GuestError):
     code = "image_error"
+
+
+class NativeBuildError(GuestError):
+    code = "native_build_error"
 
 
 class PatchError(LivepatchdError):

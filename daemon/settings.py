@@ -22,6 +22,7 @@ from schemas.brokers import BrokerAddress, parse_broker_url, parse_broker_urls
 __all__ = ["BrokerAddress", "Settings", "default_host_id", "default_state_dir", "parse_broker_url"]
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def default_host_id() -> str:
@@ -69,11 +70,23 @@ class Settings(BaseSettings):
                                          "more wait at the broker")
     request_timeout_s: float = Field(default=30.0, gt=0)
     call_timeout_s: float = Field(default=10.0, gt=0)
+    allow_any_call: bool = Field(default=False, description="FOR LABS: let the call verbs run any kernel function "
+                                 "(memset, ftrace's own...), not only those the image marks callable")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="on SIGTERM, time given to requests in flight")
     journal_keep: int = Field(default=10000, ge=100, description="answered requests kept for duplicate detection")
     journal_keep_s: float = Field(default=3600.0, ge=60, description="answered requests older than this are "
                                   "pruned (the dedup window in time; journal_keep bounds it in count)")
     journal_durable: bool = Field(default=False, description="fsync every journal commit (power-loss safe)")
+    read_fast_path: bool = Field(default=True, description="a mutating request's fsync runs beside the event loop "
+                                 "(group fsync), so read-only requests never wait for it; off: the fsync is part "
+                                 "of its commit on the loop (the baseline of bench.mixed_load); durable either way")
+    unsafe_skip_fsync: bool = Field(default=False, description="FOR BENCHMARKS ONLY: mutating requests and the "
+                                    "desired state are not fsynced (what the durability contract costs: "
+                                    "bench.patch_latency, bench.mqtt_latency); an OS crash can lose acknowledged "
+                                    "changes")
+    gil_switch_interval_ms: float = Field(default=0.2, gt=0, le=100, description="livepatchd serve's GIL switch "
+                                          "interval: how long the event loop may wait for the GIL while a handler "
+                                          "thread computes (CPython's default: 5)")
 
     trusted_keys_dir: Path | None = Field(default=None, description="a directory of Ed25519 public keys (PEM, "
                                           "*.pub or *.pem) whose signatures on patches are trusted")
@@ -84,16 +97,31 @@ class Settings(BaseSettings):
                                   "host's state directory (dev-signing.key/.pub) and trust it")
     patch_restore_timeout_s: float = Field(default=30.0, gt=0, description="at boot, how long each re-enabled "
                                            "patch's transition may take before the daemon goes on")
+    crash_loop_grace_s: float = Field(default=60.0, ge=0, description="a kernel panic within this long after a "
+                                      "patch was enabled keeps that patch disabled at the next boot (0: off)")
     transition_stall_s: float = Field(default=1.0, gt=0, description="a transition still blocked after this "
                                       "long is reported stalled (event and state)")
 
     nr_cpus: int = Field(default=2, ge=1, le=8)
+    tlb_mode: Literal["virtual", "cpu"] = Field(
+        default="virtual", description="the vCPUs' TLB: virtual (Unicorn's virtual TLB, filled by native code with "
+        "each region's permissions; guest stores several times cheaper) or cpu (Unicorn's emulated CPU TLB)")
+    tcg_buffer_size_mb: int = Field(default=32, ge=1, le=1024, description="each vCPU engine's translation cache "
+                                    "(a virtual reservation: resident memory grows only with the code translated)")
+    kernel_release: str | None = Field(default=None, max_length=64, description="the kernel build's version string "
+                                       "in the state (default: the image's own, else empty)")
+    labels: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="attributes a fleet selects hosts by (zone, tier, role, ...), published "
+        "in the state's components.labels (env: JSON object or k=v,k=v)")
     count_guest_instructions: bool = Field(default=False, description="exact guest instruction counts on /metrics "
                                            "(a block hook on every vCPU: the guest runs several times slower)")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus /metrics here "
                                      "(0: any free port); none: off")
     metrics_addr: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "console", "json"] = Field(
+        default="auto", description="console: human-readable lines; json: one JSON object per line; auto: console "
+        "on a terminal, JSON otherwise")
 
     @field_validator("host_id")
     @classmethod
@@ -110,6 +138,27 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [p.strip() for p in text.replace(os.pathsep, ",").split(",") if p.strip()]
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_map(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                return json.loads(text)
+            pairs = [p.strip() for p in text.split(",") if p.strip()]
+            if any("=" not in p for p in pairs):
+                raise ValueError("labels: write k=v,k=v or a JSON object")
+            return dict(p.split("=", 1) for p in pairs)
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for k, v in value.items():
+            if not _LABEL_RE.match(k) or len(v) > 128:
+                raise ValueError(f"label {k!r}: names are 1-64 characters of A-Z a-z 0-9 _ . -, values at most 128")
         return value
 
     @field_validator("broker_url")

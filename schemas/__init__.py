@@ -1,17 +1,44 @@
 """The wire contract of livepatchd's MQTT API (pydantic models and topic names).
 
 Imported by the daemon's service and mqtt layers and by the clients; it imports only pydantic and the stdlib.
+Its modules, each exported here:
+
+=============  ==================================================================================================
+``kernel``     the kernel's own verbs (info, symbol.lookup, call, tasks)
+``ftrace``     ftrace's verbs (ops, filters, tracers, profiler, hijacks), its events and its state section
+``livepatch``  the live-patch verbs (load, enable, disable, transitions, call.read), events and state section
+``catalog``    ``VERBS``: every verb, by name
+``documents``  what the daemon publishes on its own: status, state, events
+``events``     ``EVENTS``: every event type and the model of its data (the daemon's own events)
+``envelope``   requests and replies; ``spec``: a verb's ``VerbSpec``
+``fleet``      the fleet spec (``livepatchd fleet --spec``) and the hosts drawn from it
+``topics``     every topic name; ``brokers``, ``discovery``, ``rollout``: broker nodes, discovery, rollouts
+=============  ==================================================================================================
 """
 
+from schemas import (
+    brokers,
+    catalog,
+    discovery,
+    documents,
+    envelope,
+    events,
+    fleet,
+    ftrace,
+    kernel,
+    livepatch,
+    rollout,
+    spec,
+    topics,
+)
 from schemas._base import SCHEMA_VERSION, Address, HostId, Inbound, Outbound, RequestId
+from schemas.catalog import VERBS
 from schemas.documents import STALE_AFTER_BEATS, EventDoc, EventType, KernelState, Liveness, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply, Request
-from schemas.spec import VerbSpec
-from schemas.topics import ALL_EVENTS, ALL_STATE, ALL_STATUS, ROOT, Topics, host_of, is_request_topic
-from schemas.verbs import (
+from schemas.kernel import (
     MAX_CALL_ARGS,
-    VERBS,
     CallData,
+    CallPolicy,
     CallRequest,
     InfoData,
     InfoRequest,
@@ -22,6 +49,8 @@ from schemas.verbs import (
     TasksData,
     TasksRequest,
 )
+from schemas.spec import VerbSpec
+from schemas.topics import ALL_EVENTS, ALL_STATE, ALL_STATUS, ROOT, Topics, host_of, is_request_topic
 
 __all__ = [
     "ALL_EVENTS",
@@ -34,6 +63,7 @@ __all__ = [
     "VERBS",
     "Address",
     "CallData",
+    "CallPolicy",
     "CallRequest",
     "ErrorBody",
     "EventDoc",
@@ -58,6 +88,19 @@ __all__ = [
     "TasksRequest",
     "Topics",
     "VerbSpec",
+    "brokers",
+    "catalog",
+    "discovery",
+    "documents",
+    "envelope",
+    "events",
+    "fleet",
+    "ftrace",
     "host_of",
     "is_request_topic",
+    "kernel",
+    "livepatch",
+    "rollout",
+    "spec",
+    "topics",
 ]

@@ -9,7 +9,8 @@
 * ``Negotiation``: the MQTT version per node for ``protocol="auto"``. MQTT 5 first; 3.1.1 at once when the node
   refuses 5 in its CONNACK, or closes the connection or stays silent before any CONNACK (RabbitMQ < 3.13 drops a
   v5 CONNECT without answering). A 3.1.1 retry that fails as well says the node is down, not that it lacks 5:
-  the next attempt tries 5 again, so the choice always converges on what the node speaks.
+  the next attempt tries 5 again, so the choice always converges on what the node speaks. A CONNACK refusal of
+  5 is taken for every node (one broker, one software); a silence only for the node that was silent.
 
 Pure logic, no I/O: both ends apply it to their own MQTT client.
 """
@@ -129,8 +130,13 @@ class Negotiation:
         version is not supported, else the connection closed or timed out first. True: retry now with 3.1.1."""
         if self.setting != "auto" or self._protocol[node] != "5":
             return False
+        if refused:  # a definite answer: the nodes of one broker run the same software
+            for other, tentative in enumerate(self._tentative):
+                if self._protocol[other] == "5" or tentative:
+                    self._protocol[other], self._tentative[other] = "3.1.1", False
+            return True
         self._protocol[node] = "3.1.1"
-        self._tentative[node] = not refused
+        self._tentative[node] = True
         return True
 
     def answered(self, node: int) -> None:

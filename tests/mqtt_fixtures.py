@@ -171,6 +171,14 @@ class DaemonThread:
         if self.error is not None:
             raise RuntimeError(f"daemon {self.host} failed") from self.error
         assert not self._thread.is_alive(), "daemon did not stop"
+        self.check_events()
+
+    def check_events(self) -> None:
+        """Every event this daemon published followed its model (schemas.events), and every state section its
+        own (schemas.documents.COMPONENTS): checked as each was emitted."""
+        service = self.daemon.service
+        assert service is None or service.events.invalid == [], service.events.invalid
+        assert service is None or service.state.invalid == [], service.state.invalid
 
 
 def daemon_settings(tmp: Path, broker_url: str | None, **overrides: Any) -> Settings:

@@ -150,10 +150,15 @@ def test_negotiation_converges() -> None:
     n.failed(0)
     assert n.protocol(0) == "3.1.1"
     assert not n.fall_back(0, refused=True)  # nothing lower to fall to
-    assert n.protocol(1) == "5"  # per node
+    assert n.protocol(1) == "5"  # a silence counts for its node only
     assert n.fall_back(1, refused=True)
     n.failed(1)
     assert n.protocol(1) == "3.1.1"  # a CONNACK refusal is definitive
+    cluster = Negotiation("auto", 3)
+    assert cluster.fall_back(0, refused=True)
+    assert [cluster.protocol(i) for i in range(3)] == ["3.1.1"] * 3  # and holds for every node of the broker
+    cluster.failed(2)
+    assert cluster.protocol(2) == "3.1.1"
     assert not Negotiation("5", 1).fall_back(0, refused=True)
     assert Negotiation("3.1.1", 1).protocol(0) == "3.1.1"
 

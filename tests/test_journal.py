@@ -105,3 +105,30 @@ def test_checkpointer_runs_when_quiet_in_a_nice_thread(tmp_path: Path) -> None:
     assert metrics.registry.get_sample_value("lpd_journal_checkpoint_seconds_count", {"trigger": "idle"}) == checkpoints
     assert journal.commits == 0
     assert delivered_on_disk(journal.path) == {"a": True}  # the quiet moment also committed the marks
+
+
+def test_prune_keeps_the_dedup_window_in_time_and_in_count(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    for i in range(20):
+        answered(journal, f"r{i}")
+        if i != 15:  # r15's reply was never published: it is kept whatever its age
+            journal.delivered(f"r{i}")
+    journal.flush()
+    # r0..r9 were answered two hours ago
+    journal._db.execute("UPDATE requests SET accepted_at = accepted_at - 7200, answered_at = answered_at - 7200 "
+                        "WHERE seq <= 10")
+
+    def left() -> list[int]:
+        return [i for i in range(20) if journal.get(f"r{i}") is not None]
+
+    assert journal.prune(keep=100, keep_s=3600, batch=4) == 4  # in batches
+    assert left() == list(range(4, 20))
+    assert journal.prune(keep=100, keep_s=3600) == 6  # the time window
+    assert left() == list(range(10, 20))
+    assert journal.prune(keep=100, keep_s=3600) == 0
+    journal.close()
+    journal = Journal(tmp_path / "j.sqlite3")  # what is not delivered is found again at the next start
+    assert journal.prune(keep=5, keep_s=3600) == 4  # the count: the newest 5 delivered ones, and r15
+    assert left() == [14, 15, 16, 17, 18, 19]
+    assert journal.counts() == {"accepted": 20, "answered": 20}
+    journal.close()

@@ -490,7 +490,7 @@ def test_shadow_variables_of_a_loaded_patch(lp: Livepatch, bundles: dict[str, Pa
 
 def test_enabling_during_its_unpatching_transition_reverses_it(lp: Livepatch, bundles: dict[str, PatchBundle]) -> None:
     events: list[tuple[str, dict[str, object]]] = []
-    lp.on_event = lambda kind, data: events.append((kind, data))
+    lp.subscribe(lambda kind, data: events.append((kind, data)))
     k = lp.kernel
     lp.load(bundles["livepatch_sleeper"])
     lp.enable("livepatch_sleeper")
@@ -507,3 +507,30 @@ def test_enabling_during_its_unpatching_transition_reverses_it(lp: Livepatch, bu
     assert events[-1][1]["target"] == "patched"
     wake(k, flag)
     assert fut.result(5) == 5 + 1 + 20 + 100  # type: ignore[attr-defined]
+
+
+def test_the_driver_reports_a_stall_once_then_the_policy_reversal(kernel: Kernel,
+                                                                  bundles: dict[str, PatchBundle]) -> None:
+    policy = StallPolicy(retry_interval=0.02, signal_after=None, give_up_after=0.4, give_up=GiveUp.REVERT)
+    lp = Livepatch(kernel, Ftrace(kernel), policy=policy, stall_after_s=0.1)
+    events: list[tuple[str, dict[str, object]]] = []
+    lp.subscribe(lambda kind, data: events.append((kind, data)))
+    flag, fut = sleep_in_sleeper(kernel)
+    lp.load(bundles["livepatch_sleeper"])
+    lp.enable("livepatch_sleeper", timeout=5)
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["loaded", "transition_started", "transition_stalled", "transition_reversed",
+                     "transition_started", "transition_complete"]
+    data = dict(events)
+    blocked = data["transition_stalled"]["blocked"]
+    assert isinstance(blocked, dict)
+    assert list(blocked.values()) == ["sleeping on function sleeper_middle"]
+    assert {t.pid: t.cpu for t in kernel.tasks()}[next(iter(blocked))] == 1
+    assert data["transition_stalled"]["target"] == "patched"
+    assert 0.1 <= float(data["transition_stalled"]["waited_s"]) < 0.4  # type: ignore[arg-type]
+    assert (data["transition_reversed"]["by"], data["transition_reversed"]["target"]) == ("policy", "unpatched")
+    assert data["transition_started"]["reversal"] is True
+    assert data["loaded"]["funcs"] == ["sleeper_middle,1"]
+    wait_until(lambda: kernel.worker.jobs == [])  # the driver's job ends with the transition, at its next round
+    wake(kernel, flag)
+    assert fut.result(5) == 116  # type: ignore[attr-defined]

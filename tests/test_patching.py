@@ -9,10 +9,10 @@ import pytest
 from daemon.arch.arm64 import callsite, insn
 from daemon.arch.arm64.callsite import InsnPatch
 from daemon.arch.arm64.patching import TextPatcher
-from daemon.demo import SiteToggler
 from daemon.errors import PatchMisaligned, PatchMismatch, PatchReadFault, PatchWriteFault
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
+from daemon.stress_patching import SiteToggler
 
 
 def rec_ip(kernel: Kernel, name: str) -> int:

@@ -26,7 +26,7 @@ from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.service import Journal, Service, ftrace_verbs
 from daemon.service.desired import DesiredState
 from schemas import KernelState, Reply
-from schemas.ftrace_verbs import MAX_PAGE, TraceBatchDoc
+from schemas.ftrace import MAX_PAGE, TraceBatchDoc
 
 MASK64 = (1 << 64) - 1
 MUL = 0x2545F4914F6CDD1D

@@ -81,7 +81,7 @@ def test_kill_9_after_enable_restores_the_patch_before_online(mosquitto: Mosquit
                 assert state is not None
                 assert state.components["livepatch"]["restored"] == {
                     "loaded": ["livepatch_cmdline", "livepatch_demo_target"], "enabled": ["livepatch_cmdline"],
-                    "failed": []}
+                    "failed": [], "held_back": []}
         run(main())
         events = log_events(proc)
         second_boot = events[events.index("daemon_starting", 1):]

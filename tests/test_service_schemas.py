@@ -42,9 +42,8 @@ def test_asyncapi_document_covers_every_verb_and_document() -> None:
 
 
 def test_public_names_are_exported_and_sorted() -> None:
-    public = {name for name in vars(schemas) if not name.startswith("_") and name not in
-              {"annotations", "documents", "envelope", "topics", "verbs", "export", "spec",
-                                               "ftrace_verbs", "patch_verbs", "rollout", "brokers", "discovery"}}
+    # every module is exported too (issue 11 §4), but the export script (a command, imported by its test)
+    public = {name for name in vars(schemas) if not name.startswith("_") and name not in {"annotations", "export"}}
     assert set(schemas.__all__) == public
     # constants, then classes, then functions (isort style), each alphabetically
     assert schemas.__all__ == sorted(schemas.__all__, key=lambda n: (0 if n.isupper() else 1 if n[0].isupper() else 2,

@@ -27,18 +27,20 @@ Text output is the kernel's where there is one (available_filter_functions, enab
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Protocol, TypeVar, cast
 
 import typer
 from rich.table import Table
 
-from clients.cli.main import EXIT_USAGE, Options, _follow, _request, err, fail, out
-from schemas.ftrace_verbs import (
+from clients.cli.runner import EXIT_USAGE, Options, call_verb, err, fail, follow, out
+from clients.sdk import LivepatchClient
+from schemas.ftrace import (
     MAX_PAGE,
     AvailableData,
     BatchInfo,
+    Callback,
     EnabledData,
-    HijackData,
     HijackListData,
     OpsData,
     OpsInfo,
@@ -49,6 +51,14 @@ from schemas.ftrace_verbs import (
     TraceStartData,
     TraceStopData,
 )
+
+
+class _Page(Protocol):
+    @property
+    def next_offset(self) -> int | None: ...
+
+
+P = TypeVar("P", bound=_Page)
 
 ftrace_app = typer.Typer(no_args_is_help=True, help="ftrace: ops with filters, available and enabled functions.")
 ops_app = typer.Typer(no_args_is_help=True, help="ftrace ops: a guest callback (count or nop) on filtered functions.")
@@ -68,10 +78,6 @@ def install(app: typer.Typer) -> None:
     app.add_typer(ftrace_app, name="ftrace")
     app.add_typer(trace_app, name="trace")
     app.add_typer(hijack_app, name="hijack")
-
-
-def _params(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
 
 
 def _batch(batch: BatchInfo | None) -> str:
@@ -98,7 +104,7 @@ def _ops_table(ops: list[OpsInfo]) -> Table:
 @ops_app.command("list")
 def ops_list(ctx: typer.Context) -> None:
     """The ops registered through the API, with their hits; other owners (tracer, hijacks, patches) by name."""
-    data = OpsListData.model_validate(_request(ctx, "ftrace.ops.list", {}))
+    data: OpsListData = call_verb(ctx, lambda c: c.ops_list())
     console = out()
     console.print(_ops_table(data.ops) if data.ops else "no ops registered through the API")
     if data.others:
@@ -112,8 +118,8 @@ def ops_register(ctx: typer.Context,
                  callback: Annotated[str, typer.Option(help="count (ops_func_count) or nop (ops_func_nop)")] = "count",
                  recursion: Annotated[bool, typer.Option(help="FTRACE_OPS_FL_RECURSION")] = False) -> None:
     """Register an ops whose guest callback counts (or ignores) each call of the functions it covers."""
-    params = _params(name=name, filter=filter_, notrace=notrace, callback=callback, recursion=recursion or None)
-    data = OpsData.model_validate(_request(ctx, "ftrace.ops.register", params))
+    data: OpsData = call_verb(ctx, lambda c: c.ops_register(name, filter=filter_, notrace=notrace,
+                                                           callback=cast(Callback, callback), recursion=recursion))
     address = f" (struct ftrace_ops at {data.ops.address:#x})" if data.ops.address else ""
     out().print(f"registered ops {name}: {_functions(data.ops.functions)}{address}; {_batch(data.batch)}")
 
@@ -121,7 +127,7 @@ def ops_register(ctx: typer.Context,
 @ops_app.command("unregister")
 def ops_unregister(ctx: typer.Context, name: Annotated[str, typer.Argument(help="the ops' name")]) -> None:
     """Unregister an ops; prints the calls it counted."""
-    data = OpsData.model_validate(_request(ctx, "ftrace.ops.unregister", {"name": name}))
+    data: OpsData = call_verb(ctx, lambda c: c.ops_unregister(name))
     out().print(f"unregistered ops {name} after {data.ops.hits} hits; {_batch(data.batch)}")
 
 
@@ -133,8 +139,7 @@ def ops_filter(ctx: typer.Context, name: Annotated[str, typer.Argument(help="the
     """Change the filter and/or notrace set of a registered ops."""
     if filter_ is None and notrace is None:
         fail(EXIT_USAGE, "nothing to change", "give --filter, --notrace or both ('' resets to every function)")
-    data = OpsData.model_validate(_request(ctx, "ftrace.ops.filter",
-                                           _params(name=name, filter=filter_, notrace=notrace, reset=not add)))
+    data: OpsData = call_verb(ctx, lambda c: c.ops_filter(name, filter=filter_, notrace=notrace, reset=not add))
     o = data.ops
     out().print(f"ops {name}: {_functions(o.functions)} (filter {o.filter or '(all)'}, notrace {o.notrace or '-'}); "
                 f"{_batch(data.batch)}")
@@ -143,16 +148,21 @@ def ops_filter(ctx: typer.Context, name: Annotated[str, typer.Argument(help="the
 # -- tracefs views ---------------------------------------------------------------------------------------------
 
 
-def _paged(ctx: typer.Context, verb: str, params: dict[str, Any], *, offset: int | None, limit: int | None,
-           page: Any) -> list[Any]:
-    """With --json, or with --offset/--limit: one page (its reply printed as is); else every page."""
+def _paged(ctx: typer.Context, page: Callable[[LivepatchClient, int | None, int | None], Awaitable[P]], *,
+           offset: int | None, limit: int | None) -> list[P]:
+    """With --json, or with --offset/--limit: one page (its reply printed as is); else every page.
+    ``page(client, offset, limit)`` asks for one (None: the verb's default)."""
     opts: Options = ctx.obj
     if opts.json or offset is not None or limit is not None:
-        return [page.model_validate(_request(ctx, verb, _params(**params, offset=offset, limit=limit)))]
-    pages = []
+        return [call_verb(ctx, lambda c: page(c, offset, limit))]
+    pages: list[P] = []
     next_offset: int | None = 0
     while next_offset is not None:
-        data = page.model_validate(_request(ctx, verb, {**params, "offset": next_offset, "limit": MAX_PAGE}))
+        at = next_offset
+
+        def one(c: LivepatchClient, at: int = at) -> Awaitable[P]:
+            return page(c, at, MAX_PAGE)
+        data = call_verb(ctx, one)
         pages.append(data)
         next_offset = data.next_offset
     return pages
@@ -164,8 +174,9 @@ def available(ctx: typer.Context,
               offset: Annotated[int | None, typer.Option(min=0, help="first name of the page")] = None,
               limit: Annotated[int | None, typer.Option(min=1, max=MAX_PAGE, help="names in the page")] = None) -> None:
     """available_filter_functions: the traceable functions, one per line (every page unless --offset/--limit)."""
-    pages: list[AvailableData] = _paged(ctx, "ftrace.available_filter_functions", _params(pattern=pattern),
-                                        offset=offset, limit=limit, page=AvailableData)
+    pages: list[AvailableData] = _paged(
+        ctx, lambda c, at, size: c.available_filter_functions(pattern, offset=at or 0, limit=size or 1000),
+        offset=offset, limit=limit)
     sys.stdout.write("".join(f"{name}\n" for p in pages for name in p.functions))
     if pages and pages[-1].next_offset is not None:
         err().print(f"[dim]{pages[-1].total} in all; next page: --offset {pages[-1].next_offset}[/]")
@@ -177,8 +188,9 @@ def enabled(ctx: typer.Context,
             offset: Annotated[int | None, typer.Option(min=0, help="first record of the page")] = None,
             limit: Annotated[int | None, typer.Option(min=1, max=MAX_PAGE, help="records in the page")] = None) -> None:
     """enabled_functions, exactly as tracefs prints it."""
-    pages: list[EnabledData] = _paged(ctx, "ftrace.enabled_functions", _params(touched=touched or None),
-                                      offset=offset, limit=limit, page=EnabledData)
+    pages: list[EnabledData] = _paged(
+        ctx, lambda c, at, size: c.enabled_functions(touched=touched, offset=at or 0, limit=size or MAX_PAGE),
+        offset=offset, limit=limit)
     sys.stdout.write("".join(p.text for p in pages))
 
 
@@ -187,8 +199,7 @@ def sysctl(ctx: typer.Context,
            value: Annotated[int | None, typer.Argument(min=0, max=1, help="kernel.ftrace_enabled: 0 turns every traced "
                                                        "call site off, 1 back on; omitted: print it")] = None) -> None:
     """Read or set kernel.ftrace_enabled (refused with ftrace_busy while a live patch is enabled)."""
-    data = SysctlData.model_validate(_request(ctx, "ftrace.sysctl", _params(
-        ftrace_enabled=None if value is None else bool(value))))
+    data: SysctlData = call_verb(ctx, lambda c: c.ftrace_sysctl(None if value is None else bool(value)))
     note = f"  ({data.sites} call sites rewritten)" if data.changed else ""
     out().print(f"kernel.ftrace_enabled = {int(data.ftrace_enabled)}{note}")
 
@@ -214,9 +225,9 @@ def trace_start(ctx: typer.Context,
     """Start the function tracer (or, --graph, the function_graph tracer)."""
     if not graph and (graph_function is not None or graph_notrace is not None):
         fail(EXIT_USAGE, "--graph-function and --graph-notrace need --graph", "add --graph (function_graph)")
-    data = TraceStartData.model_validate(_request(ctx, "trace.start", _params(
-        filter=filter_, notrace=notrace, entries_per_cpu=entries, tracer="function_graph" if graph else None,
-        graph_function=graph_function, graph_notrace=graph_notrace)))
+    data: TraceStartData = call_verb(ctx, lambda c: c.trace_start(
+        filter_, notrace=notrace, entries_per_cpu=entries, tracer="function_graph" if graph else "function",
+        graph_function=graph_function, graph_notrace=graph_notrace))
     stream = f"; batches on {data.topic} (lpctl trace follow)" if data.streaming else ""
     within = "".join(f", {label} {expr!r}" for label, expr in (("inside", data.graph_function),
                                                                 ("not under", data.graph_notrace)) if expr)
@@ -235,13 +246,13 @@ def _print_records(data: TraceReadData) -> None:
 @trace_app.command("read")
 def trace_read(ctx: typer.Context, limit: LimitOpt = MAX_PAGE) -> None:
     """Print the trace lines recorded since the last read (like reading trace_pipe)."""
-    _print_records(TraceReadData.model_validate(_request(ctx, "trace.read", {"limit": limit})))
+    _print_records(call_verb(ctx, lambda c: c.trace_read(limit=limit)))
 
 
 @trace_app.command("stop")
 def trace_stop(ctx: typer.Context, limit: LimitOpt = MAX_PAGE) -> None:
     """Stop the function tracer and print the lines not read yet."""
-    data = TraceStopData.model_validate(_request(ctx, "trace.stop", {"limit": limit}))
+    data: TraceStopData = call_verb(ctx, lambda c: c.trace_stop(limit=limit))
     _print_records(data)
     if data.discarded:
         err().print(f"[dim]# {data.discarded} unread records beyond --limit were discarded[/]")
@@ -265,7 +276,7 @@ def trace_follow(ctx: typer.Context,
         sys.stdout.write("".join(f"{line}\n" for line in lines))
         return len(lines)
 
-    _follow(opts, lambda c: c.trace_batches(subscribed=subscribed), show, count=count, seconds=seconds)
+    follow(opts, lambda c: c.trace_batches(subscribed=subscribed), show, count=count, seconds=seconds)
 
 
 # -- hijacks -------------------------------------------------------------------------------------------------------
@@ -283,9 +294,8 @@ def hijack_create(ctx: typer.Context,
                   sympos: Annotated[int, typer.Option(min=0, help="which same-named FUNCTION (1-based)")] = 0,
                   target_sympos: Annotated[int, typer.Option(min=0, help="which same-named TARGET")] = 0) -> None:
     """Redirect FUNCTION to TARGET: its callers get TARGET's result (same arguments, same return)."""
-    params = _params(function=function, target=target, mode="direct" if direct else None, name=name,
-                     sympos=sympos or None, target_sympos=target_sympos or None)
-    h = HijackData.model_validate(_request(ctx, "hijack.create", params)).hijack
+    h = call_verb(ctx, lambda c: c.hijack_create(function, target, mode="direct" if direct else "ipmodify", name=name,
+                                                 sympos=sympos, target_sympos=target_sympos)).hijack
     how = "calls go through" if h.mode == "direct" else "now runs"
     out().print(f"hijack {h.name}: {h.function} {how} {h.target} ({h.target_address:#x})")
 
@@ -298,15 +308,14 @@ def hijack_delete(ctx: typer.Context,
     """Remove a hijack: the function runs its own code again."""
     if (name is None) == (function is None):
         fail(EXIT_USAGE, "give the hijack's NAME or --function (not both)", "lpctl hijack list shows them")
-    h = HijackData.model_validate(_request(ctx, "hijack.delete", _params(
-        name=name, function=function, sympos=sympos or None))).hijack
+    h = call_verb(ctx, lambda c: c.hijack_delete(name, function=function, sympos=sympos)).hijack
     out().print(f"hijack {h.name} removed: {h.function} runs its own code again")
 
 
 @hijack_app.command("list")
 def hijack_list(ctx: typer.Context) -> None:
     """The hijacks in place."""
-    data = HijackListData.model_validate(_request(ctx, "hijack.list", {}))
+    data: HijackListData = call_verb(ctx, lambda c: c.hijack_list())
     if not data.hijacks:
         out().print("no hijacks")
         return

@@ -11,81 +11,36 @@ Exit codes (stable; scripts may rely on them):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import contextvars
-import enum
 import json
-import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from clients.cli import keys
-from clients.cli.deadline import Deadline
-from clients.sdk import BrokerUnreachable, LivepatchClient, RawReply, RequestTimeout, SdkError, SubscriptionFailed
+from clients.cli import ftrace_cmds, keys, observe_cmds, patch_cmds, profile_cmds
+from clients.cli.help_format import LpctlGroup
+from clients.cli.runner import (
+    EXIT_OFFLINE,
+    EXIT_USAGE,
+    Options,
+    Protocol,
+    call_verb,
+    fail,
+    out,
+    parse_int,
+    remaining,
+    run,
+)
 from schemas import CallData, InfoData, StatusDoc, SymbolData, TasksData
 
-T = TypeVar("T")
-
-EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_OFFLINE = 0, 1, 2, 3, 4
-
-
-class Protocol(enum.StrEnum):
-    auto = "auto"
-    v5 = "5"
-    v311 = "3.1.1"
-
-
-@dataclass(frozen=True)
-class Options:
-    broker: str
-    host: str | None
-    json: bool
-    timeout: float
-    protocol: Protocol
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        """The trust anchors and client certificate given, if any (mqtts:// alone: the system's trust store)."""
-        if self.tls_ca is None and self.tls_cert is None:
-            return None
-        ctx = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
-        if self.tls_cert is not None:
-            ctx.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
-        return ctx
-
-
-app = typer.Typer(name="lpctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Operate livepatchd daemons over MQTT.", epilog="Exit codes: 0 ok, 1 error reply, 2 usage, "
-                  "3 broker unreachable or timeout, 4 host offline.")
+app = typer.Typer(name="lpctl", cls=LpctlGroup, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, help="Operate livepatchd daemons over MQTT.",
+                  epilog="Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker unreachable or timeout, 4 host offline.")
 keys_app = typer.Typer(no_args_is_help=True, help="Ed25519 keys for signing patches.")
 app.add_typer(keys_app, name="keys")
-
-
-def out() -> Console:
-    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
-
-
-def err() -> Console:
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
-
-
-def fail(code: int, message: str, hint: str | None = None) -> NoReturn:
-    console = err()
-    console.print(f"[bold red]error:[/] {message}")
-    if hint:
-        console.print(f"[dim]hint: {hint}[/]")
-    raise typer.Exit(code)
 
 
 @app.callback()
@@ -114,124 +69,6 @@ def options(
                       tls_cert, tls_key)
 
 
-def _client(opts: Options, *, need_host: bool = True) -> LivepatchClient:
-    if need_host and not opts.host:
-        fail(EXIT_USAGE, "no host given", "pass --host HOST or set LPCTL_HOST (lpctl hosts lists them)")
-    try:
-        tls = opts.tls_context()
-    except (OSError, ssl.SSLError) as exc:
-        fail(EXIT_USAGE, f"cannot load the TLS files: {exc}", "check --tls-ca, --tls-cert and --tls-key")
-    try:
-        return LivepatchClient(opts.broker, opts.host, timeout=opts.timeout, protocol=opts.protocol.value,
-                               tls_context=tls)
-    except ValueError as exc:
-        fail(EXIT_USAGE, str(exc))
-
-
-def _run(opts: Options, work: Callable[[LivepatchClient], Awaitable[T]], *, need_host: bool = True,
-         budget: float | None = None, stream: bool = False) -> T:
-    """Connect, run ``work``, disconnect, within ``budget`` seconds (default ``--timeout``) in all: connecting to
-    every node, reconnecting and waiting for replies included. A ``stream`` (events, trace follow) runs until it
-    ends; only its connection is bounded. Past the budget the command exits 3, even when a thread is stuck in
-    a blocking connect: a watchdog ends the process two seconds later."""
-    client = _client(opts, need_host=need_host)
-    total = opts.timeout if budget is None else budget
-    _deadline.set(time.monotonic() + total)
-    connected = False
-    watchdog = Deadline(total + 2.0, lambda: _no_answer(opts, total, connected))
-
-    async def main() -> T:
-        nonlocal connected
-        async with asyncio.timeout(total) as scope:
-            async with client:
-                connected = True
-                if stream:
-                    scope.reschedule(None)
-                    watchdog.cancel()
-                return await work(client)
-    watchdog.start()
-    try:
-        return asyncio.run(main())
-    except TimeoutError:
-        fail(EXIT_UNREACHABLE, _no_answer(opts, total, connected),
-             f"check that {opts.host} is online: lpctl --host {opts.host} status" if connected and opts.host
-             else "check --broker (or LPCTL_BROKER); --timeout gives the command more time")
-    except RequestTimeout as exc:
-        fail(EXIT_UNREACHABLE, str(exc), f"check that {opts.host} is online: lpctl --host {opts.host} status")
-    except BrokerUnreachable as exc:
-        if "MQTT 5" in str(exc):
-            fail(EXIT_UNREACHABLE, str(exc), "pass --protocol 3.1.1 (or auto; LPCTL_PROTOCOL) for this broker")
-        if isinstance(exc, SubscriptionFailed):
-            fail(EXIT_UNREACHABLE, str(exc), "check the broker's ACL for this user (it must read the topic)")
-        fail(EXIT_UNREACHABLE, str(exc), "check --broker (or LPCTL_BROKER) and the broker's credentials")
-    except SdkError as exc:
-        fail(EXIT_USAGE, str(exc))
-    finally:
-        watchdog.cancel()
-
-
-_deadline: contextvars.ContextVar[float] = contextvars.ContextVar("lpctl_deadline")
-
-
-def remaining(at_most: float) -> float:
-    """Seconds left before the command's deadline (a little less, so that a wait inside it ends first), at most
-    ``at_most``."""
-    left = _deadline.get(time.monotonic() + at_most) - time.monotonic() - 0.05
-    return max(0.01, min(at_most, left))
-
-
-def _no_answer(opts: Options, total: float, connected: bool) -> str:
-    if connected:
-        return f"no answer within {total:g} s (--timeout) from {opts.host or 'the hosts'} over {opts.broker}"
-    return f"could not connect to {opts.broker} within {total:g} s (--timeout)"
-
-
-def _follow(opts: Options, items: Callable[[LivepatchClient], AsyncIterator[T]],
-            show: Callable[[T, int | None], int], *, count: int | None, seconds: float | None) -> None:
-    """Print a stream's items until ``count`` were shown, ``seconds`` passed, or Ctrl-C. ``show(item, left)``
-    writes one item (at most ``left`` lines of it, when a count is given) and says how many it showed."""
-    async def follow(client: LivepatchClient) -> int:
-        shown = 0
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                async for item in items(client):
-                    shown += show(item, None if count is None else count - shown)
-                    sys.stdout.flush()
-                    if count is not None and shown >= count:
-                        break
-        return shown
-    try:
-        _run(opts, follow, stream=True)
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
-
-
-def _request(ctx: typer.Context, verb: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Send one request; print the reply exactly with --json; exit 1 on an error reply."""
-    opts: Options = ctx.obj
-    raw: RawReply = _run(opts, lambda c: c.request_raw(verb, params, timeout=remaining(opts.timeout)))
-    if opts.json:
-        sys.stdout.write(raw.payload + "\n")
-    reply = raw.reply
-    if not reply.ok:
-        error = reply.error
-        if not opts.json:
-            code, message = (error.code, error.message) if error else ("internal", "error reply")
-            details = f" {json.dumps(error.details)}" if error and error.details else ""
-            fail(EXIT_ERROR_REPLY, f"{code}: {message}{details}")
-        raise typer.Exit(EXIT_ERROR_REPLY)
-    if opts.json:
-        raise typer.Exit(EXIT_OK)
-    return reply.data or {}
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not an integer (decimal, 0x hex, 0o octal or 0b binary)") from None
-
-
 # -- commands ----------------------------------------------------------------------------------------------------
 
 
@@ -243,7 +80,7 @@ def hosts(ctx: typer.Context,
     """List the hosts that announced themselves on this broker: online, stale (no heartbeat for 3 periods) or
     offline."""
     opts: Options = ctx.obj
-    found: dict[str, StatusDoc] = _run(opts, lambda c: c.hosts(wait), need_host=False,
+    found: dict[str, StatusDoc] = run(opts, lambda c: c.hosts(wait), need_host=False,
                                        budget=opts.timeout + 2 * wait)  # retained, then discovery
     now = time.time()
     if opts.json:
@@ -271,11 +108,11 @@ def _beat_age(doc: StatusDoc, now: float) -> str:
 def status(ctx: typer.Context) -> None:
     """The host's retained status; exit 4 when it is offline, stale (no heartbeat for 3 periods) or unknown."""
     opts: Options = ctx.obj
-    doc: StatusDoc | None = _run(opts, lambda c: c.status(wait=remaining(2.0)))
+    doc: StatusDoc | None = run(opts, lambda c: c.current_status(wait=remaining(2.0)))
     if doc is None:
         if opts.json:
             sys.stdout.write("null\n")
-        fail(EXIT_OFFLINE, f"host {opts.host} has never announced itself on {opts.broker}",
+        fail(EXIT_OFFLINE, f"host {opts.host} has never announced itself on {opts.shown_broker}",
              "lpctl hosts lists the hosts this broker knows")
     now = time.time()
     live = doc.liveness(now)
@@ -292,7 +129,7 @@ def status(ctx: typer.Context) -> None:
 @app.command()
 def info(ctx: typer.Context) -> None:
     """Kernel and daemon facts."""
-    data = InfoData.model_validate(_request(ctx, "info", {}))
+    data: InfoData = call_verb(ctx, lambda c: c.info())
     table = Table(show_header=False, box=None)
     for key, value in (("host", data.host), ("livepatchd", data.version), ("kernel build id", data.kernel_build_id),
                        ("arch", data.arch), ("cpus", data.nr_cpus), ("boot", data.boot_seq),
@@ -313,11 +150,8 @@ def call(ctx: typer.Context,
          sympos: Annotated[int, typer.Option(min=0, help="which of several same-named symbols (1-based)")] = 0,
          ) -> None:
     """Call a kernel function on a vCPU and print its return value."""
-    values = [_int(a) for a in args or []]
-    params: dict[str, Any] = {"function": function, "args": values, "cpu": cpu}
-    if sympos:
-        params["sympos"] = sympos
-    data = CallData.model_validate(_request(ctx, "call", params))
+    values = [parse_int(a) for a in args or []]
+    data: CallData = call_verb(ctx, lambda c: c.call(function, *values, cpu=cpu, sympos=sympos))
     out().print(f"{data.function}({', '.join(str(v) for v in values)}) on cpu {data.cpu} = {data.value} "
                 f"({data.value:#x}{f', signed {data.signed}' if data.signed < 0 else ''})")
 
@@ -328,12 +162,11 @@ def symbols(ctx: typer.Context,
             sympos: Annotated[int, typer.Option(min=0, help="which of several same-named symbols (1-based)")] = 0,
             ) -> None:
     """Look a symbol up by name, or find the symbol that contains an address."""
-    params: dict[str, Any]
     if symbol[:1].isdigit():
-        params = {"address": _int(symbol)}
+        address = parse_int(symbol)
+        data: SymbolData = call_verb(ctx, lambda c: c.symbol(address=address))
     else:
-        params = {"name": symbol, **({"sympos": sympos} if sympos else {})}
-    data = SymbolData.model_validate(_request(ctx, "symbol.lookup", params))
+        data = call_verb(ctx, lambda c: c.symbol(symbol, sympos=sympos))
     kind = "function" if data.is_func else "object"
     out().print(f"{data.description}  {data.address + data.offset:#x}  {kind}, {data.size} bytes, sympos {data.sympos}")
 
@@ -342,7 +175,7 @@ def symbols(ctx: typer.Context,
 def tasks(ctx: typer.Context,
           cpu: Annotated[int | None, typer.Option(min=0, help="only this CPU's tasks")] = None) -> None:
     """The kernel's tasks."""
-    data = TasksData.model_validate(_request(ctx, "tasks", {} if cpu is None else {"cpu": cpu}))
+    data: TasksData = call_verb(ctx, lambda c: c.tasks(cpu))
     table = Table("pid", "cpu", "kind", "comm", "state")
     for t in data.tasks:
         table.add_row(str(t.pid), str(t.cpu), t.kind, t.comm, t.state)
@@ -370,9 +203,7 @@ def keys_generate(ctx: typer.Context,
                 f"key id:      {pair.key_id}")
 
 
-# state/events, the ftrace/trace/hijack and the patch commands live in their own modules, over the helpers above
-from clients.cli import ftrace_cmds, observe_cmds, patch_cmds, profile_cmds  # noqa: E402
-
+# state/events, the ftrace/trace/hijack and the patch commands live in their own modules, over clients.cli.runner
 observe_cmds.install(app)
 ftrace_cmds.install(app)
 profile_cmds.install(app)
@@ -382,3 +213,7 @@ patch_cmds.install(app)
 def main() -> None:
     """The ``lpctl`` console script."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from clients.cli.main import EXIT_OFFLINE, Options, _follow, _run, err, fail, out, remaining
+from clients.cli.runner import EXIT_OFFLINE, Options, err, fail, follow, out, remaining, run
 from schemas import EventDoc, StateDoc
 
 
@@ -35,9 +35,9 @@ def _event_line(e: EventDoc) -> str:
 def state(ctx: typer.Context) -> None:
     """The host's retained state document: kernel, components (livepatch, ftrace, ...), version."""
     opts: Options = ctx.obj
-    doc: StateDoc | None = _run(opts, lambda c: c.state(wait=remaining(2.0)))
+    doc: StateDoc | None = run(opts, lambda c: c.state(wait=remaining(2.0)))
     if doc is None:
-        fail(EXIT_OFFLINE, f"host {opts.host} has published no state on {opts.broker}",
+        fail(EXIT_OFFLINE, f"host {opts.host} has published no state on {opts.shown_broker}",
              "lpctl hosts lists the hosts this broker knows")
     if opts.json:
         sys.stdout.write(doc.model_dump_json() + "\n")
@@ -66,7 +66,7 @@ def events(ctx: typer.Context,
         return 1
 
     err().print(f"[dim]following the events of {opts.host} (Ctrl-C to stop)[/]")
-    _follow(opts, lambda c: c.events(), show, count=count, seconds=seconds)
+    follow(opts, lambda c: c.events(), show, count=count, seconds=seconds)
 
 
 def install(app: typer.Typer) -> None:

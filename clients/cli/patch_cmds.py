@@ -11,10 +11,10 @@ build or signature, or — for ``--wait`` — a transition that did not complete
 
 from __future__ import annotations
 
-import base64
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,9 +22,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from clients.cli.main import Options, _request, _run, err, fail, out
+from clients.cli.runner import Options, call_verb, err, fail, out, run
 from clients.sdk import LivepatchClient, ReplyError
-from schemas.patch_verbs import (
+from schemas.livepatch import (
     CallReadData,
     PatchChangeData,
     PatchInfoData,
@@ -114,7 +114,7 @@ def load(ctx: typer.Context, bundle: Annotated[Path, typer.Argument(help="a sign
         raw = bundle.read_bytes()
     except OSError as exc:
         fail(EXIT_USAGE, f"cannot read {bundle}: {exc.strerror}")
-    data = PatchLoadData.model_validate(_request(ctx, "patch.load", {"bundle": base64.b64encode(raw).decode()}))
+    data: PatchLoadData = call_verb(ctx, lambda c: c.patch_load(raw))
     key = f"signed by {data.key_id[:16]}" if data.key_id else "unsigned"
     out().print(f"loaded [bold]{data.name}[/] ({key}; stack order {data.stack_order}; replaces "
                 f"{', '.join(data.funcs) or 'no function'}{'; atomic replace' if data.replace else ''})")
@@ -128,12 +128,17 @@ def _describe(progress: TransitionProgress) -> str:
 
 def _change(ctx: typer.Context, verb: str, name: str, wait: bool, wait_timeout: float) -> None:
     opts: Options = ctx.obj
-    params: dict[str, Any] = {"name": name}
+    want = verb == "patch.enable"
+
+    def change(c: LivepatchClient, **waiting: Any) -> Awaitable[PatchChangeData]:
+        return c.patch_enable(name, **waiting) if want else c.patch_disable(name, **waiting)
     if wait and opts.json:  # one reply, exactly: the daemon waits
-        params |= {"wait": True, "timeout_s": wait_timeout}
-        _json_wait(ctx, verb, params, wait_timeout)
+        client_timeout = max(opts.timeout, wait_timeout + 5.0)
+        call_verb(ctx, lambda c: change(c, wait=True, timeout_s=wait_timeout), reply_timeout=client_timeout,
+                  budget=client_timeout + opts.timeout,
+                  json_exit=lambda d: EXIT_OK if d.completed and d.enabled == want else EXIT_FAILED)
         return
-    data = PatchChangeData.model_validate(_request(ctx, verb, params))
+    data: PatchChangeData = call_verb(ctx, change)
     what = "enabling" if verb == "patch.enable" else "disabling"
     if data.reversed:
         out().print(f"{name}: transition reversed (now {'patching' if data.enabled else 'unpatching'})")
@@ -146,19 +151,6 @@ def _change(ctx: typer.Context, verb: str, name: str, wait: bool, wait_timeout: 
         out().print(f"[dim]lpctl patch transition {name} shows its progress[/]")
         return
     _progress_bar(opts, name, data.transition, want_enabled=verb == "patch.enable", timeout=wait_timeout)
-
-
-def _json_wait(ctx: typer.Context, verb: str, params: dict[str, Any], wait_timeout: float) -> None:
-    opts: Options = ctx.obj
-    client_timeout = max(opts.timeout, wait_timeout + 5.0)
-    raw = _run(opts, lambda c: c.request_raw(verb, params, timeout=client_timeout),
-               budget=client_timeout + opts.timeout)
-    sys.stdout.write(raw.payload + "\n")
-    if not raw.reply.ok:
-        raise typer.Exit(EXIT_FAILED)
-    data = PatchChangeData.model_validate(raw.reply.data or {})
-    want = verb == "patch.enable"
-    raise typer.Exit(EXIT_OK if data.completed and data.enabled == want else EXIT_FAILED)
 
 
 def _progress_bar(opts: Options, name: str, first: TransitionProgress, *, want_enabled: bool,
@@ -185,7 +177,7 @@ def _progress_bar(opts: Options, name: str, first: TransitionProgress, *, want_e
         return last, await c.patch_info(name)
 
     try:
-        last, info = _run(opts, work, budget=timeout + 2 * opts.timeout)
+        last, info = run(opts, work, budget=timeout + 2 * opts.timeout)
     except ReplyError as exc:  # the patch went away meanwhile
         fail(EXIT_FAILED, f"{exc.code}: {exc.message}")
     if last is not None and last.in_progress:
@@ -216,7 +208,7 @@ def disable(ctx: typer.Context, name: Annotated[str, typer.Argument(help="an ena
 @patch_app.command("unload")
 def unload(ctx: typer.Context, name: Annotated[str, typer.Argument(help="a disabled or replaced patch")]) -> None:
     """Unload a disabled (or replaced) patch's module."""
-    data = PatchUnloadData.model_validate(_request(ctx, "patch.unload", {"name": name}))
+    data: PatchUnloadData = call_verb(ctx, lambda c: c.patch_unload(name))
     out().print(f"{data.name}: unloaded")
 
 
@@ -231,7 +223,7 @@ def force(ctx: typer.Context, name: Annotated[str, typer.Argument(help="the patc
              "is no longer guaranteed, and a forced unpatching pins the patch's module for good",
              f"lpctl patch transition {name} shows what blocks it; lpctl patch disable {name} reverses it; "
              "pass --yes to force anyway")
-    data = PatchChangeData.model_validate(_request(ctx, "patch.force", {"name": name}))
+    data: PatchChangeData = call_verb(ctx, lambda c: c.patch_force(name))
     pinned = "; its module can never be unloaded" if data.forced else ""
     out().print(f"{data.name}: transition forced; {'enabled' if data.enabled else 'disabled'}{pinned}")
 
@@ -239,7 +231,7 @@ def force(ctx: typer.Context, name: Annotated[str, typer.Argument(help="the patc
 @patch_app.command("list")
 def list_(ctx: typer.Context) -> None:
     """Every loaded patch, in stack order, and the transition in progress."""
-    data = PatchListData.model_validate(_request(ctx, "patch.list", {}))
+    data: PatchListData = call_verb(ctx, lambda c: c.patch_list())
     if not data.patches:
         hint = "" if data.trusted_keys else " (and it trusts no signing key: every load will be refused)"
         out().print(f"no live patches loaded{hint}")
@@ -258,7 +250,7 @@ def list_(ctx: typer.Context) -> None:
 @patch_app.command("info")
 def info(ctx: typer.Context, name: Annotated[str, typer.Argument(help="a loaded patch")]) -> None:
     """One patch as /sys/kernel/livepatch shows it: flags, functions, states, signer."""
-    d = PatchInfoData.model_validate(_request(ctx, "patch.info", {"name": name}))
+    d: PatchInfoData = call_verb(ctx, lambda c: c.patch_info(name))
     table = Table(show_header=False, box=None)
     desired = "not journaled" if d.desired_enabled is None else ("enabled" if d.desired_enabled else "loaded")
     for key, value in (("patch", d.name), ("enabled", d.enabled), ("transition", d.transition),
@@ -285,7 +277,7 @@ def transition(ctx: typer.Context,
                all_tasks: Annotated[bool, typer.Option("--all", help="list every task, not only pending ones")]
                = False) -> None:
     """The transition in progress: target, attempts, signals, and each task's patch state and blocker."""
-    d = PatchTransitionData.model_validate(_request(ctx, "patch.transition", {} if name is None else {"name": name}))
+    d: PatchTransitionData = call_verb(ctx, lambda c: c.patch_transition(name))
     p = d.progress
     if p is None:
         out().print(f"no transition in progress{f' for {name}' if name else ''}")
@@ -309,5 +301,5 @@ def read(ctx: typer.Context,
          size: Annotated[int, typer.Option(min=1, max=65536, help="buffer size")] = 4096,
          cpu: Annotated[int, typer.Option(min=0, help="vCPU to run it on")] = 0) -> None:
     """Call a reader function (like proc_cmdline_read, /proc/cmdline) and print the text it wrote."""
-    data = CallReadData.model_validate(_request(ctx, "call.read", {"function": function, "size": size, "cpu": cpu}))
+    data: CallReadData = call_verb(ctx, lambda c: c.call_read(function, size=size, cpu=cpu))
     sys.stdout.write(data.text if data.text.endswith("\n") or not data.text else data.text + "\n")

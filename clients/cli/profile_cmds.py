@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
-from clients.cli.ftrace_cmds import LimitOpt, _batch, _functions, _params
-from clients.cli.main import _request, err, out
-from schemas.ftrace_verbs import MAX_PAGE, ProfileReadData, ProfileStartData, ProfileStopData
+from clients.cli.ftrace_cmds import LimitOpt, _batch, _functions
+from clients.cli.runner import call_verb, err, out
+from schemas.ftrace import MAX_PAGE, ProfileReadData, ProfileStartData
 
 profile_app = typer.Typer(no_args_is_help=True, help="The function profiler: calls per function, counted in the "
                           "guest (trace_stat/function).")
@@ -26,7 +26,7 @@ def profile_start(ctx: typer.Context,
                   filter_: Annotated[str | None, typer.Argument(
                       metavar="FILTER", help="set_ftrace_filter syntax; omitted: every function")] = None) -> None:
     """Start counting calls per function."""
-    data = ProfileStartData.model_validate(_request(ctx, "profile.start", _params(filter=filter_)))
+    data: ProfileStartData = call_verb(ctx, lambda c: c.profile_start(filter_))
     out().print(f"profiling {_functions(data.functions)}; {_batch(data.batch)}")
 
 
@@ -39,13 +39,13 @@ def _print_counts(data: ProfileReadData) -> None:
 @profile_app.command("read")
 def profile_read(ctx: typer.Context, limit: LimitOpt = MAX_PAGE) -> None:
     """trace_stat/function: calls per function so far."""
-    _print_counts(ProfileReadData.model_validate(_request(ctx, "profile.read", {"limit": limit})))
+    _print_counts(call_verb(ctx, lambda c: c.profile_read(limit=limit)))
 
 
 @profile_app.command("stop")
 def profile_stop(ctx: typer.Context, limit: LimitOpt = MAX_PAGE) -> None:
     """Stop the profiler and print the final counts."""
-    _print_counts(ProfileStopData.model_validate(_request(ctx, "profile.stop", {"limit": limit})))
+    _print_counts(call_verb(ctx, lambda c: c.profile_stop(limit=limit)))
 
 
 def install(app: typer.Typer) -> None:

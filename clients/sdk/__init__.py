@@ -5,8 +5,8 @@
         result = await c.call("work_chain", 5)
 """
 
-from clients.sdk.client import LivepatchClient, RawReply, parse_broker_url
+from clients.sdk.client import LivepatchClient, RawReply, capture_replies, parse_broker_url
 from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, SdkError, SubscriptionFailed
 
 __all__ = ["BrokerUnreachable", "LivepatchClient", "RawReply", "ReplyError", "RequestTimeout", "SdkError",
-           "SubscriptionFailed", "parse_broker_url"]
+           "SubscriptionFailed", "capture_replies", "parse_broker_url"]

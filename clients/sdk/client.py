@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -56,6 +57,21 @@ class RawReply:
 
     reply: Reply
     payload: str
+
+
+_captured: contextvars.ContextVar[list[RawReply] | None] = contextvars.ContextVar("lpsdk_captured", default=None)
+
+
+@contextlib.contextmanager
+def capture_replies() -> Iterator[list[RawReply]]:
+    """Collect the replies of the requests made inside the block (by this task), exactly as they arrived: what the
+    typed methods parse, for a caller that also wants the raw reply (``lpctl --json``)."""
+    replies: list[RawReply] = []
+    token = _captured.set(replies)
+    try:
+        yield replies
+    finally:
+        _captured.reset(token)
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
@@ -236,7 +252,11 @@ class LivepatchClient(FtraceApi, PatchApi):
             async with asyncio.timeout(wait):
                 await self._conn.publish(topic, payload, props)
                 self._sent[rid] = (topic, payload, props)
-                return await fut
+                raw = await fut
+                captured = _captured.get()
+                if captured is not None:
+                    captured.append(raw)
+                return raw
         except TimeoutError:
             if self._conn.up.is_set():
                 why = "is it online?"
@@ -320,10 +340,25 @@ class LivepatchClient(FtraceApi, PatchApi):
         """The host's retained status (online/offline with its boot sequence), or None if it never announced."""
         return await self._first(self._topics().status, StatusDoc, wait)
 
+    async def current_status(self, wait: float = 1.0) -> StatusDoc | None:
+        """The host's status as of now: the retained one, and when that one is stale, the newest one published
+        within ``wait`` seconds (a broker may hand out a retained copy older than the beats it forwards live, as
+        a NATS cluster does for a while after a node died). None if the host never announced itself."""
+        latest: StatusDoc | None = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                async for _, payload in self._stream(self._topics().status, retained=True):
+                    if payload:
+                        with contextlib.suppress(ValidationError):
+                            latest = StatusDoc.model_validate_json(payload)
+                            if latest.liveness(time.time()) != "stale":
+                                break
+        return latest
+
     async def liveness(self, wait: float = 1.0) -> Liveness | None:
         """``online``, ``stale`` (online, but no heartbeat for ``STALE_AFTER_BEATS`` periods: unreachable), or
-        ``offline``, from the host's retained status; None if it never announced itself."""
-        doc = await self.status(wait)
+        ``offline``, from ``current_status(wait)``; None if the host never announced itself."""
+        doc = await self.current_status(wait)
         return None if doc is None else doc.liveness(time.time())
 
     async def state(self, wait: float = 1.0) -> StateDoc | None:

@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel
 
 from schemas import Topics
-from schemas.ftrace_verbs import (
+from schemas.ftrace import (
     MAX_PAGE,
     AvailableData,
     EnabledData,

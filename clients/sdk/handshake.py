@@ -93,6 +93,11 @@ async def open_client(client: aiomqtt.Client) -> None:
 
 
 async def close_client(client: aiomqtt.Client) -> None:
+    """Disconnect, whatever state the connection is in; a loss aiomqtt recorded is read here, so that asyncio
+    does not report it as never retrieved."""
+    lost = client._disconnected
+    if lost.done() and not lost.cancelled():
+        lost.exception()
     with contextlib.suppress(aiomqtt.MqttError, OSError, TimeoutError):
         async with asyncio.timeout(2):
             await client.__aexit__(None, None, None)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from clients.sdk.errors import SdkError
-from schemas.patch_verbs import (
+from schemas.livepatch import (
     CallReadData,
     PatchChangeData,
     PatchInfoData,

@@ -17,13 +17,18 @@ already overwrote its base register (Unicorn #1355), and a stop that lands betwe
 lost. Why each vCPU invalidates its own engine: translated blocks are per engine and survive writes to the
 backing buffer, so every engine must drop them before it executes again; doing it on the owning thread,
 before the hook returns, means no vCPU can run a stale block of a batch, and the engines work in parallel.
+
+Each engine's TLB is per machine (``tlb_mode``, see :mod:`daemon.emu.tlb`): by default Unicorn's virtual TLB,
+filled by native code with each region's permissions, which spares every guest store unicorn 2.1.4's slow path.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -32,6 +37,14 @@ import unicorn
 from unicorn import arm64_const as a64
 
 from daemon.emu.memory import Memory
+from daemon.emu.tlb import (
+    DEFAULT_TLB_MODE,
+    FillTable,
+    TlbMode,
+    grow_tlb_if_churning,
+    install_fill_hook,
+    refusal_error,
+)
 from daemon.errors import GuestError, GuestFault, GuestPanic
 from daemon.guest import abi
 
@@ -84,10 +97,13 @@ class VCpu:
         self.index = index
         self.uc = unicorn.Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
         self.uc.ctl_set_tcg_buffer_size(tcg_buffer_size)
-        # The emulated CPU TLB, not Unicorn's "virtual" TLB: measured on this kernel, the virtual TLB made a
-        # getpid call 272 ns instead of 81 ns (its misses are dearer), although it would spare stores the
-        # notdirty_write slow path that unicorn 2.1.4 takes on every store (~30 ns each, fixed upstream later).
-        self.uc.ctl_set_tlb_mode(unicorn.UC_TLB_CPU)
+        self.tlb_mode = machine.tlb_mode
+        self.fill_table: FillTable | None = None
+        if self.tlb_mode is TlbMode.VIRTUAL:
+            self.fill_table = FillTable.of(machine.memory.regions)
+            install_fill_hook(self.uc, self.fill_table)
+        else:
+            self.uc.ctl_set_tlb_mode(unicorn.UC_TLB_CPU)
         for r in machine.memory.regions:
             self.uc.mem_map_ptr(r.base, r.size, int(r.perms), r.host_address)
         self.uc.hook_add(unicorn.UC_HOOK_INTR, self._on_interrupt)
@@ -123,9 +139,15 @@ class VCpu:
             self.uc.emu_start(pc, 0)
         except unicorn.UcError as exc:
             if self.error is None:
+                # Under the virtual TLB a refused fill ends emu_start with UC_ERR_EXCEPTION (the only source of
+                # it: CPU exceptions go to the interrupt hook); report the error the CPU TLB gives that access.
+                refused = None
+                if exc.errno == unicorn.UC_ERR_EXCEPTION and self.fill_table is not None:
+                    refused = refusal_error(self.fill_table)
+                reason = str(refused or exc)
                 where = self.reg(a64.UC_ARM64_REG_PC)
-                self.error = GuestFault(f"vCPU {self.index} faulted at pc={where:#x}: {exc}", cpu=self.index,
-                                        pc=where, reason=str(exc))
+                self.error = GuestFault(f"vCPU {self.index} faulted at pc={where:#x}: {reason}", cpu=self.index,
+                                        pc=where, reason=reason)
         except BaseException as exc:  # noqa: BLE001 - anything escaping a vCPU thread is reported, not lost
             self.error = exc
         finally:
@@ -160,14 +182,27 @@ class _StopVCpu(Exception):
     """Raised inside a hook to end this vCPU's emu_start cleanly (shutdown)."""
 
 
+_RUNNING: weakref.WeakSet[Machine] = weakref.WeakSet()
+"""Machines started and not shut down, shut down at interpreter exit. Without that, a script that boots kernels
+and returns ends with a segmentation fault: unicorn frees each engine with a ``weakref.finalize``, whose exit
+hook releases the engines while their vCPU threads are still inside ``emu_start``."""
+
+
+def _shut_down_at_exit() -> None:
+    for machine in list(_RUNNING):
+        machine.shutdown()
+
+
 class Machine:
     """N vCPUs over one :class:`Memory`; see the module docstring for the protocol."""
 
     def __init__(self, memory: Memory, *, nr_cpus: int, cpu_data_addr: int, tcg_buffer_size: int = 32 << 20,
-                 park_timeout: float = 10.0, count_instructions: bool = False) -> None:
+                 park_timeout: float = 10.0, count_instructions: bool = False,
+                 tlb_mode: TlbMode = DEFAULT_TLB_MODE) -> None:
         if not 1 <= nr_cpus <= abi.MAX_CPUS:
             raise ValueError(f"nr_cpus must be between 1 and {abi.MAX_CPUS}, not {nr_cpus}")
         self.memory = memory
+        self.tlb_mode = TlbMode(tlb_mode)
         self.nr_cpus = nr_cpus
         self.cpu_data_addr = cpu_data_addr
         self.park_timeout = park_timeout
@@ -188,11 +223,17 @@ class Machine:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self, primary_pc: int, secondary_pc: int) -> None:
+        _RUNNING.add(self)
+        # Exit hooks run last-registered first: registered again after this machine's engines (and with them
+        # the finalizers' exit hook) exist, the shutdown runs before any engine is released.
+        atexit.unregister(_shut_down_at_exit)
+        atexit.register(_shut_down_at_exit)
         for v in self.vcpus:
             v.start(primary_pc if v.index == 0 else secondary_pc)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Park every vCPU and end its thread."""
+        _RUNNING.discard(self)
         with self._cond:
             self._exiting = True
             self._cond.notify_all()
@@ -310,6 +351,8 @@ class Machine:
         handler = self._handlers.get(reason)
         if handler is None:
             raise GuestError(f"vCPU {vcpu.index} made unknown host call {reason}", cpu=vcpu.index, reason=reason)
+        if vcpu.fill_table is not None:
+            grow_tlb_if_churning(vcpu.uc, vcpu.fill_table)
         handler(vcpu, arg0, arg1)
 
     def _vcpu_stopped(self, vcpu: VCpu) -> None:

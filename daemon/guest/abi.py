@@ -33,7 +33,7 @@ THREAD_SHIFT = 14
 THREAD_SIZE = 1 << THREAD_SHIFT
 HOST_BUFFER_SIZE = 256 << 10  # guest memory the host hands out for call arguments (strings, buffers)
 TASK_COMM_LEN = 16
-NR_JOB_ARGS = 6
+NR_JOB_ARGS = 8  # x0-x7: every argument AAPCS64 passes in registers
 
 # Host calls: the guest stores a reason in its cpu_data.trap and executes `svc #0` (0.5 us into Python).
 HC_BOOTED = 1  # arg0 = number of CPUs that came up

@@ -91,3 +91,10 @@ class KernelImage:
         """Entries of __patchable_function_entries: the first pre-function NOP of each traceable function."""
         data = self.section("__mcount_loc").data
         return list(struct.unpack(f"<{len(data) // 8}Q", data))
+
+    def callable_funcs(self) -> list[int]:
+        """Entries of _callable_funcs: the functions marked CALLABLE() in the guest, which the call verbs may run
+        by default (an image without the table marks none)."""
+        section = self.sections.get("_callable_funcs")
+        data = section.data if section is not None else b""
+        return list(struct.unpack(f"<{len(data) // 8}Q", data))

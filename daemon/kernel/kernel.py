@@ -10,14 +10,15 @@ from __future__ import annotations
 import collections
 import functools
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.emu.machine import Machine, VCpu
 from daemon.emu.memory import PAGE_SIZE, Backing, Memory, Perm, Region
-from daemon.errors import GuestError, GuestPanic, ImageError
+from daemon.emu.tlb import DEFAULT_TLB_MODE, TlbMode
+from daemon.errors import GuestCallTimeout, GuestError, GuestPanic, ImageError
 from daemon.guest import abi
 from daemon.guest.build import IMAGE_PATH
 from daemon.kernel.heap import GuestAllocator
@@ -25,6 +26,7 @@ from daemon.kernel.image import KernelImage
 from daemon.kernel.kallsyms import Kallsyms, Symbol
 from daemon.kernel.structs import StructRef
 from daemon.kernel.unwind import StackTrace, unwind
+from daemon.kernel.worker import HostWorker
 
 KIND_NAMES = {abi.TASK_KIND_IDLE: "idle", abi.TASK_KIND_WORKER: "worker", abi.TASK_KIND_LOADGEN: "loadgen"}
 
@@ -40,6 +42,7 @@ class KernelConfig:
     image: Path = IMAGE_PATH
     boot_timeout: float = 10.0
     count_instructions: bool = False  # block hook on every vCPU: exact counts, slow (benchmarks' counting runs)
+    tlb_mode: TlbMode = DEFAULT_TLB_MODE  # the vCPUs' TLB (daemon.emu.tlb): virtual (fast stores) or cpu
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,14 @@ class Kernel:
         self.heap = GuestAllocator(abi.HEAP_VADDR, abi.HEAP_SIZE, "kernel heap")
         self.machine = Machine(self.memory, nr_cpus=self.config.nr_cpus, cpu_data_addr=self.cpu_data_addr,
                                tcg_buffer_size=self.config.tcg_buffer_size,
-                               count_instructions=self.config.count_instructions)
+                               count_instructions=self.config.count_instructions,
+                               tlb_mode=self.config.tlb_mode)
         self.machine.on_host_call(abi.HC_BOOTED, self._on_booted)
         self.machine.on_host_call(abi.HC_JOB_DONE, self._on_job_done)
         self.machine.on_host_call(abi.HC_PANIC, self._on_panic)
         self.machine.on_vcpu_stopped.append(self._fail_jobs)
+        self.worker = HostWorker()
+        """The host's periodic work for this kernel (transition driver, trace drainer): stopped by shutdown()."""
         self._booted = threading.Event()
         self._started = False
         self._jobs_lock = threading.Lock()
@@ -164,6 +170,8 @@ class Kernel:
         return self
 
     def shutdown(self) -> None:
+        """Stop the host's work on this kernel, then its vCPUs (every thread of the kernel ends here)."""
+        self.worker.stop()
         self.machine.shutdown()
 
     def __enter__(self) -> Kernel:
@@ -222,9 +230,6 @@ class Kernel:
         return [(self.memory.read_u64(base + i * size + ret), self.memory.read_u64(base + i * size + fp))
                 for i in range(depth)]
 
-    def symbolize(self, pcs: Iterable[int]) -> list[str]:
-        return [self.kallsyms.describe(pc) for pc in pcs]
-
     # -- host jobs -------------------------------------------------------------------------------------------
 
     def resolve(self, fn: str | int) -> int:
@@ -252,13 +257,20 @@ class Kernel:
         return job.future
 
     def call(self, fn: str | int, *args: int, cpu: int = 0, timeout: float = 10.0) -> int:
-        """Run ``fn(*args)`` in the guest and wait for its result."""
+        """Run ``fn(*args)`` in the guest and wait for its result (``GuestCallTimeout`` after ``timeout`` s)."""
         future = self.submit(fn, *args, cpu=cpu)
         try:
             return future.result(timeout)
         except TimeoutError:
-            self.machine.check()
-            raise GuestError(f"guest call of {fn} on CPU {cpu} did not finish within {timeout} s") from None
+            if future.done():  # the vCPU died in the meantime: its error, not a timeout
+                return future.result()
+            addr = self.resolve(fn)
+            sym = self.kallsyms.containing(addr)
+            name = sym.name if sym is not None and sym.addr == addr else self.kallsyms.describe(addr)
+            raise GuestCallTimeout(
+                f"{name} ({addr:#x}) on CPU {cpu} did not return within {timeout} s; it keeps running on its "
+                "worker until it returns", job=future, function=name, address=f"{addr:#x}", cpu=cpu,
+                timeout_s=timeout) from None
 
     def _post(self, worker: int, cpu: int, job: _Job) -> None:
         t = StructRef(self.memory, abi.task_struct, worker)
@@ -304,9 +316,20 @@ class Kernel:
         buf = self.host_buffer.alloc(size)
         try:
             n = self.call(fn, buf, size, cpu=cpu)
+        except GuestCallTimeout as late:
+            self.free_when_done(late.job, buf, size)
+            raise
+        except BaseException:
+            self.host_buffer.free(buf, size)
+            raise
+        try:
             return self.memory.read(buf, min(n, size)).decode("utf-8", "replace")
         finally:
             self.host_buffer.free(buf, size)
+
+    def free_when_done(self, job: Future[int], buf: int, size: int) -> None:
+        """Give ``buf`` back to the host buffer once ``job`` (still writing into it) has returned."""
+        job.add_done_callback(lambda _job: self.host_buffer.free(buf, size))
 
     # -- load generators -------------------------------------------------------------------------------------
 

@@ -17,8 +17,27 @@ complete            replaced patches and NOP funcs dropped (atomic replace) or t
                     (unpatch); func->transition cleared; every task back to IDLE; post callbacks
 ==================  ======================================================================================
 
-Only one transition runs at a time; disabling a patch during its own transition reverses it. A background
-driver thread retries stalled transitions; :meth:`Livepatch.wait` blocks until the current one ends.
+Only one transition runs at a time; disabling a patch during its own transition reverses it. The transition
+driver, a job of the kernel's host worker (:class:`~daemon.kernel.worker.HostWorker`), retries a transition
+that did not complete at once, applies the stall policy and reports what it sees; :meth:`Livepatch.wait`
+blocks until the current transition ends.
+
+Subscribers (:meth:`Livepatch.subscribe`) are told, synchronously and with :attr:`Livepatch.lock` held, in the
+order things happen:
+
+=======================  =============================================================================
+event                    data (besides ``patch``)
+=======================  =============================================================================
+``loaded``               ``key_id`` (the signer's, or None), ``replace``, ``funcs`` (sysfs names)
+``unloaded``             —
+``transition_started``   ``target``; ``reversal``: True when it restarts after a reversal
+``transition_blocked``   ``target``, ``blocked`` (pid -> why): the driver saw the set of tasks holding
+                         the transition up change
+``transition_stalled``   ``target``, ``waited_s``, ``blocked``: still blocked ``stall_after_s`` after it
+                         started (once per transition and direction)
+``transition_reversed``  ``target`` (the new one), ``attempts``, ``by``: ``request`` or ``policy``
+``transition_complete``  ``target``, ``attempts``, ``seconds``
+=======================  =============================================================================
 """
 
 from __future__ import annotations
@@ -62,6 +81,9 @@ from daemon.livepatch.transition import (
 
 _CALLBACKS = ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")
 
+Listener = Callable[[str, dict[str, object]], None]
+"""``listener(event, data)``: see the module docstring for the events."""
+
 
 @dataclass(frozen=True)
 class TaskPatchState:
@@ -79,24 +101,30 @@ class Livepatch:
 
     def __init__(self, kernel: Kernel, ftrace: Ftrace, loader: ModuleLoader | None = None, *,
                  trusted_keys: Iterable[Ed25519PublicKey] | None = None, policy: StallPolicy | None = None,
-                 on_event: Callable[[str, dict[str, object]], None] | None = None) -> None:
+                 stall_after_s: float = 1.0) -> None:
         self.kernel = kernel
         self.ftrace = ftrace
         self.loader = loader or ModuleLoader(kernel)
         self.shadow = ShadowVars(kernel)  # the klp_shadow_* writers patches call
         self.modules = PatchModules(kernel, ftrace, self.loader, trusted_keys)
         self.policy = policy or StallPolicy()
-        self.on_event = on_event
+        self.stall_after_s = stall_after_s
+        """A transition still blocked this long after it started is reported stalled."""
+        self._listeners: list[Listener] = []
         self.patches: list[KlpPatch] = []  # klp_patches: stack_order is the 1-based position
         self.stacks = FuncStacks(kernel, ftrace, self._say)
         self.transition: Transition | None = None
         self.log: list[str] = []  # the kernel log lines livepatch would print
         self.lock = threading.RLock()
         self._done = threading.Condition(self.lock)
-        self._driver: threading.Thread | None = None
+        self._driving = False  # a driver job is scheduled on the kernel's worker (read and set under the lock)
         self._target_addr = kernel.kallsyms.addr("klp_target_state")
         self._objname = kernel.heap.alloc(16)
         kernel.memory.write(self._objname, b"vmlinux\0")
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(event, data)`` for every event (see the module docstring), with the lock held."""
+        self._listeners.append(listener)
 
     @property
     def trusted_keys(self) -> list[Ed25519PublicKey] | None:
@@ -123,7 +151,8 @@ class Livepatch:
                 raise PatchStateError(f"a patch named {m.name!r} is already loaded", patch=m.name)
             patch = self.modules.load(bundle)
             self.patches.append(patch)
-            self._emit("loaded", patch)
+            self._emit("loaded", patch, key_id=bundle.signature.key_id if bundle.signature is not None else None,
+                       replace=patch.replace, funcs=[f.sysfs_name for f in patch.funcs() if not f.nop])
             return patch
 
     def mark_replaced(self, name: str) -> KlpPatch:
@@ -158,7 +187,7 @@ class Livepatch:
             patch = self.patch(name)
             tr = self.transition
             if tr is not None and tr.patch is patch and tr.target == UNPATCHED:
-                self._reverse()  # writing 1 to enabled during its own unpatching transition
+                self._reverse("request")  # writing 1 to enabled during its own unpatching transition
                 if wait:
                     self.wait(timeout)
                 return patch
@@ -200,7 +229,7 @@ class Livepatch:
             patch = self.patch(name)
             tr = self.transition
             if tr is not None and tr.patch is patch:
-                self._reverse()
+                self._reverse("request")
             else:
                 if not patch.enabled:
                     raise PatchStateError(f"patch {name!r} is not enabled", patch=name)
@@ -251,13 +280,6 @@ class Livepatch:
                 self._done.wait(left if left is not None else 0.5)
         return True
 
-    def poll(self) -> bool:
-        """One klp_try_complete_transition attempt; True when no transition is left."""
-        with self.lock:
-            if self.transition is None:
-                return True
-            return self._try_complete()
-
     # -- checks ----------------------------------------------------------------------------------------------
 
     def _check_idle(self) -> None:
@@ -300,10 +322,10 @@ class Livepatch:
                     self.stacks.set_transition(f, 1)
         self.kernel.machine.stop_machine(init)
 
-    def _start_transition(self) -> None:
+    def _start_transition(self, *, reversal: bool = False) -> None:
         tr = self._transition()
         self._say(f"'{tr.patch.name}': starting {self._verb(tr.target)} transition")
-        self._emit("transition_started", tr.patch, target=STATE_NAMES[tr.target])
+        self._emit("transition_started", tr.patch, target=STATE_NAMES[tr.target], reversal=reversal)
 
         def mark() -> None:
             for t in self._task_refs():
@@ -400,13 +422,13 @@ class Livepatch:
             self.kernel.memory.write_u64(self._target_addr, IDLE)
         self.kernel.machine.stop_machine(end)
 
-    def _reverse(self) -> None:
-        """klp_reverse_transition: the transition in progress turns around."""
+    def _reverse(self, by: str) -> None:
+        """klp_reverse_transition: the transition in progress turns around (``by`` a request or the policy)."""
         tr = self._transition()
         new_target = UNPATCHED if tr.target == PATCHED else PATCHED
         self._say(f"'{tr.patch.name}': reversing transition from {self._verb(tr.target)} to "
                   f"{self._verb(new_target)}")
-        self._emit("transition_reversed", tr.patch, target=STATE_NAMES[new_target], attempts=tr.attempts)
+        self._emit("transition_reversed", tr.patch, target=STATE_NAMES[new_target], attempts=tr.attempts, by=by)
 
         def turn() -> None:
             for t in self._task_refs():
@@ -417,7 +439,8 @@ class Livepatch:
         tr.target = new_target
         tr.started = time.monotonic()
         tr.signals_sent = 0
-        self._start_transition()
+        tr.stall_reported = False
+        self._start_transition(reversal=True)
         self._try_complete()
 
     def _send_signals(self) -> None:
@@ -471,36 +494,55 @@ class Livepatch:
         self.log.append(f"livepatch: {line}")
 
     def _emit(self, event: str, patch: KlpPatch, **extra: object) -> None:
-        if self.on_event is not None:
-            self.on_event(event, {"patch": patch.name, **extra})
+        for listener in self._listeners:
+            listener(event, {"patch": patch.name, **extra})
 
-    # -- the driver: retries, signals, give-up ---------------------------------------------------------------
+    # -- the driver: retries, signals, give-up, reports ----------------------------------------------------
 
     def _start_driver(self) -> None:
-        if self.transition is None or (self._driver is not None and self._driver.is_alive()):
+        if self.transition is None or self._driving:
             return
-        self._driver = threading.Thread(target=self._drive, name="klp-transition", daemon=True)
-        self._driver.start()
+        self._driving = True
+        self.kernel.worker.every(self.policy.retry_interval, self._drive, name="klp-transition")
 
-    def _drive(self) -> None:
-        while True:
-            time.sleep(self.policy.retry_interval)
-            with self.lock:
+    def _drive(self) -> bool:
+        """One round of the driver (on the kernel's worker); False ends the job: no transition is left."""
+        with self.lock:
+            try:
                 tr = self.transition
-                if tr is None:
-                    return
-                if not all(v.alive for v in self.kernel.machine.vcpus):
-                    return
+                if tr is None or not all(v.alive for v in self.kernel.machine.vcpus):
+                    self._driving = False
+                    return False
+                blocked_before = set(tr.blocked)
                 if self._try_complete():
-                    return
+                    self._driving = False
+                    return False
+                self._report(tr, blocked_before)
                 self._apply_policy(tr)
+                return True
+            except BaseException:
+                self._driving = False  # the next transition gets a driver of its own
+                raise
+
+    def is_stalled(self, tr: Transition) -> bool:
+        """Still blocked ``stall_after_s`` after it started (or reversed)."""
+        return bool(tr.blocked) and time.monotonic() - tr.started >= self.stall_after_s
+
+    def _report(self, tr: Transition, blocked_before: set[int]) -> None:
+        target = STATE_NAMES[tr.target]
+        if tr.blocked.keys() != blocked_before:
+            self._emit("transition_blocked", tr.patch, target=target, blocked=dict(tr.blocked))
+        if not tr.stall_reported and self.is_stalled(tr):
+            tr.stall_reported = True
+            self._emit("transition_stalled", tr.patch, target=target,
+                       waited_s=round(time.monotonic() - tr.started, 3), blocked=dict(tr.blocked))
 
     def _apply_policy(self, tr: Transition) -> None:
         p = self.policy
         waited = time.monotonic() - tr.started
         if p.give_up_after is not None and waited >= p.give_up_after and p.give_up is not GiveUp.WAIT:
             if p.give_up is GiveUp.REVERT:
-                self._reverse()
+                self._reverse("policy")
             else:
                 self.force(tr.patch.name)
             return

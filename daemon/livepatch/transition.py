@@ -52,6 +52,7 @@ class Transition:
     last_signal: float = 0.0
     attempts: int = 0
     blocked: dict[int, str] = field(default_factory=dict)  # pid -> why it has not switched (last attempt)
+    stall_reported: bool = False  # transition_stalled told for this direction (reset by a reversal)
 
 
 def check_ranges(patch: KlpPatch, target: int, ops: dict[int, KlpOps]) -> list[tuple[int, int, str]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from typing import Any, Literal
 
@@ -34,13 +35,14 @@ from daemon.mqtt.connect import (
     SubscribeRefused,
     aiomqtt_protocol,
     close_client,
+    publish,
     subscribe_retrying,
 )
 from daemon.mqtt.liveness import Heartbeat
 from daemon.service import Outcome, Service
 from schemas.brokers import BrokerAddress, Protocol
 from schemas.discovery import DISCOVER
-from schemas.verbs import BrokerLink as BrokerLinkDoc
+from schemas.kernel import BrokerLink as BrokerLinkDoc
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +82,8 @@ class MqttBridge:
         is redelivered alone (right after a connect, one at a time) is what cost the connection — a topic this
         broker refuses by dropping its publisher — and is dropped instead of costing every next connection too."""
         self._tg: asyncio.TaskGroup | None = None
+        self._hold_until = 0.0
+        """``sever(hold_s)``: no reconnect before this (monotonic) time."""
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -98,6 +102,16 @@ class MqttBridge:
     def stop(self) -> None:
         self._stop.set()
 
+    def sever(self, hold_s: float = 0.0) -> None:
+        """Cut the broker connection at the socket, without DISCONNECT, so the broker publishes the last will (how
+        a crashed host or a broken network looks from outside); reconnect no sooner than ``hold_s`` from now."""
+        self._hold_until = time.monotonic() + hold_s
+        client = self._client
+        sock = client._client.socket() if client is not None else None
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def _status(self, state: Literal["online", "offline"],
                 reason: Literal["started", "reconnected", "shutdown", "connection_lost"]) -> bytes:
         return self.heartbeat.document(state, reason)
@@ -109,7 +123,7 @@ class MqttBridge:
             return aiomqtt_protocol(self.link.protocol)
         return aiomqtt_protocol(self.connector.negotiation.protocol(self.connector.rotation.index))
 
-    def _new_client(self, node: BrokerAddress, protocol: Protocol) -> aiomqtt.Client:
+    def _new_client(self, node: BrokerAddress, protocol: Protocol, connack_s: float) -> aiomqtt.Client:
         cfg = self.config
         v5 = protocol == "5"
         props = None
@@ -122,7 +136,7 @@ class MqttBridge:
             protocol=aiomqtt_protocol(protocol), will=will, clean_session=None if v5 else False,
             clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,  # (3.1.1 has clean_session only)
             keepalive=cfg.keepalive_s, properties=props, tls_context=cfg.tls_context if node.tls else None,
-            socket_options=[NODELAY], timeout=cfg.connect_timeout_s)
+            socket_options=[NODELAY], timeout=connack_s)
 
     async def _connection_loop(self) -> None:
         """Connect (any node, any version that converges), serve the connection, and after a loss start again on
@@ -151,8 +165,13 @@ class MqttBridge:
                     self.service.metrics.connected.set(0)
                     lost_at = time.monotonic()
                 await close_client(client)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # cancelled while the connection was failing: the connection's task group reported only the
+                # MqttError (Python 3.11's TaskGroup drops the CancelledError then), so honour it here
+                raise asyncio.CancelledError
             delay = self.connector.lost()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(max(delay, self._hold_until - time.monotonic()))
 
     async def _connected(self, client: aiomqtt.Client, attempts: int, lost_at: float | None) -> None:
         client._client.manual_ack_set(True)  # PUBACK after the journal commit, not on receipt
@@ -168,9 +187,9 @@ class MqttBridge:
         reconnect = self.connections > 1
         reason: Literal["started", "reconnected"] = "reconnected" if reconnect else "started"
         v5 = self.protocol == aiomqtt.ProtocolVersion.V5
-        await client.publish(self.topics.status, self._status("online", reason), qos=1, retain=True,
+        await publish(client, self.topics.status, self._status("online", reason), qos=1, retain=True,
                              properties=self.heartbeat.properties(v5))
-        await client.publish(self.topics.state, self.service.state.document().model_dump_json(), qos=1, retain=True)
+        await publish(client, self.topics.state, self.service.state.document().model_dump_json(), qos=1, retain=True)
         self.service.state.take_dirty()
         redelivered = 0
         for outcome in self.service.undelivered():
@@ -303,11 +322,11 @@ class MqttBridge:
             await service.outgoing.wait()
             service.outgoing.clear()
             if service.state.take_dirty():
-                await client.publish(self.topics.state, service.state.document().model_dump_json(), qos=1,
+                await publish(client, self.topics.state, service.state.document().model_dump_json(), qos=1,
                                      retain=True)
             while (event := service.events.peek()) is not None:
-                await client.publish(self.topics.events, event.model_dump_json(), qos=1)
+                await publish(client, self.topics.events, event.model_dump_json(), qos=1)
                 service.events.pop()
             while (message := service.streams.peek()) is not None:
-                await client.publish(message[0], message[1], qos=1)
+                await publish(client, message[0], message[1], qos=1)
                 service.streams.pop()

@@ -32,6 +32,12 @@ from schemas.brokers import BrokerAddress, Negotiation, Protocol, ProtocolSettin
 log = structlog.get_logger(__name__)
 
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+PROTOCOL_HINTS = {
+    "refused_protocol": "the broker refused MQTT 5: it speaks 3.1.1 only; start the daemon with --protocol 3.1.1 or "
+                        "auto (LIVEPATCHD_MQTT_PROTOCOL)",
+    "no_connack": "the broker did not answer an MQTT 5 CONNECT, as a broker speaking 3.1.1 only does: try --protocol "
+                  "3.1.1 or auto (LIVEPATCHD_MQTT_PROTOCOL)",
+}
 UNSUPPORTED_PROTOCOL = {1, 132}  # CONNACK: 3.1.1 "unacceptable protocol version", 5 "unsupported protocol version"
 
 
@@ -47,6 +53,11 @@ class BrokerConfig:
     reconnect_min_s: float = 0.1
     reconnect_max_s: float = 5.0
     connect_timeout_s: float = 10.0
+    """The longest wait for a CONNACK. With several nodes the first wait is shorter (``cluster_connack_s``): a
+    node of a cluster that cannot load the session yet (NATS while it elects a JetStream leader holds the
+    CONNECT for 5 s, then closes it) is left for the next one; after a round in which every node stayed silent
+    the wait doubles, up to this."""
+    cluster_connack_s: float = 2.0
     subscribe_timeout_s: float = 10.0
     subscribe_attempts: int = 5
 
@@ -118,9 +129,24 @@ async def open_client(client: aiomqtt.Client) -> None:
 
 
 async def close_client(client: aiomqtt.Client) -> None:
+    """Disconnect, whatever state the connection is in; a loss aiomqtt recorded is read here, so that asyncio
+    does not report it as never retrieved."""
+    lost = client._disconnected
+    if lost.done() and not lost.cancelled():
+        lost.exception()
     with contextlib.suppress(aiomqtt.MqttError, OSError, asyncio.TimeoutError):
         async with asyncio.timeout(2):
             await client.__aexit__(None, None, None)
+
+
+async def publish(client: aiomqtt.Client, topic: str, payload: str | bytes, **kwargs: Any) -> None:
+    """``client.publish``, then honour a cancellation that came meanwhile: Python 3.11's ``asyncio.wait_for``
+    (aiomqtt's wait for the PUBACK) swallows a cancellation that races the PUBACK's arrival, and a publishing
+    loop would then wait for its next message forever instead of ending with its connection."""
+    await client.publish(topic, payload, **kwargs)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def failure_code(code: Any) -> str | None:
@@ -175,20 +201,37 @@ class Link:
 
 @dataclass
 class Connector:
-    """Connections to one broker for one client id, made with ``make(node, protocol)`` (the caller builds the
+    """Connections to one broker for one client id, made with ``make(node, protocol, connack_timeout_s)`` (the
+    caller builds the
     aiomqtt client: will, session, properties)."""
 
     config: BrokerConfig
-    make: Callable[[BrokerAddress, Protocol], aiomqtt.Client]
+    make: Callable[[BrokerAddress, Protocol, float], aiomqtt.Client]
     rotation: Rotation = field(init=False)
     negotiation: Negotiation = field(init=False)
     attempts: int = 0
     """Attempts since the last successful connection."""
+    hinted: set[BrokerAddress] = field(default_factory=set)
+    """Nodes already told about as refusing MQTT 5."""
+    connack_s: float = field(init=False)
+    _silent_in_round: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         cfg = self.config
         self.rotation = Rotation(len(cfg.nodes), cfg.reconnect_min_s, cfg.reconnect_max_s)
         self.negotiation = Negotiation(cfg.protocol, len(cfg.nodes))
+        self.connack_s = self._first_connack_wait()
+
+    def _first_connack_wait(self) -> float:
+        cfg = self.config
+        return cfg.connect_timeout_s if len(cfg.nodes) == 1 else min(cfg.cluster_connack_s, cfg.connect_timeout_s)
+
+    def _silent(self, silent: bool) -> None:
+        """Count a node that stayed silent; after a whole round of them, wait longer for a CONNACK."""
+        self._silent_in_round = self._silent_in_round + 1 if silent else 0
+        if self._silent_in_round >= len(self.config.nodes):
+            self._silent_in_round = 0
+            self.connack_s = min(self.connack_s * 2, self.config.connect_timeout_s)
 
     @property
     def node(self) -> BrokerAddress:
@@ -201,7 +244,7 @@ class Connector:
             node = self.config.nodes[index]
             protocol = self.negotiation.protocol(index)
             self.attempts += 1
-            client = self.make(node, protocol)
+            client = self.make(node, protocol, self.connack_s)
             try:
                 await open_client(client)
             except ConnectFailure as exc:
@@ -213,13 +256,22 @@ class Connector:
                     self.negotiation.answered(index)
                 else:
                     self.negotiation.failed(index)
+                self._silent(exc.kind == "no_connack" and exc.reason.startswith("no CONNACK within"))
                 delay = self.rotation.failed()
+                if protocol == "5" and exc.kind in ("no_connack", "refused_protocol") and node not in self.hinted:
+                    # what a 3.1.1-only broker does to a v5 CONNECT (amqtt stays silent): say so once per node,
+                    # rather than let it pass for an address or credentials problem
+                    self.hinted.add(node)
+                    log.warning("mqtt_protocol_refused", node=node.where, error=exc.reason,
+                                hint=PROTOCOL_HINTS[exc.kind])
                 log.info("mqtt_connect_failed", node=node.where, protocol=protocol, error=exc.reason, rc=exc.rc,
                          retry_in_s=round(delay, 3), next_node=self.node.where)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 continue
             self.negotiation.answered(index)
             self.rotation.connected()
+            self._silent_in_round, self.connack_s = 0, self._first_connack_wait()
+            client.timeout = self.config.connect_timeout_s  # PUBACKs and the like: the connection's own waits
             log.info("mqtt_connected", node=node.where, protocol=protocol, attempts=self.attempts)
             return client, Link(node, protocol)
 

@@ -2,9 +2,11 @@
 
 How a subsystem adds a verb (ftrace, livepatch, …):
 
-1. in ``schemas/verbs.py``: a request model (subclass of ``schemas.Request``), a data model (subclass of
-   ``schemas.Outbound``) and a ``VerbSpec`` in ``VERBS`` (``mutating=True`` serializes it with the others);
-   then ``python -m schemas.export`` to refresh the checked-in JSON Schema and AsyncAPI files;
+1. in the subsystem's schema module (``schemas/ftrace.py``, ``schemas/livepatch.py``; the kernel's own
+   verbs are in ``schemas/kernel.py``): a request model (subclass of ``schemas.Request``), a data model (subclass
+   of ``schemas.Outbound``) and a ``VerbSpec`` in that module's ``SPECS`` (``mutating=True`` serializes it with
+   the others), which the catalog ``schemas.catalog.VERBS`` collects; then ``python -m schemas.export`` to refresh the
+   checked-in JSON Schema and AsyncAPI files;
 2. a module in ``daemon/service/`` with a ``register(service, ...)`` function that registers handlers::
 
        def register(service: Service, ftrace: Ftrace) -> None:

@@ -14,8 +14,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from daemon.service.journal import Journal
 from schemas import EventDoc, KernelState, StateDoc
+from schemas.documents import COMPONENTS
+from schemas.events import check_event
+
+log = structlog.get_logger(__name__)
 
 
 class _LoopBound:
@@ -48,9 +54,24 @@ class StateBoard(_LoopBound):
         self._components: dict[str, dict[str, Any]] = {}
         self._doc: StateDoc | None = None
         self._dirty = True
+        self.invalid: list[str] = []
+        """Sections set that did not follow their model (each with why)."""
 
     def set_component(self, name: str, section: dict[str, Any]) -> None:
-        """Replace one subsystem's section (thread-safe); the document is republished with a new version."""
+        """Replace one subsystem's section (thread-safe); the document is republished with a new version. A
+        section that does not follow its model (``schemas.documents.COMPONENTS``) is a bug: logged and kept in
+        ``invalid`` (the test fixtures fail on it), and published all the same."""
+        model = COMPONENTS.get(name)
+        if model is not None:
+            try:
+                unknown = sorted(set(section) - set(model.model_fields))
+                if unknown:
+                    raise ValueError(f"fields {unknown} are not in {model.__name__}")
+                model.model_validate(section)
+            except ValueError as exc:  # pydantic's ValidationError included
+                self.invalid.append(f"{name}: {exc}")
+                log.error("state_section_invalid", section=name, error=str(exc))
+
         def apply() -> None:
             if self._components.get(name) != section:
                 self._components[name] = section
@@ -81,14 +102,28 @@ class EventLog(_LoopBound):
         self._boot_seq = boot_seq
         self._seq = 0
         self._pending: collections.deque[EventDoc] = collections.deque(maxlen=maxlen)
+        self.listeners: list[Callable[[EventDoc], None]] = []
+        """Called on the loop with each event as it is queued: in-process observers (a fleet host's faults)."""
+        self.invalid: list[str] = []
+        """Events emitted that did not follow their model (each with why)."""
 
     def emit(self, type_: str, **data: Any) -> None:
-        """Queue an event (thread-safe)."""
+        """Queue an event (thread-safe). An event that does not follow its model (``schemas.events``) is a bug:
+        logged and kept in ``invalid`` (the test fixtures fail on it), and still published."""
+        try:
+            check_event(type_, data)
+        except ValueError as exc:  # pydantic's ValidationError included
+            self.invalid.append(f"{type_}: {exc}")
+            log.error("event_invalid", type=type_, error=str(exc))
+
         def apply() -> None:
             self._seq += 1
-            self._pending.append(EventDoc(host=self._host, boot_seq=self._boot_seq, seq=self._seq, time=time.time(),
-                                          type=type_, data=data))
+            event = EventDoc(host=self._host, boot_seq=self._boot_seq, seq=self._seq, time=time.time(), type=type_,
+                             data=data)
+            self._pending.append(event)
             self._outgoing.set()
+            for listener in self.listeners:
+                listener(event)
         self._in_loop(apply)
 
     def peek(self) -> EventDoc | None:

@@ -3,13 +3,15 @@
 A handler is registered for a verb of ``schemas.VERBS`` and is called with the validated request model and a
 ``RequestContext``; it returns the verb's data model (or a dict that validates as one). A plain function is
 run in a worker thread (kernel work never runs on the event loop); a coroutine function is awaited on the
-loop and must not block. Verbs the schema marks ``mutating`` run one at a time (the ``ftrace_lock`` analogue).
+loop and must not block. Verbs the schema marks ``mutating`` run one at a time (the ``ftrace_lock`` analogue),
+once their journal row is fsynced (``daemon.service.durability``: beside the loop, which serves reads meanwhile).
 Any ``LivepatchdError`` becomes an error reply with its ``code``; anything else is a bug: ``internal``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import sqlite3
@@ -23,6 +25,7 @@ from pydantic import ValidationError
 
 from daemon.errors import LivepatchdError
 from daemon.service.board import EventLog, StateBoard, StreamBoard
+from daemon.service.durability import GroupSync
 from daemon.service.errors import (
     INTERNAL,
     BadRequest,
@@ -38,7 +41,7 @@ from daemon.service.metrics import Metrics
 from daemon.service.payload import check_reply_topic, parse_object, peek_envelope, peek_oversized, reply_topic_ok
 from daemon.service.stored import Outcome, ReplyRoute, Unreadable, shown, stored_outcome, stored_reply, stored_request
 from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
-from schemas.verbs import BrokerLink
+from schemas.kernel import BrokerLink
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +71,7 @@ class Service:
 
     def __init__(self, *, host: str, boot_seq: int, journal: Journal, kernel: KernelState,
                  max_payload_bytes: int = 65536, request_timeout_s: float = 30.0,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, read_fast_path: bool = True, fsync: bool = True) -> None:
         self.host = host
         self.boot_seq = boot_seq
         self.topics = Topics(host)
@@ -83,11 +86,25 @@ class Service:
         self.max_payload_bytes = max_payload_bytes
         self.request_timeout_s = request_timeout_s
         self.replayed = 0
+        self.reply_delay_s = 0.0
+        """Added to every reply (a fleet host's injected ``slow`` fault); 0 in production."""
         self.link: BrokerLink | None = None
         """The broker connection in use, as the MQTT adapter last set it (``info`` shows it)."""
         self._handlers: dict[str, _Handler] = {}
         self._lock = asyncio.Lock()
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        # The read fast path: a mutating request's fsync runs beside the loop (group fsync), so the requests
+        # behind it — reads, which have nothing to make durable — never wait for it. Off: the fsync is part of
+        # the commit on the loop (synchronous=FULL), as a benchmark's baseline. A journal that fsyncs every
+        # commit anyway (durable=True) needs neither.
+        self._sync = GroupSync(self.journal.fsync_wal) if read_fast_path and not journal.sync_full else None
+        self._fsync = fsync
+        """False only to measure what durability costs (``unsafe_skip_fsync``): no fsync before the PUBACK."""
+
+    def close(self) -> None:
+        """Stop the fsync thread (after the last request)."""
+        if self._sync is not None:
+            self._sync.close()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Bind to the loop that runs the service (state and event changes from threads are handed to it)."""
@@ -154,6 +171,8 @@ class Service:
             outcome = await self._handle(verb, payload, response_topic, correlation, accepted)
         finally:
             accepted()
+        if self.reply_delay_s > 0:
+            await asyncio.sleep(self.reply_delay_s)
         label = verb if verb in VERBS else "unknown"
         result = "ok" if outcome.reply.ok else (outcome.reply.error.code if outcome.reply.error else INTERNAL)
         self.metrics.requests.labels(label, result).inc()
@@ -197,6 +216,8 @@ class Service:
                 exc = RequestIdConflict(f"request id {rid!r} was used for another request", request_id=rid,
                                         verb=entry.verb)
                 return _outcome(rid, verb, Reply.failure(rid, exc.code, exc.message, exc.details), route, False)
+            if handler.spec.mutating:
+                await self._settled()  # the first copy's row is durable before this one is acknowledged
             accepted()
             self.metrics.duplicates.inc()
             if pending is not None:
@@ -217,10 +238,12 @@ class Service:
             log.info("request_duplicate", answered_at=entry.answered_at)
             return Outcome(rid, verb, stored, entry.reply, route, True)
         # get() and accept() run with no await between them: no duplicate can slip in on this loop.
+        durable = handler.spec.mutating and self._fsync
+        group = durable and self._sync is not None
         try:
             self.journal.accept(rid, verb, json.dumps(params, separators=(",", ":")), fp=fp,
                                 reply_topic=route.topic, correlation=route.correlation, boot_seq=self.boot_seq,
-                                sync=handler.spec.mutating)
+                                sync=durable and not group)
         except JournalFull as full:
             accepted()  # refused, not accepted: the reply says so
             self.metrics.storage_full.inc()
@@ -233,14 +256,36 @@ class Service:
             # a read changes nothing: it is answered without a journal row (a duplicate runs it again)
             reply = await self._execute(handler, request, replayed=False)
             return _outcome(rid, verb, reply, route, False)
-        accepted()
-        return await self._run(handler, request, route, retry=False)
+        if self._sync is None or not group:
+            accepted()  # fsynced by the commit already (or, measuring, not at all)
+            return await self._run(handler, request, route, retry=False)
+        return await self._run(handler, request, route, retry=False, durable=(self._sync.ticket(), accepted))
 
-    async def _run(self, handler: _Handler, request: Request, route: ReplyRoute, *, retry: bool) -> Outcome:
+    async def _settled(self) -> None:
+        """Every commit made so far is durable (a no-op without the fast path: each was fsynced on commit)."""
+        if self._sync is not None:
+            with contextlib.suppress(OSError):  # the first copy's refusal answers this one too
+                await self._sync.durable(self._sync.pending())
+
+    async def _run(self, handler: _Handler, request: Request, route: ReplyRoute, *, retry: bool,
+                   durable: tuple[int, Callable[[], None]] | None = None) -> Outcome:
+        """Execute a journaled request. ``durable``: (fsync ticket, acknowledge) — wait for the row's fsync
+        (registered as in flight first: a duplicate waits for this run) and acknowledge, before executing."""
         rid, verb = request.request_id, handler.spec.verb
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._inflight[rid] = future
         try:
+            if durable is not None:
+                ticket, accepted = durable
+                assert self._sync is not None
+                try:
+                    await self._sync.durable(ticket)
+                except OSError as err:
+                    outcome = self._not_durable(handler.spec, request, route, err)
+                    accepted()  # refused, not accepted: the reply says so
+                    future.set_result(outcome)
+                    return outcome
+                accepted()
             if retry:
                 self.journal.retry(rid)
             reply = await self._execute(handler, request, replayed=retry)
@@ -285,6 +330,20 @@ class Service:
             return Reply.failure(rid, INTERNAL, f"internal error while handling {spec.verb}; see the daemon log")
         log.info("request_done", ok=True, replayed=replayed)
         return Reply.success(rid, dumped)
+
+    def _not_durable(self, spec: VerbSpec, request: Request, route: ReplyRoute, err: OSError) -> Outcome:
+        """The row could not be fsynced: refuse the request (not executed) and record the refusal as its answer,
+        so that neither a restart nor a repeated id runs it."""
+        rid = request.request_id
+        self.metrics.storage_full.inc()
+        log.warning("request_refused", code=StorageFull.code, error=str(err))
+        refusal = StorageFull(f"the journal could not be made durable ({err.strerror or err}): {spec.verb} was "
+                              "not executed; free space or check the disk and retry",
+                              state_dir=str(self.journal.path.parent), errno=err.errno)
+        reply = Reply.failure(rid, refusal.code, refusal.message, refusal.details)
+        text = reply.to_json()
+        self.journal.answer(rid, text)
+        return Outcome(rid, spec.verb, reply, text, route, True)
 
     def _failed(self, spec: VerbSpec, request: Request, exc: LivepatchdError) -> Reply:
         log.info("request_done", ok=False, code=exc.code)

@@ -65,16 +65,16 @@ class JournalUnreadable(LivepatchdError):
     errno = -5  # -EIO
 
 
+class CallNotAllowed(RequestError):
+    """The call verbs run only the functions the image marks callable, unless the daemon allows any call."""
+
+    code = "call_not_allowed"
+    errno = -1  # -EPERM
+
+
 class RequestTimeout(LivepatchdError):
     code = "timeout"
     errno = -110  # -ETIMEDOUT
-
-
-class ServiceUnavailable(LivepatchdError):
-    """The daemon is shutting down."""
-
-    code = "unavailable"
-    errno = -11  # -EAGAIN
 
 
 class StorageFull(LivepatchdError):

@@ -15,7 +15,7 @@ from daemon.ftrace.ops import FtraceOps, OpsFlag
 from daemon.service.core import RequestContext
 from daemon.service.desired import Item
 from daemon.service.ftrace_desired import KIND_OPS
-from schemas.ftrace_verbs import (
+from schemas.ftrace import (
     BatchInfo,
     ForeignOps,
     OpsData,

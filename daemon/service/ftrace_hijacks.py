@@ -19,7 +19,7 @@ from daemon.service.core import RequestContext
 from daemon.service.desired import DesiredState
 from daemon.service.ftrace_desired import KIND_HIJACK
 from daemon.service.ftrace_targets import check_no_loop, direct_trampoline, function_start
-from schemas.ftrace_verbs import (
+from schemas.ftrace import (
     BatchInfo,
     HijackCreateRequest,
     HijackData,

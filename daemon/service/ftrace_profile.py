@@ -18,7 +18,7 @@ from daemon.ftrace.core import Ftrace
 from daemon.ftrace.ops import FtraceOps
 from daemon.ftrace.tracer import FunctionProfiler
 from daemon.service.core import RequestContext
-from schemas.ftrace_verbs import (
+from schemas.ftrace import (
     BatchInfo,
     ProfileLine,
     ProfileReadData,

@@ -8,7 +8,7 @@ from daemon.errors import BadDirectCall, SymbolError
 from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel
 from daemon.service.errors import InvalidArgument
-from schemas.ftrace_verbs import DIRECT_TRAMPOLINES
+from schemas.ftrace import DIRECT_TRAMPOLINES
 
 
 def function_start(kernel: Kernel, ftrace: Ftrace, target: str, sympos: int) -> int:

@@ -4,12 +4,13 @@ A :class:`TraceSession` is one start..stop of a :class:`~daemon.ftrace.tracer.Fu
 ``tracer: function_graph``, a :class:`~daemon.ftrace.fgraph.FunctionGraphTracer` (its lines come from a
 :class:`~daemon.ftrace.tracefs.GraphPrinter` kept for the whole session, so braces opened in one drain close
 in a later one). While it runs, a
-thread of its own (``ftrace.trace-drainer``) drains the guest's per-CPU rings every ``DRAIN_PERIOD_S``. Each
-drain, whoever does it (that thread, ``trace.read``, ``trace.stop``), goes two ways:
+job of the kernel's host worker (``ftrace.trace-drainer``, stopped with the kernel) drains the guest's per-CPU
+rings every ``DRAIN_PERIOD_S``. Each drain, whoever does it (that job, ``trace.read``, ``trace.stop``), goes two
+ways:
 
 * into the session's unread buffer (at most ``TRACE_BUFFER`` records, the oldest discarded first and counted
   as ``overrun``), which ``trace.read`` empties — like reading ``trace_pipe``;
-* onto the ``trace`` topic as :class:`~schemas.ftrace_verbs.TraceBatchDoc` messages, through the service's
+* onto the ``trace`` topic as :class:`~schemas.ftrace.TraceBatchDoc` messages, through the service's
   stream board (``Service.streams``, published by the MQTT bridge).
 
 So both a ``trace.read`` poller and a ``lpctl trace follow`` subscriber see every record exactly once. Draining
@@ -38,8 +39,9 @@ from daemon.ftrace.ops import FtraceOps
 from daemon.ftrace.tracer import FunctionTracer, TraceRecord
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
+from daemon.kernel.worker import Job
 from daemon.service.core import RequestContext, Service
-from schemas.ftrace_verbs import (
+from schemas.ftrace import (
     TRACE_BUFFER,
     BatchInfo,
     TraceBatchDoc,
@@ -90,7 +92,7 @@ class TraceFormatter:
 
 
 class TraceSession:
-    """One trace.start .. trace.stop: the tracer, the unread buffer, the drainer thread and the stream."""
+    """One trace.start .. trace.stop: the tracer, the unread buffer, the drainer job and the stream."""
 
     def __init__(self, service: Service, kernel: Kernel, tracer: FunctionTracer | FunctionGraphTracer,
                  formatter: TraceFormatter, *, number: int, filter: str | None, notrace: str | None,
@@ -109,33 +111,30 @@ class TraceSession:
         self.written = 0
         self.dropped = 0
         self.lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._drainer: Job | None = None
 
     @property
     def entries_per_cpu(self) -> int:
         return self.tracer.entries_per_cpu
 
     def start_draining(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="ftrace.trace-drainer", daemon=True)
-        self._thread.start()
+        self._drainer = self.kernel.worker.every(DRAIN_PERIOD_S, self._drain_once, name="ftrace.trace-drainer")
 
     def stop_draining(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        """End the drainer job (a drain running now finishes first)."""
+        if self._drainer is not None:
+            self._drainer.cancel()
+            self._drainer = None
 
-    def _loop(self) -> None:
-        vcpus = self.kernel.machine.vcpus
-        while not self._stop.wait(DRAIN_PERIOD_S):
-            if not any(v.alive for v in vcpus):  # the kernel is shutting down, and the daemon with it
-                return
-            try:
-                self.collect(self.tracer.drain)
-            except Exception:
-                log.exception("trace_drain_failed", session=self.number)
-                return
+    def _drain_once(self) -> bool:
+        if not any(v.alive for v in self.kernel.machine.vcpus):  # the kernel is shutting down, the daemon with it
+            return False
+        try:
+            self.collect(self.tracer.drain)
+        except Exception:
+            log.exception("trace_drain_failed", session=self.number)
+            return False
+        return True
 
     def collect(self, drain: Callable[[], list[TraceRecord]] | Callable[[], list[GraphRecord]]) -> None:
         """Drain (``tracer.drain``, or ``tracer.stop`` for the last time), buffer and publish the records."""

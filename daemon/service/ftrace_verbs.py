@@ -54,7 +54,7 @@ from daemon.service.ftrace_desired import KIND_HIJACK, KIND_OPS, KIND_SYSCTL, Ft
 from daemon.service.ftrace_hijacks import HijackVerbs, _Hijack
 from daemon.service.ftrace_profile import ProfileVerbs
 from daemon.service.ftrace_trace import StreamOutlet, TraceFormatter, TraceSession, TraceVerbs
-from schemas.ftrace_verbs import (
+from schemas.ftrace import (
     AvailableData,
     AvailableRequest,
     BatchInfo,

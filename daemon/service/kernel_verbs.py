@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 
 from daemon.errors import SymbolError
-from daemon.kernel.kallsyms import Symbol
 from daemon.kernel.kernel import Kernel
 from daemon.service.core import RequestContext, Service
-from daemon.service.errors import InvalidArgument
+from daemon.service.kernel_calls import KernelCalls, as_signed
 from schemas import (
     SCHEMA_VERSION,
     CallData,
+    CallPolicy,
     CallRequest,
     InfoData,
     InfoRequest,
@@ -23,22 +23,12 @@ from schemas import (
     TasksRequest,
 )
 
-_U64 = (1 << 64) - 1
 
-
-def callable_symbol(kernel: Kernel, function: str, sympos: int, cpu: int) -> Symbol:
-    """The function a ``call``-like request names, on a CPU this kernel has (``invalid_argument`` otherwise)."""
-    nr_cpus = kernel.config.nr_cpus
-    if cpu >= nr_cpus:
-        raise InvalidArgument(f"this kernel has {nr_cpus} CPUs; there is no CPU {cpu}", cpu=cpu, nr_cpus=nr_cpus)
-    sym = kernel.kallsyms.lookup(function, sympos)
-    if not sym.is_func:
-        raise InvalidArgument(f"{function!r} is not a function", symbol=function)
-    return sym
-
-
-def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: float = 10.0) -> None:
-    """Serve the kernel verbs of ``kernel`` (booted) on ``service``."""
+def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: float = 10.0,
+             allow_any_call: bool = False) -> KernelCalls:
+    """Serve the kernel verbs of ``kernel`` (booted) on ``service``; the calls they make serve ``call.read`` too."""
+    calls = KernelCalls(kernel, timeout_s=call_timeout_s, allow_any=allow_any_call)
+    policy = CallPolicy(allow_any=allow_any_call, callable=calls.names())
     started = time.monotonic()
     nr_cpus = kernel.config.nr_cpus
     nr_tasks = len(kernel.tasks())  # fixed after boot
@@ -52,7 +42,7 @@ def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: 
                         symbols=len(kernel.kallsyms), tasks=nr_tasks,
                         requests=RequestCounts(accepted=counts["accepted"], answered=counts["answered"],
                                                replayed=service.replayed),
-                        broker=service.link)
+                        broker=service.link, calls=policy)
 
     @service.handler("symbol.lookup")
     async def symbol_lookup(req: SymbolLookupRequest, ctx: RequestContext) -> SymbolData:
@@ -71,10 +61,10 @@ def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: 
 
     @service.handler("call")
     def call(req: CallRequest, ctx: RequestContext) -> CallData:
-        sym = callable_symbol(kernel, req.function, req.sympos, req.cpu)
-        value = kernel.call(sym.addr, *(a & _U64 for a in req.args), cpu=req.cpu, timeout=call_timeout_s)
-        signed = value - (1 << 64) if value >> 63 else value
-        return CallData(function=sym.name, address=sym.addr, cpu=req.cpu, value=value, signed=signed)
+        sym = calls.symbol(req.function, req.sympos, req.cpu)
+        value = calls.run(sym, tuple(req.args), cpu=req.cpu, events=ctx.events, request_id=ctx.request_id,
+                          verb=ctx.verb)
+        return CallData(function=sym.name, address=sym.addr, cpu=req.cpu, value=value, signed=as_signed(value))
 
     @service.handler("tasks")
     def tasks(req: TasksRequest, ctx: RequestContext) -> TasksData:
@@ -82,3 +72,5 @@ def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: 
                              state="running" if t.running else "waiting" if t.waiting else "runnable")
                    for t in kernel.tasks() if req.cpu is None or t.cpu == req.cpu]
         return TasksData(tasks=entries)
+
+    return calls

@@ -14,6 +14,7 @@ from daemon.errors import BundleFormatError, LivepatchdError
 from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.service.core import RequestContext
+from daemon.service.crash_guard import CrashLoopGuard
 from daemon.service.desired import DesiredState
 
 log = structlog.get_logger(__name__)
@@ -29,6 +30,8 @@ class RestoreReport:
     loaded: list[str] = field(default_factory=list)
     enabled: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
+    held_back: list[dict[str, Any]] = field(default_factory=list)
+    """Desired-enabled patches the crash-loop guard kept disabled, and why."""
     duration_s: float = 0.0
 
 
@@ -40,13 +43,12 @@ class PatchDesired:
     desired: DesiredState | None
     restore_timeout_s: float
     restored: RestoreReport | None
+    guard: CrashLoopGuard | None
     _started: dict[str, float]
-    _key_ids: dict[str, str | None]
 
-    if TYPE_CHECKING:  # defined by PatchEvents and TransitionWatch
+    if TYPE_CHECKING:  # defined by PatchEvents
         def emit(self, type_: str, **data: Any) -> None: ...
         def publish(self) -> None: ...
-        def _watch(self) -> None: ...
 
     def _completed_in_desired(self, name: str, target: str) -> None:
         """The store follows what a transition ended in (a reversal by the stall policy included)."""
@@ -54,8 +56,10 @@ class PatchDesired:
             return
         with self.lp.lock, self.desired.batch():
             items = {i.key: i for i in self.desired.items(KIND)}
-            if name in items and items[name].doc.get("enabled") != (target == "patched"):
-                self.desired.update(KIND, name, {"enabled": target == "patched"})
+            if name in items and target == "patched":  # enabled_at: what the crash-loop guard compares a panic to
+                self.desired.update(KIND, name, {"enabled": True, "enabled_at": time.time()})
+            elif name in items and items[name].doc.get("enabled"):
+                self.desired.update(KIND, name, {"enabled": False})
             patch = next((p for p in self.lp.patches if p.name == name), None)
             if target == "patched" and patch is not None and patch.replace:
                 for other in self.lp.patches:
@@ -86,7 +90,6 @@ class PatchDesired:
                 if item.blob is None:
                     raise BundleFormatError(f"the desired state of {item.key} holds no bundle", patch=item.key)
                 bundle = PatchBundle.from_bytes(item.blob, f"desired bundle {item.key}")
-                self._key_ids[item.key] = bundle.signature.key_id if bundle.signature is not None else None
                 self.lp.load(bundle)
                 if item.doc.get("replaced"):
                     self.lp.mark_replaced(item.key)
@@ -96,13 +99,16 @@ class PatchDesired:
         for item in items:
             if not item.doc.get("enabled") or item.key not in report.loaded:
                 continue
+            held = self.guard.hold_back(item.doc) if self.guard is not None else None
+            if held is not None:
+                self._held_back(report, item.key, held)
+                continue
             try:
                 self._started[item.key] = time.monotonic()
                 self.lp.enable(item.key, wait=False)
                 if not self.lp.wait(self.restore_timeout_s):
                     self._restore_failed(report, item.key, "timeout", f"the transition of {item.key} did not "
                                          f"complete within {self.restore_timeout_s} s; it goes on")
-                    self._watch()
                     break
                 report.enabled.append(item.key)
             except LivepatchdError as exc:
@@ -111,11 +117,18 @@ class PatchDesired:
         self.restored = report
         if items:
             log.info("patches_restored", loaded=report.loaded, enabled=report.enabled, failed=report.failed,
-                     duration_s=report.duration_s)
+                     held_back=[h["patch"] for h in report.held_back], duration_s=report.duration_s)
             self.emit("patch.restored", patches=report.loaded, enabled=report.enabled, failed=report.failed,
-                      duration_s=report.duration_s)
+                      held_back=[h["patch"] for h in report.held_back], duration_s=report.duration_s)
         self.publish()
         return report
+
+    def _held_back(self, report: RestoreReport, name: str, why: dict[str, Any]) -> None:
+        report.held_back.append({"patch": name, **why})
+        assert self.desired is not None
+        self.desired.update(KIND, name, {"enabled": False, "held_back": why})  # and at the boots after this one
+        log.warning("patch_held_back", patch=name, reason=why["reason"], panic=why["panic"])
+        self.emit("patch.held_back", patch=name, **why)
 
     def _restore_failed(self, report: RestoreReport, name: str, code: str, message: str) -> None:
         report.failed.append({"patch": name, "code": code, "message": message})

@@ -9,46 +9,45 @@
   transition) before the journal replay and before the daemon announces itself online, like kpatch's
   ``load --all`` at boot. A request replayed after a crash whose change already reached the store is answered
   from the restored state, never applied twice;
-* **events** — Livepatch's ``on_event`` (loaded, unloaded, transition complete) plus what the handlers see
-  (enabled, disabled, transition started / reversed, forced) and a watcher thread for stalls, all on the
-  ``events`` topic (types in ``schemas.patch_verbs.PatchEventType``);
+* **events** — Livepatch's own (loaded, unloaded, transition started, stalled, reversed, completed: it is
+  subscribed to once), with each request's enable or disable announced with its transition, and ``forced``,
+  all on the ``events`` topic (types in ``schemas.livepatch.PatchEventType``);
 * **state** — the retained state's ``components.livepatch`` section: patches, the transition, the keys.
 
 Signature checks are Livepatch's (``trusted_keys``): a bundle is refused before anything is loaded. With no
 trusted key configured, every load is refused with a hint saying how to configure one.
 
 :class:`PatchVerbs` holds the changes (load, enable, disable, force, unload); its other parts are mixed in from
-``patch_events`` (events, state), ``patch_watch`` (the transition watcher), ``patch_views`` (replies describing
-patches) and ``patch_desired`` (desired state, restore at boot); the trusted keys are ``patch_trust``'s.
+``patch_events`` (events, state), ``patch_views`` (replies describing patches and the transition) and
+``patch_desired`` (desired state, restore at boot); the trusted keys are ``patch_trust``'s.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar, cast
 
 import structlog
 
-from daemon.errors import BundleFormatError, PatchStateError
+from daemon.errors import BundleFormatError, GuestCallTimeout, PatchStateError
 from daemon.kernel.kernel import Kernel
 from daemon.livepatch import signing
 from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.klp import KlpPatch
 from daemon.livepatch.transition import STATE_NAMES
-from daemon.service import kernel_verbs
 from daemon.service.core import RequestContext, Service
+from daemon.service.crash_guard import CrashLoopGuard
 from daemon.service.desired import DesiredState
+from daemon.service.kernel_calls import KernelCalls
 from daemon.service.patch_desired import KIND, PatchDesired, RestoreReport
-from daemon.service.patch_events import PatchEvents
+from daemon.service.patch_events import Change, PatchEvents
 from daemon.service.patch_trust import NO_KEYS_HINT, NoTrustedKeys, dev_signing_key, trusted_keys
 from daemon.service.patch_views import PatchViews
-from daemon.service.patch_watch import TransitionWatch
-from schemas.patch_verbs import (
+from schemas.livepatch import (
     CallReadData,
     CallReadRequest,
     PatchChangeData,
@@ -78,26 +77,24 @@ T = TypeVar("T")
 # -- the verbs -------------------------------------------------------------------------------------------------
 
 
-class PatchVerbs(PatchEvents, TransitionWatch, PatchViews, PatchDesired):
+class PatchVerbs(PatchEvents, PatchViews, PatchDesired):
     """The live-patch use-cases of one daemon (see the module docstring)."""
 
     def __init__(self, service: Service, kernel: Kernel, livepatch: Livepatch, desired: DesiredState | None, *,
-                 stall_after_s: float = 1.0, restore_timeout_s: float = 30.0) -> None:
+                 restore_timeout_s: float = 30.0, guard: CrashLoopGuard | None = None) -> None:
         self.service = service
+        self.guard = guard
         self.kernel = kernel
         self.lp = livepatch
         self.desired = desired
-        self.stall_after_s = stall_after_s
         self.restore_timeout_s = restore_timeout_s
         self.restored: RestoreReport | None = None
-        self._local = threading.local()  # per thread: Livepatch events held back while a handler runs
+        self._change: Change | None = None  # the request whose enable/disable Livepatch is making (lp.lock held)
         self._started: dict[str, float] = {}  # patch -> when its current transition started (or reversed)
         self._key_ids: dict[str, str | None] = {}  # patch -> its signer's key id
         self._forcing: set[str] = set()  # patches being forced (their completion counts as forced)
-        self._watcher: threading.Thread | None = None
-        self._watch_lock = threading.Lock()
         self.also_publish = []
-        livepatch.on_event = self._on_livepatch_event
+        livepatch.subscribe(self._on_livepatch_event)
 
     # -- changes ---------------------------------------------------------------------------------------------
 
@@ -110,9 +107,8 @@ class PatchVerbs(PatchEvents, TransitionWatch, PatchViews, PatchDesired):
             raise NoTrustedKeys(f"patch {bundle.name} is refused: this daemon trusts no signing key",
                                 patch=bundle.name, hint=NO_KEYS_HINT)
         key_id = bundle.signature.key_id if bundle.signature is not None else None
-        with self.lp.lock, self._held():
+        with self.lp.lock:
             patch = self.lp.load(bundle)  # admission first: nothing is loaded unless every check passes
-            self._key_ids[patch.name] = key_id  # before the held "loaded" event goes out
             if self.desired is not None:
                 try:
                     self.desired.put(KIND, patch.name, {"enabled": False, "key_id": key_id,
@@ -135,32 +131,29 @@ class PatchVerbs(PatchEvents, TransitionWatch, PatchViews, PatchDesired):
 
     def enable(self, name: str, request_id: str | None, *, wait: bool = False,
                timeout_s: float = 10.0) -> PatchChangeData:
-        with self.lp.lock, self._held():
-            self.lp.enable(name, wait=False)
-            self._started[name] = time.monotonic()
-            self._record(name, {"enabled": True}, request_id)
-            self.emit("patch.enabled", patch=name, request_id=request_id)
-            self.emit("patch.transition.started", patch=name, target="patched")
+        with self.lp.lock:
+            self._change = Change("enable", name, request_id)  # its events are sent as its transition starts
+            try:
+                self.lp.enable(name, wait=False)
+            finally:
+                self._change = None
+            self._record(name, {"enabled": True, "held_back": None}, request_id)  # an operator's retry clears it
         return self._after_change(name, wait, timeout_s)
 
     def disable(self, name: str, request_id: str | None, *, wait: bool = False,
                 timeout_s: float = 10.0) -> PatchChangeData:
-        with self.lp.lock, self._held():
+        with self.lp.lock:
             tr = self.lp.transition
             reversing = tr is not None and tr.patch.name == name
-            self.lp.disable(name, wait=False)
-            self._started[name] = time.monotonic()
+            self._change = Change("disable", name, request_id)
+            try:
+                self.lp.disable(name, wait=False)
+            finally:
+                self._change = None
             self._record(name, {"enabled": False}, request_id)
-            self.emit("patch.disabled", patch=name, request_id=request_id, reversed=reversing)
-            if reversing:
-                self.service.metrics.transition_reversals.labels("request").inc()
-                self.emit("patch.transition.reversed", patch=name, target="unpatched", by="request")
-            else:
-                self.emit("patch.transition.started", patch=name, target="unpatched")
         return self._after_change(name, wait, timeout_s, reversed_=reversing)
 
     def _after_change(self, name: str, wait: bool, timeout_s: float, *, reversed_: bool = False) -> PatchChangeData:
-        self._watch()
         self.publish()
         waited = None
         if wait:
@@ -170,7 +163,7 @@ class PatchVerbs(PatchEvents, TransitionWatch, PatchViews, PatchDesired):
         return self.change_data(name, waited_s=waited, reversed_=reversed_)
 
     def force(self, name: str, request_id: str | None) -> PatchChangeData:
-        with self.lp.lock, self._held():
+        with self.lp.lock:
             tr = self.lp.transition
             if tr is None or tr.patch.name != name:
                 self.lp.patch(name)  # PatchNotFound first
@@ -181,8 +174,7 @@ class PatchVerbs(PatchEvents, TransitionWatch, PatchViews, PatchDesired):
             self.emit("patch.forced", patch=name, target=target, request_id=request_id)
             self._forcing.add(name)
             try:
-                with self._held():  # the completion it causes is handled now, counted as forced
-                    self.lp.force(name)
+                self.lp.force(name)  # the completion it causes is counted as forced
             finally:
                 self._forcing.discard(name)
             self._record(name, {"forced": True}, request_id)
@@ -190,7 +182,7 @@ class PatchVerbs(PatchEvents, TransitionWatch, PatchViews, PatchDesired):
         return self.change_data(name)
 
     def unload(self, name: str, request_id: str | None) -> PatchUnloadData:
-        with self.lp.lock, self._held():
+        with self.lp.lock:
             self.lp.unload(name)
             if self.desired is not None:
                 self.desired.delete(KIND, name, request_id=request_id)
@@ -209,12 +201,13 @@ def decode_bundle(text: str) -> tuple[PatchBundle, bytes]:
 
 
 def register(service: Service, kernel: Kernel, livepatch: Livepatch, *, desired: DesiredState | None = None,
-             stall_after_s: float = 1.0, restore_timeout_s: float = 30.0,
-             call_timeout_s: float = 10.0) -> PatchVerbs:
+             restore_timeout_s: float = 30.0, call_timeout_s: float = 10.0,
+             calls: KernelCalls | None = None, guard: CrashLoopGuard | None = None) -> PatchVerbs:
     """Serve the live-patch verbs of ``livepatch`` on ``service``; ``desired`` makes patches survive restarts
-    (then call ``restore()`` on the result before the journal replay)."""
-    verbs = PatchVerbs(service, kernel, livepatch, desired, stall_after_s=stall_after_s,
-                       restore_timeout_s=restore_timeout_s)
+    (then call ``restore()`` on the result before the journal replay); ``calls`` (the kernel verbs') runs the
+    readers of ``call.read``."""
+    reads = calls or KernelCalls(kernel, timeout_s=call_timeout_s)
+    verbs = PatchVerbs(service, kernel, livepatch, desired, restore_timeout_s=restore_timeout_s, guard=guard)
     lp = livepatch
 
     def replayed_or(ctx: RequestContext, redo: Callable[[], T], answer: Callable[[], T]) -> T:
@@ -280,10 +273,18 @@ def register(service: Service, kernel: Kernel, livepatch: Livepatch, *, desired:
 
     @service.handler("call.read")
     def call_read(req: CallReadRequest, ctx: RequestContext) -> CallReadData:
-        sym = kernel_verbs.callable_symbol(kernel, req.function, req.sympos, req.cpu)
+        sym = reads.symbol(req.function, req.sympos, req.cpu)
         buf = kernel.host_buffer.alloc(req.size)
         try:
-            n = kernel.call(sym.addr, buf, req.size, cpu=req.cpu, timeout=call_timeout_s)
+            n = reads.run(sym, (buf, req.size), cpu=req.cpu, events=ctx.events, request_id=ctx.request_id,
+                          verb=ctx.verb)
+        except GuestCallTimeout as late:
+            kernel.free_when_done(late.job, buf, req.size)  # the reader still writes into it
+            raise
+        except BaseException:
+            kernel.host_buffer.free(buf, req.size)
+            raise
+        try:
             text = kernel.memory.read(buf, min(n, req.size)).decode("utf-8", "replace")
         finally:
             kernel.host_buffer.free(buf, req.size)

@@ -1,15 +1,20 @@
 """How :class:`~daemon.service.patch_verbs.PatchVerbs` describes loaded patches in replies and in the state: their
-summaries, a change's outcome, and everything ``patch.info`` shows (objects, functions, sysfs files)."""
+summaries, a change's outcome, the transition in progress (with the tasks blocking it) and everything
+``patch.info`` shows (objects, functions, sysfs files)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import cast
 
+from daemon.kernel.kernel import Kernel
 from daemon.livepatch import sysfs
 from daemon.livepatch.core import Livepatch
+from daemon.livepatch.transition import STATE_NAMES
 from daemon.service.desired import DesiredState
 from daemon.service.patch_desired import KIND
-from schemas.patch_verbs import (
+from schemas.livepatch import (
+    BlockedTask,
     FuncInfo,
     ObjectInfo,
     PatchChangeData,
@@ -18,6 +23,7 @@ from schemas.patch_verbs import (
     StateInfo,
     SysfsFile,
     TransitionProgress,
+    TransitionTarget,
 )
 
 
@@ -25,14 +31,34 @@ class PatchViews:
     """Part of :class:`~daemon.service.patch_verbs.PatchVerbs`: its views of the loaded patches."""
 
     # set by PatchVerbs.__init__
+    kernel: Kernel
     lp: Livepatch
     desired: DesiredState | None
     _key_ids: dict[str, str | None]
 
-    if TYPE_CHECKING:  # defined by TransitionWatch
-        def _progress(self) -> TransitionProgress | None: ...
-
     # -- views -----------------------------------------------------------------------------------------------
+
+    def _blocked_tasks(self, blocked: dict[int, str]) -> list[BlockedTask]:
+        """The tasks holding a transition up (pid -> why), described."""
+        tasks = {t.pid: t for t in self.kernel.tasks()}
+        out = []
+        for pid, why in sorted(blocked.items()):
+            t = tasks.get(pid)
+            out.append(BlockedTask(pid=pid, comm=t.comm if t else "?", cpu=t.cpu if t else -1, why=why))
+        return out
+
+    def _progress(self) -> TransitionProgress | None:
+        """The transition in progress (call with ``lp.lock`` held)."""
+        tr = self.lp.transition
+        if tr is None:
+            return None
+        target = STATE_NAMES.get(tr.target, str(tr.target))
+        states = self.lp.task_states()
+        return TransitionProgress(
+            patch=tr.patch.name, target=cast(TransitionTarget, target),
+            elapsed_s=round(time.monotonic() - tr.started, 6), attempts=tr.attempts, signals_sent=tr.signals_sent,
+            tasks_total=len(states), tasks_switched=sum(1 for s in states if s.patch_state == target),
+            stalled=self.lp.is_stalled(tr), blocked=self._blocked_tasks(tr.blocked))
 
     def _summaries(self) -> list[PatchSummary]:
         tr = self.lp.transition

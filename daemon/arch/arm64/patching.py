@@ -77,10 +77,6 @@ class TextPatcher:
             pause = machine.pauses[-1].pause_ns if machine.pauses_total > before else 0
         return BatchResult(len(sites), len(data), pause)
 
-    def modify_code(self, addr: int, old: int, new: int) -> None:
-        """ftrace_modify_code with validation: a batch of one."""
-        self.apply([InsnPatch(addr, old, new)])
-
     # -- inside and outside the pause ------------------------------------------------------------------------
 
     def _prepare(self, sites: Sequence[InsnPatch]) -> list[_RegionEdits]:

@@ -64,6 +64,15 @@ void host_call(u64 reason, u64 arg0, u64 arg1);
 void cpu_switch_to(struct task_struct *prev, struct task_struct *next);
 void ret_from_fork(void);
 
+/*
+ * Mark a function as one the host's `call` verbs may run by default: its address goes into the
+ * _callable_funcs table (between __start_callable_funcs and __stop_callable_funcs), as Linux's
+ * NOKPROBE_SYMBOL() lists addresses in _kprobe_blacklist. The host reads the table from the image; a
+ * function not in it is refused unless the daemon allows any call (labs).
+ */
+#define CALLABLE(fn) \
+	static const void *const __callable_##fn __used __section("_callable_funcs") = (const void *)(fn)
+
 /* sched.c */
 void schedule(void);
 void cond_resched(void);

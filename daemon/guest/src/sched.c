@@ -221,13 +221,14 @@ notrace void worker_main(u64 arg)
 	(void)arg;
 	for (;;) {
 		u64 seq;
-		u64 (*fn)(u64, u64, u64, u64, u64, u64);
+		u64 (*fn)(u64, u64, u64, u64, u64, u64, u64, u64);
 
 		wait_on(&j->seq, j->done);
 		seq = READ_ONCE(j->seq);
 		fn = (void *)j->fn;
 		for (;;) {
-			u64 ret = fn(j->args[0], j->args[1], j->args[2], j->args[3], j->args[4], j->args[5]);
+			u64 ret = fn(j->args[0], j->args[1], j->args[2], j->args[3], j->args[4], j->args[5], j->args[6],
+				     j->args[7]);
 
 			if (ret != -(u64)ERESTARTSYS || !(READ_ONCE(t->flags) & TIF_NOTIFY_SIGNAL)) {
 				j->ret = ret;
@@ -242,6 +243,25 @@ notrace void worker_main(u64 arg)
 		if (j->notify)
 			host_call(HC_JOB_DONE, (u64)t, seq);
 	}
+}
+
+/*
+ * Where the host resumes a worker whose job faulted (an unmapped access, an undefined instruction): the host
+ * has failed the job and marked it done, and points this CPU here on the worker's own stack, emptied. As a
+ * kthread that oopses is gone while the kernel runs on, the job's frames are dropped; what they left behind on
+ * this CPU (a hooked return, a trace recursion bit) is cleared, and the worker serves its mailbox again.
+ */
+notrace void __attribute__((noreturn)) worker_fault_exit(void)
+{
+	struct task_struct *t = current_task();
+
+	t->curr_ret_stack = 0;
+	t->graph_state = 0;
+	this_cpu()->trace_recursion = 0;
+	WRITE_ONCE(t->flags, t->flags & ~(u64)TIF_NOTIFY_SIGNAL);
+	klp_update_patch_state(t);
+	worker_main(0);
+	__builtin_unreachable();
 }
 
 notrace void loadgen_main(u64 arg)

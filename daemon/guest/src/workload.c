@@ -8,6 +8,10 @@
  *   sleeper_*             a nested call chain whose innermost function sleeps until released, holding a task
  *                         inside patchable functions (transition stalls)
  *   work_chain            a chain of small functions calling each other
+ *   work_args8            uses all eight register arguments (x0-x7), each with its own weight
+ *
+ * CALLABLE() marks what the host's call verbs may run by default: the reader, the syscall, and the helpers the
+ * tests and the README call (lkdtm_READ_UNMAPPED included: it checks that a fault ends only its call).
  */
 #include "kernel.h"
 
@@ -30,31 +34,50 @@ noinline u64 proc_cmdline_read(char *buf, u64 size)
 		buf[m.count] = '\0';
 	return m.count;
 }
+CALLABLE(proc_cmdline_read);
 
 noinline u64 __arm64_sys_getpid(u64 regs)
 {
 	(void)regs;
 	return current_task()->pid;
 }
+CALLABLE(__arm64_sys_getpid);
 
-/* Call the getpid syscall n times; returns how many calls returned this task's pid. */
+/*
+ * Call the getpid syscall n times; returns how many calls returned this task's pid. Yields every 4096 calls,
+ * as a long kernel loop calls cond_resched(): however large n is, stop-machine and the CPU's other tasks
+ * (workers with jobs of their own) make progress meanwhile.
+ */
 noinline u64 getpid_loop(u64 n)
 {
 	u64 pid = current_task()->pid, good = 0;
 
-	for (u64 i = 0; i < n; i++)
+	for (u64 i = 0; i < n; i++) {
 		good += __arm64_sys_getpid(0) == pid;
+		if ((i & 4095) == 4095)
+			cond_resched();
+	}
 	return good;
 }
+CALLABLE(getpid_loop);
 
 #define RESTART (-(u64)ERESTARTSYS)
 
-/* The sleep is interruptible: a fake signal unwinds the chain with -ERESTARTSYS and the job restarts. */
+/*
+ * The sleep is interruptible: a fake signal unwinds the chain with -ERESTARTSYS and the job restarts. Bit 0 of
+ * the (8-byte aligned) flag's address asks for an uninterruptible sleep instead (D state: no signal ends it).
+ */
 noinline u64 sleeper_inner(u64 flag)
 {
-	if (wait_on_interruptible((volatile u64 *)flag, 0))
+	volatile u64 *f = (volatile u64 *)(flag & ~1UL);
+
+	if (flag & 1) {
+		wait_on(f, 0);
+		return READ_ONCE(*f) + 1;
+	}
+	if (wait_on_interruptible(f, 0))
 		return RESTART;
-	return READ_ONCE(*(volatile u64 *)flag) + 1;
+	return READ_ONCE(*f) + 1;
 }
 
 noinline u64 sleeper_middle(u64 flag)
@@ -71,12 +94,14 @@ noinline u64 sleeper_outer(u64 flag)
 
 	return r == RESTART ? r : r + 100;
 }
+CALLABLE(sleeper_outer);
 
 /* The live-patching stress target: the original returns 3x + 1 (the test patch returns 5x + 2). */
 noinline u64 klp_demo_target(u64 x)
 {
 	return x * 3 + 1;
 }
+CALLABLE(klp_demo_target);
 
 /*
  * Call klp_demo_target(i) for i < n, counting into counts[0..2] the results that are the original's, the
@@ -113,21 +138,32 @@ noinline u64 work_step_c(u64 x)
 {
 	return (x ^ (x >> 7)) * 0x2545f4914f6cdd1dULL;
 }
+CALLABLE(work_step_c);
 
 noinline u64 work_step_b(u64 x)
 {
 	return work_step_c(x + 3) + 5;
 }
+CALLABLE(work_step_b);
 
 noinline u64 work_step_a(u64 x)
 {
 	return work_step_b(x * 3) ^ 0x55;
 }
+CALLABLE(work_step_a);
 
 noinline u64 work_chain(u64 x)
 {
 	return work_step_a(x) + work_step_c(x);
 }
+CALLABLE(work_chain);
+
+/* sum of (i + 1) * arg_i mod 2**64: a wrong, missing or shifted argument changes the result */
+noinline u64 work_args8(u64 a, u64 b, u64 c, u64 d, u64 e, u64 f, u64 g, u64 h)
+{
+	return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + 7 * g + 8 * h;
+}
+CALLABLE(work_args8);
 
 notrace static u64 work_chain_expect(u64 x)
 {
@@ -220,6 +256,7 @@ noinline u64 lkdtm_READ_UNMAPPED(u64 addr)
 {
 	return READ_ONCE(*(volatile u64 *)addr);
 }
+CALLABLE(lkdtm_READ_UNMAPPED);
 
 /*
  * Benchmark body: `calls` corpus calls from a fixed seed, each result checked. Deterministic, so a counting

@@ -443,4 +443,167 @@ SPECS: list[VerbSpec] = [
              mutating=True),
     VerbSpec("hijack.list", HijackListRequest, HijackListData, "Every hijack in place."),
 ]
-"""This module's verbs; schemas.verbs.VERBS includes them."""
+"""This module's verbs; schemas.catalog.VERBS includes them."""
+
+
+# -- events (on ``events``: ``EventDoc.data`` of each type) ------------------------------------------------------
+
+
+class OpsRegisteredEvent(Outbound):
+    """``ftrace.ops.registered``: an ops registered through ftrace.ops.register."""
+
+    name: str
+    callback: Callback
+    functions: int = Field(description="functions it covers")
+
+
+class OpsUnregisteredEvent(Outbound):
+    """``ftrace.ops.unregistered``."""
+
+    name: str
+    hits: int = Field(description="calls its callback counted while registered")
+
+
+class OpsFilteredEvent(Outbound):
+    """``ftrace.ops.filtered``: its filter or notrace set changed."""
+
+    name: str
+    filter: str | None
+    notrace: str | None
+    functions: int
+
+
+class SysctlEvent(Outbound):
+    """``ftrace.sysctl``: kernel.ftrace_enabled was set."""
+
+    ftrace_enabled: bool
+    sites: int = Field(description="call sites rewritten")
+
+
+class HijackCreatedEvent(Outbound):
+    """``hijack.created``."""
+
+    name: str
+    mode: Literal["ipmodify", "direct"]
+    function: str
+    target: str
+
+
+class HijackDeletedEvent(Outbound):
+    """``hijack.deleted``."""
+
+    name: str
+    mode: Literal["ipmodify", "direct"]
+    function: str
+
+
+class ProfileStartedEvent(Outbound):
+    """``profile.started``."""
+
+    filter: str | None
+    functions: int
+
+
+class ProfileStoppedEvent(Outbound):
+    """``profile.stopped``."""
+
+    functions: int = Field(description="functions with at least one hit")
+    hits: int
+
+
+class TraceStartedEvent(Outbound):
+    """``trace.started``."""
+
+    session: int
+    tracer: Literal["function", "function_graph"]
+    filter: str | None
+    functions: int
+
+
+class TraceStoppedEvent(Outbound):
+    """``trace.stopped``."""
+
+    session: int
+    written: int
+    dropped: int
+
+
+class FtraceRestoredEvent(Outbound):
+    """``ftrace.restored``: the desired ops and hijacks re-applied at boot, before the daemon went online."""
+
+    ops: list[str]
+    hijacks: list[str]
+    failed: int
+
+
+class FtraceRestoreFailedEvent(Outbound):
+    """``ftrace.restore_failed``: a desired ops or hijack that could not be re-applied at boot."""
+
+    kind: str
+    name: str
+    code: str
+    message: str
+
+
+EVENTS: dict[str, type[Outbound]] = {
+    "ftrace.ops.registered": OpsRegisteredEvent,
+    "ftrace.ops.filtered": OpsFilteredEvent,
+    "ftrace.ops.unregistered": OpsUnregisteredEvent,
+    "ftrace.sysctl": SysctlEvent,
+    "hijack.created": HijackCreatedEvent,
+    "hijack.deleted": HijackDeletedEvent,
+    "profile.started": ProfileStartedEvent,
+    "profile.stopped": ProfileStoppedEvent,
+    "trace.started": TraceStartedEvent,
+    "trace.stopped": TraceStoppedEvent,
+    "ftrace.restored": FtraceRestoredEvent,
+    "ftrace.restore_failed": FtraceRestoreFailedEvent,
+}
+"""This module's events, by type: the model of each one's ``data`` (``schemas.events.EVENTS`` includes them)."""
+
+
+# -- the state section (``StateDoc.components["ftrace"]``) ------------------------------------------------------
+
+
+class OpsSummary(Outbound):
+    name: str
+    callback: Callback
+    filter: str | None
+    notrace: str | None
+    functions: int
+
+
+class HijackSummary(Outbound):
+    name: str
+    mode: Literal["ipmodify", "direct"]
+    function: str
+    sympos: int
+    target: str = Field(description="%pS of the target")
+
+
+class TraceSummary(Outbound):
+    session: int
+    filter: str | None
+    notrace: str | None
+    entries_per_cpu: int
+
+
+class ProfileSummary(Outbound):
+    filter: str | None
+    functions: int
+
+
+class FtraceSection(Outbound):
+    """``components.ftrace`` of the retained state: the API's ops and hijacks, the running tracer and profiler,
+    kernel.ftrace_enabled and the counts of ftrace's own tables."""
+
+    ops: list[OpsSummary]
+    hijacks: list[HijackSummary]
+    trace: TraceSummary | None
+    profile: ProfileSummary | None
+    ftrace_enabled: bool
+    ops_registered: int = Field(description="every registered ftrace ops (tracers, hijacks, livepatch included)")
+    enabled_functions: int
+    records: int = Field(description="patchable call sites")
+    restore_failed: list[FtraceRestoreFailedEvent] = Field(description="desired ops and hijacks not re-applied "
+                                                           "at this boot")

@@ -49,6 +49,7 @@ PatchEventType = Literal[
     "patch.transition.completed",   # data: patch, target, duration_s
     "patch.restored",               # data: patches, enabled, failed, duration_s (at boot, before online)
     "patch.restore_failed",         # data: patch, code, message (a desired patch that could not be re-applied)
+    "patch.held_back",              # data: patch, reason, message, panic, ... (the crash-loop guard, at boot)
 ]
 """Events of the live-patch verbs (on ``events``, with the daemon's own ``EventType``)."""
 
@@ -311,4 +312,164 @@ SPECS: list[VerbSpec] = [
              "Call a reader fn(buf, size) such as proc_cmdline_read on a vCPU and return the text it wrote.",
              mutating=True),
 ]
-"""This module's verbs; schemas.verbs.VERBS includes them."""
+"""This module's verbs; schemas.catalog.VERBS includes them."""
+
+
+# -- events (on ``events``: ``EventDoc.data`` of each type) ------------------------------------------------------
+
+
+class PatchLoadedEvent(Outbound):
+    """``patch.loaded``."""
+
+    patch: str
+    key_id: str | None = Field(description="the signer's key id; None: signatures are not checked")
+    replace: bool
+    funcs: list[str] = Field(description="sysfs names of the functions it replaces")
+
+
+class PatchUnloadedEvent(Outbound):
+    """``patch.unloaded``."""
+
+    patch: str
+
+
+class PatchEnabledEvent(Outbound):
+    """``patch.enabled``: a request enabled it; its patching transition starts."""
+
+    patch: str
+    request_id: str | None
+
+
+class PatchDisabledEvent(Outbound):
+    """``patch.disabled``: a request disabled it; its unpatching transition starts, or (``reversed``) its own
+    patching transition turns around."""
+
+    patch: str
+    request_id: str | None
+    reversed: bool
+
+
+class PatchForcedEvent(Outbound):
+    """``patch.forced``: its transition was forced (consistency not guaranteed; the module stays loaded)."""
+
+    patch: str
+    target: TransitionTarget
+    request_id: str | None
+
+
+class TransitionStartedEvent(Outbound):
+    """``patch.transition.started``."""
+
+    patch: str
+    target: TransitionTarget
+
+
+class TransitionStalledEvent(Outbound):
+    """``patch.transition.stalled``: still blocked ``transition_stall_s`` after it started."""
+
+    patch: str
+    target: TransitionTarget
+    waited_s: float
+    blocked: list[BlockedTask]
+
+
+class TransitionReversedEvent(Outbound):
+    """``patch.transition.reversed``."""
+
+    patch: str
+    target: TransitionTarget = Field(description="the new target")
+    by: Literal["request", "policy"]
+
+
+class TransitionCompletedEvent(Outbound):
+    """``patch.transition.completed``."""
+
+    patch: str
+    target: TransitionTarget
+    duration_s: float | None = Field(description="since the transition started (None: not known)")
+
+
+class RestoreFailure(Outbound):
+    patch: str
+    code: str
+    message: str
+
+
+class HeldBack(Outbound):
+    """A desired-enabled patch the crash-loop guard did not enable at boot: the kernel panicked soon after it was
+    enabled (its desired state is now disabled; enabling it again retries it)."""
+
+    patch: str
+    reason: Literal["crash_loop"]
+    message: str
+    panic: str = Field(description="the panic's message")
+    panic_at: float
+    panic_boot_seq: int
+    enabled_at: float = Field(description="when its transition to patched had completed")
+
+
+class PatchRestoredEvent(Outbound):
+    """``patch.restored``: the desired patches re-applied at boot, before the daemon went online."""
+
+    patches: list[str] = Field(description="loaded again")
+    enabled: list[str] = Field(description="enabled again (transition completed)")
+    failed: list[RestoreFailure]
+    held_back: list[str] = Field(default_factory=list, description="kept disabled by the crash-loop guard")
+    duration_s: float
+
+
+class PatchHeldBackEvent(HeldBack):
+    """``patch.held_back``: the crash-loop guard kept a patch disabled at boot."""
+
+
+class PatchRestoreFailedEvent(Outbound):
+    """``patch.restore_failed``: a desired patch that could not be re-applied at boot."""
+
+    patch: str
+    code: str
+    message: str
+
+
+EVENTS: dict[str, type[Outbound]] = {
+    "patch.loaded": PatchLoadedEvent,
+    "patch.unloaded": PatchUnloadedEvent,
+    "patch.enabled": PatchEnabledEvent,
+    "patch.disabled": PatchDisabledEvent,
+    "patch.forced": PatchForcedEvent,
+    "patch.transition.started": TransitionStartedEvent,
+    "patch.transition.stalled": TransitionStalledEvent,
+    "patch.transition.reversed": TransitionReversedEvent,
+    "patch.transition.completed": TransitionCompletedEvent,
+    "patch.restored": PatchRestoredEvent,
+    "patch.restore_failed": PatchRestoreFailedEvent,
+    "patch.held_back": PatchHeldBackEvent,
+}
+"""This module's events, by type: the model of each one's ``data`` (``schemas.events.EVENTS`` includes them)."""
+
+
+# -- the state section (``StateDoc.components["livepatch"]``) ---------------------------------------------------
+
+
+class TransitionSummary(Outbound):
+    patch: str
+    target: TransitionTarget
+    stalled: bool = Field(description="still blocked transition_stall_s after it started")
+    blocked: list[int] = Field(description="pids of the tasks holding it up (patch.transition tells why)")
+
+
+class RestoredSummary(Outbound):
+    """What the restore at this boot re-applied."""
+
+    loaded: list[str]
+    enabled: list[str]
+    failed: list[RestoreFailure]
+    held_back: list[HeldBack] = Field(default_factory=list, description="kept disabled by the crash-loop guard")
+
+
+class LivepatchSection(Outbound):
+    """``components.livepatch`` of the retained state: the loaded patches, the transition, the trusted keys."""
+
+    patches: list[PatchSummary]
+    transition: TransitionSummary | None
+    trusted_keys: int = Field(description="how many keys the daemon trusts to sign patches")
+    restored: RestoredSummary | None = Field(default=None, description="absent when nothing was restored")

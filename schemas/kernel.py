@@ -1,10 +1,5 @@
-"""One request model and one reply-data model per verb, and the catalog that names them.
-
-A verb's dotted name (``symbol.lookup``, ``ftrace.ops.register``, ``patch.enable``) groups verbs; on the wire
-each part is one topic level (``livepatch/v1/<host>/request/symbol/lookup``, see ``schemas.topics``).
-Adding a verb = adding its two models here (or in ``ftrace_verbs.py`` / ``patch_verbs.py``), one ``VerbSpec``
-to ``VERBS`` (or to that module's ``SPECS``), and a handler in the daemon's service layer.
-"""
+"""The kernel's own verbs (``info``, ``symbol.lookup``, ``call``, ``tasks``): one request model and one reply-data
+model each, and their ``SPECS`` (collected with the other subsystems' in ``schemas.catalog.VERBS``)."""
 
 from __future__ import annotations
 
@@ -12,9 +7,6 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-# the ftrace / hijack / trace and the patch / transition verbs live in their own modules
-from schemas import ftrace_verbs as _ftrace_verbs
-from schemas import patch_verbs as _patch_verbs
 from schemas._base import Address, HostId, Outbound
 from schemas.envelope import Request
 from schemas.spec import VerbSpec
@@ -43,6 +35,14 @@ class BrokerLink(Outbound):
     protocol: Literal["5", "3.1.1"] = Field(description="the MQTT version negotiated with that node")
 
 
+class CallPolicy(Outbound):
+    """Which kernel functions the call verbs (``call``, ``call.read``) run."""
+
+    allow_any: bool = Field(description="any function (a lab setting: allow_any_call); false: only ``callable``")
+    callable: list[str] = Field(description="the functions the kernel image marks callable (readers, syscall "
+                                "entry points, test helpers); others are refused with call_not_allowed")
+
+
 class InfoData(Outbound):
     host: HostId
     version: str = Field(description="livepatchd version")
@@ -56,6 +56,7 @@ class InfoData(Outbound):
     tasks: int
     requests: RequestCounts
     broker: BrokerLink | None = Field(default=None, description="the connection this reply came over")
+    calls: CallPolicy | None = Field(default=None, description="what the call verbs may run")
 
 
 # -- symbol.lookup ---------------------------------------------------------------------------------------------
@@ -137,20 +138,40 @@ class TasksData(Outbound):
     tasks: list[TaskEntry]
 
 
-# -- the catalog -----------------------------------------------------------------------------------------------
+# -- the specs ------------------------------------------------------------------------------------------------
 
 
-VERBS: dict[str, VerbSpec] = {
-    spec.verb: spec
-    for spec in (
-        *_ftrace_verbs.SPECS,
-        *_patch_verbs.SPECS,
-        VerbSpec("info", InfoRequest, InfoData, "Kernel build id, CPUs, boot sequence, uptime and counts."),
-        VerbSpec("symbol.lookup", SymbolLookupRequest, SymbolData,
-                 "Resolve a symbol name (with sympos) to its address, or an address to name+offset/size."),
-        VerbSpec("call", CallRequest, CallData,
-                 "Call a kernel function on a vCPU with up to 8 integer arguments; returns x0.", mutating=True),
-        VerbSpec("tasks", TasksRequest, TasksData, "The kernel's tasks: pid, CPU, kind, comm, state."),
-    )
-}
-"""Every verb of this schema version, by name."""
+SPECS: list[VerbSpec] = [
+    VerbSpec("info", InfoRequest, InfoData, "Kernel build id, CPUs, boot sequence, uptime and counts."),
+    VerbSpec("symbol.lookup", SymbolLookupRequest, SymbolData,
+             "Resolve a symbol name (with sympos) to its address, or an address to name+offset/size."),
+    VerbSpec("call", CallRequest, CallData,
+             "Call a kernel function on a vCPU with up to 8 integer arguments; returns x0.", mutating=True),
+    VerbSpec("tasks", TasksRequest, TasksData, "The kernel's tasks: pid, CPU, kind, comm, state."),
+]
+
+
+# -- events (on ``events``: ``EventDoc.data`` of each type) ------------------------------------------------------
+
+
+class CallFinishedLateEvent(Outbound):
+    """``call.finished_late``: a call (or call.read) answered ``timeout`` has now returned, or died with its vCPU."""
+
+    verb: str
+    request_id: str | None
+    function: str
+    address: str = Field(description="the function's address, hex")
+    cpu: int
+    elapsed_s: float = Field(description="since the call started")
+    ok: bool
+    value: int | None = Field(default=None, description="x0 on return, unsigned 64-bit (ok only)")
+    signed: int | None = Field(default=None, description="x0 as a signed 64-bit value (ok only)")
+    code: str | None = Field(default=None, description="why it failed (not ok only)")
+    message: str | None = None
+
+
+KernelEventType = Literal["call.finished_late"]
+"""Events of the kernel's verbs (on ``events``, with the daemon's own ``EventType``)."""
+
+EVENTS: dict[str, type[Outbound]] = {"call.finished_late": CallFinishedLateEvent}
+"""This module's events, by type: the model of each one's ``data`` (``schemas.events.EVENTS`` includes them)."""
