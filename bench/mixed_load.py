@@ -53,7 +53,7 @@ VARIANTS = {"fast": {},
 """Settings per variant (see the module docstring)."""
 
 
-def _cycle(c: LivepatchClient, name: str) -> list[tuple[str, Callable[[], Awaitable[Any]]]]:
+def cycle(c: LivepatchClient, name: str) -> list[tuple[str, Callable[[], Awaitable[Any]]]]:
     return [("info", c.info),
             ("ftrace.ops.register", lambda: c.ops_register(name, filter="work_step_*")),
             ("symbol.lookup", lambda: c.symbol("work_chain")),
@@ -79,7 +79,7 @@ async def load(url: str, host: str, clients: int, seconds: float, warmup_s: floa
         async def one(i: int, c: LivepatchClient) -> None:
             k = 0
             while True:
-                for verb, do in _cycle(c, f"mixed-{i}-{k}"):
+                for verb, do in cycle(c, f"mixed-{i}-{k}"):
                     t0 = time.perf_counter()
                     await do()
                     t1 = time.perf_counter()

@@ -13,7 +13,12 @@ A private mosquitto (set_tcp_nodelay true) on a free loopback port, ``livepatchd
   (not timed).
 
 Also an ``info`` round trip for reference, and the daemon's own time per verb from its
-``lpd_request_duration_seconds`` histogram. Writes bench/results/patch_latency.json and .md.
+``lpd_request_duration_seconds`` histogram.
+
+What durability costs, in the same run (``--no-durability-variant`` to skip it): the cycles run again, alternating
+round by round, against a second daemon started with ``LIVEPATCHD_UNSAFE_SKIP_FSYNC=1`` (neither the journal row
+nor the desired state fsynced before the PUBACK: a benchmark's setting only), and the ratio of the two is
+reported. Writes bench/results/patch_latency.json and .md.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from clients.sdk import LivepatchClient
 from daemon.guest.build import IMAGE_PATH
 from daemon.kernel.kernel import load_image
 from daemon.livepatch import examples, signing
-from tests.mqtt_fixtures import DaemonProcess, Mosquitto
+from tests.mqtt_fixtures import DaemonProcess, Mosquitto, free_port
 
 PATCH = "livepatch_cmdline"
 
@@ -69,12 +74,21 @@ async def cycles(url: str, host: str, bundle: bytes, n: int, warmup: int) -> dic
     return {"load": load, "enable": enable, "disable": disable, "info": info, "completed": completed_at_reply}
 
 
+def _merge(into: dict[str, Any], got: dict[str, Any]) -> None:
+    for key, value in got.items():
+        into[key] = into.get(key, 0 if key == "completed" else []) + value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.patch_latency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=300, help="measured load/enable/disable/unload cycles")
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured cycles first")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per daemon, alternating (cycles split)")
+    parser.add_argument("--durability-variant", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure a daemon that skips the fsyncs (default: on)")
     args = parser.parse_args(argv)
+    variants = ["durable", "no fsync"] if args.durability_variant else ["durable"]
     with tempfile.TemporaryDirectory(prefix="lpd-bench-") as tmp:
         work = Path(tmp)
         key = signing.generate_key()
@@ -83,48 +97,84 @@ def main(argv: list[str] | None = None) -> int:
         raw = bundle.to_bytes()
         broker = Mosquitto(work / "broker")
         broker.start()
-        metrics_port = Mosquitto(work / "unused").port  # a free port
-        daemon = DaemonProcess(work, broker.url, host="bench", LIVEPATCHD_METRICS_PORT=str(metrics_port),
-                               LIVEPATCHD_LOG_LEVEL="warning",
-                               LIVEPATCHD_TRUSTED_KEYS=str(work / "bench.pub")).start()
+        daemons: dict[str, tuple[DaemonProcess, int]] = {}
         try:
-            asyncio.run(wait_online(broker.url, daemon.host))
+            for variant in variants:
+                metrics_port = free_port()
+                extra = {"LIVEPATCHD_UNSAFE_SKIP_FSYNC": "1"} if variant == "no fsync" else {}
+                daemons[variant] = (DaemonProcess(
+                    work / variant.replace(" ", "-"), broker.url, host=f"bench-{variant.replace(' ', '-')}",
+                    LIVEPATCHD_METRICS_PORT=str(metrics_port), LIVEPATCHD_LOG_LEVEL="warning",
+                    LIVEPATCHD_TRUSTED_KEYS=str(work / "bench.pub"), **extra), metrics_port)
+                daemons[variant][0].tmp.mkdir(parents=True, exist_ok=True)
+                daemons[variant][0].start()
+            for daemon, _port in daemons.values():
+                asyncio.run(wait_online(broker.url, daemon.host))
             load_before = os.getloadavg()
-            before = scrape(metrics_port)
-            got = asyncio.run(cycles(broker.url, daemon.host, raw, args.cycles, args.warmup))
-            after = scrape(metrics_port)
+            got: dict[str, dict[str, Any]] = {v: {} for v in variants}
+            before = {v: scrape(port) for v, (_d, port) in daemons.items()}
+            per_round = max(1, args.cycles // args.rounds)
+            for r in range(args.rounds):
+                for variant in variants if r % 2 == 0 else reversed(variants):
+                    daemon = daemons[variant][0]
+                    _merge(got[variant], asyncio.run(cycles(broker.url, daemon.host, raw, per_round,
+                                                            args.warmup if r == 0 else 0)))
+            after = {v: scrape(port) for v, (_d, port) in daemons.items()}
             load_after = os.getloadavg()
         finally:
-            code = daemon.terminate()
+            codes = {}
+            for variant, (daemon, _port) in daemons.items():
+                codes[variant] = daemon.terminate()
             broker.stop()
-    n = len(got["enable"])
-    rows: list[dict[str, Any]] = [
-        {"measurement": "patch.enable round trip, reply at transition start (MQTT 5, QoS 1)", **ms(got["enable"]),
-         "requests": n},
-        {"measurement": "patch.load round trip, signed bundle (MQTT 5, QoS 1)", **ms(got["load"]), "requests": n},
-        {"measurement": "patch.disable round trip, wait: true (to the end of the transition)",
-         **ms(got["disable"]), "requests": n},
-        {"measurement": "info round trip, same runs (reference)", **ms(got["info"]), "requests": n},
-    ]
-    for verb in ("patch.enable", "patch.load", "patch.disable"):
-        own = histogram_quantiles(before, after, verb)
-        rows.append({"measurement": f"daemon time per {verb} (its histogram, warm-up included)",
-                     "p50_ms": own["p50_ms"], "p99_ms": own["p99_ms"], "mean_ms": own["mean_ms"],
-                     "requests": own["requests"]})
+    rows: list[dict[str, Any]] = []
+    for variant in variants:
+        g = got[variant]
+        n = len(g["enable"])
+        tag = "" if variant == "durable" else " [no fsync]"
+        rows += [
+            {"measurement": f"patch.enable round trip, reply at transition start (MQTT 5, QoS 1){tag}",
+             **ms(g["enable"]), "requests": n},
+            {"measurement": f"patch.load round trip, signed bundle (MQTT 5, QoS 1){tag}", **ms(g["load"]),
+             "requests": n},
+            {"measurement": f"patch.disable round trip, wait: true (to the end of the transition){tag}",
+             **ms(g["disable"]), "requests": n},
+            {"measurement": f"info round trip, same runs (reference){tag}", **ms(g["info"]), "requests": n},
+        ]
+        for verb in ("patch.enable", "patch.load", "patch.disable"):
+            own = histogram_quantiles(before[variant], after[variant], verb)
+            rows.append({"measurement": f"daemon time per {verb} (its histogram, warm-up included){tag}",
+                         "p50_ms": own["p50_ms"], "p99_ms": own["p99_ms"], "mean_ms": own["mean_ms"],
+                         "requests": own["requests"]})
     enable = rows[0]
+    g = got["durable"]
+    n = len(g["enable"])
+    cost = ""
+    ratios: dict[str, float] = {}
+    if "no fsync" in got:
+        fast = got["no fsync"]
+        for verb in ("load", "enable", "disable"):
+            ratios[verb] = ms(g[verb])["mean_ms"] / ms(fast[verb])["mean_ms"]
+        cost = ("What durability costs (same run, alternating rounds; mean round trip durable / without the "
+                "fsyncs): " + ", ".join(f"patch.{v} {r:.2f}x ({ms(g[v])['mean_ms'] - ms(fast[v])['mean_ms']:+.2f} ms)"
+                                        for v, r in ratios.items()) + ". ")
     notes = (f"patch.enable p50 {enable['p50_ms']:.2f} ms, p99 {enable['p99_ms']:.2f} ms from publish to reply; "
-             f"the transition had already completed at the reply in {got['completed']} of {n} cycles (the first "
+             f"the transition had already completed at the reply in {g['completed']} of {n} cycles (the first "
              "completion attempt runs inside the enable, in a stop-machine pause, and no task sleeps in "
              "cmdline_proc_show: nothing is left for the reply to wait on; stragglers would be left to the "
              "transition driver). The enable is several stop-machine pauses (transition init, the klp ftrace "
              "ops registered as one update batch, tasks marked, the completion attempt, func_stack end) plus "
-             "the desired state's SQLite write. Daemon p50/p99 are histogram bucket upper bounds; means are "
-             "exact. One 2-core machine runs mosquitto, the daemon (event loop + 2 vCPU threads) and the client "
+             "the desired state's SQLite write. Durable (the default): the journal row fsynced before the PUBACK "
+             "(group fsync beside the event loop), the desired state with synchronous=FULL. " + cost +
+             "Daemon p50/p99 are histogram bucket upper bounds; means are "
+             "exact. One 2-core machine runs mosquitto, the daemons (event loop + 2 vCPU threads each; the idle "
+             "one waits) and the client, shared with other work "
              f"(1-minute load average {load_before[0]:.2f} before, {load_after[0]:.2f} after). "
-             f"Daemon exit code {code}.")
-    write("patch_latency", {"cycles": args.cycles, "warmup": args.warmup, "patch": PATCH, "qos": 1,
-                            "mqtt": "5", "bundle_bytes": len(raw), "tcp_nodelay": True},
-          rows, {"p50_ms": "ms", "p99_ms": "ms", "mean_ms": "ms"}, notes)
+             f"Daemon exit codes {codes}.")
+    write("patch_latency", {"cycles": args.cycles, "rounds": args.rounds, "warmup": args.warmup, "patch": PATCH,
+                            "qos": 1, "mqtt": "5", "bundle_bytes": len(raw), "tcp_nodelay": True,
+                            "variants": variants},
+          rows, {"p50_ms": "ms", "p99_ms": "ms", "mean_ms": "ms"}, notes,
+          figures={"durable_over_no_fsync_mean": ratios} if ratios else None)
     return 0
 
 

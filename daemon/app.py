@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
 import logging
 import signal
@@ -24,6 +25,7 @@ from typing import TextIO
 import structlog
 
 from daemon.emu.machine import VCpu
+from daemon.emu.tlb import TlbMode
 from daemon.errors import GuestPanic
 from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel, KernelConfig
@@ -125,6 +127,7 @@ class Daemon:
         self.panic: GuestPanic | None = None
         """The guest panic that ended this boot (the daemon then crashed, as a panicked host dies)."""
         self._boot_seq = 0
+        self._context: contextvars.Context | None = None
 
     def crash(self) -> None:
         """Die abruptly (an injected fault): the broker connection is cut without DISCONNECT, so the broker
@@ -142,6 +145,7 @@ class Daemon:
         s = self.settings
         self._loop = asyncio.get_running_loop()
         structlog.contextvars.bind_contextvars(host=s.host_id)
+        self._context = contextvars.copy_context()  # a panic reported from a vCPU thread is logged with the host
         journal, desired, boot_seq = open_state(s)
         self._boot_seq = boot_seq
         self.desired = desired  # re-applied at boot
@@ -149,7 +153,7 @@ class Daemon:
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
                 nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions,
-                tcg_buffer_size=s.tcg_buffer_size_mb << 20)).boot())
+                tcg_buffer_size=s.tcg_buffer_size_mb << 20, tlb_mode=TlbMode(s.tlb_mode))).boot())
             self.kernel.machine.on_vcpu_stopped.append(self._vcpu_stopped)
             if s.count_guest_instructions:
                 vcpus = self.kernel.machine.vcpus
@@ -172,7 +176,7 @@ class Daemon:
             kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or "", nr_cpus=s.nr_cpus,
                                booted_at=time.time()),
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s,
-            read_fast_path=s.read_fast_path)
+            read_fast_path=s.read_fast_path, fsync=not s.unsafe_skip_fsync)
         try:
             await self._run_service(service, journal, kernel, boot_seq)
         finally:
@@ -245,7 +249,7 @@ class Daemon:
         """On the vCPU's thread: a vCPU that stopped on a guest panic takes the whole host down with it."""
         loop = self._loop
         if isinstance(vcpu.error, GuestPanic) and loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._panicked, vcpu.error)
+            loop.call_soon_threadsafe(self._panicked, vcpu.error, context=self._context)
 
     def _panicked(self, error: GuestPanic) -> None:
         if self.panic is not None or (self._stop.is_set() and not self._crash):
@@ -316,7 +320,7 @@ def open_state(s: Settings) -> tuple[Journal, DesiredState, int]:
     desired: DesiredState | None = None
     try:
         journal = Journal(s.journal_path, durable=s.journal_durable)
-        desired = DesiredState(s.desired_path, durable=s.journal_durable)
+        desired = DesiredState(s.desired_path, durable=s.journal_durable, fsync=not s.unsafe_skip_fsync)
         boot_seq = journal.next_boot_seq()
         if journal.pending:
             raise sqlite3.OperationalError("database or disk is full")

@@ -9,6 +9,7 @@ and a message a person can act on. Layers subclass the branch that fits; the tre
         GuestPanic            guest code called panic() or hit BUG()
         GuestCallTimeout      a host job did not return in time (it keeps running on its worker)
         ImageError            the kernel image is missing, malformed or inconsistent
+        NativeBuildError      the emulator's native TLB fill callback cannot be built or loaded
       PatchError            a text-patching request was refused (nothing was written)
         PatchReadFault        the site could not be read            (Linux: -EFAULT)
         PatchMismatch         the site did not hold the expected insn (Linux: -EINVAL)
@@ -72,6 +73,10 @@ class GuestCallTimeout(GuestError):
 
 class ImageError(GuestError):
     code = "image_error"
+
+
+class NativeBuildError(GuestError):
+    code = "native_build_error"
 
 
 class PatchError(LivepatchdError):

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     read_fast_path: bool = Field(default=True, description="a mutating request's fsync runs beside the event loop "
                                  "(group fsync), so read-only requests never wait for it; off: the fsync is part "
                                  "of its commit on the loop (the baseline of bench.mixed_load); durable either way")
+    unsafe_skip_fsync: bool = Field(default=False, description="FOR BENCHMARKS ONLY: mutating requests and the "
+                                    "desired state are not fsynced (what the durability contract costs: "
+                                    "bench.patch_latency, bench.mqtt_latency); an OS crash can lose acknowledged "
+                                    "changes")
     gil_switch_interval_ms: float = Field(default=0.2, gt=0, le=100, description="livepatchd serve's GIL switch "
                                           "interval: how long the event loop may wait for the GIL while a handler "
                                           "thread computes (CPython's default: 5)")
@@ -99,6 +103,9 @@ class Settings(BaseSettings):
                                       "long is reported stalled (event and state)")
 
     nr_cpus: int = Field(default=2, ge=1, le=8)
+    tlb_mode: Literal["virtual", "cpu"] = Field(
+        default="virtual", description="the vCPUs' TLB: virtual (Unicorn's virtual TLB, filled by native code with "
+        "each region's permissions; guest stores several times cheaper) or cpu (Unicorn's emulated CPU TLB)")
     tcg_buffer_size_mb: int = Field(default=32, ge=1, le=1024, description="each vCPU engine's translation cache "
                                     "(a virtual reservation: resident memory grows only with the code translated)")
     kernel_release: str | None = Field(default=None, max_length=64, description="the kernel build's version string "

@@ -190,7 +190,10 @@ def test_a_fault_in_a_call_ends_only_that_call(quick: DaemonThread) -> None:
                         await c.call("lkdtm_READ_UNMAPPED", bad, cpu=cpu)
                     d = err.value.details
                     assert err.value.code == "guest_fault"
-                    assert d["address"] == bad
+                    if "address" in d:  # the CPU TLB names the access; the virtual TLB's fill only its 1 KiB page
+                        assert d["address"] == bad
+                    else:
+                        assert d["page"] == bad & ~0x3FF
                     assert d["cpu"] == cpu
                     assert fn.addr <= d["pc"] < fn.addr + fn.size
                     assert d["symbol"].startswith("lkdtm_READ_UNMAPPED+")

@@ -227,3 +227,18 @@ def test_group_sync_retries_after_a_failed_fsync() -> None:
     assert len(calls) == 2
     assert sync.fsyncs == 2
     sync.close()
+
+
+def test_a_benchmark_may_measure_changes_without_their_fsync(tmp_path: Path, verbs: None) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    fsync = SlowFsync(journal)  # the gate stays shut: a call would hang the test
+    service = Service(host="fast", boot_seq=journal.next_boot_seq(), journal=journal, fsync=False,
+                      kernel=KernelState(build_id="x", nr_cpus=1, booted_at=time.time()))
+    service.register("test.change", lambda req, ctx: StepData(value=req.value))
+    acks: list[str] = []
+    out = asyncio.run(service.handle("test.change", payload("c1", 2), ack=lambda: acks.append("c1")))
+    assert out.reply.ok
+    assert acks == ["c1"]
+    assert fsync.calls == 0
+    service.close()
+    journal.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from daemon.emu.machine import Machine, Resume, VCpu
 from daemon.emu.memory import PAGE_SIZE, Backing, Memory, Perm, Region
+from daemon.emu.tlb import DEFAULT_TLB_MODE, TlbMode
 from daemon.errors import GuestCallTimeout, GuestError, GuestFault, GuestPanic, ImageError
 from daemon.guest import abi
 from daemon.guest.build import IMAGE_PATH
@@ -41,6 +42,7 @@ class KernelConfig:
     image: Path = IMAGE_PATH
     boot_timeout: float = 10.0
     count_instructions: bool = False  # block hook on every vCPU: exact counts, slow (benchmarks' counting runs)
+    tlb_mode: TlbMode = DEFAULT_TLB_MODE  # the vCPUs' TLB (daemon.emu.tlb): virtual (fast stores) or cpu
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,8 @@ class Kernel:
         self.heap = GuestAllocator(abi.HEAP_VADDR, abi.HEAP_SIZE, "kernel heap")
         self.machine = Machine(self.memory, nr_cpus=self.config.nr_cpus, cpu_data_addr=self.cpu_data_addr,
                                tcg_buffer_size=self.config.tcg_buffer_size,
-                               count_instructions=self.config.count_instructions)
+                               count_instructions=self.config.count_instructions,
+                               tlb_mode=self.config.tlb_mode)
         self.machine.on_host_call(abi.HC_BOOTED, self._on_booted)
         self.machine.on_host_call(abi.HC_JOB_DONE, self._on_job_done)
         self.machine.on_host_call(abi.HC_PANIC, self._on_panic)

@@ -35,6 +35,7 @@ from daemon.mqtt.connect import (
     SubscribeRefused,
     aiomqtt_protocol,
     close_client,
+    publish,
     subscribe_retrying,
 )
 from daemon.mqtt.liveness import Heartbeat
@@ -160,6 +161,11 @@ class MqttBridge:
                     self.service.metrics.connected.set(0)
                     lost_at = time.monotonic()
                 await close_client(client)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # cancelled while the connection was failing: the connection's task group reported only the
+                # MqttError (Python 3.11's TaskGroup drops the CancelledError then), so honour it here
+                raise asyncio.CancelledError
             delay = self.connector.lost()
             await asyncio.sleep(max(delay, self._hold_until - time.monotonic()))
 
@@ -177,9 +183,9 @@ class MqttBridge:
         reconnect = self.connections > 1
         reason: Literal["started", "reconnected"] = "reconnected" if reconnect else "started"
         v5 = self.protocol == aiomqtt.ProtocolVersion.V5
-        await client.publish(self.topics.status, self._status("online", reason), qos=1, retain=True,
+        await publish(client, self.topics.status, self._status("online", reason), qos=1, retain=True,
                              properties=self.heartbeat.properties(v5))
-        await client.publish(self.topics.state, self.service.state.document().model_dump_json(), qos=1, retain=True)
+        await publish(client, self.topics.state, self.service.state.document().model_dump_json(), qos=1, retain=True)
         self.service.state.take_dirty()
         redelivered = 0
         for outcome in self.service.undelivered():
@@ -291,11 +297,11 @@ class MqttBridge:
             await service.outgoing.wait()
             service.outgoing.clear()
             if service.state.take_dirty():
-                await client.publish(self.topics.state, service.state.document().model_dump_json(), qos=1,
+                await publish(client, self.topics.state, service.state.document().model_dump_json(), qos=1,
                                      retain=True)
             while (event := service.events.peek()) is not None:
-                await client.publish(self.topics.events, event.model_dump_json(), qos=1)
+                await publish(client, self.topics.events, event.model_dump_json(), qos=1)
                 service.events.pop()
             while (message := service.streams.peek()) is not None:
-                await client.publish(message[0], message[1], qos=1)
+                await publish(client, message[0], message[1], qos=1)
                 service.streams.pop()

@@ -139,6 +139,16 @@ async def close_client(client: aiomqtt.Client) -> None:
             await client.__aexit__(None, None, None)
 
 
+async def publish(client: aiomqtt.Client, topic: str, payload: str | bytes, **kwargs: Any) -> None:
+    """``client.publish``, then honour a cancellation that came meanwhile: Python 3.11's ``asyncio.wait_for``
+    (aiomqtt's wait for the PUBACK) swallows a cancellation that races the PUBACK's arrival, and a publishing
+    loop would then wait for its next message forever instead of ending with its connection."""
+    await client.publish(topic, payload, **kwargs)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def failure_code(code: Any) -> str | None:
     """The reason of a failed SUBACK return code (0x80 and up), or None when the subscription was granted."""
     value = int(code.value if isinstance(code, ReasonCode) else code)

@@ -21,6 +21,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from daemon.mqtt.connect import publish
 from schemas import StatusDoc
 
 Reason = Literal["started", "reconnected", "shutdown", "connection_lost"]
@@ -67,6 +68,6 @@ class Heartbeat:
         while True:
             await asyncio.sleep(self.period_s)
             self._beat += 1
-            await client.publish(topic, self.document("online", reason, beat=self._beat), qos=1, retain=True,
-                                 properties=self.properties(v5))
+            await publish(client, topic, self.document("online", reason, beat=self._beat), qos=1, retain=True,
+                          properties=self.properties(v5))
             self.beats += 1

@@ -88,7 +88,7 @@ class Service:
 
     def __init__(self, *, host: str, boot_seq: int, journal: Journal, kernel: KernelState,
                  max_payload_bytes: int = 65536, request_timeout_s: float = 30.0,
-                 metrics: Metrics | None = None, read_fast_path: bool = True) -> None:
+                 metrics: Metrics | None = None, read_fast_path: bool = True, fsync: bool = True) -> None:
         self.host = host
         self.boot_seq = boot_seq
         self.topics = Topics(host)
@@ -115,6 +115,8 @@ class Service:
         # the commit on the loop (synchronous=FULL), as a benchmark's baseline. A journal that fsyncs every
         # commit anyway (durable=True) needs neither.
         self._sync = GroupSync(self.journal.fsync_wal) if read_fast_path and not journal.sync_full else None
+        self._fsync = fsync
+        """False only to measure what durability costs (``unsafe_skip_fsync``): no fsync before the PUBACK."""
 
     def close(self) -> None:
         """Stop the fsync thread (after the last request)."""
@@ -246,11 +248,12 @@ class Service:
             log.info("request_duplicate", answered_at=entry.answered_at)
             return Outcome(rid, verb, Reply.model_validate_json(entry.reply), entry.reply, route, True)
         # get() and accept() run with no await between them: no duplicate can slip in on this loop.
-        group = handler.spec.mutating and self._sync is not None
+        durable = handler.spec.mutating and self._fsync
+        group = durable and self._sync is not None
         try:
             self.journal.accept(rid, verb, json.dumps(params, separators=(",", ":")), fp=fp,
                                 reply_topic=route.topic, correlation=route.correlation, boot_seq=self.boot_seq,
-                                sync=handler.spec.mutating and not group)
+                                sync=durable and not group)
         except JournalFull as full:
             accepted()  # refused, not accepted: the reply says so
             self.metrics.storage_full.inc()
@@ -264,7 +267,7 @@ class Service:
             reply = await self._execute(handler, request, replayed=False)
             return _outcome(rid, verb, reply, route, False)
         if self._sync is None or not group:
-            accepted()
+            accepted()  # fsynced by the commit already (or, measuring, not at all)
             return await self._run(handler, request, route, retry=False)
         return await self._run(handler, request, route, retry=False, durable=(self._sync.ticket(), accepted))
 

@@ -79,13 +79,15 @@ class Item:
 class DesiredState:
     """One host's desired state (see the module docstring)."""
 
-    def __init__(self, path: Path, *, durable: bool = False, applied_keep: int = APPLIED_KEEP) -> None:
+    def __init__(self, path: Path, *, durable: bool = False, applied_keep: int = APPLIED_KEEP,
+                 fsync: bool = True) -> None:
         self.path = path
         self.applied_keep = applied_keep
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # `durable` kept for callers: always durable now
+        # `durable` kept for callers: always durable now, unless a benchmark measures what that costs (fsync=False)
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
         self._depth = 0
