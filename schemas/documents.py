@@ -103,6 +103,8 @@ EventType = Literal[
     "broker.reconnected",  # data: attempts, outage_s, redelivered (replies published from the journal)
     "request.replayed",    # data: request_id, verb, ok
     "request.failed",      # data: request_id, verb, code (a failed mutating request)
+    "request.unreadable",  # data: request_id, verb, why (a journaled request answered journal_unreadable at start)
+    "reply.dropped",       # data: request_id, verb, why (a reply that could not be published, given up)
 ]
 
 

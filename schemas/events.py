@@ -52,12 +52,32 @@ class RequestFailedEvent(Outbound):
     code: str
 
 
+class RequestUnreadableEvent(Outbound):
+    """``request.unreadable``: a journaled request that could not be read back at start (an older version's or a
+    damaged row), answered ``journal_unreadable`` instead of executed."""
+
+    request_id: str
+    verb: str
+    why: str
+
+
+class ReplyDroppedEvent(Outbound):
+    """``reply.dropped``: a reply given up because it cannot be published (its journal row is unreadable, its
+    topic is refused, or publishing it cost the connection again when it went out alone)."""
+
+    request_id: str
+    verb: str
+    why: str
+
+
 DAEMON_EVENTS: dict[str, type[Outbound]] = {
     "daemon.started": DaemonStartedEvent,
     "daemon.stopping": DaemonStoppingEvent,
     "broker.reconnected": BrokerReconnectedEvent,
     "request.replayed": RequestReplayedEvent,
     "request.failed": RequestFailedEvent,
+    "request.unreadable": RequestUnreadableEvent,
+    "reply.dropped": ReplyDroppedEvent,
 }
 
 EVENTS: dict[str, type[Outbound]] = {**DAEMON_EVENTS, **kernel.EVENTS, **ftrace.EVENTS, **livepatch.EVENTS}

@@ -57,6 +57,8 @@ class InfoData(Outbound):
     requests: RequestCounts
     broker: BrokerLink | None = Field(default=None, description="the connection this reply came over")
     calls: CallPolicy | None = Field(default=None, description="what the call verbs may run")
+    cpus_online: list[int] | None = Field(default=None, description="the vCPUs running; one missing from "
+                                          "0..nr_cpus-1 stopped for good (a fault outside a job, BUG())")
 
 
 # -- symbol.lookup ---------------------------------------------------------------------------------------------

@@ -171,3 +171,50 @@ async def _any_call_allowed(url: str, host: str) -> None:
         buf = (await c.symbol("host_buffer")).address
         assert (await c.call("memset", buf, 0x41, 8)).value == buf  # memset returns its destination
         assert (await c.call("strlen", buf)).value >= 8
+
+
+def test_a_fault_in_a_call_ends_only_that_call(quick: DaemonThread) -> None:
+    """A call that dereferences a bad pointer is answered ``guest_fault`` (the address it touched, pc, the
+    function and backtrace); its worker goes back to its mailbox, so every CPU keeps serving, faults again and
+    serves again, and info still shows every CPU online."""
+    kernel = quick.daemon.kernel
+    assert kernel is not None
+    fn = kernel.kallsyms.lookup("lkdtm_READ_UNMAPPED")
+
+    async def main() -> None:
+        async with LivepatchClient(quick.url, quick.host) as c:
+            for round_ in range(3):
+                for cpu in (0, 1):
+                    bad = 0x1000 + 8 * (round_ * 2 + cpu)
+                    with pytest.raises(ReplyError) as err:
+                        await c.call("lkdtm_READ_UNMAPPED", bad, cpu=cpu)
+                    d = err.value.details
+                    assert err.value.code == "guest_fault"
+                    if "address" in d:  # the CPU TLB names the access; the virtual TLB's fill only its 1 KiB page
+                        assert d["address"] == bad
+                    else:
+                        assert d["page"] == bad & ~0x3FF
+                    assert d["cpu"] == cpu
+                    assert fn.addr <= d["pc"] < fn.addr + fn.size
+                    assert d["symbol"].startswith("lkdtm_READ_UNMAPPED+")
+                    assert d["backtrace"][0] == d["symbol"]
+                    assert "lkdtm_READ_UNMAPPED" in err.value.message
+                    assert (await c.call("work_chain", cpu, cpu=cpu)).value == expected(quick, "work_chain", cpu,
+                                                                                         cpu=cpu)
+            # more jobs than workers, faulting and not, on both CPUs at once: the queue drains past the faults
+            results = await asyncio.gather(*(c.call("lkdtm_READ_UNMAPPED" if i % 3 == 0 else "work_chain",
+                                                    0x2000 if i % 3 == 0 else i, cpu=i % 2) for i in range(24)),
+                                           return_exceptions=True)
+            for i, r in enumerate(results):
+                if i % 3 == 0:
+                    assert isinstance(r, ReplyError)
+                    assert r.code == "guest_fault"
+                else:
+                    assert not isinstance(r, BaseException)
+                    assert r.value == expected(quick, "work_chain", i)
+            info = await c.info()
+            assert info.cpus_online == [0, 1]
+    run(main())
+    assert kernel.faults_recovered >= 6 + 8
+    assert all(v.alive and v.error is None for v in kernel.machine.vcpus)
+    assert kernel.machine.stop_machine(lambda: True) is True

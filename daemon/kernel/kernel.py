@@ -15,10 +15,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.emu.machine import Machine, VCpu
+from daemon.emu.machine import Machine, Resume, VCpu
 from daemon.emu.memory import PAGE_SIZE, Backing, Memory, Perm, Region
 from daemon.emu.tlb import DEFAULT_TLB_MODE, TlbMode
-from daemon.errors import GuestCallTimeout, GuestError, GuestPanic, ImageError
+from daemon.errors import GuestCallTimeout, GuestError, GuestFault, GuestPanic, ImageError
 from daemon.guest import abi
 from daemon.guest.build import IMAGE_PATH
 from daemon.kernel.heap import GuestAllocator
@@ -115,6 +115,8 @@ class Kernel:
         self.machine.on_host_call(abi.HC_JOB_DONE, self._on_job_done)
         self.machine.on_host_call(abi.HC_PANIC, self._on_panic)
         self.machine.on_vcpu_stopped.append(self._fail_jobs)
+        self.machine.on_fault = self._on_fault
+        self.faults_recovered = 0
         self.worker = HostWorker()
         """The host's periodic work for this kernel (transition driver, trace drainer): stopped by shutdown()."""
         self._booted = threading.Event()
@@ -319,6 +321,43 @@ class Kernel:
         if nxt is not None:
             self._post(worker, vcpu.index, nxt)
         job.future.set_result(result)
+
+    def _on_fault(self, vcpu: VCpu, fault: GuestFault) -> Resume | None:
+        """A fault on ``vcpu``: if its current task is a worker running a job, that job ends with the fault and
+        the worker goes back to its mailbox (guest ``worker_fault_exit``, on its emptied stack), as Linux kills a
+        kthread that oopses and runs on; a fault anywhere else (idle, a load generator) stops the vCPU."""
+        task = StructRef(self.memory, abi.task_struct, self.cpu(vcpu.index).get("current"))
+        if task.get("kind") != abi.TASK_KIND_WORKER or task.get("job.seq") == task.get("job.done"):
+            return None
+        with self._jobs_lock:
+            job = self._running.pop(task.addr, None)
+            if job is None:
+                return None
+            pending = self._pending.get(vcpu.index)
+            nxt = pending.popleft() if pending else None
+            if nxt is None:
+                self._idle_workers[vcpu.index].append(task.addr)
+        self._describe_fault(fault, task)
+        task.set("job.ret", (-14) & 0xFFFF_FFFF_FFFF_FFFF)  # -EFAULT, for a reader of the mailbox
+        task.set("job.done", task.get("job.seq"))  # before any next post: the restarted loop waits for a new seq
+        if nxt is not None:
+            self._post(task.addr, vcpu.index, nxt)
+        self.faults_recovered += 1
+        job.future.set_exception(fault)
+        return Resume(self.kallsyms.addr("worker_fault_exit"), task.get("stack_hi") - 32)
+
+    def _describe_fault(self, fault: GuestFault, task: StructRef) -> None:
+        """Symbolize the fault (pc, the function it was in, the task's backtrace) for the reply."""
+        d = fault.details
+        d["symbol"] = self.kallsyms.describe(d["pc"])
+        d["pid"] = task.get("pid")
+        trace = unwind(self.memory, pc=d["pc"], fp=d.pop("fp"), stack_lo=task.get("stack_lo"),
+                       stack_hi=task.get("stack_hi"), is_text=self.is_text,
+                       return_hook=self.kallsyms.addr("return_to_handler"), ret_stack=self.ret_stack_of(task))
+        # return addresses are described at their call (pc - 4), like %pB: a call ending its function stays in it
+        d["backtrace"] = [self.kallsyms.describe(pc if i == 0 else pc - 4) for i, pc in enumerate(trace.pcs)]
+        fault.message = f"{fault.message} in {d['symbol']}"
+        fault.args = (fault.message,)
 
     def _fail_jobs(self, vcpu: VCpu) -> None:
         """A vCPU stopped: its jobs can never finish; fail them with its error instead of letting them hang."""

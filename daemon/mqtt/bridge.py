@@ -77,6 +77,10 @@ class MqttBridge:
         """Replies being published, and on which connection: the same reply is not published twice at once on
         one connection, but a connection that died mid-publish (its publish waits for a timeout) never holds
         back the reply on the next one (the client re-sends its request after a reconnect and waits for it)."""
+        self._strikes: dict[str, int] = {}
+        """Journaled replies whose publish failed with the connection, and how often: one that fails again when it
+        is redelivered alone (right after a connect, one at a time) is what cost the connection — a topic this
+        broker refuses by dropping its publisher — and is dropped instead of costing every next connection too."""
         self._tg: asyncio.TaskGroup | None = None
         self._hold_until = 0.0
         """``sever(hold_s)``: no reconnect before this (monotonic) time."""
@@ -189,7 +193,10 @@ class MqttBridge:
         self.service.state.take_dirty()
         redelivered = 0
         for outcome in self.service.undelivered():
-            redelivered += await self._deliver(outcome)
+            sent = await self._deliver(outcome, redelivery=True)
+            if sent < 0:
+                break  # the connection is gone: the rest wait for the next one (they did not cost it)
+            redelivered += sent
         if reconnect:
             self.service.metrics.reconnects.inc()
             outage = round(time.monotonic() - lost_at, 3) if lost_at is not None else None
@@ -257,36 +264,54 @@ class MqttBridge:
             client._client.ack(message.mid, message.qos)
 
     async def _serve(self, client: aiomqtt.Client, generation: int, message: aiomqtt.Message, verb: str) -> None:
-        props = message.properties
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        payload = message.payload
-        raw = payload if isinstance(payload, bytes) else str(payload or "").encode()
-        outcome = await self.service.handle(verb, raw, response_topic=response_topic, correlation=correlation,
-                                            ack=lambda: self._ack(client, generation, message))
-        await self._deliver(outcome)
+        try:
+            props = message.properties
+            response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+            correlation = getattr(props, "CorrelationData", None) if props is not None else None
+            payload = message.payload
+            raw = payload if isinstance(payload, bytes) else str(payload or "").encode()
+            outcome = await self.service.handle(verb, raw, response_topic=response_topic, correlation=correlation,
+                                                ack=lambda: self._ack(client, generation, message))
+            await self._deliver(outcome)
+        except Exception:  # a bug must cost one request, not the daemon (this task's failure would end the bridge)
+            log.exception("request_task_crashed", verb=verb)
+            self._ack(client, generation, message)  # or the broker hands the same poison back after a reconnect
 
-    async def _deliver(self, outcome: Outcome) -> int:
-        """Publish a reply now if connected; a journaled one that cannot go now goes after the reconnect."""
+    async def _deliver(self, outcome: Outcome, *, redelivery: bool = False) -> int:
+        """Publish a reply now if connected; a journaled one that cannot go now goes after the reconnect. One that
+        cannot be published at all is dropped (``Service.drop``: an event, a log line, never tried again).
+        1: published; 0: not (no connection, already under way, dropped); -1: the connection failed under it."""
         client = self._client
         rid = outcome.request_id
         key = (rid, *outcome.route) if rid is not None and outcome.journaled else None
         if client is None or (key is not None and self._delivering.get(key) is client):
             return 0
-        props: Any = None
-        if outcome.route.correlation is not None and self.protocol == aiomqtt.ProtocolVersion.V5:
-            props = _properties(PacketTypes.PUBLISH)
-            props.CorrelationData = outcome.route.correlation
         if key is not None:
             self._delivering[key] = client
         try:
+            props: Any = None
+            if outcome.route.correlation is not None and self.protocol == aiomqtt.ProtocolVersion.V5:
+                props = _properties(PacketTypes.PUBLISH)
+                props.CorrelationData = outcome.route.correlation
             await client.publish(outcome.route.topic, outcome.payload, qos=1, properties=props)
         except aiomqtt.MqttError as exc:
             log.info("reply_deferred", request_id=rid, error=str(exc))
+            if rid is not None and key is not None:
+                self._strikes[rid] = strikes = self._strikes.get(rid, 0) + 1
+                if redelivery and strikes >= 2:
+                    self._strikes.pop(rid)
+                    self.service.drop(rid, outcome.verb, f"the connection was lost while it was being published, "
+                                                         f"{strikes} times, the last time alone: {exc}")
+            return -1
+        except Exception as exc:  # noqa: BLE001  (paho refused the reply itself before sending: it never will)
+            self.service.drop(rid, outcome.verb, f"the MQTT client refused to publish it: {exc!r}",
+                              journaled=outcome.journaled)
             return 0
         finally:
             if key is not None and self._delivering.get(key) is client:
                 del self._delivering[key]
+        if rid is not None:
+            self._strikes.pop(rid, None)
         self.service.delivered(outcome)
         return 1
 

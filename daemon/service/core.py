@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from pydantic import ValidationError
@@ -29,6 +29,7 @@ from daemon.service.durability import GroupSync
 from daemon.service.errors import (
     INTERNAL,
     BadRequest,
+    JournalUnreadable,
     PayloadTooLarge,
     RequestIdConflict,
     RequestTimeout,
@@ -38,31 +39,13 @@ from daemon.service.errors import (
 from daemon.service.journal import Journal, JournalFull, fingerprint, is_full
 from daemon.service.metrics import Metrics
 from daemon.service.payload import check_reply_topic, parse_object, peek_envelope, peek_oversized, reply_topic_ok
+from daemon.service.stored import Outcome, ReplyRoute, Unreadable, shown, stored_outcome, stored_reply, stored_request
 from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
 from schemas.kernel import BrokerLink
 
 log = structlog.get_logger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class ReplyRoute(NamedTuple):
-    """Where a reply goes: a topic, and the MQTT v5 correlation data to copy (None for 3.1.1)."""
-
-    topic: str
-    correlation: bytes | None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A reply ready to publish. ``journaled``: mark its delivery in the journal once published."""
-
-    request_id: str | None
-    verb: str
-    reply: Reply
-    payload: str
-    route: ReplyRoute
-    journaled: bool
 
 
 @dataclass(frozen=True)
@@ -243,10 +226,17 @@ class Service:
             assert entry is not None
             if entry.reply is None:  # accepted by an earlier run and not answered: cannot happen after replay()
                 return await self._run(handler, request, route, retry=True)
+            try:
+                stored = stored_reply(entry)
+            except Unreadable as why:  # answered, but not readable: this copy is told so (the id stays taken)
+                log.warning("journal_row_unreadable", why=str(why), reply=shown(entry.reply))
+                lost = JournalUnreadable(f"request id {rid!r} was answered, but its journaled reply cannot be read "
+                                         f"({why}); use a new request id", request_id=rid)
+                return _outcome(rid, verb, Reply.failure(rid, lost.code, lost.message, lost.details), route, False)
             if (route.topic, route.correlation) != (entry.reply_topic, entry.correlation):
                 self.journal.reroute(rid, route.topic, route.correlation)
             log.info("request_duplicate", answered_at=entry.answered_at)
-            return Outcome(rid, verb, Reply.model_validate_json(entry.reply), entry.reply, route, True)
+            return Outcome(rid, verb, stored, entry.reply, route, True)
         # get() and accept() run with no await between them: no duplicate can slip in on this loop.
         durable = handler.spec.mutating and self._fsync
         group = durable and self._sync is not None
@@ -370,17 +360,20 @@ class Service:
     # -- startup and delivery --------------------------------------------------------------------------------
 
     async def replay(self) -> int:
-        """Re-execute every request accepted by an earlier run and never answered (call before going online)."""
+        """Re-execute every request accepted by an earlier run and never answered (call before going online).
+        A row that cannot be read back as its verb's request is answered ``journal_unreadable`` instead (never
+        executed, never raised: the next start must not trip on it again)."""
         count = 0
         for entry in self.journal.unanswered():
-            handler = self._handlers.get(entry.verb)
             with structlog.contextvars.bound_contextvars(request_id=entry.request_id, verb=entry.verb):
-                if handler is None:
-                    exc = UnknownVerb(f"verb {entry.verb!r} has no handler any more", verb=entry.verb)
-                    self.journal.answer(entry.request_id, Reply.failure(entry.request_id, exc.code, exc.message,
-                                                                        exc.details).to_json())
+                handler = self._handlers.get(entry.verb) if isinstance(entry.verb, str) else None
+                try:
+                    if handler is None:
+                        raise Unreadable(f"verb {shown(entry.verb)} has no handler")
+                    request = stored_request(entry, handler.spec.request)
+                except Unreadable as why:
+                    self._unreadable(entry.request_id, entry.verb, str(why))
                     continue
-                request = handler.spec.request.model_validate_json(entry.payload)
                 outcome = await self._run(handler, request, ReplyRoute(entry.reply_topic, entry.correlation),
                                           retry=True)
             count += 1
@@ -390,15 +383,37 @@ class Service:
         self.replayed += count
         return count
 
+    def _unreadable(self, rid: str, verb: object, why: str) -> None:
+        exc = JournalUnreadable(f"the journaled request cannot be executed again after the restart: {why}",
+                                request_id=shown(rid))
+        log.warning("journal_row_unreadable", why=why, verb=shown(verb))
+        self.journal.answer(rid, Reply.failure(rid if isinstance(rid, str) else None, exc.code, exc.message,
+                                               exc.details).to_json())
+        self.events.emit("request.unreadable", request_id=shown(rid), verb=shown(verb), why=why)
+
     def undelivered(self) -> list[Outcome]:
-        """Journaled replies never published (the broker was away, or the daemon died before publishing)."""
-        return [Outcome(e.request_id, e.verb, Reply.model_validate_json(e.reply), e.reply,
-                        ReplyRoute(e.reply_topic, e.correlation), True)
-                for e in self.journal.undelivered() if e.reply is not None]
+        """Journaled replies never published (the broker was away, or the daemon died before publishing). One
+        that cannot be published (an unreadable reply, a reply topic no reply may go to) is dropped instead."""
+        outcomes = []
+        for entry in self.journal.undelivered():
+            try:
+                outcomes.append(stored_outcome(entry))
+            except Unreadable as why:
+                self.drop(entry.request_id, entry.verb, str(why))
+        return outcomes
 
     def delivered(self, outcome: Outcome) -> None:
         if outcome.journaled and outcome.request_id is not None:
             self.journal.delivered(outcome.request_id)
+
+    def drop(self, rid: str | None, verb: object, why: str, *, journaled: bool = True) -> None:
+        """Give up a reply that cannot be published, with an event and a log line; a journaled one is marked
+        delivered (never tried again)."""
+        log.warning("reply_dropped", request_id=shown(rid), verb=shown(verb), why=why)
+        self.metrics.replies_dropped.inc()
+        self.events.emit("reply.dropped", request_id=shown(rid), verb=shown(verb), why=why)
+        if journaled and rid is not None:
+            self.journal.delivered(rid)
 
 
 def _outcome(rid: str | None, verb: str, reply: Reply, route: ReplyRoute, journaled: bool) -> Outcome:

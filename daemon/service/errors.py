@@ -57,6 +57,14 @@ class InvalidArgument(RequestError):
     code = "invalid_argument"
 
 
+class JournalUnreadable(LivepatchdError):
+    """A journal row cannot be read back (written by an older version, damaged): its request is answered with
+    this instead of being executed again, or its reply instead of being repeated."""
+
+    code = "journal_unreadable"
+    errno = -5  # -EIO
+
+
 class CallNotAllowed(RequestError):
     """The call verbs run only the functions the image marks callable, unless the daemon allows any call."""
 

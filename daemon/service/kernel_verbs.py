@@ -42,7 +42,8 @@ def register(service: Service, kernel: Kernel, *, version: str, call_timeout_s: 
                         symbols=len(kernel.kallsyms), tasks=nr_tasks,
                         requests=RequestCounts(accepted=counts["accepted"], answered=counts["answered"],
                                                replayed=service.replayed),
-                        broker=service.link, calls=policy)
+                        broker=service.link, calls=policy,
+                        cpus_online=[v.index for v in kernel.machine.vcpus if v.alive])
 
     @service.handler("symbol.lookup")
     async def symbol_lookup(req: SymbolLookupRequest, ctx: RequestContext) -> SymbolData:

@@ -46,6 +46,8 @@ class Metrics:
                                  ["verb"], buckets=LATENCY_BUCKETS, registry=r)
         self.replayed = Counter("lpd_requests_replayed", "Requests re-executed from the journal after a restart",
                                 registry=r)
+        self.replies_dropped = Counter("lpd_replies_dropped", "Replies given up: they could not be published "
+                                       "(a reply topic no broker takes, an unreadable journal row)", registry=r)
         self.duplicates = Counter("lpd_requests_duplicate", "Repeated request ids answered from the journal",
                                   registry=r)
         self.checkpoint = Histogram("lpd_journal_checkpoint_seconds", "WAL checkpoints of the journal (in their "
