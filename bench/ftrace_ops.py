@@ -1,6 +1,6 @@
 """The CALL_OPS benchmark of samples/ftrace/ftrace-ops.c, on the emulated kernel.
 
-    python -m bench.ftrace_ops
+    python -m bench.ftrace_ops [--tlb virtual,cpu]
 
 ``bench_tracee(n)`` calls the traced function ``tracee_relevant`` n times. R ops (callback ``ops_func_nop``)
 filter on it and I ops filter on ``tracee_irrelevant``; each (R, I) of the kernel's published table runs
@@ -12,16 +12,20 @@ twice: with per-callsite ops (CALL_OPS) and forced through ``ftrace_list_ops`` (
 
 Also measured: an untraced call (R = I = 0: the two entry NOPs run) and direct calls to
 ``ftrace_stub_direct_tramp``, in BL range and out of it (a veneer in module text: through ftrace_caller).
-The kernel's own numbers (M1 under HVF, Mark Rutland's cover letter) are reproduced next to ours.
+The kernel's own numbers (M1 under HVF, Mark Rutland's cover letter) are reproduced next to ours, with the
+ratio of our per-callsite ns to theirs. Timed runs repeat on a kernel per TLB mode (``--tlb``, default both:
+Unicorn's virtual TLB, the default, and its CPU TLB), alternating case by case in one process.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from bench import common
 from daemon.arch.arm64 import insn
+from daemon.emu.tlb import TlbMode
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.ops import FtraceOps, OpsFlag
 from daemon.guest import abi
@@ -93,19 +97,23 @@ def ns_per_call(ft: Ftrace, setup: Setup) -> float:
         return common.guest_ns_per_call(ft.kernel, "bench_tracee", CALLS)
 
 
-def kernels(count: bool) -> dict[str, Ftrace]:
+def kernels(count: bool, tlb: TlbMode = TlbMode.VIRTUAL) -> dict[str, Ftrace]:
     out = {}
     for mode, force in (("call_ops", False), ("list", True)):
-        k = Kernel(KernelConfig(nr_cpus=1, count_instructions=count, loadgens_per_cpu=0)).boot()
+        k = Kernel(KernelConfig(nr_cpus=1, count_instructions=count, loadgens_per_cpu=0, tlb_mode=tlb)).boot()
         out[mode] = Ftrace(k, force_list=force)
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ftrace_ops")
+    parser.add_argument("--tlb", default="virtual,cpu", help="comma-separated TLB modes of the timed runs")
+    tlbs = [TlbMode(m) for m in parser.parse_args(argv).tlb.split(",")]
     cases: list[tuple[str, Setup, tuple[int, int] | None]] = [
         (f"R={r} I={i}", ops_case(r, i), (r, i)) for r, i in CASES]
     cases += [("direct, in BL range", direct_case(False), None), ("direct, out of range", direct_case(True), None)]
-    counting, timing = kernels(True), kernels(False)
+    counting = kernels(True)
+    timing = {tlb: kernels(False, tlb) for tlb in tlbs}
     rows = []
     base: dict[str, tuple[float, float]] = {}
     try:
@@ -113,32 +121,37 @@ def main() -> None:
             row: dict[str, object] = {"case": label}
             for mode in ("call_ops", "list"):
                 ipc = insn_per_call(counting[mode], setup)
-                ns = ns_per_call(timing[mode], setup)
-                base.setdefault(mode, (ipc, ns))
+                base.setdefault(mode, (ipc, 0.0))
                 row[f"{mode}_insn"] = round(ipc - base[mode][0], 2)
-                row[f"{mode}_ns"] = round(ns, 2)
+                for tlb in tlbs:
+                    row[f"{mode}_{tlb}_ns"] = round(ns_per_call(timing[tlb][mode], setup), 2)
             before, after = KERNEL_NS.get(ri, (None, None)) if ri else (None, None)
             row["linux_before_ns"] = before if before is not None else "-"
             row["linux_after_ns"] = after if after is not None else "-"
+            first = f"call_ops_{tlbs[0]}_ns"
+            row[f"x_linux_{tlbs[0]}"] = round(float(str(row[first])) / after, 1) if after else "-"
             rows.append(row)
             print(row, flush=True)
     finally:
-        for ft in (*counting.values(), *timing.values()):
+        for ft in (*counting.values(), *(f for t in timing.values() for f in t.values())):
             ft.kernel.shutdown()
-    baseline = {m: {"insn_per_iteration": b[0], "ns_per_iteration": b[1]} for m, b in base.items()}
+    baseline = {m: {"insn_per_iteration": b[0]} for m, b in base.items()}
     common.write(
         "ftrace_ops",
         {"calls_timed": CALLS, "calls_counted": COUNT_CALLS, "cases": CASES, "vcpus": 1, "callback": "ops_func_nop",
-         "baseline_untraced": baseline},
+         "baseline_untraced": baseline, "tlb_modes": [str(t) for t in tlbs]},
         rows,
-        {"call_ops_insn": "guest insn/call over untraced", "call_ops_ns": "ns/call", "list_insn":
-         "guest insn/call over untraced", "list_ns": "ns/call", "linux_before_ns": "ns/call, M1 (list)",
-         "linux_after_ns": "ns/call, M1 (CALL_OPS)"},
+        {"call_ops_insn": "guest insn/call over untraced", "list_insn": "guest insn/call over untraced",
+         **{f"{m}_{t}_ns": f"ns/call, {t} TLB" for m in ("call_ops", "list") for t in tlbs},
+         "linux_before_ns": "ns/call, M1 (list)", "linux_after_ns": "ns/call, M1 (CALL_OPS)",
+         f"x_linux_{tlbs[0]}": f"call_ops_{tlbs[0]}_ns / linux_after_ns"},
         notes="samples/ftrace/ftrace-ops.c on the emulated kernel: R ops on the tracee, I ops on another function. "
               "*_insn: exact extra guest instructions per call relative to an untraced call (R=I=0), from a "
               "counting run; *_ns: total ns per loop iteration (call + loop), hook-free timed run, best of 3. "
               "'list' forces every site through ftrace_list_ops (no CALL_OPS). Linux columns: per-call ns from "
-              "the CALL_OPS cover letter (before = list function, after = CALL_OPS).")
+              "the CALL_OPS cover letter (before = list function, after = CALL_OPS). TLB: virtual = Unicorn's virtual "
+              "TLB with the native fill (the default), cpu = its CPU TLB; both timed in the same run, case by "
+              "case, on a 2-core host shared with other work (noisy).")
     plot(rows)
 
 

@@ -93,7 +93,7 @@ def install_fill_hook(uc: unicorn.Uc, table: FillTable) -> None:
         raise unicorn.UcError(status)
 
 
-GROW_AFTER_FILLS = 2048
+GROW_AFTER_FILLS = 1024
 """Fills since the last flush past which a host call flushes the engine's TLB (see grow_tlb_if_churning)."""
 
 

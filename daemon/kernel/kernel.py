@@ -169,7 +169,31 @@ class Kernel:
         for t in self.tasks():
             if t.kind == "worker":
                 self._idle_workers.setdefault(t.cpu, []).append(t.addr)
+        if cfg.tlb_mode is TlbMode.VIRTUAL:
+            self._size_tlbs()
         return self
+
+    TLB_SIZING_BYTES = 1536 << 10
+    TLB_SIZING_ROUNDS = 3
+
+    def _size_tlbs(self) -> None:
+        """Grow every vCPU's TLB from QEMU's 256 entries to 2048 before any real work (~1 ms a vCPU).
+
+        QEMU doubles a TLB only when it is flushed while more than 70 % full, and the machine flushes a TLB only
+        at a host call after it churned (daemon.emu.tlb.grow_tlb_if_churning): a long job or a load generator
+        would never let it grow. Each round zeroes 1,536 pages of a fresh heap block, which fills the TLB
+        and makes the job's completion flush it: 256 -> 512 -> 1024 -> 2048 entries, room for the corpus walk's
+        ~900 pages of text and tables.
+        """
+        scratch = self.heap.alloc(self.TLB_SIZING_BYTES)  # fresh heap: zero, so zeroing it changes nothing
+        try:
+            for _ in range(self.TLB_SIZING_ROUNDS):
+                futures = [self.submit("memset", scratch, 0, self.TLB_SIZING_BYTES, cpu=c)
+                           for c in range(self.config.nr_cpus)]
+                for f in futures:
+                    f.result(self.config.boot_timeout)
+        finally:
+            self.heap.free(scratch, self.TLB_SIZING_BYTES)
 
     def shutdown(self) -> None:
         """Stop the host's work on this kernel, then its vCPUs (every thread of the kernel ends here)."""
