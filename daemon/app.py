@@ -246,10 +246,15 @@ class Daemon:
             bridge.stop()
 
     def _vcpu_stopped(self, vcpu: VCpu) -> None:
-        """On the vCPU's thread: a vCPU that stopped on a guest panic takes the whole host down with it."""
+        """On the vCPU's thread: a vCPU that stopped on a guest panic takes the whole host down with it; one that
+        died otherwise (a fault outside a job) leaves the host serving on the others, degraded (status, state,
+        info say which)."""
         loop = self._loop
         if isinstance(vcpu.error, GuestPanic) and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._panicked, vcpu.error, context=self._context)
+        elif vcpu.error is not None and self.service is not None:
+            log.error("vcpu_dead", cpu=vcpu.index, error=str(vcpu.error))
+            self.service.state.cpu_died(vcpu.index)
 
     def _panicked(self, error: GuestPanic) -> None:
         if self.panic is not None or (self._stop.is_set() and not self._crash):

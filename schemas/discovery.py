@@ -12,7 +12,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from schemas._base import Inbound, RequestId
-from schemas.topics import _check_level
+from schemas.topics import _check_level, publish_topic_problem
 
 DISCOVER = "livepatch/discover/v1"
 """Outside ``livepatch/v1/<host>/…``, so that no host id can collide with it."""
@@ -32,7 +32,8 @@ def valid_reply_to(topic: str) -> bool:
         _check_level(topic[len(DISCOVER_REPLY_PREFIX):], "client id")
     except ValueError:
         return False
-    return True
+    # a control or non-character would make Mosquitto drop the daemon's connection for one QoS 0 answer
+    return publish_topic_problem(topic) is None
 
 
 class DiscoverRequest(Inbound):

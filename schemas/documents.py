@@ -40,6 +40,8 @@ class StatusDoc(Outbound):
     beat: int = Field(default=0, ge=0, description="0: the birth (the daemon has just subscribed); 1, 2, …: the "
                       "heartbeats that follow on the same connection")
     heartbeat_at: float | None = Field(default=None, description="Unix time of this heartbeat (online only)")
+    degraded: bool = Field(default=False, description="online, but some vCPUs stopped for good (dead_cpus)")
+    dead_cpus: list[int] = Field(default_factory=list, description="the vCPUs that stopped for good")
     heartbeat_s: float | None = Field(default=None, description="the heartbeat period; stale after "
                                       f"{STALE_AFTER_BEATS} periods without one")
 
@@ -64,6 +66,8 @@ class KernelState(Outbound):
     arch: str = "arm64"
     nr_cpus: int
     booted_at: float
+    dead_cpus: list[int] = Field(default_factory=list, description="vCPUs stopped for good (a fault outside a "
+                                 "job): the host is degraded, the others still serve")
 
 
 COMPONENTS: dict[str, type[Outbound]] = {"livepatch": LivepatchSection, "ftrace": FtraceSection}

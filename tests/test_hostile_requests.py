@@ -21,6 +21,7 @@ from paho.mqtt.properties import Properties
 from clients.sdk import LivepatchClient
 from daemon.service import Journal, ReplyRoute, Service
 from schemas import KernelState, Topics
+from schemas.discovery import DISCOVER, DISCOVER_REPLY_PREFIX
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 DEEP = 5000
@@ -250,3 +251,21 @@ def test_v5_response_topics_a_broker_let_through_are_refused_too(tmp_path: Path)
     run(main())
     assert journal.counts()["accepted"] == 0
     journal.close()
+
+
+def test_a_discovery_request_with_a_control_character_costs_nothing(lpd: DaemonThread) -> None:
+    """Discovery answers QoS 0 on the asker's reply topic: one with a control or non-character there used to be
+    answered, and Mosquitto dropped the daemon's connection for it."""
+    bridge = lpd.daemon.bridge
+    assert bridge is not None
+    before = bridge.connections
+
+    async def main() -> None:
+        async with aiomqtt.Client("127.0.0.1", port_of(lpd.url), socket_options=NODELAY) as c:
+            for bad in ["\u0001", "\u0085", "\uffff"]:
+                body = {"request_id": f"disc-{uuid.uuid4().hex[:6]}", "reply_to": f"{DISCOVER_REPLY_PREFIX}me{bad}"}
+                await c.publish(DISCOVER, json.dumps(body).encode(), qos=0)
+        await asyncio.sleep(0.5)
+        assert bridge.connections == before
+        await serves(lpd.url, lpd.host)
+    run(main())

@@ -218,3 +218,39 @@ def test_a_fault_in_a_call_ends_only_that_call(quick: DaemonThread) -> None:
     assert kernel.faults_recovered >= 6 + 8
     assert all(v.alive and v.error is None for v in kernel.machine.vcpus)
     assert kernel.machine.stop_machine(lambda: True) is True
+
+
+def test_a_vcpu_that_cannot_recover_leaves_the_host_degraded(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A fault the kernel cannot end as a job's (injected here: no fault handler) stops that vCPU for good: the
+    host serves on with the others and says which one died in status, state and info."""
+    lpd = DaemonThread(daemon_settings(tmp_path, mosquitto.url, heartbeat_s=0.2)).start()
+    try:
+        kernel = lpd.daemon.kernel
+        assert kernel is not None
+        kernel.machine.on_fault = None  # as for a fault outside any job (a load generator, the idle loop)
+
+        async def main() -> None:
+            async with LivepatchClient(lpd.url, lpd.host) as c:
+                assert (await c.status()).dead_cpus == []  # type: ignore[union-attr]
+                with pytest.raises(ReplyError) as err:
+                    await c.call("lkdtm_READ_UNMAPPED", 0x1000, cpu=1)
+                assert err.value.code == "guest_fault"
+                assert (await c.call("work_chain", 2, cpu=0)).value == expected(lpd, "work_chain", 2)
+                with pytest.raises(ReplyError):
+                    await c.call("work_chain", 2, cpu=1)
+                info = await c.info()
+                assert info.cpus_online == [0]
+                async with asyncio.timeout(10):
+                    async for status in c.statuses():
+                        if status.degraded:
+                            break
+                assert status.state == "online"
+                assert status.dead_cpus == [1]
+                async with asyncio.timeout(10):
+                    async for state in c.states():
+                        if state.kernel.dead_cpus:
+                            break
+                assert state.kernel.dead_cpus == [1]
+        run(main())
+    finally:
+        lpd.stop()

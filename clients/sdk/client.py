@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import json
+import logging
 import ssl
 import time
 import uuid
@@ -90,6 +91,9 @@ def _is_birth(payload: bytes) -> bool:
         return StatusDoc.model_validate_json(payload).birth
     except ValidationError:
         return False
+
+
+_log = logging.getLogger(__name__)
 
 
 class LivepatchClient(FtraceApi, PatchApi):
@@ -402,18 +406,28 @@ class LivepatchClient(FtraceApi, PatchApi):
             self._listeners[reply_to].discard(queue)
         return dict(sorted(found.items()))
 
+    async def _documents(self, topic: str, model: type[M], *, retained: bool) -> AsyncIterator[M]:
+        """The documents on ``topic`` that validate as ``model``. Anyone allowed to publish there can put a foreign
+        document on it: one that does not validate is logged and skipped, it never ends the stream."""
+        async for _, payload in self._stream(topic, retained=retained):
+            if not payload:
+                continue
+            try:
+                yield model.model_validate_json(payload)
+            except ValidationError as exc:
+                _log.warning("skipped a document on %s that is not a %s (%d errors): %r", topic, model.__name__,
+                             exc.error_count(), payload[:200])
+
     async def states(self) -> AsyncIterator[StateDoc]:
         """The host's state document: the retained one first, then each new version."""
-        async for _, payload in self._stream(self._topics().state, retained=True):
-            if payload:
-                yield StateDoc.model_validate_json(payload)
+        async for doc in self._documents(self._topics().state, StateDoc, retained=True):
+            yield doc
 
     async def statuses(self) -> AsyncIterator[StatusDoc]:
-        async for _, payload in self._stream(self._topics().status, retained=True):
-            if payload:
-                yield StatusDoc.model_validate_json(payload)
+        async for doc in self._documents(self._topics().status, StatusDoc, retained=True):
+            yield doc
 
     async def events(self) -> AsyncIterator[EventDoc]:
         """The host's events as they are published (none are retained)."""
-        async for _, payload in self._stream(self._topics().events):
-            yield EventDoc.model_validate_json(payload)
+        async for doc in self._documents(self._topics().events, EventDoc, retained=False):
+            yield doc

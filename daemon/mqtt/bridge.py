@@ -63,6 +63,7 @@ class MqttBridge:
         """Set once the first birth is published (and again after each reconnect)."""
         self.heartbeat = Heartbeat(service.host, service.boot_seq, version, period_s=heartbeat_s,
                                    expiry_s=status_expiry_s)
+        self.heartbeat.dead_cpus = lambda: service.state.dead_cpus
         self.connector = Connector(config, self._new_client)
         self.link: Link | None = None
         """The node and MQTT version of the connection in use (the last one while reconnecting)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import aiomqtt
@@ -36,6 +37,8 @@ class Heartbeat:
         """Heartbeats published since the daemon started (all connections)."""
         self._beat = 0
         self._reason: Reason = "started"
+        self.dead_cpus: Callable[[], list[int]] = list
+        """The vCPUs that stopped for good: an online status with any is ``degraded``."""
 
     def document(self, state: Literal["online", "offline"], reason: Reason, *, beat: int = 0) -> bytes:
         now = time.time()
@@ -43,6 +46,9 @@ class Heartbeat:
         doc = StatusDoc(host=self.host, state=state, boot_seq=self.boot_seq, reason=reason, time=now,
                         version=self.version, beat=beat, heartbeat_at=now if online else None,
                         heartbeat_s=self.period_s if online else None)
+        dead = self.dead_cpus() if online else []
+        if dead:
+            doc = doc.model_copy(update={"degraded": True, "dead_cpus": dead})
         return doc.model_dump_json().encode()
 
     def current(self) -> bytes:

@@ -80,6 +80,19 @@ class StateBoard(_LoopBound):
                 self._outgoing.set()
         self._in_loop(apply)
 
+    @property
+    def dead_cpus(self) -> list[int]:
+        return list(self._kernel.dead_cpus)
+
+    def cpu_died(self, cpu: int) -> None:
+        """A vCPU stopped for good (thread-safe): the kernel section says so, the document is republished."""
+        def apply() -> None:
+            self._kernel = self._kernel.model_copy(update={"dead_cpus": sorted({*self._kernel.dead_cpus, cpu})})
+            self._doc = None
+            self._dirty = True
+            self._outgoing.set()
+        self._in_loop(apply)
+
     def document(self) -> StateDoc:
         """The current document; a change since the last call gets the next version (persisted, never reused)."""
         if self._doc is None:
