@@ -88,10 +88,10 @@ def test_eight_arguments_reach_x0_to_x7(quick: DaemonThread) -> None:
 
     async def main() -> None:
         async with LivepatchClient(quick.url, quick.host) as c:
-            assert (await c.call("work_args8", *args)).value == weighted
-            assert (await c.call("work_args8", *args[:7])).value == weighted - 8 * args[7], "x7 is 0 when absent"
-            assert (await c.call("work_args8", 0, 0, 0, 0, 0, 0, 0, -1)).signed == -8
-        reply = await raw_request(quick, "call", b'{"request_id": "%s", "function": "work_args8", "args": '
+            assert (await c.call("args8_weighted", *args)).value == weighted
+            assert (await c.call("args8_weighted", *args[:7])).value == weighted - 8 * args[7], "x7 is 0 when absent"
+            assert (await c.call("args8_weighted", 0, 0, 0, 0, 0, 0, 0, -1)).signed == -8
+        reply = await raw_request(quick, "call", b'{"request_id": "%s", "function": "args8_weighted", "args": '
                                   b'[1,2,3,4,5,6,7,8,9]}' % uuid.uuid4().hex.encode())
         assert reply["error"]["code"] == "bad_request"  # type: ignore[index]
     run(main())

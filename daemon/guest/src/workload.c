@@ -8,7 +8,7 @@
  *   sleeper_*             a nested call chain whose innermost function sleeps until released, holding a task
  *                         inside patchable functions (transition stalls)
  *   work_chain            a chain of small functions calling each other
- *   work_args8            uses all eight register arguments (x0-x7), each with its own weight
+ *   args8_weighted        uses all eight register arguments (x0-x7), each with its own weight
  *
  * CALLABLE() marks what the host's call verbs may run by default: the reader, the syscall, and the helpers the
  * tests and the README call (lkdtm_READ_UNMAPPED included: it checks that a fault ends only its call).
@@ -159,11 +159,11 @@ noinline u64 work_chain(u64 x)
 CALLABLE(work_chain);
 
 /* sum of (i + 1) * arg_i mod 2**64: a wrong, missing or shifted argument changes the result */
-noinline u64 work_args8(u64 a, u64 b, u64 c, u64 d, u64 e, u64 f, u64 g, u64 h)
+noinline u64 args8_weighted(u64 a, u64 b, u64 c, u64 d, u64 e, u64 f, u64 g, u64 h)
 {
 	return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + 7 * g + 8 * h;
 }
-CALLABLE(work_args8);
+CALLABLE(args8_weighted);
 
 notrace static u64 work_chain_expect(u64 x)
 {
