@@ -23,22 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import percentile, write
+from bench.mqtt_latency import sequential_info
 from clients.sdk import LivepatchClient
 from tests.broker_fixtures import Nats, NatsCluster, RabbitMQ
 from tests.mqtt_fixtures import DaemonProcess, Mosquitto
-
-
-async def sequential_info(url: str, host: str, protocol: str, n: int, warmup: int) -> list[float]:
-    async with LivepatchClient(url, host, protocol=protocol, timeout=30) as c:  # type: ignore[arg-type]
-        assert c.mqtt_version == protocol
-        for _ in range(warmup):
-            await c.info()
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            await c.info()
-            samples.append(time.perf_counter() - t0)
-    return samples
 
 
 def pin(pids: set[int], cpus: set[int]) -> None:
@@ -115,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for name, daemon_url, client_url, protocol in setups:
                 got = asyncio.run(sequential_info(client_url, daemons[daemon_url].host, protocol, per_round,
-                                                  args.warmup))
+                                                  args.warmup, timeout=30))
                 samples[name] += got
                 round_p99[name].append(percentile(got, 0.99) * 1e3)
         load_after = os.getloadavg()

@@ -91,3 +91,15 @@ def guest_ns_per_call(kernel: Any, fn: str, calls: int, repeats: int = 3) -> flo
             spent.append(time.perf_counter_ns() - start)
         best = min(best, (spent[1] - spent[0]) / calls)
     return best
+
+
+def stop_daemon(daemon: Any) -> int:
+    """Stop a benchmark's daemon process (SIGTERM, then SIGKILL if it hangs); its exit code (-9 when killed)."""
+    import subprocess  # noqa: PLC0415 - only the daemon benchmarks need it
+
+    try:
+        code: int = daemon.terminate()
+    except subprocess.TimeoutExpired:  # never leave it running
+        daemon.kill()
+        code = -9
+    return code

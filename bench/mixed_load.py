@@ -33,14 +33,13 @@ import asyncio
 import contextlib
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentile, write
+from bench.common import percentile, stop_daemon, write
 from bench.mqtt_latency import histogram_quantiles, scrape, wait_online
 from clients.sdk import LivepatchClient
 from tests.mqtt_fixtures import DaemonProcess, Mosquitto, free_port
@@ -110,11 +109,7 @@ def run_variant(work: Path, broker: Mosquitto, variant: str, args: argparse.Name
                                                  args.warmup_s))
         after = scrape(metrics_port)
     finally:
-        try:
-            code = daemon.terminate()
-        except subprocess.TimeoutExpired:  # never leave it running
-            daemon.kill()
-            code = -9
+        code = stop_daemon(daemon)
     own = {verb: histogram_quantiles(before, after, verb) for verb in ("info", "ftrace.ops.register")
            if f'lpd_request_duration_seconds_count{{verb="{verb}"}}' in after}
     return {"samples": samples, "window_s": window, "requests": done, "own": own, "exit": code}

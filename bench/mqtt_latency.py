@@ -59,8 +59,11 @@ def ms(values: list[float]) -> dict[str, float]:
             "mean_ms": statistics.fmean(values) * 1e3}
 
 
-async def sequential_info(url: str, host: str, protocol: str, n: int, warmup: int) -> list[float]:
-    async with LivepatchClient(url, host, protocol=protocol) as c:  # type: ignore[arg-type]
+async def sequential_info(url: str, host: str, protocol: str, n: int, warmup: int, *,
+                          timeout: float | None = None) -> list[float]:
+    """``n`` sequential ``info`` round trips (seconds each), after ``warmup`` unmeasured ones."""
+    options = {} if timeout is None else {"timeout": timeout}
+    async with LivepatchClient(url, host, protocol=protocol, **options) as c:  # type: ignore[arg-type]
         assert c.mqtt_version == protocol
         for _ in range(warmup):
             await c.info()

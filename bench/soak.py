@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench.common import RESULTS, write
+from bench.common import RESULTS, stop_daemon, write
 from bench.mixed_load import cycle
 from bench.mqtt_latency import scrape, wait_online
 from clients.sdk import LivepatchClient, ReplyError
@@ -159,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             samples, counts = asyncio.run(soak(broker.url, daemon, metrics_port, clients=args.clients, seconds=seconds,
                                                sample_s=args.sample_s))
         finally:
-            try:
-                code = daemon.terminate()
-            except subprocess.TimeoutExpired:  # never leave it running
-                daemon.kill()
-                code = -9
+            code = stop_daemon(daemon)
             broker.stop()
             with contextlib.suppress(OSError):
                 log_tail = daemon.log.read_text()[-2000:]
