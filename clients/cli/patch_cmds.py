@@ -34,6 +34,7 @@ from schemas.livepatch import (
     PatchUnloadData,
     TransitionProgress,
 )
+from schemas.patch_insight import PatchCheckData
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -294,6 +295,34 @@ def transition(ctx: typer.Context,
     for t in d.tasks:
         if t.blocked:
             out().print(f"pid {t.pid} ({t.comm}, cpu {t.cpu}) blocks: {t.blocked}")
+
+
+@patch_app.command("check")
+def check(ctx: typer.Context, name: Annotated[str, typer.Argument(help="a loaded patch, not yet enabled")]) -> None:
+    """Predict the transition's stalls before enabling: the tasks whose stacks would block it now, why, and
+    whether a fake signal clears them (read-only). Exit 1 when some task would stall it."""
+    d: PatchCheckData = call_verb(ctx, lambda c: c.patch_check(name),
+                                  json_exit=lambda d: EXIT_FAILED if d.will_stall else EXIT_OK)
+    if d.busy_with:
+        out().print(f"[yellow]{d.busy_with} is in transition: enabling {name} is refused until it ends[/]")
+    if not d.blockers:
+        out().print(f"{name}: no task would block the transition ({d.tasks_scanned} tasks scanned; checked "
+                    f"{', '.join(d.functions) or 'no function'})")
+        return
+    table = Table("pid", "cpu", "comm", "reason", "outcome", "in")
+    for b in d.blockers:
+        outcome = "[green]a signal clears it[/]" if b.outcome == "signal_clears" else "[red]stalls[/]"
+        table.add_row(str(b.pid), str(b.cpu), b.comm, b.reason, outcome, b.function or "?")
+    out().print(table)
+    for b in d.blockers:
+        out().print(f"pid {b.pid} ({b.comm}): {b.why}")
+        for frame in b.stack:
+            out().print(f"    {frame}")
+    if d.will_stall:
+        fail(EXIT_FAILED, f"{name}: the transition would stall on "
+             f"{sum(b.outcome == 'stalls' for b in d.blockers)} task(s)",
+             "enable it anyway and the stall policy acts; or wait until those tasks leave the function")
+    out().print(f"{name}: {len(d.blockers)} task(s) would block the transition until a fake signal clears them")
 
 
 def read(ctx: typer.Context,
