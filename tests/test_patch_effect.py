@@ -55,7 +55,8 @@ def test_counts_match_the_calls_made(effectd: DaemonThread) -> None:
             assert (e.completed, e.calls, e.old_ran, e.verified) == (True, 0, False, False), "applied, not verified"
             assert (f.old_name, f.new_name, f.calls, f.old_calls, f.active) == (
                 "klp_demo_target", "livepatch_klp_demo_target", 0, 0, True)
-            assert e.completed_s_ago is not None and e.completed_s_ago >= 0
+            assert e.completed_s_ago is not None
+            assert e.completed_s_ago >= 0
             for x in range(7):
                 assert (await c.call("klp_demo_target", x, cpu=x % 2)).value == 5 * x + 2
             e = await c.patch_effect("livepatch_demo_target")
