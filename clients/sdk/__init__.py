@@ -7,6 +7,7 @@
 
 from clients.sdk.client import LivepatchClient, RawReply, capture_replies, parse_broker_url
 from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, SdkError, SubscriptionFailed
+from clients.sdk.rollout_api import RolloutClient
 
-__all__ = ["BrokerUnreachable", "LivepatchClient", "RawReply", "ReplyError", "RequestTimeout", "SdkError",
-           "SubscriptionFailed", "capture_replies", "parse_broker_url"]
+__all__ = ["BrokerUnreachable", "LivepatchClient", "RawReply", "ReplyError", "RequestTimeout", "RolloutClient",
+           "SdkError", "SubscriptionFailed", "capture_replies", "parse_broker_url"]
