@@ -31,7 +31,16 @@ from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.livepatch.core import Livepatch
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
-from daemon.service import Journal, Metrics, Service, ftrace_verbs, integrity, kernel_verbs, patch_verbs
+from daemon.service import (
+    Journal,
+    Metrics,
+    Service,
+    ftrace_verbs,
+    integrity,
+    kernel_verbs,
+    patch_insight_verbs,
+    patch_verbs,
+)
 from daemon.service.checkpoint import Checkpointer
 from daemon.service.crash_guard import CrashLoopGuard, previous_panic, record_panic
 from daemon.service.desired import DesiredState
@@ -198,6 +207,7 @@ class Daemon:
         patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
                                        restore_timeout_s=s.patch_restore_timeout_s, calls=calls, guard=guard)
         patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
+        patch_insight_verbs.register(service, kernel, livepatch)  # patch.check, patch.effect
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
         await asyncio.to_thread(patches.restore)  # the desired patches, loaded and enabled again (load-at-boot)

@@ -3,17 +3,18 @@
 Imported by the daemon's service and mqtt layers and by the clients; it imports only pydantic and the stdlib.
 Its modules, each exported here:
 
-=============  ==================================================================================================
-``kernel``     the kernel's own verbs (info, symbol.lookup, call, tasks)
-``ftrace``     ftrace's verbs (ops, filters, tracers, profiler, hijacks), its events and its state section
-``livepatch``  the live-patch verbs (load, enable, disable, transitions, call.read), events and state section
-``catalog``    ``VERBS``: every verb, by name
-``documents``  what the daemon publishes on its own: status, state, events
-``events``     ``EVENTS``: every event type and the model of its data (the daemon's own events)
-``envelope``   requests and replies; ``spec``: a verb's ``VerbSpec``
-``fleet``      the fleet spec (``livepatchd fleet --spec``) and the hosts drawn from it
-``topics``     every topic name; ``brokers``, ``discovery``, ``rollout``: broker nodes, discovery, rollouts
-=============  ==================================================================================================
+=================  ==============================================================================================
+``kernel``         the kernel's own verbs (info, symbol.lookup, call, tasks)
+``ftrace``         ftrace's verbs (ops, filters, tracers, profiler, hijacks), its events and its state section
+``livepatch``      the live-patch verbs (load, enable, disable, transitions, call.read), events and state section
+``patch_insight``  patch.check (stall prediction) and patch.effect (proof of effect), its state section
+``catalog``        ``VERBS``: every verb, by name
+``documents``      what the daemon publishes on its own: status, state, events
+``events``         ``EVENTS``: every event type and the model of its data (the daemon's own events)
+``envelope``       requests and replies; ``spec``: a verb's ``VerbSpec``
+``fleet``          the fleet spec (``livepatchd fleet --spec``) and the hosts drawn from it
+``topics``         every topic name; ``brokers``, ``discovery``, ``rollout``: broker nodes, discovery, rollouts
+=================  ==============================================================================================
 """
 
 from schemas import (
@@ -27,6 +28,7 @@ from schemas import (
     ftrace,
     kernel,
     livepatch,
+    patch_insight,
     rollout,
     spec,
     topics,
@@ -100,6 +102,7 @@ __all__ = [
     "is_request_topic",
     "kernel",
     "livepatch",
+    "patch_insight",
     "rollout",
     "spec",
     "topics",

@@ -32,11 +32,15 @@ class TransitionView:
 
 
 class HostDriver(Protocol):
+    """Every call answers (never raises for a host's refusal): a call that got no reply within its deadline is
+    ``Outcome(ok=False, code=TIMEOUT)``; ``check`` answers ``data = {"would_stall": bool, "tasks": [...]}`` and
+    ``effect`` answers ``data = {"verified": bool, ...}``."""
+
     async def fleet(self) -> dict[str, HostInfo]: ...
 
-    async def load(self, host: str, bundle_b64: str, request_id: str) -> Outcome: ...
+    async def load(self, host: str, bundle_b64: str, request_id: str, timeout_s: float) -> Outcome: ...
 
-    async def enable(self, host: str, patch: str, request_id: str) -> Outcome: ...
+    async def enable(self, host: str, patch: str, request_id: str, timeout_s: float) -> Outcome: ...
 
     async def transition(self, host: str, patch: str) -> TransitionView | Outcome: ...
 
@@ -51,9 +55,13 @@ class HostDriver(Protocol):
     async def effect(self, host: str, patch: str) -> Outcome: ...
 
 
+TIMEOUT = "timeout"
+"""The code of an ``Outcome`` that got no reply in time (the host may or may not have acted)."""
+
 REJECT_CODES = frozenset({
     "patch_signature_missing", "patch_signature_untrusted", "patch_signature_invalid", "patch_object_tampered",
-    "module_bad_elf", "patch_build_id_mismatch", "patch_old_func_not_found", "bundle_invalid",
-    "livepatch_state_incompatible", "patch_state_incompatible",
+    "patch_manifest_tampered", "patch_bundle_malformed", "patch_manifest_invalid", "module_bad_elf",
+    "patch_build_id_mismatch", "patch_func_missing", "patch_old_func_not_found", "patch_old_func_ambiguous",
+    "patch_old_func_not_traceable", "livepatch_incompatible", "bundle_invalid",
 })
 """Host refusals that no retry can change: the execution is REJECTED."""

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from schemas.rollout import ACTIVE, ExecState
+from schemas.rollout import TERMINAL, ExecState
 
 MIGRATIONS: list[tuple[int, str]] = [
     (1, """
@@ -75,6 +75,10 @@ CREATE TABLE steps (
     at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (rollout, host, version)
 );
+"""),
+    (3, """
+ALTER TABLE rollouts ADD COLUMN leader TEXT;
+ALTER TABLE rollouts ADD COLUMN leader_until DOUBLE PRECISION
 """),
 ]
 """Append-only: a released migration is never edited; a new one gets the next number. ``steps`` is the audit
@@ -233,8 +237,8 @@ class Store:
     def _insert_exec(self, t: Tx, name: str, host: str, wave: int, seq: int, build_id: str | None,  # noqa: PLR0917
                      state: ExecState, details: dict[str, Any], now: float) -> None:
         t.run(f"INSERT INTO executions ({_EXEC_COLS}, driven) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
-              (name, host, wave, seq, build_id, state.value, "start", 1, 0, json.dumps(details, sort_keys=True),
-               0, now, None, None, None, None, now))
+              (name, host, wave, seq, build_id, state.value, "done" if state in TERMINAL else "load", 1, 0,
+               json.dumps(details, sort_keys=True), 0, now, None, None, None, None, now))
 
     def add_host(self, name: str, host: str, wave: int, build_id: str | None, state: ExecState,  # noqa: PLR0917
                  details: dict[str, Any], now: float) -> bool:
@@ -270,6 +274,14 @@ class Store:
             t.run(f"UPDATE rollouts SET {sets}, version = version + 1, updated_at = ? WHERE name = ?",
                   (*values, now, name))
 
+    def lead(self, name: str, worker: str, now: float, lease_s: float) -> bool:
+        """Take or keep the rollout's lead lease: its holder alone makes the rollout-level decisions."""
+        with self.tx() as t:
+            t.run("UPDATE rollouts SET leader = ?, leader_until = ? WHERE name = ? AND (leader IS NULL OR "
+                  "leader = ? OR leader_until < ?)", (worker, now + lease_s, name, worker, now))
+            got = t.run("SELECT leader FROM rollouts WHERE name = ?", (name,))
+            return bool(got) and got[0][0] == worker
+
     def update_wave(self, name: str, idx: int, **fields: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self.tx() as t:
@@ -291,15 +303,13 @@ class Store:
             t.run("UPDATE rollouts SET released = released + ? WHERE name = ?", (len(hosts), name))
 
     def claim(self, name: str, worker: str, now: float, lease_s: float, limit: int) -> list[ExecRow]:
-        """Due executions no other live worker holds, now leased to ``worker``."""
-        states = [s.value for s in (ExecState.QUEUED, *ACTIVE)]
-        marks = ",".join("?" * len(states))
+        """Due executions (released, not ``done``) no other live worker holds, now leased to ``worker``."""
         lock = " FOR UPDATE SKIP LOCKED" if self.pg else ""
         with self.tx() as t:
             rows = t.run(f"SELECT {_EXEC_COLS} FROM executions WHERE rollout = ? AND released = 1 "
-                         f"AND state IN ({marks}) AND next_at <= ? AND (owner IS NULL OR owner = ? OR "
+                         f"AND phase <> 'done' AND next_at <= ? AND (owner IS NULL OR owner = ? OR "
                          f"lease_until < ?) ORDER BY wave, seq LIMIT ?{lock}",
-                         (name, *states, now, worker, now, limit))
+                         (name, now, worker, now, limit))
             got = [_exec(r) for r in rows]
             for e in got:
                 t.run("UPDATE executions SET owner = ?, lease_until = ? WHERE rollout = ? AND host = ?",

@@ -36,10 +36,11 @@ class FuncStacks:
         heap, mem = self.kernel.heap, self.kernel.memory
         guest = heap.alloc(abi.klp_func.size)
         below = ops.stack[0].guest if ops else 0
-        mem.write(guest, struct.pack("<4Q", func.new_addr, below, 1, int(func.nop)))  # transition = 1
+        entry = struct.pack("<4Q", func.new_addr, below, 1, int(func.nop))  # transition = 1; calls[] = 0
+        mem.write(guest, entry.ljust(abi.klp_func.size, b"\0"))
         if ops is None:
             kops = heap.alloc(abi.klp_ops.size)
-            mem.write(kops, struct.pack("<2Q", guest, func.old_addr))
+            mem.write(kops, struct.pack("<2Q", guest, func.old_addr).ljust(abi.klp_ops.size, b"\0"))
             fops = FtraceOps(f"klp:{func.old_name}", "klp_ftrace_handler", flags=KLP_OPS_FLAGS, private=kops)
             try:
                 self.ftrace.set_filter_ips(fops, [func.old_addr])
@@ -83,16 +84,24 @@ class FuncStacks:
 
 def add_nops(patch: KlpPatch, installed: list[KlpPatch]) -> None:
     """klp_add_nops: a NOP func for every function an installed patch changes and ``patch`` does not."""
-    mine = {f.old_addr for f in patch.funcs()}
+    nops = nop_funcs(patch, installed)
     vmlinux = next((o for o in patch.objects if o.name == "vmlinux"), None)
     if vmlinux is None:
         vmlinux = KlpObject("vmlinux", [])
         patch.objects.append(vmlinux)
+    vmlinux.funcs.extend(nops)
+
+
+def nop_funcs(patch: KlpPatch, installed: list[KlpPatch]) -> list[KlpFunc]:
+    """The NOP funcs :func:`add_nops` would add to ``patch`` now (``patch`` is left as it is)."""
+    mine = {f.old_addr for f in patch.funcs()}
+    out = []
     for old in installed:
         if old is patch or not old.enabled:
             continue
         for f in old.funcs():
             if f.old_addr not in mine:
                 mine.add(f.old_addr)
-                vmlinux.funcs.append(KlpFunc(f.old_name, f.old_sympos, f.old_addr, f.old_size, f.old_name,
-                                             f.old_addr, f.old_size, nop=True))
+                out.append(KlpFunc(f.old_name, f.old_sympos, f.old_addr, f.old_size, f.old_name, f.old_addr,
+                                   f.old_size, nop=True))
+    return out

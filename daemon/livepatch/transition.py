@@ -15,6 +15,7 @@ from enum import Enum
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.kernel.structs import StructRef
+from daemon.kernel.unwind import StackTrace
 from daemon.livepatch.klp import KlpFunc, KlpOps, KlpPatch
 
 PATCHED = abi.KLP_TRANSITION_PATCHED
@@ -57,8 +58,14 @@ class Transition:
 
 def check_ranges(patch: KlpPatch, target: int, ops: dict[int, KlpOps]) -> list[tuple[int, int, str]]:
     """The [begin, end) ranges a switching task must not be in (klp_check_stack_func)."""
+    return check_ranges_of(patch.funcs(), target, ops)
+
+
+def check_ranges_of(funcs: list[KlpFunc], target: int, ops: dict[int, KlpOps]) -> list[tuple[int, int, str]]:
+    """:func:`check_ranges` of these funcs (a patch's, or the ones it would have once enabled: see
+    :mod:`daemon.livepatch.precheck`). A func not on its stack yet checks what its stack's top runs now."""
     out = []
-    for func in patch.funcs():
+    for func in funcs:
         if target == UNPATCHED:
             out.append((func.new_addr, func.new_addr + func.new_size, func.new_name))
             continue
@@ -80,12 +87,23 @@ def _below(func: KlpFunc, ops: dict[int, KlpOps]) -> KlpFunc | None:
 
 def blocking_frame(kernel: Kernel, task: StructRef, ranges: list[tuple[int, int, str]]) -> str | None:
     """Why ``task`` may not switch now, or None. Call only while every vCPU is parked."""
-    trace = kernel.stack_of(task)
+    return blocking_reason(kernel.stack_of(task), ranges)
+
+
+def blocking_reason(trace: StackTrace, ranges: list[tuple[int, int, str]]) -> str | None:
+    """Why a task with stack ``trace`` may not switch, or None (klp_check_stack): the wording the transition
+    reports (``Transition.blocked``), which patch.check predicts with the same function."""
     if not trace.reliable:
         return f"unreliable stack: {trace.reason}"
+    name = blocking_function(trace, ranges)
+    return None if name is None else f"sleeping on function {name}"
+
+
+def blocking_function(trace: StackTrace, ranges: list[tuple[int, int, str]]) -> str | None:
+    """The innermost function of ``ranges`` on the stack, or None."""
     for i, pc in enumerate(trace.pcs):
         at = pc if i == 0 else pc - 4
         for begin, end, name in ranges:
             if begin <= at < end:
-                return f"sleeping on function {name}"
+                return name
     return None
