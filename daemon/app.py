@@ -207,7 +207,7 @@ class Daemon:
         patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
                                        restore_timeout_s=s.patch_restore_timeout_s, calls=calls, guard=guard)
         patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
-        patch_insight_verbs.register(service, livepatch)  # patch.check
+        patch_insight_verbs.register(service, kernel, livepatch)  # patch.check, patch.effect
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
         await asyncio.to_thread(patches.restore)  # the desired patches, loaded and enabled again (load-at-boot)

@@ -10,6 +10,7 @@ from schemas._base import SCHEMA_VERSION, HostId, Outbound
 from schemas.events import EVENTS
 from schemas.ftrace import FtraceSection
 from schemas.livepatch import LivepatchSection
+from schemas.patch_insight import PatchEffectSection
 
 STALE_AFTER_BEATS = 3
 """A host whose last heartbeat is older than this many heartbeat periods is ``stale``: it said online, but it has
@@ -70,7 +71,8 @@ class KernelState(Outbound):
                                  "job): the host is degraded, the others still serve")
 
 
-COMPONENTS: dict[str, type[Outbound]] = {"livepatch": LivepatchSection, "ftrace": FtraceSection}
+COMPONENTS: dict[str, type[Outbound]] = {"livepatch": LivepatchSection, "ftrace": FtraceSection,
+                                         "patch_effect": PatchEffectSection}
 """The sections of ``StateDoc.components`` this schema version defines, by name -> their model."""
 
 
@@ -78,7 +80,8 @@ class StateDoc(Outbound):
     """Retained on ``state``: every host-visible fact, versioned. ``version`` only grows, across restarts.
 
     ``components`` carries one section per subsystem (``livepatch``: :class:`~schemas.livepatch.LivepatchSection`,
-    ``ftrace``: :class:`~schemas.ftrace.FtraceSection`, see ``COMPONENTS``); a dashboard can be built from this
+    ``ftrace``: :class:`~schemas.ftrace.FtraceSection`, ``patch_effect``:
+    :class:`~schemas.patch_insight.PatchEffectSection`, see ``COMPONENTS``); a dashboard can be built from this
     document alone. The sections stay JSON objects here (a client of an older schema still reads a newer
     document); ``section(name)`` gives one as its model.
     """

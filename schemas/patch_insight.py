@@ -94,8 +94,7 @@ class FuncEffect(Outbound):
 class PatchEffectData(Outbound):
     name: str
     completed: bool = Field(description="the patching transition is over")
-    completed_s_ago: float | None = Field(description="seconds since it completed (null: in progress, or it "
-                                          "completed before this daemon's boot restored it)")
+    completed_s_ago: float | None = Field(description="seconds since it completed (null: in progress)")
     calls: int = Field(description="sum of the replacements' calls")
     old_ran: bool = Field(description="some original function ran since the transition completed")
     verified: bool = Field(description="completed, every replacement ran at least once, no original ran since")
@@ -120,4 +119,6 @@ class PatchEffectSection(Outbound):
 SPECS: list[VerbSpec] = [
     VerbSpec("patch.check", PatchCheckRequest, PatchCheckData,
              "Predict which tasks would block a loaded patch's transition now (and why), with their stacks."),
+    VerbSpec("patch.effect", PatchEffectRequest, PatchEffectData,
+             "An enabled patch's effect: calls per replacement function, and whether the originals still ran."),
 ]

@@ -89,7 +89,8 @@ def test_the_state_sections_are_listed_by_their_models() -> None:
     asyncapi = json.loads(schema_export.ASYNCAPI.read_text())
     components = asyncapi["components"]["schemas"]["StateDoc"]["properties"]["components"]["properties"]
     assert components == {"ftrace": {"$ref": "#/components/schemas/FtraceSection"},
-                          "livepatch": {"$ref": "#/components/schemas/LivepatchSection"}}
+                          "livepatch": {"$ref": "#/components/schemas/LivepatchSection"},
+                          "patch_effect": {"$ref": "#/components/schemas/PatchEffectSection"}}
 
 
 def test_a_running_daemon_publishes_sections_that_follow_their_models(lpd: DaemonThread) -> None:

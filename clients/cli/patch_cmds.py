@@ -34,7 +34,7 @@ from schemas.livepatch import (
     PatchUnloadData,
     TransitionProgress,
 )
-from schemas.patch_insight import PatchCheckData
+from schemas.patch_insight import PatchCheckData, PatchEffectData
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -323,6 +323,30 @@ def check(ctx: typer.Context, name: Annotated[str, typer.Argument(help="a loaded
              f"{sum(b.outcome == 'stalls' for b in d.blockers)} task(s)",
              "enable it anyway and the stall policy acts; or wait until those tasks leave the function")
     out().print(f"{name}: {len(d.blockers)} task(s) would block the transition until a fake signal clears them")
+
+
+@patch_app.command("effect")
+def effect(ctx: typer.Context, name: Annotated[str, typer.Argument(help="an enabled patch")]) -> None:
+    """Proof of effect: calls each replacement function took, and whether the originals ran since the
+    transition completed (guest-side counters). Exit 1 unless verified (completed, every replacement ran, no
+    original ran since)."""
+    d: PatchEffectData = call_verb(ctx, lambda c: c.patch_effect(name),
+                                   json_exit=lambda d: EXIT_OK if d.verified else EXIT_FAILED)
+    table = Table("function", "replaced by", "calls", "original ran since", "active")
+    for f in d.funcs:
+        old = "(in transition)" if f.old_calls is None else (f"[red]{f.old_calls} calls[/]" if f.old_calls
+                                                             else "no")
+        table.add_row(f.sysfs_name, f.new_name, str(f.calls), old, "yes" if f.active else "no (a later patch)")
+    out().print(table)
+    if not d.completed:
+        fail(EXIT_FAILED, f"{name}: its transition is still in progress", f"lpctl patch transition {name}")
+    if d.old_ran:
+        fail(EXIT_FAILED, f"{name}: an original function ran after the transition completed")
+    if not d.verified:
+        fail(EXIT_FAILED, f"{name}: applied, not verified: some replacement has not run yet",
+             "call the patched functions (lpctl call / read), then ask again")
+    out().print(f"{name}: [green]verified[/] ({d.calls} calls to the replacements; no original ran since the "
+                "transition completed)")
 
 
 def read(ctx: typer.Context,

@@ -34,7 +34,7 @@ from schemas.livepatch import (
     PatchTransitionData,
     PatchUnloadData,
 )
-from schemas.patch_insight import PatchCheckData
+from schemas.patch_insight import PatchCheckData, PatchEffectData
 
 WAIT_MARGIN_S = 5.0
 """Extra seconds a ``wait=True`` request waits for its reply beyond the transition's own timeout."""
@@ -125,6 +125,11 @@ class PatchApi:
         """Predict the stalls of a loaded, not yet enabled patch: which tasks would block its transition now, why,
         and whether a fake signal would clear them (read-only)."""
         return PatchCheckData.model_validate(await self.request("patch.check", {"name": name}))
+
+    async def patch_effect(self: _Requester, name: str) -> PatchEffectData:
+        """An enabled patch's effect: calls each replacement function took (guest-side counters), whether the
+        original functions ran since the transition completed, and ``verified``."""
+        return PatchEffectData.model_validate(await self.request("patch.effect", {"name": name}))
 
     async def call_read(self: _Requester, function: str, *, size: int = 4096, cpu: int = 0,
                         sympos: int = 0) -> CallReadData:

@@ -191,13 +191,18 @@ klp_func = Struct(
         u64("below", ctype="struct klp_func *"),  # the next entry of the func_stack (an older patch), or NULL
         u64("transition"),
         u64("nop"),  # atomic replace: run the original function
+        u64("calls", MAX_CPUS),  # per-CPU: calls klp_ftrace_handler sent to new_func (patch.effect)
     ],
     doc="one entry of a patched function's func_stack, as klp_ftrace_handler reads it",
 )
 
 klp_ops = Struct(
     "klp_ops",
-    [u64("func_stack", ctype="struct klp_func *"), u64("old_func")],
+    [
+        u64("func_stack", ctype="struct klp_func *"),
+        u64("old_func"),
+        u64("orig_calls", MAX_CPUS),  # per-CPU: entries klp_ftrace_handler let through to the original
+    ],
     doc="the private data of a patched function's ftrace_ops: the top of its func_stack",
 )
 

@@ -36,10 +36,11 @@ class FuncStacks:
         heap, mem = self.kernel.heap, self.kernel.memory
         guest = heap.alloc(abi.klp_func.size)
         below = ops.stack[0].guest if ops else 0
-        mem.write(guest, struct.pack("<4Q", func.new_addr, below, 1, int(func.nop)))  # transition = 1
+        entry = struct.pack("<4Q", func.new_addr, below, 1, int(func.nop))  # transition = 1; calls[] = 0
+        mem.write(guest, entry.ljust(abi.klp_func.size, b"\0"))
         if ops is None:
             kops = heap.alloc(abi.klp_ops.size)
-            mem.write(kops, struct.pack("<2Q", guest, func.old_addr))
+            mem.write(kops, struct.pack("<2Q", guest, func.old_addr).ljust(abi.klp_ops.size, b"\0"))
             fops = FtraceOps(f"klp:{func.old_name}", "klp_ftrace_handler", flags=KLP_OPS_FLAGS, private=kops)
             try:
                 self.ftrace.set_filter_ips(fops, [func.old_addr])

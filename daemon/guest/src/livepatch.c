@@ -19,23 +19,28 @@ struct klp_shadow *klp_shadow_hash[1 << SHADOW_HASH_BITS];
 
 notrace void klp_ftrace_handler(u64 ip, u64 parent_ip, struct ftrace_ops *fops, struct ftrace_regs *fregs)
 {
-	const struct klp_ops *ops = (const struct klp_ops *)fops->private;
-	const struct klp_func *func = READ_ONCE(ops->func_stack);
+	struct klp_ops *ops = (struct klp_ops *)fops->private;
+	struct klp_func *func = READ_ONCE(ops->func_stack);
+	u64 cpu = this_cpu()->cpu;
 
 	(void)ip, (void)parent_ip;
 	if (!func)
-		return;
+		goto original;
 	if (READ_ONCE(func->transition)) {
 		/* During a transition a task that has not switched yet keeps the version below the new one. */
 		if (READ_ONCE(current_task()->patch_state) == KLP_TRANSITION_UNPATCHED) {
 			func = func->below;
 			if (!func)
-				return; /* no older patch: the original function runs */
+				goto original; /* no older patch: the original function runs */
 		}
 	}
 	if (func->nop)
-		return; /* atomic replace dropped this function: the original runs (setting pc would loop) */
+		goto original; /* atomic replace dropped this function: the original runs (setting pc would loop) */
+	func->calls[cpu]++; /* per CPU: the emulated CPUs have no atomic read-modify-write across CPUs */
 	fregs->pc = func->new_func;
+	return;
+original:
+	ops->orig_calls[cpu]++;
 }
 
 /* klp_update_patch_state: called by a task on its way out of the kernel (and by idle tasks). */
