@@ -28,6 +28,7 @@ from daemon.kernel.kernel import load_image
 from schemas.fleet import FleetSpec
 
 BUILD = load_image(IMAGE_PATH)[0].build_id
+SLEEPER = "livepatch_sleeper"
 
 
 def bundle_file(tmp: Path, name: str = "livepatch_cmdline") -> str:
@@ -60,8 +61,8 @@ def fleet_runner(tmp: Path, url: str, n: int,
     return runner, spec.host_ids()
 
 
-def spec_doc(name: str, prefix: str, bundle: str, **more: Any) -> dict[str, Any]:
-    return {"name": name, "patch": "livepatch_cmdline", "bundles": {BUILD: bundle},
+def spec_doc(name: str, prefix: str, bundle: str, patch: str = "livepatch_cmdline", **more: Any) -> dict[str, Any]:
+    return {"name": name, "patch": patch, "bundles": {BUILD: bundle},
             "targets": {"globs": [f"{prefix}-*"]}, **more}
 
 
@@ -69,7 +70,7 @@ def test_rollout_across_real_hosts(mosquitto: Mosquitto, tmp_path: Path) -> None
     runner, hosts = fleet_runner(tmp_path, mosquitto.url, 8, [
         {"kind": "stall", "hosts": [], "count": 1, "mode": "uninterruptible"}])
     prefix = hosts[0].rsplit("-", 1)[0]
-    bundle = bundle_file(tmp_path)
+    bundle = bundle_file(tmp_path, "livepatch_sleeper")  # the stall fault sleeps in the function it replaces
     db = str(tmp_path / "orch.sqlite3")
 
     async def scenario() -> None:
@@ -79,28 +80,28 @@ def test_rollout_across_real_hosts(mosquitto: Mosquitto, tmp_path: Path) -> None
             async with RolloutClient(mosquitto.url, protocol="3.1.1", timeout=30) as r:
                 # bad input first: refused with a code, nothing stored, nothing sent
                 for bad, code in [
-                    (spec_doc("bad1", prefix, bundle, targets={"hosts": ["nope-0000"]}), "unknown_host"),
-                    (spec_doc("bad2", prefix, bundle, targets={"labels": {"zone": "mars"}}), "unknown_label"),
-                    (spec_doc("bad3", prefix, bundle, waves={"count": 99}), "wave_spec_invalid"),
-                    (spec_doc("bad4", prefix, bundle, bundles={"ee" * 20: bundle}), "bundle_build_mismatch"),
+                    (spec_doc("bad1", prefix, bundle, SLEEPER, targets={"hosts": ["nope-0000"]}), "unknown_host"),
+                    (spec_doc("bad2", prefix, bundle, SLEEPER, targets={"labels": {"zone": "mars"}}), "unknown_label"),
+                    (spec_doc("bad3", prefix, bundle, SLEEPER, waves={"count": 99}), "wave_spec_invalid"),
+                    (spec_doc("bad4", prefix, bundle, SLEEPER, bundles={"ee" * 20: bundle}), "bundle_build_mismatch"),
                 ]:
                     with pytest.raises(ReplyError) as exc:
                         await r.create(bad)
                     assert exc.value.code == code, bad
                 with pytest.raises(ReplyError) as exc:
-                    await r.create({**spec_doc("bad5", prefix, bundle), "waves": {"count": 0}})
+                    await r.create({**spec_doc("bad5", prefix, bundle, SLEEPER), "waves": {"count": 0}})
                 assert exc.value.code == "bad_request"
                 assert "waves.count" in str(exc.value)
                 assert (await r.rollouts()) == []
                 requests_before = orch.driver.requests
 
-                dry = await r.dry_run(spec_doc("r1", prefix, bundle, waves={"count": 2}))
+                dry = await r.dry_run(spec_doc("r1", prefix, bundle, SLEEPER, waves={"count": 2}))
                 assert [len(w) for w in dry.waves] == [4, 4]
                 assert dry.projected_s >= 0
                 assert orch.driver.requests == requests_before, "a dry run sends nothing to any host"
                 assert (await r.rollouts()) == []
 
-                spec = spec_doc("r1", prefix, bundle, waves={"count": 2, "success_threshold": 50},
+                spec = spec_doc("r1", prefix, bundle, SLEEPER, waves={"count": 2, "success_threshold": 50},
                                 stall={"wait_s": 1, "then_wait_s": 1, "action": "revert"}, verify=False)
                 created = await r.create(spec)
                 assert created.rollout.state == "CREATED"
@@ -131,7 +132,7 @@ def test_rollout_across_real_hosts(mosquitto: Mosquitto, tmp_path: Path) -> None
                     async with LivepatchClient(mosquitto.url, h, protocol="3.1.1") as c:
                         listing = await c.patch_list()
                         on = [p.name for p in listing.patches if p.enabled]
-                        assert on == ([] if states[h] == "REVERTED" else ["livepatch_cmdline"])
+                        assert on == ([] if states[h] == "REVERTED" else [SLEEPER])
                 report = await r.report("r1")
                 assert report.report["counts"] == {"REVERTED": 1, "SUCCEEDED": 7}
                 assert "## Timeline" in report.markdown

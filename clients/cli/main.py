@@ -20,11 +20,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-<<<<<<< HEAD
-from clients.cli import ftrace_cmds, keys, observe_cmds, patch_cmds, profile_cmds, rollout_cmds
-=======
-from clients.cli import fleet_cmds, ftrace_cmds, keys, observe_cmds, patch_cmds, profile_cmds
->>>>>>> main
+from clients.cli import fleet_cmds, ftrace_cmds, keys, observe_cmds, patch_cmds, profile_cmds, rollout_cmds
 from clients.cli.help_format import LpctlGroup
 from clients.cli.runner import (
     EXIT_OFFLINE,
