@@ -7,18 +7,20 @@ report) an observer may send too (``deploy/livepatchd.acl``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
 
-from schemas._base import Inbound, Outbound
+from schemas._base import Outbound
+from schemas.envelope import Request
 from schemas.fleet import Fault
 from schemas.rollout import ExecState, Execution, RolloutDoc, RolloutSpec
 
 RolloutName = str
 
 
-class CreateRequest(Inbound):
+class CreateRequest(Request):
     """Plan a rollout and store it (CREATED; ``rollout.start`` starts it). ``dry_run``: plan it, store nothing,
     send nothing that changes a host, and answer the plan with its projected duration."""
 
@@ -26,7 +28,7 @@ class CreateRequest(Inbound):
     dry_run: bool = False
 
 
-class NameRequest(Inbound):
+class NameRequest(Request):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
@@ -38,11 +40,11 @@ class StatusRequest(NameRequest):
     states: list[ExecState] = Field(default_factory=list, description="only executions in these states")
 
 
-class ListRequest(Inbound):
+class ListRequest(Request):
     """Every rollout, oldest first."""
 
 
-class RehearseRequest(Inbound):
+class RehearseRequest(Request):
     """Run ``spec`` against a simulated twin of its targets (their builds, labels and patch stacks as their
     retained state says) with ``faults`` drawn by ``seed``, on a simulated clock: the same inputs give a
     byte-identical report."""
@@ -81,17 +83,29 @@ class ReportData(Outbound):
     markdown: str
 
 
-VERBS: dict[str, tuple[type[Inbound], bool, str]] = {
-    "rollout.create": (CreateRequest, True, "plan and store a rollout (or dry-run it)"),
-    "rollout.start": (NameRequest, True, "start a CREATED rollout"),
-    "rollout.pause": (NameRequest, True, "stop releasing hosts (those in flight finish)"),
-    "rollout.resume": (NameRequest, True, "go on after a pause (or a wave below its threshold)"),
-    "rollout.approve": (ApproveRequest, True, "open an approval gate"),
-    "rollout.cancel": (NameRequest, True, "cancel the hosts not started"),
-    "rollout.rollback": (NameRequest, True, "disable and unload on every host reached, latest wave first"),
-    "rollout.status": (StatusRequest, False, "the rollout and its executions"),
-    "rollout.list": (ListRequest, False, "every rollout"),
-    "rollout.report": (NameRequest, False, "the report document (JSON and Markdown)"),
-    "rollout.rehearse": (RehearseRequest, False, "run the rollout against a seeded twin, simulated clock"),
-}
-"""verb -> (request model, mutating, summary)."""
+@dataclass(frozen=True)
+class OrchestratorVerb:
+    verb: str
+    request: type[Request]
+    data: type[Outbound]
+    mutating: bool
+    summary: str
+
+
+VERBS: dict[str, OrchestratorVerb] = {v.verb: v for v in (
+    OrchestratorVerb("rollout.create", CreateRequest, RolloutData, True,
+                     "Plan and store a rollout (CREATED); with dry_run, answer DryRunData and store nothing."),
+    OrchestratorVerb("rollout.start", NameRequest, RolloutData, True, "Start a CREATED rollout."),
+    OrchestratorVerb("rollout.pause", NameRequest, RolloutData, True, "Stop releasing hosts (those in flight finish)."),
+    OrchestratorVerb("rollout.resume", NameRequest, RolloutData, True,
+                     "Go on after a pause or a wave below its success threshold."),
+    OrchestratorVerb("rollout.approve", ApproveRequest, RolloutData, True, "Open an approval gate."),
+    OrchestratorVerb("rollout.cancel", NameRequest, RolloutData, True, "Cancel the hosts not started yet."),
+    OrchestratorVerb("rollout.rollback", NameRequest, RolloutData, True,
+                     "Disable and unload the patch on every host reached, latest wave first."),
+    OrchestratorVerb("rollout.status", StatusRequest, StatusData, False, "The rollout and its executions."),
+    OrchestratorVerb("rollout.list", ListRequest, ListData, False, "Every rollout."),
+    OrchestratorVerb("rollout.report", NameRequest, ReportData, False, "The report document and its Markdown."),
+    OrchestratorVerb("rollout.rehearse", RehearseRequest, ReportData, False,
+                     "Run a spec against a seeded simulated twin of its targets (simulated clock, deterministic)."),
+)}

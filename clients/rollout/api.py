@@ -14,6 +14,7 @@ from schemas.rollout_api import (
     CreateRequest,
     DryRunData,
     ListData,
+    ListRequest,
     NameRequest,
     RehearseRequest,
     ReportData,
@@ -76,8 +77,6 @@ async def status(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def list_(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
-    from schemas.rollout_api import ListRequest  # noqa: PLC0415
-
     ListRequest.model_validate(body)
     return _dump(ListData(rollouts=[engine.doc(n) for n in engine.store.names()]))
 

@@ -8,7 +8,7 @@ from typing import Any
 from clients.rollout import report
 from clients.rollout.clock import SimClock
 from clients.rollout.engine import Engine
-from clients.rollout.plan import HostInfo
+from clients.rollout.plan import HostInfo, select
 from clients.rollout.sim import SimDriver, assign_faults
 from clients.rollout.store import Store
 from schemas.fleet import Fault
@@ -22,8 +22,9 @@ async def rehearse(spec: RolloutSpec, fleet: dict[str, HostInfo], faults: list[F
     """The report of ``spec`` run to its end against twins of ``fleet`` carrying ``faults`` (drawn by ``seed``).
     Approval gates and pauses are passed by themselves (the timeline shows where a real rollout would wait)."""
     clock = SimClock(START)
-    carried = assign_faults(sorted(fleet), faults, seed)
-    driver = SimDriver(clock, fleet, carried, spec.patch)
+    twins = {h: fleet[h] for h in select(spec, fleet, strict=False)}  # the targets only: faults land on them
+    carried = assign_faults(sorted(twins), faults, seed)
+    driver = SimDriver(clock, twins, carried, spec.patch)
     store = Store(":memory:")
     try:
         engine = Engine(store, driver, clock, worker="rehearsal")

@@ -41,7 +41,14 @@ from clients.rollout.store import Store
 from clients.sdk.connection import Connection
 from schemas import Reply
 from schemas.brokers import parse_broker_urls
-from schemas.topics import LEVEL, ORCHESTRATOR_BASE, ORCHESTRATOR_EVENTS, ORCHESTRATOR_SERVICE, rollout_topic
+from schemas.topics import (
+    LEVEL,
+    ORCHESTRATOR_BASE,
+    ORCHESTRATOR_EVENTS,
+    ORCHESTRATOR_SERVICE,
+    reply_destination_problem,
+    rollout_topic,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -65,12 +72,6 @@ def _depth(doc: Any, limit: int) -> bool:
         elif isinstance(node, list):
             stack.extend((v, d + 1) for v in node)
     return True
-
-
-def _valid_reply_topic(topic: str) -> bool:
-    return (0 < len(topic) <= 1024 and not any(c in topic for c in "+#\0")
-            and all(c.isprintable() for c in topic) and not topic.startswith(f"{BASE}/rollout")
-            and topic not in (EVENTS, SERVICE))
 
 
 class Orchestrator:
@@ -135,12 +136,14 @@ class Orchestrator:
                 raise PlanError("bad_request", "the request is not a JSON object") from None
             if not isinstance(body, dict) or not _depth(body, MAX_DEPTH):
                 raise PlanError("bad_request", f"the request must be a JSON object nested at most {MAX_DEPTH} deep")
-            rid = body.pop("request_id", None)
+            rid = body.get("request_id")
             if not isinstance(rid, str) or not 0 < len(rid) <= 128:
                 rid = None
                 raise PlanError("bad_request", "request_id: a string of 1 to 128 characters is required")
-            reply_to = reply_to or body.pop("reply_to", None)
-            body.pop("reply_to", None)
+            reply_to = reply_to or body.get("reply_to")
+            if isinstance(reply_to, str) and (problem := reply_destination_problem(reply_to)) is not None:
+                reply_to = None
+                raise PlanError(f"{problem[0]}_reply_topic", f"reply_to {problem[1]}")
             if not all(LEVEL.match(p) for p in parts) or verb not in api.VERBS:
                 raise PlanError("unknown_verb", f"no verb {verb!r} here; the orchestrator serves: "
                                 f"{', '.join(sorted(api.VERBS))}")
@@ -155,7 +158,7 @@ class Orchestrator:
             text = reply.model_dump_json()
             if rid is not None:
                 self._record(rid, text)
-            await self._send(reply_to or (f"{BASE}/reply" if rid is None else None), text, correlation)
+            await self._send(reply_to or f"{BASE}/reply", text, correlation)
             return
         text = reply.model_dump_json()
         self._record(rid, text)
@@ -193,7 +196,7 @@ class Orchestrator:
                       (rid, "", self.worker, text, self.engine.clock.now()))
 
     async def _send(self, reply_to: str | None, text: str, correlation: bytes | None) -> None:
-        if not reply_to or not _valid_reply_topic(reply_to):
+        if not isinstance(reply_to, str) or reply_destination_problem(reply_to) is not None:
             log.warning("reply_dropped", reply_to=str(reply_to)[:200], why="no valid reply destination")
             return
         props: Any = None
