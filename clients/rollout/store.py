@@ -80,9 +80,19 @@ CREATE TABLE steps (
 ALTER TABLE rollouts ADD COLUMN leader TEXT;
 ALTER TABLE rollouts ADD COLUMN leader_until DOUBLE PRECISION
 """),
+    (4, """
+CREATE TABLE requests (
+    request_id TEXT PRIMARY KEY,
+    verb TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    reply TEXT,
+    at DOUBLE PRECISION NOT NULL
+)
+"""),
 ]
 """Append-only: a released migration is never edited; a new one gets the next number. ``steps`` is the audit
-trail of every execution change and who made it (a second driver of one version would violate its key)."""
+trail of every execution change and who made it (a second driver of one version would violate its key);
+``requests`` holds each control request's id and reply (a repeat is answered from it, never run twice)."""
 
 
 @dataclass

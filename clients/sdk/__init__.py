@@ -11,7 +11,8 @@
 from clients.sdk.client import LivepatchClient, RawReply, capture_replies, parse_broker_url
 from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, SdkError, SubscriptionFailed
 from clients.sdk.fleet import FleetClient, HostChange, HostFilter, HostPatch, HostRecord, parse_label
+from clients.sdk.rollout_api import RolloutClient
 
 __all__ = ["BrokerUnreachable", "FleetClient", "HostChange", "HostFilter", "HostPatch", "HostRecord",
-           "LivepatchClient", "RawReply", "ReplyError", "RequestTimeout", "SdkError", "SubscriptionFailed",
-           "capture_replies", "parse_broker_url", "parse_label"]
+           "LivepatchClient", "RawReply", "ReplyError", "RequestTimeout", "RolloutClient", "SdkError",
+           "SubscriptionFailed", "capture_replies", "parse_broker_url", "parse_label"]
