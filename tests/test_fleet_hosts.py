@@ -296,3 +296,33 @@ def test_no_hosts_on_an_empty_broker(tmp_path: Path) -> None:
         assert (code, out.strip()) == (0, "no hosts have announced themselves on this broker")
     finally:
         broker.stop()
+
+
+def test_every_one_of_more_retained_hosts_than_mosquittos_qos1_queue(tmp_path: Path) -> None:
+    """Mosquitto hands a QoS 1 subscriber at most 1,020 retained messages (inflight + queue) and drops the rest:
+    FleetClient subscribes at QoS 0 and sees all 1,100 hosts' statuses and states."""
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    prefix = f"m{uuid.uuid4().hex[:6]}"
+    ids = [f"{prefix}-{i:04d}" for i in range(1100)]
+    docs: list[tuple[str, bytes]] = []
+    for i, h in enumerate(ids):
+        docs.append((f"livepatch/v1/{h}/status", json.dumps({
+            "host": h, "state": "online", "boot_seq": 1, "reason": "started", "time": 1.0, "version": "0"}).encode()))
+        docs.append((f"livepatch/v1/{h}/state", json.dumps({
+            "host": h, "version": 1, "boot_seq": 1, "time": 1.0,
+            "kernel": {"build_id": "ab" * 10, "release": "6.1-lp1", "nr_cpus": 1, "booted_at": 1.0},
+            "components": {"labels": {"zone": "eu" if i % 2 else "us"}}}).encode()))
+
+    async def scenario() -> None:
+        await _publish(broker.url, docs)
+        async with FleetClient(broker.url) as c:
+            found = await c.hosts()
+            assert [r.id for r in found] == ids
+            assert all(r.release == "6.1-lp1" for r in found)
+            assert len(c.records(HostFilter(labels={"zone": "eu"}))) == 550
+
+    try:
+        run(scenario())
+    finally:
+        broker.stop()

@@ -207,6 +207,16 @@ def _alive(pid: int) -> bool:
     return b"fleet" in cmdline and any(b"daemon.cli" in a or a.endswith(b"livepatchd") for a in cmdline)
 
 
+def _rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _runner_pid(state_dir: Path) -> int | None:
     """The pid of the runner ``fleet up`` started on ``state_dir``, if it still runs."""
     doc = _read_json(_pid_file(state_dir))
@@ -349,15 +359,16 @@ def fleet_status(ctx: typer.Context, state_dir: StateDir,
             "running": pid is not None, "pid": pid, "state_dir": str(state_dir), "broker_url": broker,
             "target": status.get("target") if pid is not None else None,
             "online": status.get("online") if pid is not None else 0, "retained": retained,
-            "workers": workers if pid is not None else []}) + "\n")
+            "workers": workers if pid is not None else [],
+            "runner_rss_mb": round(_rss_mb(pid) or 0, 1) if pid is not None else None}) + "\n")
     elif pid is None:
         err().print(f"no fleet runs on {state_dir}" + (" (it stopped)" if status.get("stopped") else ""))
     else:
-        rss = sum(w.get("rss_mb") or 0 for w in workers)
+        rss = sum(w.get("rss_mb") or 0 for w in workers) + (_rss_mb(pid) or 0)
         seen = ", ".join(f"{n} {s}" for s, n in (retained or {}).items() if n) or "none"
         out().print(f"fleet on {state_dir}: running, pid {pid}, broker {broker}\n"
                     f"hosts: {status.get('target')} wanted, {status.get('online')} online (runner); retained "
-                    f"statuses: {seen}\nworkers: {len(workers)}, {rss:.0f} MB resident")
+                    f"statuses: {seen}\nworkers: {len(workers)}; {rss:.0f} MB resident (runner and workers)")
     if pid is None:
         raise typer.Exit(EXIT_OFFLINE)
 

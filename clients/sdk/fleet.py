@@ -8,9 +8,12 @@
 
 One connection subscribes to ``livepatch/v1/+/status`` and ``livepatch/v1/+/state``: the broker hands out every
 host's retained status (online/offline, boot, heartbeat) and state (kernel build, labels, patches, transition,
-fleet faults) at once, and each new one as it is published. Nothing is asked of the hosts. A document that does
-not validate (a foreign publisher, an other schema, a document about an other host than its topic names) is
-logged and skipped: the host keeps its last valid one, and no stream ends for it.
+fleet faults) at once, and each new one as it is published. Nothing is asked of the hosts. The wildcards are
+subscribed at QoS 0: over QoS 1, Mosquitto hands out only 1,020 retained messages per subscription by default
+(``max_inflight_messages`` + ``max_queued_messages``) and drops the rest, a thousand hosts' documents included.
+
+A document that does not validate (a foreign publisher, an other schema, a document about an other host than its
+topic names) is logged and skipped: the host keeps its last valid one, and no stream ends for it.
 
 Where retained messages never reach a wildcard subscription (RabbitMQ), ``hosts()`` falls back to a broadcast
 discovery request (``schemas.discovery``) and then subscribes to each online host's own state topic.
@@ -232,8 +235,10 @@ class FleetClient:
     async def __aenter__(self) -> FleetClient:
         await self._conn.open()
         self._last_retained = time.monotonic()
-        await self._conn.subscribe(ALL_STATUS)
-        await self._conn.subscribe(ALL_STATE)
+        # QoS 0: over a QoS 1 subscription Mosquitto drops the retained messages past its queue (1,020 of them by
+        # default), so a thousand hosts' status and state would not all arrive
+        await self._conn.subscribe(ALL_STATUS, qos=0)
+        await self._conn.subscribe(ALL_STATE, qos=0)
         self._last_retained = time.monotonic()
         return self
 
@@ -277,7 +282,7 @@ class FleetClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(limit):
                     for doc in found:
-                        await self._conn.subscribe(Topics(doc.host).state, again=True)
+                        await self._conn.subscribe(Topics(doc.host).state, again=True, qos=0)
                     self._last_retained = time.monotonic()
                     await self._settle(quiet)
         return self.records(host_filter)
