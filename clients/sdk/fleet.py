@@ -268,21 +268,24 @@ class FleetClient:
 
         The list is complete once no retained document has arrived for ``quiet`` seconds (the broker sends
         them all right after the subscription), or after ``wait`` seconds in all (default: the client's
-        timeout). With ``discover`` and no retained document at all, the hosts that answer a discovery request
-        within ``quiet`` seconds, with their retained states."""
+        timeout). With ``discover`` and no retained document at all (RabbitMQ), the hosts that answer a discovery
+        request within ``quiet`` seconds, and those whose status came live, with their retained states (read
+        from each host's own state topic)."""
         self._check_open()
         limit = self.timeout if wait is None else wait
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):
                 await self._settle(quiet)
-        if discover and not self._docs:
+        if discover and self.retained == 0:  # live heartbeats may have come, but no retained document at all
             found = await self.discover(quiet)
             for doc in found:
-                self._docs.setdefault(doc.host, _Docs()).status = doc
+                docs = self._docs.setdefault(doc.host, _Docs())
+                if docs.status is None or (docs.status.time or 0) <= (doc.time or 0):
+                    docs.status = doc
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(limit):
-                    for doc in found:
-                        await self._conn.subscribe(Topics(doc.host).state, again=True, qos=0)
+                    for host in sorted(self._docs):  # a host's own topic: retained messages reach it there
+                        await self._conn.subscribe(Topics(host).state, again=True, qos=0)
                     self._last_retained = time.monotonic()
                     await self._settle(quiet)
         return self.records(host_filter)
