@@ -6,8 +6,8 @@ leaves no host patched.
 fleet`` (real hosts: each a full daemon with its own emulated kernel, in one worker process per core);
 ``livepatchd orchestrator`` as its own process (its CPU and RSS read from /proc); an observer counting every
 request and reply on the hosts' topics. Phase 1: a fault-free fleet, waves of equal size, no rate limit, all
-SUCCEEDED. Phase 2: a fleet with 5% uninterruptible stalls and 2% crashes, an abort criterion on STALLED with
-action rollback. Writes ``bench/results/rollout.{json,md,png}``.
+SUCCEEDED. Phase 2: a fleet with 5% uninterruptible stalls and 2% crashes (by count, seeded), an abort
+criterion on STALLED with action rollback. Writes ``bench/results/rollout.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ async def phase(url: str, work: Path, name: str, n: int, waves: int, fleet_spec:
                 "orch_cpu_s": round(cpu, 2), "orch_cpu_ms_per_host": round(1000 * cpu / n, 2),
                 "orch_rss_mb": round(rss_mb(orch.pid), 1), "orch_peak_rss_mb": round(rss_mb(orch.pid, "VmHWM"), 1),
                 "mqtt_msgs_per_host": round(sum(obs.messages.values()) / n, 1),
-                "patched_after": len(obs.patched("livepatch_sleeper")), "report": report}
+                "patched_after": sum(h.startswith(f"{name}-") for h in obs.patched("livepatch_sleeper")),
+                "report": report}
     finally:
         watcher.cancel()
         for p in (orch, fleet):
@@ -211,8 +212,10 @@ async def amain(args: argparse.Namespace) -> int:
         print({k: v for k, v in clean.items() if k != "report"}, flush=True)
         faulty = await phase(
             url, work, "faulty", args.fault_hosts, 2,
-            {"seed": 11, "faults": [{"kind": "stall", "share": 0.05, "mode": "uninterruptible"},
-                                    {"kind": "crash", "share": 0.02, "when": "transition", "reboot_after_s": 2}]},
+            {"seed": 11, "faults": [
+                {"kind": "stall", "count": max(1, round(0.05 * args.fault_hosts)), "mode": "uninterruptible"},
+                {"kind": "crash", "count": max(1, round(0.02 * args.fault_hosts)), "when": "transition",
+                 "reboot_after_s": 2}]},
             {"stall": {"wait_s": 3, "then_wait_s": 3}, "timeouts": {"enable_s": 5},
              "rate": {"per_minute": 600}, "abort": {"action": "rollback", "criteria": [
                  {"failure_type": "STALLED", "threshold_pct": 4, "min_executed": 20}]}},
