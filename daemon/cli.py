@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clients.rollout import command as orchestrator_command
 from daemon.settings import default_state_dir
 from daemon.stress_patching import run_stress_patching
 
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     dash.add_argument("--listen", default="127.0.0.1:8088", help="address:port to serve on (default %(default)s)")
     _patch_parser(sub)
     _state_parser(sub)
+    orchestrator_command.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "orchestrator":
+        return orchestrator_command.run(args)
     if args.command == "dashboard":
         return _dashboard(args.broker, args.listen)
     if args.command == "demo":

@@ -30,6 +30,7 @@ from schemas import (
     livepatch,
     patch_insight,
     rollout,
+    rollout_api,
     spec,
     topics,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "livepatch",
     "patch_insight",
     "rollout",
+    "rollout_api",
     "spec",
     "topics",
 ]

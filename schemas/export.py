@@ -23,7 +23,10 @@ from schemas.envelope import ErrorBody, Reply
 from schemas.events import EVENTS
 from schemas.fleet import FleetSpec
 from schemas.ftrace import TraceBatchDoc
-from schemas.topics import ROOT, verb_path
+from schemas.rollout import RolloutDoc, RolloutSpec
+from schemas.rollout_api import VERBS as ORCHESTRATOR_VERBS
+from schemas.rollout_api import DryRunData
+from schemas.topics import ORCHESTRATOR_BASE, ROOT, verb_path
 
 HERE = Path(__file__).resolve().parent
 JSON_DIR = HERE / "json"
@@ -32,7 +35,7 @@ REF = "#/components/schemas/{model}"
 
 DOCUMENTS: tuple[type[BaseModel], ...] = (Reply, ErrorBody, StatusDoc, StateDoc, EventDoc, TraceBatchDoc,
                                           DiscoverRequest)
-SPECS: tuple[type[BaseModel], ...] = (FleetSpec,)
+SPECS: tuple[type[BaseModel], ...] = (FleetSpec, RolloutSpec)
 """Files an operator writes (not MQTT messages): a JSON Schema each, none in the AsyncAPI document."""
 
 
@@ -41,7 +44,8 @@ Mode = Literal["validation", "serialization"]
 
 def _mode(model: type[BaseModel]) -> Mode:
     """Requests are described as the daemon validates them; everything else as the daemon writes it."""
-    inbound = {spec.request for spec in VERBS.values()} | set(SPECS)
+    inbound = ({spec.request for spec in VERBS.values()} | {v.request for v in ORCHESTRATOR_VERBS.values()}
+               | set(SPECS))
     return "validation" if model in inbound else "serialization"
 
 
@@ -49,7 +53,9 @@ def _models() -> list[type[BaseModel]]:
     seen: list[type[BaseModel]] = []
     for spec in VERBS.values():
         seen += [spec.request, spec.data]
-    return seen + list(DOCUMENTS) + list(EVENTS.values()) + list(COMPONENTS.values())
+    for v in ORCHESTRATOR_VERBS.values():
+        seen += [m for m in (v.request, v.data) if m not in seen]
+    return [*seen, RolloutDoc, DryRunData, *DOCUMENTS, *EVENTS.values(), *COMPONENTS.values()]
 
 
 def _typed_components(state: dict[str, Any], ref: str) -> None:
@@ -120,6 +126,7 @@ def asyncapi() -> str:
             "subscribe": {"operationId": f"receive_{topic}", "bindings": {"mqtt": {"qos": 1, "retain": retained}},
                           "message": {"$ref": f"#/components/messages/{name}"}},
         }
+    _orchestrator_channels(channels, messages)
     events = []
     for type_, data_model in EVENTS.items():
         name = f"event.{type_}"
@@ -158,6 +165,46 @@ def asyncapi() -> str:
         "components": {"messages": messages, "schemas": schemas},
     }
     return _dump(doc)
+
+
+def _orchestrator_channels(channels: dict[str, Any], messages: dict[str, Any]) -> None:
+    """The orchestrator's API: the host API's layout under the pseudo host ``_orchestrator``."""
+    for v in ORCHESTRATOR_VERBS.values():
+        name = v.request.__name__
+        messages.setdefault(name, {"name": name, "contentType": "application/json",
+                                   "payload": {"$ref": REF.format(model=name)},
+                                   "correlationId": {"location": "$message.payload#/request_id"}})
+        role = "operator" if v.mutating else "operator or observer"
+        channels[f"{ORCHESTRATOR_BASE}/request/{verb_path(v.verb)}"] = {
+            "description": f"{v.summary} Reply data: {v.data.__name__}. Role: {role}.",
+            "publish": {"operationId": f"orchestrator_{v.verb.replace('.', '_')}", "summary": v.summary,
+                        "bindings": {"mqtt": {"qos": 1, "retain": False}},
+                        "message": {"$ref": f"#/components/messages/{name}"}},
+        }
+    messages["RolloutDoc"] = {"name": "RolloutDoc", "contentType": "application/json",
+                              "payload": {"$ref": REF.format(model="RolloutDoc")}}
+    channels[f"{ORCHESTRATOR_BASE}/rollout/{{name}}"] = {
+        "description": "A rollout as the orchestrator holds it, republished on every change, retained.",
+        "parameters": {"name": {"description": "the rollout's name (one topic level)"}},
+        "subscribe": {"operationId": "receive_rollout", "bindings": {"mqtt": {"qos": 1, "retain": True}},
+                      "message": {"$ref": "#/components/messages/RolloutDoc"}},
+    }
+    channels[f"{ORCHESTRATOR_BASE}/events"] = {
+        "description": "Every execution change ({kind: execution, ...Execution}) and rollout event ({kind: event, "
+                       "rollout, event, at, ...}), and each RolloutDoc change ({kind: rollout, ...}).",
+        "subscribe": {"operationId": "receive_orchestrator_events",
+                      "bindings": {"mqtt": {"qos": 1, "retain": False}},
+                      "message": {"name": "OrchestratorEvent", "contentType": "application/json",
+                                  "payload": {"type": "object", "required": ["kind", "worker"]}}},
+    }
+    channels[f"{ORCHESTRATOR_BASE}/reply/{{client_id}}"] = {
+        "description": "Replies to a client's orchestrator requests (MQTT 3.1.1: its reply_to; MQTT 5: the "
+                       "response topic).",
+        "parameters": {"client_id": {"description": "the client's MQTT client id"}},
+        "subscribe": {"operationId": "receive_orchestrator_reply",
+                      "bindings": {"mqtt": {"qos": 1, "retain": False}},
+                      "message": {"$ref": "#/components/messages/Reply"}},
+    }
 
 
 def expected() -> dict[Path, str]:

@@ -37,6 +37,8 @@ TERMINAL = frozenset({ExecState.SUCCEEDED, ExecState.VERIFIED, ExecState.FAILED,
                       ExecState.REJECTED, ExecState.REVERTED, ExecState.CANCELED, ExecState.REMOVED})
 ACTIVE = frozenset({ExecState.IN_PROGRESS, ExecState.TRANSITIONING, ExecState.STALLED})
 SUCCESS = frozenset({ExecState.SUCCEEDED, ExecState.VERIFIED})
+NOT_EXECUTED_STATES = frozenset({ExecState.REMOVED.value, ExecState.CANCELED.value})
+"""Left out of a wave's success share and of the abort criteria's executed count."""
 
 FailureType = Literal["FAILED", "TIMED_OUT", "REJECTED", "STALLED", "REVERTED", "ALL"]
 

@@ -18,6 +18,20 @@ ALL_STATE = f"{ROOT}/+/state"
 ALL_EVENTS = f"{ROOT}/+/events"
 
 
+ORCHESTRATOR = "_orchestrator"
+"""The rollout orchestrator's place in the topic tree: its API follows a host's layout (``request/<verb>``,
+``reply/<client id>``) under this id, which is no host's (fleet and discovery readers skip ids starting with
+``_``). Its own documents: ``rollout/<name>`` (retained), ``events``, ``service`` (retained)."""
+ORCHESTRATOR_BASE = f"{ROOT}/{ORCHESTRATOR}"
+ORCHESTRATOR_EVENTS = f"{ORCHESTRATOR_BASE}/events"
+ORCHESTRATOR_SERVICE = f"{ORCHESTRATOR_BASE}/service"
+
+
+def rollout_topic(name: str) -> str:
+    """The retained RolloutDoc of one rollout."""
+    return f"{ORCHESTRATOR_BASE}/rollout/{name}"
+
+
 LEVEL = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """One topic level that every broker we support accepts as it is."""
 

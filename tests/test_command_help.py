@@ -67,7 +67,8 @@ def test_serve_help_explains_each_option_and_its_default(option: str, says: str)
     assert says in _option_help(_serve_help(), option)
 
 
-@pytest.mark.parametrize("module", ["clients.cli.ftrace_cmds", "clients.cli.profile_cmds", "clients.cli.patch_cmds",
+@pytest.mark.parametrize("module", ["clients.cli.fleet_cmds", "clients.cli.ftrace_cmds", "clients.cli.profile_cmds",
+                                    "clients.cli.patch_cmds",
                                     "clients.cli.observe_cmds", "clients.cli.runner", "clients.cli.main"])
 def test_each_lpctl_module_imports_on_its_own(module: str) -> None:
     """No import cycle between lpctl's main module and its command modules (the shared helpers are in runner)."""

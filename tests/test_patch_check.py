@@ -17,6 +17,9 @@ from test_service_patch import Session, Sleeper, kernel_of, quiet_policy, signed
 
 from clients.sdk import LivepatchClient, ReplyError
 from daemon.fleet.runner import FleetRunner
+from daemon.livepatch import signing
+from daemon.livepatch.artifact import build_patch
+from daemon.livepatch.manifest import Manifest
 from schemas.fleet import FleetSpec
 
 
@@ -182,3 +185,42 @@ def test_fleet_hosts_with_each_stall_fault(mosquitto: Mosquitto, tmp_path: Path)
                             await c.patch_check("livepatch_sleeper")
                         await c.patch_disable("livepatch_sleeper", wait=True)
     run(scenario())
+
+
+LOOP_PATCH = """#include "livepatch.h"
+
+u64 livepatch_getpid_loop(u64 n)
+{
+	return n + 1;
+}
+"""
+
+
+def test_a_task_running_in_the_function_is_predicted_then_blocks(checkd: DaemonThread, tmp_path: Path) -> None:
+    """A worker busy in getpid_loop (it parks in cond_resched, inside the function): reason running, it stalls."""
+    kernel = kernel_of(checkd)
+    manifest = Manifest.from_dict({"name": "livepatch_getpid_loop", "build_id": kernel.image.build_id,
+                                   "objects": [{"name": "vmlinux", "funcs": [
+                                       {"old_name": "getpid_loop", "new_name": "livepatch_getpid_loop"}]}]})
+    bundle = signing.sign(build_patch(LOOP_PATCH, manifest, tmp_path), signer().key).to_bytes()
+    n = 200_000_000  # ~20 ns a call: seconds of work, yielding every 4096 calls
+    busy = kernel.submit("getpid_loop", n, cpu=1)
+
+    async def main() -> None:
+        async with Session(checkd.url, checkd.host) as s:
+            c = s.c
+            await c.patch_load(bundle)
+            check = await c.patch_check("livepatch_getpid_loop")
+            (b,) = check.blockers
+            assert (b.cpu, b.kind, b.reason, b.outcome, b.function) == (1, "worker", "running", "stalls",
+                                                                        "getpid_loop")
+            assert any(frame.startswith("getpid_loop+") for frame in b.stack)
+            change = await c.patch_enable("livepatch_getpid_loop", wait=True, timeout_s=0.5)
+            assert not change.completed
+            assert change.transition is not None
+            assert {t.pid: t.why for t in change.transition.blocked} == {b.pid: b.why}, "exactly the prediction"
+            await c.patch_disable("livepatch_getpid_loop", wait=True)
+            await c.patch_unload("livepatch_getpid_loop")
+            assert not busy.done(), "it was running all along"
+    run(main())
+    assert busy.result(120) == n, "the original ran to its end"

@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -170,3 +171,36 @@ def test_lpctl_check_and_effect(effectd: DaemonThread) -> None:
         async with Session(effectd.url, effectd.host) as s:
             await s.cleanup()
     run(cleanup())
+
+
+def test_after_a_restart_the_restored_patch_counts_from_zero(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """The restore at boot re-enables the patch: its completion is seen (a baseline, a completion time), the fresh
+    kernel counts from zero, and the state follows calls made without any patch.effect (the refresh job)."""
+    settings = trusting_settings(tmp_path, mosquitto.url)
+    first = DaemonThread(settings).start()
+
+    async def before() -> None:
+        async with LivepatchClient(first.url, first.host) as c:
+            await c.patch_load(signed("livepatch_demo_target").to_bytes())
+            await c.patch_enable("livepatch_demo_target", wait=True)
+            await c.call("klp_demo_target", 1)
+            assert (await c.patch_effect("livepatch_demo_target")).calls == 1
+    run(before())
+    first.stop()
+    second = DaemonThread(settings)
+    assert second.daemon.settings.host_id == first.host
+    second.start()
+    try:
+        async def after() -> None:
+            async with LivepatchClient(second.url, second.host) as c:
+                e = await c.patch_effect("livepatch_demo_target")
+                assert (e.completed, e.calls, e.funcs[0].old_calls, e.verified) == (True, 0, 0, False)
+                assert e.completed_s_ago is not None
+                for x in range(4):
+                    await c.call("klp_demo_target", x)
+                # no patch.effect: the refresh job (every 5 s) republishes the section
+                await section(c, {"patches": {"livepatch_demo_target": {"calls": 4, "old_calls": 0,
+                                                                        "verified": True}}}, timeout=8)
+        run(after())
+    finally:
+        second.stop()

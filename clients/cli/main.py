@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from clients.cli import ftrace_cmds, keys, observe_cmds, patch_cmds, profile_cmds
+from clients.cli import fleet_cmds, ftrace_cmds, keys, observe_cmds, patch_cmds, profile_cmds, rollout_cmds
 from clients.cli.help_format import LpctlGroup
 from clients.cli.runner import (
     EXIT_OFFLINE,
@@ -70,29 +70,6 @@ def options(
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
-
-
-@app.command()
-def hosts(ctx: typer.Context,
-          wait: Annotated[float, typer.Option(min=0.05, help="seconds to collect retained statuses, and as long "
-                                              "again for discovery answers when there is none (on top of "
-                                              "--timeout)")] = 0.5) -> None:
-    """List the hosts that announced themselves on this broker: online, stale (no heartbeat for 3 periods) or
-    offline."""
-    opts: Options = ctx.obj
-    found: dict[str, StatusDoc] = run(opts, lambda c: c.hosts(wait), need_host=False,
-                                       budget=opts.timeout + 2 * wait)  # retained, then discovery
-    now = time.time()
-    if opts.json:
-        sys.stdout.write(json.dumps({h: {**s.model_dump(mode="json"), "liveness": s.liveness(now)}
-                                     for h, s in found.items()}) + "\n")
-        return
-    table = Table("host", "state", "boot", "since", "last heartbeat", "version")
-    for host, s in found.items():
-        live = s.liveness(now)
-        table.add_row(host, f"[{LIVENESS_COLOR[live]}]{live}[/]", str(s.boot_seq), s.reason, _beat_age(s, now),
-                      s.version)
-    out().print(table if found else "no hosts have announced themselves on this broker")
 
 
 LIVENESS_COLOR = {"online": "green", "stale": "yellow", "offline": "red"}
@@ -203,11 +180,14 @@ def keys_generate(ctx: typer.Context,
                 f"key id:      {pair.key_id}")
 
 
-# state/events, the ftrace/trace/hijack and the patch commands live in their own modules, over clients.cli.runner
+# hosts/fleet, state/events, the ftrace/trace/hijack and the patch commands live in their own modules, over
+# clients.cli.runner
+fleet_cmds.install(app)
 observe_cmds.install(app)
 ftrace_cmds.install(app)
 profile_cmds.install(app)
 patch_cmds.install(app)
+rollout_cmds.install(app)
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from clients.sdk import (
 )
 
 T = TypeVar("T")
+C = TypeVar("C", bound=contextlib.AbstractAsyncContextManager[object])
 
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_OFFLINE = 0, 1, 2, 3, 4
 
@@ -98,10 +99,7 @@ def fail(code: int, message: str, hint: str | None = None) -> NoReturn:
 def _client(opts: Options, *, need_host: bool = True) -> LivepatchClient:
     if need_host and not opts.host:
         fail(EXIT_USAGE, "no host given", "pass --host HOST or set LPCTL_HOST (lpctl hosts lists them)")
-    try:
-        tls = opts.tls_context()
-    except (OSError, ssl.SSLError) as exc:
-        fail(EXIT_USAGE, f"cannot load the TLS files: {exc}", "check --tls-ca, --tls-cert and --tls-key")
+    tls = tls_or_fail(opts)
     try:
         return LivepatchClient(opts.broker, opts.host, timeout=opts.timeout, protocol=opts.protocol.value,
                                tls_context=tls)
@@ -109,13 +107,27 @@ def _client(opts: Options, *, need_host: bool = True) -> LivepatchClient:
         fail(EXIT_USAGE, str(exc))
 
 
+def tls_or_fail(opts: Options) -> ssl.SSLContext | None:
+    """The TLS context of the options; exit 2 when its files cannot be loaded."""
+    try:
+        return opts.tls_context()
+    except (OSError, ssl.SSLError) as exc:
+        fail(EXIT_USAGE, f"cannot load the TLS files: {exc}", "check --tls-ca, --tls-cert and --tls-key")
+
+
 def run(opts: Options, work: Callable[[LivepatchClient], Awaitable[T]], *, need_host: bool = True,
-         budget: float | None = None, stream: bool = False) -> T:
+        budget: float | None = None, stream: bool = False) -> T:
     """Connect, run ``work``, disconnect, within ``budget`` seconds (default ``--timeout``) in all: connecting to
     every node, reconnecting and waiting for replies included. A ``stream`` (events, trace follow) runs until it
     ends; only its connection is bounded. Past the budget the command exits 3, even when a thread is stuck in
     a blocking connect: a watchdog ends the process two seconds later."""
-    client = _client(opts, need_host=need_host)
+    return run_client(opts, _client(opts, need_host=need_host), work, budget=budget, stream=stream)
+
+
+def run_client(opts: Options, client: C, work: Callable[[C], Awaitable[T]], *, budget: float | None = None,
+               stream: bool = False) -> T:
+    """``run`` with a client of the caller's (a ``FleetClient``, say): the same deadline, messages and exit
+    codes."""
     total = opts.timeout if budget is None else budget
     _deadline.set(time.monotonic() + total)
     connected = False

@@ -80,9 +80,19 @@ CREATE TABLE steps (
 ALTER TABLE rollouts ADD COLUMN leader TEXT;
 ALTER TABLE rollouts ADD COLUMN leader_until DOUBLE PRECISION
 """),
+    (4, """
+CREATE TABLE requests (
+    request_id TEXT PRIMARY KEY,
+    verb TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    reply TEXT,
+    at DOUBLE PRECISION NOT NULL
+)
+"""),
 ]
 """Append-only: a released migration is never edited; a new one gets the next number. ``steps`` is the audit
-trail of every execution change and who made it (a second driver of one version would violate its key)."""
+trail of every execution change and who made it (a second driver of one version would violate its key);
+``requests`` holds each control request's id and reply (a repeat is answered from it, never run twice)."""
 
 
 @dataclass
@@ -206,9 +216,9 @@ class Store:
     def migrate(self) -> int:
         """Apply the migrations not yet applied, each in its own transaction; returns the schema version."""
         with self.tx() as t:
+            if self.pg:  # two workers starting at once: one migrates, the other waits (even CREATE ... IF NOT EXISTS
+                t.run("SELECT pg_advisory_xact_lock(7263110)")  # races on PostgreSQL's catalog)
             t.run("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
-            if self.pg:
-                t.run("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")  # two workers starting at once
             done = {int(r[0]) for r in t.run("SELECT version FROM schema_migrations")}
             for version, sql in MIGRATIONS:
                 if version in done:

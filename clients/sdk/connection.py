@@ -79,7 +79,7 @@ class Connection:
         self._node = 0
         self._protocol: Protocol = self.negotiation.protocol(0)
         self._client: aiomqtt.Client | None = None
-        self._subscribed: dict[str, None] = {}  # insertion-ordered set
+        self._subscribed: dict[str, int] = {}  # topic -> QoS, in the order subscribed
         self._supervisor: asyncio.Task[None] | None = None
         self._publishing: set[asyncio.Task[None]] = set()
 
@@ -211,8 +211,8 @@ class Connection:
                 delay = self.rotation.failed()
                 continue
             try:
-                for topic in self._subscribed:
-                    await self._subscribe_retrying(client, topic)
+                for topic, qos in self._subscribed.items():
+                    await self._subscribe_retrying(client, topic, qos)
             except BrokerUnreachable as exc:  # SubscriptionFailed included: this node cannot serve us now
                 self.last_error = str(exc)
                 await close_client(client)
@@ -235,11 +235,11 @@ class Connection:
             raise self.lost
         return self._client if self.up.is_set() else None
 
-    async def _subscribe_retrying(self, client: aiomqtt.Client, topic: str) -> None:
+    async def _subscribe_retrying(self, client: aiomqtt.Client, topic: str, qos: int = 1) -> None:
         delay = 0.1
         for attempt in range(1, self.subscribe_attempts + 1):
             try:
-                await subscribe_checked(client, topic, timeout=self.timeout)
+                await subscribe_checked(client, topic, timeout=self.timeout, qos=qos)
                 return
             except SubscriptionFailed as exc:
                 self.last_error = str(exc)
@@ -248,18 +248,20 @@ class Connection:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def subscribe(self, topic: str, *, again: bool = False) -> None:
+    async def subscribe(self, topic: str, *, again: bool = False, qos: int = 1) -> None:
         """Subscribe (again: the broker resends the retained messages), checking the SUBACK; a subscription the
         broker keeps refusing raises ``SubscriptionFailed``. While the connection is down, the subscription is
-        made by the reconnect."""
+        made by the reconnect. ``qos`` 0 for wildcards over many hosts: Mosquitto hands a QoS 1 subscriber at most
+        ``max_inflight_messages`` + ``max_queued_messages`` (20 + 1,000 by default) of the retained messages a
+        subscription matches and drops the rest, QoS 0 ones all."""
         if topic in self._subscribed and not again:
             return
-        self._subscribed[topic] = None
+        self._subscribed[topic] = qos
         client = self._current()
         if client is None:
             return
         try:
-            await self._subscribe_retrying(client, topic)
+            await self._subscribe_retrying(client, topic, qos)
         except SubscriptionFailed:
             self._subscribed.pop(topic, None)
             raise

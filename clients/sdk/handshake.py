@@ -111,11 +111,11 @@ def failure_code(code: Any) -> str | None:
     return f"{name() if callable(name) else 'refused'} (0x{value:02x})"
 
 
-async def subscribe_checked(client: aiomqtt.Client, topic: str, *, timeout: float) -> None:
-    """QoS 1; ``SubscriptionFailed`` on a refusal or no SUBACK in time, ``BrokerUnreachable`` when the connection
-    is gone."""
+async def subscribe_checked(client: aiomqtt.Client, topic: str, *, timeout: float, qos: int = 1) -> None:
+    """QoS 1 by default; ``SubscriptionFailed`` on a refusal or no SUBACK in time, ``BrokerUnreachable`` when the
+    connection is gone."""
     try:
-        codes = await client.subscribe(topic, qos=1, timeout=timeout)
+        codes = await client.subscribe(topic, qos=qos, timeout=timeout)
     except aiomqtt.MqttError as exc:
         if str(exc) == "Operation timed out":
             raise SubscriptionFailed(topic, f"no SUBACK within {timeout:g} s") from None

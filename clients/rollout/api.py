@@ -1,0 +1,109 @@
+"""The orchestrator's verbs: each validates its request (``schemas.rollout_api``) and answers a dict."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from clients.rollout import report
+from clients.rollout.engine import Engine
+from clients.rollout.plan import make_plan
+from clients.rollout.rehearse import rehearse
+from schemas.rollout_api import (
+    ApproveRequest,
+    CreateRequest,
+    DryRunData,
+    ListData,
+    ListRequest,
+    NameRequest,
+    RehearseRequest,
+    ReportData,
+    RolloutData,
+    StatusData,
+    StatusRequest,
+)
+
+Handler = Callable[[Engine, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    return dict(model.model_dump(mode="json"))
+
+
+async def create(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
+    req = CreateRequest.model_validate(body)
+    if req.dry_run:
+        return await dry_run(engine, req)
+    doc = await engine.create(req.spec)
+    row = engine.store.rollout(req.spec.name)
+    return _dump(RolloutData(rollout=doc, plan=None if row is None else
+                             {k: v for k, v in row.plan.items() if k not in ("events", "rate")}))
+
+
+async def dry_run(engine: Engine, req: CreateRequest) -> dict[str, Any]:
+    """Resolve targets and bundles (signature present, build ids), check state compatibility, and project the
+    duration on a fault-free twin; nothing is stored and no host is sent anything."""
+    fleet = await engine.driver.fleet()
+    plan = make_plan(req.spec, fleet)
+    removed = {h: str(d.get("reason")) for h, _w, _b, st, d in plan.rows if st.value == "REMOVED"}
+    targets = [h for w in plan.waves for h in w]
+    projected = await rehearse(req.spec, {h: fleet[h] for h in targets}, [], req.spec.seed)
+    return _dump(DryRunData(plan=plan.summary(), waves=plan.waves, removed=removed,
+                            offline=[h for h in targets if not fleet[h].online],
+                            in_transition=[h for h in targets if fleet[h].transition],
+                            projected_s=projected["duration_s"]))
+
+
+def _control(action: str) -> Handler:
+    async def handler(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
+        req = NameRequest.model_validate(body)
+        doc = getattr(engine, action)(req.name)
+        return _dump(RolloutData(rollout=doc))
+
+    handler.__name__ = action
+    return handler
+
+
+async def approve(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
+    req = ApproveRequest.model_validate(body)
+    return _dump(RolloutData(rollout=engine.approve(req.name, req.wave)))
+
+
+async def status(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
+    req = StatusRequest.model_validate(body)
+    doc = engine.doc(req.name)
+    execs = [e for e in engine.executions(req.name) if not req.states or e.state in req.states]
+    return _dump(StatusData(rollout=doc, executions=execs))
+
+
+async def list_(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
+    ListRequest.model_validate(body)
+    return _dump(ListData(rollouts=[engine.doc(n) for n in engine.store.names()]))
+
+
+async def report_(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
+    req = NameRequest.model_validate(body)
+    engine.doc(req.name)  # rollout_not_found first
+    doc = report.build(engine.store, req.name)
+    return _dump(ReportData(report=doc, markdown=report.markdown(doc)))
+
+
+async def rehearse_(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
+    req = RehearseRequest.model_validate(body)
+    doc = await rehearse(req.spec, await engine.driver.fleet(), req.faults, req.seed)
+    return _dump(ReportData(report=doc, markdown=report.markdown(doc)))
+
+
+VERBS: dict[str, Handler] = {
+    "rollout.create": create,
+    "rollout.start": _control("start"),
+    "rollout.pause": _control("pause"),
+    "rollout.resume": _control("resume"),
+    "rollout.approve": approve,
+    "rollout.cancel": _control("cancel"),
+    "rollout.rollback": _control("rollback"),
+    "rollout.status": status,
+    "rollout.list": list_,
+    "rollout.report": report_,
+    "rollout.rehearse": rehearse_,
+}
