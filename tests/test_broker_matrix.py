@@ -124,6 +124,10 @@ def test_state_status_and_hosts(setup: Setup) -> None:
     assert f"{setup.daemon.host}: online" in ok(setup, "status")
     hosts = json.loads(ok(setup, "--json", "hosts"))
     assert hosts[setup.daemon.host]["liveness"] == "online"
+    # its retained state too (on RabbitMQ: read from the host's own state topic after discovery found it)
+    assert hosts[setup.daemon.host]["build_id"] == doc["kernel"]["build_id"]
+    shown = ok(setup, "hosts", "--state", "online", "--build", doc["kernel"]["build_id"][:12])
+    assert setup.daemon.host in shown
 
 
 def test_sdk_requests_states_and_events(setup: Setup) -> None:

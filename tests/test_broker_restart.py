@@ -1,14 +1,17 @@
 """A broker with persistence restarted (kill -9 and SIGTERM, ~2 s down) while ops register and unregister: every
-request is answered, and the final ops list is exactly what the replies said (issue 10 §2)."""
+request is answered, and the final ops list is exactly what the replies said; a reply in flight when the broker
+dies is answered to the SDK's re-sent copy right after the restart (issue 10 §2)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import time
+import uuid
 from pathlib import Path
 
-from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, run
+from cutting_proxy import CuttingProxy
+from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, run, wait_for
 
 from clients.sdk import LivepatchClient
 
@@ -74,4 +77,49 @@ def test_broker_restarts_with_persistence_keep_replies_and_ops_in_agreement(tmp_
     finally:
         if lpd is not None:
             lpd.stop()
+        broker.stop()
+
+
+def test_a_reply_in_flight_when_the_broker_dies_is_answered_to_the_resent_request(tmp_path: Path) -> None:
+    """The broker dies while the daemon publishes a reply (its PUBACK never comes): the publish ends with the
+    connection, not after the publish timeout, so its key leaves ``_delivering`` at once; after the restart the
+    SDK's re-sent copy is answered from the journal within seconds, and the change was applied once."""
+    conf = f"allow_anonymous true\npersistence true\npersistence_location {tmp_path / 'broker'}/\n"
+    broker = Mosquitto(tmp_path / "broker", extra_conf=conf)
+    broker.start()
+    rid = f"inflight-{uuid.uuid4().hex}"
+    proxy = CuttingProxy(broker.port, marker=rid.encode(), hold=True)  # only the daemon goes through it
+    lpd = None
+    try:
+        lpd = DaemonThread(daemon_settings(tmp_path / "state", proxy.url)).start()
+        bridge = lpd.daemon.bridge
+        assert bridge is not None
+
+        async def main() -> None:
+            async with LivepatchClient(broker.url, lpd.host, timeout=30) as c:
+                request = asyncio.ensure_future(c.ops_register("inflight", filter="cmdline_proc_show",
+                                                               request_id=rid))
+                assert await asyncio.to_thread(proxy.held.wait, 20)  # the reply is under way, unacknowledged
+                await wait_for(lambda: bridge._delivering, 5)
+                assert not request.done()
+                await asyncio.to_thread(_stop_broker, broker, signal.SIGKILL)
+                lost = time.monotonic()
+                await wait_for(lambda: not bridge._delivering, 5)
+                released = time.monotonic() - lost
+                assert released < 2.0, f"the reply's key was held {released:.1f} s after the connection was lost"
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(broker.start)
+                restarted = time.monotonic()
+                ops = await asyncio.wait_for(request, 30)
+                answered = time.monotonic() - restarted
+                assert answered < 10.0, f"answered {answered:.1f} s after the broker restart"
+                assert ops.ops.name == "inflight"
+                listed = [o.name for o in (await c.ops_list()).ops]
+                assert listed.count("inflight") == 1
+                assert proxy.cuts == 1
+        run(main())
+    finally:
+        if lpd is not None:
+            lpd.stop()
+        proxy.close()
         broker.stop()

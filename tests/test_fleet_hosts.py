@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from mqtt_fixtures import Mosquitto, run, wait_for
+from mqtt_fixtures import Mosquitto, logs_to_stderr, run, wait_for
 from test_service_patch import signed, signer
 from typer.testing import CliRunner
 
@@ -35,6 +36,7 @@ class Fleet:
     """A fleet runner on its own loop in a thread (the tests' loops stay free for clients)."""
 
     def __init__(self, spec: FleetSpec, overrides: dict[str, Any]) -> None:
+        logs_to_stderr()  # stdout belongs to the lpctl under test
         self.spec = spec
         self.runner = FleetRunner(spec, overrides, workers=0)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -161,7 +163,17 @@ def test_patched_filter_and_change_stream(fleet: Fleet, mosquitto: Mosquitto) ->
             assert PATCH in out
             assert ids[0] not in out
 
+            follower = asyncio.ensure_future(asyncio.to_thread(
+                lpctl, mosquitto.url, "--json", "hosts", "--patched", PATCH, "--follow", "--seconds", "6"))
+            await asyncio.sleep(2.0)  # it has listed and follows
             await host.patch_disable(PATCH, wait=True)
+            code, out, _ = await follower
+            assert code == 0
+            listed, *followed = (json.loads(line) for line in out.splitlines())
+            assert list(listed) == [target]
+            assert {f["host"] for f in followed} == {target}
+            assert [f["change"] for f in followed][-1:] == ["removed"], "changed while disabling, then removed"
+            assert followed[-1]["patches"][0]["name"] == PATCH
             async with asyncio.timeout(20):
                 change = await anext(stream)
                 while change.kind == "changed":  # the disabling transition's states, while still enabled
@@ -326,3 +338,32 @@ def test_every_one_of_more_retained_hosts_than_mosquittos_qos1_queue(tmp_path: P
         run(scenario())
     finally:
         broker.stop()
+
+
+def test_a_host_that_stops_beating_turns_stale_in_the_stream(mosquitto: Mosquitto) -> None:
+    """No document comes (a broker node died with the host's connection: no last will), yet the stream says when
+    the host's last heartbeat got older than three periods."""
+    host = f"s{uuid.uuid4().hex[:6]}"
+    topic = f"livepatch/v1/{host}/status"
+    beat_at = time.time()
+    beat = {"host": host, "state": "online", "boot_seq": 1, "reason": "started", "time": beat_at,
+            "version": "0", "beat": 4, "heartbeat_at": beat_at, "heartbeat_s": 0.5}
+
+    async def scenario() -> None:
+        await _publish(mosquitto.url, [(topic, json.dumps(beat).encode())])
+        try:
+            async with FleetClient(mosquitto.url) as c:
+                await c.hosts(quiet=0.2)
+                record = c.record(host)
+                assert record is not None
+                assert record.status == "online"
+                stream = c.changes(HostFilter(state="stale"), liveness_every_s=0.1)
+                async with asyncio.timeout(10):
+                    change = await anext(stream)
+                assert (change.kind, change.host, change.record.status) == ("added", host, "stale")
+                assert time.time() - beat_at >= 1.5
+                await stream.aclose()
+        finally:
+            await _publish(mosquitto.url, [(topic, b"")])
+
+    run(scenario())

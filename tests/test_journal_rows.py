@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 from cutting_proxy import CuttingProxy
 from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, run
 
@@ -143,8 +144,8 @@ def test_boot_replay_and_redelivery_survive_any_row(mosquitto: Mosquitto, tmp_pa
 def test_a_reply_that_costs_the_connection_is_dropped_after_its_redelivery(mosquitto: Mosquitto,
                                                                            tmp_path: Path) -> None:
     """A broker that drops the daemon whenever one reply is published (for a topic the daemon's checks let
-    through): the reply is tried live or at a connect, once more alone at the next connect, then dropped with
-    an event; the replies around it are delivered and the connection then stays up."""
+    through): the stored reply is tried once, alone at the connect, then dropped with an event; the replies
+    around it are delivered and the connection then stays up, also across a restart on the same state dir."""
     proxy = CuttingProxy(mosquitto.port, marker=b"replies/cut-here")
     try:
         direct = daemon_settings(tmp_path, mosquitto.url)
@@ -176,16 +177,82 @@ def test_a_reply_that_costs_the_connection_is_dropped_after_its_redelivery(mosqu
                     assert good == ["before", "after"]
                     assert [e["request_id"] for e in dropped] == ["sticky"]
                     assert "connection was lost" in dropped[0]["why"]
-                    assert proxy.cuts == 2
+                    assert proxy.cuts == 1
                     bridge = d.daemon.bridge
                     assert bridge is not None
                     connections = bridge.connections
                     await asyncio.sleep(1.5)
-                    assert (bridge.connections, proxy.cuts) == (connections, 2)  # no more losses
+                    assert (bridge.connections, proxy.cuts) == (connections, 1)  # no more losses
                     async with LivepatchClient(d.url, d.host) as c:
                         assert (await c.info()).host == d.host
                 finally:
                     await asyncio.to_thread(d.stop)
         run(main())
+        again = DaemonThread(settings).start()  # dropped means never tried again
+        try:
+            time.sleep(1.0)
+            assert again.daemon.bridge is not None
+            assert (again.daemon.bridge.connections, proxy.cuts) == (1, 1)
+        finally:
+            again.stop()
     finally:
         proxy.close()
+
+
+def test_a_stored_reply_the_mqtt_client_refuses_is_dropped_after_one_try(mosquitto: Mosquitto, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stored reply whose publish fails for any other reason than the connection (paho refusing it before
+    sending) is tried once, then dropped with an event and a log line; never tried again, not after a restart."""
+    settings = daemon_settings(tmp_path, mosquitto.url)
+    first_run(settings)
+    topics = Topics(settings.host_id)
+    with sqlite3.connect(settings.journal_path) as db:
+        db.executemany(_INSERT, [answered("refused", "replies/refused"), answered("fine", "replies/good")])
+    tries: list[str] = []
+    publish = aiomqtt.Client.publish
+
+    async def refusing(self: aiomqtt.Client, topic: str, *args: Any, **kwargs: Any) -> None:
+        if topic == "replies/refused":
+            tries.append(topic)
+            raise ValueError("refused by this test")
+        await publish(self, topic, *args, **kwargs)
+
+    monkeypatch.setattr(aiomqtt.Client, "publish", refusing)
+
+    async def main() -> None:
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as watcher:
+            await watcher.subscribe(topics.events, qos=1)
+            await watcher.subscribe("replies/good", qos=1)
+            d = await asyncio.to_thread(lambda: DaemonThread(settings).start())
+            try:
+                dropped: list[dict[str, Any]] = []
+                good: list[str] = []
+                async with asyncio.timeout(20):
+                    async for msg in watcher.messages:
+                        assert isinstance(msg.payload, bytes)
+                        doc = json.loads(msg.payload)
+                        if msg.topic.value == "replies/good":
+                            good.append(doc["request_id"])
+                        elif doc.get("type") == "reply.dropped":
+                            dropped.append(doc["data"])
+                        if dropped and good:
+                            break
+                assert good == ["fine"]
+                assert [e["request_id"] for e in dropped] == ["refused"]
+                assert "refused to publish" in dropped[0]["why"]
+                assert tries == ["replies/refused"]
+                service, bridge = d.daemon.service, d.daemon.bridge
+                assert service is not None
+                assert bridge is not None
+                assert service.journal.undelivered() == []
+                assert service.metrics.replies_dropped._value.get() == 1
+                assert bridge.connections == 1
+            finally:
+                await asyncio.to_thread(d.stop)
+    run(main())
+    again = DaemonThread(settings).start()
+    try:
+        time.sleep(0.5)
+        assert tries == ["replies/refused"]
+    finally:
+        again.stop()

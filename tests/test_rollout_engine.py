@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 from rollout_fixtures import BUILD_A, BUILD_B, Rig, bundle, fleet
 
+from clients.rollout.clock import SimClock
+from clients.rollout.driver import Outcome
 from clients.rollout.engine import ControlError
+from clients.rollout.plan import PlanError
+from clients.rollout.sim import SimDriver
 from schemas.fleet import RejectFault, SlowFault, StallFault
 
 
@@ -256,3 +260,82 @@ def test_same_inputs_same_run(tmp_path: Path) -> None:
         return [(h, v, o, s) for h, v, o, s in rig.store.steps("r1")]
 
     assert once(tmp_path / "a") == once(tmp_path / "b")
+
+
+class FailingEnable(SimDriver):
+    """A seam we own: the listed hosts fail patch.enable (a pre_patch callback error) — a FAILED, not REJECTED."""
+
+    def __init__(self, *args: object, failing: set[str]) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.failing = failing
+
+    async def enable(self, host: str, patch: str, request_id: str, timeout_s: float) -> Outcome:
+        if host in self.failing:
+            return Outcome(ok=False, code="livepatch_callback_failed", message="pre_patch callback returned -22")
+        return await super().enable(host, patch, request_id, timeout_s)
+
+
+def test_abort_on_failed(tmp_path: Path) -> None:
+    hosts = fleet(20)
+    clock = SimClock()
+    driver = FailingEnable(clock, hosts, {}, "fix", failing={"sim-0003", "sim-0004"})
+    rig = Rig(tmp_path, hosts, driver=driver, clock=clock)
+    spec = rig.spec(rate={"max_in_progress": 1}, abort={"criteria": [
+        {"failure_type": "FAILED", "threshold_pct": 30, "min_executed": 5}]})
+    assert run(rig.run(spec)) == "CANCELED"
+    states = rig.states()
+    assert states["sim-0003"] == "FAILED"
+    assert states["sim-0004"] == "FAILED"
+    done = [s for s in states.values() if s not in ("CANCELED", "QUEUED")]
+    assert len(done) == 5  # at 4 executed min_executed is not met; the 5th (sim-0004) makes 2/5 = 40% >= 30%
+    assert Counter(states.values())["CANCELED"] == 15
+
+
+def test_start_and_end_time(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, fleet(30))
+    t0 = rig.clock.now()
+    spec = rig.spec(rate={"per_minute": 10}, schedule={"start_at": t0 + 300, "end_at": t0 + 300 + 90})
+    assert run(rig.run(spec)) == "CANCELED"
+    starts = sorted(rig.first_seen("IN_PROGRESS").values())
+    assert starts[0] == t0 + 300
+    assert all(t < t0 + 390 for t in starts)
+    assert len(starts) == 15  # 10/min for 90 s: at 0, 6, ..., 84 s
+    assert "end time" in (rig.engine.doc("r1").reason or "")
+    assert Counter(rig.states().values()) == {"SUCCEEDED": 15, "CANCELED": 15}
+
+
+@pytest.mark.parametrize(("predict", "expect"), [("skip", "REMOVED"), ("proceed", "REVERTED")])
+def test_stall_prediction_before_enable(tmp_path: Path, predict: str, expect: str) -> None:
+    rig = Rig(tmp_path, fleet(6), [StallFault(kind="stall", hosts=["sim-0002"], mode="uninterruptible")])
+    spec = rig.spec(waves={"count": 1, "success_threshold": 0},
+                    stall={"predict": predict, "wait_s": 2, "then_wait_s": 2})
+    assert run(rig.run(spec)) == "COMPLETED"
+    e = {x.host: x for x in rig.store.executions("r1")}["sim-0002"]
+    assert e.state.value == expect
+    assert rig.driver.hosts["sim-0002"].patches == {}  # unloaded either way
+    if predict == "skip":
+        assert e.details["prediction"]["would_stall"] is True
+        assert e.details["code"] == "would_stall"
+        assert "TRANSITIONING" not in [s for h, _v, _o, s in rig.store.steps("r1") if h == "sim-0002"]
+
+
+def test_verify_marks_proof_of_effect(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, fleet(4))
+    assert run(rig.run(rig.spec(verify=True))) == "COMPLETED"
+    assert set(rig.states().values()) == {"VERIFIED"}
+
+
+def test_bad_controls_change_nothing(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, fleet(4))
+    run(rig.engine.create(rig.spec(waves={"count": 2})))
+    before = rig.engine.doc("r1")
+    for action in ("pause", "resume", "approve"):
+        with pytest.raises(ControlError):
+            getattr(rig.engine, action)("r1") if action != "approve" else rig.engine.approve("r1", 7)
+    with pytest.raises(ControlError) as exc:
+        rig.engine.start("nope")
+    assert exc.value.code == "rollout_not_found"
+    assert rig.engine.doc("r1") == before
+    with pytest.raises(PlanError) as exc2:
+        run(rig.engine.create(rig.spec(waves={"count": 2})))
+    assert exc2.value.code == "rollout_exists"

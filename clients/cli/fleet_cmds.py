@@ -2,8 +2,9 @@
 
 =====================================================  =============================================================
 ``lpctl hosts [--label K=V] [--build B] [--state S]``  the hosts that left a retained status or state, filtered
-``        [--patched NAME]``                           (a table: id, build, labels, status, patches, transition,
-                                                       faults; ``--json``: one object per host)
+``        [--patched NAME] [--follow]``                (a table: id, build, labels, status, patches, transition,
+                                                       faults; ``--json``: one object per host); ``--follow``:
+                                                       then each change of a selected host, a line each
 ``lpctl fleet up --state-dir D [--hosts N|--spec F]``  start ``livepatchd fleet`` in the background (pid file
                                                        ``D/.fleet/runner.pid``, log ``D/.fleet/runner.log``)
 ``lpctl fleet status --state-dir D``                   is the runner alive, how many of its hosts are online
@@ -18,6 +19,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
 import enum
 import json
 import os
@@ -93,22 +97,52 @@ def hosts(ctx: typer.Context, *,
               metavar="NAME", help="only hosts where this patch is loaded and enabled")] = None,
           wait: Annotated[float, typer.Option(min=0.05, help="the list is complete once no retained document came "
                                               "for this many seconds; with none at all, as long again for "
-                                              "discovery answers")] = 0.5) -> None:
+                                              "discovery answers")] = 0.5,
+          follow_: Annotated[bool, typer.Option("--follow", "-f", help="after the list, print each change of a "
+                                                "selected host (added, changed, removed) until Ctrl-C")] = False,
+          count: Annotated[int | None, typer.Option(min=1, help="with --follow: stop after this many changes")]
+          = None,
+          seconds: Annotated[float | None, typer.Option(min=0.01, help="with --follow: stop after this long")]
+          = None) -> None:
     """List the hosts of this broker from their retained status and state alone: build, labels, status (online,
     stale, offline), patches, transition, faults."""
     opts: Options = ctx.obj
     selected = HostFilter(labels=_labels(label), build=build, state=state.value if state is not None else None,
                           patched=patched)
 
-    async def listing(fleet: FleetClient) -> list[HostRecord]:
-        return await fleet.hosts(selected, quiet=wait, wait=remaining(opts.timeout))
+    async def listing(fleet: FleetClient) -> None:
+        found = await fleet.hosts(selected, quiet=wait, wait=remaining(opts.timeout))
+        _show(found, opts, filtered=selected != HostFilter())
+        if not follow_:
+            return
+        sys.stdout.flush()
+        shown = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                async for change in fleet.changes(selected, initial=False):
+                    r = change.record
+                    if opts.json:
+                        line = json.dumps({"change": change.kind, **r.to_json()})
+                    else:
+                        line = (f"{dt.datetime.now(dt.UTC).strftime('%H:%M:%S.%f')[:-3]}  {change.kind:<8} {r.id}  "
+                                f"{r.status}  {_build(r)}  patches: {_patches(r)}  transition: {_transition(r)}")
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
+                    shown += 1
+                    if count is not None and shown >= count:
+                        break
 
-    found = run_client(opts, fleet_client(opts), listing, budget=opts.timeout + 2 * wait)
+    try:
+        run_client(opts, fleet_client(opts), listing, budget=opts.timeout + 2 * wait, stream=follow_)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def _show(found: list[HostRecord], opts: Options, *, filtered: bool) -> None:
     if opts.json:
         sys.stdout.write(json.dumps({r.id: r.to_json() for r in found}) + "\n")
         return
     if not found:
-        filtered = selected != HostFilter()
         out().print("no hosts match" if filtered else "no hosts have announced themselves on this broker")
         return
     table = Table("host", "build", "labels", "status", "patches", "transition", "faults")

@@ -30,6 +30,9 @@ def add_parser(sub: Any) -> None:
     orch.add_argument("--worker", help="this worker's name (default: random); unique among workers of one database")
     orch.add_argument("--poll", type=float, default=0.5, metavar="S",
                       help="seconds between polls of a host's transition (default %(default)s)")
+    orch.add_argument("--lease", type=float, default=30.0, metavar="S",
+                      help="how long a worker holds a host step or a rollout's lead before another worker may take "
+                      "it over, e.g. after this one was killed (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     from clients.rollout.service import Orchestrator  # noqa: PLC0415
 
-    if args.poll <= 0 or args.poll > 60:
-        print("livepatchd orchestrator: --poll must be in (0, 60] seconds", file=sys.stderr)
+    if not 0 < args.poll <= 60 or not 1 <= args.lease <= 3600:
+        print("livepatchd orchestrator: --poll must be in (0, 60] seconds and --lease in [1, 3600]", file=sys.stderr)
         return 2
     db = args.db
     if not db:
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         db = str(args.state_dir / DEFAULT_STORE)
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     try:
-        orch = Orchestrator(args.broker, db, worker=args.worker, poll_s=args.poll)
+        orch = Orchestrator(args.broker, db, worker=args.worker, poll_s=args.poll, lease_s=args.lease)
     except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable database: say which
         print(f"livepatchd orchestrator: cannot open the database {db.split('@')[-1]}: {exc}", file=sys.stderr)
         return 2

@@ -59,8 +59,10 @@ class MqttDriver:
     async def open(self) -> None:
         await self._conn.open()
         await self._conn.subscribe(f"{ROOT}/+/reply/{self.client_id}")
-        await self._conn.subscribe(ALL_STATUS)
-        await self._conn.subscribe(ALL_STATE)
+        # QoS 0: Mosquitto hands a QoS 1 wildcard subscriber at most ~1,020 retained messages (its in-flight and
+        # queue limits), fewer than a 1,000-host fleet's statuses and states
+        await self._conn.subscribe(ALL_STATUS, qos=0)
+        await self._conn.subscribe(ALL_STATE, qos=0)
 
     async def close(self) -> None:
         await self._conn.close()

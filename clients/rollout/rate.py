@@ -16,7 +16,9 @@ from typing import Any
 
 from schemas.rollout import Rate, Schedule
 
-EPS = 1e-9
+EPS_S = 1e-6
+"""A microsecond of slack: a start due at ``anchor + 60·k/r`` is due at that float time, whatever its rounding
+(at Unix times, a double's step is ~0.2 µs)."""
 
 
 @dataclass
@@ -47,7 +49,7 @@ def _allowed(rate: Rate, st: RateState, now: float) -> float:
     r = per_minute(rate, st)
     if r is None:
         return math.inf
-    return st.base + 1 + math.floor(r * max(0.0, now - st.anchor) / 60.0 + EPS)
+    return st.base + 1 + math.floor(r * (max(0.0, now - st.anchor) + EPS_S) / 60.0)
 
 
 def bump(rate: Rate, st: RateState, notified: int, succeeded: int, now: float) -> bool:

@@ -76,7 +76,7 @@ def _depth(doc: Any, limit: int) -> bool:
 
 class Orchestrator:
     def __init__(self, broker: str, store_url: str, *, worker: str | None = None, username: str | None = None,
-                 password: str | None = None, poll_s: float = 0.5, batch: int = 256) -> None:
+                 password: str | None = None, poll_s: float = 0.5, batch: int = 256, lease_s: float = 30.0) -> None:
         self.worker = worker or f"w-{uuid.uuid4().hex[:8]}"
         self.store = Store(store_url)
         self.driver = MqttDriver(broker, client_id=f"lporch-{self.worker}-hosts", username=username,
@@ -85,7 +85,8 @@ class Orchestrator:
                       for n in parse_broker_urls(broker))
         self._conn = Connection(nodes, client_id=f"lporch-{self.worker}", tls_context=None, protocol="auto",
                                 timeout=10.0, on_message=self._on_message)
-        self.engine = Engine(self.store, self.driver, RealClock(), worker=self.worker, poll_s=poll_s, batch=batch)
+        self.engine = Engine(self.store, self.driver, RealClock(), worker=self.worker, poll_s=poll_s, batch=batch,
+                             lease_s=lease_s)
         self.engine.listeners.append(self._changed)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -179,21 +180,22 @@ class Orchestrator:
         return Reply.success(rid, data)
 
     def _claim(self, rid: str, verb: str) -> tuple[bool, str | None]:
+        """(True, None): this worker runs the request now; else (False, the stored reply or None while another
+        worker — or an earlier copy — is still on it)."""
         with self.store.tx() as t:
+            won = t.run("INSERT INTO requests (request_id, verb, worker, reply, at) VALUES (?,?,?,NULL,?) "
+                        "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+                        (rid, verb, self.worker, self.engine.clock.now()))
+            if won:
+                return True, None
             got = t.run("SELECT reply FROM requests WHERE request_id = ?", (rid,))
-            if got:
-                return False, got[0][0]
-            t.run("INSERT INTO requests (request_id, verb, worker, reply, at) VALUES (?,?,?,NULL,?)",
-                  (rid, verb, self.worker, self.engine.clock.now()))
-            return True, None
+            return False, got[0][0] if got else None
 
     def _record(self, rid: str, text: str) -> None:
         with self.store.tx() as t:
-            if t.run("SELECT request_id FROM requests WHERE request_id = ?", (rid,)):
-                t.run("UPDATE requests SET reply = ? WHERE request_id = ?", (text, rid))
-            else:
-                t.run("INSERT INTO requests (request_id, verb, worker, reply, at) VALUES (?,?,?,?,?)",
-                      (rid, "", self.worker, text, self.engine.clock.now()))
+            t.run("INSERT INTO requests (request_id, verb, worker, reply, at) VALUES (?,?,?,?,?) "
+                  "ON CONFLICT (request_id) DO UPDATE SET reply = excluded.reply",
+                  (rid, "", self.worker, text, self.engine.clock.now()))
 
     async def _send(self, reply_to: str | None, text: str, correlation: bytes | None) -> None:
         if not isinstance(reply_to, str) or reply_destination_problem(reply_to) is not None:

@@ -216,9 +216,9 @@ class Store:
     def migrate(self) -> int:
         """Apply the migrations not yet applied, each in its own transaction; returns the schema version."""
         with self.tx() as t:
+            if self.pg:  # two workers starting at once: one migrates, the other waits (even CREATE ... IF NOT EXISTS
+                t.run("SELECT pg_advisory_xact_lock(7263110)")  # races on PostgreSQL's catalog)
             t.run("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
-            if self.pg:
-                t.run("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")  # two workers starting at once
             done = {int(r[0]) for r in t.run("SELECT version FROM schema_migrations")}
             for version, sql in MIGRATIONS:
                 if version in done:

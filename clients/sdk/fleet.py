@@ -268,21 +268,24 @@ class FleetClient:
 
         The list is complete once no retained document has arrived for ``quiet`` seconds (the broker sends
         them all right after the subscription), or after ``wait`` seconds in all (default: the client's
-        timeout). With ``discover`` and no retained document at all, the hosts that answer a discovery request
-        within ``quiet`` seconds, with their retained states."""
+        timeout). With ``discover`` and no retained document at all (RabbitMQ), the hosts that answer a discovery
+        request within ``quiet`` seconds, and those whose status came live, with their retained states (read
+        from each host's own state topic)."""
         self._check_open()
         limit = self.timeout if wait is None else wait
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):
                 await self._settle(quiet)
-        if discover and not self._docs:
+        if discover and self.retained == 0:  # live heartbeats may have come, but no retained document at all
             found = await self.discover(quiet)
             for doc in found:
-                self._docs.setdefault(doc.host, _Docs()).status = doc
+                docs = self._docs.setdefault(doc.host, _Docs())
+                if docs.status is None or (docs.status.time or 0) <= (doc.time or 0):
+                    docs.status = doc
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(limit):
-                    for doc in found:
-                        await self._conn.subscribe(Topics(doc.host).state, again=True, qos=0)
+                    for host in sorted(self._docs):  # a host's own topic: retained messages reach it there
+                        await self._conn.subscribe(Topics(host).state, again=True, qos=0)
                     self._last_retained = time.monotonic()
                     await self._settle(quiet)
         return self.records(host_filter)
@@ -313,33 +316,64 @@ class FleetClient:
             self._discovered = None
         return [found[h] for h in sorted(found)]
 
-    async def changes(self, host_filter: HostFilter | None = None, *, initial: bool = True
-                      ) -> AsyncIterator[HostChange]:
+    async def changes(self, host_filter: HostFilter | None = None, *, initial: bool = True,
+                      liveness_every_s: float = 1.0) -> AsyncIterator[HostChange]:
         """Each change of a host's record, as documents arrive; with ``initial``, every host already seen first
         (as ``added``). With a filter, a host entering the selection is ``added`` and one leaving it
-        ``removed``. A host turning stale with no document arriving is not a change (``records()`` shows it).
-        Ends with ``BrokerUnreachable`` only when the connection is gone for good (no
-        ``reconnect``, or the client closed)."""
+        ``removed``; a heartbeat that changes nothing a record shows is no change. Every ``liveness_every_s``
+        the records are looked at again, so that a host that stopped beating turns ``stale`` in the stream
+        although no document came (a broker node died with its connection: no last will). Ends with
+        ``BrokerUnreachable`` only when the connection is gone for good (no ``reconnect``, or the client
+        closed)."""
         self._check_open()
         queue: asyncio.Queue[_Update | None] = asyncio.Queue()
         self._watchers.add(queue)
+        last: dict[str, HostRecord] = {}
+        """What this stream last said of each host in its selection."""
+        looked: dict[str, HostStatus] = {}
+        """Each host's status when this stream last looked at it (in its selection or not)."""
+
+        def step(host: str, after: HostRecord | None) -> HostChange | None:
+            if after is None:
+                looked.pop(host, None)
+            else:
+                looked[host] = after.status
+            before = last.get(host)
+            if after is not None and (host_filter is None or host_filter.matches(after)):
+                if before is not None and before == after:
+                    return None
+                last[host] = after
+                return HostChange("added" if before is None else "changed", after, before)
+            if before is None:
+                return None
+            del last[host]
+            return HostChange("removed", after or before, before)
+
         try:
-            if initial:
-                for record in self.records(host_filter):
+            now = time.time()
+            for host, docs in self._docs.items():
+                looked[host] = docs.status.liveness(now) if docs.status is not None else "unknown"
+            for record in self.records(host_filter):
+                last[record.id] = record
+                if initial:
                     yield HostChange("added", record, None)
             while True:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), liveness_every_s)
+                except TimeoutError:
+                    now = time.time()
+                    for host, docs in sorted(self._docs.items()):
+                        if docs.status is None or docs.status.liveness(now) == looked.get(host):
+                            continue  # only time changed: a record is made again only when its status did
+                        change = step(host, make_record(host, docs.status, docs.state, now))
+                        if change is not None:
+                            yield change
+                    continue
                 if item is None:
                     raise self._conn.lost or BrokerUnreachable("connection lost")
-                _, before, after = item
-                was = before is not None and (host_filter is None or host_filter.matches(before))
-                now = after is not None and (host_filter is None or host_filter.matches(after))
-                if now and after is not None:
-                    if was and before == after:
-                        continue  # a heartbeat, or a state version that changed nothing a record shows
-                    yield HostChange("changed" if was else "added", after, before if was else None)
-                elif was and before is not None:
-                    yield HostChange("removed", after or before, before)
+                change = step(item[0], item[2])
+                if change is not None:
+                    yield change
         finally:
             self._watchers.discard(queue)
 

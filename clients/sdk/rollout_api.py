@@ -70,6 +70,10 @@ class RolloutClient(LivepatchClient):
     def __init__(self, broker: str | Sequence[str] = "mqtt://127.0.0.1:1883", **kwargs: Any) -> None:
         super().__init__(broker, ORCHESTRATOR, **kwargs)
 
+    async def __aenter__(self) -> RolloutClient:
+        await super().__aenter__()
+        return self
+
     async def create(self, spec: RolloutSpec | dict[str, Any]) -> RolloutData:
         return await create(self, spec)
 

@@ -76,12 +76,12 @@ class MqttBridge:
         self._slots = asyncio.Semaphore(max_concurrent)  # a flood waits in the broker, not in our memory
         self._delivering: dict[tuple[str, str, bytes | None], aiomqtt.Client] = {}
         """Replies being published, and on which connection: the same reply is not published twice at once on
-        one connection, but a connection that died mid-publish (its publish waits for a timeout) never holds
-        back the reply on the next one (the client re-sends its request after a reconnect and waits for it)."""
-        self._strikes: dict[str, int] = {}
-        """Journaled replies whose publish failed with the connection, and how often: one that fails again when it
-        is redelivered alone (right after a connect, one at a time) is what cost the connection — a topic this
-        broker refuses by dropping its publisher — and is dropped instead of costing every next connection too."""
+        one connection. A key is released when its publish ends, and a publish ends when its connection is lost
+        (``_gone``), so nothing holds back the reply on the next connection (the client re-sends its request
+        after a reconnect and waits for it)."""
+        self._gone: dict[aiomqtt.Client, asyncio.Event] = {}
+        """Set when that connection is lost: a publish under way on it ends then (its reply stays in the journal
+        for the next connection), not after the publish timeout."""
         self._tg: asyncio.TaskGroup | None = None
         self._hold_until = 0.0
         """``sever(hold_s)``: no reconnect before this (monotonic) time."""
@@ -146,6 +146,7 @@ class MqttBridge:
         lost_at: float | None = None
         while True:
             client, link = await self.connector.connect()
+            self._gone[client] = asyncio.Event()
             attempts = self.connector.attempts
             self.link = link
             self.service.link = BrokerLinkDoc(node=link.node.where, protocol=link.protocol)
@@ -165,6 +166,8 @@ class MqttBridge:
                     self.online.clear()
                     self.service.metrics.connected.set(0)
                     lost_at = time.monotonic()
+                if (gone := self._gone.pop(client, None)) is not None:
+                    gone.set()  # the publishes under way on it end now
                 await close_client(client)
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -280,7 +283,10 @@ class MqttBridge:
 
     async def _deliver(self, outcome: Outcome, *, redelivery: bool = False) -> int:
         """Publish a reply now if connected; a journaled one that cannot go now goes after the reconnect. One that
-        cannot be published at all is dropped (``Service.drop``: an event, a log line, never tried again).
+        cannot be published is dropped after one try (``Service.drop``: an event, a log line, never tried again):
+        one the MQTT client refuses, or a stored one whose redelivery — alone, right after a connect — loses the
+        connection (a topic this broker refuses by dropping its publisher would cost every next connection too;
+        a client that re-sends its request is still answered from the journal).
         1: published; 0: not (no connection, already under way, dropped); -1: the connection failed under it."""
         client = self._client
         rid = outcome.request_id
@@ -294,15 +300,13 @@ class MqttBridge:
             if outcome.route.correlation is not None and self.protocol == aiomqtt.ProtocolVersion.V5:
                 props = _properties(PacketTypes.PUBLISH)
                 props.CorrelationData = outcome.route.correlation
-            await client.publish(outcome.route.topic, outcome.payload, qos=1, properties=props)
+            await self._publish_while_connected(client, outcome.route.topic, outcome.payload, props)
         except aiomqtt.MqttError as exc:
-            log.info("reply_deferred", request_id=rid, error=str(exc))
-            if rid is not None and key is not None:
-                self._strikes[rid] = strikes = self._strikes.get(rid, 0) + 1
-                if redelivery and strikes >= 2:
-                    self._strikes.pop(rid)
-                    self.service.drop(rid, outcome.verb, f"the connection was lost while it was being published, "
-                                                         f"{strikes} times, the last time alone: {exc}")
+            if redelivery and key is not None:
+                self.service.drop(rid, outcome.verb, f"the connection was lost while it was being redelivered "
+                                                     f"alone, right after a connect: {exc}")
+            else:
+                log.info("reply_deferred", request_id=rid, error=str(exc))
             return -1
         except Exception as exc:  # noqa: BLE001  (paho refused the reply itself before sending: it never will)
             self.service.drop(rid, outcome.verb, f"the MQTT client refused to publish it: {exc!r}",
@@ -311,10 +315,28 @@ class MqttBridge:
         finally:
             if key is not None and self._delivering.get(key) is client:
                 del self._delivering[key]
-        if rid is not None:
-            self._strikes.pop(rid, None)
         self.service.delivered(outcome)
         return 1
+
+    async def _publish_while_connected(self, client: aiomqtt.Client, topic: str, payload: str, props: Any) -> None:
+        """``client.publish`` (QoS 1, until its PUBACK), ended with ``MqttError`` as soon as the connection is lost:
+        aiomqtt would wait for its timeout (the connection's, ~10 s) although no PUBACK can come any more."""
+        gone = self._gone.get(client)
+        if gone is None or gone.is_set():
+            raise aiomqtt.MqttError("not connected")
+        publishing = asyncio.ensure_future(client.publish(topic, payload, qos=1, properties=props))
+        lost = asyncio.ensure_future(gone.wait())
+        try:
+            await asyncio.wait((publishing, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not publishing.done():
+                publishing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await publishing
+        if publishing.cancelled():
+            raise aiomqtt.MqttError("the connection was lost before the broker acknowledged the reply")
+        publishing.result()
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
         """State, events and streams: published as they change, while this connection lasts."""
