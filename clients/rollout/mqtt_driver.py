@@ -178,7 +178,7 @@ class MqttDriver:
         out = await self.request(host, "patch.check", {"name": patch})
         if not out.ok:
             return out
-        tasks = [{k: b.get(k) for k in ("pid", "comm", "reason", "outcome", "function")}
+        tasks = [{k: b.get(k) for k in ("pid", "comm", "cpu", "reason", "outcome", "why", "function", "stack")}
                  for b in out.data.get("blockers") or []]
         return Outcome(ok=True, data={"would_stall": bool(out.data.get("will_stall")), "tasks": tasks})
 
