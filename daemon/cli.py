@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="broker to follow, mqtt://[user:pass@]host:port (default %(default)s); connect as an "
                       "observer")
     dash.add_argument("--listen", default="127.0.0.1:8088", help="address:port to serve on (default %(default)s)")
+    dash.add_argument("--operator-broker", default=None,
+                      help="operator credentials, mqtt://operator:pass@host:port: the page then offers the rollout "
+                      "controls (create, start, pause, resume, approve, cancel, roll back) and patch.check; without "
+                      "it the page is read-only")
     _patch_parser(sub)
     _state_parser(sub)
     orchestrator_command.add_parser(sub)
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "orchestrator":
         return orchestrator_command.run(args)
     if args.command == "dashboard":
-        return _dashboard(args.broker, args.listen)
+        return _dashboard(args.broker, args.listen, args.operator_broker)
     if args.command == "demo":
         from daemon.demo import run_demo  # noqa: PLC0415  (imports the whole service)
 
@@ -94,18 +98,27 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _dashboard(broker: str, listen: str) -> int:
+def _dashboard(broker: str, listen: str, operator_broker: str | None = None) -> int:
     from clients.dashboard import FleetFeed  # noqa: PLC0415  (web server libraries only for this command)
     from clients.dashboard.app import serve  # noqa: PLC0415
+    from clients.dashboard.controls import OperatorControls  # noqa: PLC0415
 
     address, _, port = listen.rpartition(":")
     if not address or not port.isdigit():
         print(f"livepatchd dashboard: --listen {listen!r} is not address:port", file=sys.stderr)
         return 2
-    print(f"dashboard on http://{address}:{port}/ following {broker}", flush=True)
+    controls = OperatorControls(operator_broker) if operator_broker else None
+    print(f"dashboard on http://{address}:{port}/ following {_no_password(broker)}"
+          + (" (operator controls on)" if controls else " (read-only)"), flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(FleetFeed(broker), address, int(port)))
+        asyncio.run(serve(FleetFeed(broker), address, int(port), controls))
     return 0
+
+
+def _no_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, where = rest.rpartition("@")
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{where}" if at and ":" in creds else url
 
 
 def _serve(args: argparse.Namespace) -> int:

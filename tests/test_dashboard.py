@@ -20,6 +20,7 @@ from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, free_port, r
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from clients.dashboard import FleetFeed, create_app
+from clients.dashboard.controls import OperatorControls
 from clients.sdk import LivepatchClient
 
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
@@ -37,8 +38,8 @@ def chromium_path() -> str:
 class DashboardServer:
     """The dashboard app under uvicorn in a thread, startable again on the same port."""
 
-    def __init__(self, broker_url: str, port: int) -> None:
-        self.broker_url, self.port = broker_url, port
+    def __init__(self, broker_url: str, port: int, controls: OperatorControls | None = None) -> None:
+        self.broker_url, self.port, self.controls = broker_url, port, controls
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -47,7 +48,7 @@ class DashboardServer:
         return f"http://127.0.0.1:{self.port}/"
 
     def start(self) -> DashboardServer:
-        app = create_app(FleetFeed(self.broker_url), batch_s=0.1)
+        app = create_app(FleetFeed(self.broker_url), batch_s=0.1, controls=self.controls)
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                      lifespan="on", timeout_graceful_shutdown=1))
         self._thread = threading.Thread(target=self._server.run, name="dashboard", daemon=True)

@@ -22,6 +22,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from clients.dashboard.controls import ControlRefused, OperatorControls
 from clients.dashboard.feed import FleetFeed
 
 BATCH_S = 0.2
@@ -43,8 +44,41 @@ def _sse(event: str, data: object) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def create_app(feed: FleetFeed, *, batch_s: float = BATCH_S) -> Starlette:
-    """The app; ``feed`` is followed for the app's lifetime (started and stopped with it)."""
+CONTROL_HEADER = "x-livepatchd-control"
+"""Control requests must carry this header: a page of another origin cannot send it without a CORS preflight,
+which this app never grants."""
+
+
+def create_app(feed: FleetFeed, *, batch_s: float = BATCH_S, controls: OperatorControls | None = None) -> Starlette:
+    """The app; ``feed`` is followed for the app's lifetime (started and stopped with it). ``controls``: the
+    operator's connection; without it the page offers no controls and control requests are refused."""
+
+    def snap() -> dict[str, object]:
+        return {**feed.snapshot(), "operator": controls is not None}
+
+    async def control(request: Request) -> Response:
+        if controls is None:
+            return JSONResponse({"ok": False, "error": {"code": "not_operator", "message":
+                                 "this dashboard has no operator credentials (--operator-broker)"}}, status_code=403)
+        if request.headers.get(CONTROL_HEADER) != "1":
+            return JSONResponse({"ok": False, "error": {"code": "bad_request", "message":
+                                 f"a control request carries the {CONTROL_HEADER} header"}}, status_code=400)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        try:
+            if not isinstance(body, dict):
+                raise ControlRefused("bad_request", "the body must be a JSON object")
+            if request.path_params["verb"] == "check":
+                data = await controls.check(str(body.get("host", "")), str(body.get("patch", "")))
+            elif request.path_params["verb"] == "transition":
+                data = await controls.transition(str(body.get("host", "")))
+            else:
+                data = await controls.rollout(request.path_params["verb"], body)
+        except ControlRefused as e:
+            return JSONResponse({"ok": False, "error": {"code": e.code, "message": e.message}}, status_code=e.status)
+        return JSONResponse({"ok": True, "data": data})
 
     async def index(_: Request) -> Response:
         return FileResponse(_STATIC / "index.html")
@@ -53,13 +87,13 @@ def create_app(feed: FleetFeed, *, batch_s: float = BATCH_S) -> Starlette:
         return FileResponse(_plotly_js(), media_type="application/javascript")
 
     async def snapshot(_: Request) -> Response:
-        return JSONResponse(feed.snapshot())
+        return JSONResponse(snap())
 
     async def stream(request: Request) -> Response:
         async def body() -> AsyncIterator[bytes]:
-            snap = feed.snapshot()
-            cursor = snap["cursor"]
-            yield _sse("snapshot", snap)
+            first = snap()
+            cursor = int(str(first["cursor"]))
+            yield _sse("snapshot", first)
             idle = 0.0
             while not await request.is_disconnected():
                 await asyncio.sleep(batch_s)
@@ -91,12 +125,14 @@ def create_app(feed: FleetFeed, *, batch_s: float = BATCH_S) -> Starlette:
         Route("/assets/plotly.min.js", plotly_js),
         Route("/api/snapshot", snapshot),
         Route("/api/stream", stream),
+        Route("/api/control/{verb}", control, methods=["POST"]),
         Mount("/static", StaticFiles(directory=_STATIC), name="static"),
     ], lifespan=lifespan)
 
 
-async def serve(feed: FleetFeed, host: str = "127.0.0.1", port: int = 8088) -> None:
+async def serve(feed: FleetFeed, host: str = "127.0.0.1", port: int = 8088,
+                controls: OperatorControls | None = None) -> None:
     """Serve the dashboard until cancelled (uvicorn on one asyncio loop with the feed)."""
-    config = uvicorn.Config(create_app(feed), host=host, port=port, log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=1)
+    config = uvicorn.Config(create_app(feed, controls=controls), host=host, port=port, log_level="warning",
+                            lifespan="on", timeout_graceful_shutdown=1)
     await uvicorn.Server(config).serve()

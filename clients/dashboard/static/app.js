@@ -1,20 +1,35 @@
 // The fleet page: a snapshot, then batched deltas over Server-Sent Events; every view is rendered from the
-// hosts' retained status/state documents and their events, nothing else.
+// hosts' retained status/state documents, their events, and the orchestrator's rollout documents and events.
 "use strict";
 
 const STATES = ["offline", "online", "patched", "transitioning", "stalled", "failed"];
 const COLORS = {offline: "#9aa0a6", online: "#8ab4f8", patched: "#1e8e3e", transitioning: "#f9ab00",
                 stalled: "#e8710a", failed: "#d93025"};
-const view = {hosts: {}, events: [], broker: {connected: false, url: ""}, streamUp: false,
-              selected: null, history: {t: [], counts: Object.fromEntries(STATES.map(s => [s, []]))}};
-let dirty = true;
+const EXEC_STATES = ["QUEUED", "IN_PROGRESS", "TRANSITIONING", "STALLED", "SUCCEEDED", "VERIFIED", "FAILED",
+                     "TIMED_OUT", "REJECTED", "REVERTED", "CANCELED", "REMOVED"];
+const EXEC_COLORS = {QUEUED: "#c5cae9", IN_PROGRESS: "#8ab4f8", TRANSITIONING: "#f9ab00", STALLED: "#e8710a",
+                     SUCCEEDED: "#1e8e3e", VERIFIED: "#0b6b2b", FAILED: "#d93025", TIMED_OUT: "#a50e0e",
+                     REJECTED: "#880e4f", REVERTED: "#7b1fa2", CANCELED: "#9aa0a6", REMOVED: "#dadce0"};
+// which controls a rollout's state allows (clients/rollout/engine.py's _need)
+const CONTROLS = {
+  start: ["CREATED"], pause: ["RUNNING", "WAITING_APPROVAL", "SCHEDULED"], resume: ["PAUSED"],
+  approve: ["CREATED", "SCHEDULED", "WAITING_APPROVAL", "RUNNING", "PAUSED"],
+  cancel: ["CREATED", "SCHEDULED", "WAITING_APPROVAL", "RUNNING", "PAUSED"],
+  rollback: ["SCHEDULED", "WAITING_APPROVAL", "RUNNING", "PAUSED", "COMPLETED", "CANCELED"],
+};
+const view = {hosts: {}, events: [], rollouts: {}, broker: {connected: false, url: ""}, streamUp: false,
+              operator: false, selected: null, checks: {}, cursor: null,
+              history: {t: [], counts: Object.fromEntries(STATES.map(s => [s, []]))}};
+const dirty = {hosts: new Set(), structure: true, rollouts: new Set(), any: true};
+let lastPlot = 0;
 
 const $ = id => document.getElementById(id);
 const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+const cssId = s => String(s).replace(/[^A-Za-z0-9_-]/g, "_");
 
 function components(h) { return (h.state && h.state.components) || {}; }
-function labels(h) { const s = h.state || {}; return s.labels || (s.kernel && s.kernel.labels) || components(h).fleet?.labels || {}; }
-function build(h) { const k = (h.state && h.state.kernel) || {}; return k.build || k.version || k.build_id || "?"; }
+function labels(h) { const s = h.state || {}; return s.labels || (s.kernel && s.kernel.labels) || components(h).labels || components(h).fleet?.labels || {}; }
+function build(h) { const k = (h.state && h.state.kernel) || {}; return k.release || k.build || k.version || k.build_id || "?"; }
 function faults(h) { const s = h.state || {}; return s.faults || components(h).fleet?.faults || components(h).faults || []; }
 
 function hostState(h) {
@@ -34,12 +49,31 @@ function matches(name, h, filter) {
   return name.includes(filter) || build(h).includes(filter);
 }
 
-function apply(batch) {
-  view.broker = batch.broker;
-  for (const [name, h] of Object.entries(batch.hosts)) view.hosts[name] = h;
-  view.events = view.events.concat(batch.events).slice(-300);
-  dirty = true;
+function groupOf(h) {
+  const groupBy = $("group").value;
+  return groupBy === "build" ? build(h) : groupBy ? String(labels(h)[groupBy] ?? "(none)") : "";
 }
+
+function apply(batch, fresh) {
+  view.broker = batch.broker;
+  if (fresh) { view.hosts = {}; view.events = []; view.rollouts = {}; dirty.structure = true; }
+  for (const [name, h] of Object.entries(batch.hosts || {})) {
+    const old = view.hosts[name];
+    if (!old || groupOf(old) !== groupOf(h) || !!old.status !== !!h.status) dirty.structure = true;
+    view.hosts[name] = h;
+    dirty.hosts.add(name);
+  }
+  for (const [name, r] of Object.entries(batch.rollouts || {})) {
+    if (r === null) delete view.rollouts[name]; else view.rollouts[name] = r;
+    dirty.rollouts.add(name);
+  }
+  view.events = view.events.concat(batch.events || []).slice(-300);
+  if ("operator" in batch) view.operator = !!batch.operator;
+  view.cursor = batch.cursor;
+  dirty.any = true;
+}
+
+// -- banner, fleet ----------------------------------------------------------------------------------------------
 
 function renderBanner() {
   const b = $("banner");
@@ -49,65 +83,216 @@ function renderBanner() {
   b.textContent = text;
   b.classList.toggle("hidden", !text);
   $("broker").textContent = view.broker.url;
+  $("role").textContent = view.operator ? "operator" : "observer (read-only)";
+  document.body.classList.toggle("operator", view.operator);
+}
+
+function cellHtml(name, h) {
+  const st = hostState(h);
+  return `<span class="cell st-${st}${faults(h).length ? " fault" : ""}" data-host="${esc(name)}" data-state="${st}" title="${esc(name)}: ${st}"></span>`;
 }
 
 function renderFleet() {
-  const filter = $("filter").value.trim(), groupBy = $("group").value;
+  const filter = $("filter").value.trim();
   const counts = Object.fromEntries(STATES.map(s => [s, 0]));
-  const groups = new Map();
-  const labelKeys = new Set();
-  for (const [name, h] of Object.entries(view.hosts).sort()) {
-    Object.keys(labels(h)).forEach(k => labelKeys.add(k));
-    if (!matches(name, h, filter)) continue;
-    const st = hostState(h);
-    counts[st] += 1;
-    const g = groupBy === "build" ? build(h) : groupBy ? String(labels(h)[groupBy] ?? "(none)") : "";
-    if (!groups.has(g)) groups.set(g, []);
-    groups.get(g).push(`<span class="cell st-${st}${faults(h).length ? " fault" : ""}" data-host="${esc(name)}" data-state="${st}" title="${esc(name)}: ${st}"></span>`);
+  const names = Object.keys(view.hosts).sort();
+  for (const name of names) { const h = view.hosts[name]; if (matches(name, h, filter)) counts[hostState(h)] += 1; }
+  if (dirty.structure) {
+    const groups = new Map(), labelKeys = new Set();
+    for (const name of names) {
+      const h = view.hosts[name];
+      Object.keys(labels(h)).forEach(k => labelKeys.add(k));
+      if (!matches(name, h, filter)) continue;
+      const g = groupOf(h);
+      if (!groups.has(g)) groups.set(g, []);
+      groups.get(g).push(cellHtml(name, h));
+    }
+    const sel = $("group");
+    for (const k of labelKeys) if (![...sel.options].some(o => o.value === k)) sel.add(new Option(`label ${k}`, k));
+    $("groups").innerHTML = [...groups.entries()].sort().map(([g, cells]) =>
+      `<div class="group">${g ? `<h3>${esc(g)} (${cells.length})</h3>` : ""}<div class="cells">${cells.join("")}</div></div>`).join("");
+  } else {
+    // only the hosts that changed: their cells are replaced in place (a 1,000-host grid is not rebuilt)
+    for (const name of dirty.hosts) {
+      const el = document.querySelector(`#groups .cell[data-host="${CSS.escape(name)}"]`), h = view.hosts[name];
+      if (!el || !h) continue;
+      const st = hostState(h);
+      if (el.dataset.state !== st) { el.className = `cell st-${st}${faults(h).length ? " fault" : ""}`; el.dataset.state = st; el.title = `${name}: ${st}`; }
+    }
   }
-  const sel = $("group");
-  for (const k of labelKeys) if (![...sel.options].some(o => o.value === k)) sel.add(new Option(`label ${k}`, k));
   $("counts").innerHTML = STATES.map(s => `<span data-count="${s}"><i class="swatch st-${s}"></i>${s} ${counts[s]}</span>`).join("");
-  $("groups").innerHTML = [...groups.entries()].sort().map(([g, cells]) =>
-    `<div class="group">${g ? `<h3>${esc(g)} (${cells.length})</h3>` : ""}<div class="cells">${cells.join("")}</div></div>`).join("");
   return counts;
 }
 
+// -- rollouts ---------------------------------------------------------------------------------------------------
+
+function bar(counts, total) {
+  if (!total) return "";
+  return `<span class="bar">${EXEC_STATES.filter(s => counts[s]).map(s =>
+    `<i style="width:${(100 * counts[s] / total).toFixed(2)}%;background:${EXEC_COLORS[s]}" title="${s} ${counts[s]}"></i>`).join("")}</span>`;
+}
+
+function rolloutControls(name, doc, waves) {
+  if (!view.operator) return "";
+  const st = doc.state;
+  const btn = (verb, label, extra = "") => CONTROLS[verb].includes(st)
+    ? `<button type="button" class="control" data-control="${verb}" data-rollout="${esc(name)}"${extra}>${label}</button>` : "";
+  const waiting = waves.find(w => w.state === "waiting_approval");
+  return `<span class="controls">${btn("start", "start")}${btn("pause", "pause")}${btn("resume", "resume")}` +
+         `${waiting || st === "WAITING_APPROVAL" ? btn("approve", `approve wave ${waiting ? waiting.index : doc.current_wave}`, ` data-wave="${waiting ? waiting.index : doc.current_wave}"`) : ""}` +
+         `${btn("cancel", "cancel")}${btn("rollback", "roll back")}</span>`;
+}
+
+function rolloutBox(name) {
+  let box = document.querySelector(`.rollout[data-rollout="${CSS.escape(name)}"]`);
+  if (!box) {
+    box = document.createElement("div");
+    box.className = "rollout";
+    box.dataset.rollout = name;
+    box.innerHTML = `<div class="ro-head"></div><div class="ro-body"><div class="ro-tables"><div class="ro-waves"></div>` +
+      `<div class="ro-abort"></div></div><div class="ro-plot plot" id="ro-plot-${cssId(name)}"></div></div><ol class="ro-events events"></ol>`;
+    $("rollouts").prepend(box);
+  }
+  return box;
+}
+
+function renderRollout(name) {
+  const r = view.rollouts[name];
+  const existing = document.querySelector(`.rollout[data-rollout="${CSS.escape(name)}"]`);
+  if (!r) { if (existing) existing.remove(); return; }
+  const box = rolloutBox(name), doc = r.doc, total = Object.values(doc.counts).reduce((a, b) => a + b, 0);
+  box.dataset.state = doc.state;
+  box.querySelector(".ro-head").innerHTML =
+    `<h3>${esc(name)} <span class="ro-state state-${esc(doc.state)}" data-field="state">${esc(doc.state)}</span>` +
+    ` <span class="muted">${esc(r.spec ? `patch ${r.spec.patch}` : "")} · v${esc(doc.version)} · wave ${esc(doc.current_wave + 1)}/${doc.waves.length}</span></h3>` +
+    `${doc.reason ? `<p class="muted reason">${esc(doc.reason)}</p>` : ""}` +
+    `<div class="ro-counts">${bar(doc.counts, total)} ${EXEC_STATES.filter(s => doc.counts[s]).map(s =>
+      `<span data-exec-count="${s}"><i class="swatch" style="background:${EXEC_COLORS[s]}"></i>${s} ${doc.counts[s]}</span>`).join(" ")}</div>` +
+    rolloutControls(name, doc, r.waves);
+  box.querySelector(".ro-waves").innerHTML = `<table><tr><th>wave</th><th>hosts</th><th>state</th><th>progress</th><th>success / threshold</th></tr>` +
+    r.waves.map(w => `<tr class="wave" data-wave="${w.index}"><td>${w.index}${w.approval ? " ✋" : ""}</td><td>${w.hosts}</td><td>${esc(w.state)}</td>` +
+      `<td>${bar(w.counts, w.hosts)}</td><td>${w.success_pct == null ? "—" : `${w.success_pct}%`} / ${w.threshold_pct == null ? "?" : `${w.threshold_pct}%`}</td></tr>`).join("") + `</table>`;
+  box.querySelector(".ro-abort").innerHTML = r.abort.length
+    ? `<table><tr><th>abort when</th><th>now</th><th>how close</th></tr>` + r.abort.map(a =>
+      `<tr class="abort${a.tripped ? " tripped" : ""}" data-failure="${esc(a.failure_type)}"><td>${esc(a.failure_type)} ≥ ${a.threshold_pct}% (${esc(a.scope)}, min ${a.min_executed}) → ${esc(a.action)}</td>` +
+      `<td>${a.bad}/${a.executed} = ${a.pct}%${a.armed ? "" : " (not armed)"}</td>` +
+      `<td><span class="meter"><i style="width:${(100 * a.closeness).toFixed(1)}%"></i></span></td></tr>`).join("") + `</table>`
+    : `<p class="muted">${r.spec ? "No abort criteria." : "Reading the spec…"}</p>`;
+  box.querySelector(".ro-events").innerHTML = (r.events || []).slice(-12).reverse().map(e =>
+    `<li>${esc(e.event)} ${esc(Object.entries(e).filter(([k]) => !["event", "rollout", "at"].includes(k)).map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" "))}</li>`).join("");
+  const hist = r.history || [];
+  const t = hist.map(p => new Date(p[0] * 1000));
+  const shown = EXEC_STATES.filter(s => hist.some(p => p[1][s]));
+  const traces = shown.map(s => ({x: t, y: hist.map(p => p[1][s] || 0), name: s, mode: "lines", stackgroup: "one",
+                                  line: {color: EXEC_COLORS[s], shape: "hv"}}));
+  Plotly.react(`ro-plot-${cssId(name)}`, traces, {margin: {l: 40, r: 10, t: 10, b: 30}, showlegend: true,
+               yaxis: {title: "hosts"}, legend: {font: {size: 10}}}, {displayModeBar: false, responsive: true});
+}
+
+function renderRollouts() {
+  for (const name of dirty.rollouts) renderRollout(name);
+  const any = Object.keys(view.rollouts).length > 0;
+  $("rollouts-empty").classList.toggle("hidden", any);
+  $("rollout-new").classList.toggle("hidden", !view.operator);
+}
+
+async function control(verb, body) {
+  const out = $("control-result");
+  out.textContent = `${verb}…`;
+  try {
+    const resp = await fetch(`/api/control/${verb}`, {method: "POST", headers: {"content-type": "application/json", "x-livepatchd-control": "1"},
+                                                       body: JSON.stringify(body)});
+    const reply = await resp.json();
+    out.textContent = reply.ok ? `${verb}: ok` : `${verb}: ${reply.error.code}: ${reply.error.message}`;
+    out.dataset.ok = String(reply.ok);
+    return reply;
+  } catch (e) {
+    out.textContent = `${verb}: ${e}`;
+    out.dataset.ok = "false";
+    return {ok: false};
+  }
+}
+
+// -- stalls -----------------------------------------------------------------------------------------------------
+
+function predictions() {
+  // the orchestrator's patch.check predictions (stall.predict), by host
+  const out = {};
+  for (const r of Object.values(view.rollouts)) for (const s of r.stalled || []) out[s.host] = {...s, rollout: r.doc.name};
+  return out;
+}
+
+function blockersHtml(list) {
+  return (list || []).map(b => `<div class="task"><b>${esc(b.comm)}</b> pid ${esc(b.pid)} cpu ${esc(b.cpu)}: ${esc(b.why || b.reason || "")}` +
+    `${b.outcome ? ` (${esc(b.outcome)})` : ""}${(b.stack || []).length ? `<pre class="stack">${b.stack.map(esc).join("\n")}</pre>` : ""}</div>`).join("");
+}
+
+function transitionHtml(data) {
+  const tasks = (data.tasks || []).filter(t => t.pending || t.blocked);
+  return `<div class="muted">patch.transition: ${esc(data.progress ? `${data.progress.tasks_switched}/${data.progress.tasks_total} switched, ${data.progress.attempts} attempts, ${data.progress.signals_sent} signal rounds` : "no transition")}</div>` +
+    tasks.map(t => `<div class="task"><b>${esc(t.comm)}</b> pid ${esc(t.pid)} cpu ${esc(t.cpu)} ${esc(t.patch_state)}${t.pending ? " pending" : ""}: ${esc(t.blocked || "")}</div>`).join("");
+}
+
 function renderStalls() {
-  const rows = [];
+  const rows = [], preds = predictions();
   for (const [name, h] of Object.entries(view.hosts).sort()) {
     const tr = components(h).livepatch?.transition;
-    if (!tr || !(tr.stalled || (tr.blocked || []).length)) continue;
-    rows.push(`<tr class="stall" data-host="${esc(name)}"><td>${esc(name)}</td><td>${esc(tr.patch)} → ${esc(tr.target)}</td>` +
-              `<td>${tr.stalled ? "stalled" : "waiting"}</td><td>${(tr.blocked || []).map(esc).join(", ")}</td></tr>`);
+    const pred = preds[name], check = view.checks[name];
+    const live = tr && (tr.stalled || (tr.blocked || []).length);
+    if (!live && !pred && !(h.stall && h.stall.over === null) && !check) continue;
+    let actual = live ? (h.stall && !h.stall.over ? blockersHtml(h.stall.blocked) : esc(`pids ${(tr.blocked || []).join(", ")}`))
+                      : (h.stall ? `<span class="muted">was: ${blockersHtml(h.stall.blocked)} (${esc(h.stall.over || "")})</span>` : "—");
+    let predicted = "—";
+    if (pred && pred.prediction) predicted = `${pred.prediction.would_stall ? "<b>would stall</b>" : "clear"} ` + blockersHtml(pred.prediction.tasks) +
+      `<div class="muted">(orchestrator, ${esc(pred.rollout)}: ${esc(pred.state)})</div>`;
+    if (check && check.verb === "transition" && check.data) actual += transitionHtml(check.data);
+    else if (check && check.data) predicted = `${check.data.will_stall ? "<b>will stall</b>" : check.data.would_block ? "would block" : "clear"}` + blockersHtml(check.data.blockers);
+    else if (check) predicted = esc(check.error || "asking…");
+    const patch = tr ? tr.patch : (pred && view.rollouts[pred.rollout]?.spec?.patch) || "";
+    const btn = !view.operator ? "" : live
+      ? `<button type="button" class="check" data-check="${esc(name)}" data-verb="transition">patch.transition</button>`
+      : patch ? `<button type="button" class="check" data-check="${esc(name)}" data-verb="check" data-patch="${esc(patch)}">patch.check</button>` : "";
+    rows.push(`<tr class="stall" data-host="${esc(name)}" data-live="${live ? 1 : 0}"><td>${esc(name)}</td>` +
+              `<td>${tr ? `${esc(tr.patch)} → ${esc(tr.target)} ${tr.stalled ? "<b>stalled</b>" : "waiting"}` : esc(pred ? `${pred.rollout}: ${pred.state}` : "")}</td>` +
+              `<td class="actual">${actual}</td><td class="predicted">${predicted}</td><td>${btn}</td></tr>`);
   }
   $("stalls").innerHTML = rows.length
-    ? `<table><tr><th>host</th><th>transition</th><th></th><th>blocking tasks</th></tr>${rows.join("")}</table>`
+    ? `<table><tr><th>host</th><th>transition</th><th>actual: blocking tasks</th><th>predicted (patch.check)</th><th></th></tr>${rows.join("")}</table>`
     : `<p class="muted">No transition is stalled.</p>`;
 }
+
+// -- host -------------------------------------------------------------------------------------------------------
 
 function renderHost() {
   const name = view.selected, h = name && view.hosts[name];
   $("host-view").classList.toggle("hidden", !h);
   if (!h) return;
   const c = components(h), lp = c.livepatch || {}, ft = c.ftrace || {}, k = (h.state && h.state.kernel) || {};
+  const effect = (c.patch_effect && c.patch_effect.patches) || {};
   $("host-name").textContent = name;
-  const patches = (lp.patches || []).map(p => `<tr><td>${esc(p.name)}</td><td>${p.enabled ? "enabled" : "disabled"}</td>` +
-    `<td>${p.transition ? "in transition" : ""}</td><td>${(p.funcs || []).map(esc).join(", ")}</td></tr>`).join("");
+  const patches = (lp.patches || []).map(p => `<tr data-patch="${esc(p.name)}"><td>${esc(p.stack_order)}</td><td>${esc(p.name)}</td><td>${p.enabled ? "enabled" : "disabled"}</td>` +
+    `<td>${[p.transition && "in transition", p.replace && "replace", p.forced && "forced", p.replaced && "replaced"].filter(Boolean).join(", ")}</td><td>${(p.funcs || []).map(esc).join(", ")}</td>` +
+    `<td class="effect">${effect[p.name] ? `${esc(effect[p.name].calls)} calls · original ${esc(effect[p.name].old_calls ?? "—")} · ${effect[p.name].verified ? "<b>verified</b>" : "not verified"}` : "—"}</td></tr>`).join("");
   const ops = (ft.ops || []).map(o => `<tr><td>${esc(o.name)}</td><td>${esc(o.callback)}</td><td>${esc(o.filter)}</td><td>${o.functions}</td></tr>`).join("");
   const hijacks = (ft.hijacks || []).map(j => `<tr><td>${esc(j.name)}</td><td>${esc(j.mode)}</td><td>${esc(j.function)} → ${esc(j.target)}</td></tr>`).join("");
+  const execs = Object.values(view.rollouts).map(r => [r.doc.name, r]).filter(([, r]) => r.executions && r.executions[name]);
+  const rolloutRows = Object.values(view.rollouts).flatMap(r => (r.stalled || []).filter(s => s.host === name).map(s => `${r.doc.name}: ${s.state}`));
   const evs = view.events.filter(e => e.host === name).slice(-20).reverse()
     .map(e => `<li>${esc(e.seq)} ${esc(e.type)} ${esc(JSON.stringify(e.data))}</li>`).join("");
+  const tr = lp.transition;
+  const tasks = tr && h.stall && !h.stall.over ? blockersHtml(h.stall.blocked) : tr ? esc(`blocked pids: ${(tr.blocked || []).join(", ") || "none"}`) : "";
   $("host-body").innerHTML = `
     <table>
       <tr><th>status</th><td data-field="status">${esc(hostState(h))} (boot ${esc(h.status?.boot_seq)})</td></tr>
       <tr><th>kernel</th><td>${esc(build(h))} · build id ${esc(k.build_id)} · ${esc(k.nr_cpus)} CPUs</td></tr>
       <tr><th>labels</th><td>${esc(Object.entries(labels(h)).map(([a, b]) => `${a}=${b}`).join(" "))}</td></tr>
       <tr><th>faults</th><td>${esc(JSON.stringify(faults(h)))}</td></tr>
-      <tr><th>transition</th><td>${lp.transition ? esc(`${lp.transition.patch} → ${lp.transition.target}; blocked: ${(lp.transition.blocked || []).join(", ") || "none"}`) : "none"}</td></tr>
+      <tr><th>transition</th><td data-field="transition">${tr ? `${esc(tr.patch)} → ${esc(tr.target)}${tr.stalled ? " <b>stalled</b>" : ""}${tasks}` : "none"}</td></tr>
       <tr><th>ftrace</th><td>${esc(ft.enabled_functions)} enabled functions of ${esc(ft.records)} records · ${esc(ft.ops_registered)} ops · ftrace_enabled ${esc(ft.ftrace_enabled)}</td></tr>
+      <tr><th>trusted keys</th><td>${esc(lp.trusted_keys)}</td></tr>
+      ${rolloutRows.length || execs.length ? `<tr><th>rollouts</th><td>${esc(rolloutRows.join("; "))}</td></tr>` : ""}
     </table>
-    <h3>Patches</h3><table id="host-patches"><tr><th>name</th><th>state</th><th></th><th>functions</th></tr>${patches}</table>
+    <h3>Patches (sysfs: /sys/kernel/livepatch) and proof of effect</h3><table id="host-patches"><tr><th>#</th><th>name</th><th>state</th><th></th><th>functions</th><th>effect (patch.effect)</th></tr>${patches}</table>
     <h3>ftrace ops</h3><table><tr><th>name</th><th>callback</th><th>filter</th><th>functions</th></tr>${ops}</table>
     <h3>Hijacks</h3><table><tr><th>name</th><th>mode</th><th>redirect</th></tr>${hijacks}</table>
     <h3>Recent events</h3><ol class="events">${evs}</ol>`;
@@ -119,6 +304,9 @@ function renderEvents() {
 }
 
 function renderPlot(counts) {
+  const now = Date.now();
+  if (now - lastPlot < 1000) return;  // the fleet plot moves once a second at most
+  lastPlot = now;
   const hist = view.history;
   hist.t.push(new Date());
   for (const s of STATES) hist.counts[s].push(counts[s]);
@@ -129,36 +317,65 @@ function renderPlot(counts) {
 }
 
 function render() {
-  if (!dirty) return;
-  dirty = false;
+  if (!dirty.any) return;
+  dirty.any = false;
   renderBanner();
   const counts = renderFleet();
+  renderRollouts();
   renderStalls();
   renderHost();
   renderEvents();
   renderPlot(counts);
+  dirty.hosts.clear(); dirty.rollouts.clear(); dirty.structure = false;
   document.body.dataset.cursor = String(view.cursor ?? "");
+  document.body.dataset.rendered = String(performance.now());
 }
 
 function connect() {
   const es = new EventSource("/api/stream");
-  es.addEventListener("snapshot", ev => {
-    const snap = JSON.parse(ev.data);
-    view.hosts = {}; view.events = [];
-    apply(snap); view.cursor = snap.cursor; view.streamUp = true;
-  });
-  es.addEventListener("delta", ev => { const d = JSON.parse(ev.data); apply(d); view.cursor = d.cursor; });
-  es.onerror = () => { view.streamUp = false; dirty = true; };  // EventSource reconnects by itself
+  es.addEventListener("snapshot", ev => { apply(JSON.parse(ev.data), true); view.streamUp = true; });
+  es.addEventListener("delta", ev => apply(JSON.parse(ev.data), false));
+  es.onerror = () => { view.streamUp = false; dirty.any = true; };  // EventSource reconnects by itself
 }
 
-document.addEventListener("click", ev => {
+document.addEventListener("click", async ev => {
+  const ctl = ev.target.closest("[data-control]");
+  if (ctl) {
+    const body = {name: ctl.dataset.rollout};
+    if (ctl.dataset.wave) body.wave = Number(ctl.dataset.wave);
+    await control(ctl.dataset.control, body);
+    return;
+  }
+  const chk = ev.target.closest("[data-check]");
+  if (chk) {
+    const host = chk.dataset.check, verb = chk.dataset.verb;
+    view.checks[host] = {verb};
+    dirty.any = true;
+    const reply = await control(verb, {host, patch: chk.dataset.patch});
+    view.checks[host] = reply.ok ? {verb, data: reply.data} : {verb, error: reply.error ? `${reply.error.code}: ${reply.error.message}` : "failed"};
+    dirty.any = true;
+    return;
+  }
   const t = ev.target.closest("[data-host]");
-  if (t) { view.selected = t.dataset.host; dirty = true; }
+  if (t && !ev.target.closest("button")) { view.selected = t.dataset.host; dirty.any = true; }
 });
-$("host-close").addEventListener("click", () => { view.selected = null; dirty = true; });
-$("filter").addEventListener("input", () => { dirty = true; });
-$("group").addEventListener("change", () => { dirty = true; });
+for (const [id, verb] of [["spec-dry-run", "dry_run"], ["spec-create", "create"], ["spec-create-start", "create"]]) {
+  $(id).addEventListener("click", async () => {
+    let spec;
+    try { spec = JSON.parse($("spec").value); } catch (e) { $("control-result").textContent = `the spec is not JSON: ${e.message}`; return; }
+    const reply = await control(verb, {spec});
+    if (verb === "dry_run" && reply.ok) {
+      const d = reply.data;
+      $("control-result").textContent = `dry run: waves ${d.waves.map(w => w.length).join(" + ")} hosts; removed ${Object.keys(d.removed).length}; ` +
+        `offline ${d.offline.length}; in a transition ${d.in_transition.length}; projected ${d.projected_s.toFixed(1)} s`;
+    }
+    if (id === "spec-create-start" && reply.ok) await control("start", {name: spec.name});
+  });
+}
+$("host-close").addEventListener("click", () => { view.selected = null; dirty.any = true; });
+$("filter").addEventListener("input", () => { dirty.structure = true; dirty.any = true; });
+$("group").addEventListener("change", () => { dirty.structure = true; dirty.any = true; });
 connect();
 // Render at most every 250 ms: a burst of changes costs one paint.
 setInterval(render, 250);
-setInterval(() => { dirty = true; }, 2000);  // keep the time plot moving while the fleet is quiet
+setInterval(() => { dirty.any = true; }, 2000);  // keep the time plot moving while the fleet is quiet
