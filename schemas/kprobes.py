@@ -235,6 +235,9 @@ class KprobeRestoreFailedEvent(Outbound):
     error: str
 
 
+KprobeEventType = Literal["kprobe.registered", "kprobe.unregistered", "kprobe.restore_failed"]
+"""Events of the kprobe verbs (on ``events``, with the daemon's own ``EventType``)."""
+
 EVENTS: dict[str, type[Outbound]] = {"kprobe.registered": KprobeRegisteredEvent,
                                      "kprobe.unregistered": KprobeUnregisteredEvent,
                                      "kprobe.restore_failed": KprobeRestoreFailedEvent}
