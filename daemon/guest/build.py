@@ -93,7 +93,8 @@ CFLAGS = [
 ]
 LDFLAGS = ["--target=aarch64-freestanding-none", "-nostdlib", "-Wl,--no-gc-sections", "-Wl,--build-id=sha1",
            "-Wl,-T,kernel.lds", "-Wl,-z,norelro"]
-SOURCES = ["entry.S", "ftrace_entry.S", "sched.c", "lib.c", "workload.c", "ftrace.c", "fgraph.c", "livepatch.c"]
+SOURCES = ["entry.S", "ftrace_entry.S", "sched.c", "lib.c", "workload.c", "ftrace.c", "fgraph.c", "livepatch.c",
+           "kprobes_entry.S", "kprobes.c", "kprobes_selftest.c"]
 
 
 def _zig_cc(args: list[str], cwd: Path) -> None:
