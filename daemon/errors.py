@@ -321,3 +321,31 @@ class CallbackFailed(LivepatchError):
 class PatchFtraceFailed(LivepatchError):
     code = "livepatch_ftrace_failed"
     errno = -16  # -EBUSY
+
+
+class KprobeError(LivepatchdError):
+    """A kprobe request was refused (nothing was armed or changed)."""
+
+    code = "kprobe_error"
+    errno = -22  # -EINVAL
+
+
+class KprobeRefused(KprobeError):
+    """The address may not be probed: its instruction, its function or its place (Linux: -EINVAL)."""
+
+    code = "kprobe_refused"
+
+
+class KprobeExists(KprobeError):
+    code = "kprobe_exists"
+    errno = -17  # -EEXIST
+
+
+class KprobeNotFound(KprobeError):
+    code = "kprobe_not_found"
+    errno = -2  # -ENOENT
+
+
+class KprobeNoSpace(KprobeError):
+    code = "kprobe_no_space"
+    errno = -12  # -ENOMEM

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from schemas._base import Outbound
+from schemas._base import Inbound, Outbound
 from schemas.envelope import Request
 from schemas.livepatch import PatchName
 from schemas.spec import VerbSpec
@@ -35,10 +35,24 @@ BlockOutcome = Literal["signal_clears", "stalls"]
 # -- patch.check --------------------------------------------------------------------------------------------------
 
 
-class PatchCheckRequest(Request):
-    """Predict the stalls of a loaded, not yet enabled patch's patching transition (read-only)."""
+class FunctionRef(Inbound):
+    name: str = Field(min_length=1, max_length=256)
+    sympos: int = Field(default=0, ge=0, le=1_000_000)
 
-    name: PatchName
+
+class PatchCheckRequest(Request):
+    """Predict the stalls of a patching transition (read-only): of a loaded, not yet enabled patch (``name``), or
+    — before anything is loaded, e.g. a rollout's dry run — of a patch replacing ``functions`` (as its manifest
+    lists them; an atomic replace's NOP funcs are then not included)."""
+
+    name: PatchName | None = None
+    functions: list[FunctionRef] = Field(default_factory=list, max_length=256)
+
+    @model_validator(mode="after")
+    def _one(self) -> PatchCheckRequest:
+        if (self.name is None) == (not self.functions):
+            raise ValueError("give either name (a loaded patch) or functions (what a patch would replace)")
+        return self
 
 
 class PredictedBlocker(Outbound):

@@ -75,6 +75,10 @@ class DryRunData(Outbound):
     removed: dict[str, str] = Field(description="host -> why it would be REMOVED")
     offline: list[str] = Field(description="targets whose status is offline now")
     in_transition: list[str] = Field(description="targets with a transition in progress now")
+    would_stall: dict[str, list[dict[str, Any]]] = Field(
+        default_factory=dict, description="host -> the tasks whose stacks would stall its transition now "
+        "(patch.check by function, read-only; interruptible sleeps a fake signal clears are not listed)")
+    unchecked: dict[str, str] = Field(default_factory=dict, description="host -> why its stalls were not predicted")
     projected_s: float = Field(description="time to 100% on the simulated clock, no faults")
 
 

@@ -93,12 +93,20 @@ def test_rollout_across_real_hosts(mosquitto: Mosquitto, tmp_path: Path) -> None
                 assert exc.value.code == "bad_request"
                 assert "waves.count" in str(exc.value)
                 assert (await r.rollouts()) == []
-                requests_before = orch.driver.requests
+                assert orch.driver.requests == 0, "refused at create: nothing sent to any host"
+                stalled_hosts = [h for h in hosts if any(f["kind"] == "stall" for f in
+                                                         orch.driver._states[h]["components"]["fleet"]["faults"])]
+                assert len(stalled_hosts) == 1
 
                 dry = await r.dry_run(spec_doc("r1", prefix, bundle, SLEEPER, waves={"count": 2}))
                 assert [len(w) for w in dry.waves] == [4, 4]
                 assert dry.projected_s >= 0
-                assert orch.driver.requests == requests_before, "a dry run sends nothing to any host"
+                sent = orch.driver.verbs.copy()
+                assert set(sent) == {"patch.check"}, "a dry run sends only read-only checks"
+                assert sent["patch.check"] == 8
+                assert list(dry.would_stall) == stalled_hosts, "the stall fault's host, predicted before any load"
+                assert dry.would_stall[stalled_hosts[0]][0]["reason"] == "uninterruptible"
+                assert dry.unchecked == {}
                 assert (await r.rollouts()) == []
 
                 spec = spec_doc("r1", prefix, bundle, SLEEPER, waves={"count": 2, "success_threshold": 50},
@@ -133,6 +141,13 @@ def test_rollout_across_real_hosts(mosquitto: Mosquitto, tmp_path: Path) -> None
                         listing = await c.patch_list()
                         on = [p.name for p in listing.patches if p.enabled]
                         assert on == ([] if states[h] == "REVERTED" else [SLEEPER])
+                async with LivepatchClient(mosquitto.url, hosts[0], protocol="3.1.1") as c:
+                    for bad, code in [({"name": SLEEPER, "functions": [{"name": "sleeper_middle"}]}, "bad_request"),
+                                      ({}, "bad_request"),
+                                      ({"functions": [{"name": "no_such_fn"}]}, "patch_old_func_not_found")]:
+                        with pytest.raises(ReplyError) as exc:
+                            await c.request("patch.check", bad)
+                        assert exc.value.code == code, bad
                 report = await r.report("r1")
                 assert report.report["counts"] == {"REVERTED": 1, "SUCCEEDED": 7}
                 assert "## Timeline" in report.markdown

@@ -118,6 +118,11 @@ def create(ctx: typer.Context,
             out().print(f"[yellow]offline now: {', '.join(d.offline)}[/]")
         if d.in_transition:
             out().print(f"[yellow]in a transition now: {', '.join(d.in_transition)}[/]")
+        for host, tasks in d.would_stall.items():
+            who = "; ".join(f"pid {t.get('pid')} ({t.get('comm')}) {t.get('reason')}" for t in tasks)
+            out().print(f"[red]would stall[/] {host}: {who}")
+        for host, why in d.unchecked.items():
+            out().print(f"[dim]stalls not predicted on {host}: {why}[/]")
         return
     r: RolloutData = call_verb(ctx, lambda c: api.create(c, s))
     _show(r.rollout)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from clients.rollout import report
 from clients.rollout.engine import Engine
-from clients.rollout.plan import make_plan
+from clients.rollout.plan import HostInfo, Plan, make_plan
 from clients.rollout.rehearse import rehearse
 from schemas.rollout_api import (
     ApproveRequest,
@@ -41,17 +42,43 @@ async def create(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def dry_run(engine: Engine, req: CreateRequest) -> dict[str, Any]:
-    """Resolve targets and bundles (signature present, build ids), check state compatibility, and project the
-    duration on a fault-free twin; nothing is stored and no host is sent anything."""
+    """Resolve targets and bundles (signature present, build ids), check state compatibility, predict stalls on
+    the real hosts (``patch.check`` by function: read-only), and project the duration on a fault-free twin;
+    nothing is stored and no host is sent anything that changes it."""
     fleet = await engine.driver.fleet()
     plan = make_plan(req.spec, fleet)
     removed = {h: str(d.get("reason")) for h, _w, _b, st, d in plan.rows if st.value == "REMOVED"}
     targets = [h for w in plan.waves for h in w]
     projected = await rehearse(req.spec, {h: fleet[h] for h in targets}, [], req.spec.seed)
+    stalls, unchecked = await _predict(engine, plan, fleet, [h for h in targets if h not in removed])
     return _dump(DryRunData(plan=plan.summary(), waves=plan.waves, removed=removed,
                             offline=[h for h in targets if not fleet[h].online],
                             in_transition=[h for h in targets if fleet[h].transition],
-                            projected_s=projected["duration_s"]))
+                            would_stall=stalls, unchecked=unchecked, projected_s=projected["duration_s"]))
+
+
+async def _predict(engine: Engine, plan: Plan, fleet: dict[str, HostInfo],
+                   hosts: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """patch.check by function (read-only) on every covered online target, a few at a time."""
+    stalls: dict[str, list[dict[str, Any]]] = {}
+    unchecked: dict[str, str] = {}
+    gate = asyncio.Semaphore(32)
+
+    async def one(h: str) -> None:
+        info = fleet[h]
+        if not info.online:
+            unchecked[h] = "offline"
+            return
+        funcs = list(plan.bundles[info.build_id].functions)
+        async with gate:
+            out = await engine.driver.predict(h, funcs)
+        if not out.ok:
+            unchecked[h] = f"{out.code}: {out.message}"
+        elif out.data.get("would_stall"):
+            stalls[h] = list(out.data.get("tasks") or [])
+
+    await asyncio.gather(*(one(h) for h in hosts))
+    return dict(sorted(stalls.items())), dict(sorted(unchecked.items()))
 
 
 def _control(action: str) -> Handler:

@@ -52,6 +52,10 @@ class HostDriver(Protocol):
 
     async def check(self, host: str, patch: str) -> Outcome: ...
 
+    async def predict(self, host: str, functions: list[tuple[str, int]]) -> Outcome:
+        """``check`` before anything is loaded: the transition of a patch replacing ``functions`` (read-only)."""
+        ...
+
     async def effect(self, host: str, patch: str) -> Outcome: ...
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -55,6 +56,7 @@ class MqttDriver:
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._sent: dict[str, tuple[str, str, Any]] = {}
         self.requests = 0
+        self.verbs: Counter[str] = Counter()  # requests sent, by verb
 
     async def open(self) -> None:
         await self._conn.open()
@@ -123,6 +125,7 @@ class MqttDriver:
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         self.requests += 1
+        self.verbs[verb] += 1
         try:
             async with asyncio.timeout(timeout_s):
                 await self._conn.publish(topic, payload, props)
@@ -175,7 +178,14 @@ class MqttDriver:
         return await self.request(host, "patch.force", {"name": patch}, request_id=request_id)
 
     async def check(self, host: str, patch: str) -> Outcome:
-        out = await self.request(host, "patch.check", {"name": patch})
+        return self._prediction(await self.request(host, "patch.check", {"name": patch}))
+
+    async def predict(self, host: str, functions: list[tuple[str, int]]) -> Outcome:
+        body = {"functions": [{"name": n, "sympos": p} for n, p in functions]}
+        return self._prediction(await self.request(host, "patch.check", body))
+
+    @staticmethod
+    def _prediction(out: Outcome) -> Outcome:
         if not out.ok:
             return out
         tasks = [{k: b.get(k) for k in ("pid", "comm", "cpu", "reason", "outcome", "why", "function", "stack")}

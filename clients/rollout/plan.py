@@ -56,6 +56,7 @@ class Bundle:
     replace: bool
     signed: bool
     key_id: str | None
+    functions: tuple[tuple[str, int], ...] = ()  # (old_name, old_sympos) the patch replaces, from its manifest
 
     @property
     def b64(self) -> str:
@@ -86,7 +87,10 @@ def read_bundle(build_id: str, path: str, patch: str) -> Bundle:
     if manifest.get("name") != patch:
         raise PlanError("bundle_patch_mismatch", f"{path} holds patch {manifest.get('name')!r}, not {patch!r}",
                         {"path": path})
-    return Bundle(build_id, path, raw, patch, bool(manifest.get("replace")), True, sig.get("key_id"))
+    funcs = tuple((str(f.get("old_name")), int(f.get("old_sympos") or 0))
+                  for o in manifest.get("objects") or [] if isinstance(o, dict)
+                  for f in o.get("funcs") or [] if isinstance(f, dict) and f.get("old_name"))
+    return Bundle(build_id, path, raw, patch, bool(manifest.get("replace")), True, sig.get("key_id"), funcs)
 
 
 def _labels_match(want: dict[str, str], have: dict[str, str]) -> bool:

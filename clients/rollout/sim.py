@@ -228,6 +228,9 @@ class SimDriver:
         return Outcome(ok=True, data={"would_stall": stall is not None and stall.mode == "uninterruptible",
                                       "tasks": tasks})
 
+    async def predict(self, host: str, functions: list[tuple[str, int]]) -> Outcome:
+        return await self.check(host, self.patch)  # a twin's stall fault sits in the function its patch replaces
+
     async def effect(self, host: str, patch: str) -> Outcome:
         h = self.hosts[host]
         if (late := self._answer(h, None)) is not None:

@@ -304,6 +304,19 @@ class Store:
             return [_exec(r) for r in t.run(f"SELECT {_EXEC_COLS} FROM executions WHERE rollout = ? ORDER BY seq",
                                             (name,))]
 
+    def counts(self, name: str) -> dict[tuple[int, str], int]:
+        """How many executions per (wave, state)."""
+        with self.tx() as t:
+            return {(int(w), str(st)): int(n) for w, st, n in
+                    t.run("SELECT wave, state, COUNT(*) FROM executions WHERE rollout = ? GROUP BY wave, state",
+                          (name,))}
+
+    def busy(self, name: str) -> bool:
+        """Some execution is released and not done."""
+        with self.tx() as t:
+            return bool(t.run("SELECT 1 FROM executions WHERE rollout = ? AND released = 1 AND phase <> 'done' "
+                              "LIMIT 1", (name,)))
+
     def release(self, name: str, hosts: list[str], now: float) -> None:
         """The rate limiter let these QUEUED executions start (durable: a restart does not release them again)."""
         with self.tx() as t:

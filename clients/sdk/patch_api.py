@@ -126,6 +126,11 @@ class PatchApi:
         and whether a fake signal would clear them (read-only)."""
         return PatchCheckData.model_validate(await self.request("patch.check", {"name": name}))
 
+    async def patch_check_functions(self: _Requester, functions: list[tuple[str, int]]) -> PatchCheckData:
+        """The same prediction before anything is loaded: for a patch replacing ``functions`` ((name, sympos))."""
+        body = {"functions": [{"name": n, "sympos": p} for n, p in functions]}
+        return PatchCheckData.model_validate(await self.request("patch.check", body))
+
     async def patch_effect(self: _Requester, name: str) -> PatchEffectData:
         """An enabled patch's effect: calls each replacement function took (guest-side counters), whether the
         original functions ran since the transition completed, and ``verified``."""

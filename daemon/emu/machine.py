@@ -54,6 +54,17 @@ HostCallHandler = Callable[["VCpu", int, int], None]
 _EXCP_SWI = 2  # Unicorn's interrupt number for svc on AArch64
 _EXCP_BKPT = 7  # brk
 _BUG_BRK_IMM = 0x800
+# BRKs the guest handles through its own vectors (kprobes_entry.S): the host emulates only the CPU's exception
+# entry, since unicorn reports a BRK to the interrupt hook (intno 7, pc left on the BRK) and never runs the
+# guest's VBAR_EL1 table. Every other BRK (BUG() = #0x800) stays a host-reported panic.
+_VECTORED_BRKS = frozenset({abi.KPROBES_BRK_IMM, abi.KPROBES_BRK_SS_IMM, abi.KRETPROBES_BRK_IMM})
+_ESR_IL = 1 << 25
+_PSTATE_DAIF = 0x3C0
+_PSTATE_SPSEL = 1  # EL1h: the current-EL-with-SP_ELx vectors, VBAR_EL1 + 0x200
+_PSTATE_IL_SS = (1 << 20) | (1 << 21)  # cleared by exception entry
+_SCR_EL3 = (3, 6, 1, 1, 0)  # op0, op1, CRn, CRm, op2
+_SPSR_EL1 = (3, 0, 4, 0, 0)
+_SCR_EL3_RW = 1 << 10
 _TRAP = abi.cpu_data.offsetof("trap")
 # Above this much text, one ctl_flush_tb (18 us) beats removing the range block by block (measured: 0.4-1.7 ms per
 # engine for the 600 KiB of a 10,000-site batch); a range that large is nearly all the hot code anyway.
@@ -114,11 +125,17 @@ class VCpu:
         if self.fill_table is None:
             self.uc.hook_add(unicorn.UC_HOOK_MEM_INVALID, self._on_bad_access)
         self.instructions = 0
+        self.debug_exceptions = 0
+        """BRK exceptions delivered to the guest's vectors (kprobe hits and single-step completions)."""
         if count_instructions:
             # A Python call per translated block: for separate counting runs only, never for timed ones.
             self.uc.hook_add(unicorn.UC_HOOK_BLOCK, self._count_block)
         self.cpu_data = machine.cpu_data_addr + index * abi.cpu_data.size
         self.uc.reg_write(a64.UC_ARM64_REG_TPIDR_EL1, self.cpu_data)
+        # Firmware's part (measured on unicorn 2.1.4): the engine resets with SCR_EL3 = 0, so EL1 counts as
+        # AArch32 for an exception return and the guest's `eret` to EL1h is an illegal return (PSTATE.IL
+        # set). With SCR_EL3.RW = 1 it returns to AArch64 EL1 as a real CPU does.
+        self._cpr_write(_SCR_EL3, self._cpr_read(_SCR_EL3) | _SCR_EL3_RW)
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.kicks_seen = 0
@@ -136,6 +153,33 @@ class VCpu:
         """Read a register; only valid on this vCPU's thread (in a hook) or after it stopped."""
         value: int = self.uc.reg_read(reg_id)
         return value
+
+    def _cpr_read(self, reg: tuple[int, int, int, int, int]) -> int:
+        op0, op1, crn, crm, op2 = reg
+        value: int = self.uc.reg_read(a64.UC_ARM64_REG_CP_REG, (crn, crm, op0, op1, op2))
+        return value
+
+    def _cpr_write(self, reg: tuple[int, int, int, int, int], value: int) -> None:
+        op0, op1, crn, crm, op2 = reg
+        self.uc.reg_write(a64.UC_ARM64_REG_CP_REG, (crn, crm, op0, op1, op2, value))
+
+    def _take_debug_exception(self, pc: int, imm: int, vbar: int) -> None:
+        """The CPU's exception entry for a BRK at EL1: what unicorn leaves undone (the guest runs the rest).
+
+        ELR_EL1 = the BRK (a BRK's preferred return address is itself), SPSR_EL1 = PSTATE, ESR_EL1 = EC BRK64,
+        IL, the immediate; PSTATE gets DAIF masked, IL/SS cleared; execution goes on at VBAR_EL1 + 0x200
+        (current EL with SP_ELx) or + 0x000 (SP_EL0). Measured on unicorn 2.1.4: writing PC in the interrupt
+        hook resumes there, and the guest's `mrs`/`msr` of ELR/SPSR/ESR_EL1 and `eret` behave (once SCR_EL3.RW
+        is set, see __init__).
+        """
+        uc = self.uc
+        pstate: int = uc.reg_read(a64.UC_ARM64_REG_PSTATE)
+        self._cpr_write(_SPSR_EL1, pstate)
+        uc.reg_write(a64.UC_ARM64_REG_ELR_EL1, pc)
+        uc.reg_write(a64.UC_ARM64_REG_ESR_EL1, (abi.ESR_ELX_EC_BRK64 << 26) | _ESR_IL | imm)
+        uc.reg_write(a64.UC_ARM64_REG_PSTATE, (pstate | _PSTATE_DAIF) & ~_PSTATE_IL_SS)
+        uc.reg_write(a64.UC_ARM64_REG_PC, vbar + (0x200 if pstate & _PSTATE_SPSEL else 0))
+        self.debug_exceptions += 1
 
     def _count_block(self, _uc: unicorn.Uc, _address: int, size: int, _user_data: object) -> None:
         self.instructions += size // 4
@@ -202,6 +246,11 @@ class VCpu:
             elif intno == _EXCP_BKPT:
                 pc = self.reg(a64.UC_ARM64_REG_PC)
                 imm = (self.machine.memory.read_u32(pc) >> 5) & 0xFFFF
+                if imm in _VECTORED_BRKS:
+                    vbar: int = uc.reg_read(a64.UC_ARM64_REG_VBAR_EL1)
+                    if vbar:
+                        self._take_debug_exception(pc, imm, vbar)
+                        return
                 what = "BUG()" if imm == _BUG_BRK_IMM else f"brk #{imm:#x}"
                 raise GuestPanic(f"vCPU {self.index} hit {what} at pc={pc:#x}", cpu=self.index, pc=pc, imm=imm)
             else:

@@ -94,6 +94,32 @@ LOADGEN_OFF = 0
 LOADGEN_CORPUS = 1  # call corpus functions and check each result
 LOADGEN_MIX = 2  # corpus plus the kernel-like workload (cmdline rendering, getpid, call chains)
 
+# kprobes (arm64 BRK probes, see daemon/kprobes): BRK immediates, kprobe kinds, handler flags, per-CPU status
+KPROBES_BRK_IMM = 0x004  # the BRK a probe arms over the original instruction
+KPROBES_BRK_SS_IMM = 0x006  # the BRK after the instruction in an out-of-line slot: single-step done
+KRETPROBES_BRK_IMM = 0x007
+KPROBE_MAX = 64  # probes registered at once (kprobe_table)
+KPROBE_RING = 32  # register records kept per CPU (kprobe_ctlblk.ring, overwritten oldest first)
+KP_STEP = 0  # run out of line in the probe's slot (instruction + BRK #KPROBES_BRK_SS_IMM)
+KP_SIM_NOP = 1  # the rest are simulated in guest C: they read or write the PC
+KP_SIM_B = 2  # B, BL
+KP_SIM_BCOND = 3
+KP_SIM_CBZ = 4  # CBZ, CBNZ (32 and 64 bit)
+KP_SIM_TBZ = 5  # TBZ, TBNZ
+KP_SIM_ADR = 6  # ADR, ADRP
+KP_SIM_LDR_LIT = 7  # LDR (literal) w/x, LDRSW (literal)
+KP_SIM_BR = 8  # BR, BLR, RET
+KPF_ARMED = 1 << 0  # kprobe_table entry in use (the guest looks up armed entries only)
+KPF_RECORD = 1 << 1  # pre handler: record pt_regs into this CPU's ring
+KPF_SET_REG = 1 << 2  # pre handler: regs[set_reg] = set_val (fault injection)
+KPF_CALL = 1 << 3  # pre handler: call call_fn(x0) (a handler running probed code: its hits are missed)
+KPF_POST = 1 << 4  # post handler: count (and record, with KPF_RECORD)
+KPROBE_HIT_ACTIVE = 1  # Linux's kprobe_status values
+KPROBE_HIT_SS = 2
+KPROBE_REENTER = 3
+KPROBE_HIT_SSDONE = 4
+ESR_ELX_EC_BRK64 = 0x3C
+
 cpu_context = Struct(
     "cpu_context",
     [u64("x19_x28", 10), u64("fp"), u64("sp"), u64("pc")],
@@ -274,9 +300,39 @@ boot_params = Struct(
     doc="written by the host before boot; count_armed tells load generators that call sites count hits",
 )
 
+pt_regs = Struct(
+    "pt_regs",
+    [u64("regs", 31), u64("sp"), u64("pc"), u64("pstate")],
+    doc="the registers a BRK exception saved (kprobes_entry.S): every GPR, sp, pc (ELR_EL1), pstate (SPSR_EL1)",
+)
+
+kprobe = Struct(
+    "kprobe",
+    [u64("addr"), u64("opcode"), u64("kind"), u64("slot"), u64("restore"), u64("flags"), u64("set_reg"),
+     u64("set_val"), u64("call_fn"), u64("hits", MAX_CPUS), u64("nmissed", MAX_CPUS),
+     u64("post_hits", MAX_CPUS)],
+    doc="one registered kprobe: probed address, original instruction, KP_* kind, XOL slot (0: simulated), "
+        "pc after stepping (addr + 4), KPF_* handler flags and per-CPU counters",
+)
+
+kprobe_trace = Struct(
+    "kprobe_trace",
+    [u64("ts"), u64("probe"), u64("cpu"), u64("post"), nested("regs", pt_regs)],
+    doc="one register record of a KPF_RECORD probe: kprobe_table index, pre (post = 0) or post handler",
+)
+
+kprobe_ctlblk = Struct(
+    "kprobe_ctlblk",
+    [u64("current", ctype="struct kprobe *"), u64("status"), u64("saved_irqflag"),
+     u64("prev_kprobe", ctype="struct kprobe *"), u64("prev_status"), u64("ring_head"), u64("bugs"),
+     u64("pad"), nested("ring", kprobe_trace, KPROBE_RING)],
+    doc="per-CPU kprobe state (Linux's current_kprobe + kprobe_ctlblk) and its register ring",
+)
+
 STRUCTS: list[Struct] = [cpu_context, job, loadgen, ftrace_ret_stack, task_struct, host_trap, ftrace_regs,
                          ftrace_hash, fgraph_hashes, ftrace_ops, ftrace_profile, klp_func, klp_ops, klp_shadow,
-                         klp_shadow_req, trace_entry, ring_buffer, cpu_data, boot_params]
+                         klp_shadow_req, trace_entry, ring_buffer, cpu_data, boot_params, pt_regs, kprobe,
+                         kprobe_trace, kprobe_ctlblk]
 
 CONSTANTS: dict[str, int] = {
     name: value

@@ -28,8 +28,10 @@ from typing import Literal
 from daemon.errors import PatchStateError
 from daemon.guest import abi
 from daemon.kernel.kernel import KIND_NAMES
+from daemon.livepatch.artifact import old_function
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.funcstack import nop_funcs
+from daemon.livepatch.klp import KlpFunc
 from daemon.livepatch.transition import PATCHED, blocking_function, blocking_reason, check_ranges_of
 
 Reason = Literal["interruptible", "uninterruptible", "running", "unreliable_stack"]
@@ -77,41 +79,59 @@ def predict(lp: Livepatch, name: str) -> Prediction:
         if patch.replaced:
             raise PatchStateError(f"patch {name!r} was replaced; load it again to re-apply it", patch=name)
         funcs = patch.funcs() + (nop_funcs(patch, lp.patches) if patch.replace else [])
-        ranges = check_ranges_of(funcs, PATCHED, lp.stacks.ops)
-        kernel = lp.kernel
-        signals = lp.policy.signal_after is not None
+        return _scan(lp, name, funcs)
 
-        def scan() -> tuple[int, list[PredictedBlock]]:
-            nr = kernel.boot_params.get("nr_tasks")
-            current = {kernel.cpu(c).get("current") for c in range(kernel.config.nr_cpus)}
-            out = []
-            for i in range(nr):
-                t = kernel.task(i)
-                trace = kernel.stack_of(t)
-                why = blocking_reason(trace, ranges)
-                if why is None:
-                    continue
-                kind = KIND_NAMES.get(t.get("kind"), "?")
-                state = t.get("state")
-                reason: Reason
-                if not trace.reliable:
-                    reason = "unreliable_stack"
-                elif t.addr not in current and state == abi.TASK_INTERRUPTIBLE:
-                    reason = "interruptible"
-                elif t.addr not in current and state == abi.TASK_WAITING:
-                    reason = "uninterruptible"
-                else:
-                    reason = "running"
-                # klp_send_signals: every pending task but the idle ones; only interruptible sleeps end
-                cleared = reason == "interruptible" and signals and t.get("kind") != abi.TASK_KIND_IDLE
-                stack = tuple(lp.ftrace.describe(pc if j == 0 else pc - 4) for j, pc in enumerate(trace.pcs))
-                out.append(PredictedBlock(
-                    pid=t.get("pid"), cpu=t.get("cpu"), kind=kind,
-                    comm=t.get_bytes("comm").split(b"\0", 1)[0].decode(), reason=reason,
-                    outcome="signal_clears" if cleared else "stalls", why=why,
-                    function=blocking_function(trace, ranges), stack=stack))
-            return nr, out
-        nr, blocks = kernel.machine.stop_machine(scan)
-        return Prediction(patch=name, tasks_scanned=nr, functions=tuple(sorted({r[2] for r in ranges})),
-                          blocks=tuple(blocks), signals=signals,
-                          busy_with=None if tr is None else tr.patch.name)
+
+def predict_functions(lp: Livepatch, functions: list[tuple[str, int]]) -> Prediction:
+    """The same scan for a patch that is not loaded, from the functions it would replace (``(name, sympos)``, as
+    its manifest lists them): what a dry run asks before anything is sent. An atomic replace's NOP funcs are not
+    known this way (they depend on the patch object), so only the named functions are checked."""
+    with lp.lock:
+        funcs = []
+        for fn, sympos in functions:
+            old = old_function(lp.kernel.kallsyms, fn, sympos, "(patch.check)")
+            funcs.append(KlpFunc(fn, sympos, old.addr, old.size, fn, old.addr, old.size))
+        return _scan(lp, "(functions)", funcs)
+
+
+def _scan(lp: Livepatch, name: str, funcs: list[KlpFunc]) -> Prediction:
+    """Every task's stack against the ranges of ``funcs`` (``lp.lock`` held)."""
+    tr = lp.transition
+    ranges = check_ranges_of(funcs, PATCHED, lp.stacks.ops)
+    kernel = lp.kernel
+    signals = lp.policy.signal_after is not None
+
+    def scan() -> tuple[int, list[PredictedBlock]]:
+        nr = kernel.boot_params.get("nr_tasks")
+        current = {kernel.cpu(c).get("current") for c in range(kernel.config.nr_cpus)}
+        out = []
+        for i in range(nr):
+            t = kernel.task(i)
+            trace = kernel.stack_of(t)
+            why = blocking_reason(trace, ranges)
+            if why is None:
+                continue
+            kind = KIND_NAMES.get(t.get("kind"), "?")
+            state = t.get("state")
+            reason: Reason
+            if not trace.reliable:
+                reason = "unreliable_stack"
+            elif t.addr not in current and state == abi.TASK_INTERRUPTIBLE:
+                reason = "interruptible"
+            elif t.addr not in current and state == abi.TASK_WAITING:
+                reason = "uninterruptible"
+            else:
+                reason = "running"
+            # klp_send_signals: every pending task but the idle ones; only interruptible sleeps end
+            cleared = reason == "interruptible" and signals and t.get("kind") != abi.TASK_KIND_IDLE
+            stack = tuple(lp.ftrace.describe(pc if j == 0 else pc - 4) for j, pc in enumerate(trace.pcs))
+            out.append(PredictedBlock(
+                pid=t.get("pid"), cpu=t.get("cpu"), kind=kind,
+                comm=t.get_bytes("comm").split(b"\0", 1)[0].decode(), reason=reason,
+                outcome="signal_clears" if cleared else "stalls", why=why,
+                function=blocking_function(trace, ranges), stack=stack))
+        return nr, out
+    nr, blocks = kernel.machine.stop_machine(scan)
+    return Prediction(patch=name, tasks_scanned=nr, functions=tuple(sorted({r[2] for r in ranges})),
+                      blocks=tuple(blocks), signals=signals,
+                      busy_with=None if tr is None else tr.patch.name)

@@ -22,7 +22,7 @@ from daemon.errors import PatchStateError
 from daemon.kernel.kernel import Kernel
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.effect import func_calls, orig_calls
-from daemon.livepatch.precheck import predict
+from daemon.livepatch.precheck import predict, predict_functions
 from daemon.service.core import RequestContext, Service
 from schemas.patch_insight import (
     FuncEffect,
@@ -134,7 +134,10 @@ def register(service: Service, kernel: Kernel, livepatch: Livepatch, *, refresh_
 
     @service.handler("patch.check")
     def patch_check(req: PatchCheckRequest, ctx: RequestContext) -> PatchCheckData:
-        p = predict(livepatch, req.name)
+        if req.name is not None:
+            p = predict(livepatch, req.name)
+        else:
+            p = predict_functions(livepatch, [(f.name, f.sympos) for f in req.functions])
         return PatchCheckData(
             name=p.patch, tasks_scanned=p.tasks_scanned, functions=list(p.functions), would_block=bool(p.blocks),
             will_stall=p.will_stall, signals=p.signals, busy_with=p.busy_with,

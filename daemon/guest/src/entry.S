@@ -20,7 +20,11 @@ primary_entry:
 secondary_entry:
 	adrp	x19, secondary_start_kernel
 	add	x19, x19, :lo12:secondary_start_kernel
-1:	mrs	x0, tpidr_el1
+1:	adrp	x0, vectors		// the BRK exceptions of kprobes (kprobes_entry.S)
+	add	x0, x0, :lo12:vectors
+	msr	vbar_el1, x0
+	isb
+	mrs	x0, tpidr_el1
 	ldr	x1, [x0, #CPU_DATA_CPU]
 	add	x1, x1, #1
 	lsl	x1, x1, #THREAD_SHIFT

@@ -1,0 +1,283 @@
+"""Register, arm, disarm and read kprobes of one kernel (kernel/kprobes.c + arch_prepare/arm/disarm_kprobe).
+
+The host does what Linux does in process context: checks the address (aligned, kernel text, a traceable
+function, not the ftrace site ``rec->ip``, not already probed), decodes the instruction
+(:mod:`daemon.kprobes.decode`), prepares the out-of-line slot (instruction + ``BRK #KPROBES_BRK_SS_IMM``) or
+none for a simulated instruction, fills a ``kprobe_table`` entry, and arms it with one stop-machine batch that
+writes the slot, ``BRK #KPROBES_BRK_IMM`` over the instruction (compare-then-write) and the entry's
+``KPF_ARMED`` flag together. Every hit then runs in the guest (``kprobes.c``).
+
+Disarming restores the original instruction in a stop-machine batch; the slot is freed after it, when no CPU
+can be in it: vCPUs park only at safe points, never inside a debug exception or a slot.
+A kprobe at a function's address (``func+0``, before ``rec->ip``) must be armed after ftrace initialised the
+site (``ftrace_init_nop`` writes ``mov x9, x30`` there once): the probe then steps that instruction.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.arch.arm64 import insn as a64insn
+from daemon.arch.arm64.callsite import DataPatch, InsnPatch, ftrace_call_adjust
+from daemon.arch.arm64.patching import TextPatcher
+from daemon.errors import KprobeExists, KprobeNoSpace, KprobeNotFound, KprobeRefused, PatchError
+from daemon.guest import abi
+from daemon.kernel.kernel import Kernel
+from daemon.kprobes import decode
+
+KIND_NAMES = {abi.KP_STEP: "step", abi.KP_SIM_NOP: "simulate:nop", abi.KP_SIM_B: "simulate:b",
+              abi.KP_SIM_BCOND: "simulate:b.cond", abi.KP_SIM_CBZ: "simulate:cbz", abi.KP_SIM_TBZ: "simulate:tbz",
+              abi.KP_SIM_ADR: "simulate:adr", abi.KP_SIM_LDR_LIT: "simulate:ldr_literal",
+              abi.KP_SIM_BR: "simulate:br"}
+BRK_KPROBE = a64insn.gen_brk(abi.KPROBES_BRK_IMM)
+BRK_SS = a64insn.gen_brk(abi.KPROBES_BRK_SS_IMM)
+SLOT_SIZE = 8
+BLACKLIST_PREFIXES = ("kprobe", "do_debug_exception", "el1", "vectors", "ftrace_caller", "ftrace_regs",
+                      "return_to_handler", "host_call", "panic")
+"""NOKPROBE_SYMBOL()s by name, beside the rule that notrace and entry code (no ftrace record) is refused."""
+
+
+@dataclass
+class Kprobe:
+    name: str
+    addr: int
+    symbol: str
+    offset: int
+    opcode: int
+    kind: int
+    index: int
+    slot: int  # 0: simulated
+    flags: int
+    set_reg: int = 0
+    set_val: int = 0
+    call_fn: int = 0
+    args: tuple[str, ...] = ()
+
+    @property
+    def mode(self) -> str:
+        return KIND_NAMES[self.kind]
+
+
+@dataclass(frozen=True)
+class KprobeHit:
+    """One register record from a KPF_RECORD probe's ring."""
+
+    probe: str
+    cpu: int
+    ts: int
+    post: bool
+    regs: dict[str, int]
+
+
+@dataclass
+class _Slots:
+    pages: list[int] = field(default_factory=list)
+    free: list[int] = field(default_factory=list)
+
+
+class Kprobes:
+    """The kprobes of one booted :class:`Kernel`."""
+
+    def __init__(self, kernel: Kernel, patcher: TextPatcher | None = None) -> None:
+        self.kernel = kernel
+        self.memory = kernel.memory
+        self.patcher = patcher or TextPatcher(kernel)
+        sym = kernel.kallsyms.addr
+        self.table = sym("kprobe_table")
+        self.ctlblk = sym("kprobe_ctlblk")
+        self.nr_addr = sym("kprobe_nr")
+        start, stop = sym("__start_mcount_loc"), sym("__stop_mcount_loc")
+        self.rec_ips = {ftrace_call_adjust(self.memory.read_u64(a)) for a in range(start, stop, 8)}
+        self.traceable_funcs = {ip - 4 for ip in self.rec_ips}
+        self._lock = threading.Lock()
+        self._probes: dict[str, Kprobe] = {}
+        self._by_addr: dict[int, Kprobe] = {}
+        self._slots = _Slots()
+        self._ring_seen = [0] * abi.MAX_CPUS
+        self.ring_lost = 0
+
+    # -- addresses -------------------------------------------------------------------------------------------
+
+    def resolve(self, target: str | int) -> tuple[int, str, int]:
+        """``FUNC+OFF`` / ``FUNC`` / an address -> (address, symbol, offset)."""
+        ks = self.kernel.kallsyms
+        if isinstance(target, int):
+            addr = target
+        else:
+            name, _, off = target.partition("+")
+            base = ks.addr(name.strip())
+            addr = base + (int(off, 0) if off else 0)
+        s = ks.containing(addr)
+        if s is None or not s.is_func:
+            raise KprobeRefused(f"{addr:#x} is not inside a function", address=f"{addr:#x}",
+                                reason="not in a function")
+        return addr, s.name, addr - s.addr
+
+    def check_address(self, addr: int, symbol: str, offset: int) -> tuple[int, int]:
+        """Linux's register_kprobe checks, then arch_prepare_kprobe's decode; returns (opcode, kind)."""
+        where = f"{symbol}+{offset:#x}"
+
+        def no(reason: str) -> KprobeRefused:
+            return KprobeRefused(f"cannot probe {where} ({addr:#x}): {reason}", address=f"{addr:#x}",
+                                 symbol=symbol, offset=offset, reason=reason)
+
+        if addr & 3:
+            raise no("not 4-byte aligned")
+        if not self.kernel.text.contains(addr, 4):
+            raise no("not in kernel text")
+        if symbol.startswith(BLACKLIST_PREFIXES):
+            raise no("blacklisted (NOKPROBE_SYMBOL): entry, ftrace or kprobe handler code")
+        func = addr - offset
+        if func not in self.traceable_funcs:
+            raise no("blacklisted: notrace or entry code (the function has no ftrace record)")
+        if addr in self.rec_ips:
+            raise no("the ftrace call site (rec->ip) of the function: arm64 has no KPROBES_ON_FTRACE; probe the "
+                     "function's address instead")
+        if addr in self._by_addr:
+            raise KprobeExists(f"{where} already has kprobe {self._by_addr[addr].name!r}", address=f"{addr:#x}",
+                               probe=self._by_addr[addr].name)
+        opcode = self.memory.read_u32(addr)
+        try:
+            kind = decode.decode(opcode)
+            first = max(func, addr - 4 * decode.MAX_ATOMIC_CONTEXT_SIZE)
+            words = [self.memory.read_u32(a) for a in range(first, addr + 4, 4)]
+            decode.check_atomic_context(words, len(words) - 1)
+        except KprobeRefused as exc:
+            raise no(str(exc.details.get("reason", exc.message))) from None
+        return opcode, kind
+
+    # -- register / unregister -------------------------------------------------------------------------------
+
+    def register(self, name: str, target: str | int, *, record: bool = False, post: bool = False,
+                 set_reg: int | None = None, set_val: int = 0, call_fn: str | int | None = None,
+                 args: tuple[str, ...] = ()) -> Kprobe:
+        if not name or not name.replace("_", "").isalnum():
+            raise KprobeRefused(f"bad probe name {name!r}", reason="bad name")
+        if set_reg is not None and not 0 <= set_reg <= 30:
+            raise KprobeRefused(f"set_reg must be a GPR number 0..30, not {set_reg}", reason="bad register")
+        addr, symbol, offset = self.resolve(target)
+        with self._lock:
+            if name in self._probes:
+                raise KprobeExists(f"kprobe {name!r} exists", probe=name)
+            opcode, kind = self.check_address(addr, symbol, offset)
+            index = self._free_index()
+            flags = abi.KPF_ARMED | (abi.KPF_RECORD if record else 0) | (abi.KPF_POST if post else 0)
+            fn = 0
+            if set_reg is not None:
+                flags |= abi.KPF_SET_REG
+            if call_fn is not None:
+                fn = self.kernel.resolve(call_fn)
+                flags |= abi.KPF_CALL
+            slot = self._alloc_slot() if kind == abi.KP_STEP else 0
+            p = Kprobe(name, addr, symbol, offset, opcode, kind, index, slot, flags, set_reg or 0, set_val, fn,
+                       args)
+            entry = self._entry(index)
+            k = abi.kprobe
+            for f, v in (("addr", addr), ("opcode", opcode), ("kind", kind), ("slot", slot),
+                         ("restore", addr + 4 if slot else 0), ("flags", 0), ("set_reg", p.set_reg),
+                         ("set_val", set_val & (2**64 - 1)), ("call_fn", fn)):
+                self.memory.write_u64(entry + k.offsetof(f), v)
+            for counter in ("hits", "nmissed", "post_hits"):
+                for cpu in range(abi.MAX_CPUS):
+                    self.memory.write_u64(entry + k.offsetof(counter) + 8 * cpu, 0)
+            sites = [InsnPatch(addr, opcode, BRK_KPROBE)]
+            if slot:
+                sites += [InsnPatch(slot, self.memory.read_u32(slot), opcode),
+                          InsnPatch(slot + 4, self.memory.read_u32(slot + 4), BRK_SS)]
+            nr = max(self.memory.read_u64(self.nr_addr), index + 1)
+            try:
+                self.patcher.apply(sites, [DataPatch(entry + k.offsetof("flags"), flags),
+                                           DataPatch(self.nr_addr, nr)])
+            except PatchError:
+                if slot:
+                    self._slots.free.append(slot)
+                raise
+            self._probes[name] = p
+            self._by_addr[addr] = p
+            return p
+
+    def unregister(self, name: str) -> Kprobe:
+        with self._lock:
+            p = self._probes.get(name)
+            if p is None:
+                raise KprobeNotFound(f"no kprobe {name!r}", probe=name)
+            entry = self._entry(p.index)
+            self.patcher.apply([InsnPatch(p.addr, BRK_KPROBE, p.opcode)],
+                               [DataPatch(entry + abi.kprobe.offsetof("flags"), 0)])
+            # every vCPU parked at a safe point since: none is in the slot or a handler of this probe
+            if p.slot:
+                self._slots.free.append(p.slot)
+            del self._probes[name]
+            del self._by_addr[p.addr]
+            return p
+
+    def _entry(self, index: int) -> int:
+        return self.table + index * abi.kprobe.size
+
+    def _free_index(self) -> int:
+        used = {p.index for p in self._probes.values()}
+        for i in range(abi.KPROBE_MAX):
+            if i not in used:
+                return i
+        raise KprobeNoSpace(f"at most {abi.KPROBE_MAX} kprobes", limit=abi.KPROBE_MAX)
+
+    def _alloc_slot(self) -> int:
+        if not self._slots.free:
+            page = self.kernel.module_text_alloc.alloc(abi.PAGE_SIZE)
+            self._slots.pages.append(page)
+            self._slots.free = [page + i for i in range(abi.PAGE_SIZE - SLOT_SIZE, -1, -SLOT_SIZE)]
+        return self._slots.free.pop()
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    def get(self, name: str) -> Kprobe:
+        p = self._probes.get(name)
+        if p is None:
+            raise KprobeNotFound(f"no kprobe {name!r}", probe=name)
+        return p
+
+    def counter(self, p: Kprobe, name: str) -> int:
+        base = self._entry(p.index) + abi.kprobe.offsetof(name)
+        return sum(self.memory.read_u64(base + 8 * cpu) for cpu in range(self.kernel.config.nr_cpus))
+
+    def info(self, p: Kprobe) -> dict[str, Any]:
+        return {"name": p.name, "address": f"{p.addr:#x}", "symbol": p.symbol, "offset": p.offset,
+                "insn": f"{p.opcode:#010x}", "mode": p.mode, "slot": f"{p.slot:#x}" if p.slot else None,
+                "record": bool(p.flags & abi.KPF_RECORD), "post": bool(p.flags & abi.KPF_POST),
+                "hits": self.counter(p, "hits"), "nmissed": self.counter(p, "nmissed"),
+                "post_hits": self.counter(p, "post_hits"), "args": list(p.args)}
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [self.info(p) for p in sorted(self._probes.values(), key=lambda q: q.name)]
+
+    def drain(self) -> list[KprobeHit]:
+        """Register records written since the last drain (a CPU that wrote more than KPROBE_RING since lost
+        the oldest: counted in ``ring_lost``)."""
+        by_index = {p.index: p.name for p in self._probes.values()}
+        out: list[KprobeHit] = []
+        cb, tr = abi.kprobe_ctlblk, abi.kprobe_trace
+        for cpu in range(self.kernel.config.nr_cpus):
+            base = self.ctlblk + cpu * cb.size
+            head = self.memory.read_u64(base + cb.offsetof("ring_head"))
+            first = max(self._ring_seen[cpu], head - abi.KPROBE_RING)
+            self.ring_lost += first - self._ring_seen[cpu]
+            for seq in range(first, head):
+                e = base + cb.offsetof("ring") + (seq % abi.KPROBE_RING) * tr.size
+                r = e + tr.offsetof("regs")
+                regs = {f"x{i}": self.memory.read_u64(r + 8 * i) for i in range(31)}
+                for f in ("sp", "pc", "pstate"):
+                    regs[f] = self.memory.read_u64(r + abi.pt_regs.offsetof(f))
+                out.append(KprobeHit(by_index.get(self.memory.read_u64(e + tr.offsetof("probe")), "?"), cpu,
+                                     self.memory.read_u64(e + tr.offsetof("ts")),
+                                     bool(self.memory.read_u64(e + tr.offsetof("post"))), regs))
+            self._ring_seen[cpu] = head
+        out.sort(key=lambda h: h.ts)
+        return out
+
+    def bugs(self) -> int:
+        cb = abi.kprobe_ctlblk
+        return sum(self.memory.read_u64(self.ctlblk + c * cb.size + cb.offsetof("bugs"))
+                   for c in range(self.kernel.config.nr_cpus))

@@ -1,0 +1,186 @@
+"""kprobes on the real emulator and image: BRK + out-of-line slots, simulation, refusals, handlers, re-entry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from daemon.errors import KprobeExists, KprobeNotFound, KprobeRefused
+from daemon.guest import abi
+from daemon.kernel.kernel import Kernel
+from daemon.kprobes import decode
+from daemon.kprobes.core import Kprobes
+from tests.conftest import booted
+
+FUNCS = ["kpt_leaf", "kpt_branches", "kpt_literal", "kpt_calls", "kpt_testbit"]
+INPUTS = [0, 5, 0x1_0000_00FF, 0xFFFF_FFFF_FFFF_FFF3]
+
+
+@pytest.fixture
+def kernel() -> Iterator[Kernel]:
+    yield from booted()
+
+
+@pytest.fixture
+def kp(kernel: Kernel) -> Kprobes:
+    return Kprobes(kernel)
+
+
+def _code_offsets(kernel: Kernel, fn: str) -> list[int]:
+    """Offsets of the function's instructions from its entry (kpt_literal's literal pool skipped)."""
+    s = kernel.kallsyms.lookup(fn)
+    offs = []
+    for off in range(0, s.size, 4):
+        w = kernel.memory.read_u32(s.addr + off)
+        if fn == "kpt_literal" and w in (0x55667788, 0x11223344, 0x80000001):
+            continue
+        offs.append(off)
+    return offs
+
+
+def test_every_instruction_probed_gives_the_unprobed_result(kernel: Kernel, kp: Kprobes) -> None:
+    expect = {(f, x): kernel.call(f, x) for f in FUNCS for x in INPUTS}
+    modes: set[str] = set()
+    for f in FUNCS:
+        for off in _code_offsets(kernel, f):
+            if off == 4:  # rec->ip: refused (test below)
+                continue
+            p = kp.register("p", f"{f}+{off:#x}", record=True, post=True)
+            modes.add(p.mode)
+            try:
+                for x in INPUTS:
+                    assert kernel.call(f, x) == expect[(f, x)], (f, off, p.mode, x)
+                assert kernel.call("kpt_calls", 9) == expect.get(("kpt_calls", 9), kernel.call("kpt_calls", 9))
+            finally:
+                kp.unregister("p")
+    kernel.machine.check()
+    for x in INPUTS:  # disarmed: the original text is back
+        assert [kernel.call(f, x) for f in FUNCS] == [expect[(f, x)] for f in FUNCS]
+    assert modes >= {"step", "simulate:nop", "simulate:b", "simulate:b.cond", "simulate:cbz", "simulate:tbz",
+                     "simulate:adr", "simulate:ldr_literal", "simulate:br"}, modes
+
+
+def test_hits_post_and_registers(kernel: Kernel, kp: Kprobes) -> None:
+    p = kp.register("leaf", "kpt_leaf+0x8", record=True, post=True)  # add x8, x0, x0, lsl #1: stepped
+    assert p.mode == "step"
+    assert p.slot
+    for x in range(3):
+        assert kernel.call("kpt_leaf", 100 + x) == (100 + x) * 3 + 1
+    info = kp.info(p)
+    assert (info["hits"], info["post_hits"], info["nmissed"]) == (3, 3, 0)
+    hits = kp.drain()
+    assert len(hits) == 6
+    pre = [h for h in hits if not h.post]
+    post = [h for h in hits if h.post]
+    assert [h.regs["x0"] for h in pre] == [100, 101, 102]
+    assert all(h.regs["pc"] == p.addr for h in pre)
+    assert all(h.regs["pc"] == p.addr + 4 for h in post)  # after the step, at the next instruction
+    assert [h.regs["x8"] for h in post] == [300, 303, 306]  # the stepped add ran
+    for h in pre:
+        assert h.regs["pstate"] & 0xF == 0b0101  # EL1h
+        assert h.regs["sp"] % 16 == 0
+        assert h.regs["x30"] != 0
+    assert kp.drain() == []
+
+
+def test_simulated_bl_sets_lr_and_records(kernel: Kernel, kp: Kprobes) -> None:
+    s = kernel.kallsyms.lookup("kpt_calls")
+    bl_off = next(o for o in range(0, s.size, 4) if kernel.memory.read_u32(s.addr + o) >> 26 == 0x25)
+    p = kp.register("bl", f"kpt_calls+{bl_off:#x}", record=True)
+    assert p.mode == "simulate:b"
+    assert kernel.call("kpt_calls", 4) == 4 * 3 + 1 + 5 * 3 + 1
+    (hit,) = kp.drain()
+    assert hit.regs["pc"] == p.addr
+    assert hit.regs["x0"] == 4
+
+
+def test_set_register_fault_injection(kernel: Kernel, kp: Kprobes) -> None:
+    kp.register("inj", "kpt_leaf+0x10", set_reg=0, set_val=0x1234)  # at the ret: x0 replaced
+    assert kernel.call("kpt_leaf", 5) == 0x1234
+
+
+@pytest.mark.parametrize(("target", "reason"), [
+    ("kpt_leaf+0x4", "rec->ip"),
+    ("kpt_leaf+0x2", "aligned"),
+    ("schedule", "notrace"),
+    ("do_debug_exception", "blacklisted"),
+    ("el1h_sync", "blacklisted"),
+])
+def test_refused_places(kp: Kprobes, target: str, reason: str) -> None:
+    with pytest.raises(KprobeRefused, match=reason.replace(">", ".")):
+        kp.register("r", target)
+
+
+def test_refused_instruction_classes(kernel: Kernel, kp: Kprobes) -> None:
+    def off_of(fn: str, pred: object) -> int:
+        s = kernel.kallsyms.lookup(fn)
+        return next(o for o in range(8, s.size, 4) if pred(kernel.memory.read_u32(s.addr + o)))  # type: ignore[operator]
+
+    cases = {
+        "exclusive": ("kpt_atomic", decode.is_load_exclusive),
+        "LL/SC": ("kpt_atomic", lambda w: (w & 0xFF000000) == 0x8B000000),  # the add between ldxr and stxr
+        "DAIF": ("kpt_sysregs", lambda w: (w & 0xFFFFFFE0) == 0xD53B4220),
+        "exception-generating": ("kpt_sysregs", lambda w: (w & 0xFFE0001F) == 0xD4200000),
+    }
+    for reason, (fn, pred) in cases.items():
+        with pytest.raises(KprobeRefused, match=reason):
+            kp.register("r", f"{fn}+{off_of(fn, pred):#x}")
+    # the cbnz after the stxr closes the sequence: allowed
+    off = off_of("kpt_atomic", lambda w: (w & 0x7F000000) == 0x35000000)
+    kp.register("ok", f"kpt_atomic+{off:#x}")
+    assert kernel.call("kpt_atomic", 3) == 0
+    assert kernel.call("kpt_atomic", 1) == 3
+    assert kp.info(kp.get("ok"))["hits"] == 2
+
+
+def test_decoder_classes() -> None:
+    assert decode.decode(0xD503201F) == abi.KP_SIM_NOP
+    assert decode.decode(0xD65F03C0) == abi.KP_SIM_BR  # ret
+    assert decode.decode(0xD63F0100) == abi.KP_SIM_BR  # blr x8
+    assert decode.decode(0x94000000) == abi.KP_SIM_B
+    for bad in (0xD4000001, 0xD69F03E0, 0xD51B4220, 0xD50342DF, 0xD8000040, 0xC85F7C00, 0xC8DFFC00):
+        with pytest.raises(KprobeRefused):  # svc, eret, msr daif, msr daifset, prfm lit, ldxr, ldar
+            decode.decode(bad)
+    assert decode.decode(0xD53BD048) == abi.KP_STEP  # mrs x8, tpidr_el0 is steppable
+
+
+def test_reentry_is_missed(kernel: Kernel, kp: Kprobes) -> None:
+    inner = kp.register("inner", "kpt_leaf+0x8")
+    outer = kp.register("outer", "kpt_testbit+0x8", call_fn="kpt_leaf")  # its pre handler runs probed code
+    assert kernel.call("kpt_testbit", 5) == 0x205
+    assert kp.info(outer)["hits"] == 1
+    assert kp.info(inner)["nmissed"] == 1
+    assert kp.info(inner)["hits"] == 0
+    assert kernel.call("kpt_leaf", 2) == 7  # a direct call is a hit
+    assert kp.info(inner)["hits"] == 1
+    assert kp.info(inner)["nmissed"] == 1
+    assert kp.bugs() == 0
+
+
+def test_names_and_unregister(kp: Kprobes) -> None:
+    kp.register("a", "kpt_leaf")
+    with pytest.raises(KprobeExists):
+        kp.register("a", "kpt_branches")
+    with pytest.raises(KprobeExists):
+        kp.register("b", "kpt_leaf")
+    with pytest.raises(KprobeNotFound):
+        kp.unregister("zz")
+    assert [p["name"] for p in kp.describe()] == ["a"]
+    kp.unregister("a")
+    assert kp.describe() == []
+
+
+def test_probes_under_load_on_every_vcpu(kernel: Kernel, kp: Kprobes) -> None:
+    futures = [kernel.submit("kpt_branches", 0x1_0000_00FF, cpu=c) for c in range(kernel.config.nr_cpus)]
+    expect = kernel.call("kpt_branches", 0x1_0000_00FF)
+    for f in futures:
+        assert f.result(10) == expect
+    for i in range(50):
+        kp.register("l", "kpt_branches+0x8" if i % 2 else "kpt_leaf+0x10")
+        jobs = [kernel.submit(fn, i, cpu=c) for c in range(kernel.config.nr_cpus)
+                for fn in ("kpt_branches", "kpt_leaf")]
+        for j in jobs:
+            j.result(10)
+        kp.unregister("l")
+    kernel.machine.check()
