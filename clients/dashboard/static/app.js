@@ -223,8 +223,9 @@ function predictions() {
 }
 
 function blockersHtml(list) {
-  return (list || []).map(b => `<div class="task"><b>${esc(b.comm)}</b> pid ${esc(b.pid)} cpu ${esc(b.cpu)}: ${esc(b.why || b.reason || "")}` +
-    `${b.outcome ? ` (${esc(b.outcome)})` : ""}${(b.stack || []).length ? `<pre class="stack">${b.stack.map(esc).join("\n")}</pre>` : ""}</div>`).join("");
+  return (list || []).map(b => `<div class="task"><b>${esc(b.comm)}</b> pid ${esc(b.pid)}${b.cpu == null ? "" : ` cpu ${esc(b.cpu)}`}: ${esc(b.why || b.reason || "")}` +
+    `${b.function ? ` in ${esc(b.function)}` : ""}${b.outcome ? ` (${esc(b.outcome)})` : ""}` +
+    `${(b.stack || []).length ? `<pre class="stack">${b.stack.map(esc).join("\n")}</pre>` : ""}</div>`).join("");
 }
 
 function transitionHtml(data) {
