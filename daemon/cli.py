@@ -287,6 +287,9 @@ def _patch_parser(sub: Any) -> None:
     examples.add_argument("--out", type=Path, help="directory for <name>.lpb files")
     examples.add_argument("--key", type=Path, help="sign them with this private key (PKCS#8 PEM)")
     examples.add_argument("--list", action="store_true", help="only list the examples")
+    examples.add_argument("--build", dest="releases", action="append", metavar="RELEASE",
+                          help="build them for this shipped kernel build (repeatable): <name>-<release>.lpb; with "
+                          "no NAMES, an example for a function the build lacks is skipped (named in the output)")
 
 
 def _patch(args: argparse.Namespace) -> int:
@@ -360,6 +363,35 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
                          f"object {len(bundle.object)} bytes")
         return {"bundles": written, "text": "\n".join(lines)}
 
+    def per_release_examples(wanted: list[str], private: Any, *, explicit: bool) -> dict[str, Any]:
+        from daemon.errors import OldFuncNotFound  # noqa: PLC0415
+
+        unknown = [r for r in args.releases if r not in GUEST_BUILDS]
+        if unknown:
+            raise ArtifactError(f"unknown kernel build {', '.join(unknown)}; shipped builds: "
+                                f"{', '.join(GUEST_BUILDS)}", releases=unknown)
+        built, skipped = [], []
+        with tempfile.TemporaryDirectory(prefix="lpd-examples-") as work:
+            for release in dict.fromkeys(args.releases):
+                for name in wanted:
+                    try:
+                        bundle = examples.build_example_for(name, Path(work) / release, release)
+                    except OldFuncNotFound as exc:
+                        if explicit:
+                            raise
+                        skipped.append({"name": name, "release": release, "reason": exc.message})
+                        continue
+                    built.append((name, release, signing.sign(bundle, private) if private is not None else bundle))
+        written = []
+        for name, release, bundle in built:
+            path = args.out / f"{name}-{release}.lpb"
+            _write(bundle, path)
+            written.append({**describe(bundle, path), "release": release})
+        lines = [f"{w['bundle']}: {w['name']} for {w['release']}" + (f", signed by {w['key_id'][:16]}"
+                                                                    if w["key_id"] else "") for w in written]
+        lines += [f"skipped {k['name']} for {k['release']}: {k['reason']}" for k in skipped]
+        return {"bundles": written, "skipped": skipped, "text": "\n".join(lines)}
+
     if args.patch_command == "build":
         try:
             template = json.loads(read_text(args.manifest, "manifest"))
@@ -416,6 +448,8 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
     private = signing.load_private_key(args.key) if args.key is not None else None
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
+    if args.releases:
+        return per_release_examples(args.names or names, private, explicit=bool(args.names))
     with tempfile.TemporaryDirectory(prefix="lpd-examples-") as work:
         build_id = committed_build_id()
         for name in args.names or names:

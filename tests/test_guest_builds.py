@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import uuid
@@ -22,7 +23,7 @@ from clients.sdk import LivepatchClient, ReplyError
 from daemon.cli import main as livepatchd
 from daemon.errors import PatchBuildError, SymbolError
 from daemon.fleet.runner import FleetRunner
-from daemon.guest import corpus
+from daemon.guest import build, corpus
 from daemon.guest.build import DEFAULT_RELEASE, GUEST_BUILDS
 from daemon.kernel.kernel import Kernel, KernelConfig, load_image
 from daemon.livepatch.artifact import PATCHES_DIR, compile_object
@@ -193,3 +194,29 @@ def test_fleet_hosts_boot_the_build_of_their_plan(mosquitto: Mosquitto, tmp_path
                 runner.stop()
                 await asyncio.wait_for(asyncio.shield(task), 60)
     run(scenario())
+
+
+@pytest.mark.parametrize("release", ["6.1-lp2", "6.6-lp1"])
+def test_every_build_rebuilds_byte_identical(tmp_path: Path, release: str) -> None:
+    built = build.build(tmp_path, release)
+    assert hashlib.sha256(built.read_bytes()).digest() == hashlib.sha256(
+        GUEST_BUILDS[release].image.read_bytes()).digest()
+
+
+def test_examples_per_build_skip_what_a_build_lacks(tmp_path: Path) -> None:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert livepatchd(["patch", "--json", "examples", "--out", str(tmp_path), "--build", "6.6-lp1",
+                           "livepatch_cmdline", "livepatch_sleeper"]) == 0
+    doc = json.loads(buf.getvalue())
+    assert sorted(p.name for p in tmp_path.glob("*.lpb")) == ["livepatch_cmdline-6.6-lp1.lpb",
+                                                              "livepatch_sleeper-6.6-lp1.lpb"]
+    assert {b["build_id"] for b in doc["bundles"]} == {load_image(GUEST_BUILDS["6.6-lp1"].image)[0].build_id}
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert livepatchd(["patch", "--json", "examples", "--out", str(tmp_path / "all"), "--build", "6.6-lp1"]) == 0
+    doc = json.loads(buf.getvalue())
+    assert [(k["name"], k["release"]) for k in doc["skipped"]] == [("livepatch_demo_target", "6.6-lp1")]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert livepatchd(["patch", "examples", "--out", str(tmp_path / "one"), "--build", "6.6-lp1",
+                           "livepatch_demo_target"]) == 1
