@@ -28,6 +28,7 @@ from daemon.emu.machine import VCpu
 from daemon.emu.tlb import TlbMode
 from daemon.errors import GuestPanic
 from daemon.ftrace.core import Ftrace
+from daemon.guest.build import GUEST_BUILDS
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.livepatch.core import Livepatch
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
@@ -160,10 +161,12 @@ class Daemon:
         self._boot_seq = boot_seq
         self.desired = desired  # re-applied at boot
         try:
-            log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus)
+            log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus,
+                     kernel_build=s.kernel_build)
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
-                nr_cpus=s.nr_cpus, count_instructions=s.count_guest_instructions,
-                tcg_buffer_size=s.tcg_buffer_size_mb << 20, tlb_mode=TlbMode(s.tlb_mode))).boot())
+                nr_cpus=s.nr_cpus, image=GUEST_BUILDS[s.kernel_build].image,
+                count_instructions=s.count_guest_instructions, tcg_buffer_size=s.tcg_buffer_size_mb << 20,
+                tlb_mode=TlbMode(s.tlb_mode))).boot())
             self.kernel.machine.on_vcpu_stopped.append(self._vcpu_stopped)
             if s.count_guest_instructions:
                 vcpus = self.kernel.machine.vcpus
@@ -183,8 +186,8 @@ class Daemon:
         s = self.settings
         service = self.service = Service(
             host=s.host_id, boot_seq=boot_seq, journal=journal, metrics=self.metrics,
-            kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or "", nr_cpus=s.nr_cpus,
-                               booted_at=time.time()),
+            kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or s.kernel_build,
+                               nr_cpus=s.nr_cpus, booted_at=time.time()),
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s,
             read_fast_path=s.read_fast_path, fsync=not s.unsafe_skip_fsync)
         try:

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"state, in DIR/<host>/ (default: LIVEPATCHD_STATE_DIR, else {default_state_dir()})")
     serve.add_argument("--cpus", dest="nr_cpus", type=int, metavar="N", help="number of vCPUs, 1-8 (default: "
                        "LIVEPATCHD_NR_CPUS, else 2)")
+    serve.add_argument("--kernel-build", dest="kernel_build", metavar="RELEASE", help="the shipped guest kernel "
+                       "build to boot: 6.1-lp1, 6.1-lp2 or 6.6-lp1 (default: LIVEPATCHD_KERNEL_BUILD, else 6.1-lp1)")
     serve.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"],
                        help="MQTT version to speak to --broker: auto tries 5 and falls back to 3.1.1 when the broker "
                        "refuses it (default: LIVEPATCHD_MQTT_PROTOCOL, else auto; the embedded broker speaks 3.1.1)")
@@ -129,7 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level",
             "log_format", "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys",
-            "dev_signing_key", "allow_any_call")
+            "dev_signing_key", "allow_any_call", "kernel_build")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if "broker_url" in overrides:
         overrides["broker_url"] = ",".join(overrides["broker_url"])
@@ -260,8 +262,15 @@ def _patch_parser(sub: Any) -> None:
     build.add_argument("source", type=Path, help="the patch's C source")
     build.add_argument("--manifest", type=Path, required=True, help="its manifest (JSON); a missing build_id is "
                        "filled in with the committed kernel image's")
-    build.add_argument("--out", type=Path, required=True, help="the bundle file to write")
-    build.add_argument("--build-id", help="target this kernel build id instead")
+    build.add_argument("--out", type=Path, required=True, help="the bundle file to write; with --build or "
+                       "--all-builds one per build, named after it (P.lpb -> P-6.6-lp1.lpb; a directory: "
+                       "DIR/<name>-<release>.lpb)")
+    target = build.add_mutually_exclusive_group()
+    target.add_argument("--build-id", help="target this kernel build id instead")
+    target.add_argument("--build", dest="releases", action="append", metavar="RELEASE",
+                        help="build for this shipped kernel build (repeatable): its defines, its build id, and its "
+                        "symbols checked first (a function missing from the build is refused)")
+    target.add_argument("--all-builds", action="store_true", help="build for every shipped kernel build")
     build.add_argument("--key", type=Path, help="also sign it with this private key (PKCS#8 PEM)")
     sign = cmd.add_parser("sign", help="sign a bundle with an Ed25519 private key")
     sign.add_argument("bundle", type=Path)
@@ -273,11 +282,16 @@ def _patch_parser(sub: Any) -> None:
                         help="a trusted public key file (repeatable)")
     verify.add_argument("--no-target", action="store_true", help="skip the checks against the committed kernel "
                         "image (build id, functions)")
+    verify.add_argument("--build", dest="release", metavar="RELEASE", help="check against this shipped kernel "
+                        "build (default: 6.1-lp1)")
     examples = cmd.add_parser("examples", help="build the example patches into bundles")
     examples.add_argument("names", nargs="*", help="which ones (default: all; --list shows them)")
     examples.add_argument("--out", type=Path, help="directory for <name>.lpb files")
     examples.add_argument("--key", type=Path, help="sign them with this private key (PKCS#8 PEM)")
     examples.add_argument("--list", action="store_true", help="only list the examples")
+    examples.add_argument("--build", dest="releases", action="append", metavar="RELEASE",
+                          help="build them for this shipped kernel build (repeatable): <name>-<release>.lpb; with "
+                          "no NAMES, an example for a function the build lacks is skipped (named in the output)")
 
 
 def _patch(args: argparse.Namespace) -> int:
@@ -299,7 +313,7 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile  # noqa: PLC0415
 
     from daemon.errors import ArtifactError, ManifestError  # noqa: PLC0415
-    from daemon.guest.build import IMAGE_PATH  # noqa: PLC0415
+    from daemon.guest.build import DEFAULT_RELEASE, GUEST_BUILDS, IMAGE_PATH  # noqa: PLC0415
     from daemon.kernel.kernel import load_image  # noqa: PLC0415
     from daemon.livepatch import artifact, examples, signing  # noqa: PLC0415
     from daemon.livepatch.bundle import PatchBundle  # noqa: PLC0415
@@ -320,6 +334,66 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
         except OSError as exc:
             raise ArtifactError(f"cannot read {what} {path}: {exc.strerror}", path=str(path)) from None
 
+    def build_per_release(source: str, template: dict[str, Any], releases: list[str]) -> dict[str, Any]:
+        unknown = [r for r in releases if r not in GUEST_BUILDS]
+        if unknown:
+            raise ArtifactError(f"unknown kernel build {', '.join(unknown)}; shipped builds: "
+                                f"{', '.join(GUEST_BUILDS)}", releases=unknown)
+        releases = list(dict.fromkeys(releases))
+        manifest = Manifest.from_dict({**template, "build_id": committed_build_id()})
+        bundles = []
+        includes = (artifact.PATCHES_DIR, args.source.resolve().parent)
+        with tempfile.TemporaryDirectory(prefix="lpd-build-") as work:  # every build first: all or nothing
+            for release in releases:
+                image, kallsyms = load_image(GUEST_BUILDS[release].image)
+                bundle = artifact.build_for(source, manifest, Path(work), release=release, image=image,
+                                            kallsyms=kallsyms, include_dirs=includes)
+                if args.key is not None:
+                    bundle = signing.sign(bundle, signing.load_private_key(args.key))
+                bundles.append((release, bundle))
+        written, lines = [], []
+        for release, bundle in bundles:
+            if args.out.is_dir() or str(args.out).endswith("/"):
+                path = args.out / f"{bundle.name}-{release}.lpb"
+            else:
+                path = args.out.with_name(f"{args.out.stem}-{release}{args.out.suffix or '.lpb'}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write(bundle, path)
+            written.append({**describe(bundle, path), "release": release})
+            signed = f", signed by {bundle.signature.key_id[:16]}" if bundle.signature else " (unsigned)"
+            lines.append(f"{path}: {bundle.name} for {release} (build {bundle.manifest.build_id[:16]}){signed}, "
+                         f"object {len(bundle.object)} bytes")
+        return {"bundles": written, "text": "\n".join(lines)}
+
+    def per_release_examples(wanted: list[str], private: Any, *, explicit: bool) -> dict[str, Any]:
+        from daemon.errors import OldFuncNotFound  # noqa: PLC0415
+
+        unknown = [r for r in args.releases if r not in GUEST_BUILDS]
+        if unknown:
+            raise ArtifactError(f"unknown kernel build {', '.join(unknown)}; shipped builds: "
+                                f"{', '.join(GUEST_BUILDS)}", releases=unknown)
+        built, skipped = [], []
+        with tempfile.TemporaryDirectory(prefix="lpd-examples-") as work:
+            for release in dict.fromkeys(args.releases):
+                for name in wanted:
+                    try:
+                        bundle = examples.build_example_for(name, Path(work) / release, release)
+                    except OldFuncNotFound as exc:
+                        if explicit:
+                            raise
+                        skipped.append({"name": name, "release": release, "reason": exc.message})
+                        continue
+                    built.append((name, release, signing.sign(bundle, private) if private is not None else bundle))
+        written = []
+        for name, release, bundle in built:
+            path = args.out / f"{name}-{release}.lpb"
+            _write(bundle, path)
+            written.append({**describe(bundle, path), "release": release})
+        lines = [f"{w['bundle']}: {w['name']} for {w['release']}" + (f", signed by {w['key_id'][:16]}"
+                                                                    if w["key_id"] else "") for w in written]
+        lines += [f"skipped {k['name']} for {k['release']}: {k['reason']}" for k in skipped]
+        return {"bundles": written, "skipped": skipped, "text": "\n".join(lines)}
+
     if args.patch_command == "build":
         try:
             template = json.loads(read_text(args.manifest, "manifest"))
@@ -327,9 +401,11 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
             raise ManifestError(f"manifest {args.manifest} is not JSON: {exc}", path=str(args.manifest)) from None
         if not isinstance(template, dict):
             raise ManifestError(f"manifest {args.manifest} is not a JSON object", path=str(args.manifest))
+        source = read_text(args.source, "source")
+        if args.releases or args.all_builds:
+            return build_per_release(source, template, list(GUEST_BUILDS) if args.all_builds else args.releases)
         build_id = args.build_id or template.get("build_id") or committed_build_id()
         manifest = Manifest.from_dict({**template, "build_id": build_id})
-        source = read_text(args.source, "source")
         with tempfile.TemporaryDirectory(prefix="lpd-build-") as work:
             bundle = artifact.build_patch(source, manifest, Path(work),
                                           include_dirs=(artifact.PATCHES_DIR, args.source.resolve().parent))
@@ -352,10 +428,13 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
             key = signing.verify(bundle, trusted)
             artifact.check_object(bundle.manifest, bundle.object)
         else:
-            image, kallsyms = load_image(IMAGE_PATH)
+            release = args.release or DEFAULT_RELEASE
+            if release not in GUEST_BUILDS:
+                raise ArtifactError(f"unknown kernel build {release!r}; shipped builds: {', '.join(GUEST_BUILDS)}")
+            image, kallsyms = load_image(GUEST_BUILDS[release].image)
             key = artifact.admit(bundle, trusted, image, kallsyms)
         return {**describe(bundle, args.bundle), "text": f"{args.bundle}: {bundle.name} OK, signed by {key[:16]}"
-                + ("" if args.no_target else f", for this kernel ({bundle.manifest.build_id[:16]})")}
+                + ("" if args.no_target else f", for kernel build {release} ({bundle.manifest.build_id[:16]})")}
     # examples
     names = examples.example_names()
     if args.list:
@@ -371,6 +450,8 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
     private = signing.load_private_key(args.key) if args.key is not None else None
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
+    if args.releases:
+        return per_release_examples(args.names or names, private, explicit=bool(args.names))
     with tempfile.TemporaryDirectory(prefix="lpd-examples-") as work:
         build_id = committed_build_id()
         for name in args.names or names:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, FilePath, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from daemon.guest.build import DEFAULT_RELEASE, GUEST_BUILDS
 from schemas.brokers import BrokerAddress, parse_broker_url, parse_broker_urls
 
 __all__ = ["BrokerAddress", "Settings", "default_host_id", "default_state_dir", "parse_broker_url"]
@@ -108,8 +109,10 @@ class Settings(BaseSettings):
         "each region's permissions; guest stores several times cheaper) or cpu (Unicorn's emulated CPU TLB)")
     tcg_buffer_size_mb: int = Field(default=32, ge=1, le=1024, description="each vCPU engine's translation cache "
                                     "(a virtual reservation: resident memory grows only with the code translated)")
+    kernel_build: str = Field(default=DEFAULT_RELEASE, description="the shipped guest kernel build to boot: "
+                              + ", ".join(GUEST_BUILDS) + " (they differ in build id, function bodies and symbols)")
     kernel_release: str | None = Field(default=None, max_length=64, description="the kernel build's version string "
-                                       "in the state (default: the image's own, else empty)")
+                                       "in the state (default: kernel_build's)")
     labels: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="attributes a fleet selects hosts by (zone, tier, role, ...), published "
         "in the state's components.labels (env: JSON object or k=v,k=v)")
@@ -122,6 +125,13 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "console", "json"] = Field(
         default="auto", description="console: human-readable lines; json: one JSON object per line; auto: console "
         "on a terminal, JSON otherwise")
+
+    @field_validator("kernel_build")
+    @classmethod
+    def _shipped_build(cls, value: str) -> str:
+        if value not in GUEST_BUILDS:
+            raise ValueError(f"unknown kernel build {value!r}; shipped builds: {', '.join(GUEST_BUILDS)}")
+        return value
 
     @field_validator("host_id")
     @classmethod

@@ -73,9 +73,12 @@ def options(
                                                   "brokers that require one; implies TLS")] = None,
     tls_key: Annotated[Path | None, typer.Option(envvar="LPCTL_TLS_KEY", help="its private key (PEM), when not "
                                                  "in the certificate file")] = None,
+    client_id: Annotated[str | None, typer.Option(envvar="LPCTL_CLIENT_ID", help="MQTT client id (replies come "
+                                                  "on reply/<client id>); a broker that binds ids to user names "
+                                                  "(deploy/mosquitto-bound-ids.conf) needs the user name")] = None,
 ) -> None:
     ctx.obj = Options(",".join(broker or ["mqtt://127.0.0.1:1883"]), host, json_, timeout, protocol, tls_ca,
-                      tls_cert, tls_key)
+                      tls_cert, tls_key, client_id)
 
 
 # -- commands ----------------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ HostEvent = Callable[[str, str, dict[str, Any]], None]
 def host_settings(base: Settings, plan: HostPlan) -> Settings:
     """The fleet's settings with this host's identity and attributes (no validation is skipped: ``plan`` came
     from a validated spec and ``base`` was validated once)."""
-    update: dict[str, Any] = {"host_id": plan.host, "nr_cpus": plan.nr_cpus, "kernel_release": plan.release,
-                              "labels": dict(plan.labels)}
+    update: dict[str, Any] = {"host_id": plan.host, "nr_cpus": plan.nr_cpus, "kernel_build": plan.release,
+                              "kernel_release": plan.release, "labels": dict(plan.labels)}
     if any(f.kind == "reject" for f in plan.faults):  # trusts no signing key: every patch is refused
         update.update(trusted_keys=[], trusted_keys_dir=None, dev_signing_key=False)
     return base.model_copy(update=update)

@@ -10,6 +10,7 @@ several objects, which kallsyms tells apart by position (``sympos``) as Linux do
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 NR_FUNCTIONS = 10_240
@@ -21,21 +22,35 @@ _VERBS = ["alloc", "free", "get", "put", "init", "exit", "read", "write", "looku
 _NOUNS = ["page", "inode", "skb", "queue", "entry", "buffer", "node", "slot", "table", "range", "cache"]
 
 
-def function_names() -> list[str]:
+@dataclass(frozen=True)
+class CorpusVariant:
+    """A kernel build's corpus: how many functions (a multiple of PER_FILE) and the seed of their constants.
+    The names are drawn from one sequence, so a larger corpus starts with every function of a smaller one."""
+
+    nr_functions: int = NR_FUNCTIONS
+    params_seed: int = SEED + 1
+
+
+DEFAULT_CORPUS = CorpusVariant()
+
+
+def function_names(nr: int = NR_FUNCTIONS) -> list[str]:
     rng = random.Random(SEED)
-    return [f"{rng.choice(_SUBSYS)}_{rng.choice(_VERBS)}_{rng.choice(_NOUNS)}_{i:05d}" for i in range(NR_FUNCTIONS)]
+    return [f"{rng.choice(_SUBSYS)}_{rng.choice(_VERBS)}_{rng.choice(_NOUNS)}_{i:05d}" for i in range(nr)]
 
 
-def _params() -> list[tuple[int, int, bool]]:
-    rng = random.Random(SEED + 1)
-    return [(rng.getrandbits(32) | 1, rng.getrandbits(48), i % 8 == 1) for i in range(NR_FUNCTIONS)]
+def _params(variant: CorpusVariant = DEFAULT_CORPUS) -> list[tuple[int, int, bool]]:
+    rng = random.Random(variant.params_seed)
+    return [(rng.getrandbits(32) | 1, rng.getrandbits(48), i % 8 == 1) for i in range(variant.nr_functions)]
 
 
-def write_sources(out: Path) -> list[Path]:
+def write_sources(out: Path, variant: CorpusVariant = DEFAULT_CORPUS) -> list[Path]:
     """Write corpus_NN.c files and corpus_table.c into ``out``; returns their paths in link order."""
-    names, params = function_names(), _params()
+    if variant.nr_functions % PER_FILE:
+        raise ValueError(f"a corpus has a multiple of {PER_FILE} functions, not {variant.nr_functions}")
+    names, params = function_names(variant.nr_functions), _params(variant)
     files: list[Path] = []
-    for start in range(0, NR_FUNCTIONS, PER_FILE):
+    for start in range(0, variant.nr_functions, PER_FILE):
         idx = start // PER_FILE
         lines = ['#include "kernel.h"', "", "static noinline u64 corpus_helper(u64 x)", "{",
                  f"\treturn x + {idx + 1};", "}", "", f"u64 corpus_dup_{idx:02d}(u64 x)", "{",
@@ -52,7 +67,7 @@ def write_sources(out: Path) -> list[Path]:
     table += ["", "const corpus_fn_t corpus_fns[] = {"] + [f"\t{n}," for n in names] + ["};", ""]
     table += ["const struct corpus_param corpus_params[] = {"]
     table += [f"\t{{ {m:#x}ULL, {a:#x}ULL, {int(c)} }}," for m, a, c in params] + ["};", ""]
-    table += [f"const u64 corpus_nr = {NR_FUNCTIONS};", ""]
+    table += [f"const u64 corpus_nr = {variant.nr_functions};", ""]
     path = out / "corpus_table.c"
     path.write_text("\n".join(table))
     files.append(path)

@@ -49,8 +49,9 @@ COMPILE_TIMEOUT = 120.0
 
 
 def compile_object(source: str, name: str, workdir: Path, *, suffix: str = ".c",
-                   include_dirs: Sequence[Path] = (PATCHES_DIR,)) -> bytes:
-    """Compile one C (or ``.S``) source with the guest kernel's flags; returns the relocatable object.
+                   include_dirs: Sequence[Path] = (PATCHES_DIR,), release: str = build.DEFAULT_RELEASE) -> bytes:
+    """Compile one C (or ``.S``) source with the flags and defines of the guest build ``release`` (so that its
+    struct layouts are that build's); returns the relocatable object.
 
     Works in ``workdir/name/``: the guest headers and the generated ABI header go to ``include/`` (with the
     ``*.h`` of ``include_dirs``), the source is written as ``name + suffix``.
@@ -64,8 +65,9 @@ def compile_object(source: str, name: str, workdir: Path, *, suffix: str = ".c",
     src, obj = f"{name}{suffix}", f"{name}.o"
     (folder / src).write_text(source)
     try:
-        proc = subprocess.run([sys.executable, "-m", "ziglang", "cc", *build.CFLAGS, "-c", src, "-o", obj],
-                              cwd=folder, capture_output=True, text=True, check=False, timeout=COMPILE_TIMEOUT)
+        proc = subprocess.run([sys.executable, "-m", "ziglang", "cc", *build.CFLAGS,
+                               *build.GUEST_BUILDS[release].defines, "-c", src, "-o", obj], cwd=folder,
+                              capture_output=True, text=True, check=False, timeout=COMPILE_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise PatchBuildError(f"compiling {src} took more than {COMPILE_TIMEOUT} s", source=src) from None
     if proc.returncode != 0:
@@ -75,11 +77,32 @@ def compile_object(source: str, name: str, workdir: Path, *, suffix: str = ".c",
 
 
 def build_patch(source: str, manifest: Manifest, workdir: Path, *,
-                include_dirs: Sequence[Path] = (PATCHES_DIR,)) -> PatchBundle:
-    """Compile a patch's C source into an (unsigned) bundle, checked against its manifest."""
-    obj = compile_object(source, manifest.name, workdir, include_dirs=include_dirs)
+                include_dirs: Sequence[Path] = (PATCHES_DIR,), release: str = build.DEFAULT_RELEASE) -> PatchBundle:
+    """Compile a patch's C source into an (unsigned) bundle for the guest build ``release``, checked against
+    its manifest (the manifest's build_id is not checked here: see :func:`build_for`)."""
+    obj = compile_object(source, manifest.name, workdir, include_dirs=include_dirs, release=release)
     check_object(manifest, obj)
     return PatchBundle(manifest, obj)
+
+
+def build_for(source: str, template: Manifest, workdir: Path, *, release: str, image: KernelImage,
+              kallsyms: Kallsyms, include_dirs: Sequence[Path] = (PATCHES_DIR,)) -> PatchBundle:
+    """Build a patch for one shipped build: its build id in the manifest, its defines, and every old function
+    checked against its kallsyms first (a function the build lacks, e.g. inlined away, is refused here, with the
+    function and the build named, not at load time on a host)."""
+    manifest = template.model_copy(update={"build_id": image.build_id})
+    for o in manifest.objects:
+        for f in o.funcs:
+            try:
+                old_function(kallsyms, f.old_name, f.old_sympos, manifest.name)
+            except OldFuncNotFound:
+                raise OldFuncNotFound(f"patch {manifest.name}: kernel build {release} ({image.build_id[:16]}) has "
+                                      f"no function {f.old_name!r} (renamed or inlined away in that build); "
+                                      "drop that build or adapt the patch", patch=manifest.name,
+                                      symbol=f.old_name, release=release, build_id=image.build_id) from None
+    subdir = workdir / release
+    subdir.mkdir(parents=True, exist_ok=True)
+    return build_patch(source, manifest, subdir, include_dirs=include_dirs, release=release)
 
 
 def defined_functions(obj: bytes) -> set[str]:

@@ -94,6 +94,9 @@ int snprintf(char *buf, size_t size, const char *fmt, ...);
 struct seq_file {
 	char *buf;
 	size_t size;
+#ifdef LP_BUILD_6_6
+	u64 from;	/* 6.6-lp1: a field before count (a patch built for 6.1 would write the wrong word) */
+#endif
 	size_t count;
 };
 int seq_printf(struct seq_file *m, const char *fmt, ...);

@@ -17,12 +17,27 @@
 
 char saved_command_line[256] = "console=ttyAMA0 root=/dev/vda rw livepatchd.emulated=1";
 
+#if defined(LP_BUILD_6_1_LP2) || defined(LP_BUILD_6_6)
+u64 cmdline_proc_reads;
+
+/* 6.1-lp2 and 6.6-lp1: the stable fix checks the seq_file and counts the reads (a larger body). */
+noinline int cmdline_proc_show(struct seq_file *m, void *v)
+{
+	(void)v;
+	if (!m || !m->buf || !m->size)
+		return -22;	/* -EINVAL */
+	WRITE_ONCE(cmdline_proc_reads, READ_ONCE(cmdline_proc_reads) + 1);
+	seq_printf(m, "%s\n", saved_command_line);
+	return 0;
+}
+#else
 noinline int cmdline_proc_show(struct seq_file *m, void *v)
 {
 	(void)v;
 	seq_printf(m, "%s\n", saved_command_line);
 	return 0;
 }
+#endif
 
 /* Read "/proc/cmdline" into buf: returns the number of bytes written. */
 noinline u64 proc_cmdline_read(char *buf, u64 size)
@@ -95,6 +110,14 @@ noinline u64 sleeper_outer(u64 flag)
 	return r == RESTART ? r : r + 100;
 }
 CALLABLE(sleeper_outer);
+
+#ifdef LP_BUILD_6_6
+/*
+ * 6.6-lp1 renamed klp_demo_target to klp_demo_compute: there is no klp_demo_target in that build, so a patch
+ * for it (livepatch_demo_target) cannot be built for it.
+ */
+#define klp_demo_target klp_demo_compute
+#endif
 
 /* The live-patching stress target: the original returns 3x + 1 (the test patch returns 5x + 2). */
 noinline u64 klp_demo_target(u64 x)
