@@ -20,7 +20,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from clients.cli import fleet_cmds, ftrace_cmds, keys, observe_cmds, patch_cmds, profile_cmds, rollout_cmds
+from clients.cli import (
+    fleet_cmds,
+    ftrace_cmds,
+    keys,
+    observe_cmds,
+    patch_cmds,
+    probe_cmds,
+    profile_cmds,
+    rollout_cmds,
+)
 from clients.cli.help_format import LpctlGroup
 from clients.cli.runner import (
     EXIT_OFFLINE,
@@ -189,6 +198,7 @@ fleet_cmds.install(app)
 observe_cmds.install(app)
 ftrace_cmds.install(app)
 profile_cmds.install(app)
+probe_cmds.install(app)
 patch_cmds.install(app)
 rollout_cmds.install(app)
 

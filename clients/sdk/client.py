@@ -30,6 +30,7 @@ from clients.sdk.connection import Connection
 from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, SdkError
 from clients.sdk.ftrace_api import FtraceApi
 from clients.sdk.patch_api import PatchApi
+from clients.sdk.probe_api import ProbeApi
 from schemas import (
     ALL_STATUS,
     CallData,
@@ -96,7 +97,7 @@ def _is_birth(payload: bytes) -> bool:
 _log = logging.getLogger(__name__)
 
 
-class LivepatchClient(FtraceApi, PatchApi):
+class LivepatchClient(FtraceApi, PatchApi, ProbeApi):
     """Client of one daemon (``host``) — or of none, for fleet-wide reads like ``hosts()``.
 
     Args:
