@@ -240,7 +240,9 @@ function renderStalls() {
   for (const [name, h] of Object.entries(view.hosts).sort()) {
     const tr = components(h).livepatch?.transition;
     const pred = preds[name], check = view.checks[name];
-    const live = tr && (tr.stalled || (tr.blocked || []).length);
+    // live from the retained state's transition, or from the stall event (events come at QoS 1; a state update
+    // can be missed on a busy broker, the event that says the transition stalled is not)
+    const live = (tr && (tr.stalled || (tr.blocked || []).length)) || (h.stall && h.stall.over === null);
     if (!live && !pred && !(h.stall && h.stall.over === null) && !check) continue;
     let actual = live ? (h.stall && !h.stall.over ? blockersHtml(h.stall.blocked) : esc(`pids ${(tr.blocked || []).join(", ")}`))
                       : (h.stall ? `<span class="muted">was: ${blockersHtml(h.stall.blocked)} (${esc(h.stall.over || "")})</span>` : "—");
