@@ -180,6 +180,7 @@ function renderRollout(name) {
     : `<p class="muted">${r.spec ? "No abort criteria." : "Reading the spec…"}</p>`;
   box.querySelector(".ro-events").innerHTML = (r.events || []).slice(-12).reverse().map(e =>
     `<li>${esc(e.event)} ${esc(Object.entries(e).filter(([k]) => !["event", "rollout", "at"].includes(k)).map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" "))}</li>`).join("");
+  if (!window.Plotly) return;
   const hist = r.history || [];
   const t = hist.map(p => new Date(p[0] * 1000));
   const shown = EXEC_STATES.filter(s => hist.some(p => p[1][s]));
@@ -307,6 +308,7 @@ function renderEvents() {
 }
 
 function renderPlot(counts) {
+  if (!window.Plotly) return;
   const now = Date.now();
   if (now - lastPlot < 1000) return;  // the fleet plot moves once a second at most
   lastPlot = now;
@@ -334,9 +336,15 @@ function render() {
   document.body.dataset.rendered = String(performance.now());
 }
 
+function plotlyReady() {  // eslint-disable-line no-unused-vars  (the script tag's onload)
+  for (const name of Object.keys(view.rollouts)) dirty.rollouts.add(name);
+  dirty.any = true;
+  render();
+}
+
 function connect() {
   const es = new EventSource("/api/stream");
-  es.addEventListener("snapshot", ev => { apply(JSON.parse(ev.data), true); view.streamUp = true; });
+  es.addEventListener("snapshot", ev => { apply(JSON.parse(ev.data), true); view.streamUp = true; render(); });
   es.addEventListener("delta", ev => apply(JSON.parse(ev.data), false));
   es.onerror = () => { view.streamUp = false; dirty.any = true; };  // EventSource reconnects by itself
 }
