@@ -8,10 +8,16 @@ from collections.abc import Iterator
 import pytest
 
 from daemon.errors import KprobeExists, KprobeNotFound, KprobeRefused
+from daemon.ftrace.core import Ftrace
 from daemon.guest import abi, corpus
-from daemon.kernel.kernel import Kernel
+from daemon.guest.build import IMAGE_PATH
+from daemon.kernel.kernel import Kernel, load_image
 from daemon.kprobes import decode
 from daemon.kprobes.core import Kprobes
+from daemon.livepatch import examples
+from daemon.livepatch.bundle import PatchBundle
+from daemon.livepatch.core import Livepatch
+from daemon.livepatch.transition import StallPolicy
 from tests.conftest import booted
 
 FUNCS = ["kpt_leaf", "kpt_branches", "kpt_literal", "kpt_calls", "kpt_testbit"]
@@ -222,3 +228,36 @@ def test_probes_under_load_on_every_vcpu_armed_and_disarmed_1000_times(kernel: K
     assert kp.bugs() == 0
     assert kernel.load_stats()["errors"] == 0
     assert [kernel.call(f, 5) for f in FUNCS] == [kernel.call(f, 5) for f in FUNCS]
+
+
+# -- test-kprobe.sh, with arm64's behaviour ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cmdline_bundle(tmp_path_factory: pytest.TempPathFactory) -> PatchBundle:
+    build_id = load_image(IMAGE_PATH)[0].build_id
+    return examples.build_examples(tmp_path_factory.mktemp("patches"), build_id)["livepatch_cmdline"]
+
+
+def test_kprobe_and_livepatch_coexist_on_one_function(kernel: Kernel, cmdline_bundle: PatchBundle) -> None:
+    """arm64 has no KPROBES_ON_FTRACE: a BRK kprobe (with a post handler) at a function's address and a live
+    patch of that function coexist, and the probe still fires on the old entry, before ftrace redirects the call
+    (x86's test-kprobe.sh expects -EBUSY for a kprobe with a post handler: an IPMODIFY conflict)."""
+    lp = Livepatch(kernel, Ftrace(kernel), policy=StallPolicy(retry_interval=0.02, signal_after=None))
+    kp = Kprobes(kernel)  # after ftrace's init of the sites (func+0 is `mov x9, x30` from now on)
+    p = kp.register("cmdline", "cmdline_proc_show", post=True, record=True)
+    assert p.mode == "step"  # mov x9, x30, stepped out of line
+    original = kernel.read_string("proc_cmdline_read")
+    assert kp.info(p)["hits"] == 1
+    lp.load(cmdline_bundle)
+    lp.enable("livepatch_cmdline")  # no -EBUSY
+    assert kernel.read_string("proc_cmdline_read") == "livepatch_cmdline: this has been live patched\n"
+    info = kp.info(p)
+    assert (info["hits"], info["post_hits"]) == (2, 2)  # fired on the old entry, then the call was redirected
+    pre = [h for h in kp.drain() if not h.post]
+    assert [h.regs["pc"] for h in pre] == [p.addr, p.addr]
+    lp.disable("livepatch_cmdline")
+    assert kernel.read_string("proc_cmdline_read") == original
+    kp.unregister("cmdline")
+    lp.unload("livepatch_cmdline")
+    assert kernel.read_string("proc_cmdline_read") == original
