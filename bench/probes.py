@@ -50,9 +50,8 @@ def measure(n: int) -> list[dict[str, object]]:
                         i0, t0 = v.instructions, v.debug_exceptions
                         k.call("kpt_loop", m, timeout=120)
                         costs.append((v.instructions - i0, v.debug_exceptions - t0))
-                    base = dict(label=label, insns_per_hit=(costs[1][0] - costs[0][0]) / (2 * n),
-                                traps_per_hit=(costs[1][1] - costs[0][1]) / (2 * n))
-                    rows.append(base)
+                    rows.append({"label": label, "insns_per_hit": (costs[1][0] - costs[0][0]) / (2 * n),
+                                 "traps_per_hit": (costs[1][1] - costs[0][1]) / (2 * n)})
                 else:
                     best = min((_run(k, 2 * n) - _run(k, n)) for _ in range(3))
                     rows[i]["ns_per_hit"] = best / (2 * n)
