@@ -39,6 +39,7 @@ from daemon.service import (
     ftrace_verbs,
     integrity,
     kernel_verbs,
+    kprobe_verbs,
     patch_insight_verbs,
     patch_verbs,
 )
@@ -211,10 +212,12 @@ class Daemon:
                                        restore_timeout_s=s.patch_restore_timeout_s, calls=calls, guard=guard)
         patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
         patch_insight_verbs.register(service, kernel, livepatch)  # patch.check, patch.effect
+        probes = kprobe_verbs.register(service, kernel, desired=self.desired)  # kprobe.*
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
         await asyncio.to_thread(patches.restore)  # the desired patches, loaded and enabled again (load-at-boot)
         await asyncio.to_thread(ftrace_ops.restore)  # then the desired ftrace ops and hijacks
+        await asyncio.to_thread(probes.restore)  # and the desired kprobes (after ftrace's init of the sites)
         replayed = await service.replay()
         # The image, kallsyms and the kernel's objects live as long as the daemon: keep them out of the cyclic
         # GC's generations, whose full collections otherwise stall a request now and then for tens of ms.

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"state, in DIR/<host>/ (default: LIVEPATCHD_STATE_DIR, else {default_state_dir()})")
     serve.add_argument("--cpus", dest="nr_cpus", type=int, metavar="N", help="number of vCPUs, 1-8 (default: "
                        "LIVEPATCHD_NR_CPUS, else 2)")
+    serve.add_argument("--kernel-build", dest="kernel_build", metavar="RELEASE", help="the shipped guest kernel "
+                       "build to boot: 6.1-lp1, 6.1-lp2 or 6.6-lp1 (default: LIVEPATCHD_KERNEL_BUILD, else 6.1-lp1)")
     serve.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"],
                        help="MQTT version to speak to --broker: auto tries 5 and falls back to 3.1.1 when the broker "
                        "refuses it (default: LIVEPATCHD_MQTT_PROTOCOL, else auto; the embedded broker speaks 3.1.1)")
@@ -129,7 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level",
             "log_format", "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys",
-            "dev_signing_key", "allow_any_call")
+            "dev_signing_key", "allow_any_call", "kernel_build")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if "broker_url" in overrides:
         overrides["broker_url"] = ",".join(overrides["broker_url"])
@@ -287,6 +289,9 @@ def _patch_parser(sub: Any) -> None:
     examples.add_argument("--out", type=Path, help="directory for <name>.lpb files")
     examples.add_argument("--key", type=Path, help="sign them with this private key (PKCS#8 PEM)")
     examples.add_argument("--list", action="store_true", help="only list the examples")
+    examples.add_argument("--build", dest="releases", action="append", metavar="RELEASE",
+                          help="build them for this shipped kernel build (repeatable): <name>-<release>.lpb; with "
+                          "no NAMES, an example for a function the build lacks is skipped (named in the output)")
 
 
 def _patch(args: argparse.Namespace) -> int:
@@ -360,6 +365,35 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
                          f"object {len(bundle.object)} bytes")
         return {"bundles": written, "text": "\n".join(lines)}
 
+    def per_release_examples(wanted: list[str], private: Any, *, explicit: bool) -> dict[str, Any]:
+        from daemon.errors import OldFuncNotFound  # noqa: PLC0415
+
+        unknown = [r for r in args.releases if r not in GUEST_BUILDS]
+        if unknown:
+            raise ArtifactError(f"unknown kernel build {', '.join(unknown)}; shipped builds: "
+                                f"{', '.join(GUEST_BUILDS)}", releases=unknown)
+        built, skipped = [], []
+        with tempfile.TemporaryDirectory(prefix="lpd-examples-") as work:
+            for release in dict.fromkeys(args.releases):
+                for name in wanted:
+                    try:
+                        bundle = examples.build_example_for(name, Path(work) / release, release)
+                    except OldFuncNotFound as exc:
+                        if explicit:
+                            raise
+                        skipped.append({"name": name, "release": release, "reason": exc.message})
+                        continue
+                    built.append((name, release, signing.sign(bundle, private) if private is not None else bundle))
+        written = []
+        for name, release, bundle in built:
+            path = args.out / f"{name}-{release}.lpb"
+            _write(bundle, path)
+            written.append({**describe(bundle, path), "release": release})
+        lines = [f"{w['bundle']}: {w['name']} for {w['release']}" + (f", signed by {w['key_id'][:16]}"
+                                                                    if w["key_id"] else "") for w in written]
+        lines += [f"skipped {k['name']} for {k['release']}: {k['reason']}" for k in skipped]
+        return {"bundles": written, "skipped": skipped, "text": "\n".join(lines)}
+
     if args.patch_command == "build":
         try:
             template = json.loads(read_text(args.manifest, "manifest"))
@@ -416,6 +450,8 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
     private = signing.load_private_key(args.key) if args.key is not None else None
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
+    if args.releases:
+        return per_release_examples(args.names or names, private, explicit=bool(args.names))
     with tempfile.TemporaryDirectory(prefix="lpd-examples-") as work:
         build_id = committed_build_id()
         for name in args.names or names:

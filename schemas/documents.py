@@ -9,6 +9,7 @@ from pydantic import Field
 from schemas._base import SCHEMA_VERSION, HostId, Outbound
 from schemas.events import EVENTS
 from schemas.ftrace import FtraceSection
+from schemas.kprobes import KprobesSection
 from schemas.livepatch import LivepatchSection
 from schemas.patch_insight import PatchEffectSection
 
@@ -72,7 +73,7 @@ class KernelState(Outbound):
 
 
 COMPONENTS: dict[str, type[Outbound]] = {"livepatch": LivepatchSection, "ftrace": FtraceSection,
-                                         "patch_effect": PatchEffectSection}
+                                         "patch_effect": PatchEffectSection, "kprobes": KprobesSection}
 """The sections of ``StateDoc.components`` this schema version defines, by name -> their model."""
 
 

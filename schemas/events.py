@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
-from schemas import ftrace, kernel, livepatch
+from schemas import ftrace, kernel, kprobes, livepatch
 from schemas._base import Outbound
 
 
@@ -80,7 +80,8 @@ DAEMON_EVENTS: dict[str, type[Outbound]] = {
     "reply.dropped": ReplyDroppedEvent,
 }
 
-EVENTS: dict[str, type[Outbound]] = {**DAEMON_EVENTS, **kernel.EVENTS, **ftrace.EVENTS, **livepatch.EVENTS}
+EVENTS: dict[str, type[Outbound]] = {**DAEMON_EVENTS, **kernel.EVENTS, **ftrace.EVENTS, **livepatch.EVENTS,
+                                     **kprobes.EVENTS}
 """Every event type this schema version emits -> the model of its ``data``."""
 
 

@@ -38,7 +38,7 @@ def _sums_to_one(shares: list[float], what: str) -> None:
 class BuildShare(Inbound):
     """A kernel build (by its version string) and the share of hosts that run it."""
 
-    release: str = Field(min_length=1, max_length=64, description="a shipped build, e.g. 6.1-lp1")
+    release: str = Field(min_length=1, max_length=64, description="a shipped build: 6.1-lp1, 6.1-lp2 or 6.6-lp1")
     share: Share
 
 

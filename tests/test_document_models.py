@@ -22,12 +22,13 @@ from schemas.documents import COMPONENTS
 from schemas.events import EVENTS, UnknownEvent, check_event
 from schemas.ftrace import FtraceEventType, FtraceSection
 from schemas.kernel import KernelEventType
+from schemas.kprobes import KprobeEventType
 from schemas.livepatch import LivepatchSection, PatchEventType, TransitionStalledEvent
 
 
 def test_every_event_type_has_a_model_and_every_model_a_type() -> None:
     documented = {*get_args(EventType), *get_args(KernelEventType), *get_args(FtraceEventType),
-                  *get_args(PatchEventType)}
+                  *get_args(PatchEventType), *get_args(KprobeEventType)}
     assert set(EVENTS) == documented
     assert len(set(EVENTS.values())) == len(EVENTS), "one model per type"
 
@@ -90,7 +91,8 @@ def test_the_state_sections_are_listed_by_their_models() -> None:
     components = asyncapi["components"]["schemas"]["StateDoc"]["properties"]["components"]["properties"]
     assert components == {"ftrace": {"$ref": "#/components/schemas/FtraceSection"},
                           "livepatch": {"$ref": "#/components/schemas/LivepatchSection"},
-                          "patch_effect": {"$ref": "#/components/schemas/PatchEffectSection"}}
+                          "patch_effect": {"$ref": "#/components/schemas/PatchEffectSection"},
+                          "kprobes": {"$ref": "#/components/schemas/KprobesSection"}}
 
 
 def test_a_running_daemon_publishes_sections_that_follow_their_models(lpd: DaemonThread) -> None:

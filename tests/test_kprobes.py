@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 from daemon.errors import KprobeExists, KprobeNotFound, KprobeRefused
-from daemon.guest import abi
+from daemon.guest import abi, corpus
 from daemon.kernel.kernel import Kernel
 from daemon.kprobes import decode
 from daemon.kprobes.core import Kprobes
 from tests.conftest import booted
 
 FUNCS = ["kpt_leaf", "kpt_branches", "kpt_literal", "kpt_calls", "kpt_testbit"]
+NAMES = corpus.function_names()
+CORPUS = [NAMES[0], NAMES[1], NAMES[9], NAMES[17], NAMES[100]]  # leaves, and chained ones (i % 8 == 1)
 INPUTS = [0, 5, 0x1_0000_00FF, 0xFFFF_FFFF_FFFF_FFF3]
 
 
@@ -40,9 +43,11 @@ def _code_offsets(kernel: Kernel, fn: str) -> list[int]:
 
 
 def test_every_instruction_probed_gives_the_unprobed_result(kernel: Kernel, kp: Kprobes) -> None:
-    expect = {(f, x): kernel.call(f, x) for f in FUNCS for x in INPUTS}
+    """The differential test: every instruction of the selftest functions and of corpus functions, probed,
+    gives the unprobed results (and the original text is back after each unregister)."""
+    expect = {(f, x): kernel.call(f, x) for f in FUNCS + CORPUS for x in INPUTS}
     modes: set[str] = set()
-    for f in FUNCS:
+    for f in FUNCS + CORPUS:
         for off in _code_offsets(kernel, f):
             if off == 4:  # rec->ip: refused (test below)
                 continue
@@ -171,16 +176,49 @@ def test_names_and_unregister(kp: Kprobes) -> None:
     assert kp.describe() == []
 
 
-def test_probes_under_load_on_every_vcpu(kernel: Kernel, kp: Kprobes) -> None:
-    futures = [kernel.submit("kpt_branches", 0x1_0000_00FF, cpu=c) for c in range(kernel.config.nr_cpus)]
-    expect = kernel.call("kpt_branches", 0x1_0000_00FF)
-    for f in futures:
-        assert f.result(10) == expect
-    for i in range(50):
-        kp.register("l", "kpt_branches+0x8" if i % 2 else "kpt_leaf+0x10")
-        jobs = [kernel.submit(fn, i, cpu=c) for c in range(kernel.config.nr_cpus)
-                for fn in ("kpt_branches", "kpt_leaf")]
-        for j in jobs:
-            j.result(10)
-        kp.unregister("l")
+def test_probes_under_load_on_every_vcpu_armed_and_disarmed_1000_times(kernel: Kernel, kp: Kprobes) -> None:
+    """Every vCPU loops over the probed functions (and the corpus load generators run) while probes at every
+    instruction class are armed and disarmed 1,000 times: every result stays right, nothing is a BUG."""
+    kernel.set_load(abi.LOADGEN_CORPUS)
+    n = 8
+    expect = kernel.call("kpt_loop", n)
+    sites = [f"{f}+{off:#x}" for f in ("kpt_branches", "kpt_calls", "kpt_testbit", "kpt_literal")
+             for off in _code_offsets(kernel, f) if off != 4]
+    sites += [f"{CORPUS[1]}+{off:#x}" for off in _code_offsets(kernel, CORPUS[1]) if off != 4]
+    stop = threading.Event()
+    wrong: list[int] = []
+    runs = [0] * kernel.config.nr_cpus
+
+    def load(cpu: int) -> None:
+        while not stop.is_set():
+            got = kernel.call("kpt_loop", n, cpu=cpu, timeout=30)
+            if got != expect:
+                wrong.append(got)
+            runs[cpu] += 1
+
+    threads = [threading.Thread(target=load, args=(c,)) for c in range(kernel.config.nr_cpus)]
+    for t in threads:
+        t.start()
+    hits = 0
+    try:
+        for i in range(1000):
+            name = f"l{i % 3}"
+            if i >= 3:
+                p = kp.get(name)
+                hits += kp.counter(p, "hits")
+                kp.unregister(name)
+            kp.register(name, sites[(i * 7) % len(sites)], record=i % 2 == 0, post=i % 3 == 0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    for p in kp.describe():
+        kp.unregister(p["name"])
+    kernel.set_load(abi.LOADGEN_OFF)
     kernel.machine.check()
+    assert wrong == []
+    assert min(runs) > 0
+    assert hits > 0
+    assert kp.bugs() == 0
+    assert kernel.load_stats()["errors"] == 0
+    assert [kernel.call(f, 5) for f in FUNCS] == [kernel.call(f, 5) for f in FUNCS]

@@ -48,6 +48,27 @@ async def succeeded(url: str, name: str) -> int:
         return (await r.rollout_status(name)).rollout.counts.get("SUCCEEDED", 0)
 
 
+async def start_rollout(url: str, prefix: str, n: int, tmp: Path) -> None:
+    """Once an orchestrator answers and has seen the n hosts: create and start the rollout."""
+    await answering(url)
+    async with RolloutClient(url, protocol="3.1.1", timeout=30) as r:
+        await wait_for_fleet(r, prefix, n, tmp)
+        await r.create(_rollout(tmp, prefix))
+        await r.start("dur1")
+
+
+async def until_succeeded(url: str, n: int, within: float, log: Path) -> None:
+    deadline = time.monotonic() + within
+    while await succeeded(url, "dur1") < n:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        await asyncio.sleep(0.05)
+
+
+def kill_9(p: subprocess.Popen[bytes]) -> None:
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+
+
 def check_once_each(store: Store, name: str, hosts: list[str]) -> set[str]:
     """Every host: SUCCEEDED, its versions 2..n each written once, and it went into its transition once."""
     execs = {e.host: e for e in store.executions(name)}
@@ -87,23 +108,12 @@ def test_kill_9_mid_wave_then_restart(mosquitto: Mosquitto, tmp_path: Path) -> N
             first = start_worker(mosquitto.url, db, "w1", log)
             second: subprocess.Popen[bytes] | None = None
             try:
-                await answering(mosquitto.url)
-                async with RolloutClient(mosquitto.url, protocol="3.1.1", timeout=30) as r:
-                    await wait_for_fleet(r, prefix, 10, tmp_path)
-                    await r.create(_rollout(tmp_path, prefix))
-                    await r.start("dur1")
-                deadline = time.monotonic() + 60
-                while await succeeded(mosquitto.url, "dur1") < 3:
-                    assert time.monotonic() < deadline, log.read_text()[-3000:]
-                    await asyncio.sleep(0.05)
-                first.send_signal(signal.SIGKILL)
-                first.wait(10)
+                await start_rollout(mosquitto.url, prefix, 10, tmp_path)
+                await until_succeeded(mosquitto.url, 3, 60, log)
+                kill_9(first)
                 second = start_worker(mosquitto.url, db, "w2", log)
                 await answering(mosquitto.url)
-                deadline = time.monotonic() + 90
-                while await succeeded(mosquitto.url, "dur1") < 10:
-                    assert time.monotonic() < deadline, log.read_text()[-3000:]
-                    await asyncio.sleep(0.2)
+                await until_succeeded(mosquitto.url, 10, 90, log)
                 await patched_everywhere(mosquitto.url, hosts)
             finally:
                 for p in (first, second):
@@ -149,21 +159,10 @@ def test_two_workers_on_postgresql_one_killed(mosquitto: Mosquitto, tmp_path: Pa
             a = start_worker(mosquitto.url, url, "wa", log)
             b = start_worker(mosquitto.url, url, "wb", log)
             try:
-                await answering(mosquitto.url)
-                async with RolloutClient(mosquitto.url, protocol="3.1.1", timeout=30) as r:
-                    await wait_for_fleet(r, prefix, 12, tmp_path)
-                    await r.create(_rollout(tmp_path, prefix))
-                    await r.start("dur1")
-                deadline = time.monotonic() + 60
-                while await succeeded(mosquitto.url, "dur1") < 4:
-                    assert time.monotonic() < deadline, log.read_text()[-3000:]
-                    await asyncio.sleep(0.05)
-                a.send_signal(signal.SIGKILL)
-                a.wait(10)
-                deadline = time.monotonic() + 90
-                while await succeeded(mosquitto.url, "dur1") < 12:
-                    assert time.monotonic() < deadline, log.read_text()[-3000:]
-                    await asyncio.sleep(0.2)
+                await start_rollout(mosquitto.url, prefix, 12, tmp_path)
+                await until_succeeded(mosquitto.url, 4, 60, log)
+                kill_9(a)
+                await until_succeeded(mosquitto.url, 12, 90, log)
                 await patched_everywhere(mosquitto.url, hosts)
             finally:
                 for p in (a, b):

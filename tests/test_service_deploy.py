@@ -3,12 +3,18 @@ default broker; the systemd unit."""
 
 from __future__ import annotations
 
+import asyncio
 import configparser
+import contextlib
+import json
+import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import aiomqtt
 import pytest
 from mqtt_fixtures import REPO, DaemonThread, Mosquitto, daemon_settings, run
 
@@ -128,3 +134,87 @@ def test_serve_refuses_unusable_tls_files(tmp_path: Path) -> None:
                               timeout=60, check=False)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert said in proc.stdout
+
+
+@pytest.fixture
+def bound(tmp_path: Path) -> Iterator[Mosquitto]:
+    """deploy/mosquitto.conf with deploy/mosquitto-bound-ids.conf added (client ids bound to user names)."""
+    passwd = tmp_path / "passwd"
+    for i, (user, password) in enumerate(USERS.items()):
+        subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd), user, password],
+                       check=True, capture_output=True)
+    passwd.chmod(0o600)
+    conf = deploy_conf(passwd, DEPLOY / "livepatchd.acl") + (DEPLOY / "mosquitto-bound-ids.conf").read_text()
+    broker = Mosquitto(tmp_path / "broker", extra_conf=conf)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def test_bound_ids_an_observer_cannot_take_an_operators_or_the_daemons_client_id(bound: Mosquitto,
+                                                                                 tmp_path: Path) -> None:
+    lpd = DaemonThread(daemon_settings(tmp_path / "state", bound.url, username="livepatchd",
+                                       password=USERS["livepatchd"])).start()
+    try:
+        service = lpd.daemon.service
+        assert service is not None
+        daemon_id = lpd.daemon.bridge.client_id if lpd.daemon.bridge is not None else f"livepatchd-{lpd.host}"
+        url = bound.url.replace("mqtt://", "mqtt://{user}:{password}@")
+        operator = url.format(user="operator", password=USERS["operator"])
+
+        def reconnects() -> float:
+            return float(service.metrics.reconnects._value.get())
+
+        async def squatters(seen: list[str]) -> None:
+            """An observer asking for the operator's, then the daemon's id (one at a time: the broker gives each
+            connection the id "observer"), listening on every reply and request it may read."""
+            for identifier in ("operator", daemon_id, "livepatchd"):
+                async with aiomqtt.Client("127.0.0.1", bound.port, username="observer", password=USERS["observer"],
+                                          identifier=identifier, protocol=aiomqtt.ProtocolVersion.V5,
+                                          clean_start=False) as spy:
+                    await spy.subscribe(f"livepatch/v1/{lpd.host}/reply/{identifier}", qos=1)
+                    await spy.subscribe(f"livepatch/v1/{lpd.host}/reply/#", qos=1)
+                    await spy.subscribe(f"livepatch/v1/{lpd.host}/request/#", qos=1)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            async for message in spy.messages:
+                                seen.append(str(message.topic))
+
+        async def main() -> None:
+            before = reconnects()
+            async with LivepatchClient(operator, lpd.host, client_id="operator") as c:
+                assert (await c.info()).host == lpd.host
+                seen: list[str] = []
+                spy = asyncio.create_task(squatters(seen))
+                answered = 0
+                while not spy.done():
+                    assert (await c.call("work_chain", answered)).function == "work_chain"
+                    answered += 1
+                await spy
+                assert answered >= 10
+                assert seen == []  # neither the operator's replies nor the daemon's requests
+                assert c.reconnects == 0  # the operator was never kicked off
+            assert reconnects() == before  # nor was the daemon
+        run(main())
+        assert "already connected" not in bound.log.read_text()
+    finally:
+        lpd.stop()
+
+
+def test_bound_ids_lpctl_with_its_user_name_as_client_id(bound: Mosquitto, tmp_path: Path) -> None:
+    lpd = DaemonThread(daemon_settings(tmp_path / "state", bound.url, username="livepatchd",
+                                       password=USERS["livepatchd"])).start()
+    try:
+        operator = bound.url.replace("mqtt://", f"mqtt://operator:{USERS['operator']}@")
+        env = {**os.environ, "LPCTL_BROKER": operator, "LPCTL_HOST": lpd.host, "LPCTL_TIMEOUT": "5"}
+        ok = subprocess.run([sys.executable, "-m", "clients.cli", "--json", "--client-id", "operator", "info"],
+                            env=env, capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+        assert ok.returncode == 0, ok.stderr
+        assert lpd.host in json.dumps(json.loads(ok.stdout))
+        # its own random id: the broker calls it "operator", so reply/<random id> is not its to read
+        refused = subprocess.run([sys.executable, "-m", "clients.cli", "info"], env=env, capture_output=True,
+                                 text=True, timeout=60, cwd=REPO, check=False)
+        assert refused.returncode == 3, refused.stderr
+        assert "--client-id" in refused.stderr  # the hint names the way out
+    finally:
+        lpd.stop()

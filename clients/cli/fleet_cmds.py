@@ -65,7 +65,7 @@ def fleet_client(opts: Options, broker: str | None = None) -> FleetClient:
     tls = tls_or_fail(opts)
     try:
         return FleetClient(broker or opts.broker, timeout=opts.timeout, protocol=opts.protocol.value,
-                           tls_context=tls)
+                           tls_context=tls, client_id=opts.client_id)
     except ValueError as exc:
         fail(EXIT_USAGE, str(exc))
 

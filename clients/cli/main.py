@@ -20,7 +20,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from clients.cli import fleet_cmds, ftrace_cmds, keys, observe_cmds, patch_cmds, profile_cmds, rollout_cmds
+from clients.cli import (
+    fleet_cmds,
+    ftrace_cmds,
+    keys,
+    observe_cmds,
+    patch_cmds,
+    probe_cmds,
+    profile_cmds,
+    rollout_cmds,
+)
 from clients.cli.help_format import LpctlGroup
 from clients.cli.runner import (
     EXIT_OFFLINE,
@@ -64,9 +73,12 @@ def options(
                                                   "brokers that require one; implies TLS")] = None,
     tls_key: Annotated[Path | None, typer.Option(envvar="LPCTL_TLS_KEY", help="its private key (PEM), when not "
                                                  "in the certificate file")] = None,
+    client_id: Annotated[str | None, typer.Option(envvar="LPCTL_CLIENT_ID", help="MQTT client id (replies come "
+                                                  "on reply/<client id>); a broker that binds ids to user names "
+                                                  "(deploy/mosquitto-bound-ids.conf) needs the user name")] = None,
 ) -> None:
     ctx.obj = Options(",".join(broker or ["mqtt://127.0.0.1:1883"]), host, json_, timeout, protocol, tls_ca,
-                      tls_cert, tls_key)
+                      tls_cert, tls_key, client_id)
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
@@ -186,6 +198,7 @@ fleet_cmds.install(app)
 observe_cmds.install(app)
 ftrace_cmds.install(app)
 profile_cmds.install(app)
+probe_cmds.install(app)
 patch_cmds.install(app)
 rollout_cmds.install(app)
 

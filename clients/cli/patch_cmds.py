@@ -84,13 +84,28 @@ def build(ctx: typer.Context,
           source: Annotated[Path, typer.Argument(help="the patch's C source (SOURCE.c)")],
           *,
           manifest: Annotated[Path, typer.Option("--manifest", help="its manifest (JSON; build_id optional)")],
-          out_path: Annotated[Path, typer.Option("--out", help="the bundle file to write (e.g. P.lpb)")],
+          out_path: Annotated[Path, typer.Option("--out", help="the bundle file to write (e.g. P.lpb); with "
+                                                  "--build/--all-builds one per build: P-<release>.lpb (a "
+                                                  "directory: DIR/<name>-<release>.lpb)")],
           build_id: Annotated[str | None, typer.Option(help="target this kernel build id (default: the kernel "
                                                              "image livepatchd ships)")] = None,
+          builds: Annotated[list[str] | None, typer.Option("--build", metavar="RELEASE", help="build for this "
+                                                           "shipped kernel build, e.g. 6.6-lp1 (repeatable)")] = None,
+          all_builds: Annotated[bool, typer.Option("--all-builds", help="build for every shipped kernel "
+                                                   "build")] = False,
           key: Annotated[Path | None, typer.Option(help="also sign it with this private key")] = None) -> None:
-    """Compile a patch's C source with the guest kernel's flags into a bundle (unsigned unless --key)."""
+    """Compile a patch's C source with the guest kernel's flags into a bundle (unsigned unless --key).
+
+    With --build/--all-builds: one bundle per kernel build (its defines, struct layouts and build id); a patch
+    for a function that a build lacks (renamed or inlined away) is refused, naming the function and the build,
+    and no bundle is written."""
+    if sum((bool(build_id), bool(builds), all_builds)) > 1:
+        fail(EXIT_USAGE, "give one of --build-id, --build, --all-builds")
     args = ["build", str(source), "--manifest", str(manifest), "--out", str(out_path)]
     args += ["--build-id", build_id] if build_id else []
+    for release in builds or []:
+        args += ["--build", release]
+    args += ["--all-builds"] if all_builds else []
     args += ["--key", str(key)] if key else []
     _livepatchd(ctx, *args)
 

@@ -54,6 +54,7 @@ class Options:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    client_id: str | None = None
 
     @property
     def shown_broker(self) -> str:
@@ -102,7 +103,7 @@ def _client(opts: Options, *, need_host: bool = True) -> LivepatchClient:
     tls = tls_or_fail(opts)
     try:
         return LivepatchClient(opts.broker, opts.host, timeout=opts.timeout, protocol=opts.protocol.value,
-                               tls_context=tls)
+                               tls_context=tls, client_id=opts.client_id)
     except ValueError as exc:
         fail(EXIT_USAGE, str(exc))
 
@@ -152,7 +153,7 @@ def run_client(opts: Options, client: C, work: Callable[[C], Awaitable[T]], *, b
     except RequestTimeout as exc:  # every message of a connection problem names the broker it used
         fail(EXIT_UNREACHABLE, f"{exc}, over {opts.shown_broker}",
              f"check that {opts.host} is online: lpctl --host {opts.host} status; and that it uses this broker "
-             "(--broker, LPCTL_BROKER)")
+             "(--broker, LPCTL_BROKER); a broker that binds client ids to user names needs --client-id <user>")
     except BrokerUnreachable as exc:
         where = f"{exc} (--broker {opts.shown_broker})"
         if "MQTT 5" in str(exc):

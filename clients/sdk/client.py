@@ -30,6 +30,7 @@ from clients.sdk.connection import Connection
 from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, SdkError
 from clients.sdk.ftrace_api import FtraceApi
 from clients.sdk.patch_api import PatchApi
+from clients.sdk.probe_api import ProbeApi
 from schemas import (
     ALL_STATUS,
     CallData,
@@ -96,7 +97,7 @@ def _is_birth(payload: bytes) -> bool:
 _log = logging.getLogger(__name__)
 
 
-class LivepatchClient(FtraceApi, PatchApi):
+class LivepatchClient(FtraceApi, PatchApi, ProbeApi):
     """Client of one daemon (``host``) — or of none, for fleet-wide reads like ``hosts()``.
 
     Args:
@@ -108,7 +109,8 @@ class LivepatchClient(FtraceApi, PatchApi):
         protocol: ``"auto"`` tries MQTT 5 and falls back to 3.1.1; or force ``"5"`` / ``"3.1.1"``.
         username, password: override the URL's credentials.
         tls_context: for ``mqtts://`` (default: the system's trust store).
-        client_id: the MQTT client id (default: ``lpsdk-<random>``); replies go to ``reply/<client_id>``.
+        client_id: the MQTT client id (default: ``lpsdk-<random>``); replies go to ``reply/<client_id>``. A broker
+            that binds client ids to user names (``deploy/mosquitto-bound-ids.conf``) needs the user name here.
         reconnect: when the connection drops, connect again (with backoff) and re-send the requests still
             waiting, with their ids, instead of failing them with ``BrokerUnreachable`` (the daemon answers a
             repeated id from its journal: nothing runs twice). A request still fails with ``RequestTimeout``

@@ -317,8 +317,9 @@ kprobe = Struct(
 
 kprobe_trace = Struct(
     "kprobe_trace",
-    [u64("ts"), u64("probe"), u64("cpu"), u64("post"), nested("regs", pt_regs)],
-    doc="one register record of a KPF_RECORD probe: kprobe_table index, pre (post = 0) or post handler",
+    [u64("ts"), u64("probe"), u64("cpu"), u64("post"), u64("pid"), u64("pad"), nested("regs", pt_regs)],
+    doc="one register record of a KPF_RECORD probe: kprobe_table index, pre (post = 0) or post handler, the "
+        "current task's pid",
 )
 
 kprobe_ctlblk = Struct(

@@ -58,11 +58,6 @@ GUEST_BUILDS: dict[str, GuestBuild] = {b.release: b for b in (
 """Every shipped build, by release (``KernelState.release``)."""
 
 
-def release_of(image: Path) -> str | None:
-    """The release of a shipped build's image, or None for any other image."""
-    resolved = image.resolve()
-    return next((b.release for b in GUEST_BUILDS.values() if b.image.resolve() == resolved), None)
-
 # -fpatchable-function-entry=4,2 as Linux's CALL_OPS build: two NOPs before the symbol (the 8-byte ops
 # literal) and two at entry; zig's driver wants the offset through -Xclang. 8-byte function alignment keeps
 # the literal naturally aligned. No sibling calls, so every non-leaf function keeps its frame record; leaf

@@ -66,6 +66,7 @@ class KprobeHit:
 
     probe: str
     cpu: int
+    pid: int
     ts: int
     post: bool
     regs: dict[str, int]
@@ -232,6 +233,9 @@ class Kprobes:
 
     # -- state -----------------------------------------------------------------------------------------------
 
+    def find(self, name: str) -> Kprobe | None:
+        return self._probes.get(name)
+
     def get(self, name: str) -> Kprobe:
         p = self._probes.get(name)
         if p is None:
@@ -271,6 +275,7 @@ class Kprobes:
                 for f in ("sp", "pc", "pstate"):
                     regs[f] = self.memory.read_u64(r + abi.pt_regs.offsetof(f))
                 out.append(KprobeHit(by_index.get(self.memory.read_u64(e + tr.offsetof("probe")), "?"), cpu,
+                                     self.memory.read_u64(e + tr.offsetof("pid")),
                                      self.memory.read_u64(e + tr.offsetof("ts")),
                                      bool(self.memory.read_u64(e + tr.offsetof("post"))), regs))
             self._ring_seen[cpu] = head

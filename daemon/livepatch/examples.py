@@ -28,9 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from daemon.errors import ManifestError
-from daemon.guest.build import IMAGE_PATH
+from daemon.guest.build import GUEST_BUILDS, IMAGE_PATH
 from daemon.kernel.kernel import load_image
-from daemon.livepatch.artifact import PATCHES_DIR, build_patch
+from daemon.livepatch.artifact import PATCHES_DIR, build_for, build_patch
 from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.manifest import Manifest
 
@@ -60,6 +60,14 @@ def build_example(name: str, workdir: Path, build_id: str | None = None) -> Patc
     if build_id is None:
         build_id = load_image(IMAGE_PATH)[0].build_id
     return build_patch(example_source(name), example_manifest(name, build_id), workdir)
+
+
+def build_example_for(name: str, workdir: Path, release: str) -> PatchBundle:
+    """Compile one example for the shipped kernel build ``release`` (its defines and build id); a function the
+    build lacks is refused (``patch_old_func_not_found`` naming the function and the build)."""
+    image, kallsyms = load_image(GUEST_BUILDS[release].image)
+    return build_for(example_source(name), example_manifest(name, image.build_id), workdir / name, release=release,
+                     image=image, kallsyms=kallsyms)
 
 
 def build_examples(workdir: Path, build_id: str | None = None) -> dict[str, PatchBundle]:

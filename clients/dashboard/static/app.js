@@ -180,11 +180,12 @@ function renderRollout(name) {
     : `<p class="muted">${r.spec ? "No abort criteria." : "Reading the spec…"}</p>`;
   box.querySelector(".ro-events").innerHTML = (r.events || []).slice(-12).reverse().map(e =>
     `<li>${esc(e.event)} ${esc(Object.entries(e).filter(([k]) => !["event", "rollout", "at"].includes(k)).map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" "))}</li>`).join("");
+  if (!window.Plotly) return;
   const hist = r.history || [];
   const t = hist.map(p => new Date(p[0] * 1000));
   const shown = EXEC_STATES.filter(s => hist.some(p => p[1][s]));
   const traces = shown.map(s => ({x: t, y: hist.map(p => p[1][s] || 0), name: s, mode: "lines", stackgroup: "one",
-                                  line: {color: EXEC_COLORS[s], shape: "hv"}}));
+                                  line: {color: EXEC_COLORS[s]}}));
   Plotly.react(`ro-plot-${cssId(name)}`, traces, {margin: {l: 40, r: 10, t: 10, b: 30}, showlegend: true,
                yaxis: {title: "hosts"}, legend: {font: {size: 10}}}, {displayModeBar: false, responsive: true});
 }
@@ -223,8 +224,9 @@ function predictions() {
 }
 
 function blockersHtml(list) {
-  return (list || []).map(b => `<div class="task"><b>${esc(b.comm)}</b> pid ${esc(b.pid)} cpu ${esc(b.cpu)}: ${esc(b.why || b.reason || "")}` +
-    `${b.outcome ? ` (${esc(b.outcome)})` : ""}${(b.stack || []).length ? `<pre class="stack">${b.stack.map(esc).join("\n")}</pre>` : ""}</div>`).join("");
+  return (list || []).map(b => `<div class="task"><b>${esc(b.comm)}</b> pid ${esc(b.pid)}${b.cpu == null ? "" : ` cpu ${esc(b.cpu)}`}: ${esc(b.why || b.reason || "")}` +
+    `${b.function ? ` in ${esc(b.function)}` : ""}${b.outcome ? ` (${esc(b.outcome)})` : ""}` +
+    `${(b.stack || []).length ? `<pre class="stack">${b.stack.map(esc).join("\n")}</pre>` : ""}</div>`).join("");
 }
 
 function transitionHtml(data) {
@@ -238,7 +240,9 @@ function renderStalls() {
   for (const [name, h] of Object.entries(view.hosts).sort()) {
     const tr = components(h).livepatch?.transition;
     const pred = preds[name], check = view.checks[name];
-    const live = tr && (tr.stalled || (tr.blocked || []).length);
+    // live from the retained state's transition, or from the stall event (events come at QoS 1; a state update
+    // can be missed on a busy broker, the event that says the transition stalled is not)
+    const live = (tr && (tr.stalled || (tr.blocked || []).length)) || (h.stall && h.stall.over === null);
     if (!live && !pred && !(h.stall && h.stall.over === null) && !check) continue;
     let actual = live ? (h.stall && !h.stall.over ? blockersHtml(h.stall.blocked) : esc(`pids ${(tr.blocked || []).join(", ")}`))
                       : (h.stall ? `<span class="muted">was: ${blockersHtml(h.stall.blocked)} (${esc(h.stall.over || "")})</span>` : "—");
@@ -304,6 +308,7 @@ function renderEvents() {
 }
 
 function renderPlot(counts) {
+  if (!window.Plotly) return;
   const now = Date.now();
   if (now - lastPlot < 1000) return;  // the fleet plot moves once a second at most
   lastPlot = now;
@@ -331,9 +336,15 @@ function render() {
   document.body.dataset.rendered = String(performance.now());
 }
 
+function plotlyReady() {  // eslint-disable-line no-unused-vars  (the script tag's onload)
+  for (const name of Object.keys(view.rollouts)) dirty.rollouts.add(name);
+  dirty.any = true;
+  render();
+}
+
 function connect() {
   const es = new EventSource("/api/stream");
-  es.addEventListener("snapshot", ev => { apply(JSON.parse(ev.data), true); view.streamUp = true; });
+  es.addEventListener("snapshot", ev => { apply(JSON.parse(ev.data), true); view.streamUp = true; render(); });
   es.addEventListener("delta", ev => apply(JSON.parse(ev.data), false));
   es.onerror = () => { view.streamUp = false; dirty.any = true; };  // EventSource reconnects by itself
 }

@@ -147,6 +147,7 @@ notrace static void kprobe_record(struct kprobe_ctlblk *kcb, const struct kprobe
 	t->probe = (u64)(p - kprobe_table);
 	t->cpu = cpu;
 	t->post = post;
+	t->pid = this_cpu()->current ? this_cpu()->current->pid : 0;
 	for (u64 i = 0; i < PT_REGS_SIZE / 8; i++)
 		dst[i] = src[i];
 	barrier();

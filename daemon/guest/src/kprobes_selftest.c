@@ -91,3 +91,14 @@ noinline u64 kpt_testbit(u64 x)
 		: "+r"(r) : "r"(x));
 	return r;
 }
+
+/* A loop over the probed functions, for load on every vCPU while probes come and go */
+noinline u64 kpt_loop(u64 n)
+{
+	u64 s = 0;
+
+	for (u64 i = 0; i < n; i++)
+		s = (s << 1 | s >> 63) ^ kpt_branches(i * 0x9e3779b97f4a7c15ULL) ^ kpt_calls(i) ^ kpt_testbit(i) ^
+		    kpt_literal(i);
+	return s;
+}
