@@ -198,3 +198,37 @@ def test_dashboard_command_refuses_a_bad_listen_address() -> None:
     assert main(["dashboard", "--listen", "nowhere"]) == 2
 
 
+
+
+def test_rollout_board_waves_abort_and_history() -> None:
+    from clients.dashboard.rollouts import RolloutBoards  # noqa: PLC0415
+
+    boards = RolloutBoards()
+    counts = {"QUEUED": 2, "SUCCEEDED": 1, "FAILED": 1}
+    doc = {"name": "r", "state": "RUNNING", "version": 2, "current_wave": 0, "created_at": 100.0, "updated_at": 101.0,
+           "waves": [{"index": 0, "hosts": 4, "state": "running", "counts": counts}], "counts": counts}
+    assert boards.ingest("livepatch/v1/_orchestrator/rollout/r", doc) == "r"
+    assert boards.ingest("livepatch/v1/_orchestrator/rollout/r", {**doc, "version": 1, "state": "PAUSED"}) is None
+    assert boards.ingest("livepatch/v1/_orchestrator/rollout/x", {"no": "counts"}) is None
+    report = {"spec": {"waves": {"success_threshold": 75, "approval": [0]},
+                       "abort": {"action": "rollback", "criteria": [{"failure_type": "FAILED", "threshold_pct": 40,
+                                                                     "min_executed": 2}]}},
+              "hosts": [{"host": f"h{i}", "wave": 0, "state": s, "stalled": False, "history": [[0.5, s]]}
+                        for i, s in enumerate(["QUEUED", "QUEUED", "SUCCEEDED", "FAILED"])],
+              "events": [{"event": "started", "t": 0.2}]}
+    assert boards.seed("r", report)
+    view = boards.view()["r"]
+    assert view["waves"][0]["success_pct"] == 25.0  # of the wave's hosts (the engine's rule: not yet run counts)
+    assert view["waves"][0]["threshold_pct"] == 75.0
+    assert view["waves"][0]["approval"] is True
+    crit = view["abort"][0]
+    assert (crit["bad"], crit["executed"], crit["pct"], crit["armed"], crit["tripped"]) == (1, 2, 50.0, True, True)
+    assert view["history"][0] == [100.5, {"FAILED": 1, "QUEUED": 2, "SUCCEEDED": 1}]
+    # an execution change after seeding adds a point from every host's execution
+    boards.ingest("livepatch/v1/_orchestrator/events", {"kind": "execution", "rollout": "r", "host": "h0",
+                                                        "state": "SUCCEEDED", "wave": 0, "version": 3,
+                                                        "details": {}, "updated_at": 102.0})
+    assert boards.view()["r"]["history"][-1] == [102.0, {"FAILED": 1, "QUEUED": 1, "SUCCEEDED": 2}]
+    assert boards.view()["r"]["abort"][0]["pct"] == 33.3
+    assert boards.ingest("livepatch/v1/_orchestrator/rollout/r", None) == "r"
+    assert boards.view() == {}

@@ -51,6 +51,9 @@ class Board:
         self.history.append([at, dict(counts)])
         del self.history[:-HISTORY_MAX]
 
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(str(e.get("state")) for e in self.executions.values()).items()))
+
     def view(self) -> dict[str, Any]:
         return {"doc": self.doc, "history": self.history, "spec": self.spec, "waves": self.waves(),
                 "abort": self.abort(), "events": self.events[-50:], "stalled": self.stalled()}
@@ -140,7 +143,8 @@ class RolloutBoards:
             return None
         board.doc = doc
         at = doc.get("updated_at")
-        board.add_point(float(at) if isinstance(at, int | float) else 0.0, doc["counts"])
+        if not board.seeded or not board.executions:  # once seeded, the executions give finer points
+            board.add_point(float(at) if isinstance(at, int | float) else 0.0, doc["counts"])
         return name
 
     def _event(self, doc: dict[str, Any]) -> str | None:
@@ -156,6 +160,9 @@ class RolloutBoards:
             if old is None or doc.get("version", 0) >= old.get("version", 0):
                 board.executions[doc["host"]] = {k: doc.get(k) for k in ("state", "wave", "version", "details",
                                                                          "attempts", "updated_at")}
+                if board.seeded:  # every host known: a point per execution change (the RolloutDoc changes
+                    at = doc.get("updated_at")  # only with the rollout's own state)
+                    board.add_point(float(at) if isinstance(at, int | float) else 0.0, board.counts())
         elif kind == "event":
             board.events.append({k: v for k, v in doc.items() if k not in ("kind", "worker")})
             del board.events[:-EVENTS_MAX]

@@ -185,7 +185,7 @@ function renderRollout(name) {
   const t = hist.map(p => new Date(p[0] * 1000));
   const shown = EXEC_STATES.filter(s => hist.some(p => p[1][s]));
   const traces = shown.map(s => ({x: t, y: hist.map(p => p[1][s] || 0), name: s, mode: "lines", stackgroup: "one",
-                                  line: {color: EXEC_COLORS[s], shape: "hv"}}));
+                                  line: {color: EXEC_COLORS[s]}}));
   Plotly.react(`ro-plot-${cssId(name)}`, traces, {margin: {l: 40, r: 10, t: 10, b: 30}, showlegend: true,
                yaxis: {title: "hosts"}, legend: {font: {size: 10}}}, {displayModeBar: false, responsive: true});
 }
