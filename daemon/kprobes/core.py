@@ -19,6 +19,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from daemon.arch.arm64 import insn as a64insn
 from daemon.arch.arm64.callsite import DataPatch, InsnPatch, ftrace_call_adjust
 from daemon.arch.arm64.patching import TextPatcher
@@ -90,9 +93,8 @@ class Kprobes:
         self.table = sym("kprobe_table")
         self.ctlblk = sym("kprobe_ctlblk")
         self.nr_addr = sym("kprobe_nr")
-        start, stop = sym("__start_mcount_loc"), sym("__stop_mcount_loc")
-        self.rec_ips = {ftrace_call_adjust(self.memory.read_u64(a)) for a in range(start, stop, 8)}
-        self.traceable_funcs = {ip - 4 for ip in self.rec_ips}
+        self._mcount = (sym("__start_mcount_loc"), sym("__stop_mcount_loc"))
+        self._rec_ips: npt.NDArray[np.uint64] | None = None  # sorted, read at the first registration
         self._lock = threading.Lock()
         self._probes: dict[str, Kprobe] = {}
         self._by_addr: dict[int, Kprobe] = {}
@@ -115,6 +117,15 @@ class Kprobes:
             self.faults_reset += 1
             fault.details["kprobe"] = "fault in a kprobe single step or handler: probe state reset"
         return self._next_fault_handler(vcpu, fault) if self._next_fault_handler is not None else None
+
+    def _is_rec_ip(self, ip: int) -> bool:
+        """Is ``ip`` an ftrace site's rec->ip? (A sorted array, not a set: a fleet holds many kernels.)"""
+        if self._rec_ips is None:
+            start, stop = self._mcount
+            entries = np.frombuffer(self.memory.read(start, stop - start), dtype=np.uint64)
+            self._rec_ips = np.sort(entries + np.uint64(ftrace_call_adjust(0)))
+        i = int(np.searchsorted(self._rec_ips, np.uint64(ip)))
+        return i < len(self._rec_ips) and int(self._rec_ips[i]) == ip
 
     # -- addresses -------------------------------------------------------------------------------------------
 
@@ -152,9 +163,9 @@ class Kprobes:
         if symbol.startswith(BLACKLIST_PREFIXES):
             raise no("blacklisted (NOKPROBE_SYMBOL): entry, ftrace or kprobe handler code")
         func = addr - offset
-        if func not in self.traceable_funcs:
+        if not self._is_rec_ip(func + 4):
             raise no("blacklisted: notrace or entry code (the function has no ftrace record)")
-        if addr in self.rec_ips:
+        if self._is_rec_ip(addr):
             raise no("the ftrace call site (rec->ip) of the function: arm64 has no KPROBES_ON_FTRACE; probe the "
                      "function's address instead")
         if addr in self._by_addr:
