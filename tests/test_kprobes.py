@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.errors import KprobeExists, KprobeNotFound, KprobeRefused
+from daemon.errors import GuestFault, KprobeExists, KprobeNoSpace, KprobeNotFound, KprobeRefused, SymbolError
 from daemon.ftrace.core import Ftrace
 from daemon.guest import abi, corpus
 from daemon.guest.build import IMAGE_PATH
@@ -150,8 +150,8 @@ def test_decoder_classes() -> None:
     assert decode.decode(0xD65F03C0) == abi.KP_SIM_BR  # ret
     assert decode.decode(0xD63F0100) == abi.KP_SIM_BR  # blr x8
     assert decode.decode(0x94000000) == abi.KP_SIM_B
-    for bad in (0xD4000001, 0xD69F03E0, 0xD51B4220, 0xD50342DF, 0xD8000040, 0xC85F7C00, 0xC8DFFC00):
-        with pytest.raises(KprobeRefused):  # svc, eret, msr daif, msr daifset, prfm lit, ldxr, ldar
+    for bad in (0xD4000001, 0xD69F03E0, 0xD51B4220, 0xD50342DF, 0xD8000040, 0xC85F7C00, 0xC85FFC00):
+        with pytest.raises(KprobeRefused):  # svc, eret, msr daif, msr daifset, prfm lit, ldxr, ldaxr
             decode.decode(bad)
     assert decode.decode(0xD53BD048) == abi.KP_STEP  # mrs x8, tpidr_el0 is steppable
 
@@ -261,3 +261,40 @@ def test_kprobe_and_livepatch_coexist_on_one_function(kernel: Kernel, cmdline_bu
     kp.unregister("cmdline")
     lp.unload("livepatch_cmdline")
     assert kernel.read_string("proc_cmdline_read") == original
+
+
+def test_a_fault_while_stepping_resets_the_probe_state(kernel: Kernel, kp: Kprobes) -> None:
+    s = kernel.kallsyms.lookup("kpt_load")
+    off = next(o for o in range(8, s.size, 4) if (kernel.memory.read_u32(s.addr + o) & 0xFFC00000) == 0xF9400000)
+    p = kp.register("ld", f"kpt_load+{off:#x}")  # ldr x8, [x0]: stepped
+    assert p.mode == "step"
+    buf = kernel.host_buffer.alloc(8)
+    kernel.memory.write_u64(buf, 41)
+    assert kernel.call("kpt_load", buf) == 42
+    with pytest.raises(GuestFault) as err:
+        kernel.call("kpt_load", 0x10)  # unmapped: faults in the slot
+    assert err.value.details["pc"] == p.slot
+    assert kp.faults_reset == 1
+    assert kernel.call("kpt_load", buf) == 42  # the CPU's next hit is a plain hit, not a reentry BUG
+    assert kp.info(p)["hits"] == 3
+    assert kp.bugs() == 0
+
+
+def test_bad_targets(kernel: Kernel, kp: Kprobes) -> None:
+    with pytest.raises(KprobeRefused, match="beyond"):
+        kp.register("b", "kpt_leaf+0x400")
+    with pytest.raises(SymbolError):
+        kp.register("b", "no_such_function+0x8")
+    with pytest.raises(KprobeRefused, match="not inside a function"):
+        kp.register("b", abi.MODULES_VADDR + 0x100)
+    with pytest.raises(KprobeRefused, match="bad probe name"):
+        kp.register("a b", "kpt_leaf")
+    with pytest.raises(KprobeRefused, match="set_reg"):
+        kp.register("b", "kpt_leaf", set_reg=31)
+    names = corpus.function_names()
+    for i in range(abi.KPROBE_MAX):
+        kp.register(f"p{i}", names[200 + i])
+    with pytest.raises(KprobeNoSpace):
+        kp.register("one_more", names[300])
+    assert kernel.call(names[200], 3) == kernel.call(names[200], 3)
+    assert sum(p["hits"] for p in kp.describe()) == 2

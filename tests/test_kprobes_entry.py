@@ -8,10 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.errors import GuestPanic
+from daemon.arch.arm64.callsite import DataPatch, InsnPatch
+from daemon.errors import GuestPanic, KprobeRefused
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
-from daemon.kprobes.core import Kprobes
+from daemon.kprobes import decode
+from daemon.kprobes.core import BRK_KPROBE, Kprobes
 from tests.conftest import booted
 
 PSTATE_IL = 1 << 20
@@ -78,3 +80,40 @@ def test_a_kprobe_brk_nobody_registered_is_a_guest_panic(kernel: Kernel) -> None
     with pytest.raises(GuestPanic, match="unexpected debug exception"):
         kernel.call("kpt_leaf", 1, cpu=1)
     kernel.machine.vcpus[1].error = None
+
+
+def test_exclusives_refused_ordered_and_cas_stepped_as_in_linux() -> None:
+    """aarch64_insn_is_exclusive is 0x3F800000/0x08000000: LDXR/STXR/LDAXR/STLXR/LDXP are refused; LDAR, STLR and
+    CAS (o2 = 1) are stepped out of line, and an LDAR does not open an LL/SC sequence for the atomic scan."""
+    for excl in (0xC85F7C20, 0xC803FC20, 0xC85FFC20, 0xC87F0440, 0x885F7C20):  # ldxr, stlxr, ldaxr, ldxp, w ldxr
+        with pytest.raises(KprobeRefused, match="exclusive"):
+            decode.decode(excl)
+    for ordered in (0xC8DFFC20, 0xC89FFC20, 0xC8E0FC41, 0x88DFFC20):  # ldar, stlr, casal, ldar w
+        assert decode.decode(ordered) == abi.KP_STEP, hex(ordered)
+    add = 0x8B010000  # add x0, x0, x1
+    decode.check_atomic_context([0xC8DFFC20, add], 1)  # after an LDAR: allowed
+    with pytest.raises(KprobeRefused, match="LL/SC"):
+        decode.check_atomic_context([0xC85F7C20, add], 1)  # after an LDXR with no STXR yet: refused
+    decode.check_atomic_context([0xC85F7C20, add, 0xC803FC20, add], 3)  # the STXR closed it
+
+
+def test_a_hit_while_single_stepping_is_a_bug(kernel: Kernel) -> None:
+    """kprobe_brk_handler with the CPU's status KPROBE_HIT_SS: "Failed to recover from reentered kprobes." and
+    BUG() (a panic here). Staged behind the host's back: a second armed entry at the first probe's slot, whose
+    instruction is replaced by BRK #4, so the step itself hits a probe."""
+    kp = Kprobes(kernel)
+    p = kp.register("a", "kpt_leaf+0x8")
+    assert p.mode == "step"
+    assert p.slot
+    k = abi.kprobe
+    fake = kp.table + 1 * k.size
+    assert p.index == 0
+    for f, v in (("addr", p.slot), ("opcode", p.opcode), ("kind", abi.KP_STEP), ("slot", 0), ("restore", 0),
+                 ("flags", abi.KPF_ARMED)):
+        kernel.memory.write_u64(fake + k.offsetof(f), v)
+    kp.patcher.apply([InsnPatch(p.slot, p.opcode, BRK_KPROBE)], [DataPatch(kp.nr_addr, 2)])
+    with pytest.raises(GuestPanic, match="Failed to recover from reentered kprobes"):
+        kernel.call("kpt_leaf", 1, cpu=1)
+    kernel.machine.vcpus[1].error = None
+    assert kp.bugs() == 1
+    assert kp.info(p)["hits"] == 1

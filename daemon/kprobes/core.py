@@ -22,7 +22,8 @@ from typing import Any
 from daemon.arch.arm64 import insn as a64insn
 from daemon.arch.arm64.callsite import DataPatch, InsnPatch, ftrace_call_adjust
 from daemon.arch.arm64.patching import TextPatcher
-from daemon.errors import KprobeExists, KprobeNoSpace, KprobeNotFound, KprobeRefused, PatchError
+from daemon.emu.machine import Resume, VCpu
+from daemon.errors import GuestFault, KprobeExists, KprobeNoSpace, KprobeNotFound, KprobeRefused, PatchError
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.kprobes import decode
@@ -98,6 +99,22 @@ class Kprobes:
         self._slots = _Slots()
         self._ring_seen = [0] * abi.MAX_CPUS
         self.ring_lost = 0
+        self.faults_reset = 0
+        # kprobe_fault_handler: a fault while a CPU steps a probed instruction (or runs a handler) leaves that
+        # CPU's kprobe_ctlblk busy; the kernel recovers the job on a fresh stack, so the probe state is reset
+        # first, or the CPU's next hit would be a "reentered kprobe" BUG.
+        self._next_fault_handler = kernel.machine.on_fault
+        kernel.machine.on_fault = self._on_fault
+
+    def _on_fault(self, vcpu: VCpu, fault: GuestFault) -> Resume | None:
+        cb = abi.kprobe_ctlblk
+        base = self.ctlblk + vcpu.index * cb.size
+        if self.memory.read_u64(base + cb.offsetof("current")):
+            for f in ("current", "status", "prev_kprobe", "prev_status", "saved_irqflag"):
+                self.memory.write_u64(base + cb.offsetof(f), 0)
+            self.faults_reset += 1
+            fault.details["kprobe"] = "fault in a kprobe single step or handler: probe state reset"
+        return self._next_fault_handler(vcpu, fault) if self._next_fault_handler is not None else None
 
     # -- addresses -------------------------------------------------------------------------------------------
 
@@ -108,8 +125,12 @@ class Kprobes:
             addr = target
         else:
             name, _, off = target.partition("+")
-            base = ks.addr(name.strip())
-            addr = base + (int(off, 0) if off else 0)
+            func = ks.lookup(name.strip())
+            offset = int(off, 0) if off else 0
+            if not 0 <= offset < max(func.size, 1):
+                raise KprobeRefused(f"offset {offset:#x} is beyond {func.name} ({func.size:#x} bytes)",
+                                    symbol=func.name, offset=offset, reason="offset beyond the function")
+            addr = func.addr + offset
         s = ks.containing(addr)
         if s is None or not s.is_func:
             raise KprobeRefused(f"{addr:#x} is not inside a function", address=f"{addr:#x}",

@@ -8,8 +8,8 @@ the reason, mirroring ``arm_kprobe_decode_insn``:
 * refused: exception-generating instructions (SVC, HVC, SMC, BRK, HLT, DCPS), ERET, MSR (immediate and
   register), MRS of DAIF (the step masks DAIF), hints other than the steppable ones, other branches
   (BRAA..., ERETAA), other PC-relative literal users (PRFM literal, SIMD/FP LDR literal), load/store
-  exclusive and ordered (LDXR/STXR, LDAXR, LDAR/STLR, CAS: ``aarch64_insn_is_exclusive``), and any
-  instruction inside an LL/SC sequence (``is_probed_address_atomic``);
+  exclusive (LDXR/STXR, LDAXR/STLXR and pairs: ``aarch64_insn_is_exclusive``; LDAR/STLR and CAS are stepped, as
+  in Linux), and any instruction inside an LL/SC sequence (``is_probed_address_atomic``);
 * everything else is stepped out of line.
 """
 
@@ -30,12 +30,22 @@ _STEPPABLE_HINTS = frozenset({
 MAX_ATOMIC_CONTEXT_SIZE = 16  # instructions scanned back for an open load-exclusive (Linux: 16)
 
 
+# Linux's masks (arch/arm64/include/asm/insn.h): ``exclusive`` 0x3F800000/0x08000000 is LDXR/STXR, LDAXR/STLXR
+# and their pair forms (o2 = 0); LDAR/STLR, LDLAR/STLLR and CAS (o2 = 1) are ordered, not exclusive, and are
+# stepped out of line. load_ex/store_ex include bit 23 (the later fix that stopped LDAR counting as a load-exclusive
+# in is_probed_address_atomic).
+
+
+def is_exclusive(insn: int) -> bool:
+    return (insn & 0x3F800000) == 0x08000000
+
+
 def is_load_exclusive(insn: int) -> bool:
-    return (insn & 0x3F400000) == 0x08400000
+    return (insn & 0x3FC00000) == 0x08400000
 
 
 def is_store_exclusive(insn: int) -> bool:
-    return (insn & 0x3F400000) == 0x08000000
+    return (insn & 0x3FC00000) == 0x08000000
 
 
 def decode(insn: int) -> int:
@@ -84,8 +94,8 @@ def _refuse_unsteppable(insn: int) -> None:
         return
     if (insn & 0x3B000000) == 0x18000000:
         no("PC-relative literal load that is not simulated (PRFM or SIMD/FP literal)")
-    if (insn & 0x3F000000) == 0x08000000:
-        no("load/store exclusive or ordered (LDXR/STXR, LDAR/STLR, CAS)")
+    if is_exclusive(insn):
+        no("load/store exclusive (LDXR/STXR, LDAXR/STLXR, LDXP/STXP)")
 
 
 def check_atomic_context(words: Sequence[int], index: int) -> None:

@@ -102,3 +102,9 @@ noinline u64 kpt_loop(u64 n)
 		    kpt_literal(i);
 	return s;
 }
+
+/* a load through the argument: a bad pointer faults while the load is stepped out of line */
+noinline u64 kpt_load(const u64 *p)
+{
+	return *(const volatile u64 *)p + 1;
+}
