@@ -215,3 +215,40 @@ def test_lpctl_rollout_commands(mosquitto: Mosquitto, tmp_path: Path) -> None:
             assert "rollout_not_found" in missing.stderr
 
     run(scenario())
+
+
+def test_rollout_documents_come_back_after_a_broker_restart(tmp_path: Path) -> None:
+    """A broker restarted without persistence has lost every retained document: the orchestrator publishes its
+    rollouts' documents again on the reconnect, so a page or `lpctl rollout watch` finds them."""
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    runner, hosts = fleet_runner(tmp_path, broker.url, 1)
+    prefix = hosts[0].rsplit("-", 1)[0]
+
+    async def first_doc(url: str) -> Any:
+        async with RolloutClient(url, protocol="3.1.1", timeout=10) as r:
+            async for doc in r.watch("again"):
+                return doc
+        return None
+
+    async def scenario() -> None:
+        async with running(runner, broker.url), orchestrator(broker.url, str(tmp_path / "o.sqlite3")) as orch:
+            await wait_for(lambda: len(orch.driver._states) >= 1, 60)
+            async with RolloutClient(broker.url, protocol="3.1.1", timeout=30) as r:
+                await r.create(spec_doc("again", prefix, bundle_file(tmp_path)))
+            assert (await asyncio.wait_for(first_doc(broker.url), 10)).state == "CREATED"
+            await asyncio.to_thread(broker.stop)
+            await asyncio.to_thread(broker.start)
+            doc = None
+            for _ in range(100):  # until the orchestrator has reconnected and published again
+                with contextlib.suppress(TimeoutError):
+                    doc = await asyncio.wait_for(first_doc(broker.url), 2)
+                if doc is not None:
+                    break
+            assert doc is not None, "the retained rollout document was not published again"
+            assert doc.name == "again"
+
+    try:
+        run(scenario())
+    finally:
+        broker.stop()

@@ -84,7 +84,7 @@ class Orchestrator:
         nodes = tuple(replace(n, username=username or n.username, password=password or n.password)
                       for n in parse_broker_urls(broker))
         self._conn = Connection(nodes, client_id=f"lporch-{self.worker}", tls_context=None, protocol="auto",
-                                timeout=10.0, on_message=self._on_message)
+                                timeout=10.0, on_message=self._on_message, on_reconnect=self._republish)
         self.engine = Engine(self.store, self.driver, RealClock(), worker=self.worker, poll_s=poll_s, batch=batch,
                              lease_s=lease_s)
         self.engine.listeners.append(self._changed)
@@ -110,6 +110,13 @@ class Orchestrator:
                 client = self._conn._current()
             with contextlib.suppress(aiomqtt.MqttError, AttributeError):
                 await client.publish(topic, payload, qos=1, retain=retain)  # type: ignore[union-attr]
+
+    async def _republish(self) -> None:
+        """The retained documents as they are now: at start, and after every reconnect (a broker restarted
+        without persistence has lost them)."""
+        self._outbox.put_nowait((SERVICE, json.dumps({"state": "online", "worker": self.worker}), True))
+        for name in self.store.names():
+            self._outbox.put_nowait((rollout_topic(name), self.engine.doc(name).model_dump_json(), True))
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -240,9 +247,7 @@ class Orchestrator:
                 loop.add_signal_handler(sig, stop.set)
         publisher = loop.create_task(self._publisher())
         await self._conn.subscribe(REQUESTS)
-        self._outbox.put_nowait((SERVICE, json.dumps({"state": "online", "worker": self.worker}), True))
-        for name in self.store.names():  # retained documents after a restart, as they are now
-            self._changed("rollout", self.engine.doc(name).model_dump(mode="json"))
+        await self._republish()
         driver = loop.create_task(self._drive())
         log.info("orchestrator_ready", worker=self.worker, store=self.store.url.split("@")[-1])
         if ready is not None:
