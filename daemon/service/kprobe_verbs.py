@@ -168,7 +168,8 @@ class KprobeVerbs:
                 n += 1
             except (LivepatchdError, ValueError) as exc:
                 self.service.events.emit("kprobe.restore_failed", name=item.key, error=str(exc))
-        self.publish()
+        if n:  # a host without probes publishes no section (and no extra state version at boot)
+            self.publish()
         return n
 
 
