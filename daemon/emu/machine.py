@@ -166,7 +166,12 @@ class VCpu:
         # Firmware's part (measured on unicorn 2.1.4): the engine resets with SCR_EL3 = 0, so EL1 counts as
         # AArch32 for an exception return and the guest's `eret` to EL1h is an illegal return (PSTATE.IL
         # set). With SCR_EL3.RW = 1 it returns to AArch64 EL1 as a real CPU does.
-        self._cpr_write(_SCR_EL3, self._cpr_read(_SCR_EL3) | _SCR_EL3_RW)
+        # Only under the virtual TLB (our own fill maps the kernel's high addresses): under the emulated CPU TLB the
+        # MMU is off, and with RW set the CPU checks the kernel's 0xffff8000… addresses as AArch64 physical
+        # addresses — an address-size fault (exception 3) at the first instruction. Kprobes' `eret` therefore
+        # needs the virtual TLB (the default).
+        if self.fill_table is not None:
+            self._cpr_write(_SCR_EL3, self._cpr_read(_SCR_EL3) | _SCR_EL3_RW)
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.kicks_seen = 0
