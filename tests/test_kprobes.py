@@ -90,6 +90,8 @@ def test_hits_post_and_registers(kernel: Kernel, kp: Kprobes) -> None:
     assert [h.regs["x8"] for h in post] == [300, 303, 306]  # the stepped add ran
     for h in pre:
         assert h.regs["pstate"] & 0xF == 0b0101  # EL1h
+        assert h.regs["pstate"] >> 32 == 0
+        assert h.regs["pstate"] & (1 << 20) == 0  # not an illegal return (SCR_EL3.RW, virtual TLB)
         assert h.regs["sp"] % 16 == 0
         assert h.regs["x30"] != 0
     assert kp.drain() == []

@@ -115,6 +115,7 @@ class _RawRegs:
         self._spsr = UcRegCP64(crn, crm, op0, op1, op2, 0)
 
     def read(self, reg: int) -> int:
+        self._v.value = 0  # 32-bit registers (PSTATE) fill only the low half
         if self._lib.uc_reg_read(self._h, reg, ctypes.byref(self._v)):
             raise GuestError(f"cannot read register {reg}", register=reg)
         return int(self._v.value)
