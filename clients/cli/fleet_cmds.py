@@ -145,7 +145,11 @@ def _show(found: list[HostRecord], opts: Options, *, filtered: bool) -> None:
     if not found:
         out().print("no hosts match" if filtered else "no hosts have announced themselves on this broker")
         return
-    table = Table("host", "build", "labels", "status", "patches", "transition", "faults")
+    table = Table()
+    # the host id is what a reader greps for and copies: never cut or folded, the other columns give way
+    table.add_column("host", no_wrap=True, min_width=max((len(r.id) for r in found), default=4))
+    for name in ("build", "labels", "status", "patches", "transition", "faults"):
+        table.add_column(name)
     for r in found:
         table.add_row(r.id, _build(r), ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-",
                       f"[{LIVENESS_COLOR[r.status]}]{r.status}[/]" + (f" (boot {r.boot_seq})" if r.boot_seq else ""),
