@@ -92,6 +92,13 @@ def test_rollout_across_real_hosts(mosquitto: Mosquitto, tmp_path: Path) -> None
                     await r.create({**spec_doc("bad5", prefix, bundle, SLEEPER), "waves": {"count": 0}})
                 assert exc.value.code == "bad_request"
                 assert "waves.count" in str(exc.value)
+                deep: dict[str, Any] = {}
+                for _ in range(40):
+                    deep = {"x": deep}
+                with pytest.raises(ReplyError) as exc:
+                    await r.request("rollout.create", {"spec": deep})
+                assert exc.value.code == "bad_request"
+                assert "deeper than 32" in str(exc.value)
                 assert (await r.rollouts()) == []
                 assert orch.driver.requests == 0, "refused at create: nothing sent to any host"
                 stalled_hosts = [h for h in hosts if any(f["kind"] == "stall" for f in

@@ -23,7 +23,7 @@ from typing import Any
 
 from clients.rollout.clock import Clock
 from clients.rollout.driver import HostDriver
-from clients.rollout.plan import PlanError, make_plan, select
+from clients.rollout.plan import PlanError, make_plan, read_bundle, select
 from clients.rollout.rate import RateState, bump, may_start, next_start, next_window, reanchor, window_open
 from clients.rollout.steps import UNDO_PHASES, StepContext, advance
 from clients.rollout.store import ExecRow, RolloutRow, Store
@@ -116,8 +116,6 @@ class Engine:
 
     def _bundle_map(self, r: RolloutRow, spec: RolloutSpec) -> dict[str, str]:
         if r.name not in self._bundles:  # a restarted engine: read the bundles again (make_plan checked them)
-            from clients.rollout.plan import read_bundle  # noqa: PLC0415
-
             self._bundles[r.name] = {b: read_bundle(b, p, spec.patch).b64 for b, p in spec.bundles.items()}
         return self._bundles[r.name]
 

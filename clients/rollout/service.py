@@ -39,8 +39,10 @@ from clients.rollout.mqtt_driver import MqttDriver
 from clients.rollout.plan import PlanError
 from clients.rollout.store import Store
 from clients.sdk.connection import Connection
+from clients.sdk.errors import BrokerUnreachable
 from schemas import Reply
 from schemas.brokers import parse_broker_urls
+from schemas.envelope import MAX_DEPTH, peek_oversized, too_deep
 from schemas.topics import (
     LEVEL,
     ORCHESTRATOR_BASE,
@@ -57,21 +59,6 @@ REQUESTS = f"{BASE}/request/#"
 EVENTS = ORCHESTRATOR_EVENTS
 SERVICE = ORCHESTRATOR_SERVICE
 MAX_REQUEST_BYTES = 4 << 20
-MAX_DEPTH = 32
-
-
-def _depth(doc: Any, limit: int) -> bool:
-    """True when ``doc`` nests no deeper than ``limit`` (iterative: a hostile document cannot blow the stack)."""
-    stack = [(doc, 1)]
-    while stack:
-        node, d = stack.pop()
-        if d > limit:
-            return False
-        if isinstance(node, dict):
-            stack.extend((v, d + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, d + 1) for v in node)
-    return True
 
 
 class Orchestrator:
@@ -104,12 +91,8 @@ class Orchestrator:
     async def _publisher(self) -> None:
         while True:
             topic, payload, retain = await self._outbox.get()
-            client = self._conn._current()
-            if client is None:
-                await self._conn.up.wait()
-                client = self._conn._current()
-            with contextlib.suppress(aiomqtt.MqttError, AttributeError):
-                await client.publish(topic, payload, qos=1, retain=retain)  # type: ignore[union-attr]
+            with contextlib.suppress(BrokerUnreachable):
+                await self._conn.publish(topic, payload, retain=retain)
 
     async def _republish(self) -> None:
         """The retained documents as they are now: at start, and after every reconnect (a broker restarted
@@ -136,14 +119,18 @@ class Orchestrator:
         rid: str | None = None
         reply_to = response
         try:
-            if len(payload) > MAX_REQUEST_BYTES:
-                raise PlanError("request_too_large", f"a request is at most {MAX_REQUEST_BYTES} bytes")
+            if len(payload) > MAX_REQUEST_BYTES or too_deep(payload):  # too deep: before the decoder recurses
+                rid, peeked = peek_oversized(payload)  # the id and reply topic, to answer the refusal with
+                reply_to = reply_to or peeked
+                if len(payload) > MAX_REQUEST_BYTES:
+                    raise PlanError("request_too_large", f"a request is at most {MAX_REQUEST_BYTES} bytes")
+                raise PlanError("bad_request", f"the request nests deeper than {MAX_DEPTH} levels")
             try:
                 body = json.loads(payload)
-            except (ValueError, RecursionError):
-                raise PlanError("bad_request", "the request is not a JSON object") from None
-            if not isinstance(body, dict) or not _depth(body, MAX_DEPTH):
-                raise PlanError("bad_request", f"the request must be a JSON object nested at most {MAX_DEPTH} deep")
+            except ValueError:
+                raise PlanError("bad_request", "the request is not JSON") from None
+            if not isinstance(body, dict):
+                raise PlanError("bad_request", "the request must be a JSON object")
             rid = body.get("request_id")
             if not isinstance(rid, str) or not 0 < len(rid) <= 128:
                 rid = None
@@ -261,11 +248,10 @@ class Orchestrator:
             for t in list(self._tasks):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(t, 2.0)
-            with contextlib.suppress(Exception):
-                client = self._conn._current()
-                if client is not None:
-                    await client.publish(SERVICE, json.dumps({"state": "offline", "worker": self.worker}),
-                                         qos=1, retain=True)
+            with contextlib.suppress(BrokerUnreachable, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._conn.publish(SERVICE, json.dumps({"state": "offline", "worker": self.worker}),
+                                             retain=True)
             publisher.cancel()
             await self._conn.close()
             await self.driver.close()

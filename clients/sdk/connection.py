@@ -269,9 +269,9 @@ class Connection:
             if not self.reconnect:
                 raise
 
-    async def publish(self, topic: str, payload: str, properties: Any = None) -> None:
-        """Publish at QoS 1; while the connection is down, wait for the reconnect (the caller's timeout bounds
-        the wait)."""
+    async def publish(self, topic: str, payload: str, properties: Any = None, *, retain: bool = False) -> None:
+        """Publish at QoS 1 (``retain``: as the topic's retained document); while the connection is down, wait for
+        the reconnect (the caller's timeout bounds the wait)."""
         while True:
             client = self._current()
             if client is None:
@@ -279,7 +279,7 @@ class Connection:
                     raise BrokerUnreachable(f"connection to {self.where} lost")
                 await self.up.wait()
                 continue
-            task = asyncio.get_running_loop().create_task(client.publish(topic, payload, qos=1,
+            task = asyncio.get_running_loop().create_task(client.publish(topic, payload, qos=1, retain=retain,
                                                                          properties=properties))
             self._publishing.add(task)
             try:

@@ -38,9 +38,10 @@ from daemon.service.errors import (
 )
 from daemon.service.journal import Journal, JournalFull, fingerprint, is_full
 from daemon.service.metrics import Metrics
-from daemon.service.payload import check_reply_topic, parse_object, peek_envelope, peek_oversized, reply_topic_ok
+from daemon.service.payload import check_reply_topic, parse_object, reply_topic_ok
 from daemon.service.stored import Outcome, ReplyRoute, Unreadable, shown, stored_outcome, stored_reply, stored_request
 from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
+from schemas.envelope import peek_envelope, peek_oversized
 from schemas.kernel import BrokerLink
 
 log = structlog.get_logger(__name__)
