@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from clients.dashboard import call_costs as cc
 from daemon.ftrace.core import Ftrace
@@ -64,14 +65,14 @@ def test_constants_taken_from_the_benchmarks_match_their_committed_results() -> 
     extra = next(r["value"] for r in lp["results"] if r["measure"].startswith("extra per patched call"))
     assert cc.direct(cc.KLP_BODY) == extra
     ops = {r["case"]: r for r in json.loads((RESULTS / "ftrace_ops.json").read_text())["results"]}
-    assert cc.DIRECT_TRAMPOLINE == {"in BL range": ops["direct, in BL range"]["call_ops_insn"],
-                                    "out of range": ops["direct, out of range"]["call_ops_insn"]}
+    assert cc.DIRECT_TRAMPOLINE["in BL range"] == ops["direct, in BL range"]["call_ops_insn"]
+    assert cc.DIRECT_TRAMPOLINE["out of range"] == ops["direct, out of range"]["call_ops_insn"]
     assert ops["R=10 I=0"]["list_insn"] == cc.listed([cc.CALLBACK_BODY["nop"]] * 10, 0)
     assert ops["R=1 I=100"]["list_insn"] == cc.listed([cc.CALLBACK_BODY["nop"]], 100)
 
 
 def test_a_hosts_table_from_its_state() -> None:
-    state = {"components": {
+    state: dict[str, Any] = {"components": {
         "ftrace": {"ops": [{"name": "a", "callback": "count", "filter": "x", "notrace": None, "functions": 3},
                            {"name": "b", "callback": "nop", "filter": "y", "notrace": None, "functions": 1}],
                    "hijacks": [{"name": "h", "mode": "direct", "function": "f", "sympos": 0, "target": "t"}],
@@ -82,10 +83,10 @@ def test_a_hosts_table_from_its_state() -> None:
     assert t is not None
     rows = {r["name"]: r for r in t["rows"]}
     assert set(rows) == {"a", "b", "p", "h"}
-    assert rows["a"]["direct"] == 45 and rows["b"]["direct"] == 39 and rows["p"]["direct"] == 56
+    assert [rows[n]["direct"] for n in ("a", "b", "p")] == [45, 39, 56]
     assert rows["a"]["shared"] == cc.listed([12, 6], 2)
     assert rows["h"]["direct"] == 3
-    assert t["covered"] == 6 and t["shared_sites"] is False
+    assert (t["covered"], t["shared_sites"]) == (6, False)
     state["components"]["ftrace"]["enabled_functions"] = 5
     assert cc.table(state)["shared_sites"] is True  # type: ignore[index]
     assert cc.table({"components": {}}) is None
