@@ -43,6 +43,7 @@ from daemon.service import (
     kprobe_verbs,
     patch_insight_verbs,
     patch_verbs,
+    retprobe_verbs,
 )
 from daemon.service.checkpoint import Checkpointer
 from daemon.service.crash_guard import CrashLoopGuard, previous_panic, record_panic
@@ -227,11 +228,13 @@ class Daemon:
         patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
         patch_insight_verbs.register(service, kernel, livepatch)  # patch.check, patch.effect
         probes = kprobe_verbs.register(service, kernel, desired=self.desired)  # kprobe.*
+        retprobes = retprobe_verbs.register(service, kernel, probes.kprobes, ftrace, desired=self.desired)
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
         await asyncio.to_thread(patches.restore)  # the desired patches, loaded and enabled again (load-at-boot)
         await asyncio.to_thread(ftrace_ops.restore)  # then the desired ftrace ops and hijacks
         await asyncio.to_thread(probes.restore)  # and the desired kprobes (after ftrace's init of the sites)
+        await asyncio.to_thread(retprobes.restore)  # kretprobes and fprobes
         replayed = await service.replay()
         # The image, kallsyms and the kernel's objects live as long as the daemon: keep them out of the cyclic
         # GC's generations, whose full collections otherwise stall a request now and then for tens of ms.
