@@ -392,6 +392,13 @@ class Ftrace:
     # -- validation ------------------------------------------------------------------------------------------
 
     def _check_ops(self, ops: FtraceOps) -> None:
+        # arm64 builds DYNAMIC_FTRACE_WITH_ARGS, not WITH_REGS: there is no pt_regs to give (ftrace_regs only),
+        # so register_ftrace_function refuses SAVE_REGS with -EINVAL; SAVE_REGS_IF_SUPPORTED gets ftrace_regs
+        if ops.flags & OpsFlag.SAVE_REGS:
+            raise FtraceError(f"ops {ops.name!r} asks for FTRACE_OPS_FL_SAVE_REGS: arm64 has no "
+                              "DYNAMIC_FTRACE_WITH_REGS (the callback gets ftrace_regs, the arguments only); use "
+                              "SAVE_REGS_IF_SUPPORTED or a kprobe for a full pt_regs", ops=ops.name,
+                              flag="SAVE_REGS")
         if ops.flags & OpsFlag.IPMODIFY:
             if ops.filter is None or not ops.filter:
                 raise FtraceError(f"IPMODIFY ops {ops.name!r} must name its functions (an empty filter means all)",
