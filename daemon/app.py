@@ -56,6 +56,7 @@ log = structlog.get_logger(__name__)
 
 JANITOR_PERIOD_S = 2.0  # often and in small batches: a prune is one short transaction
 PRUNE_BATCH = 250  # rows per prune: ~2 ms on the event loop
+JANITOR_IDLE_PERIOD_S = 30.0  # a journal with no commit since the last pass: pruned by its time window this often
 PRUNE_AGAIN_S = 0.05  # after a full batch: up to 5,000 rows/s, more than the daemon can accept
 
 
@@ -328,10 +329,16 @@ class Daemon:
         journal, metrics = service.journal, service.metrics
         metrics_due = 0.0
         pruned = 0
+        seen_commit: float | None = None  # the first pass always runs (the size metrics are set at once)
+        full_pass = time.monotonic()
         while True:
             # a full batch: more is waiting (under sustained load requests arrive faster than one batch per
             # period); small batches keep each prune, which runs on the event loop, to a couple of ms
             await asyncio.sleep(PRUNE_AGAIN_S if pruned >= PRUNE_BATCH else JANITOR_PERIOD_S)
+            now = time.monotonic()
+            if pruned < PRUNE_BATCH and journal.last_commit == seen_commit and now - full_pass < JANITOR_IDLE_PERIOD_S:
+                continue  # nothing new: only the time window moved (a fleet process holds a thousand journals)
+            seen_commit, full_pass = journal.last_commit, now
             try:
                 pruned = journal.prune(self.settings.journal_keep, self.settings.journal_keep_s, batch=PRUNE_BATCH)
             except sqlite3.OperationalError as exc:  # a full disk: pruning frees nothing until it can write
