@@ -37,15 +37,15 @@ from daemon.service import (
     Metrics,
     Service,
     ftrace_verbs,
-    integrity,
     kernel_verbs,
     kprobe_verbs,
     patch_insight_verbs,
     patch_verbs,
 )
-from daemon.service.checkpoint import Checkpointer
 from daemon.service.crash_guard import CrashLoopGuard, previous_panic, record_panic
-from daemon.service.desired import DesiredState
+from daemon.service.store import integrity
+from daemon.service.store.checkpoint import Checkpointer
+from daemon.service.store.desired import DesiredState
 from daemon.settings import Settings
 from schemas import KernelState
 from schemas.brokers import BrokerAddress

@@ -14,7 +14,7 @@ import pytest
 from pydantic import Field
 
 from daemon.service import Journal, RequestContext, Service
-from daemon.service.durability import GroupSync
+from daemon.service.store.durability import GroupSync
 from schemas import VERBS, KernelState, Outbound, Request, VerbSpec
 
 

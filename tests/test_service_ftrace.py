@@ -24,7 +24,7 @@ from daemon.ftrace.core import Ftrace
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.service import Journal, Service, ftrace_verbs
-from daemon.service.desired import DesiredState
+from daemon.service.store.desired import DesiredState
 from schemas import KernelState, Reply
 from schemas.ftrace import MAX_PAGE, TraceBatchDoc
 

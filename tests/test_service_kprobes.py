@@ -17,7 +17,7 @@ from clients.cli.main import app
 from clients.sdk import LivepatchClient, ReplyError
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.service import Journal, Service, kprobe_verbs
-from daemon.service.desired import DesiredState
+from daemon.service.store.desired import DesiredState
 from schemas import KernelState, Reply
 from schemas.kprobes import KprobesSection, parse_probe_definition
 

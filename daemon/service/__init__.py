@@ -24,8 +24,8 @@ Requests of every verb get the same treatment: journaled before the broker's PUB
 ``request_id``, replayed after a crash before the daemon announces itself online.
 """
 
-from daemon.service.core import Outcome, ReplyRoute, RequestContext, Service
-from daemon.service.journal import Journal
-from daemon.service.metrics import Metrics
+from daemon.service.pipeline.core import Outcome, ReplyRoute, RequestContext, Service
+from daemon.service.pipeline.metrics import Metrics
+from daemon.service.store.journal import Journal
 
 __all__ = ["Journal", "Metrics", "Outcome", "ReplyRoute", "RequestContext", "Service"]

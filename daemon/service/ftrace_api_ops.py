@@ -12,9 +12,9 @@ from daemon.errors import OpsStateError
 from daemon.ftrace import filter as ftrace_filter
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.ops import FtraceOps, OpsFlag
-from daemon.service.core import RequestContext
-from daemon.service.desired import Item
 from daemon.service.ftrace_desired import KIND_OPS
+from daemon.service.pipeline.core import RequestContext
+from daemon.service.store.desired import Item
 from schemas.ftrace import (
     BatchInfo,
     ForeignOps,

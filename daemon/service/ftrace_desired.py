@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.service.core import RequestContext
-from daemon.service.desired import DesiredState, Item
+from daemon.service.pipeline.core import RequestContext
+from daemon.service.store.desired import DesiredState, Item
 
 KIND_OPS = "ftrace.ops"
 KIND_HIJACK = "ftrace.hijack"

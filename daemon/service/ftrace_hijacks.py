@@ -15,10 +15,10 @@ from daemon.ftrace.core import Ftrace
 from daemon.ftrace.ops import FtraceOps, OpsFlag
 from daemon.ftrace.records import DynFtrace
 from daemon.kernel.kernel import Kernel
-from daemon.service.core import RequestContext
-from daemon.service.desired import DesiredState
 from daemon.service.ftrace_desired import KIND_HIJACK
 from daemon.service.ftrace_targets import check_no_loop, direct_trampoline, function_start
+from daemon.service.pipeline.core import RequestContext
+from daemon.service.store.desired import DesiredState
 from schemas.ftrace import (
     BatchInfo,
     HijackCreateRequest,

@@ -17,7 +17,7 @@ from daemon.ftrace import tracefs
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.ops import FtraceOps
 from daemon.ftrace.tracer import FunctionProfiler
-from daemon.service.core import RequestContext
+from daemon.service.pipeline.core import RequestContext
 from schemas.ftrace import (
     BatchInfo,
     ProfileLine,

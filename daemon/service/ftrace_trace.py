@@ -40,7 +40,7 @@ from daemon.ftrace.tracer import FunctionTracer, TraceRecord
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.kernel.worker import Job
-from daemon.service.core import RequestContext, Service
+from daemon.service.pipeline.core import RequestContext, Service
 from schemas.ftrace import (
     TRACE_BUFFER,
     BatchInfo,

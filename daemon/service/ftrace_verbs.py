@@ -47,13 +47,13 @@ from daemon.ftrace.ops import FtraceOps
 from daemon.ftrace.records import RecFlag
 from daemon.ftrace.tracer import FunctionProfiler
 from daemon.kernel.kernel import Kernel
-from daemon.service.core import RequestContext, Service
-from daemon.service.desired import DesiredState
 from daemon.service.ftrace_api_ops import OpsVerbs, _ApiOps, _text
 from daemon.service.ftrace_desired import KIND_HIJACK, KIND_OPS, KIND_SYSCTL, FtraceDesired
 from daemon.service.ftrace_hijacks import HijackVerbs, _Hijack
 from daemon.service.ftrace_profile import ProfileVerbs
 from daemon.service.ftrace_trace import StreamOutlet, TraceFormatter, TraceSession, TraceVerbs
+from daemon.service.pipeline.core import RequestContext, Service
+from daemon.service.store.desired import DesiredState
 from schemas.ftrace import (
     AvailableData,
     AvailableRequest,

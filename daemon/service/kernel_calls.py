@@ -16,8 +16,8 @@ import structlog
 from daemon.errors import GuestCallTimeout, LivepatchdError
 from daemon.kernel.kallsyms import Symbol
 from daemon.kernel.kernel import Kernel
-from daemon.service.board import EventLog
-from daemon.service.errors import CallNotAllowed, InvalidArgument
+from daemon.service.pipeline.errors import CallNotAllowed, InvalidArgument
+from daemon.service.pipeline.outbox import EventLog
 
 log = structlog.get_logger(__name__)
 

@@ -6,8 +6,8 @@ import time
 
 from daemon.errors import SymbolError
 from daemon.kernel.kernel import Kernel
-from daemon.service.core import RequestContext, Service
 from daemon.service.kernel_calls import KernelCalls, as_signed
+from daemon.service.pipeline.core import RequestContext, Service
 from schemas import (
     SCHEMA_VERSION,
     CallData,

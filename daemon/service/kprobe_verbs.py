@@ -17,8 +17,8 @@ from daemon.errors import LivepatchdError
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.kprobes.core import Kprobe, KprobeHit, Kprobes
-from daemon.service.core import RequestContext, Service
-from daemon.service.desired import DesiredState
+from daemon.service.pipeline.core import RequestContext, Service
+from daemon.service.store.desired import DesiredState
 from schemas.kprobes import (
     FetchArg,
     FetchArgIn,

@@ -13,9 +13,9 @@ import structlog
 from daemon.errors import BundleFormatError, LivepatchdError
 from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
-from daemon.service.core import RequestContext
 from daemon.service.crash_guard import CrashLoopGuard
-from daemon.service.desired import DesiredState
+from daemon.service.pipeline.core import RequestContext
+from daemon.service.store.desired import DesiredState
 
 log = structlog.get_logger(__name__)
 

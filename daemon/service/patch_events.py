@@ -20,8 +20,8 @@ import structlog
 
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import STATE_NAMES
-from daemon.service.core import Service
 from daemon.service.patch_desired import RestoreReport
+from daemon.service.pipeline.core import Service
 from schemas.livepatch import BlockedTask, PatchSummary
 
 log = structlog.get_logger(__name__)

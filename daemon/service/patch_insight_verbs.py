@@ -23,7 +23,7 @@ from daemon.kernel.kernel import Kernel
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.effect import func_calls, orig_calls
 from daemon.livepatch.precheck import predict, predict_functions
-from daemon.service.core import RequestContext, Service
+from daemon.service.pipeline.core import RequestContext, Service
 from schemas.patch_insight import (
     FuncEffect,
     PatchCheckData,

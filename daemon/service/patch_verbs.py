@@ -39,14 +39,14 @@ from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.klp import KlpPatch
 from daemon.livepatch.transition import STATE_NAMES
-from daemon.service.core import RequestContext, Service
 from daemon.service.crash_guard import CrashLoopGuard
-from daemon.service.desired import DesiredState
 from daemon.service.kernel_calls import KernelCalls
 from daemon.service.patch_desired import KIND, PatchDesired, RestoreReport
 from daemon.service.patch_events import Change, PatchEvents
 from daemon.service.patch_trust import NO_KEYS_HINT, NoTrustedKeys, dev_signing_key, trusted_keys
 from daemon.service.patch_views import PatchViews
+from daemon.service.pipeline.core import RequestContext, Service
+from daemon.service.store.desired import DesiredState
 from schemas.livepatch import (
     CallReadData,
     CallReadRequest,

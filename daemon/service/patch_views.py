@@ -11,8 +11,8 @@ from daemon.kernel.kernel import Kernel
 from daemon.livepatch import sysfs
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import STATE_NAMES
-from daemon.service.desired import DesiredState
 from daemon.service.patch_desired import KIND
+from daemon.service.store.desired import DesiredState
 from schemas.livepatch import (
     BlockedTask,
     FuncInfo,

@@ -4,7 +4,7 @@ A handler is registered for a verb of ``schemas.VERBS`` and is called with the v
 ``RequestContext``; it returns the verb's data model (or a dict that validates as one). A plain function is
 run in a worker thread (kernel work never runs on the event loop); a coroutine function is awaited on the
 loop and must not block. Verbs the schema marks ``mutating`` run one at a time (the ``ftrace_lock`` analogue),
-once their journal row is fsynced (``daemon.service.durability``: beside the loop, which serves reads meanwhile).
+once their journal row is fsynced (``daemon.service.store.durability``: beside the loop, which serves reads meanwhile).
 Any ``LivepatchdError`` becomes an error reply with its ``code``; anything else is a bug: ``internal``.
 """
 
@@ -24,9 +24,8 @@ import structlog
 from pydantic import ValidationError
 
 from daemon.errors import LivepatchdError
-from daemon.service.board import EventLog, StateBoard, StreamBoard
-from daemon.service.durability import GroupSync
-from daemon.service.errors import (
+from daemon.service.pipeline.context import RequestContext
+from daemon.service.pipeline.errors import (
     INTERNAL,
     BadRequest,
     JournalUnreadable,
@@ -36,10 +35,20 @@ from daemon.service.errors import (
     StorageFull,
     UnknownVerb,
 )
-from daemon.service.journal import Journal, JournalFull, fingerprint, is_full
-from daemon.service.metrics import Metrics
-from daemon.service.payload import check_reply_topic, parse_object, reply_topic_ok
-from daemon.service.stored import Outcome, ReplyRoute, Unreadable, shown, stored_outcome, stored_reply, stored_request
+from daemon.service.pipeline.metrics import Metrics
+from daemon.service.pipeline.outbox import EventLog, StateBoard, StreamBoard
+from daemon.service.pipeline.payload import check_reply_topic, parse_object, reply_topic_ok
+from daemon.service.store.durability import GroupSync
+from daemon.service.store.journal import Journal, JournalFull, fingerprint, is_full
+from daemon.service.store.stored import (
+    Outcome,
+    ReplyRoute,
+    Unreadable,
+    shown,
+    stored_outcome,
+    stored_reply,
+    stored_request,
+)
 from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
 from schemas.envelope import peek_envelope, peek_oversized
 from schemas.kernel import BrokerLink
@@ -47,17 +56,6 @@ from schemas.kernel import BrokerLink
 log = structlog.get_logger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class RequestContext:
-    """What a handler may use besides its request: who asked, and the daemon's state and event outlets."""
-
-    request_id: str
-    verb: str
-    replayed: bool
-    state: StateBoard
-    events: EventLog
 
 
 @dataclass(frozen=True)

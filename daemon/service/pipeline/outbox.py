@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from daemon.service.journal import Journal
+from daemon.service.store.journal import Journal
 from schemas import EventDoc, KernelState, StateDoc
 from schemas.documents import COMPONENTS
 from schemas.events import check_event
