@@ -13,7 +13,7 @@ from mqtt_fixtures import DaemonProcess, DaemonThread, Mosquitto, next_status, r
 from test_service_patch import PATCHED_CMDLINE, b64, signed, signer, trusting_settings
 
 from clients.sdk import LivepatchClient
-from daemon.service.patch_verbs import KIND
+from daemon.service.livepatch import KIND
 from daemon.service.store.desired import DesiredState
 from daemon.service.store.journal import Journal, fingerprint
 

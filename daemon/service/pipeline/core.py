@@ -18,13 +18,13 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
 
 from daemon.errors import LivepatchdError
-from daemon.service.pipeline.context import RequestContext
+from daemon.service.pipeline.context import RequestContext, VerbTable
 from daemon.service.pipeline.errors import (
     INTERNAL,
     BadRequest,
@@ -38,6 +38,7 @@ from daemon.service.pipeline.errors import (
 from daemon.service.pipeline.metrics import Metrics
 from daemon.service.pipeline.outbox import EventLog, StateBoard, StreamBoard
 from daemon.service.pipeline.payload import check_reply_topic, parse_object, reply_topic_ok
+from daemon.service.store.desired import DesiredState
 from daemon.service.store.durability import GroupSync
 from daemon.service.store.journal import Journal, JournalFull, fingerprint, is_full
 from daemon.service.store.stored import (
@@ -55,7 +56,6 @@ from schemas.kernel import BrokerLink
 
 log = structlog.get_logger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,15 @@ class Service:
 
     def __init__(self, *, host: str, boot_seq: int, journal: Journal, kernel: KernelState,
                  max_payload_bytes: int = 65536, request_timeout_s: float = 30.0,
-                 metrics: Metrics | None = None, read_fast_path: bool = True, fsync: bool = True) -> None:
+                 metrics: Metrics | None = None, read_fast_path: bool = True, fsync: bool = True,
+                 desired: DesiredState | None = None) -> None:
         self.host = host
         self.boot_seq = boot_seq
         self.topics = Topics(host)
         self.journal = journal
+        self.desired = desired
+        """The desired-state store the subsystems record their changes in: a replayed request whose change it
+        already holds is told so (``RequestContext.already_applied``)."""
         self.metrics = metrics or Metrics()
         self.metrics.boot_seq.set(boot_seq)
         self.outgoing = asyncio.Event()
@@ -122,12 +126,10 @@ class Service:
             raise ValueError(f"verb {verb!r} already has a handler")
         self._handlers[verb] = _Handler(spec, fn, inspect.iscoroutinefunction(fn))
 
-    def handler(self, verb: str) -> Callable[[F], F]:
-        """Decorator form of ``register``."""
-        def deco(fn: F) -> F:
+    def serve(self, table: VerbTable) -> None:
+        """Serve every verb of a subsystem's table: the one way verbs are added (``register`` for each)."""
+        for verb, fn in table.items():
             self.register(verb, fn)
-            return fn
-        return deco
 
     @property
     def verbs(self) -> list[str]:
@@ -302,7 +304,8 @@ class Service:
 
     async def _execute(self, handler: _Handler, request: Request, *, replayed: bool) -> Reply:
         rid, spec = request.request_id, handler.spec
-        ctx = RequestContext(rid, spec.verb, replayed, self.state, self.events)
+        ctx = RequestContext(rid, spec.verb, replayed, self.state, self.events,
+                             already_applied=replayed and self._applied(rid))
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 if spec.mutating:
@@ -349,6 +352,13 @@ class Service:
         if spec.mutating:  # a refused change is news for whoever watches the host
             self.events.emit("request.failed", request_id=request.request_id, verb=spec.verb, code=exc.code)
         return Reply.failure(request.request_id, exc.code, exc.message, _jsonable(exc.details))
+
+    def _applied(self, rid: str) -> bool:
+        """Did this request's change reach the desired state before the crash (and was it restored at boot)?"""
+        if self.desired is None or not self.desired.applied(rid):
+            return False
+        log.info("request_already_applied", note="its change was restored at boot; answering from the state")
+        return True
 
     @staticmethod
     async def _call(handler: _Handler, request: Request, ctx: RequestContext) -> Any:
