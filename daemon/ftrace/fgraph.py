@@ -121,7 +121,7 @@ class FunctionGraphTracer(RingTracer):
 
     def _detach(self) -> None:
         # return_to_handler writes the rings even after the ops is gone: park every CPU to detach them
-        self.kernel.machine.stop_machine(super()._detach)
+        self.kernel.stop_machine(super()._detach)
 
     def _release(self, *, detached: bool = False) -> None:
         super()._release(detached=detached)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import collections
 import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from daemon.emu.machine import Machine, Resume, VCpu
 from daemon.emu.memory import PAGE_SIZE, Backing, Memory, Perm, Region
@@ -27,6 +28,11 @@ from daemon.kernel.kallsyms import Kallsyms, Symbol
 from daemon.kernel.structs import StructRef
 from daemon.kernel.unwind import StackTrace, unwind
 from daemon.kernel.worker import HostWorker
+
+T = TypeVar("T")
+
+HostCall = Callable[[int, int, int], None]
+"""A guest host call's handler: (trapping CPU's index, first argument, second argument)."""
 
 KIND_NAMES = {abi.TASK_KIND_IDLE: "idle", abi.TASK_KIND_WORKER: "worker", abi.TASK_KIND_LOADGEN: "loadgen"}
 
@@ -150,6 +156,29 @@ class Kernel:
         """Guest ranges that may hold code: what a stop-machine batch invalidates."""
         return ((self.text.base, self.text.end), (self.module_text.base, self.module_text.end))
 
+    # -- the machine, as the layers above see it -------------------------------------------------------------
+
+    def stop_machine(self, callback: Callable[[], T], *, invalidate: Iterable[tuple[int, int]] = ()) -> T:
+        """Run ``callback`` while every live CPU is parked at a safe point (Linux's stop_machine).
+
+        ``invalidate`` lists guest ranges [begin, end) of text the callback may write: every CPU drops its
+        translations of them before it resumes. If the callback raises, the CPUs resume all the same.
+        """
+        return self.machine.stop_machine(callback, invalidate)
+
+    def on_host_call(self, reason: int, handler: HostCall) -> None:
+        """Serve a guest host call (``abi.HC_*``): ``handler`` runs on the trapping CPU's thread."""
+        self.machine.on_host_call(reason, lambda vcpu, a0, a1: handler(vcpu.index, a0, a1))
+
+    @property
+    def cpus_alive(self) -> bool:
+        """Every CPU still runs (false once one died or the kernel shuts down)."""
+        return all(v.alive for v in self.machine.vcpus)
+
+    def kick(self, cpu: int) -> None:
+        """Wake ``cpu`` if it idles: the host changed something its tasks wait for."""
+        self.machine.kick(cpu)
+
     # -- boot and shutdown -----------------------------------------------------------------------------------
 
     def boot(self) -> Kernel:
@@ -218,6 +247,10 @@ class Kernel:
 
     def task(self, index: int) -> StructRef:
         return StructRef(self.memory, abi.task_struct, self.tasks_addr + index * abi.task_struct.size)
+
+    def task_refs(self) -> list[StructRef]:
+        """Every task's struct, in the order of the task table (idle tasks first, as the guest boots them)."""
+        return [self.task(i) for i in range(self.boot_params.get("nr_tasks"))]
 
     def cpu(self, index: int) -> StructRef:
         return StructRef(self.memory, abi.cpu_data, self.cpu_data_addr + index * abi.cpu_data.size)

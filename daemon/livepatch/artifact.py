@@ -40,9 +40,10 @@ from daemon.errors import (
 from daemon.guest import build
 from daemon.kernel.image import KernelImage
 from daemon.kernel.kallsyms import Kallsyms, Symbol
-from daemon.livepatch import elf, signing
+from daemon.livepatch import signing
 from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.manifest import Manifest
+from daemon.module_loader import elf
 
 PATCHES_DIR = build.GUEST_DIR / "patches"  # example patches and livepatch.h, the patch-side ABI
 COMPILE_TIMEOUT = 120.0

@@ -14,7 +14,7 @@ from daemon.kernel.kernel import Kernel
 from daemon.livepatch import artifact
 from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.klp import KlpFunc, KlpObject, KlpPatch
-from daemon.livepatch.module import LoadedModule, ModuleLoader
+from daemon.module_loader import LoadedModule, ModuleLoader
 
 
 class PatchModules:

@@ -2,8 +2,8 @@
 
 Load, in order; anything refused before step 4 leaves guest memory and both allocators as they were:
 
-1. parse and check the ELF (:mod:`daemon.livepatch.elf`);
-2. bind undefined symbols against kallsyms, lay sections out, count PLT veneers (:mod:`daemon.livepatch.link`);
+1. parse and check the ELF (:mod:`daemon.module_loader.elf`);
+2. bind undefined symbols against kallsyms, lay sections out, count PLT veneers (:mod:`daemon.module_loader.link`);
 3. allocate page blocks of module text and module data, relocate into host buffers (freed again on error);
 4. write the images, then drop every vCPU's translations of the text block in a stop-machine: the block may
    have held another module's code that some engine still has translated;
@@ -36,7 +36,7 @@ from daemon.errors import (
 )
 from daemon.kernel.heap import GuestAllocator
 from daemon.kernel.kernel import Kernel
-from daemon.livepatch import elf, link
+from daemon.module_loader import elf, link
 
 PAGE_SIZE = link.PAGE_SIZE
 MODULE_NAME_LEN = 56  # Linux's MODULE_NAME_LEN, terminator included
@@ -193,7 +193,7 @@ class ModuleLoader:
         memory.write(text[0], text_image + bytes(pad % 4) + _POISON * (pad // 4))
         if data is not None:
             memory.write(data[0], data_image.ljust(data[1] - data[0], b"\0"))
-        self.kernel.machine.stop_machine(lambda: None, invalidate=[text])
+        self.kernel.stop_machine(lambda: None, invalidate=[text])
 
     def _release(self, text: tuple[int, int], data: tuple[int, int] | None) -> None:
         """Poison and free the blocks (the text block is invalidated, so nothing runs its old code)."""
@@ -202,7 +202,7 @@ class ModuleLoader:
         if data is not None:
             memory.write(data[0], bytes(data[1] - data[0]))
         try:
-            self.kernel.machine.stop_machine(lambda: None, invalidate=[text])
+            self.kernel.stop_machine(lambda: None, invalidate=[text])
         finally:
             self._free(text, data)
 

@@ -28,7 +28,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from daemon.arch.arm64 import insn
+from daemon.arch.arm64 import insn, relocs
 from daemon.errors import (
     AmbiguousSymbol,
     InsnError,
@@ -39,7 +39,7 @@ from daemon.errors import (
     UnresolvedSymbol,
 )
 from daemon.kernel.kallsyms import Kallsyms
-from daemon.livepatch import elf, relocs
+from daemon.module_loader import elf
 
 PAGE_SIZE = 4096
 PLT_ENTRY_SIZE = 12
