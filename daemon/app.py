@@ -96,7 +96,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None, fmt: st
 
 
 Extension = Callable[[Service, Kernel], None]
-"""Registers more verbs on a daemon's service for its kernel (``register(service, kernel)``)."""
+"""Adds to a daemon's service for its kernel: more verbs (``service.serve(table)``), state sections, listeners."""
 
 
 class _Crashed(Exception):
