@@ -17,6 +17,7 @@ import logging
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -49,6 +50,7 @@ log = structlog.get_logger(__name__)
 
 JANITOR_PERIOD_S = 2.0  # often and in small batches: a prune is one short transaction
 PRUNE_BATCH = 250  # rows per prune: ~2 ms on the event loop
+JANITOR_IDLE_PERIOD_S = 30.0  # a journal with no commit since the last pass: pruned by its time window this often
 PRUNE_AGAIN_S = 0.05  # after a full batch: up to 5,000 rows/s, more than the daemon can accept
 
 
@@ -127,6 +129,10 @@ class Daemon:
         self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
+        self._stop_requested = False
+        self._stop_lock = threading.Lock()
+        """Orders ``stop()`` (any thread) and ``run()`` taking its loop: a stop asked for before the loop runs is
+        kept and honoured at once (it was dropped: a daemon stopped right after its thread started ran on)."""
         self._crash = False
         self.crashed = False
         """True once ``run()`` returned after ``crash()``."""
@@ -143,13 +149,20 @@ class Daemon:
 
     def stop(self) -> None:
         """Ask the daemon to shut down (from any thread)."""
-        if self._loop is None or self._loop.is_closed():
-            return
-        self._loop.call_soon_threadsafe(self._stop.set)
+        with self._stop_lock:
+            self._stop_requested = True
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                return  # run() sets the event when it starts (or has ended already)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: run() has ended
+                loop.call_soon_threadsafe(self._stop.set)
 
     async def run(self) -> None:
         s = self.settings
-        self._loop = asyncio.get_running_loop()
+        with self._stop_lock:
+            self._loop = asyncio.get_running_loop()
+            if self._stop_requested:
+                self._stop.set()
         structlog.contextvars.bind_contextvars(host=s.host_id)
         self._context = contextvars.copy_context()  # a panic reported from a vCPU thread is logged with the host
         journal, desired, boot_seq = open_state(s)
@@ -158,6 +171,8 @@ class Daemon:
         try:
             log.info("daemon_starting", boot_seq=boot_seq, state_dir=str(s.state_dir), nr_cpus=s.nr_cpus,
                      kernel_build=s.kernel_build)
+            if self._stop.is_set():  # stopped before it started: no kernel to boot only to shut it down
+                return
             self.kernel = await asyncio.to_thread(lambda: Kernel(KernelConfig(
                 nr_cpus=s.nr_cpus, image=GUEST_BUILDS[s.kernel_build].image,
                 count_instructions=s.count_guest_instructions, tcg_buffer_size=s.tcg_buffer_size_mb << 20,
@@ -309,10 +324,16 @@ class Daemon:
         journal, metrics = service.journal, service.metrics
         metrics_due = 0.0
         pruned = 0
+        seen_commit: float | None = None  # the first pass always runs (the size metrics are set at once)
+        full_pass = time.monotonic()
         while True:
             # a full batch: more is waiting (under sustained load requests arrive faster than one batch per
             # period); small batches keep each prune, which runs on the event loop, to a couple of ms
             await asyncio.sleep(PRUNE_AGAIN_S if pruned >= PRUNE_BATCH else JANITOR_PERIOD_S)
+            now = time.monotonic()
+            if pruned < PRUNE_BATCH and journal.last_commit == seen_commit and now - full_pass < JANITOR_IDLE_PERIOD_S:
+                continue  # nothing new: only the time window moved (a fleet process holds a thousand journals)
+            seen_commit, full_pass = journal.last_commit, now
             try:
                 pruned = journal.prune(self.settings.journal_keep, self.settings.journal_keep_s, batch=PRUNE_BATCH)
             except sqlite3.OperationalError as exc:  # a full disk: pruning frees nothing until it can write
