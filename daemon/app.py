@@ -36,7 +36,7 @@ from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
 from daemon.service import Journal, Metrics, Service
 from daemon.service.ftrace import FtraceSubsystem
 from daemon.service.kernel import KernelVerbs
-from daemon.service.kprobes import KprobeSubsystem
+from daemon.service.kprobes import KprobeSubsystem, RetprobeSubsystem
 from daemon.service.livepatch import LivepatchSubsystem, trusted_keys
 from daemon.service.livepatch.crash_guard import CrashLoopGuard, previous_panic, record_panic
 from daemon.service.store import integrity
@@ -226,11 +226,14 @@ class Daemon:
         service.serve(patches.verbs())
         probes = KprobeSubsystem(service, kernel, desired=self.desired)
         service.serve(probes.verbs())
+        retprobes = RetprobeSubsystem(service, kernel, probes.kprobes, ftrace, desired=self.desired)
+        service.serve(retprobes.verbs())
         for extend in self.extensions:  # more verbs (a fleet host's faults, a test's), registered before any replay
             extend(service, kernel)
         await asyncio.to_thread(patches.restore)  # the desired patches, loaded and enabled again (load-at-boot)
         await asyncio.to_thread(ftrace_api.restore)  # then the desired ftrace ops and hijacks
         await asyncio.to_thread(probes.restore)  # and the desired kprobes (after ftrace's init of the sites)
+        await asyncio.to_thread(retprobes.restore)  # kretprobes and fprobes
         replayed = await service.replay()
         # The image, kallsyms and the kernel's objects live as long as the daemon: keep them out of the cyclic
         # GC's generations, whose full collections otherwise stall a request now and then for tens of ms.

@@ -9,7 +9,7 @@ Layout::
     ftrace/      ops, hijacks, the tracers, the function profiler, tracefs views (FtraceSubsystem)
     livepatch/   patch.* use-cases, Livepatch's event subscriber, state section, desired state, restore, views,
                  trusted keys, check/effect (LivepatchSubsystem)
-    kprobes/     kprobe.* (KprobeSubsystem)
+    kprobes/     kprobe.* (KprobeSubsystem), kretprobe.* and fprobe.* (RetprobeSubsystem)
 
 How a subsystem adds a verb (copy the smallest package, ``kprobes/``):
 
