@@ -43,6 +43,7 @@ from daemon.service import (
     kprobe_verbs,
     patch_insight_verbs,
     patch_verbs,
+    retprobe_verbs,
 )
 from daemon.service.checkpoint import Checkpointer
 from daemon.service.crash_guard import CrashLoopGuard, previous_panic, record_panic
@@ -55,6 +56,7 @@ log = structlog.get_logger(__name__)
 
 JANITOR_PERIOD_S = 2.0  # often and in small batches: a prune is one short transaction
 PRUNE_BATCH = 250  # rows per prune: ~2 ms on the event loop
+JANITOR_IDLE_PERIOD_S = 30.0  # a journal with no commit since the last pass: pruned by its time window this often
 PRUNE_AGAIN_S = 0.05  # after a full batch: up to 5,000 rows/s, more than the daemon can accept
 
 
@@ -227,11 +229,13 @@ class Daemon:
         patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
         patch_insight_verbs.register(service, kernel, livepatch)  # patch.check, patch.effect
         probes = kprobe_verbs.register(service, kernel, desired=self.desired)  # kprobe.*
+        retprobes = retprobe_verbs.register(service, kernel, probes.kprobes, ftrace, desired=self.desired)
         for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
             extend(service, kernel)
         await asyncio.to_thread(patches.restore)  # the desired patches, loaded and enabled again (load-at-boot)
         await asyncio.to_thread(ftrace_ops.restore)  # then the desired ftrace ops and hijacks
         await asyncio.to_thread(probes.restore)  # and the desired kprobes (after ftrace's init of the sites)
+        await asyncio.to_thread(retprobes.restore)  # kretprobes and fprobes
         replayed = await service.replay()
         # The image, kallsyms and the kernel's objects live as long as the daemon: keep them out of the cyclic
         # GC's generations, whose full collections otherwise stall a request now and then for tens of ms.
@@ -325,10 +329,16 @@ class Daemon:
         journal, metrics = service.journal, service.metrics
         metrics_due = 0.0
         pruned = 0
+        seen_commit: float | None = None  # the first pass always runs (the size metrics are set at once)
+        full_pass = time.monotonic()
         while True:
             # a full batch: more is waiting (under sustained load requests arrive faster than one batch per
             # period); small batches keep each prune, which runs on the event loop, to a couple of ms
             await asyncio.sleep(PRUNE_AGAIN_S if pruned >= PRUNE_BATCH else JANITOR_PERIOD_S)
+            now = time.monotonic()
+            if pruned < PRUNE_BATCH and journal.last_commit == seen_commit and now - full_pass < JANITOR_IDLE_PERIOD_S:
+                continue  # nothing new: only the time window moved (a fleet process holds a thousand journals)
+            seen_commit, full_pass = journal.last_commit, now
             try:
                 pruned = journal.prune(self.settings.journal_keep, self.settings.journal_keep_s, batch=PRUNE_BATCH)
             except sqlite3.OperationalError as exc:  # a full disk: pruning frees nothing until it can write

@@ -28,6 +28,7 @@ from clients.cli import (
     patch_cmds,
     probe_cmds,
     profile_cmds,
+    retprobe_cmds,
     rollout_cmds,
 )
 from clients.cli.help_format import LpctlGroup
@@ -199,6 +200,7 @@ observe_cmds.install(app)
 ftrace_cmds.install(app)
 profile_cmds.install(app)
 probe_cmds.install(app)
+retprobe_cmds.install(app)
 patch_cmds.install(app)
 rollout_cmds.install(app)
 

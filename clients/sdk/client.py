@@ -31,6 +31,7 @@ from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, Sd
 from clients.sdk.ftrace_api import FtraceApi
 from clients.sdk.patch_api import PatchApi
 from clients.sdk.probe_api import ProbeApi
+from clients.sdk.retprobe_api import RetprobeApi
 from schemas import (
     ALL_STATUS,
     CallData,
@@ -97,7 +98,7 @@ def _is_birth(payload: bytes) -> bool:
 _log = logging.getLogger(__name__)
 
 
-class LivepatchClient(FtraceApi, PatchApi, ProbeApi):
+class LivepatchClient(FtraceApi, PatchApi, ProbeApi, RetprobeApi):
     """Client of one daemon (``host``) — or of none, for fleet-wide reads like ``hosts()``.
 
     Args:

@@ -77,12 +77,18 @@ def _load_image(path: Path, mtime_ns: int, size: int) -> tuple[KernelImage, Kall
     return image, Kallsyms((s.name, s.addr, s.size, s.kind == "func") for s in image.symbols)
 
 
+_LOAD_LOCK = threading.Lock()
+"""lru_cache does not hold back concurrent misses: without it, every host of a fleet booting at once on the
+executor's threads parsed the same image (half of a fleet's boot time went there)."""
+
+
 def load_image(path: Path) -> tuple[KernelImage, Kallsyms]:
     try:
         st = path.stat()
     except OSError as exc:
         raise ImageError(f"cannot read kernel image {path}: {exc.strerror}", path=str(path)) from exc
-    return _load_image(path.resolve(), st.st_mtime_ns, st.st_size)
+    with _LOAD_LOCK:
+        return _load_image(path.resolve(), st.st_mtime_ns, st.st_size)
 
 
 def _page_up(x: int) -> int:
@@ -276,9 +282,25 @@ class Kernel:
             pc, fp = cpu.get("trap.lr"), cpu.get("trap.fp")
         else:
             pc, fp = task.get("cpu_context.pc"), task.get("cpu_context.fp")
+        return self._unwind(task, pc, fp)
+
+    def _unwind(self, task: StructRef, pc: int, fp: int) -> StackTrace:
+        hooks = [self.kallsyms.addr(n) for n in ("__kretprobe_trampoline", "arch_rethook_trampoline")
+                 if n in self.kallsyms]
         return unwind(self.memory, pc=pc, fp=fp, stack_lo=task.get("stack_lo"), stack_hi=task.get("stack_hi"),
                       is_text=self.is_text, return_hook=self.kallsyms.addr("return_to_handler"),
-                      ret_stack=self.ret_stack_of(task))
+                      ret_stack=self.ret_stack_of(task), retprobe_hooks=hooks,
+                      retprobe_instances=self.kretprobe_instances_of(task))
+
+    def kretprobe_instances_of(self, task: StructRef) -> list[tuple[int, int]]:
+        """The task's hijacked returns (kretprobes), bottom first: (real return address, caller's fp)."""
+        ri = abi.kretprobe_instance
+        out: list[tuple[int, int]] = []
+        a = task.get("kretprobe_instances")
+        while a and len(out) < abi.KRETPROBE_INSTANCES_MAX:
+            out.append((self.memory.read_u64(a + ri.offsetof("ret_addr")), self.memory.read_u64(a + ri.offsetof("fp"))))
+            a = self.memory.read_u64(a + ri.offsetof("next"))
+        return out[::-1]
 
     def ret_stack_of(self, task: StructRef) -> list[tuple[int, int]]:
         """The task's hooked returns (function_graph), bottom first: (original return address, caller's fp)."""
@@ -384,9 +406,7 @@ class Kernel:
         d = fault.details
         d["symbol"] = self.kallsyms.describe(d["pc"])
         d["pid"] = task.get("pid")
-        trace = unwind(self.memory, pc=d["pc"], fp=d.pop("fp"), stack_lo=task.get("stack_lo"),
-                       stack_hi=task.get("stack_hi"), is_text=self.is_text,
-                       return_hook=self.kallsyms.addr("return_to_handler"), ret_stack=self.ret_stack_of(task))
+        trace = self._unwind(task, d["pc"], d.pop("fp"))
         # return addresses are described at their call (pc - 4), like %pB: a call ending its function stays in it
         d["backtrace"] = [self.kallsyms.describe(pc if i == 0 else pc - 4) for i, pc in enumerate(trace.pcs)]
         fault.message = f"{fault.message} in {d['symbol']}"

@@ -40,6 +40,9 @@ IDLE_S = 0.05
 MAX_COMMITS = 4000  # ~2,000 requests, ~18 MiB of WAL with 1 KiB pages
 MAX_WAL_BYTES = WAL_SIZE_LIMIT + (8 << 20)  # a reset WAL file keeps up to WAL_SIZE_LIMIT: only growth past it counts
 TICK_S = 0.025
+IDLE_TICK_S = 1.0
+"""The tick once nothing has been committed for a while (doubling from ``TICK_S``): a fleet process holds a
+thousand journals, and a 25 ms tick each was 40,000 wake-ups a second of an idle fleet."""
 
 
 def _lowest_priority() -> None:
@@ -72,9 +75,12 @@ class Checkpointer:
     async def run(self) -> None:
         """Until cancelled."""
         loop = asyncio.get_running_loop()
+        tick = TICK_S
         try:
             while True:
-                await asyncio.sleep(TICK_S)
+                await asyncio.sleep(tick)
+                # at most IDLE_TICK_S late after a quiet spell: not long enough for a backlog to pile up
+                tick = min(IDLE_TICK_S, tick * 2) if self.journal.commits == 0 else TICK_S
                 if not self.due(time.monotonic()):
                     continue
                 trigger = "backlog" if self._backlog() else "idle"

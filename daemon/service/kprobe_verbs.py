@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from daemon.errors import LivepatchdError
+from daemon.errors import KprobeRefused, LivepatchdError
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.kprobes.core import Kprobe, KprobeHit, Kprobes
@@ -74,7 +74,9 @@ class KprobeVerbs:
                           definition=self.definition(p))
 
     def infos(self) -> list[KprobeInfo]:
-        return [self.info(self.kprobes.get(d["name"])) for d in self.kprobes.describe()]
+        """The plain kprobes (a kretprobe's entry kprobe is the kretprobe verbs' to show)."""
+        probes = [self.kprobes.get(d["name"]) for d in self.kprobes.describe()]
+        return [self.info(p) for p in probes if not p.flags & abi.KPF_KRETPROBE]
 
     def publish(self, infos: list[KprobeInfo] | None = None) -> None:
         infos = self.infos() if infos is None else infos
@@ -94,6 +96,9 @@ class KprobeVerbs:
             where = f"{p.symbol}+{p.offset:#x}/{size:#x}"
             args = "".join(" " + format_arg(a, hit.regs[a.reg]) for a in self._args.get(p.name, []))
         post = " post" if hit.post else ""
+        if hit.kind == "ret" and p is not None:  # the kernel's kretprobe event line: (CALLER <- FUNC) $retval
+            where = f"{self.kernel.kallsyms.describe(hit.regs['pc'])} <- {p.symbol}"
+            args, post = f" arg1={hit.regs['x0']:#x}", ""
         head = f"{comm:>16}-{hit.pid:<7d} [{hit.cpu:03d}] d.... {secs:5d}.{rem:06d}:"
         return f"{head} {hit.probe}: ({where}){args}{post}\n"
 
@@ -127,6 +132,9 @@ class KprobeVerbs:
                     and self.kprobes.find(req.name) is None):
                 return KprobeUnregisterData(name=req.name, hits=0, nmissed=0)
             p = self.kprobes.get(req.name)
+            if p.flags & abi.KPF_KRETPROBE:
+                raise KprobeRefused(f"{req.name!r} is a kretprobe: unregister it with kretprobe.unregister",
+                                    probe=req.name, reason="a kretprobe's entry")
             hits, nmissed = self.kprobes.counter(p, "hits"), self.kprobes.counter(p, "nmissed")
             self.kprobes.unregister(req.name)
             self._args.pop(req.name, None)
@@ -152,7 +160,8 @@ class KprobeVerbs:
             text = "".join(self.trace_line(h, comms) for h in hits)
             lost = self.kprobes.ring_lost - lost
         return KprobeReadData(text=text, lost=lost, hits=[
-            KprobeHitRecord(probe=h.probe, cpu=h.cpu, pid=h.pid, ts=h.ts, post=h.post, regs=h.regs) for h in hits])
+            KprobeHitRecord(probe=h.probe, cpu=h.cpu, pid=h.pid, ts=h.ts, post=h.post, regs=h.regs,
+                            kind=h.kind) for h in hits])
 
     def restore(self) -> int:
         """Register the desired probes again (at boot, before the daemon is online); returns how many."""
