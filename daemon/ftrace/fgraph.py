@@ -31,8 +31,8 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from daemon.arch.arm64.patching import BatchResult
 from daemon.ftrace import filter as ftrace_filter
+from daemon.ftrace.batch import BatchResult
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.hashes import GuestHash
 from daemon.ftrace.tracer import RawEntry, RingTracer

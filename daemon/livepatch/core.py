@@ -57,7 +57,7 @@ from daemon.errors import (
     PatchStateError,
     TransitionBusy,
 )
-from daemon.ftrace.core import Ftrace
+from daemon.ftrace import Ftrace
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.livepatch.bundle import PatchBundle

@@ -12,8 +12,7 @@ import struct
 from collections.abc import Callable
 
 from daemon.errors import FtraceError, PatchFtraceFailed
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.ops import FtraceOps, OpsFlag
+from daemon.ftrace import Ftrace, FtraceOps, OpsFlag
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.livepatch.klp import KlpFunc, KlpObject, KlpOps, KlpPatch

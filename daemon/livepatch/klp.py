@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from daemon.ftrace.ops import FtraceOps
+from daemon.ftrace import FtraceOps
 from daemon.livepatch.manifest import Manifest
 from daemon.module_loader import LoadedModule
 
