@@ -149,8 +149,8 @@ class Ftrace:
         sites = _boot_sites(self.kernel)
         recs = [DynFtrace(ip, name) for ip, name in zip(sites.ips.tolist(), sites.names, strict=True)]
         with self.lock:
-            self.last_batch = self.patcher.apply_bulk(sites.ips - np.uint64(4), sites.old, sites.new,
-                                                      sites.literals, self.nop_ops)
+            self.last_batch = BatchResult.of(self.patcher.apply_bulk(
+                sites.ips - np.uint64(4), sites.old, sites.new, sites.literals, self.nop_ops))
             for r in recs:
                 r.literal = self.nop_ops
                 self.by_ip[r.ip] = r
