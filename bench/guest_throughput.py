@@ -1,13 +1,15 @@
 """Guest instructions per second, per vCPU and in total, with 1, 2 and 4 vCPUs running workload loops.
 
-    python -m bench.guest_throughput [--tlb virtual,cpu] [--rounds 3]
+    python -m bench.guest_throughput [--tlb virtual,cpu] [--rounds 5]
 
 Each case runs ``--rounds`` times per TLB mode (``--tlb``, default both) on kernels booted side by side, the
 modes and vCPU counts taking turns round by round in the same process, so the rows compare Unicorn's virtual TLB
 (the default) with its CPU TLB under the same load; each figure is the median of its rounds. ``scaling`` is
 the total throughput against one vCPU of the same mode (wall time: what the cores actually gave), and
 ``vcpu_ns_per_call`` the CPU time of the vCPU threads per call (waiting for a core shared with other work on
-the host does not count; it grows with n only through contention between the vCPUs themselves).
+the host does not count; it grows with n only through contention between the vCPUs themselves), so
+``scaling_vcpu_time`` = n x vcpu_ns_per_call(1) / vcpu_ns_per_call(n) is the scaling the vCPUs would reach with
+a free core each.
 
 Instruction counts come from a separate counting run (a block hook on one vCPU) of the same deterministic
 guest function: the count of f(2n) minus f(n) is the exact cost of n iterations. The timed runs have no
@@ -60,7 +62,7 @@ def timed(k: Kernel, fn: str, iterations: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.guest_throughput")
     parser.add_argument("--tlb", default="virtual,cpu", help="comma-separated TLB modes, run alternately")
-    parser.add_argument("--rounds", type=int, default=3, help="timed runs per case (median; default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed runs per case (median; default 5)")
     args = parser.parse_args(argv)
     modes = [TlbMode(m) for m in args.tlb.split(",")]
     rows = []
@@ -82,12 +84,14 @@ def main(argv: list[str] | None = None) -> None:
         for n, mode in variants:
             wall = statistics.median(s[0] for s in samples[(n, mode)])
             one = statistics.median(s[0] for s in samples[(1, mode)])
+            vcpu_ns = statistics.median(s[1] for s in samples[(n, mode)])
+            vcpu_one = statistics.median(s[1] for s in samples[(1, mode)])
             per_cpu = per_iter * iterations / wall
             rows.append({"workload": name, "tlb": str(mode), "vcpus": n, "insn_per_call": round(per_iter, 2),
                          "ns_per_call": wall / iterations * 1e9,
-                         "vcpu_ns_per_call": statistics.median(s[1] for s in samples[(n, mode)]),
+                         "vcpu_ns_per_call": vcpu_ns,
                          "minsn_per_s_per_vcpu": per_cpu / 1e6, "minsn_per_s_total": per_cpu * n / 1e6,
-                         "scaling": round(n * one / wall, 2)})
+                         "scaling": round(n * one / wall, 2), "scaling_vcpu_time": round(n * vcpu_one / vcpu_ns, 2)})
     for r in rows:  # the same case, the other mode: how many times faster the first mode is
         other = [o for o in rows if (o["workload"], o["vcpus"]) == (r["workload"], r["vcpus"]) and o is not r]
         r[f"x_{modes[-1]}"] = round(float(other[0]["vcpu_ns_per_call"]) / float(r["vcpu_ns_per_call"]), 2) \
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         rows,
         {"insn_per_call": "guest instructions", "ns_per_call": "wall ns", "vcpu_ns_per_call": "vCPU CPU ns",
          "minsn_per_s_per_vcpu": "M insn/s", "minsn_per_s_total": "M insn/s",
-         "scaling": "x one vCPU, wall", f"x_{modes[-1]}": f"{modes[-1]} / {modes[0]}, vCPU time"},
+         "scaling": "x one vCPU, wall", "scaling_vcpu_time": "x one vCPU if each had a core",
+         f"x_{modes[-1]}": f"{modes[-1]} / {modes[0]}, vCPU time"},
         notes="Guest instructions per second with no hooks during the timed runs; instructions per call from a "
               "separate counting run. Medians of the rounds, the variants taking turns round by round. The "
               "machine has 2 cores shared with other work (noisy; the load average at the end is on the machine "
