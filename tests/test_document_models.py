@@ -14,8 +14,8 @@ from mqtt_fixtures import DaemonThread, run
 from pydantic import ValidationError
 
 from clients.sdk import LivepatchClient
-from daemon.service.board import EventLog, StateBoard
-from daemon.service.journal import Journal
+from daemon.service.pipeline.outbox import EventLog, StateBoard
+from daemon.service.store.journal import Journal
 from schemas import EventDoc, EventType, KernelState
 from schemas import export as schema_export
 from schemas.documents import COMPONENTS

@@ -17,8 +17,9 @@ from clients.cli.main import app
 from clients.sdk import LivepatchClient, ReplyError
 from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel, KernelConfig
-from daemon.service import Journal, Service, kprobe_verbs, retprobe_verbs
-from daemon.service.desired import DesiredState
+from daemon.service import Journal, Service
+from daemon.service.kprobes import KprobeSubsystem, RetprobeSubsystem
+from daemon.service.store.desired import DesiredState
 from schemas import KernelState, Reply
 from schemas.retprobes import FprobesSection, KretprobesSection, parse_retprobe_definition
 
@@ -31,11 +32,13 @@ class Host:
         self.journal = Journal(tmp / "journal.sqlite3")
         self.desired = DesiredState(tmp / "desired.sqlite3")
         self.service = Service(host="h", boot_seq=self.journal.next_boot_seq(), journal=self.journal,
-                               kernel=KernelState(build_id="b", nr_cpus=2, booted_at=time.time()))
+                               kernel=KernelState(build_id="b", nr_cpus=2, booted_at=time.time()),
+                               desired=self.desired)
         ftrace = Ftrace(self.kernel)
-        self.kprobes = kprobe_verbs.register(self.service, self.kernel, desired=self.desired)
-        self.verbs = retprobe_verbs.register(self.service, self.kernel, self.kprobes.kprobes, ftrace,
-                                             desired=self.desired)
+        self.kprobes = KprobeSubsystem(self.service, self.kernel, desired=self.desired)
+        self.service.serve(self.kprobes.verbs())
+        self.verbs = RetprobeSubsystem(self.service, self.kernel, self.kprobes.kprobes, ftrace, desired=self.desired)
+        self.service.serve(self.verbs.verbs())
         self.n = 0
 
     def request(self, verb: str, **params: Any) -> Reply:

@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
-from daemon.service.journal import WAL_SIZE_LIMIT, Journal
-from daemon.service.metrics import Metrics
+from daemon.service.pipeline.metrics import Metrics
+from daemon.service.store.journal import WAL_SIZE_LIMIT, Journal
 
 log = structlog.get_logger(__name__)
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from pydantic import ValidationError
 
-from daemon.service.journal import Entry
+from daemon.service.store.journal import Entry
 from schemas import Reply, Request
 from schemas.topics import reply_destination_problem
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from daemon.service.journal import Journal
+from daemon.service.store.journal import Journal
 from schemas import EventDoc, KernelState, StateDoc
 from schemas.documents import COMPONENTS
 from schemas.events import check_event
@@ -24,29 +24,32 @@ from schemas.events import check_event
 log = structlog.get_logger(__name__)
 
 
-class _LoopBound:
-    def __init__(self, outgoing: asyncio.Event) -> None:
+class LoopHandoff:
+    """Runs a board's changes on the event loop that publishes them: at once on the loop's own thread (or before
+    ``attach``), handed over with ``call_soon_threadsafe`` from any other thread."""
+
+    def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
-        self._outgoing = outgoing
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._loop_thread = threading.get_ident()
 
-    def _in_loop(self, fn: Callable[[], None]) -> None:
+    def run(self, fn: Callable[[], None]) -> None:
         if self._loop is None or threading.get_ident() == self._loop_thread:
             fn()
         else:
             self._loop.call_soon_threadsafe(fn)
 
 
-class StateBoard(_LoopBound):
+class StateBoard:
     """The retained state document. ``components`` sections are owned by subsystems (ftrace, livepatch, …)."""
 
     def __init__(self, journal: Journal, host: str, boot_seq: int, kernel: KernelState,
                  outgoing: asyncio.Event) -> None:
-        super().__init__(outgoing)
+        self._outgoing = outgoing
+        self._handoff = LoopHandoff()
         self._journal = journal
         self._host = host
         self._boot_seq = boot_seq
@@ -56,6 +59,10 @@ class StateBoard(_LoopBound):
         self._dirty = True
         self.invalid: list[str] = []
         """Sections set that did not follow their model (each with why)."""
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind to the loop that publishes (changes from other threads are handed to it)."""
+        self._handoff.attach(loop)
 
     def set_component(self, name: str, section: dict[str, Any]) -> None:
         """Replace one subsystem's section (thread-safe); the document is republished with a new version. A
@@ -78,7 +85,7 @@ class StateBoard(_LoopBound):
                 self._doc = None
                 self._dirty = True
                 self._outgoing.set()
-        self._in_loop(apply)
+        self._handoff.run(apply)
 
     @property
     def dead_cpus(self) -> list[int]:
@@ -91,7 +98,7 @@ class StateBoard(_LoopBound):
             self._doc = None
             self._dirty = True
             self._outgoing.set()
-        self._in_loop(apply)
+        self._handoff.run(apply)
 
     def document(self) -> StateDoc:
         """The current document; a change since the last call gets the next version (persisted, never reused)."""
@@ -106,11 +113,12 @@ class StateBoard(_LoopBound):
         return dirty
 
 
-class EventLog(_LoopBound):
+class EventLog:
     """Events waiting to be published (bounded: the oldest are dropped first, the ``seq`` gap shows it)."""
 
     def __init__(self, host: str, boot_seq: int, outgoing: asyncio.Event, maxlen: int = 1000) -> None:
-        super().__init__(outgoing)
+        self._outgoing = outgoing
+        self._handoff = LoopHandoff()
         self._host = host
         self._boot_seq = boot_seq
         self._seq = 0
@@ -119,6 +127,10 @@ class EventLog(_LoopBound):
         """Called on the loop with each event as it is queued: in-process observers (a fleet host's faults)."""
         self.invalid: list[str] = []
         """Events emitted that did not follow their model (each with why)."""
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind to the loop that publishes (changes from other threads are handed to it)."""
+        self._handoff.attach(loop)
 
     def emit(self, type_: str, **data: Any) -> None:
         """Queue an event (thread-safe). An event that does not follow its model (``schemas.events``) is a bug:
@@ -137,7 +149,7 @@ class EventLog(_LoopBound):
             self._outgoing.set()
             for listener in self.listeners:
                 listener(event)
-        self._in_loop(apply)
+        self._handoff.run(apply)
 
     def peek(self) -> EventDoc | None:
         return self._pending[0] if self._pending else None
@@ -146,14 +158,19 @@ class EventLog(_LoopBound):
         self._pending.popleft()
 
 
-class StreamBoard(_LoopBound):
+class StreamBoard:
     """Messages for other topics (the ``trace`` stream): queued from any thread, published in order, at most
     ``maxlen`` waiting (a slow broker loses the oldest batches, never blocks the drainer)."""
 
     def __init__(self, outgoing: asyncio.Event, maxlen: int = 256) -> None:
-        super().__init__(outgoing)
+        self._outgoing = outgoing
+        self._handoff = LoopHandoff()
         self._pending: collections.deque[tuple[str, str]] = collections.deque(maxlen=maxlen)
         self.dropped = 0
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind to the loop that publishes (changes from other threads are handed to it)."""
+        self._handoff.attach(loop)
 
     def put(self, topic: str, payload: str) -> None:
         """Queue one message (thread-safe)."""
@@ -162,7 +179,7 @@ class StreamBoard(_LoopBound):
                 self.dropped += 1
             self._pending.append((topic, payload))
             self._outgoing.set()
-        self._in_loop(apply)
+        self._handoff.run(apply)
 
     def peek(self) -> tuple[str, str] | None:
         return self._pending[0] if self._pending else None

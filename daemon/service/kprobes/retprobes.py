@@ -1,4 +1,5 @@
-"""The kretprobe and fprobe verbs: ``kretprobe.register|unregister|list`` and ``fprobe.register|unregister|list|read``.
+"""The kretprobe and fprobe verbs: ``kretprobe.register|unregister|list`` and ``fprobe.register|unregister|list|read``,
+served for one kernel by :class:`RetprobeSubsystem` (``verbs()`` is its table).
 
 Both are desired state (kinds ``kretprobe`` and ``fprobe``, key: the probe's name): a restart registers them
 again before the daemon announces itself online, after the kprobes. A kretprobe's return records share the
@@ -21,8 +22,9 @@ from daemon.kernel.kernel import Kernel
 from daemon.kprobes.core import Kprobes
 from daemon.kprobes.fprobe import Fprobe, FprobeHit, Fprobes
 from daemon.kprobes.kretprobes import Kretprobe, Kretprobes
-from daemon.service.core import RequestContext, Service
-from daemon.service.desired import DesiredState
+from daemon.service.pipeline.context import RequestContext, VerbTable
+from daemon.service.pipeline.core import Service
+from daemon.service.store.desired import DesiredState
 from schemas.retprobes import (
     FprobeHitRecord,
     FprobeInfo,
@@ -51,12 +53,22 @@ def _doc(req: KretprobeRegisterRequest | FprobeRegisterRequest) -> dict[str, Any
     return req.model_dump(mode="json", exclude={"request_id", "reply_to"})
 
 
-class RetprobeVerbs:
-    def __init__(self, service: Service, kernel: Kernel, kretprobes: Kretprobes, fprobes: Fprobes,
-                 desired: DesiredState | None) -> None:
+class RetprobeSubsystem:
+    """The kretprobes and fprobes registered through the API on one kernel, and their desired state. ``kprobes``:
+    the kprobe subsystem's own (a kretprobe's entry is one of its kprobes); ``ftrace``: the daemon's (an fprobe is
+    an ops)."""
+
+    def __init__(self, service: Service, kernel: Kernel, kprobes: Kprobes, ftrace: Ftrace,
+                 desired: DesiredState | None = None) -> None:
         self.service, self.kernel, self.desired = service, kernel, desired
-        self.kretprobes, self.fprobes = kretprobes, fprobes
+        self.kretprobes, self.fprobes = Kretprobes(kprobes), Fprobes(ftrace)
         self._lock = threading.RLock()
+
+    def verbs(self) -> VerbTable:
+        return {"kretprobe.register": self.register_kretprobe, "kretprobe.unregister": self.unregister_kretprobe,
+                "kretprobe.list": self.list_kretprobes, "fprobe.register": self.register_fprobe,
+                "fprobe.unregister": self.unregister_fprobe, "fprobe.list": self.list_fprobes,
+                "fprobe.read": self.read_fprobes}
 
     # -- views -----------------------------------------------------------------------------------------------
 
@@ -106,7 +118,7 @@ class RetprobeVerbs:
 
     def register_kretprobe(self, req: KretprobeRegisterRequest, ctx: RequestContext) -> KretprobeRegisterData:
         with self._lock:
-            if ctx.replayed and self.desired is not None and self.desired.applied(ctx.request_id):
+            if ctx.already_applied:
                 rp = self.kretprobes.get(req.name)  # registered before the crash, restored at boot
             else:
                 rp = self._register_kretprobe(req)
@@ -119,8 +131,7 @@ class RetprobeVerbs:
 
     def unregister_kretprobe(self, req: KretprobeUnregisterRequest, ctx: RequestContext) -> KretprobeUnregisterData:
         with self._lock:
-            if (ctx.replayed and self.desired is not None and self.desired.applied(ctx.request_id)
-                    and self.kretprobes.find(req.name) is None):
+            if ctx.already_applied and self.kretprobes.find(req.name) is None:
                 return KretprobeUnregisterData(name=req.name, hits=0, nmissed=0, in_flight=0)
             rp = self.kretprobes.get(req.name)
             d = self.kretprobes.info(rp)
@@ -146,7 +157,7 @@ class RetprobeVerbs:
 
     def register_fprobe(self, req: FprobeRegisterRequest, ctx: RequestContext) -> FprobeRegisterData:
         with self._lock:
-            if ctx.replayed and self.desired is not None and self.desired.applied(ctx.request_id):
+            if ctx.already_applied:
                 p = self.fprobes.get(req.name)
             else:
                 p = self._register_fprobe(req)
@@ -159,8 +170,7 @@ class RetprobeVerbs:
 
     def unregister_fprobe(self, req: FprobeUnregisterRequest, ctx: RequestContext) -> FprobeUnregisterData:
         with self._lock:
-            if (ctx.replayed and self.desired is not None and self.desired.applied(ctx.request_id)
-                    and self.fprobes.find(req.name) is None):
+            if ctx.already_applied and self.fprobes.find(req.name) is None:
                 return FprobeUnregisterData(name=req.name, hits=0, exit_hits=0)
             p = self.fprobes.get(req.name)
             d = self.fprobes.info(p)
@@ -215,18 +225,3 @@ class RetprobeVerbs:
         if n:  # a host without any publishes no sections
             self.publish()
         return n
-
-
-def register(service: Service, kernel: Kernel, kprobes: Kprobes, ftrace: Ftrace, *,
-             desired: DesiredState | None = None) -> RetprobeVerbs:
-    """Serve the kretprobe and fprobe verbs of ``kernel`` on ``service`` (``kprobes``: the kprobe verbs' own,
-    since a kretprobe's entry is one of its kprobes; ``ftrace``: the daemon's, since an fprobe is an ops)."""
-    verbs = RetprobeVerbs(service, kernel, Kretprobes(kprobes), Fprobes(ftrace), desired)
-    service.register("kretprobe.register", verbs.register_kretprobe)
-    service.register("kretprobe.unregister", verbs.unregister_kretprobe)
-    service.register("kretprobe.list", verbs.list_kretprobes)
-    service.register("fprobe.register", verbs.register_fprobe)
-    service.register("fprobe.unregister", verbs.unregister_fprobe)
-    service.register("fprobe.list", verbs.list_fprobes)
-    service.register("fprobe.read", verbs.read_fprobes)
-    return verbs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon.service.errors import BadRequest, ForbiddenReplyTopic, InvalidReplyTopic
+from daemon.service.pipeline.errors import BadRequest, ForbiddenReplyTopic, InvalidReplyTopic
 from schemas.envelope import MAX_DEPTH, too_deep
 from schemas.topics import reply_destination_problem
 

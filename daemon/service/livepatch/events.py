@@ -1,28 +1,28 @@
-"""What :class:`~daemon.service.patch_verbs.PatchVerbs` tells subscribers: Livepatch's events translated into the
-``patch.*`` events of the wire, and the retained state's ``components.livepatch`` section.
+"""Livepatch's events translated into the ``patch.*`` events of the wire (types in
+``schemas.livepatch.PatchEventType``), with the metrics and desired-state records a transition's end moves.
 
 Livepatch is the source of every transition event (started, blocked, stalled, reversed, completed: its driver
-sees them happen) and tells its one subscriber, :meth:`PatchEvents._on_livepatch_event`, synchronously and in
+sees them happen) and tells this subscriber, :meth:`PatchEvents.on_livepatch_event`, synchronously and in
 order. A request's own events (``patch.enabled`` / ``patch.disabled``, with its ``request_id``) are sent when
-the transition that request starts is announced, so they come first: :attr:`PatchEvents._change` names the
+the transition that request starts is announced, so they come first: :meth:`PatchEvents.making` names the
 request whose change is being made while ``Livepatch.enable``/``disable`` runs (under Livepatch's lock, so one
 at a time). A transition started without a request (the restore at boot) announces nothing but its completion.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import structlog
 
-from daemon.livepatch.core import Livepatch
-from daemon.livepatch.transition import STATE_NAMES
-from daemon.service.core import Service
-from daemon.service.patch_desired import RestoreReport
-from schemas.livepatch import BlockedTask, PatchSummary
+from daemon.service.livepatch.desired import PatchRecorder
+from daemon.service.livepatch.views import PatchViews
+from daemon.service.pipeline.metrics import Metrics
+from daemon.service.pipeline.outbox import EventLog
 
 log = structlog.get_logger(__name__)
 
@@ -37,46 +37,62 @@ class Change:
 
 
 class PatchEvents:
-    """Part of :class:`~daemon.service.patch_verbs.PatchVerbs`: its events and its section of the state."""
+    """The subscriber of one Livepatch (``on_livepatch_event``); ``publish`` republishes the state section."""
 
-    # set by PatchVerbs.__init__
-    service: Service
-    lp: Livepatch
-    restored: RestoreReport | None
-    _change: Change | None
-    _started: dict[str, float]
-    _key_ids: dict[str, str | None]
-    _forcing: set[str]
-    also_publish: list[Callable[[], None]]
-    """Other sections that a patch change moves (ftrace's counts of ops and enabled functions)."""
+    def __init__(self, events: EventLog, metrics: Metrics, views: PatchViews, recorder: PatchRecorder,
+                 *, key_ids: dict[str, str | None], publish: Callable[[], None]) -> None:
+        self.events = events
+        self.metrics = metrics
+        self.views = views
+        self.recorder = recorder
+        self.key_ids = key_ids
+        self.publish = publish
+        self._change: Change | None = None  # the request whose enable/disable Livepatch is making (lp.lock held)
+        self._started: dict[str, float] = {}  # patch -> when its current transition started (or reversed)
+        self._forcing: set[str] = set()  # patches being forced (their completion counts as forced)
 
-    if TYPE_CHECKING:  # defined by PatchDesired and PatchViews
-        def _completed_in_desired(self, name: str, target: str) -> None: ...
-        def _summaries(self) -> list[PatchSummary]: ...
-        def _blocked_tasks(self, blocked: dict[int, str]) -> list[BlockedTask]: ...
+    @contextlib.contextmanager
+    def making(self, change: Change) -> Iterator[None]:
+        """While a request's enable or disable runs (``lp.lock`` held): its events go with its transition."""
+        self._change = change
+        try:
+            yield
+        finally:
+            self._change = None
 
-    # -- events and state ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def forcing(self, name: str) -> Iterator[None]:
+        """While ``name`` is forced: the completion it causes is counted as forced."""
+        self._forcing.add(name)
+        try:
+            yield
+        finally:
+            self._forcing.discard(name)
+
+    def started_now(self, name: str) -> None:
+        """A transition started without a request (the restore at boot): its completion is timed from now."""
+        self._started[name] = time.monotonic()
 
     def emit(self, type_: str, **data: Any) -> None:
-        self.service.events.emit(type_, **data)
+        self.events.emit(type_, **data)
 
-    def _on_livepatch_event(self, event: str, data: dict[str, Any]) -> None:
+    def on_livepatch_event(self, event: str, data: dict[str, Any]) -> None:
         """Livepatch's subscriber (called with its lock held, on the thread that made the change)."""
         name = str(data["patch"])
         if event == "loaded":
-            self._key_ids[name] = data["key_id"]
+            self.key_ids[name] = data["key_id"]
             self.emit("patch.loaded", patch=name, key_id=data["key_id"], replace=data["replace"],
                       funcs=data["funcs"])
         elif event == "unloaded":
-            self._key_ids.pop(name, None)
+            self.key_ids.pop(name, None)
             self.emit("patch.unloaded", patch=name)
         elif event == "transition_started":
             self._transition_started(name, str(data["target"]), reversal=bool(data["reversal"]))
         elif event == "transition_reversed":
             self._transition_reversed(name, str(data["target"]), str(data["by"]))
         elif event == "transition_stalled":
-            blocked = [b.model_dump() for b in self._blocked_tasks(data["blocked"])]
-            self.service.metrics.transition_stalls.inc()
+            blocked = [b.model_dump() for b in self.views.blocked_tasks(data["blocked"])]
+            self.metrics.transition_stalls.inc()
             log.warning("transition_stalled", patch=name, target=data["target"], waited_s=data["waited_s"],
                         blocked=blocked)
             self.emit("patch.transition.stalled", patch=name, target=data["target"], waited_s=data["waited_s"],
@@ -100,11 +116,11 @@ class PatchEvents:
         self._started[name] = time.monotonic()
         change = self._change
         if by == "policy" or change is None:
-            self.service.metrics.transition_reversals.labels("policy").inc()
+            self.metrics.transition_reversals.labels("policy").inc()
             self.emit("patch.transition.reversed", patch=name, target=target, by="policy")
         elif change.op == "disable":
             self.emit("patch.disabled", patch=name, request_id=change.request_id, reversed=True)
-            self.service.metrics.transition_reversals.labels("request").inc()
+            self.metrics.transition_reversals.labels("request").inc()
             self.emit("patch.transition.reversed", patch=name, target=target, by="request")
         else:  # enable during its own unpatching: told as an enable whose patching transition starts
             self.emit("patch.enabled", patch=name, request_id=change.request_id)
@@ -112,32 +128,10 @@ class PatchEvents:
 
     def _transition_completed(self, name: str, target: str) -> None:
         started = self._started.pop(name, None)
-        self._completed_in_desired(name, target)
-        metrics = self.service.metrics
+        self.recorder.completed(name, target)
+        metrics = self.metrics
         metrics.transitions.labels(target, "forced" if name in self._forcing else "completed").inc()
         if started is not None:
             metrics.transition_duration.labels(target).observe(time.monotonic() - started)
         self.emit("patch.transition.completed", patch=name, target=target,
                   duration_s=None if started is None else round(time.monotonic() - started, 6))
-
-    def publish(self) -> None:
-        """Republish ``components.livepatch`` (a no-op when nothing changed)."""
-        with self.lp.lock:
-            tr = self.lp.transition
-            gauge = self.service.metrics.livepatches
-            gauge.labels("enabled").set(sum(p.enabled for p in self.lp.patches))
-            gauge.labels("disabled").set(sum(not p.enabled for p in self.lp.patches))
-            gauge.labels("transition").set(int(tr is not None))
-            section: dict[str, Any] = {
-                "patches": [s.model_dump(mode="json") for s in self._summaries()],
-                "transition": None if tr is None else {
-                    "patch": tr.patch.name, "target": STATE_NAMES.get(tr.target, str(tr.target)),
-                    "stalled": self.lp.is_stalled(tr), "blocked": sorted(tr.blocked)},
-                "trusted_keys": len(self.lp.trusted_keys or []),
-            }
-        if self.restored is not None:
-            section["restored"] = {"loaded": self.restored.loaded, "enabled": self.restored.enabled,
-                                   "failed": self.restored.failed, "held_back": self.restored.held_back}
-        self.service.state.set_component("livepatch", section)
-        for publish in self.also_publish:
-            publish()

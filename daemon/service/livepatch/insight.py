@@ -4,7 +4,7 @@
   every task, in one stop-machine pause, with nothing written.
 * ``patch.effect`` reads the guest's per-CPU counters (:mod:`daemon.livepatch.effect`): calls each replacement
   took since the patch was enabled, and entries the original took since the patching transition completed (from
-  a baseline taken at completion: :class:`PatchEffects` listens to Livepatch's events). The retained state's
+  a baseline taken at completion: :meth:`PatchEffects.on_event` listens to Livepatch's events). The retained state's
   ``components.patch_effect`` carries every enabled patch's summary, refreshed with each livepatch event, each
   ``patch.effect`` and every ``refresh_s`` seconds while a patch is enabled (a job of the kernel's host worker,
   ended when no patch is enabled; an unchanged section is not republished).
@@ -23,13 +23,12 @@ from daemon.kernel.kernel import Kernel
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.effect import func_calls, orig_calls
 from daemon.livepatch.precheck import predict, predict_functions
-from daemon.service.core import RequestContext, Service
+from daemon.service.pipeline.outbox import StateBoard
 from schemas.patch_insight import (
     FuncEffect,
     PatchCheckData,
     PatchCheckRequest,
     PatchEffectData,
-    PatchEffectRequest,
     PatchEffectSummary,
     PredictedBlocker,
 )
@@ -40,17 +39,16 @@ SECTION = "patch_effect"
 class PatchEffects:
     """What ``patch.effect`` and the state's ``patch_effect`` section report, for one Livepatch."""
 
-    def __init__(self, service: Service, kernel: Kernel, livepatch: Livepatch, *, refresh_s: float = 5.0) -> None:
-        self.service = service
+    def __init__(self, state: StateBoard, kernel: Kernel, livepatch: Livepatch, *, refresh_s: float = 5.0) -> None:
+        self.state = state
         self.kernel = kernel
         self.lp = livepatch
         self.refresh_s = refresh_s
         self._baseline: dict[str, dict[int, int]] = {}  # patch -> old_addr -> orig_calls at its completion
         self._completed_at: dict[str, float] = {}
         self._refreshing = False  # a refresh job is scheduled (read and set under lp.lock)
-        livepatch.subscribe(self._on_event)
 
-    def _on_event(self, event: str, data: dict[str, Any]) -> None:
+    def on_event(self, event: str, data: dict[str, Any]) -> None:
         """Livepatch's subscriber (its lock held): baselines at completion, dropped when a transition starts."""
         name = str(data["patch"])
         if event in ("transition_started", "transition_reversed", "unloaded"):
@@ -115,7 +113,7 @@ class PatchEffects:
                     old = None if not e.completed else sum(f.old_calls or 0 for f in e.funcs)
                     patches[p.name] = PatchEffectSummary(calls=e.calls, old_calls=old,
                                                          verified=e.verified).model_dump(mode="json")
-        self.service.state.set_component(SECTION, {"patches": patches})
+        self.state.set_component(SECTION, {"patches": patches})
 
     def _refresh(self) -> bool:
         """The refresh job: False (the job ends) once no patch is enabled."""
@@ -127,29 +125,15 @@ class PatchEffects:
         return True
 
 
-def register(service: Service, kernel: Kernel, livepatch: Livepatch, *, refresh_s: float = 5.0) -> PatchEffects:
-    """Serve ``patch.check`` and ``patch.effect`` for ``livepatch`` on ``service`` (register before the restore at
-    boot, so that the restored patches' completions are seen)."""
-    effects = PatchEffects(service, kernel, livepatch, refresh_s=refresh_s)
-
-    @service.handler("patch.check")
-    def patch_check(req: PatchCheckRequest, ctx: RequestContext) -> PatchCheckData:
-        if req.name is not None:
-            p = predict(livepatch, req.name)
-        else:
-            p = predict_functions(livepatch, [(f.name, f.sympos) for f in req.functions])
-        return PatchCheckData(
-            name=p.patch, tasks_scanned=p.tasks_scanned, functions=list(p.functions), would_block=bool(p.blocks),
-            will_stall=p.will_stall, signals=p.signals, busy_with=p.busy_with,
-            blockers=[PredictedBlocker(pid=b.pid, comm=b.comm, cpu=b.cpu, kind=b.kind, reason=b.reason,
-                                       outcome=b.outcome, why=b.why, function=b.function, stack=list(b.stack))
-                      for b in p.blocks])
-
-    @service.handler("patch.effect")
-    def patch_effect(req: PatchEffectRequest, ctx: RequestContext) -> PatchEffectData:
-        data = effects.effect(req.name)
-        effects.publish()
-        return data
-
-    effects.publish()
-    return effects
+def check(livepatch: Livepatch, req: PatchCheckRequest) -> PatchCheckData:
+    """``patch.check``: would this patch's transition (or one replacing these functions) stall, and on whom."""
+    if req.name is not None:
+        p = predict(livepatch, req.name)
+    else:
+        p = predict_functions(livepatch, [(f.name, f.sympos) for f in req.functions])
+    return PatchCheckData(
+        name=p.patch, tasks_scanned=p.tasks_scanned, functions=list(p.functions), would_block=bool(p.blocks),
+        will_stall=p.will_stall, signals=p.signals, busy_with=p.busy_with,
+        blockers=[PredictedBlocker(pid=b.pid, comm=b.comm, cpu=b.cpu, kind=b.kind, reason=b.reason,
+                                   outcome=b.outcome, why=b.why, function=b.function, stack=list(b.stack))
+                  for b in p.blocks])

@@ -16,8 +16,7 @@ ways:
 So both a ``trace.read`` poller and a ``lpctl trace follow`` subscriber see every record exactly once. Draining
 under the session lock keeps both in ring order.
 
-The verbs themselves are :class:`TraceVerbs`, part of :class:`~daemon.service.ftrace_verbs.FtraceVerbs`: at most
-one session at a time.
+The verbs themselves are :class:`TraceVerbs`: at most one session at a time.
 """
 
 from __future__ import annotations
@@ -26,24 +25,23 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import structlog
 
-from daemon.arch.arm64.patching import BatchResult
 from daemon.errors import FtraceError
 from daemon.ftrace import tracefs
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.fgraph import FunctionGraphTracer, GraphRecord
-from daemon.ftrace.ops import FtraceOps
 from daemon.ftrace.tracer import FunctionTracer, TraceRecord
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.kernel.worker import Job
-from daemon.service.core import RequestContext, Service
+from daemon.service.ftrace.counts import Counts
+from daemon.service.pipeline.context import RequestContext
+from daemon.service.pipeline.core import Service
 from schemas.ftrace import (
     TRACE_BUFFER,
-    BatchInfo,
     TraceBatchDoc,
     TraceEntry,
     TraceReadData,
@@ -194,27 +192,31 @@ class TraceNotRunning(FtraceError):
 
 
 class TraceVerbs:
-    """Part of :class:`~daemon.service.ftrace_verbs.FtraceVerbs`: the function tracer's verbs."""
+    """The function tracer's verbs (under the subsystem's ``lock``; ``publish`` republishes its section)."""
 
-    # set by FtraceVerbs.__init__
-    service: Service
-    kernel: Kernel
-    ftrace: Ftrace
-    streams: StreamOutlet | None
-    session: TraceSession | None
-    sessions: int
-    formatter: TraceFormatter
-    _lock: threading.RLock
+    def __init__(self, service: Service, kernel: Kernel, ftrace: Ftrace, streams: StreamOutlet | None, *,
+                 counts: Counts, lock: threading.RLock, publish: Callable[[], None]) -> None:
+        self.service = service
+        self.kernel = kernel
+        self.ftrace = ftrace
+        self.streams = streams
+        self.counts = counts
+        self.lock = lock
+        self.publish = publish
+        self.session: TraceSession | None = None
+        self.sessions = 0
+        self.formatter = TraceFormatter(kernel, ftrace)
 
-    if TYPE_CHECKING:  # defined by FtraceVerbs
-        def functions(self, ops: FtraceOps) -> int: ...
-        def _observe(self, verb: str, *results: BatchResult | None) -> BatchInfo | None: ...
-        def publish(self) -> None: ...
+    def close(self) -> None:
+        """Stop the drainer job (the tracer itself goes away with the kernel)."""
+        with self.lock:
+            if self.session is not None:
+                self.session.stop_draining()
 
     # -- the function tracer ---------------------------------------------------------------------------------
 
     def trace_start(self, req: TraceStartRequest, ctx: RequestContext) -> TraceStartData:
-        with self._lock:
+        with self.lock:
             if self.session is not None:
                 raise FtraceError("the function tracer is already running; stop it first (trace.stop)",
                                   session=self.session.number)
@@ -232,7 +234,7 @@ class TraceVerbs:
                                                   number=self.sessions, filter=req.filter or None,
                                                   notrace=req.notrace or None, streams=self.streams)
             session.start_draining()
-            functions = self.functions(tracer.ops)
+            functions = self.counts.functions(tracer.ops)
         self.publish()
         ctx.events.emit("trace.started", session=session.number, tracer=req.tracer, filter=session.filter,
                          functions=functions)
@@ -240,7 +242,7 @@ class TraceVerbs:
                               graph_function=req.graph_function or None, graph_notrace=req.graph_notrace or None,
                               entries_per_cpu=req.entries_per_cpu, functions=functions,
                               topic=self.service.topics.trace, streaming=self.streams is not None,
-                              period_ms=round(DRAIN_PERIOD_S * 1000), batch=self._observe(ctx.verb, result))
+                              period_ms=round(DRAIN_PERIOD_S * 1000), batch=self.counts.batch(ctx.verb, result))
 
     def _session(self) -> TraceSession:
         if self.session is None:
@@ -248,13 +250,13 @@ class TraceVerbs:
         return self.session
 
     def trace_read(self, req: TraceReadRequest, ctx: RequestContext) -> TraceReadData:
-        with self._lock:
+        with self.lock:
             session = self._session()
             session.collect(session.tracer.drain)
             return TraceReadData.model_validate(session.read(req.limit, running=True))
 
     def trace_stop(self, req: TraceStopRequest, ctx: RequestContext) -> TraceStopData:
-        with self._lock:
+        with self.lock:
             session = self._session()
             session.stop_draining()
             before = self.ftrace.last_batch
@@ -267,7 +269,7 @@ class TraceVerbs:
             self.session = None
             data = session.read(req.limit, running=False)
             data.update(remaining=0, discarded=data["remaining"],
-                        batch=self._observe(ctx.verb, after if after is not before else None))
+                        batch=self.counts.batch(ctx.verb, after if after is not before else None))
         self.publish()
         ctx.events.emit("trace.stopped", session=session.number, written=data["written"], dropped=data["dropped"])
         return TraceStopData.model_validate(data)

@@ -1,12 +1,13 @@
 """Hijacks (``hijack.*``): what one holds (the traced function, its ops, the target it redirects to, and how it
 was asked for) and the verbs that create, list and delete them. What a hijack may target is checked by
-``ftrace_targets``."""
+``targets``."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from daemon.arch.arm64 import callsite
 from daemon.arch.arm64.patching import BatchResult
@@ -15,12 +16,11 @@ from daemon.ftrace.core import Ftrace
 from daemon.ftrace.ops import FtraceOps, OpsFlag
 from daemon.ftrace.records import DynFtrace
 from daemon.kernel.kernel import Kernel
-from daemon.service.core import RequestContext
-from daemon.service.desired import DesiredState
-from daemon.service.ftrace_desired import KIND_HIJACK
-from daemon.service.ftrace_targets import check_no_loop, direct_trampoline, function_start
+from daemon.service.ftrace.counts import Counts
+from daemon.service.ftrace.desired import KIND_HIJACK, FtraceDesired
+from daemon.service.ftrace.targets import check_no_loop, direct_trampoline, function_start
+from daemon.service.pipeline.context import RequestContext
 from schemas.ftrace import (
-    BatchInfo,
     HijackCreateRequest,
     HijackData,
     HijackDeleteRequest,
@@ -33,7 +33,7 @@ Mode = Literal["ipmodify", "direct"]
 
 
 @dataclass
-class _Hijack:
+class Hijack:
     name: str
     mode: Mode
     rec: DynFtrace
@@ -48,31 +48,28 @@ class _Hijack:
 
 
 class HijackVerbs:
-    """Part of :class:`~daemon.service.ftrace_verbs.FtraceVerbs`: the hijacks made through the API."""
+    """The hijacks made through the API (under the subsystem's ``lock``; ``publish`` republishes its section)."""
 
-    # set by FtraceVerbs.__init__
-    kernel: Kernel
-    ftrace: Ftrace
-    desired: DesiredState | None
-    hijacks: dict[str, _Hijack]
-    _lock: threading.RLock
-
-    if TYPE_CHECKING:  # defined by FtraceVerbs and FtraceDesired
-        def _observe(self, verb: str, *results: BatchResult | None) -> BatchInfo | None: ...
-        def publish(self) -> None: ...
-        def _already(self, ctx: RequestContext) -> bool: ...
-        def _record(self, kind: str, key: str, doc: dict[str, Any], ctx: RequestContext) -> None: ...
+    def __init__(self, kernel: Kernel, ftrace: Ftrace, desired: FtraceDesired, counts: Counts, *,
+                 lock: threading.RLock, publish: Callable[[], None]) -> None:
+        self.kernel = kernel
+        self.ftrace = ftrace
+        self.desired = desired
+        self.counts = counts
+        self.lock = lock
+        self.publish = publish
+        self.hijacks: dict[str, Hijack] = {}
 
     # -- views -----------------------------------------------------------------------------------------------
 
-    def hijack_info(self, h: _Hijack) -> HijackInfo:
+    def hijack_info(self, h: Hijack) -> HijackInfo:
         return HijackInfo(name=h.name, mode=h.mode, function=h.rec.name, sympos=h.sympos, address=h.address,
                           target=self.ftrace.describe(h.target), target_address=h.target, ops=h.ops.name,
                           ops_address=h.ops.addr or None)
 
     # -- hijacks ---------------------------------------------------------------------------------------------
 
-    def _create(self, name: str, spec: dict[str, Any]) -> tuple[_Hijack, BatchResult | None]:
+    def create(self, name: str, spec: dict[str, Any]) -> tuple[Hijack, BatchResult | None]:
         if name in self.hijacks:
             raise OpsStateError(f"a hijack named {name!r} exists already (lpctl hijack list)", hijack=name)
         mode: Mode = spec["mode"]
@@ -88,28 +85,28 @@ class HijackVerbs:
             check_no_loop(self.ftrace, redirects, rec.name, callsite.func_addr(rec.ip), target)
             ops.func, ops.flags, ops.private = "ftrace_redirect_call", OpsFlag.IPMODIFY, target
             result = self.ftrace.register(ops)
-        hijack = self.hijacks[name] = _Hijack(name, mode, rec, spec["sympos"], target, ops, spec)
+        hijack = self.hijacks[name] = Hijack(name, mode, rec, spec["sympos"], target, ops, spec)
         return hijack, result
 
     def hijack_create(self, req: HijackCreateRequest, ctx: RequestContext) -> HijackData:
         name = req.name or (req.function if not req.sympos else f"{req.function}.{req.sympos}")
         spec = {"active": True, "mode": req.mode, "function": req.function, "sympos": req.sympos,
                 "target": req.target, "target_sympos": req.target_sympos}
-        with self._lock:
-            if self._already(ctx) and name in self.hijacks:
+        with self.lock:
+            if ctx.already_applied and name in self.hijacks:
                 return HijackData(hijack=self.hijack_info(self.hijacks[name]))
-            hijack, result = self._create(name, spec)
+            hijack, result = self.create(name, spec)
             try:
-                self._record(KIND_HIJACK, name, spec, ctx)
+                self.desired.record(KIND_HIJACK, name, spec, ctx)
             except BaseException:
                 self._remove(hijack)
                 raise
             info = self.hijack_info(hijack)
         self.publish()
         ctx.events.emit("hijack.created", name=name, mode=req.mode, function=info.function, target=info.target)
-        return HijackData(hijack=info, batch=self._observe(ctx.verb, result))
+        return HijackData(hijack=info, batch=self.counts.batch(ctx.verb, result))
 
-    def _find(self, req: HijackDeleteRequest) -> _Hijack:
+    def _find(self, req: HijackDeleteRequest) -> Hijack:
         if req.name is not None:
             found = self.hijacks.get(req.name)
             if found is None:
@@ -122,34 +119,25 @@ class HijackVerbs:
                 return h
         raise OpsStateError(f"{req.function} is not hijacked (lpctl hijack list)", function=req.function)
 
-    def _deleted(self, req: HijackDeleteRequest) -> HijackInfo | None:
-        """The last description of the hijack a replayed delete already removed."""
-        items = self.desired.items(KIND_HIJACK) if self.desired is not None else []
-        for item in items:
-            last = item.doc.get("last")
-            if last is not None and (item.key == req.name or (
-                    req.name is None and last["function"] == req.function and last["sympos"] == req.sympos)):
-                return HijackInfo.model_validate(last)
-        return None
-
-    def _remove(self, h: _Hijack) -> BatchResult | None:
+    def _remove(self, h: Hijack) -> BatchResult | None:
         unregister = self.ftrace.unregister_direct if h.mode == "direct" else self.ftrace.unregister
         result = unregister(h.ops)
         del self.hijacks[h.name]
         return result
 
     def hijack_delete(self, req: HijackDeleteRequest, ctx: RequestContext) -> HijackData:
-        with self._lock:
-            if self._already(ctx) and (gone := self._deleted(req)) is not None and gone.name not in self.hijacks:
+        with self.lock:
+            gone = self.desired.deleted_hijack(req) if ctx.already_applied else None
+            if gone is not None and gone.name not in self.hijacks:
                 return HijackData(hijack=gone)
             h = self._find(req)
             info = self.hijack_info(h)
             result = self._remove(h)
-            self._record(KIND_HIJACK, h.name, {"active": False, "last": info.model_dump(mode="json")}, ctx)
+            self.desired.record(KIND_HIJACK, h.name, {"active": False, "last": info.model_dump(mode="json")}, ctx)
         self.publish()
         ctx.events.emit("hijack.deleted", name=h.name, mode=h.mode, function=h.rec.name)
-        return HijackData(hijack=info, batch=self._observe(ctx.verb, result))
+        return HijackData(hijack=info, batch=self.counts.batch(ctx.verb, result))
 
     def hijack_list(self, req: HijackListRequest, ctx: RequestContext) -> HijackListData:
-        with self._lock:
+        with self.lock:
             return HijackListData(hijacks=[self.hijack_info(h) for h in self.hijacks.values()])

@@ -4,19 +4,19 @@ restore replays), how they are described, and the verbs that register, filter, l
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from daemon.arch.arm64.patching import BatchResult
 from daemon.errors import OpsStateError
 from daemon.ftrace import filter as ftrace_filter
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.ops import FtraceOps, OpsFlag
-from daemon.service.core import RequestContext
-from daemon.service.desired import Item
-from daemon.service.ftrace_desired import KIND_OPS
+from daemon.service.ftrace.counts import Counts
+from daemon.service.ftrace.desired import KIND_OPS, FtraceDesired
+from daemon.service.pipeline.context import RequestContext
 from schemas.ftrace import (
-    BatchInfo,
     ForeignOps,
     OpsData,
     OpsFilterRequest,
@@ -45,12 +45,12 @@ def _write(steps: Steps, expr: str, reset: bool) -> Steps:
     return [(expr, True)] if reset else [*steps, (expr, False)]
 
 
-def _text(steps: Steps) -> str | None:
+def text(steps: Steps) -> str | None:
     return " ".join(expr for expr, _ in steps) or None
 
 
 @dataclass
-class _ApiOps:
+class ApiOps:
     ops: FtraceOps
     callback: Callback
     recursion: bool
@@ -63,31 +63,28 @@ class _ApiOps:
 
 
 class OpsVerbs:
-    """Part of :class:`~daemon.service.ftrace_verbs.FtraceVerbs`: the ops registered through the API."""
+    """The ops registered through the API (under the subsystem's ``lock``; ``publish`` republishes its section)."""
 
-    # set by FtraceVerbs.__init__
-    ftrace: Ftrace
-    ops: dict[str, _ApiOps]
-    _lock: threading.RLock
-
-    if TYPE_CHECKING:  # defined by FtraceVerbs and FtraceDesired
-        def functions(self, ops: FtraceOps) -> int: ...
-        def _observe(self, verb: str, *results: BatchResult | None) -> BatchInfo | None: ...
-        def publish(self) -> None: ...
-        def _already(self, ctx: RequestContext) -> bool: ...
-        def _record(self, kind: str, key: str, doc: dict[str, Any], ctx: RequestContext) -> None: ...
-        def _tombstone(self, kind: str, key: str) -> Item | None: ...
+    def __init__(self, ftrace: Ftrace, desired: FtraceDesired, counts: Counts, *, lock: threading.RLock,
+                 publish: Callable[[], None]) -> None:
+        self.ftrace = ftrace
+        self.desired = desired
+        self.counts = counts
+        self.lock = lock
+        self.publish = publish
+        self.ops: dict[str, ApiOps] = {}
 
     # -- views -----------------------------------------------------------------------------------------------
 
-    def ops_info(self, a: _ApiOps) -> OpsInfo:
+    def ops_info(self, a: ApiOps) -> OpsInfo:
         ops = a.ops
-        return OpsInfo(name=ops.name, callback=a.callback, filter=_text(a.filter), notrace=_text(a.notrace),
+        return OpsInfo(name=ops.name, callback=a.callback, filter=text(a.filter), notrace=text(a.notrace),
                        filter_functions=None if ops.filter is None else len(ops.filter),
-                       notrace_functions=len(ops.notrace), functions=self.functions(ops) if ops.registered else 0,
+                       notrace_functions=len(ops.notrace),
+                       functions=self.counts.functions(ops) if ops.registered else 0,
                        flags=_flag_names(ops.flags), address=ops.addr or None, hits=self.ftrace.ops_hits(ops))
 
-    def _api_ops(self, name: str) -> _ApiOps:
+    def _api_ops(self, name: str) -> ApiOps:
         found = self.ops.get(name)
         if found is None:
             raise OpsStateError(f"no ops named {name!r} was registered through the API (lpctl ftrace ops list)",
@@ -96,8 +93,8 @@ class OpsVerbs:
 
     # -- ops -------------------------------------------------------------------------------------------------
 
-    def _register(self, name: str, callback: Callback, recursion: bool, filt: Steps, notrace: Steps
-                  ) -> tuple[_ApiOps, BatchResult | None]:
+    def register(self, name: str, callback: Callback, recursion: bool, filt: Steps, notrace: Steps
+                  ) -> tuple[ApiOps, BatchResult | None]:
         if name in self.ops:
             raise OpsStateError(f"an ops named {name!r} is already registered", ops=name)
         ops = FtraceOps(name, CALLBACKS[callback], flags=OpsFlag.RECURSION if recursion else OpsFlag(0))
@@ -105,17 +102,17 @@ class OpsVerbs:
             for expr, reset in steps:  # on an unregistered ops: only selects (FilterNoMatch for a bad term)
                 set_hash(ops, expr, reset=reset)
         result = self.ftrace.register(ops)
-        api = self.ops[name] = _ApiOps(ops, callback, recursion, filt, notrace)
+        api = self.ops[name] = ApiOps(ops, callback, recursion, filt, notrace)
         return api, result
 
     def ops_register(self, req: OpsRegisterRequest, ctx: RequestContext) -> OpsData:
-        with self._lock:
-            if self._already(ctx) and req.name in self.ops:
+        with self.lock:
+            if ctx.already_applied and req.name in self.ops:
                 return OpsData(ops=self.ops_info(self.ops[req.name]))
-            api, result = self._register(req.name, req.callback, req.recursion, _write([], req.filter or "", True),
+            api, result = self.register(req.name, req.callback, req.recursion, _write([], req.filter or "", True),
                                          _write([], req.notrace or "", True))
             try:
-                self._record(KIND_OPS, req.name, api.doc(), ctx)
+                self.desired.record(KIND_OPS, req.name, api.doc(), ctx)
             except BaseException:
                 del self.ops[req.name]
                 self.ftrace.unregister(api.ops)
@@ -123,33 +120,33 @@ class OpsVerbs:
             info = self.ops_info(api)
         self.publish()
         ctx.events.emit("ftrace.ops.registered", name=req.name, callback=req.callback, functions=info.functions)
-        return OpsData(ops=info, batch=self._observe(ctx.verb, result))
+        return OpsData(ops=info, batch=self.counts.batch(ctx.verb, result))
 
     def ops_unregister(self, req: OpsUnregisterRequest, ctx: RequestContext) -> OpsData:
-        with self._lock:
-            gone = self._tombstone(KIND_OPS, req.name)
-            if self._already(ctx) and req.name not in self.ops and gone is not None:
+        with self.lock:
+            gone = self.desired.tombstone(KIND_OPS, req.name)
+            if ctx.already_applied and req.name not in self.ops and gone is not None:
                 return OpsData(ops=OpsInfo.model_validate(gone.doc["last"]))
             api = self._api_ops(req.name)
             result = self.ftrace.unregister(api.ops)
             del self.ops[req.name]
             info = self.ops_info(api)
-            self._record(KIND_OPS, req.name, {"registered": False, "last": info.model_dump(mode="json")}, ctx)
+            self.desired.record(KIND_OPS, req.name, {"registered": False, "last": info.model_dump(mode="json")}, ctx)
         self.publish()
         ctx.events.emit("ftrace.ops.unregistered", name=req.name, hits=info.hits)
-        return OpsData(ops=info, batch=self._observe(ctx.verb, result))
+        return OpsData(ops=info, batch=self.counts.batch(ctx.verb, result))
 
     def ops_list(self, req: OpsListRequest, ctx: RequestContext) -> OpsListData:
-        with self._lock:
+        with self.lock:
             mine = {id(a.ops) for a in self.ops.values()}
-            others = [ForeignOps(name=o.name, flags=_flag_names(o.flags), functions=self.functions(o))
+            others = [ForeignOps(name=o.name, flags=_flag_names(o.flags), functions=self.counts.functions(o))
                       for o in self.ftrace.ops if id(o) not in mine]
             return OpsListData(ops=[self.ops_info(a) for a in self.ops.values()], others=others)
 
     def ops_filter(self, req: OpsFilterRequest, ctx: RequestContext) -> OpsData:
-        with self._lock:
+        with self.lock:
             api = self._api_ops(req.name)
-            if self._already(ctx):
+            if ctx.already_applied:
                 return OpsData(ops=self.ops_info(api))
             ops = api.ops
             for expr in (req.filter, req.notrace):  # both checked before either is applied
@@ -170,9 +167,9 @@ class OpsVerbs:
                 api.filter = _write(api.filter, req.filter, req.reset)
             if req.notrace is not None:
                 api.notrace = _write(api.notrace, req.notrace, req.reset)
-            self._record(KIND_OPS, req.name, api.doc(), ctx)
+            self.desired.record(KIND_OPS, req.name, api.doc(), ctx)
             info = self.ops_info(api)
         self.publish()
         ctx.events.emit("ftrace.ops.filtered", name=req.name, filter=info.filter, notrace=info.notrace,
                         functions=info.functions)
-        return OpsData(ops=info, batch=self._observe(ctx.verb, *results))
+        return OpsData(ops=info, batch=self.counts.batch(ctx.verb, *results))

@@ -4,7 +4,7 @@ A handler is registered for a verb of ``schemas.VERBS`` and is called with the v
 ``RequestContext``; it returns the verb's data model (or a dict that validates as one). A plain function is
 run in a worker thread (kernel work never runs on the event loop); a coroutine function is awaited on the
 loop and must not block. Verbs the schema marks ``mutating`` run one at a time (the ``ftrace_lock`` analogue),
-once their journal row is fsynced (``daemon.service.durability``: beside the loop, which serves reads meanwhile).
+once their journal row is fsynced (``daemon.service.store.durability``: beside the loop, which serves reads meanwhile).
 Any ``LivepatchdError`` becomes an error reply with its ``code``; anything else is a bug: ``internal``.
 """
 
@@ -18,15 +18,14 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
 
 from daemon.errors import LivepatchdError
-from daemon.service.board import EventLog, StateBoard, StreamBoard
-from daemon.service.durability import GroupSync
-from daemon.service.errors import (
+from daemon.service.pipeline.context import RequestContext, VerbTable
+from daemon.service.pipeline.errors import (
     INTERNAL,
     BadRequest,
     JournalUnreadable,
@@ -36,28 +35,27 @@ from daemon.service.errors import (
     StorageFull,
     UnknownVerb,
 )
-from daemon.service.journal import Journal, JournalFull, fingerprint, is_full
-from daemon.service.metrics import Metrics
-from daemon.service.payload import check_reply_topic, parse_object, reply_topic_ok
-from daemon.service.stored import Outcome, ReplyRoute, Unreadable, shown, stored_outcome, stored_reply, stored_request
+from daemon.service.pipeline.metrics import Metrics
+from daemon.service.pipeline.outbox import EventLog, StateBoard, StreamBoard
+from daemon.service.pipeline.payload import check_reply_topic, parse_object, reply_topic_ok
+from daemon.service.store.desired import DesiredState
+from daemon.service.store.durability import GroupSync
+from daemon.service.store.journal import Journal, JournalFull, fingerprint, is_full
+from daemon.service.store.stored import (
+    Outcome,
+    ReplyRoute,
+    Unreadable,
+    shown,
+    stored_outcome,
+    stored_reply,
+    stored_request,
+)
 from schemas import VERBS, KernelState, Reply, Request, Topics, VerbSpec
 from schemas.envelope import peek_envelope, peek_oversized
 from schemas.kernel import BrokerLink
 
 log = structlog.get_logger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class RequestContext:
-    """What a handler may use besides its request: who asked, and the daemon's state and event outlets."""
-
-    request_id: str
-    verb: str
-    replayed: bool
-    state: StateBoard
-    events: EventLog
 
 
 @dataclass(frozen=True)
@@ -72,11 +70,15 @@ class Service:
 
     def __init__(self, *, host: str, boot_seq: int, journal: Journal, kernel: KernelState,
                  max_payload_bytes: int = 65536, request_timeout_s: float = 30.0,
-                 metrics: Metrics | None = None, read_fast_path: bool = True, fsync: bool = True) -> None:
+                 metrics: Metrics | None = None, read_fast_path: bool = True, fsync: bool = True,
+                 desired: DesiredState | None = None) -> None:
         self.host = host
         self.boot_seq = boot_seq
         self.topics = Topics(host)
         self.journal = journal
+        self.desired = desired
+        """The desired-state store the subsystems record their changes in: a replayed request whose change it
+        already holds is told so (``RequestContext.already_applied``)."""
         self.metrics = metrics or Metrics()
         self.metrics.boot_seq.set(boot_seq)
         self.outgoing = asyncio.Event()
@@ -124,12 +126,10 @@ class Service:
             raise ValueError(f"verb {verb!r} already has a handler")
         self._handlers[verb] = _Handler(spec, fn, inspect.iscoroutinefunction(fn))
 
-    def handler(self, verb: str) -> Callable[[F], F]:
-        """Decorator form of ``register``."""
-        def deco(fn: F) -> F:
+    def serve(self, table: VerbTable) -> None:
+        """Serve every verb of a subsystem's table: the one way verbs are added (``register`` for each)."""
+        for verb, fn in table.items():
             self.register(verb, fn)
-            return fn
-        return deco
 
     @property
     def verbs(self) -> list[str]:
@@ -304,7 +304,8 @@ class Service:
 
     async def _execute(self, handler: _Handler, request: Request, *, replayed: bool) -> Reply:
         rid, spec = request.request_id, handler.spec
-        ctx = RequestContext(rid, spec.verb, replayed, self.state, self.events)
+        ctx = RequestContext(rid, spec.verb, replayed, self.state, self.events,
+                             already_applied=replayed and self._applied(rid))
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 if spec.mutating:
@@ -351,6 +352,13 @@ class Service:
         if spec.mutating:  # a refused change is news for whoever watches the host
             self.events.emit("request.failed", request_id=request.request_id, verb=spec.verb, code=exc.code)
         return Reply.failure(request.request_id, exc.code, exc.message, _jsonable(exc.details))
+
+    def _applied(self, rid: str) -> bool:
+        """Did this request's change reach the desired state before the crash (and was it restored at boot)?"""
+        if self.desired is None or not self.desired.applied(rid):
+            return False
+        log.info("request_already_applied", note="its change was restored at boot; answering from the state")
+        return True
 
     @staticmethod
     async def _call(handler: _Handler, request: Request, ctx: RequestContext) -> Any:

@@ -9,17 +9,15 @@ a restart ends it, as a reboot does.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from daemon.arch.arm64.patching import BatchResult
 from daemon.errors import FtraceError
 from daemon.ftrace import tracefs
 from daemon.ftrace.core import Ftrace
-from daemon.ftrace.ops import FtraceOps
 from daemon.ftrace.tracer import FunctionProfiler
-from daemon.service.core import RequestContext
+from daemon.service.ftrace.counts import Counts
+from daemon.service.pipeline.context import RequestContext
 from schemas.ftrace import (
-    BatchInfo,
     ProfileLine,
     ProfileReadData,
     ProfileReadRequest,
@@ -37,21 +35,18 @@ class ProfileNotRunning(FtraceError):
 
 
 class ProfileVerbs:
-    """Part of :class:`~daemon.service.ftrace_verbs.FtraceVerbs`: the function profiler's verbs."""
+    """The function profiler's verbs (under the subsystem's ``lock``; ``publish`` republishes its section)."""
 
-    # set by FtraceVerbs.__init__
-    ftrace: Ftrace
-    profiler: FunctionProfiler | None
-    profile_filter: str | None
-    _lock: threading.RLock
-
-    if TYPE_CHECKING:  # defined by FtraceVerbs
-        def functions(self, ops: FtraceOps) -> int: ...
-        def _observe(self, verb: str, *results: BatchResult | None) -> BatchInfo | None: ...
-        def publish(self) -> None: ...
+    def __init__(self, ftrace: Ftrace, counts: Counts, *, lock: threading.RLock, publish: Callable[[], None]) -> None:
+        self.ftrace = ftrace
+        self.counts = counts
+        self.lock = lock
+        self.publish = publish
+        self.profiler: FunctionProfiler | None = None
+        self.profile_filter: str | None = None
 
     def profile_start(self, req: ProfileStartRequest, ctx: RequestContext) -> ProfileStartData:
-        with self._lock:
+        with self.lock:
             if self.profiler is not None:
                 raise FtraceError("the function profiler is already running; stop it first (profile.stop)")
             profiler = FunctionProfiler(self.ftrace, filter=req.filter)  # a filter matching nothing raises here
@@ -61,11 +56,11 @@ class ProfileVerbs:
                 profiler.close()
                 raise
             self.profiler, self.profile_filter = profiler, req.filter or None
-            functions = self.functions(profiler.ops)
+            functions = self.counts.functions(profiler.ops)
         self.publish()
         ctx.events.emit("profile.started", filter=self.profile_filter, functions=functions)
         return ProfileStartData(filter=self.profile_filter, functions=functions,
-                                batch=self._observe(ctx.verb, result))
+                                batch=self.counts.batch(ctx.verb, result))
 
     def _profiler(self) -> FunctionProfiler:
         if self.profiler is None:
@@ -80,11 +75,11 @@ class ProfileVerbs:
                                total_hits=sum(p.hits for p in report), running=running)
 
     def profile_read(self, req: ProfileReadRequest, ctx: RequestContext) -> ProfileReadData:
-        with self._lock:
+        with self.lock:
             return self._counts(self._profiler(), req.limit, running=True)
 
     def profile_stop(self, req: ProfileStopRequest, ctx: RequestContext) -> ProfileStopData:
-        with self._lock:
+        with self.lock:
             profiler = self._profiler()
             result = profiler.stop()  # unregistered: the counts stay readable until close()
             counts = self._counts(profiler, req.limit, running=False)
@@ -92,4 +87,4 @@ class ProfileVerbs:
             self.profiler = self.profile_filter = None
         self.publish()
         ctx.events.emit("profile.stopped", functions=counts.total_functions, hits=counts.total_hits)
-        return ProfileStopData(**counts.model_dump(), batch=self._observe(ctx.verb, result))
+        return ProfileStopData(**counts.model_dump(), batch=self.counts.batch(ctx.verb, result))

@@ -7,7 +7,7 @@ from daemon.arch.arm64 import callsite
 from daemon.errors import BadDirectCall, SymbolError
 from daemon.ftrace.core import Ftrace
 from daemon.kernel.kernel import Kernel
-from daemon.service.errors import InvalidArgument
+from daemon.service.pipeline.errors import InvalidArgument
 from schemas.ftrace import DIRECT_TRAMPOLINES
 
 

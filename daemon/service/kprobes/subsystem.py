@@ -1,4 +1,5 @@
-"""The kprobe verbs: ``kprobe.register``, ``kprobe.unregister``, ``kprobe.list``, ``kprobe.read``.
+"""The kprobe verbs: ``kprobe.register``, ``kprobe.unregister``, ``kprobe.list``, ``kprobe.read``, served for one
+kernel by :class:`KprobeSubsystem` (``verbs()`` is its table).
 
 Each registered probe is desired state (kind ``kprobe``, key: its name): a restart registers it again before
 the daemon announces itself online, as a boot script writing ``kprobe_events`` would. Counters start from zero
@@ -17,8 +18,9 @@ from daemon.errors import KprobeRefused, LivepatchdError
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.kprobes.core import Kprobe, KprobeHit, Kprobes
-from daemon.service.core import RequestContext, Service
-from daemon.service.desired import DesiredState
+from daemon.service.pipeline.context import RequestContext, VerbTable
+from daemon.service.pipeline.core import Service
+from daemon.service.store.desired import DesiredState
 from schemas.kprobes import (
     FetchArg,
     FetchArgIn,
@@ -54,11 +56,19 @@ def _arg_spec(a: FetchArg | FetchArgIn) -> str:
     return f"{a.name}=%{a.reg}" + ("" if a.type == "x64" else f":{a.type}")
 
 
-class KprobeVerbs:
-    def __init__(self, service: Service, kernel: Kernel, kprobes: Kprobes, desired: DesiredState | None) -> None:
-        self.service, self.kernel, self.kprobes, self.desired = service, kernel, kprobes, desired
+class KprobeSubsystem:
+    """The probes registered through the API on one kernel, and their desired state."""
+
+    def __init__(self, service: Service, kernel: Kernel, desired: DesiredState | None = None,
+                 kprobes: Kprobes | None = None) -> None:
+        self.service, self.kernel, self.desired = service, kernel, desired
+        self.kprobes = kprobes or Kprobes(kernel)
         self._lock = threading.RLock()
         self._args: dict[str, list[FetchArg]] = {}
+
+    def verbs(self) -> VerbTable:
+        return {"kprobe.register": self.register_probe, "kprobe.unregister": self.unregister_probe,
+                "kprobe.list": self.list_probes, "kprobe.read": self.read}
 
     # -- views -----------------------------------------------------------------------------------------------
 
@@ -113,7 +123,7 @@ class KprobeVerbs:
 
     def register_probe(self, req: KprobeRegisterRequest, ctx: RequestContext) -> KprobeRegisterData:
         with self._lock:
-            if ctx.replayed and self.desired is not None and self.desired.applied(ctx.request_id):
+            if ctx.already_applied:
                 p = self.kprobes.get(req.name)  # registered before the crash, restored at boot
             else:
                 p = self._register(req.name, req.target, list(req.args), record=req.record, post=req.post,
@@ -128,8 +138,7 @@ class KprobeVerbs:
 
     def unregister_probe(self, req: KprobeUnregisterRequest, ctx: RequestContext) -> KprobeUnregisterData:
         with self._lock:
-            if (ctx.replayed and self.desired is not None and self.desired.applied(ctx.request_id)
-                    and self.kprobes.find(req.name) is None):
+            if ctx.already_applied and self.kprobes.find(req.name) is None:
                 return KprobeUnregisterData(name=req.name, hits=0, nmissed=0)
             p = self.kprobes.get(req.name)
             if p.flags & abi.KPF_KRETPROBE:
@@ -180,14 +189,3 @@ class KprobeVerbs:
         if n:  # a host without probes publishes no section (and no extra state version at boot)
             self.publish()
         return n
-
-
-def register(service: Service, kernel: Kernel, *, desired: DesiredState | None = None,
-             kprobes: Kprobes | None = None) -> KprobeVerbs:
-    """Serve the kprobe verbs of ``kernel`` (booted) on ``service``."""
-    verbs = KprobeVerbs(service, kernel, kprobes or Kprobes(kernel), desired)
-    service.register("kprobe.register", verbs.register_probe)
-    service.register("kprobe.unregister", verbs.unregister_probe)
-    service.register("kprobe.list", verbs.list_probes)
-    service.register("kprobe.read", verbs.read)
-    return verbs

@@ -8,7 +8,7 @@ than ``keep`` answered and delivered ones exist.
 Durability: a *mutating* request's row is fsynced before its PUBACK: it survives a power loss of the host.
 Either ``accept(sync=True)`` commits it with ``synchronous=FULL`` (the WAL is fsynced before ``accept``
 returns), or the service commits it like any other and waits for ``fsync_wal`` in a thread of its own
-(``daemon.service.durability``: the event loop goes on serving meanwhile). Every other commit (read-only
+(``daemon.service.store.durability``: the event loop goes on serving meanwhile). Every other commit (read-only
 requests, replies, delivery marks) uses ``NORMAL``: durable across a crash of the daemon (kill -9), not across a
 power loss (a lost reply re-executes its request at the next start; a lost read-only request was never promised);
 ``durable=True`` makes every commit ``FULL``.
@@ -18,7 +18,7 @@ a reply that cannot be written is kept in memory (``get`` sees it) and written b
 (boot sequence, state version) advance in memory and are written when space returns. What a request costs on the
 event loop is one INSERT (which also commits the delivery marks recorded since the previous one) and one
 UPDATE. WAL checkpoints (which fsync) never run on the request path: automatic checkpointing is off and
-``daemon.service.checkpoint`` runs them beside it. New journals use 1 KiB pages and no secondary index but
+``daemon.service.store.checkpoint`` runs them beside it. New journals use 1 KiB pages and no secondary index but
 the request id's: a request then writes ~9 KiB of WAL instead of ~30 KiB (the unanswered and undelivered
 rows are found by a scan, at startup and after a reconnect only).
 """
@@ -157,7 +157,7 @@ class Journal:
 
     def fsync_wal(self) -> None:
         """fsync the WAL file: every commit written before this call is then durable (thread-safe: it touches no
-        connection; ``daemon.service.durability`` runs it beside the request path). No WAL file: nothing to do
+        connection; ``daemon.service.store.durability`` runs it beside the request path). No WAL file: nothing to do
         (a checkpoint fsynced the database before the WAL went)."""
         try:
             fd = os.open(self.path.with_name(self.path.name + "-wal"), os.O_RDONLY)
