@@ -79,6 +79,10 @@ class DryRunData(Outbound):
         default_factory=dict, description="host -> the tasks whose stacks would stall its transition now "
         "(patch.check by function, read-only; interruptible sleeps a fake signal clears are not listed)")
     unchecked: dict[str, str] = Field(default_factory=dict, description="host -> why its stalls were not predicted")
+    supersedes: dict[str, list[str]] = Field(
+        default_factory=dict, description="host -> the enabled patches an atomic-replace bundle would take over "
+        "there (disabled as replaced by the transition's end, then unloaded by the rollout); their functions are "
+        "in the stall prediction")
     projected_s: float = Field(description="time to 100% on the simulated clock, no faults")
 
 

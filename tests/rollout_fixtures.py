@@ -18,12 +18,16 @@ BUILD_A = "a1" * 20
 BUILD_B = "b2" * 20
 
 
-def bundle(tmp: Path, build: str = BUILD_A, name: str = "fix", signed: bool = True) -> str:
-    """A bundle file as the planner reads it (the twins do not check signatures; real hosts do)."""
+def bundle(tmp: Path, build: str = BUILD_A, name: str = "fix", signed: bool = True, *, replace: bool = False,
+           funcs: tuple[str, ...] = ()) -> str:
+    """A bundle file as the planner reads it (the twins do not check signatures; real hosts do): ``replace``
+    sets the atomic-replace flag, ``funcs`` the old functions its manifest lists."""
     p = tmp / f"{name}-{build[:4]}-{int(signed)}.lpb"
     sig = {"key_id": "k" * 64, "value": "x"} if signed else None
-    p.write_text(json.dumps({"format": "livepatchd-bundle/1", "manifest": {"name": name, "build_id": build},
-                             "object": "", "signature": sig}))
+    manifest: dict[str, Any] = {"name": name, "build_id": build, "replace": replace,
+                                "objects": [{"name": "vmlinux", "funcs": [{"old_name": f} for f in funcs]}]}
+    p.write_text(json.dumps({"format": "livepatchd-bundle/1", "manifest": manifest, "object": "",
+                             "signature": sig}))
     return str(p)
 
 

@@ -27,7 +27,7 @@ from daemon.kernel.kernel import Kernel
 from daemon.livepatch import artifact, examples, signing
 from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.manifest import Callbacks, FuncSpec, Manifest, ObjectSpec
-from daemon.livepatch.module import LoadedModule, ModuleLoader
+from daemon.module_loader import LoadedModule, ModuleLoader
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,43 @@ def test_the_fleet_page_is_live(broker: Mosquitto, hosts: list[DaemonThread], pa
                 await c.ops_register("dash_ops", filter="work_step_*")
         in_thread(register())
         expect(page.locator("#host-body")).to_contain_text("dash_ops", timeout=5_000)
+        # its call cost: a count ops alone on its sites (CALL_OPS), 45 guest instructions per call
+        cost = page.locator('#cost-table tr.cost[data-name="dash_ops"] [data-field="direct"]')
+        expect(cost).to_have_text("45 insn", timeout=5_000)
+        expect(page.locator("#cost-plot .bars path")).not_to_have_count(0, timeout=10_000)
+        expect(page.locator("#latency-empty")).to_be_visible()
+
+        # a function_graph trace: the host's trace stream feeds the tail and the call-latency plot
+        async def trace() -> None:
+            async with LivepatchClient(broker.url, target) as c:
+                await c.trace_start("work_*", tracer="function_graph")
+                for n in range(4):
+                    await c.call("work_chain", n + 2)
+        in_thread(trace())
+        expect(page.locator("#trace-tail")).to_contain_text("work_chain() {", timeout=10_000)
+        expect(page.locator("#latency-plot .scatterlayer .point")).not_to_have_count(0, timeout=10_000)
+        expect(page.locator("#cost-note")).to_contain_text("1 more ops", timeout=5_000)  # the tracer's
+        page.locator("#host-view").screenshot(path=str(SHOTS / "host-trace.png"))
+
+        # paused, the tail holds still while the host keeps tracing; resumed, it shows the latest lines
+        page.click("#trace-pause")
+        expect(page.locator("#trace-info")).to_contain_text("paused")
+        held = page.locator("#trace-tail").inner_text()
+
+        async def more() -> None:
+            async with LivepatchClient(broker.url, target) as c:
+                for n in range(3):
+                    await c.call("work_chain", 10 + n)
+        in_thread(more())
+        time.sleep(1.0)
+        assert page.locator("#trace-tail").inner_text() == held
+        page.click("#trace-pause")
+        expect(page.locator("#trace-tail")).not_to_have_text(held, timeout=5_000)
+
+        async def untrace() -> None:
+            async with LivepatchClient(broker.url, target) as c:
+                await c.trace_stop()
+        in_thread(untrace())
         page.screenshot(path=str(SHOTS / "host.png"), full_page=True)
 
         # A foreign document on a host's state topic is skipped; the page keeps working.

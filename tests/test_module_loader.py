@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from daemon.arch.arm64 import insn
+from daemon.arch.arm64 import insn, relocs
 from daemon.emu.memory import Perm
 from daemon.errors import (
     AmbiguousSymbol,
@@ -27,9 +27,8 @@ from daemon.errors import (
 )
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
-from daemon.livepatch import elf, link, relocs
 from daemon.livepatch.artifact import compile_object
-from daemon.livepatch.module import LoadedModule, ModuleLoader
+from daemon.module_loader import LoadedModule, ModuleLoader, elf, link
 
 # A module in C: calls kernel functions (PLT veneers), a sympos-disambiguated static, its own data, rodata
 # and bss, and kernel data through ADRP/ADD/LDR and ABS64.

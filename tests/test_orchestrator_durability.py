@@ -5,6 +5,7 @@ orchestrator`); the hosts are real fleet hosts over a real Mosquitto."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 from mqtt_fixtures import Mosquitto, run, wait_for
 from test_fleet import running
 from test_orchestrator import SLEEPER, bundle_file, fleet_runner, spec_doc
@@ -21,6 +23,7 @@ from test_rollout_store import _pg_url
 
 from clients.rollout.store import Store
 from clients.sdk import LivepatchClient, RequestTimeout, RolloutClient
+from schemas.topics import ORCHESTRATOR_SERVICE
 
 
 def start_worker(url: str, db: str, worker: str, log: Path) -> subprocess.Popen[bytes]:
@@ -178,5 +181,58 @@ def test_two_workers_on_postgresql_one_killed(mosquitto: Mosquitto, tmp_path: Pa
             assert sum(handled.values()) >= 3  # create, start, status polls: each by exactly one worker (its PK)
         finally:
             store.close()
+
+    run(scenario())
+
+
+async def service_doc(url: str, want: dict[str, str], within: float = 20.0) -> dict[str, Any]:
+    """The retained service document, once it is ``want`` (read by fresh subscriptions, as a dashboard would)."""
+    host, port = url.removeprefix("mqtt://").split(":")
+    deadline = time.monotonic() + within
+    doc: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        async with aiomqtt.Client(host, int(port), protocol=aiomqtt.ProtocolVersion.V311) as c:
+            await c.subscribe(ORCHESTRATOR_SERVICE, qos=1)
+            try:
+                async with asyncio.timeout(1.0):
+                    async for m in c.messages:
+                        doc = json.loads(m.payload) if isinstance(m.payload, bytes) else {}
+                        break
+            except TimeoutError:
+                pass
+        if doc == want:
+            return doc
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the retained service document is {doc}, not {want}")
+
+
+def test_service_document_is_the_last_will(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """online at start; kill -9: the broker publishes the will (offline); with two workers, the one left says
+    online again when the other dies; a clean stop says offline."""
+    log = tmp_path / "orch.log"
+
+    async def scenario() -> None:
+        a = start_worker(mosquitto.url, str(tmp_path / "a.sqlite3"), "wa", log)
+        b: subprocess.Popen[bytes] | None = None
+        try:
+            await service_doc(mosquitto.url, {"state": "online", "worker": "wa"})
+            kill_9(a)
+            await service_doc(mosquitto.url, {"state": "offline", "worker": "wa"})
+
+            a = start_worker(mosquitto.url, str(tmp_path / "a.sqlite3"), "wa", log)
+            await service_doc(mosquitto.url, {"state": "online", "worker": "wa"})
+            b = start_worker(mosquitto.url, str(tmp_path / "b.sqlite3"), "wb", log)
+            await service_doc(mosquitto.url, {"state": "online", "worker": "wb"})
+            kill_9(b)
+            await service_doc(mosquitto.url, {"state": "online", "worker": "wa"})  # wa still serves
+
+            a.terminate()
+            assert a.wait(20) == 0, log.read_text()[-2000:]
+            await service_doc(mosquitto.url, {"state": "offline", "worker": "wa"})
+        finally:
+            for p in (a, b):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait(10)
 
     run(scenario())

@@ -12,13 +12,12 @@ from contextlib import contextmanager
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.emu.machine import VCpu
 from daemon.errors import GuestError
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.livepatch import examples
-from daemon.livepatch.module import LoadedModule, ModuleLoader
 from daemon.livepatch.shadow import HEADER, ShadowEntry, ShadowVars, bucket_of
+from daemon.module_loader import LoadedModule, ModuleLoader
 
 SV_ID1, SV_ID2 = 0x1234, 0x1235
 NUM_OBJS = 3
@@ -142,17 +141,17 @@ def before_op(kernel: Kernel, shadow: ShadowVars, op: int, action: Callable[[], 
     """Run ``action`` on the host just before the first HC_SHADOW ``op`` is served: another CPU acting there."""
     fired: list[int] = []
 
-    def hook(vcpu: VCpu, o: int, req: int) -> None:
+    def hook(cpu: int, o: int, req: int) -> None:
         if o == op and not fired:
-            fired.append(vcpu.index)
+            fired.append(cpu)
             action()
-        shadow._on_call(vcpu, o, req)
+        shadow._on_call(cpu, o, req)
 
-    kernel.machine.on_host_call(abi.HC_SHADOW, hook)
+    kernel.on_host_call(abi.HC_SHADOW, hook)
     try:
         yield fired
     finally:
-        kernel.machine.on_host_call(abi.HC_SHADOW, shadow._on_call)
+        kernel.on_host_call(abi.HC_SHADOW, shadow._on_call)
 
 
 # -- the selftest --------------------------------------------------------------------------------------------

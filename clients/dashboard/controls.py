@@ -11,7 +11,8 @@ from clients.sdk import LivepatchClient, ReplyError, RolloutClient
 from clients.sdk.errors import SdkError
 from schemas.topics import LEVEL
 
-ROLLOUT_VERBS = frozenset({"create", "dry_run", "start", "pause", "resume", "approve", "cancel", "rollback"})
+ROLLOUT_VERBS = frozenset({"create", "dry_run", "rehearse", "start", "pause", "resume", "approve", "cancel",
+                           "rollback"})
 
 
 class ControlRefused(Exception):
@@ -24,15 +25,24 @@ class OperatorControls:
     def __init__(self, broker_url: str, *, timeout: float = 10.0) -> None:
         self.broker_url, self.timeout = broker_url, timeout
 
-    def _client(self, host: str | None = None) -> LivepatchClient:
+    def _client(self, host: str | None = None, timeout: float | None = None) -> LivepatchClient:
         if host is None:
-            return RolloutClient(self.broker_url, protocol="3.1.1", timeout=self.timeout)
-        return LivepatchClient(self.broker_url, host, protocol="3.1.1", timeout=self.timeout)
+            return RolloutClient(self.broker_url, protocol="3.1.1", timeout=timeout or self.timeout)
+        return LivepatchClient(self.broker_url, host, protocol="3.1.1", timeout=timeout or self.timeout)
 
     async def rollout(self, verb: str, body: dict[str, Any]) -> dict[str, Any]:
         """One rollout control; answers the orchestrator's reply data, raises ControlRefused with its code."""
         if verb not in ROLLOUT_VERBS:
             raise ControlRefused("unknown_control", f"no control {verb!r}: {', '.join(sorted(ROLLOUT_VERBS))}")
+        if verb == "rehearse":  # the spec against a simulated twin of its targets: a report with its timeline
+            spec, faults, seed = body.get("spec"), body.get("faults", []), body.get("seed", 0)
+            if not isinstance(spec, dict):
+                raise ControlRefused("bad_request", "rehearse: 'spec' must be a JSON object (a RolloutSpec)")
+            if not isinstance(faults, list) or not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                raise ControlRefused("bad_request", "rehearse: 'faults' must be a list of faults and 'seed' an "
+                                     "integer >= 0")
+            return await self._send(None, "rollout.rehearse", {"spec": spec, "faults": faults, "seed": seed},
+                                    timeout=max(self.timeout, 120.0))
         if verb in ("create", "dry_run"):
             spec = body.get("spec")
             if not isinstance(spec, dict):
@@ -60,9 +70,10 @@ class OperatorControls:
             raise ControlRefused("bad_request", "transition: 'host' must be a host id")
         return await self._send(host, "patch.transition", {})
 
-    async def _send(self, host: str | None, verb: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def _send(self, host: str | None, verb: str, params: dict[str, Any],
+                    timeout: float | None = None) -> dict[str, Any]:
         try:
-            async with self._client(host) as c:
+            async with self._client(host, timeout) as c:
                 return await c.request(verb, params)
         except ReplyError as e:
             raise ControlRefused(e.code, e.message) from None

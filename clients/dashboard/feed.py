@@ -1,7 +1,9 @@
 """``FleetFeed``: what the page shows, kept from MQTT alone.
 
-One observer connection subscribes to every host's retained ``status`` and ``state`` and to its ``events``.
-The feed keeps the latest document of each kind per host and a bounded tail of events, and hands out
+One observer connection subscribes to every host's retained ``status`` and ``state``, to its ``events`` and to
+its ``trace`` stream (the function tracer's batches, published while a trace session runs). The feed keeps the
+latest document of each kind per host, a bounded tail of events, and per tracing host a bounded tail of trace lines
+and of call latencies (function_graph durations), and hands out
 *deltas*: the hosts changed since a cursor, so a thousand hosts changing state cost one message per batch
 interval, not one per change. MQTT 3.1.1 is used on purpose: every broker (the embedded one too) speaks it,
 and the feed needs nothing of 5.
@@ -22,15 +24,23 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 import structlog
 
+from clients.dashboard.call_costs import table as call_cost_table
 from clients.dashboard.rollouts import ROLLOUT_PREFIX, TOPIC_PREFIX, RolloutBoards
 from clients.sdk import ReplyError, RolloutClient
 from clients.sdk.errors import SdkError
 from schemas import ALL_EVENTS, ALL_STATE, ALL_STATUS, host_of
+from schemas.topics import ROOT
+
+ALL_TRACE = f"{ROOT}/+/trace"
 
 log = structlog.get_logger("dashboard.feed")
 
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 EVENT_TAIL = 500
+TRACE_TAIL = 200
+"""Trace lines kept per host (the page shows the latest; older ones are read with ``lpctl trace read``)."""
+LATENCY_TAIL = 1000
+"""Call durations kept per host for its latency plot."""
 STALL_EVENT = "patch.transition.stalled"
 TRANSITION_OVER = ("patch.transition.completed", "patch.transition.reversed")
 
@@ -46,7 +56,25 @@ class HostDocs:
     """The feed's change counter when this host last changed (the cursor deltas are cut at)."""
 
     def view(self) -> dict[str, Any]:
-        return {"status": self.status, "state": self.state, "stall": self.stall}
+        return {"status": self.status, "state": self.state, "stall": self.stall,
+                "costs": call_cost_table(self.state)}
+
+
+@dataclass
+class TraceTail:
+    """What a host's ``trace`` batches carried lately, each item numbered with the feed's change counter."""
+
+    lines: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=TRACE_TAIL))
+    latency: deque[tuple[int, list[Any]]] = field(default_factory=lambda: deque(maxlen=LATENCY_TAIL))
+    """``[time s, function, duration ns]`` of each function_graph call or return."""
+    session: dict[str, Any] = field(default_factory=dict)
+    """The last batch's session, seq, written and dropped (a seq gap is a lost batch)."""
+    lost_batches: int = 0
+    changed: int = 0
+
+    def view(self, since: int = -1) -> dict[str, Any]:
+        return {"lines": [x for n, x in self.lines if n > since], "latency": [x for n, x in self.latency if n > since],
+                "session": self.session, "lost_batches": self.lost_batches}
 
 
 @dataclass
@@ -60,6 +88,7 @@ class FleetFeed:
     events: deque[tuple[int, dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=EVENT_TAIL))
     rollouts: RolloutBoards = field(default_factory=RolloutBoards)
     rollout_changed: dict[str, int] = field(default_factory=dict)
+    traces: dict[str, TraceTail] = field(default_factory=dict)
     counter: int = 0
     connected: bool = False
     generation: int = 0
@@ -70,7 +99,8 @@ class FleetFeed:
     def snapshot(self) -> dict[str, Any]:
         return {"cursor": self.counter, "broker": self._broker(),
                 "hosts": {h: d.view() for h, d in sorted(self.hosts.items())},
-                "events": [e for _, e in self.events], "rollouts": self.rollouts.view()}
+                "events": [e for _, e in self.events], "rollouts": self.rollouts.view(),
+                "traces": {h: t.view() for h, t in sorted(self.traces.items())}}
 
     def delta(self, since: int) -> dict[str, Any] | None:
         """What changed after cursor ``since`` (None when nothing did)."""
@@ -81,8 +111,9 @@ class FleetFeed:
         changed = {n for n, c in self.rollout_changed.items() if c > since}
         rollouts: dict[str, Any] = self.rollouts.view(changed)
         rollouts.update({n: None for n in changed if n not in rollouts})  # gone
+        traces = {h: t.view(since) for h, t in self.traces.items() if t.changed > since}
         return {"cursor": self.counter, "broker": self._broker(), "hosts": hosts, "events": events,
-                "rollouts": rollouts}
+                "rollouts": rollouts, "traces": traces}
 
     def _broker(self) -> dict[str, Any]:
         url = urlsplit(self.broker_url)  # never the password: the page is no place for it
@@ -103,7 +134,10 @@ class FleetFeed:
             return
         host = host_of(topic)
         kind = topic.rsplit("/", 1)[-1]
-        if host is None or kind not in ("status", "state", "events"):
+        if host is None or kind not in ("status", "state", "events", "trace"):
+            return
+        if kind == "trace":
+            self._ingest_trace(host, payload)
             return
         if not payload:  # a cleared retained document: the host is gone
             if kind == "status" and self.hosts.pop(host, None) is not None:
@@ -132,6 +166,27 @@ class FleetFeed:
             return  # an older version delivered late
         setattr(docs, kind, doc)
         docs.changed = self._bump()
+
+    def _ingest_trace(self, host: str, payload: bytes) -> None:
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("lines"), list):
+            log.warning("dashboard_document_skipped", topic=f"{host}/trace", reason="not a trace batch")
+            return
+        tail = self.traces.setdefault(host, TraceTail())
+        n = self._bump()
+        last = tail.session
+        if last.get("session") == doc.get("session") and isinstance(doc.get("seq"), int) \
+                and isinstance(last.get("seq"), int) and doc["seq"] > last["seq"] + 1:
+            tail.lost_batches += doc["seq"] - last["seq"] - 1
+        tail.session = {k: doc.get(k) for k in ("boot_seq", "session", "seq", "written", "dropped")}
+        tail.lines.extend((n, str(line)) for line in doc["lines"][-TRACE_TAIL:])
+        for r in doc.get("records") or []:
+            if isinstance(r, dict) and isinstance(r.get("duration_ns"), int):
+                tail.latency.append((n, [r.get("time"), str(r.get("function")), r["duration_ns"]]))
+        tail.changed = n
 
     def _ingest_orchestrator(self, topic: str, payload: bytes) -> None:
         doc: Any = None
@@ -223,6 +278,7 @@ class FleetFeed:
                     # retained messages a subscription matches and drops the rest (see FleetClient)
                     for topic in (ALL_STATUS, ALL_STATE, f"{ROLLOUT_PREFIX}+"):
                         await client.subscribe(topic, qos=0)
+                    await client.subscribe(ALL_TRACE, qos=0)  # a live tail: a batch lost is counted, not resent
                     await client.subscribe(ALL_EVENTS, qos=1)  # the orchestrator's events too
                     self.generation += 1
                     for board in self.rollouts.boards.values():

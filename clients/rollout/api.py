@@ -24,6 +24,9 @@ from schemas.rollout_api import (
     StatusRequest,
 )
 
+MAX_CHECK_FUNCTIONS = 256
+"""patch.check takes at most this many functions (``PatchCheckRequest.functions``)."""
+
 Handler = Callable[[Engine, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -50,16 +53,21 @@ async def dry_run(engine: Engine, req: CreateRequest) -> dict[str, Any]:
     removed = {h: str(d.get("reason")) for h, _w, _b, st, d in plan.rows if st.value == "REMOVED"}
     targets = [h for w in plan.waves for h in w]
     projected = await rehearse(req.spec, {h: fleet[h] for h in targets}, [], req.spec.seed)
-    stalls, unchecked = await _predict(engine, plan, fleet, [h for h in targets if h not in removed])
+    covered = [h for h in targets if h not in removed]
+    stalls, unchecked = await _predict(engine, plan, fleet, covered)
+    supersedes = {h: olds for h in covered if (olds := fleet[h].replaced_by(plan.bundles[fleet[h].build_id])[0])}
     return _dump(DryRunData(plan=plan.summary(), waves=plan.waves, removed=removed,
                             offline=[h for h in targets if not fleet[h].online],
                             in_transition=[h for h in targets if fleet[h].transition],
-                            would_stall=stalls, unchecked=unchecked, projected_s=projected["duration_s"]))
+                            would_stall=stalls, unchecked=unchecked, supersedes=supersedes,
+                            projected_s=projected["duration_s"]))
 
 
 async def _predict(engine: Engine, plan: Plan, fleet: dict[str, HostInfo],
                    hosts: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
-    """patch.check by function (read-only) on every covered online target, a few at a time."""
+    """patch.check by function (read-only) on every covered online target, a few at a time. For an atomic
+    replace, the functions of the patches it would take over are checked too (what its NOP funcs check, from the
+    host's retained state: the NOP funcs themselves exist only once the patch is loaded)."""
     stalls: dict[str, list[dict[str, Any]]] = {}
     unchecked: dict[str, str] = {}
     gate = asyncio.Semaphore(32)
@@ -69,7 +77,8 @@ async def _predict(engine: Engine, plan: Plan, fleet: dict[str, HostInfo],
         if not info.online:
             unchecked[h] = "offline"
             return
-        funcs = list(plan.bundles[info.build_id].functions)
+        bundle = plan.bundles[info.build_id]
+        funcs = [*bundle.functions, *info.replaced_by(bundle)[1]][:MAX_CHECK_FUNCTIONS]
         async with gate:
             out = await engine.driver.predict(h, funcs)
         if not out.ok:

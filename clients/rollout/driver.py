@@ -58,6 +58,10 @@ class HostDriver(Protocol):
 
     async def effect(self, host: str, patch: str) -> Outcome: ...
 
+    async def patches(self, host: str) -> Outcome:
+        """``patch.list``: ``data = {"patches": [{"name", "enabled", "replaced", ...}, ...]}`` in stack order."""
+        ...
+
 
 TIMEOUT = "timeout"
 """The code of an ``Outcome`` that got no reply in time (the host may or may not have acted)."""

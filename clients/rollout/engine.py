@@ -53,6 +53,7 @@ class Engine:
         self.worker, self.lease_s, self.batch, self.poll_s = worker, lease_s, batch, poll_s
         self.listeners: list[Listener] = []
         self._bundles: dict[str, dict[str, str]] = {}
+        self._replace: dict[str, frozenset[str]] = {}
 
     # -- documents ---------------------------------------------------------------------------------------------
 
@@ -107,6 +108,7 @@ class Engine:
         summary["events"] = []
         self.store.create(spec.name, spec.model_dump_json(), summary, len(plan.waves), plan.rows, self.clock.now())
         self._bundles[spec.name] = {b: x.b64 for b, x in plan.bundles.items()}
+        self._replace[spec.name] = frozenset(b for b, x in plan.bundles.items() if x.replace)
         doc = self.doc(spec.name)
         self._tell("rollout", doc.model_dump(mode="json"))
         return doc
@@ -114,10 +116,13 @@ class Engine:
     def _spec(self, r: RolloutRow) -> RolloutSpec:
         return RolloutSpec.model_validate_json(r.spec)
 
-    def _bundle_map(self, r: RolloutRow, spec: RolloutSpec) -> dict[str, str]:
+    def _bundle_map(self, r: RolloutRow, spec: RolloutSpec) -> tuple[dict[str, str], frozenset[str]]:
+        """build id -> base64 bundle, and the build ids whose bundle is an atomic replace."""
         if r.name not in self._bundles:  # a restarted engine: read the bundles again (make_plan checked them)
-            self._bundles[r.name] = {b: read_bundle(b, p, spec.patch).b64 for b, p in spec.bundles.items()}
-        return self._bundles[r.name]
+            read = {b: read_bundle(b, p, spec.patch) for b, p in spec.bundles.items()}
+            self._bundles[r.name] = {b: x.b64 for b, x in read.items()}
+            self._replace[r.name] = frozenset(b for b, x in read.items() if x.replace)
+        return self._bundles[r.name], self._replace[r.name]
 
     def _need(self, r: RolloutRow, action: str, allowed: set[str]) -> None:
         if r.state not in allowed:
@@ -356,7 +361,8 @@ class Engine:
         rows = self.store.claim(r.name, self.worker, now, self.lease_s, self.batch)
         if not rows:
             return 0
-        ctx = StepContext(spec, self._bundle_map(r, spec), now, self.poll_s)
+        bundles, replace = self._bundle_map(r, spec)
+        ctx = StepContext(spec, bundles, now, self.poll_s, replace)
         before = [e.state for e in rows]
         await asyncio.gather(*(advance(e, ctx, self.driver) for e in rows))
         for e, state in zip(rows, before, strict=True):

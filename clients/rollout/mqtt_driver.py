@@ -194,3 +194,6 @@ class MqttDriver:
 
     async def effect(self, host: str, patch: str) -> Outcome:
         return await self.request(host, "patch.effect", {"name": patch})
+
+    async def patches(self, host: str) -> Outcome:
+        return await self.request(host, "patch.list", {})

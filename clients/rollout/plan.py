@@ -35,16 +35,43 @@ class HostInfo:
     labels: dict[str, str] = field(default_factory=dict)
     patches: dict[str, bool] = field(default_factory=dict)  # name -> enabled
     transition: bool = False
+    funcs: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)  # patch -> (old_name, sympos)
 
     @classmethod
     def from_state(cls, doc: dict[str, Any], online: bool = True) -> HostInfo:
         comps = doc.get("components") or {}
         lp = comps.get("livepatch") or {}
         labels = comps.get("labels") or (comps.get("fleet") or {}).get("labels") or {}
+        patches = lp.get("patches") or []
         return cls(host=str(doc["host"]), build_id=str((doc.get("kernel") or {}).get("build_id", "")),
                    online=online, labels={str(k): str(v) for k, v in labels.items()},
-                   patches={str(p["name"]): bool(p.get("enabled")) for p in lp.get("patches") or []},
-                   transition=lp.get("transition") is not None)
+                   patches={str(p["name"]): bool(p.get("enabled")) for p in patches},
+                   transition=lp.get("transition") is not None,
+                   funcs={str(p["name"]): tuple(_sysfs_func(f) for f in p.get("funcs") or [] if isinstance(f, str))
+                          for p in patches})
+
+    def replaced_by(self, bundle: Bundle) -> tuple[list[str], list[tuple[str, int]]]:
+        """What an atomic replace by ``bundle`` would take over here: the enabled patches, and the functions they
+        cover that the bundle does not (its NOP funcs, ``klp_add_nops``: their transition checks them too)."""
+        if not bundle.replace:
+            return [], []
+        mine = {(n, max(p, 1)) for n, p in bundle.functions}
+        olds = sorted(n for n, on in self.patches.items() if on and n != bundle.name)
+        nops: list[tuple[str, int]] = []
+        for name in olds:
+            for fn, pos in self.funcs.get(name, ()):
+                if (fn, max(pos, 1)) not in mine:
+                    mine.add((fn, max(pos, 1)))
+                    nops.append((fn, pos))
+        return olds, nops
+
+
+def _sysfs_func(name: str) -> tuple[str, int]:
+    """``cmdline_proc_show,1`` (a func's sysfs name, as the state lists it) -> ``("cmdline_proc_show", 1)``."""
+    fn, _, pos = name.rpartition(",")
+    if not fn or not pos.isdigit():
+        return name, 0
+    return fn, int(pos)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,12 @@ Topics (the host API's conventions, under the host id ``_orchestrator``, which n
     livepatch/v1/_orchestrator/reply/<client id>         replies (or the MQTT 5 response topic / ``reply_to``)
     livepatch/v1/_orchestrator/rollout/<name>            retained RolloutDoc, republished on every change
     livepatch/v1/_orchestrator/events                    every execution change and rollout event
-    livepatch/v1/_orchestrator/service                   retained: which workers are online
+    livepatch/v1/_orchestrator/service                   retained {"state": "online"|"offline", "worker": ...}
+
+The service document is published ``online`` at start and after every reconnect, ``offline`` at a clean stop, and
+is the connection's MQTT last will: a worker that dies (kill -9, a crash, a cut network) is said ``offline`` by
+the broker. Several workers share the one document: a worker that sees another one's ``offline`` while it serves
+publishes its own ``online`` again (the service is still up).
 
 A request's id is recorded in the store with its reply before the reply goes out: a request sent again (the
 client's retry after a reconnect, or a second worker receiving it too) is answered from there and never acted
@@ -71,7 +76,8 @@ class Orchestrator:
         nodes = tuple(replace(n, username=username or n.username, password=password or n.password)
                       for n in parse_broker_urls(broker))
         self._conn = Connection(nodes, client_id=f"lporch-{self.worker}", tls_context=None, protocol="auto",
-                                timeout=10.0, on_message=self._on_message, on_reconnect=self._republish)
+                                timeout=10.0, on_message=self._on_message, on_reconnect=self._republish,
+                                will=aiomqtt.Will(SERVICE, self._service_doc("offline"), qos=1, retain=True))
         self.engine = Engine(self.store, self.driver, RealClock(), worker=self.worker, poll_s=poll_s, batch=batch,
                              lease_s=lease_s)
         self.engine.listeners.append(self._changed)
@@ -79,6 +85,7 @@ class Orchestrator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._outbox: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue()
         self.handled = 0
+        self._serving = False
 
     # -- publishing --------------------------------------------------------------------------------------------
 
@@ -94,19 +101,36 @@ class Orchestrator:
             with contextlib.suppress(BrokerUnreachable):
                 await self._conn.publish(topic, payload, retain=retain)
 
+    def _service_doc(self, state: str) -> str:
+        return json.dumps({"state": state, "worker": self.worker})
+
     async def _republish(self) -> None:
         """The retained documents as they are now: at start, and after every reconnect (a broker restarted
         without persistence has lost them)."""
-        self._outbox.put_nowait((SERVICE, json.dumps({"state": "online", "worker": self.worker}), True))
+        self._outbox.put_nowait((SERVICE, self._service_doc("online"), True))
         for name in self.store.names():
             self._outbox.put_nowait((rollout_topic(name), self.engine.doc(name).model_dump_json(), True))
 
     # -- requests ----------------------------------------------------------------------------------------------
 
     def _on_message(self, message: aiomqtt.Message) -> None:
+        if message.topic.value == SERVICE:
+            self._on_service(message.payload)
+            return
         task = asyncio.get_running_loop().create_task(self._handle(message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _on_service(self, payload: Any) -> None:
+        """Another worker said offline (its will, or its clean stop) while this one serves: say online again."""
+        try:
+            doc = json.loads(payload) if isinstance(payload, bytes) and payload else {}
+        except ValueError:
+            doc = {}
+        if isinstance(doc, dict) and doc.get("state") == "online" and doc.get("worker") == self.worker:
+            return
+        if self._serving and (not isinstance(doc, dict) or doc.get("worker") != self.worker):
+            self._outbox.put_nowait((SERVICE, self._service_doc("online"), True))
 
     async def _handle(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
@@ -234,7 +258,9 @@ class Orchestrator:
                 loop.add_signal_handler(sig, stop.set)
         publisher = loop.create_task(self._publisher())
         await self._conn.subscribe(REQUESTS)
+        self._serving = True
         await self._republish()
+        await self._conn.subscribe(SERVICE)
         driver = loop.create_task(self._drive())
         log.info("orchestrator_ready", worker=self.worker, store=self.store.url.split("@")[-1])
         if ready is not None:
@@ -245,13 +271,13 @@ class Orchestrator:
             driver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await driver
+            self._serving = False
             for t in list(self._tasks):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(t, 2.0)
             with contextlib.suppress(BrokerUnreachable, TimeoutError):
                 async with asyncio.timeout(2.0):
-                    await self._conn.publish(SERVICE, json.dumps({"state": "offline", "worker": self.worker}),
-                                             retain=True)
+                    await self._conn.publish(SERVICE, self._service_doc("offline"), retain=True)
             publisher.cancel()
             await self._conn.close()
             await self.driver.close()

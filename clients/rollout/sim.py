@@ -15,10 +15,15 @@ flaky      unreachable for ``down_s`` every ``every_s``, ``times`` times
 reject     every load is refused (``patch_signature_untrusted``)
 panic      the enabled patch panics the kernel: the host reboots and its crash-loop guard keeps the patch disabled
 =========  ======================================================================================================
+
+A bundle with the atomic-replace flag takes over the twin's other enabled patches when its transition completes
+(they are then disabled and replaced: unloadable, never enabled again), as a daemon's Livepatch does.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,6 +71,8 @@ class TwinHost:
     info: HostInfo
     faults: list[Fault]
     patches: dict[str, bool] = field(default_factory=dict)  # name -> enabled
+    replaced: set[str] = field(default_factory=set)  # taken over by an atomic replace (disabled for good)
+    replacing: set[str] = field(default_factory=set)  # loaded with the atomic-replace flag
     transition: _Transition | None = None
     down_until: float = -1.0
     crashes: int = 0
@@ -84,12 +91,34 @@ class SimDriver:
         self.t0 = clock.now()
         self.hosts = {h: TwinHost(i, list(faults.get(h, [])), dict(i.patches)) for h, i in sorted(fleet.items())}
         self.calls = 0
+        self._replace_flag: dict[str, bool] = {}  # bundle (base64) -> its manifest's replace flag
+
+    def _is_replace(self, bundle_b64: str) -> bool:
+        flag = self._replace_flag.get(bundle_b64)
+        if flag is None:
+            try:
+                flag = bool(json.loads(base64.b64decode(bundle_b64))["manifest"].get("replace"))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                flag = False
+            self._replace_flag[bundle_b64] = flag
+        return flag
+
+    @staticmethod
+    def _completed(h: TwinHost, tr: _Transition) -> None:
+        """An enabling transition's end: an atomic replace takes the other enabled patches over."""
+        if tr.enabling and tr.patch in h.replacing:
+            for other, on in list(h.patches.items()):
+                if other != tr.patch and on:
+                    h.patches[other] = False
+                    h.replaced.add(other)
 
     # -- faults over time --------------------------------------------------------------------------------------
 
     def _down(self, h: TwinHost, for_s: float) -> None:
         h.down_until = self.clock.now() + for_s
-        h.transition = None  # memory lost: the boot re-applies the desired state (enabled patches, switched)
+        if h.transition is not None:  # memory lost: the boot re-applies the desired state (enabled, switched)
+            self._completed(h, h.transition)
+        h.transition = None
 
     def _reachable(self, h: TwinHost) -> bool:
         now = self.clock.now()
@@ -126,6 +155,7 @@ class SimDriver:
         if tr.enabling and stall is not None and now - tr.started < SIGNAL_AFTER_S:
             return
         h.transition = None
+        self._completed(h, tr)
         crash = h.fault(CrashFault)
         if tr.enabling and crash is not None and crash.when == "after_transition" and h.crashes < crash.times:
             h.crashes += 1
@@ -142,7 +172,7 @@ class SimDriver:
         for name, h in self.hosts.items():
             i = h.info
             out[name] = HostInfo(i.host, i.build_id, self._reachable(h), dict(i.labels), dict(h.patches),
-                                 h.transition is not None)
+                                 h.transition is not None, {n: i.funcs.get(n, ()) for n in h.patches})
         return out
 
     async def load(self, host: str, bundle_b64: str, request_id: str, timeout_s: float) -> Outcome:
@@ -155,6 +185,9 @@ class SimDriver:
         if name in h.patches:
             return Outcome(ok=False, code="livepatch_bad_state", message=f"a patch named {name!r} is already loaded")
         h.patches[name] = False
+        h.replaced.discard(name)
+        if self._is_replace(bundle_b64):
+            h.replacing.add(name)
         return Outcome(ok=True)
 
     async def enable(self, host: str, patch: str, request_id: str, timeout_s: float) -> Outcome:
@@ -163,8 +196,9 @@ class SimDriver:
             return late
         if h.transition is not None:
             return Outcome(ok=False, code="livepatch_transition_busy", message="a transition is in progress")
-        if h.patches.get(patch):
-            return Outcome(ok=False, code="livepatch_bad_state", message=f"patch {patch!r} is already enabled")
+        if h.patches.get(patch) or patch in h.replaced:
+            return Outcome(ok=False, code="livepatch_bad_state", message=f"patch {patch!r} is already enabled"
+                           if h.patches.get(patch) else f"patch {patch!r} was replaced; load it again to re-apply it")
         h.patches[patch] = True
         stall = h.fault(StallFault)
         h.transition = _Transition(patch, True, self.clock.now(),
@@ -209,12 +243,16 @@ class SimDriver:
         if h.patches[patch]:
             return Outcome(ok=False, code="livepatch_bad_state", message=f"patch {patch!r} is enabled")
         del h.patches[patch]
+        h.replaced.discard(patch)
+        h.replacing.discard(patch)
         return Outcome(ok=True)
 
     async def force(self, host: str, patch: str, request_id: str) -> Outcome:
         h = self.hosts[host]
         if (late := self._answer(h, None)) is not None:
             return late
+        if h.transition is not None:
+            self._completed(h, h.transition)
         h.transition = None
         return Outcome(ok=True, data={"forced": True})
 
@@ -237,3 +275,11 @@ class SimDriver:
             return late
         on = bool(h.patches.get(patch)) and h.transition is None
         return Outcome(ok=True, data={"verified": on, "new_calls": 1 if on else 0, "old_calls_since": 0})
+
+    async def patches(self, host: str) -> Outcome:
+        h = self.hosts[host]
+        if (late := self._answer(h, None)) is not None:
+            return late
+        return Outcome(ok=True, data={"patches": [
+            {"name": n, "enabled": on, "replaced": n in h.replaced, "replace": n in h.replacing,
+             "transition": h.transition is not None and h.transition.patch == n} for n, on in h.patches.items()]})

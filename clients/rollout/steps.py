@@ -6,9 +6,12 @@ phase           host call         then
 load            patch.load        ``check`` (stall prediction asked for) or ``enable``; a refusal: REJECTED
 check           patch.check       ``enable``; would stall: ask again later (``wait``) or unload and REMOVE (``skip``)
 enable          patch.enable      ``transition`` (TRANSITIONING)
-transition      patch.transition  SUCCEEDED (or ``verify``); blocked past ``wait_s``: STALLED; past
+transition      patch.transition  SUCCEEDED (or ``supersede`` / ``verify``); blocked past ``wait_s``: STALLED; past
                                   ``wait_s + then_wait_s``: ``revert`` or patch.force; past ``transition_s``: revert,
                                   TIMED_OUT
+supersede       patch.list,       an atomic replace is in: unload the patches it replaced (as Linux frees them at
+                patch.unload      the transition's end, the host then holds only the new cumulative patch); then
+                                  ``verify`` or done
 verify          patch.effect      VERIFIED once the replacement ran and the old function did not; SUCCEEDED after
                                   ``VERIFY_TRIES`` polls without proof
 revert          patch.disable     ``revert_wait`` -> ``revert_unload`` -> the failure the revert was for
@@ -21,6 +24,10 @@ Each call carries the request id ``<rollout>:<host>:<phase>:<attempt>``: re-sent
 the host answers it from its journal instead of acting twice. A failure retries (from ``load``, or ``enable``
 when the bundle is already loaded) while the spec's retry rule for its type allows, after an exponential backoff
 with a jitter drawn from ``(seed, host, attempt)`` — the same run gives the same delays.
+
+An atomic replace reverted (its own transition reversed) leaves the patches it was replacing enabled, as in
+Linux; one rolled back once in (disable + unload) leaves the host unpatched — what it replaced was unloaded at
+``supersede``, and disabling a cumulative patch returns to the original code, not to the patch before it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ class StepContext:
     bundles: dict[str, str]  # build id -> base64 bundle
     now: float
     poll_s: float = 1.0
+    replace: frozenset[str] = frozenset()  # build ids whose bundle is an atomic replace
 
 
 def request_id(e: ExecRow, phase: str) -> str:
@@ -163,10 +171,10 @@ async def _transition(e: ExecRow, ctx: StepContext, driver: HostDriver) -> None:
             e.details["revert_for"] = ExecState.REVERTED.value
             e.details["reverted_by"] = "host"
             _goto(e, "revert_unload", ctx)
-        elif ctx.spec.verify:
-            _goto(e, "verify", ctx, state=ExecState.SUCCEEDED)
+        elif (e.build_id or "") in ctx.replace:
+            _goto(e, "supersede", ctx, state=ExecState.SUCCEEDED)
         else:
-            _done(e, ExecState.SUCCEEDED)
+            _succeeded(e, ctx)
         return
     else:
         e.details["signals_sent"] = view.signals_sent
@@ -187,6 +195,49 @@ async def _transition(e: ExecRow, ctx: StepContext, driver: HostDriver) -> None:
             _goto(e, "revert", ctx)
     else:
         _later(e, ctx)
+
+
+def _succeeded(e: ExecRow, ctx: StepContext) -> None:
+    if ctx.spec.verify:
+        _goto(e, "verify", ctx, state=ExecState.SUCCEEDED)
+    else:
+        _done(e, ExecState.SUCCEEDED)
+
+
+async def _supersede(e: ExecRow, ctx: StepContext, driver: HostDriver) -> None:
+    """Unload what the atomic replace took over (replaced: disabled, never to be enabled again). A module that
+    cannot go (forced once: Linux keeps it for good) is noted, not a failure: the new patch is in."""
+    out = await driver.patches(e.host)
+    if not out.ok:
+        _retry_cleanup(e, ctx, out)
+        return
+    gone: list[str] = e.details.setdefault("superseded", [])
+    kept: dict[str, str] = e.details.setdefault("superseded_kept", {})
+    for p in out.data.get("patches") or []:
+        name = str(p.get("name"))
+        if not p.get("replaced") or p.get("enabled") or name == ctx.spec.patch or name in gone or name in kept:
+            continue
+        r = await driver.unload(e.host, name, f"{e.rollout}:{e.host}:supersede:{name}:{e.attempts}")
+        if r.ok or r.code == NOT_FOUND:
+            gone.append(name)
+        elif r.code in (TIMEOUT, BUSY):
+            _retry_cleanup(e, ctx, r)
+            return
+        else:
+            kept[name] = f"{r.code}: {r.message}"
+    if not kept:
+        e.details.pop("superseded_kept")
+    _succeeded(e, ctx)
+
+
+def _retry_cleanup(e: ExecRow, ctx: StepContext, out: Outcome) -> None:
+    tries = int(e.details.get("supersede_tries", 0)) + 1
+    e.details["supersede_tries"] = tries
+    if tries < VERIFY_TRIES:
+        _later(e, ctx)
+    else:  # the patch is in; what it replaced stays loaded (disabled, replaced) and is said so
+        e.details["supersede_error"] = {"code": out.code, "message": out.message}
+        _succeeded(e, ctx)
 
 
 async def _verify(e: ExecRow, ctx: StepContext, driver: HostDriver) -> None:
@@ -288,7 +339,8 @@ async def _terminal(e: ExecRow, ctx: StepContext, driver: HostDriver) -> None:
 
 
 _PHASES = {
-    "load": _load, "check": _check, "enable": _enable, "transition": _transition, "verify": _verify,
+    "load": _load, "check": _check, "enable": _enable, "transition": _transition, "supersede": _supersede,
+    "verify": _verify,
     "revert": _revert, "revert_wait": _revert_wait, "revert_unload": _revert_unload,
     "rb_disable": _rb_disable, "rb_wait": _rb_wait, "rb_unload": _rb_unload, "skip_unload": _skip_unload,
     "done": _terminal,

@@ -53,7 +53,8 @@ class Connection:
                  protocol: ProtocolSetting, timeout: float, on_message: Callable[[aiomqtt.Message], None],
                  reconnect: bool = True, reconnect_min_s: float = 0.05, reconnect_max_s: float = 2.0,
                  on_reconnect: Callable[[], Awaitable[None]] | None = None,
-                 on_lost: Callable[[BrokerUnreachable], None] | None = None, subscribe_attempts: int = 4) -> None:
+                 on_lost: Callable[[BrokerUnreachable], None] | None = None, subscribe_attempts: int = 4,
+                 will: aiomqtt.Will | None = None) -> None:
         if not nodes:
             raise ValueError("no broker node given")
         self.nodes = tuple(nodes)
@@ -66,6 +67,9 @@ class Connection:
         self.reconnect = reconnect
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
         self.subscribe_attempts = subscribe_attempts
+        self.will = will
+        """The last will each connection registers (a service's retained ``offline``; the broker publishes it when
+        the connection ends without a DISCONNECT: a crash, kill -9, a cut network)."""
         self.on_message = on_message
         self.on_reconnect = on_reconnect
         self.on_lost = on_lost
@@ -111,7 +115,7 @@ class Connection:
             node.hostname, node.port, username=node.username, password=node.password, identifier=self.client_id,
             protocol=_version(protocol), clean_session=None if v5 else True,
             clean_start=True if v5 else MQTT_CLEAN_START_FIRST_ONLY, tls_context=tls, socket_options=[NODELAY],
-            timeout=self.timeout, logger=LOGGER)
+            timeout=self.timeout, logger=LOGGER, will=self.will)
         client._client.connect_timeout = min(TCP_CONNECT_TIMEOUT_S, self.timeout)
         return client
 

@@ -6,7 +6,8 @@ Every change (register, unregister, a new filter, a new direct target) goes thro
 2. **plan**: compute for each affected record what the kernel's ``ftrace_check_record`` would decide (count,
    flags, the literal's ops, the BL target) and turn differences into an :class:`UpdatePlan` of literal
    stores, ops-list pointer stores and compare-then-write instruction edits;
-3. **apply** the plan as one stop-machine batch (:class:`~daemon.arch.arm64.patching.TextPatcher`): data
+3. **apply** the plan as one stop-machine batch (:class:`~daemon.arch.arm64.patching.TextPatcher`; the result is a
+   :class:`~daemon.ftrace.batch.BatchResult`): data
    before text, so a literal always holds its new ops before a BL can reach it, and a site being disabled
    points at ``ftrace_nop_ops`` before its BL disappears (kernel-mechanics §2.4).
 
@@ -24,19 +25,24 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from daemon.arch.arm64 import callsite, insn
 from daemon.arch.arm64.callsite import DataPatch, InsnPatch
-from daemon.arch.arm64.patching import BatchResult, TextPatcher
+from daemon.arch.arm64.patching import TextPatcher
 from daemon.errors import AmbiguousSymbol, BadDirectCall, FtraceBusy, FtraceError, OpsStateError, SymbolError
 from daemon.ftrace import filter as ftrace_filter
+from daemon.ftrace.batch import BatchResult
 from daemon.ftrace.hashes import GuestHash
 from daemon.ftrace.ops import FtraceOps, OpsFlag
 from daemon.ftrace.records import DynFtrace, RecFlag, records_from
+from daemon.ftrace.symbols import SymbolAt, SymbolLookup
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
+
+REDIRECT_CALLBACK = "ftrace_redirect_call"
+"""The guest callback of a redirect ops: ``regs->pc = ops->private``."""
 
 
 @dataclass
@@ -82,7 +88,7 @@ class Ftrace:
         self.records: list[DynFtrace] = []
         self.by_ip: dict[int, DynFtrace] = {}
         self.by_name: dict[str, list[DynFtrace]] = {}
-        self._describe: list[Callable[[int], str | None]] = []
+        self._symbols: list[SymbolLookup] = []  # loaded modules' symbols, after the kernel's
         self.last_batch: BatchResult | None = None
         self.ring_owner: object | None = None  # the function tracer using the per-CPU rings, if any
         self.enabled = True
@@ -100,18 +106,19 @@ class Ftrace:
             return sym.name if sym is not None and sym.addr == addr else None
         self.add_records(records_from(self.kernel.image.mcount_loc(), name_at))
 
-    def add_records(self, recs: Sequence[DynFtrace], describe: Callable[[int], str | None] | None = None) -> None:
+    def add_records(self, recs: Sequence[DynFtrace], symbols: SymbolLookup | None = None) -> None:
         """Take over fresh call sites (kernel text at boot; later, loaded modules): ftrace_init_nop on each.
 
-        The literal is set to ``ftrace_nop_ops`` in the same batch that writes ``mov x9, x30``.
+        The literal is set to ``ftrace_nop_ops`` in the same batch that writes ``mov x9, x30``. ``symbols``
+        names the addresses of the text they belong to (a module's), until :meth:`forget_symbols`.
         """
         with self.lock:
             dup = [r for r in recs if r.ip in self.by_ip]
             if dup:
                 raise FtraceError(f"call site {dup[0].ip:#x} ({dup[0].name}) already has a record", ip=dup[0].ip)
-            self.last_batch = self.patcher.apply(
+            self.last_batch = BatchResult.of(self.patcher.apply(
                 [callsite.init_nop(r.ip) for r in recs],
-                [DataPatch(callsite.literal_addr(r.ip), self.nop_ops) for r in recs])
+                [DataPatch(callsite.literal_addr(r.ip), self.nop_ops) for r in recs]))
             for r in recs:
                 r.flags, r.target, r.literal = 0, 0, self.nop_ops
                 self.records.append(r)
@@ -121,14 +128,14 @@ class Ftrace:
             new_ips = [r.ip for r in recs]
             if any(o.covers(ip) for o in self._ops for ip in new_ips):  # ftrace_module_enable
                 self._apply(self._plan(new_ips))
-            if describe is not None:
-                self._describe.append(describe)
+            if symbols is not None:
+                self._symbols.append(symbols)
 
-    def forget_describer(self, describe: Callable[[int], str | None]) -> None:
+    def forget_symbols(self, symbols: SymbolLookup) -> None:
         """Stop naming addresses with a module's symbols (it is unloading)."""
         with self.lock:
-            if describe in self._describe:
-                self._describe.remove(describe)
+            if symbols in self._symbols:
+                self._symbols.remove(symbols)
 
     def remove_records(self, ips: Iterable[int]) -> None:
         """Forget records of text that goes away (a module unloading); they must not be traced any more."""
@@ -159,15 +166,26 @@ class Ftrace:
                               sympos=sympos)
         return found[max(sympos, 1) - 1]
 
+    def symbol_at(self, addr: int) -> SymbolAt | None:
+        """kallsyms_lookup_size_offset: the symbol holding ``addr`` (loaded modules', then the kernel's)."""
+        for lookup in self._symbols:
+            found = lookup(addr)
+            if found is not None:
+                return found
+        sym = self.kernel.kallsyms.containing(addr)
+        if sym is None:
+            return None
+        return SymbolAt(sym.name, sym.addr, sym.size, addr - sym.addr, sym.is_func)
+
+    def is_function_start(self, addr: int) -> bool:
+        """``addr`` is the first instruction of a function in kernel or module text."""
+        found = self.symbol_at(addr)
+        return found is not None and found.is_function_start and self.kernel.is_text(addr)
+
     def describe(self, addr: int) -> str:
-        """%pS of an address: kernel symbols, then those of loaded modules, else the bare hex address."""
-        for fn in self._describe:
-            text = fn(addr)
-            if text is not None:
-                return text
-        if self.kernel.kallsyms.containing(addr) is None:
-            return f"{addr:#x}"
-        return self.kernel.kallsyms.describe(addr)
+        """%pS of an address: loaded modules' symbols, then the kernel's, else the bare hex address."""
+        found = self.symbol_at(addr)
+        return f"{addr:#x}" if found is None else found.describe()
 
     def symbol_name(self, addr: int) -> str:
         """%ps: the name of the symbol holding ``addr``, without offset (or the raw address)."""
@@ -286,6 +304,23 @@ class Ftrace:
             chosen.add(rec.ip)
         return self._replace_filters(ops, frozenset(chosen), ops.notrace)
 
+    # -- redirects -------------------------------------------------------------------------------------------
+
+    def register_redirect(self, ops: FtraceOps, target: int) -> BatchResult | None:
+        """Calls to the functions of ``ops``' filter run ``target`` instead (an IPMODIFY ops whose callback,
+        ``ftrace_redirect_call``, sets ``pt_regs->pc`` to it): what livepatch does for one function."""
+        with self.lock:
+            if not self.is_function_start(target):
+                raise FtraceError(f"redirect target {self.describe(target)} ({target:#x}) is not the start of a "
+                                  "function in kernel or module text", ops=ops.name, address=target)
+            ops.func, ops.flags, ops.private = REDIRECT_CALLBACK, ops.flags | OpsFlag.IPMODIFY, target
+            try:
+                return self.register(ops)
+            except BaseException:
+                ops.flags &= ~OpsFlag.IPMODIFY
+                ops.private = 0
+                raise
+
     # -- direct calls ----------------------------------------------------------------------------------------
 
     def register_direct(self, ops: FtraceOps, addr: int | str) -> BatchResult | None:
@@ -357,6 +392,13 @@ class Ftrace:
     # -- validation ------------------------------------------------------------------------------------------
 
     def _check_ops(self, ops: FtraceOps) -> None:
+        # arm64 builds DYNAMIC_FTRACE_WITH_ARGS, not WITH_REGS: there is no pt_regs to give (ftrace_regs only),
+        # so register_ftrace_function refuses SAVE_REGS with -EINVAL; SAVE_REGS_IF_SUPPORTED gets ftrace_regs
+        if ops.flags & OpsFlag.SAVE_REGS:
+            raise FtraceError(f"ops {ops.name!r} asks for FTRACE_OPS_FL_SAVE_REGS: arm64 has no "
+                              "DYNAMIC_FTRACE_WITH_REGS (the callback gets ftrace_regs, the arguments only); use "
+                              "SAVE_REGS_IF_SUPPORTED or a kprobe for a full pt_regs", ops=ops.name,
+                              flag="SAVE_REGS")
         if ops.flags & OpsFlag.IPMODIFY:
             if ops.filter is None or not ops.filter:
                 raise FtraceError(f"IPMODIFY ops {ops.name!r} must name its functions (an empty filter means all)",
@@ -472,12 +514,11 @@ class Ftrace:
         return _State(flags, literal, self._callable(rec, target))
 
     def _callable(self, rec: DynFtrace, target: int) -> int:
-        """ftrace_find_callable_addr: a BL target the site can reach (a module site may go through its PLT)."""
-        if insn.reachable_by_bl(rec.ip, target):
-            return target
-        if target == self.caller and rec.plt and insn.reachable_by_bl(rec.ip, rec.plt):
-            return rec.plt
-        raise FtraceError(f"{rec.name}: no module PLT reaches {self.describe(target)}", function=rec.name)
+        """A BL target the site can reach (the architecture's ftrace_find_callable_addr), or -EINVAL."""
+        found = callsite.find_callable_addr(rec.ip, target, caller=self.caller, plt=rec.plt)
+        if found is None:
+            raise FtraceError(f"{rec.name}: no module PLT reaches {self.describe(target)}", function=rec.name)
+        return found
 
     def _plan(self, ips: Iterable[int]) -> UpdatePlan:
         plan = UpdatePlan()
@@ -501,7 +542,7 @@ class Ftrace:
         if not plan.data and not plan.text:
             result = None
         else:
-            result = self.patcher.apply(plan.text, plan.data)
+            result = BatchResult.of(self.patcher.apply(plan.text, plan.data))
             self.last_batch = result
         for ip, (flags, literal, target) in plan.records.items():
             rec = self.by_ip[ip]

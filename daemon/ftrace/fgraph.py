@@ -31,8 +31,8 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from daemon.arch.arm64.patching import BatchResult
 from daemon.ftrace import filter as ftrace_filter
+from daemon.ftrace.batch import BatchResult
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.hashes import GuestHash
 from daemon.ftrace.tracer import RawEntry, RingTracer
@@ -121,7 +121,7 @@ class FunctionGraphTracer(RingTracer):
 
     def _detach(self) -> None:
         # return_to_handler writes the rings even after the ops is gone: park every CPU to detach them
-        self.kernel.machine.stop_machine(super()._detach)
+        self.kernel.stop_machine(super()._detach)
 
     def _release(self, *, detached: bool = False) -> None:
         super()._release(detached=detached)

@@ -22,8 +22,8 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from daemon.arch.arm64.patching import BatchResult
 from daemon.errors import FtraceBusy, FtraceError
+from daemon.ftrace.batch import BatchResult
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.hashes import GuestHash
 from daemon.ftrace.ops import FtraceOps

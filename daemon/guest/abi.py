@@ -118,6 +118,29 @@ KPROBE_HIT_ACTIVE = 1  # Linux's kprobe_status values
 KPROBE_HIT_SS = 2
 KPROBE_REENTER = 3
 KPROBE_HIT_SSDONE = 4
+KPF_KRETPROBE = 1 << 5  # pre handler: the entry of kretprobe kprobe.rp (hijack x30 to its trampoline)
+KPROBE_TRACE_RET = 2  # kprobe_trace.post of a kretprobe's return record (0: pre handler, 1: post handler)
+
+# kretprobes (daemon/kprobes/kretprobes.py): a kprobe at the function's address whose pre handler takes an
+# instance from the CPU's pool, saves x30 and x29 in it and points x30 at one of two trampolines
+KRETPROBE_MAX = 16  # kretprobes registered at once (kretprobe_table)
+KRETPROBE_MAXACTIVE_MAX = 256  # instances per CPU a kretprobe may ask for
+KRETPROBE_INSTANCES_MAX = 4096  # instances a task may hold (the host's walk of a task's list stops there)
+KRP_TRAMP_BRK = 0  # __kretprobe_trampoline: BRK #KRETPROBES_BRK_IMM, a genuine exception pt_regs (Linux 6.9+)
+KRP_TRAMP_RETHOOK = 1  # arch_rethook_trampoline: registers saved by hand, pc and pstate synthesized (2016-6.8)
+KRPF_ARMED = 1 << 0  # kretprobe_table entry live: returns run its handler
+KRPF_RECORD = 1 << 1  # return handler: record pt_regs (x0 = the return value) into the CPU's kprobe ring
+KRPF_USED = 1 << 2  # the entry's pool may still hold instances of hijacked returns (the host reuses it when not)
+
+# fprobe (daemon/kprobes/fprobe.py): entry through an ftrace_ops, exit through the function-graph return hook
+FTRACE_OPS_FL_SAVE_REGS = 1 << 2  # arm64 has no DYNAMIC_FTRACE_WITH_REGS: refused (-EINVAL)
+FTRACE_OPS_FL_SAVE_REGS_IF_SUPPORTED = 1 << 3  # accepted: the callback gets ftrace_regs (args only)
+TRACE_RECURSION_FPROBE = 1 << 2  # cpu_data.trace_recursion: inside an fprobe handler
+FPROBE_MAX = 32  # fprobes registered at once (fprobe_table)
+FPROBE_RING = 64  # fprobe records kept per CPU (fprobe_ctlblk.ring, overwritten oldest first)
+FPF_ARMED = 1 << 0  # registered: handlers run (a return hooked before unregistering still returns, unhandled)
+FPF_EXIT = 1 << 1  # hook the return (exit handler) as well as the entry
+FPF_RECORD = 1 << 2  # record the args (entry) and the return value (exit) into the CPU's fprobe ring
 ESR_ELX_EC_BRK64 = 0x3C
 
 cpu_context = Struct(
@@ -140,8 +163,9 @@ loadgen = Struct(
 
 ftrace_ret_stack = Struct(
     "ftrace_ret_stack",
-    [u64("ret"), u64("func"), u64("fp"), u64("calltime")],
-    doc="one hooked return: the original return address, the function, its caller's x29 (checked) and entry time",
+    [u64("ret"), u64("func"), u64("fp"), u64("calltime"), u64("fprobe", ctype="struct fprobe *")],
+    doc="one hooked return: the original return address, the function, its caller's x29 (checked), entry time "
+        "and the fprobe whose exit handler it is (NULL: the function_graph tracer's)",
 )
 
 task_struct = Struct(
@@ -167,6 +191,7 @@ task_struct = Struct(
         u64("graph_state"),  # function_graph filters: the ret_stack depth just above the set_graph_function
         # entry the task is inside (0: outside), | FGRAPH_NOTRACE while the top entry is a set_graph_notrace one
         nested("ret_stack", ftrace_ret_stack, FTRACE_RETFUNC_DEPTH),
+        u64("kretprobe_instances", ctype="struct kretprobe_instance *"),  # hijacked returns, newest first
     ],
     doc="one schedulable kernel task",
 )
@@ -310,16 +335,16 @@ kprobe = Struct(
     "kprobe",
     [u64("addr"), u64("opcode"), u64("kind"), u64("slot"), u64("restore"), u64("flags"), u64("set_reg"),
      u64("set_val"), u64("call_fn"), u64("hits", MAX_CPUS), u64("nmissed", MAX_CPUS),
-     u64("post_hits", MAX_CPUS)],
+     u64("post_hits", MAX_CPUS), u64("rp", ctype="struct kretprobe *")],
     doc="one registered kprobe: probed address, original instruction, KP_* kind, XOL slot (0: simulated), "
         "pc after stepping (addr + 4), KPF_* handler flags and per-CPU counters",
 )
 
 kprobe_trace = Struct(
     "kprobe_trace",
-    [u64("ts"), u64("probe"), u64("cpu"), u64("post"), u64("pid"), u64("pad"), nested("regs", pt_regs)],
-    doc="one register record of a KPF_RECORD probe: kprobe_table index, pre (post = 0) or post handler, the "
-        "current task's pid",
+    [u64("ts"), u64("probe"), u64("cpu"), u64("post"), u64("pid"), u64("aux"), nested("regs", pt_regs)],
+    doc="one register record of a KPF_RECORD probe: kprobe_table index, pre (post = 0), post handler (1) or "
+        "kretprobe return (KPROBE_TRACE_RET, aux = ticks since the entry), the current task's pid",
 )
 
 kprobe_ctlblk = Struct(
@@ -330,10 +355,49 @@ kprobe_ctlblk = Struct(
     doc="per-CPU kprobe state (Linux's current_kprobe + kprobe_ctlblk) and its register ring",
 )
 
+kretprobe_instance = Struct(
+    "kretprobe_instance",
+    [u64("next", ctype="struct kretprobe_instance *"), u64("rp", ctype="struct kretprobe *"), u64("ret_addr"),
+     u64("fp"), u64("entry_ts"), u64("cpu")],
+    doc="one hijacked return: the real return address and the caller's x29 at entry (matched on return); on "
+        "the task's list while live, on its CPU's free list otherwise",
+)
+
+kretprobe = Struct(
+    "kretprobe",
+    [u64("kp", ctype="struct kprobe *"), u64("trampoline"), u64("flags"), u64("maxactive"),
+     u64("pool", ctype="struct kretprobe_instance *"), u64("free", MAX_CPUS, ctype="struct kretprobe_instance *"),
+     u64("hits", MAX_CPUS), u64("nmissed", MAX_CPUS)],
+    doc="a kretprobe: its entry kprobe, the trampoline address hijacked returns go to, KRPF_* flags, and "
+        "per-CPU pools of maxactive instances (no cross-CPU atomics: tasks never migrate); hits are returns "
+        "handled, nmissed entries with no free instance",
+)
+
+fprobe = Struct(
+    "fprobe",
+    [u64("flags"), u64("index"), u64("hits", MAX_CPUS), u64("exit_hits", MAX_CPUS), u64("nmissed", MAX_CPUS)],
+    doc="an fprobe: the ftrace_ops' private data (FPF_* flags, the index its records carry, per-CPU counters; "
+        "nmissed counts recursion and a full ret_stack)",
+)
+
+fprobe_trace = Struct(
+    "fprobe_trace",
+    [u64("ts"), u64("probe"), u64("pid"), u64("exit"), u64("ip"), u64("ret"), u64("args", 8), u64("sp"),
+     u64("lr"), u64("retval"), u64("duration")],
+    doc="one fprobe record: the ARGS only (x0-x7, sp, lr at entry; x0 at exit), never a pt_regs",
+)
+
+fprobe_ctlblk = Struct(
+    "fprobe_ctlblk",
+    [u64("head"), u64("pad"), nested("ring", fprobe_trace, FPROBE_RING)],
+    doc="per-CPU fprobe record ring",
+)
+
 STRUCTS: list[Struct] = [cpu_context, job, loadgen, ftrace_ret_stack, task_struct, host_trap, ftrace_regs,
                          ftrace_hash, fgraph_hashes, ftrace_ops, ftrace_profile, klp_func, klp_ops, klp_shadow,
                          klp_shadow_req, trace_entry, ring_buffer, cpu_data, boot_params, pt_regs, kprobe,
-                         kprobe_trace, kprobe_ctlblk]
+                         kprobe_trace, kprobe_ctlblk, kretprobe_instance, kretprobe, fprobe, fprobe_trace,
+                         fprobe_ctlblk]
 
 CONSTANTS: dict[str, int] = {
     name: value

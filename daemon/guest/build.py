@@ -89,7 +89,7 @@ CFLAGS = [
 LDFLAGS = ["--target=aarch64-freestanding-none", "-nostdlib", "-Wl,--no-gc-sections", "-Wl,--build-id=sha1",
            "-Wl,-T,kernel.lds", "-Wl,-z,norelro"]
 SOURCES = ["entry.S", "ftrace_entry.S", "sched.c", "lib.c", "workload.c", "ftrace.c", "fgraph.c", "livepatch.c",
-           "kprobes_entry.S", "kprobes.c", "kprobes_selftest.c"]
+           "kprobes_entry.S", "kprobes.c", "kprobes_selftest.c", "kretprobes_entry.S", "kretprobes.c", "fprobe.c"]
 
 
 def _zig_cc(args: list[str], cwd: Path) -> None:

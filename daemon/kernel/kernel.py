@@ -10,10 +10,11 @@ from __future__ import annotations
 import collections
 import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from daemon.emu.machine import Machine, Resume, VCpu
 from daemon.emu.memory import PAGE_SIZE, Backing, Memory, Perm, Region
@@ -27,6 +28,11 @@ from daemon.kernel.kallsyms import Kallsyms, Symbol
 from daemon.kernel.structs import StructRef
 from daemon.kernel.unwind import StackTrace, unwind
 from daemon.kernel.worker import HostWorker
+
+T = TypeVar("T")
+
+HostCall = Callable[[int, int, int], None]
+"""A guest host call's handler: (trapping CPU's index, first argument, second argument)."""
 
 KIND_NAMES = {abi.TASK_KIND_IDLE: "idle", abi.TASK_KIND_WORKER: "worker", abi.TASK_KIND_LOADGEN: "loadgen"}
 
@@ -71,12 +77,18 @@ def _load_image(path: Path, mtime_ns: int, size: int) -> tuple[KernelImage, Kall
     return image, Kallsyms((s.name, s.addr, s.size, s.kind == "func") for s in image.symbols)
 
 
+_LOAD_LOCK = threading.Lock()
+"""lru_cache does not hold back concurrent misses: without it, every host of a fleet booting at once on the
+executor's threads parsed the same image (half of a fleet's boot time went there)."""
+
+
 def load_image(path: Path) -> tuple[KernelImage, Kallsyms]:
     try:
         st = path.stat()
     except OSError as exc:
         raise ImageError(f"cannot read kernel image {path}: {exc.strerror}", path=str(path)) from exc
-    return _load_image(path.resolve(), st.st_mtime_ns, st.st_size)
+    with _LOAD_LOCK:
+        return _load_image(path.resolve(), st.st_mtime_ns, st.st_size)
 
 
 def _page_up(x: int) -> int:
@@ -150,6 +162,29 @@ class Kernel:
         """Guest ranges that may hold code: what a stop-machine batch invalidates."""
         return ((self.text.base, self.text.end), (self.module_text.base, self.module_text.end))
 
+    # -- the machine, as the layers above see it -------------------------------------------------------------
+
+    def stop_machine(self, callback: Callable[[], T], *, invalidate: Iterable[tuple[int, int]] = ()) -> T:
+        """Run ``callback`` while every live CPU is parked at a safe point (Linux's stop_machine).
+
+        ``invalidate`` lists guest ranges [begin, end) of text the callback may write: every CPU drops its
+        translations of them before it resumes. If the callback raises, the CPUs resume all the same.
+        """
+        return self.machine.stop_machine(callback, invalidate)
+
+    def on_host_call(self, reason: int, handler: HostCall) -> None:
+        """Serve a guest host call (``abi.HC_*``): ``handler`` runs on the trapping CPU's thread."""
+        self.machine.on_host_call(reason, lambda vcpu, a0, a1: handler(vcpu.index, a0, a1))
+
+    @property
+    def cpus_alive(self) -> bool:
+        """Every CPU still runs (false once one died or the kernel shuts down)."""
+        return all(v.alive for v in self.machine.vcpus)
+
+    def kick(self, cpu: int) -> None:
+        """Wake ``cpu`` if it idles: the host changed something its tasks wait for."""
+        self.machine.kick(cpu)
+
     # -- boot and shutdown -----------------------------------------------------------------------------------
 
     def boot(self) -> Kernel:
@@ -219,6 +254,10 @@ class Kernel:
     def task(self, index: int) -> StructRef:
         return StructRef(self.memory, abi.task_struct, self.tasks_addr + index * abi.task_struct.size)
 
+    def task_refs(self) -> list[StructRef]:
+        """Every task's struct, in the order of the task table (idle tasks first, as the guest boots them)."""
+        return [self.task(i) for i in range(self.boot_params.get("nr_tasks"))]
+
     def cpu(self, index: int) -> StructRef:
         return StructRef(self.memory, abi.cpu_data, self.cpu_data_addr + index * abi.cpu_data.size)
 
@@ -243,9 +282,25 @@ class Kernel:
             pc, fp = cpu.get("trap.lr"), cpu.get("trap.fp")
         else:
             pc, fp = task.get("cpu_context.pc"), task.get("cpu_context.fp")
+        return self._unwind(task, pc, fp)
+
+    def _unwind(self, task: StructRef, pc: int, fp: int) -> StackTrace:
+        hooks = [self.kallsyms.addr(n) for n in ("__kretprobe_trampoline", "arch_rethook_trampoline")
+                 if n in self.kallsyms]
         return unwind(self.memory, pc=pc, fp=fp, stack_lo=task.get("stack_lo"), stack_hi=task.get("stack_hi"),
                       is_text=self.is_text, return_hook=self.kallsyms.addr("return_to_handler"),
-                      ret_stack=self.ret_stack_of(task))
+                      ret_stack=self.ret_stack_of(task), retprobe_hooks=hooks,
+                      retprobe_instances=self.kretprobe_instances_of(task))
+
+    def kretprobe_instances_of(self, task: StructRef) -> list[tuple[int, int]]:
+        """The task's hijacked returns (kretprobes), bottom first: (real return address, caller's fp)."""
+        ri = abi.kretprobe_instance
+        out: list[tuple[int, int]] = []
+        a = task.get("kretprobe_instances")
+        while a and len(out) < abi.KRETPROBE_INSTANCES_MAX:
+            out.append((self.memory.read_u64(a + ri.offsetof("ret_addr")), self.memory.read_u64(a + ri.offsetof("fp"))))
+            a = self.memory.read_u64(a + ri.offsetof("next"))
+        return out[::-1]
 
     def ret_stack_of(self, task: StructRef) -> list[tuple[int, int]]:
         """The task's hooked returns (function_graph), bottom first: (original return address, caller's fp)."""
@@ -351,9 +406,7 @@ class Kernel:
         d = fault.details
         d["symbol"] = self.kallsyms.describe(d["pc"])
         d["pid"] = task.get("pid")
-        trace = unwind(self.memory, pc=d["pc"], fp=d.pop("fp"), stack_lo=task.get("stack_lo"),
-                       stack_hi=task.get("stack_hi"), is_text=self.is_text,
-                       return_hook=self.kallsyms.addr("return_to_handler"), ret_stack=self.ret_stack_of(task))
+        trace = self._unwind(task, d["pc"], d.pop("fp"))
         # return addresses are described at their call (pc - 4), like %pB: a call ending its function stays in it
         d["backtrace"] = [self.kallsyms.describe(pc if i == 0 else pc - 4) for i, pc in enumerate(trace.pcs)]
         fault.message = f"{fault.message} in {d['symbol']}"

@@ -13,11 +13,15 @@ entries from the top down, and each entry's saved frame pointer must be the fram
 Otherwise the hooked function's caller would vanish from the trace, and a livepatch transition could switch
 a task that is still inside a function being patched. A hooked return that cannot be translated makes the
 walk unreliable.
+
+A kretprobe hijacks a return the same way, to one of its trampolines (``retprobe_hooks``); the task's instances
+(newest last, as (real return address, caller's frame pointer)) translate it as Linux's kretprobe_find_ret_addr
+does. Both can stack on one frame: a graph-hooked return whose saved address is a trampoline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from daemon.emu.memory import Memory
@@ -34,14 +38,17 @@ class StackTrace:
 
 def unwind(mem: Memory, *, pc: int, fp: int, stack_lo: int, stack_hi: int,
            is_text: Callable[[int], bool], return_hook: int = 0,
-           ret_stack: Sequence[tuple[int, int]] = ()) -> StackTrace:
+           ret_stack: Sequence[tuple[int, int]] = (), retprobe_hooks: Collection[int] = (),
+           retprobe_instances: Sequence[tuple[int, int]] = ()) -> StackTrace:
     """Walk the frame records of one task from (pc, fp).
 
     ``ret_stack`` is the task's function_graph return stack, bottom first, as (original return address,
     caller's frame pointer); a return address equal to ``return_hook`` is replaced by its entry.
+    ``retprobe_instances`` (bottom first, the same shape) replace a return address in ``retprobe_hooks``.
     """
     pcs = [pc]
     graph = len(ret_stack)  # entries not yet matched to a frame, from the top
+    hijacked = len(retprobe_instances)
     if not is_text(pc):
         return StackTrace(tuple(pcs), False, f"pc {pc:#x} is not in kernel text")
     final = stack_hi - 16
@@ -67,6 +74,14 @@ def unwind(mem: Memory, *, pc: int, fp: int, stack_lo: int, stack_hi: int,
             if saved_fp != fp:
                 return StackTrace(tuple(pcs), False,
                                   f"hooked return's frame pointer {saved_fp:#x} is not the frame's {fp:#x}")
+        if ret in retprobe_hooks:
+            if not hijacked:
+                return StackTrace(tuple(pcs), False, "kretprobe trampoline with no instance left")
+            hijacked -= 1
+            ret, saved_fp = retprobe_instances[hijacked]
+            if saved_fp != fp:
+                return StackTrace(tuple(pcs), False,
+                                  f"kretprobe instance's frame pointer {saved_fp:#x} is not the frame's {fp:#x}")
         if not is_text(ret):
             return StackTrace(tuple(pcs), False, f"return address {ret:#x} is not in kernel text")
         pcs.append(ret)

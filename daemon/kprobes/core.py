@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -35,11 +35,14 @@ KIND_NAMES = {abi.KP_STEP: "step", abi.KP_SIM_NOP: "simulate:nop", abi.KP_SIM_B:
               abi.KP_SIM_BCOND: "simulate:b.cond", abi.KP_SIM_CBZ: "simulate:cbz", abi.KP_SIM_TBZ: "simulate:tbz",
               abi.KP_SIM_ADR: "simulate:adr", abi.KP_SIM_LDR_LIT: "simulate:ldr_literal",
               abi.KP_SIM_BR: "simulate:br"}
+HitKind = Literal["pre", "post", "ret", "?"]
+_HIT_KINDS: dict[int, HitKind] = {0: "pre", 1: "post", abi.KPROBE_TRACE_RET: "ret"}
 BRK_KPROBE = a64insn.gen_brk(abi.KPROBES_BRK_IMM)
 BRK_SS = a64insn.gen_brk(abi.KPROBES_BRK_SS_IMM)
 SLOT_SIZE = 8
 BLACKLIST_PREFIXES = ("kprobe", "do_debug_exception", "el1", "vectors", "ftrace_caller", "ftrace_regs",
-                      "return_to_handler", "host_call", "panic")
+                      "return_to_handler", "host_call", "panic", "__kretprobe_trampoline",
+                      "arch_rethook_trampoline", "fprobe", "kretprobe", "pre_handler_kretprobe")
 """NOKPROBE_SYMBOL()s by name, beside the rule that notrace and entry code (no ftrace record) is refused."""
 
 
@@ -74,6 +77,8 @@ class KprobeHit:
     ts: int
     post: bool
     regs: dict[str, int]
+    kind: HitKind = "pre"  # "ret": a kretprobe's return (regs["x0"] is the return value)
+    duration: int = 0  # "ret": counter ticks since the entry
 
 
 @dataclass
@@ -185,7 +190,8 @@ class Kprobes:
 
     def register(self, name: str, target: str | int, *, record: bool = False, post: bool = False,
                  set_reg: int | None = None, set_val: int = 0, call_fn: str | int | None = None,
-                 args: tuple[str, ...] = ()) -> Kprobe:
+                 args: tuple[str, ...] = (), kretprobe: int = 0) -> Kprobe:
+        """``kretprobe``: the guest ``struct kretprobe`` whose entry this probe is (daemon.kprobes.kretprobes)."""
         if not name or not name.replace("_", "").isalnum():
             raise KprobeRefused(f"bad probe name {name!r}", reason="bad name")
         if set_reg is not None and not 0 <= set_reg <= 30:
@@ -200,6 +206,8 @@ class Kprobes:
             fn = 0
             if set_reg is not None:
                 flags |= abi.KPF_SET_REG
+            if kretprobe:
+                flags |= abi.KPF_KRETPROBE
             if call_fn is not None:
                 fn = self.kernel.resolve(call_fn)
                 flags |= abi.KPF_CALL
@@ -210,7 +218,7 @@ class Kprobes:
             k = abi.kprobe
             for f, v in (("addr", addr), ("opcode", opcode), ("kind", kind), ("slot", slot),
                          ("restore", addr + 4 if slot else 0), ("flags", 0), ("set_reg", p.set_reg),
-                         ("set_val", set_val & (2**64 - 1)), ("call_fn", fn)):
+                         ("set_val", set_val & (2**64 - 1)), ("call_fn", fn), ("rp", kretprobe)):
                 self.memory.write_u64(entry + k.offsetof(f), v)
             for counter in ("hits", "nmissed", "post_hits"):
                 for cpu in range(abi.MAX_CPUS):
@@ -248,6 +256,10 @@ class Kprobes:
 
     def _entry(self, index: int) -> int:
         return self.table + index * abi.kprobe.size
+
+    def entry_address(self, p: Kprobe) -> int:
+        """The probe's ``struct kprobe`` in guest memory."""
+        return self._entry(p.index)
 
     def _free_index(self) -> int:
         used = {p.index for p in self._probes.values()}
@@ -306,10 +318,11 @@ class Kprobes:
                 regs = {f"x{i}": self.memory.read_u64(r + 8 * i) for i in range(31)}
                 for f in ("sp", "pc", "pstate"):
                     regs[f] = self.memory.read_u64(r + abi.pt_regs.offsetof(f))
+                post = self.memory.read_u64(e + tr.offsetof("post"))
                 out.append(KprobeHit(by_index.get(self.memory.read_u64(e + tr.offsetof("probe")), "?"), cpu,
                                      self.memory.read_u64(e + tr.offsetof("pid")),
-                                     self.memory.read_u64(e + tr.offsetof("ts")),
-                                     bool(self.memory.read_u64(e + tr.offsetof("post"))), regs))
+                                     self.memory.read_u64(e + tr.offsetof("ts")), post == 1, regs,
+                                     _HIT_KINDS.get(post, "?"), self.memory.read_u64(e + tr.offsetof("aux"))))
             self._ring_seen[cpu] = head
         out.sort(key=lambda h: h.ts)
         return out

@@ -1,1 +1,1 @@
-"""Live patching: module loader, klp patches, transitions, shadow variables, states, callbacks."""
+"""Live patching: klp patches, transitions, shadow variables, states, callbacks."""

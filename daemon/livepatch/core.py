@@ -57,14 +57,12 @@ from daemon.errors import (
     PatchStateError,
     TransitionBusy,
 )
-from daemon.ftrace.core import Ftrace
+from daemon.ftrace import Ftrace
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
-from daemon.kernel.structs import StructRef
 from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.funcstack import FuncStacks, add_nops
 from daemon.livepatch.klp import KlpFunc, KlpObject, KlpPatch
-from daemon.livepatch.module import ModuleLoader
 from daemon.livepatch.modules import PatchModules
 from daemon.livepatch.shadow import ShadowVars
 from daemon.livepatch.transition import (
@@ -78,6 +76,7 @@ from daemon.livepatch.transition import (
     blocking_frame,
     check_ranges,
 )
+from daemon.module_loader import ModuleLoader
 
 _CALLBACKS = ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")
 
@@ -257,10 +256,10 @@ class Livepatch:
             target = tr.target
 
             def switch_all() -> None:
-                for t in self._task_refs():
+                for t in self.kernel.task_refs():
                     t.set("patch_state", target)
                     t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
-            self.kernel.machine.stop_machine(switch_all)
+            self.kernel.stop_machine(switch_all)
             if patch.replace:
                 for p in self.patches:
                     if p is not patch:
@@ -315,12 +314,12 @@ class Livepatch:
 
         def init() -> None:
             self.kernel.memory.write_u64(self._target_addr, target)
-            for t in self._task_refs():
+            for t in self.kernel.task_refs():
                 t.set("patch_state", UNPATCHED if target == PATCHED else PATCHED)
             for f in funcs:
                 if f.guest:
                     self.stacks.set_transition(f, 1)
-        self.kernel.machine.stop_machine(init)
+        self.kernel.stop_machine(init)
 
     def _start_transition(self, *, reversal: bool = False) -> None:
         tr = self._transition()
@@ -328,10 +327,10 @@ class Livepatch:
         self._emit("transition_started", tr.patch, target=STATE_NAMES[tr.target], reversal=reversal)
 
         def mark() -> None:
-            for t in self._task_refs():
+            for t in self.kernel.task_refs():
                 if t.get("patch_state") != tr.target:
                     t.set("flags", t.get("flags") | abi.TIF_PATCH_PENDING)
-        self.kernel.machine.stop_machine(mark)
+        self.kernel.stop_machine(mark)
 
     def _try_complete(self) -> bool:
         tr = self._transition()
@@ -340,7 +339,7 @@ class Livepatch:
 
         def check_and_switch() -> dict[int, str]:
             blocked: dict[int, str] = {}
-            for t in self._task_refs():
+            for t in self.kernel.task_refs():
                 if t.get("patch_state") == tr.target:
                     continue
                 why = blocking_frame(self.kernel, t, ranges)
@@ -350,7 +349,7 @@ class Livepatch:
                 else:
                     blocked[t.get("pid")] = why
             return blocked
-        tr.blocked = self.kernel.machine.stop_machine(check_and_switch)
+        tr.blocked = self.kernel.stop_machine(check_and_switch)
         if tr.blocked:
             return False
         self._complete()
@@ -416,11 +415,11 @@ class Livepatch:
         def end() -> None:
             for f in funcs:
                 self.stacks.set_transition(f, 0)
-            for t in self._task_refs():
+            for t in self.kernel.task_refs():
                 t.set("patch_state", IDLE)
                 t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
             self.kernel.memory.write_u64(self._target_addr, IDLE)
-        self.kernel.machine.stop_machine(end)
+        self.kernel.stop_machine(end)
 
     def _reverse(self, by: str) -> None:
         """klp_reverse_transition: the transition in progress turns around (``by`` a request or the policy)."""
@@ -431,10 +430,10 @@ class Livepatch:
         self._emit("transition_reversed", tr.patch, target=STATE_NAMES[new_target], attempts=tr.attempts, by=by)
 
         def turn() -> None:
-            for t in self._task_refs():
+            for t in self.kernel.task_refs():
                 t.set("flags", t.get("flags") & ~abi.TIF_PATCH_PENDING)
             self.kernel.memory.write_u64(self._target_addr, new_target)
-        self.kernel.machine.stop_machine(turn)
+        self.kernel.stop_machine(turn)
         tr.patch.enabled = not tr.patch.enabled
         tr.target = new_target
         tr.started = time.monotonic()
@@ -451,13 +450,13 @@ class Livepatch:
 
         def signal() -> list[int]:
             cpus = []
-            for t in self._task_refs():
+            for t in self.kernel.task_refs():
                 if t.get("flags") & abi.TIF_PATCH_PENDING and t.get("kind") != abi.TASK_KIND_IDLE:
                     t.set("flags", t.get("flags") | abi.TIF_NOTIFY_SIGNAL)
                     cpus.append(t.get("cpu"))
             return cpus
-        for cpu in set(self.kernel.machine.stop_machine(signal)):
-            self.kernel.machine.kick(cpu)
+        for cpu in set(self.kernel.stop_machine(signal)):
+            self.kernel.kick(cpu)
         tr.signals_sent += 1
         tr.last_signal = time.monotonic()
 
@@ -477,9 +476,6 @@ class Livepatch:
             return 0
         ret = self.kernel.call(addr, self._objname, timeout=30.0) & 0xFFFF_FFFF
         return ret - (1 << 32) if ret & 0x8000_0000 else ret  # an int return value
-
-    def _task_refs(self) -> list[StructRef]:
-        return [self.kernel.task(i) for i in range(self.kernel.boot_params.get("nr_tasks"))]
 
     def _transition(self) -> Transition:
         if self.transition is None:
@@ -510,7 +506,7 @@ class Livepatch:
         with self.lock:
             try:
                 tr = self.transition
-                if tr is None or not all(v.alive for v in self.kernel.machine.vcpus):
+                if tr is None or not self.kernel.cpus_alive:
                     self._driving = False
                     return False
                 blocked_before = set(tr.blocked)
@@ -556,7 +552,7 @@ class Livepatch:
         """Per-task patch state, as /proc/<pid>/patch_state plus why a task is holding a transition up."""
         blocked = self.transition.blocked if self.transition else {}
         out = []
-        for info, ref in zip(self.kernel.tasks(), self._task_refs(), strict=True):
+        for info, ref in zip(self.kernel.tasks(), self.kernel.task_refs(), strict=True):
             state = ref.get("patch_state")
             out.append(TaskPatchState(info.pid, info.comm, info.cpu, info.kind, STATE_NAMES.get(state, str(state)),
                                       bool(ref.get("flags") & abi.TIF_PATCH_PENDING), blocked.get(info.pid)))

@@ -12,8 +12,7 @@ import struct
 from collections.abc import Callable
 
 from daemon.errors import FtraceError, PatchFtraceFailed
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.ops import FtraceOps, OpsFlag
+from daemon.ftrace import Ftrace, FtraceOps, OpsFlag
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.livepatch.klp import KlpFunc, KlpObject, KlpOps, KlpPatch
@@ -71,7 +70,7 @@ class FuncStacks:
             nxt = ops.stack[i + 1].guest if i + 1 < len(ops.stack) else 0
             at = (ops.guest + abi.klp_ops.offsetof("func_stack") if i == 0
                   else ops.stack[i - 1].guest + abi.klp_func.offsetof("below"))
-            self.kernel.machine.stop_machine(lambda: self.kernel.memory.write_u64(at, nxt))
+            self.kernel.stop_machine(lambda: self.kernel.memory.write_u64(at, nxt))
             ops.stack.remove(func)
         self.kernel.heap.free(func.guest, abi.klp_func.size)
         func.guest = 0

@@ -131,7 +131,7 @@ def _scan(lp: Livepatch, name: str, funcs: list[KlpFunc]) -> Prediction:
                 outcome="signal_clears" if cleared else "stalls", why=why,
                 function=blocking_function(trace, ranges), stack=stack))
         return nr, out
-    nr, blocks = kernel.machine.stop_machine(scan)
+    nr, blocks = kernel.stop_machine(scan)
     return Prediction(patch=name, tasks_scanned=nr, functions=tuple(sorted({r[2] for r in ranges})),
                       blocks=tuple(blocks), signals=signals,
                       busy_with=None if tr is None else tr.patch.name)

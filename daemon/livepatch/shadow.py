@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import structlog
 
-from daemon.emu.machine import VCpu
 from daemon.errors import GuestError
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
@@ -111,10 +110,10 @@ class ShadowVars:
         self.messages: collections.deque[str] = collections.deque(maxlen=max_messages)  # dmesg-like
         if any(self.mem.read_u64(self.table + 8 * b) for b in range(NR_BUCKETS)):
             raise GuestError("klp_shadow_hash is not empty: another ShadowVars owns this kernel's table")
-        self._ops: dict[int, Callable[[VCpu, int], int]] = {
+        self._ops: dict[int, Callable[[int, int], int]] = {
             abi.SHADOW_RESERVE: self._reserve, abi.SHADOW_LINK: self._link, abi.SHADOW_DISCARD: self._discard,
             abi.SHADOW_UNLINK: self._unlink, abi.SHADOW_UNLINK_ID: self._unlink_id}
-        kernel.machine.on_host_call(abi.HC_SHADOW, self._on_call)
+        kernel.on_host_call(abi.HC_SHADOW, self._on_call)
 
     # -- introspection ---------------------------------------------------------------------------------------
 
@@ -212,7 +211,7 @@ class ShadowVars:
         with self._lock:
             upto = self._unlinks
         if not paused:
-            self.kernel.machine.stop_machine(lambda: None)
+            self.kernel.stop_machine(lambda: None)
         with self._lock:
             done = [n for seq, n in self._quarantine if seq <= upto]
             self._quarantine = [(seq, n) for seq, n in self._quarantine if seq > upto]
@@ -222,14 +221,14 @@ class ShadowVars:
 
     # -- the host call: on the trapping vCPU's thread; the op handlers run with self._lock held ----------------
 
-    def _on_call(self, vcpu: VCpu, op: int, req: int) -> None:
+    def _on_call(self, cpu: int, op: int, req: int) -> None:
         handler = self._ops.get(op)
         if handler is None:
-            raise GuestError(f"vCPU {vcpu.index}: unknown shadow-variable operation {op}", cpu=vcpu.index, op=op)
+            raise GuestError(f"vCPU {cpu}: unknown shadow-variable operation {op}", cpu=cpu, op=op)
         with self._lock:
             self.calls[_OP_NAMES[op]] += 1
-            ret = handler(vcpu, req)
-        self.mem.write_u64(vcpu.cpu_data + _TRAP_RET, ret)
+            ret = handler(cpu, req)
+        self.mem.write_u64(self.kernel.cpu_data_addr + cpu * abi.cpu_data.size + _TRAP_RET, ret)
 
     def _req(self, req: int, field: str) -> int:
         return self.mem.read_u64(req + abi.klp_shadow_req.offsetof(field))
@@ -237,7 +236,7 @@ class ShadowVars:
     def _set_req(self, req: int, field: str, value: int) -> None:
         self.mem.write_u64(req + abi.klp_shadow_req.offsetof(field), value)
 
-    def _reserve(self, vcpu: VCpu, req: int) -> int:
+    def _reserve(self, cpu: int, req: int) -> int:
         obj, id_, size = self._req(req, "obj"), self._req(req, "id"), self._req(req, "data_size")
         node = self._linked.get((obj, id_))
         if node is not None:
@@ -258,8 +257,8 @@ class ShadowVars:
         self._set_req(req, "node", node.addr)
         return node.addr
 
-    def _link(self, vcpu: VCpu, req: int) -> int:
-        node = self._take_reserved(vcpu, req, "link")
+    def _link(self, cpu: int, req: int) -> int:
+        node = self._take_reserved(cpu, req, "link")
         theirs = self._linked.get((node.obj, node.id))
         if theirs is not None:  # another CPU published <obj, id> since our reservation: ours goes
             self.link_races += 1
@@ -273,8 +272,8 @@ class ShadowVars:
         self._set_req(req, "existing", 0)
         return node.addr
 
-    def _discard(self, vcpu: VCpu, req: int) -> int:
-        node = self._take_reserved(vcpu, req, "discard")
+    def _discard(self, cpu: int, req: int) -> int:
+        node = self._take_reserved(cpu, req, "discard")
         self.ctor_failures += 1
         err = self._req(req, "err")
         err = err - (1 << 64) if err >> 63 else err
@@ -282,7 +281,7 @@ class ShadowVars:
         self.kernel.heap.free(node.addr, node.alloc_size)
         return 0
 
-    def _unlink(self, _vcpu: VCpu, req: int) -> int:
+    def _unlink(self, _cpu: int, req: int) -> int:
         obj, id_ = self._req(req, "obj"), self._req(req, "id")
         node = self._linked.get((obj, id_))
         if node is None:
@@ -290,7 +289,7 @@ class ShadowVars:
         self._unhash(node)
         return node.addr
 
-    def _unlink_id(self, _vcpu: VCpu, req: int) -> int:
+    def _unlink_id(self, _cpu: int, req: int) -> int:
         id_ = self._req(req, "id")
         nodes = self._by_id.get(id_)
         if not nodes:
@@ -314,12 +313,12 @@ class ShadowVars:
             self.mem.write_u64(node.addr + off, value)
         return node
 
-    def _take_reserved(self, vcpu: VCpu, req: int, what: str) -> _Node:
+    def _take_reserved(self, cpu: int, req: int, what: str) -> _Node:
         addr = self._req(req, "node")
         node = self._reserved.pop(addr, None)
         if node is None:
-            raise GuestError(f"vCPU {vcpu.index}: shadow-variable {what} of node {addr:#x}, which is not reserved",
-                             cpu=vcpu.index, node=addr)
+            raise GuestError(f"vCPU {cpu}: shadow-variable {what} of node {addr:#x}, which is not reserved",
+                             cpu=cpu, node=addr)
         return node
 
     def _publish(self, node: _Node) -> None:

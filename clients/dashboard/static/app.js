@@ -18,10 +18,12 @@ const CONTROLS = {
   rollback: ["SCHEDULED", "WAITING_APPROVAL", "RUNNING", "PAUSED", "COMPLETED", "CANCELED"],
 };
 const view = {hosts: {}, events: [], rollouts: {}, broker: {connected: false, url: ""}, streamUp: false,
-              operator: false, selected: null, checks: {}, cursor: null,
+              operator: false, selected: null, checks: {}, cursor: null, traces: {}, tracePaused: false,
+              rehearsal: null,
               history: {t: [], counts: Object.fromEntries(STATES.map(s => [s, []]))}};
-const dirty = {hosts: new Set(), structure: true, rollouts: new Set(), any: true};
-let lastPlot = 0;
+const dirty = {hosts: new Set(), structure: true, rollouts: new Set(), traces: new Set(), any: true};
+let lastPlot = 0, lastLatencyPlot = 0, costPlotted = "";
+const TRACE_LINES = 500, LATENCY_POINTS = 2000;
 
 const $ = id => document.getElementById(id);
 const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
@@ -56,7 +58,14 @@ function groupOf(h) {
 
 function apply(batch, fresh) {
   view.broker = batch.broker;
-  if (fresh) { view.hosts = {}; view.events = []; view.rollouts = {}; dirty.structure = true; }
+  if (fresh) { view.hosts = {}; view.events = []; view.rollouts = {}; view.traces = {}; dirty.structure = true; }
+  for (const [name, t] of Object.entries(batch.traces || {})) {
+    const mine = view.traces[name] || (view.traces[name] = {lines: [], latency: [], session: {}, lost_batches: 0});
+    mine.lines = mine.lines.concat(t.lines).slice(-TRACE_LINES);
+    mine.latency = mine.latency.concat(t.latency).slice(-LATENCY_POINTS);
+    mine.session = t.session; mine.lost_batches = t.lost_batches;
+    dirty.traces.add(name);
+  }
   for (const [name, h] of Object.entries(batch.hosts || {})) {
     const old = view.hosts[name];
     if (!old || groupOf(old) !== groupOf(h) || !!old.status !== !!h.status) dirty.structure = true;
@@ -302,6 +311,104 @@ function renderHost() {
     <h3>Recent events</h3><ol class="events">${evs}</ol>`;
 }
 
+const COST_KIND = {ops: "ftrace ops", patch: "live patch", hijack: "hijack"};
+
+function renderCosts(name, h) {
+  const t = h.costs;
+  if (!t) { $("host-costs").innerHTML = `<p class="muted">No ftrace section in this host's state.</p>`; return; }
+  $("cost-note").textContent = `(${t.ops_registered} ops registered, ${t.enabled_functions} call sites enabled` +
+    `${t.shared_sites ? ", some sites shared by several ops: those go through ftrace_list_ops" : ", no site shared by these: each calls its ops directly (CALL_OPS)"}` +
+    `${t.other_ops ? `; ${t.other_ops} more ops (tracer, profiler) registered: a site they share goes through ftrace_list_ops` : ""})`;
+  $("host-costs").innerHTML = t.rows.length ? `<table id="cost-table"><tr><th>what</th><th>name</th><th>callback</th><th>functions</th>` +
+    `<th>alone on a site (CALL_OPS)</th><th>on a shared site (ftrace_list_ops)</th></tr>` + t.rows.map(r =>
+      `<tr class="cost" data-name="${esc(r.name)}"><td>${esc(COST_KIND[r.kind] || r.kind)}</td><td>${esc(r.name)}</td><td>${esc(r.via)}</td><td>${esc(r.functions)}</td>` +
+      `<td data-field="direct">${r.direct == null ? "—" : `${r.direct} insn`}${r.note ? ` <span class="muted">(${esc(r.note)})</span>` : ""}</td>` +
+      `<td>${r.shared == null ? "—" : `${r.shared} insn`}</td></tr>`).join("") + `</table>` +
+    `<p class="muted">Model: CALL_OPS ${t.model.direct} + callback; list ${t.model.list} + ${t.model.list_per_ops_on_site} + callback per ops on the site + ${t.model.list_per_other_ops} per other registered ops (callbacks: ${Object.entries(t.model.callbacks).map(([k, v]) => `${k} ${v}`).join(", ")}).</p>`
+    : `<p class="muted">Nothing traced on this host: every call site is a NOP (0 instructions added).</p>`;
+  if (!window.Plotly) return;
+  const key = name + JSON.stringify(t.rows);
+  if (key === costPlotted) return;
+  costPlotted = key;
+  const names = t.rows.map(r => `${r.name}`);
+  Plotly.react("cost-plot", [
+    {type: "bar", name: "alone on its site (CALL_OPS)", x: names, y: t.rows.map(r => r.direct), marker: {color: "#1e8e3e"}},
+    {type: "bar", name: "on a shared site (ftrace_list_ops)", x: names, y: t.rows.map(r => r.shared), marker: {color: "#e8710a"}},
+  ], {barmode: "group", margin: {l: 50, r: 10, t: 10, b: 40}, yaxis: {title: "guest insn / call"}, legend: {font: {size: 10}, orientation: "h"}},
+  {displayModeBar: false, responsive: true});
+}
+
+function renderTrace(name) {
+  const t = view.traces[name];
+  const info = t ? `session ${t.session.session ?? "?"} · batch ${t.session.seq ?? "?"} · ${t.session.dropped ?? 0} dropped in the guest rings` +
+    `${t.lost_batches ? ` · ${t.lost_batches} batches missed` : ""} · last ${t.lines.length} lines` : "no trace stream from this host (lpctl trace start)";
+  $("trace-info").textContent = view.tracePaused ? `paused — ${info}` : info;
+  $("trace-pause").textContent = view.tracePaused ? "resume" : "pause";
+  if (!view.tracePaused) {
+    const pre = $("trace-tail");
+    pre.textContent = t ? t.lines.join("\n") : "";
+    pre.scrollTop = pre.scrollHeight;
+  }
+  const lat = t ? t.latency : [];
+  $("latency-empty").classList.toggle("hidden", lat.length > 0);
+  $("latency-plot").classList.toggle("hidden", lat.length === 0);
+  if (!window.Plotly || !lat.length || view.tracePaused) return;
+  const now = Date.now();
+  if (now - lastLatencyPlot < 1000 && !dirty.hosts.has(name)) return;
+  lastLatencyPlot = now;
+  const byFn = new Map();
+  for (const [time, fn, ns] of lat) { if (!byFn.has(fn)) byFn.set(fn, {x: [], y: []}); byFn.get(fn).x.push(time); byFn.get(fn).y.push(ns / 1000); }
+  const top = [...byFn.entries()].sort((a, b) => b[1].x.length - a[1].x.length).slice(0, 8);
+  Plotly.react("latency-plot", top.map(([fn, d]) => ({type: "scatter", mode: "markers", name: fn, x: d.x, y: d.y, marker: {size: 4}})),
+    {margin: {l: 50, r: 10, t: 10, b: 40}, xaxis: {title: "guest time (s)"}, yaxis: {title: "µs per call", type: "log"}, legend: {font: {size: 10}}},
+    {displayModeBar: false, responsive: true});
+}
+
+// -- rehearsal --------------------------------------------------------------------------------------------------
+
+function stateAt(host, t) {
+  let st = host.history.length ? "QUEUED" : host.state;
+  for (const [at, s] of host.history) { if (at > t) break; st = s; }
+  return st;
+}
+
+function renderRehearsal() {
+  const r = view.rehearsal;
+  $("rehearsal-view").classList.toggle("hidden", !r);
+  if (!r) return;
+  const reh = r.rehearsal || {};
+  $("rehearsal-title").textContent = `${r.rollout} · patch ${r.patch} · seed ${reh.seed ?? "?"}`;
+  const faulted = Object.entries(reh.faulted || {}).map(([k, n]) => `${k} on ${n} host(s)`).join(", ") || "no faults";
+  $("rehearsal-summary").innerHTML = `<p><b data-field="rehearsal-state">${esc(r.state)}</b> after ${esc(r.duration_s.toFixed(1))} s on the simulated clock` +
+    `${r.reason ? ` — ${esc(r.reason)}` : ""} · ${esc(faulted)} · ${esc(reh.host_calls ?? 0)} host calls simulated</p>` +
+    `<div class="ro-counts">${bar(r.counts, r.hosts.length)} ${EXEC_STATES.filter(s => r.counts[s]).map(s =>
+      `<span data-rehearsal-count="${s}"><i class="swatch" style="background:${EXEC_COLORS[s]}"></i>${s} ${r.counts[s]}</span>`).join(" ")}</div>` +
+    `${r.abort ? `<p class="reason">aborted at ${esc(r.abort.t.toFixed(1))} s: ${esc(JSON.stringify(Object.fromEntries(Object.entries(r.abort).filter(([k]) => !["t", "event"].includes(k)))))}</p>` : ""}`;
+  $("rehearsal-waves").innerHTML = `<table><tr><th>wave</th><th>hosts</th><th>state</th><th>success</th><th>started</th><th>done</th><th>states</th></tr>` +
+    r.waves.map(w => `<tr class="rehearsal-wave" data-wave="${w.index}"><td>${w.index}</td><td>${w.hosts}</td><td>${esc(w.state)}</td>` +
+      `<td>${w.success_pct == null ? "—" : `${w.success_pct.toFixed(1)}%`}</td><td>${w.started_s == null ? "—" : `${w.started_s.toFixed(1)} s`}</td>` +
+      `<td>${w.done_s == null ? "—" : `${w.done_s.toFixed(1)} s`}</td><td>${bar(w.counts, w.hosts)}</td></tr>`).join("") + `</table>`;
+  $("rehearsal-timeline").innerHTML = r.events.map(e => `<li class="rehearsal-event">${esc(e.t.toFixed(1))} s: ${esc(e.event)} ` +
+    esc(Object.entries(e).filter(([k]) => !["t", "event"].includes(k)).map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" ")) + `</li>`).join("");
+  if (!window.Plotly) return;
+  const end = Math.max(r.duration_s, 1);
+  const times = [...new Set([0, end, ...r.hosts.flatMap(h => h.history.map(p => p[0]))])].sort((a, b) => a - b);
+  const shown = EXEC_STATES.filter(s => r.hosts.some(h => h.state === s || h.history.some(p => p[1] === s)));
+  const series = Object.fromEntries(shown.map(s => [s, []]));
+  for (const t of times) {
+    const c = {};
+    for (const h of r.hosts) { const s = stateAt(h, t); c[s] = (c[s] || 0) + 1; }
+    for (const s of shown) series[s].push(c[s] || 0);
+  }
+  const shapes = r.waves.filter(w => w.started_s != null).map(w => ({type: "line", x0: w.started_s, x1: w.started_s, yref: "paper", y0: 0, y1: 1,
+                                                                     line: {color: "#445", width: 1, dash: "dot"}}));
+  const annotations = r.waves.filter(w => w.started_s != null).map(w => ({x: w.started_s, yref: "paper", y: 1, text: `wave ${w.index}`,
+                                                                         showarrow: false, xanchor: "left", font: {size: 10}}));
+  Plotly.react("rehearsal-plot", shown.map(s => ({x: times, y: series[s], name: s, mode: "lines", stackgroup: "one", line: {color: EXEC_COLORS[s], shape: "hv"}})),
+    {margin: {l: 40, r: 10, t: 16, b: 36}, xaxis: {title: "seconds since the rollout was created (simulated clock)"}, yaxis: {title: "hosts"},
+     shapes, annotations, legend: {font: {size: 10}}}, {displayModeBar: false, responsive: true});
+}
+
 function renderEvents() {
   $("events").innerHTML = view.events.slice(-100).reverse()
     .map(e => `<li>${esc(e.host)} ${esc(e.type)} ${esc(JSON.stringify(e.data))}</li>`).join("");
@@ -329,15 +436,22 @@ function render() {
   renderRollouts();
   renderStalls();
   renderHost();
+  if (view.selected && view.hosts[view.selected]) {
+    if (dirty.hosts.has(view.selected) || dirty.selection) renderCosts(view.selected, view.hosts[view.selected]);
+    if (dirty.traces.has(view.selected) || dirty.selection) renderTrace(view.selected);
+  }
+  if (dirty.rehearsal) renderRehearsal();
   renderEvents();
   renderPlot(counts);
-  dirty.hosts.clear(); dirty.rollouts.clear(); dirty.structure = false;
+  dirty.hosts.clear(); dirty.rollouts.clear(); dirty.traces.clear(); dirty.structure = false; dirty.selection = false;
+  dirty.rehearsal = false;
   document.body.dataset.cursor = String(view.cursor ?? "");
   document.body.dataset.rendered = String(performance.now());
 }
 
 function plotlyReady() {  // eslint-disable-line no-unused-vars  (the script tag's onload)
   for (const name of Object.keys(view.rollouts)) dirty.rollouts.add(name);
+  dirty.selection = true; dirty.rehearsal = true; costPlotted = "";
   dirty.any = true;
   render();
 }
@@ -368,13 +482,20 @@ document.addEventListener("click", async ev => {
     return;
   }
   const t = ev.target.closest("[data-host]");
-  if (t && !ev.target.closest("button")) { view.selected = t.dataset.host; dirty.any = true; }
+  if (t && !ev.target.closest("button")) { view.selected = t.dataset.host; dirty.selection = true; dirty.any = true; }
 });
-for (const [id, verb] of [["spec-dry-run", "dry_run"], ["spec-create", "create"], ["spec-create-start", "create"]]) {
+for (const [id, verb] of [["spec-dry-run", "dry_run"], ["spec-create", "create"], ["spec-create-start", "create"],
+                          ["spec-rehearse", "rehearse"]]) {
   $(id).addEventListener("click", async () => {
-    let spec;
+    let spec, body;
     try { spec = JSON.parse($("spec").value); } catch (e) { $("control-result").textContent = `the spec is not JSON: ${e.message}`; return; }
-    const reply = await control(verb, {spec});
+    body = {spec};
+    if (verb === "rehearse") {
+      try { body.faults = JSON.parse($("rehearse-faults").value || "[]"); } catch (e) { $("control-result").textContent = `the faults are not JSON: ${e.message}`; return; }
+      body.seed = Number($("rehearse-seed").value || 0);
+    }
+    const reply = await control(verb, body);
+    if (verb === "rehearse" && reply.ok) { view.rehearsal = reply.data.report; dirty.rehearsal = true; dirty.any = true; }
     if (verb === "dry_run" && reply.ok) {
       const d = reply.data;
       $("control-result").textContent = `dry run: waves ${d.waves.map(w => w.length).join(" + ")} hosts; removed ${Object.keys(d.removed).length}; ` +
@@ -384,6 +505,8 @@ for (const [id, verb] of [["spec-dry-run", "dry_run"], ["spec-create", "create"]
   });
 }
 $("host-close").addEventListener("click", () => { view.selected = null; dirty.any = true; });
+$("trace-pause").addEventListener("click", () => { view.tracePaused = !view.tracePaused; dirty.selection = true; dirty.any = true; });
+$("rehearsal-close").addEventListener("click", () => { view.rehearsal = null; dirty.rehearsal = true; dirty.any = true; });
 $("filter").addEventListener("input", () => { dirty.structure = true; dirty.any = true; });
 $("group").addEventListener("change", () => { dirty.structure = true; dirty.any = true; });
 connect();

@@ -80,6 +80,7 @@ notrace void ftrace_graph_func(u64 ip, u64 parent_ip, struct ftrace_ops *op, str
 	rs->func = ip;
 	rs->fp = fregs->fp;
 	rs->calltime = now;
+	rs->fprobe = NULL;
 	WRITE_ONCE(t->curr_ret_stack, depth + 1);
 	t->graph_state = next;
 	if (!(next & FGRAPH_NOTRACE))
@@ -89,8 +90,11 @@ out:
 	c->trace_recursion &= ~TRACE_RECURSION_GRAPH;
 }
 
-/* Called by return_to_handler with the returning function's x29; returns where that function really returns. */
-notrace u64 ftrace_return_to_handler(u64 fp)
+void fprobe_exit(const struct ftrace_ret_stack *rs, const struct ftrace_regs *fregs);
+
+/* Called by return_to_handler with the returning function's x29 and the return values it saved (x0-x8);
+ * returns where that function really returns. An entry an fprobe pushed goes to its exit handler. */
+notrace u64 ftrace_return_to_handler(u64 fp, const struct ftrace_regs *fregs)
 {
 	struct cpu_data *c = this_cpu();
 	struct task_struct *t = c->current;
@@ -103,6 +107,10 @@ notrace u64 ftrace_return_to_handler(u64 fp)
 	if (rs->fp != fp)
 		panic("function_graph: frame pointer mismatch on return (ret_stack corrupt), fp", fp);
 	WRITE_ONCE(t->curr_ret_stack, depth - 1);
+	if (rs->fprobe) {	/* fprobe.c's: no graph record, no graph_state of its own */
+		fprobe_exit(rs, fregs);
+		return rs->ret;
+	}
 	state = t->graph_state;
 	if (state) {	/* inside a set_graph_function, or leaving a set_graph_notrace one */
 		if (state & FGRAPH_NOTRACE) {

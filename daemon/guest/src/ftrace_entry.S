@@ -92,6 +92,7 @@ return_to_handler:
 	stp	x6, x7, [sp, #FREGS(REGS) + 48]
 	str	x8, [sp, #FREGS(REGS) + 64]
 	mov	x0, x29					// the caller's frame, as ftrace_graph_func saw it
+	mov	x1, sp					// the return values, for an fprobe's exit handler
 	bl	ftrace_return_to_handler
 	mov	x30, x0					// the original return address
 	ldp	x0, x1, [sp, #FREGS(REGS) + 0]

@@ -136,8 +136,12 @@ notrace static void kprobe_simulate(const struct kprobe *p, struct pt_regs *regs
 	regs->pc = next;
 }
 
-notrace static void kprobe_record(struct kprobe_ctlblk *kcb, const struct kprobe *p, const struct pt_regs *regs,
-				  u64 cpu, u64 post)
+notrace void pre_handler_kretprobe(struct kprobe *p, struct pt_regs *regs, u64 cpu);
+notrace int kretprobe_brk_handler(struct pt_regs *regs);
+
+/* also the kretprobe return handler's (kretprobes.c): post = KPROBE_TRACE_RET, aux = ticks since the entry */
+notrace void kprobe_record(struct kprobe_ctlblk *kcb, const struct kprobe *p, const struct pt_regs *regs,
+			   u64 cpu, u64 post, u64 aux)
 {
 	struct kprobe_trace *t = &kcb->ring[kcb->ring_head % KPROBE_RING];
 	const volatile u64 *src = (const volatile u64 *)regs;
@@ -147,6 +151,7 @@ notrace static void kprobe_record(struct kprobe_ctlblk *kcb, const struct kprobe
 	t->probe = (u64)(p - kprobe_table);
 	t->cpu = cpu;
 	t->post = post;
+	t->aux = aux;
 	t->pid = this_cpu()->current ? this_cpu()->current->pid : 0;
 	for (u64 i = 0; i < PT_REGS_SIZE / 8; i++)
 		dst[i] = src[i];
@@ -160,9 +165,11 @@ notrace static int kprobe_pre_handler(struct kprobe *p, struct pt_regs *regs, st
 	u64 flags = p->flags;
 
 	if (flags & KPF_RECORD)
-		kprobe_record(kcb, p, regs, cpu, 0);
+		kprobe_record(kcb, p, regs, cpu, 0, 0);
 	if ((flags & KPF_SET_REG) && p->set_reg < 31)
 		regs->regs[p->set_reg] = p->set_val;
+	if (flags & KPF_KRETPROBE)
+		pre_handler_kretprobe(p, regs, cpu);
 	if ((flags & KPF_CALL) && p->call_fn)
 		((u64 (*)(u64))p->call_fn)(regs->regs[0]);
 	return 0;
@@ -172,7 +179,7 @@ notrace static void kprobe_post_handler(struct kprobe *p, struct pt_regs *regs, 
 {
 	p->post_hits[cpu]++;
 	if (p->flags & KPF_RECORD)
-		kprobe_record(kcb, p, regs, cpu, 1);
+		kprobe_record(kcb, p, regs, cpu, 1, 0);
 }
 
 notrace static void post_kprobe_handler(struct kprobe *p, struct kprobe_ctlblk *kcb, struct pt_regs *regs, u64 cpu)
@@ -261,6 +268,8 @@ notrace void do_debug_exception(struct pt_regs *regs, u64 esr)
 			ret = kprobe_brk_handler(regs);
 		else if (imm == KPROBES_BRK_SS_IMM)
 			ret = kprobe_ss_brk_handler(regs);
+		else if (imm == KRETPROBES_BRK_IMM)
+			ret = kretprobe_brk_handler(regs);
 	}
 	if (ret)
 		panic("unexpected debug exception", regs->pc);

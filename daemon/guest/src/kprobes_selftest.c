@@ -108,3 +108,15 @@ noinline u64 kpt_load(const u64 *p)
 {
 	return *(const volatile u64 *)p + 1;
 }
+
+/* real recursion (the asm keeps the compiler from turning it into a loop): kretprobes nest on one function */
+noinline u64 kpt_recurse(u64 n)
+{
+	u64 r;
+
+	if (n == 0)
+		return 1;
+	r = kpt_recurse(n - 1);
+	__asm__ __volatile__("" : "+r"(r));
+	return n * 2 + r;
+}
