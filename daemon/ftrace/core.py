@@ -553,11 +553,7 @@ class Ftrace:
 
     def _write_ops(self, addr: int, **fields: int) -> None:
         """A fresh struct ftrace_ops, written before anything links to it (counts start at zero)."""
-        s = abi.ftrace_ops
-        blob = bytearray(s.size)
-        for name, value in fields.items():
-            struct.pack_into("<Q", blob, s.offsetof(name), value)
-        self.kernel.memory.write(addr, bytes(blob))
+        self.kernel.memory.write(addr, abi.ftrace_ops.pack(counts=(), **fields))
 
     def _free_ops(self, ops: FtraceOps) -> None:
         for h in ops.hashes.values():
