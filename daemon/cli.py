@@ -229,7 +229,7 @@ def _state_parser(sub: Any) -> None:
 
 
 def _state(args: argparse.Namespace) -> int:
-    from daemon.service import integrity  # noqa: PLC0415
+    from daemon.service.store import integrity  # noqa: PLC0415
     from daemon.settings import Settings  # noqa: PLC0415
 
     overrides = {k: getattr(args, k) for k in ("state_dir", "host_id") if getattr(args, k) is not None}
