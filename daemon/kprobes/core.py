@@ -178,8 +178,8 @@ class Kprobes:
             raise no("the ftrace call site (rec->ip) of the function: arm64 has no KPROBES_ON_FTRACE; probe the "
                      "function's address instead")
         if addr in self._by_addr:  # already checked and armed: the new probe joins it (aggr_kprobe)
-            first = self._by_addr[addr][0]
-            return first.opcode, first.kind
+            joined = self._by_addr[addr][0]
+            return joined.opcode, joined.kind
         opcode = self.memory.read_u32(addr)
         try:
             kind = decode.decode(opcode)
