@@ -93,7 +93,8 @@ def bundle(work: Path) -> tuple[Path, Path, str]:
     """A signed example patch for the shipped kernel build, and the public key the hosts trust."""
     from daemon.guest.build import IMAGE_PATH  # noqa: PLC0415
     from daemon.kernel.kernel import load_image  # noqa: PLC0415
-    from daemon.livepatch import examples, signing  # noqa: PLC0415
+    from daemon.livepatch import examples  # noqa: PLC0415
+    from patchformat import signing  # noqa: PLC0415
 
     build_id = load_image(IMAGE_PATH)[0].build_id
     key = signing.generate_key()

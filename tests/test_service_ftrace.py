@@ -23,8 +23,9 @@ from daemon.ftrace import tracefs
 from daemon.ftrace.core import Ftrace
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel, KernelConfig
-from daemon.service import Journal, Service, ftrace_verbs
-from daemon.service.desired import DesiredState
+from daemon.service import Journal, Service
+from daemon.service.ftrace import FtraceSubsystem
+from daemon.service.store.desired import DesiredState
 from schemas import KernelState, Reply
 from schemas.ftrace import MAX_PAGE, TraceBatchDoc
 
@@ -628,8 +629,10 @@ class Host:
         self.journal = Journal(tmp / "journal.sqlite3")
         self.desired = DesiredState(tmp / "desired.sqlite3")
         self.service = Service(host="h", boot_seq=self.journal.next_boot_seq(), journal=self.journal,
-                               kernel=KernelState(build_id="b", nr_cpus=2, booted_at=time.time()))
-        self.verbs = ftrace_verbs.register(self.service, self.kernel, self.ftrace, desired=self.desired)
+                               kernel=KernelState(build_id="b", nr_cpus=2, booted_at=time.time()),
+                               desired=self.desired)
+        self.verbs = FtraceSubsystem(self.service, self.kernel, self.ftrace, desired=self.desired)
+        self.service.serve(self.verbs.verbs())
         self.n = 0
 
     def request(self, verb: str, **params: Any) -> Reply:

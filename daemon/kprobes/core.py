@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -35,7 +35,8 @@ KIND_NAMES = {abi.KP_STEP: "step", abi.KP_SIM_NOP: "simulate:nop", abi.KP_SIM_B:
               abi.KP_SIM_BCOND: "simulate:b.cond", abi.KP_SIM_CBZ: "simulate:cbz", abi.KP_SIM_TBZ: "simulate:tbz",
               abi.KP_SIM_ADR: "simulate:adr", abi.KP_SIM_LDR_LIT: "simulate:ldr_literal",
               abi.KP_SIM_BR: "simulate:br"}
-_HIT_KINDS = {0: "pre", 1: "post", abi.KPROBE_TRACE_RET: "ret"}
+HitKind = Literal["pre", "post", "ret", "?"]
+_HIT_KINDS: dict[int, HitKind] = {0: "pre", 1: "post", abi.KPROBE_TRACE_RET: "ret"}
 BRK_KPROBE = a64insn.gen_brk(abi.KPROBES_BRK_IMM)
 BRK_SS = a64insn.gen_brk(abi.KPROBES_BRK_SS_IMM)
 SLOT_SIZE = 8
@@ -76,7 +77,7 @@ class KprobeHit:
     ts: int
     post: bool
     regs: dict[str, int]
-    kind: str = "pre"  # "pre", "post", or "ret" (a kretprobe's return: regs["x0"] is the return value)
+    kind: HitKind = "pre"  # "ret": a kretprobe's return (regs["x0"] is the return value)
     duration: int = 0  # "ret": counter ticks since the entry
 
 
