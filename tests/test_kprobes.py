@@ -15,9 +15,9 @@ from daemon.kernel.kernel import Kernel, load_image
 from daemon.kprobes import decode
 from daemon.kprobes.core import Kprobes
 from daemon.livepatch import examples
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import StallPolicy
+from patchformat.bundle import PatchBundle
 from tests.conftest import booted
 
 FUNCS = ["kpt_leaf", "kpt_branches", "kpt_literal", "kpt_calls", "kpt_testbit"]

@@ -18,9 +18,9 @@ from daemon.kernel.unwind import unwind
 from daemon.kprobes.core import Kprobes
 from daemon.kprobes.kretprobes import Kretprobes
 from daemon.livepatch import sysfs
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import StallPolicy
+from patchformat.bundle import PatchBundle
 from tests.conftest import booted
 
 TRAMPOLINES = ["brk", "rethook"]
