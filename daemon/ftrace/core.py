@@ -28,6 +28,9 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from daemon.arch.arm64 import callsite, insn
 from daemon.arch.arm64.callsite import DataPatch, InsnPatch
 from daemon.arch.arm64.patching import TextPatcher
@@ -55,6 +58,47 @@ class UpdatePlan:
 
     def __bool__(self) -> bool:
         return bool(self.data or self.text or self.records)
+
+
+@dataclass(frozen=True)
+class _BootSites:
+    """An image's patchable call sites (``records_from`` over its ``__patchable_function_entries``)."""
+
+    ips: npt.NDArray[np.uint64]
+    names: list[str]
+    old: npt.NDArray[np.uint32]
+    new: npt.NDArray[np.uint32]
+    literals: npt.NDArray[np.uint64]
+
+
+_boot_sites_cache: dict[int, tuple[object, _BootSites]] = {}
+"""By the image object (``load_image`` parses an image once per process), which the entry keeps alive."""
+_boot_sites_lock = threading.Lock()
+
+
+def _boot_sites(kernel: Kernel) -> _BootSites:
+    key = id(kernel.image)
+    with _boot_sites_lock:
+        found = _boot_sites_cache.get(key)
+        if found is not None and found[0] is kernel.image:
+            return found[1]
+        ks = kernel.kallsyms
+
+        def name_at(addr: int) -> str | None:
+            sym = ks.containing(addr)
+            return sym.name if sym is not None and sym.addr == addr else None
+        recs = records_from(kernel.image.mcount_loc(), name_at)
+        ips = np.fromiter((r.ip for r in recs), dtype=np.uint64, count=len(recs))
+        nops = [callsite.init_nop(r.ip) for r in recs]
+        sites = _BootSites(ips=ips, names=[r.name for r in recs],
+                           old=np.fromiter((p.old for p in nops), dtype=np.uint32, count=len(nops)),
+                           new=np.fromiter((p.new for p in nops), dtype=np.uint32, count=len(nops)),
+                           literals=np.fromiter((callsite.literal_addr(r.ip) for r in recs), dtype=np.uint64,
+                                                count=len(recs)))
+        for p, ip in zip(nops, ips.tolist(), strict=True):
+            assert p.addr == ip - 4  # init_nop edits the word before rec->ip (apply_bulk is given ips - 4)
+        _boot_sites_cache[key] = (kernel.image, sites)
+        return sites
 
 
 @dataclass(frozen=True)
@@ -98,13 +142,21 @@ class Ftrace:
     # -- records ---------------------------------------------------------------------------------------------
 
     def _init_records(self) -> None:
-        """ftrace_init: a record per patchable entry of the kernel image, each site made `mov x9, lr; nop`."""
-        ks = self.kernel.kallsyms
+        """ftrace_init: a record per patchable entry of the kernel image, each site made `mov x9, lr; nop`.
 
-        def name_at(addr: int) -> str | None:
-            sym = ks.containing(addr)
-            return sym.name if sym is not None and sym.addr == addr else None
-        self.add_records(records_from(self.kernel.image.mcount_loc(), name_at))
+        What the sites are depends on the image only: worked out once per image and process (a fleet process
+        boots a thousand kernels of a few images), then written as one array batch."""
+        sites = _boot_sites(self.kernel)
+        recs = [DynFtrace(ip, name) for ip, name in zip(sites.ips.tolist(), sites.names, strict=True)]
+        with self.lock:
+            self.last_batch = BatchResult.of(self.patcher.apply_bulk(
+                sites.ips - np.uint64(4), sites.old, sites.new, sites.literals, self.nop_ops))
+            for r in recs:
+                r.literal = self.nop_ops
+                self.by_ip[r.ip] = r
+                self.by_name.setdefault(r.name, []).append(r)
+            self.records.extend(recs)
+            self.records.sort(key=lambda r: r.ip)
 
     def add_records(self, recs: Sequence[DynFtrace], symbols: SymbolLookup | None = None) -> None:
         """Take over fresh call sites (kernel text at boot; later, loaded modules): ftrace_init_nop on each.
@@ -225,6 +277,12 @@ class Ftrace:
         """Registered ops, newest first (the order ftrace_ops_list_func calls them)."""
         with self.lock:
             return list(self._ops)
+
+    @property
+    def ops_now(self) -> tuple[FtraceOps, ...]:
+        """The registered ops without taking the lock (a copy, made in one step under the GIL): for a view that
+        must not wait behind a change in progress, e.g. to tell whether its snapshot is still current."""
+        return tuple(self._ops)
 
     def register(self, ops: FtraceOps) -> BatchResult | None:
         """register_ftrace_function: add ``ops`` and enable every site it covers, in one batch."""
@@ -553,11 +611,7 @@ class Ftrace:
 
     def _write_ops(self, addr: int, **fields: int) -> None:
         """A fresh struct ftrace_ops, written before anything links to it (counts start at zero)."""
-        s = abi.ftrace_ops
-        blob = bytearray(s.size)
-        for name, value in fields.items():
-            struct.pack_into("<Q", blob, s.offsetof(name), value)
-        self.kernel.memory.write(addr, bytes(blob))
+        self.kernel.memory.write(addr, abi.ftrace_ops.pack(counts=(), **fields))
 
     def _free_ops(self, ops: FtraceOps) -> None:
         for h in ops.hashes.values():
