@@ -30,10 +30,11 @@ from daemon.emu.tlb import TlbMode
 from daemon.ftrace.core import Ftrace
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel, KernelConfig
-from daemon.livepatch import examples, signing
-from daemon.livepatch.bundle import PatchBundle
+from daemon.livepatch import examples
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import StallPolicy
+from patchformat import signing
+from patchformat.bundle import PatchBundle
 
 PATCH = "livepatch_demo_target"
 COUNT_CALLS = 2_000

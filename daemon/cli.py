@@ -320,15 +320,13 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.errors import ArtifactError, ManifestError  # noqa: PLC0415
     from daemon.guest.build import DEFAULT_RELEASE, GUEST_BUILDS, IMAGE_PATH  # noqa: PLC0415
     from daemon.kernel.kernel import load_image  # noqa: PLC0415
-    from daemon.livepatch import artifact, examples, signing  # noqa: PLC0415
-    from daemon.livepatch.bundle import PatchBundle  # noqa: PLC0415
-    from daemon.livepatch.manifest import Manifest  # noqa: PLC0415
+    from daemon.livepatch import artifact, examples  # noqa: PLC0415
+    from patchformat import signing  # noqa: PLC0415
+    from patchformat.bundle import PatchBundle  # noqa: PLC0415
+    from patchformat.manifest import Manifest  # noqa: PLC0415
+    from patchformat.summary import signed_line, summary  # noqa: PLC0415
 
-    def describe(b: PatchBundle, path: Path) -> dict[str, Any]:
-        sig = b.signature
-        return {"bundle": str(path), "name": b.name, "build_id": b.manifest.build_id,
-                "object_sha256": signing.object_digest(b.object), "key_id": sig.key_id if sig else None,
-                "funcs": [f.old_name for o in b.manifest.objects for f in o.funcs]}
+    describe = summary  # the document lpctl prints for a bundle too
 
     def committed_build_id() -> str:
         return load_image(IMAGE_PATH)[0].build_id
@@ -424,8 +422,7 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
         bundle = signing.sign(PatchBundle.load(args.bundle), signing.load_private_key(args.key))
         out = args.out or args.bundle
         _write(bundle, out)
-        assert bundle.signature is not None
-        return {**describe(bundle, out), "text": f"{out}: {bundle.name} signed by {bundle.signature.key_id[:16]}"}
+        return {**describe(bundle, out), "text": signed_line(bundle, out)}
     if args.patch_command == "verify":
         bundle = PatchBundle.load(args.bundle)
         trusted = [signing.load_public_key(p) for p in args.trusted]

@@ -278,6 +278,12 @@ class Ftrace:
         with self.lock:
             return list(self._ops)
 
+    @property
+    def ops_now(self) -> tuple[FtraceOps, ...]:
+        """The registered ops without taking the lock (a copy, made in one step under the GIL): for a view that
+        must not wait behind a change in progress, e.g. to tell whether its snapshot is still current."""
+        return tuple(self._ops)
+
     def register(self, ops: FtraceOps) -> BatchResult | None:
         """register_ftrace_function: add ``ops`` and enable every site it covers, in one batch."""
         with self.lock:
@@ -605,11 +611,7 @@ class Ftrace:
 
     def _write_ops(self, addr: int, **fields: int) -> None:
         """A fresh struct ftrace_ops, written before anything links to it (counts start at zero)."""
-        s = abi.ftrace_ops
-        blob = bytearray(s.size)
-        for name, value in fields.items():
-            struct.pack_into("<Q", blob, s.offsetof(name), value)
-        self.kernel.memory.write(addr, bytes(blob))
+        self.kernel.memory.write(addr, abi.ftrace_ops.pack(counts=(), **fields))
 
     def _free_ops(self, ops: FtraceOps) -> None:
         for h in ops.hashes.values():

@@ -40,10 +40,10 @@ from daemon.ftrace import ftrace_call_adjust, func_addr
 from daemon.guest import build
 from daemon.kernel.image import KernelImage
 from daemon.kernel.kallsyms import Kallsyms, Symbol
-from daemon.livepatch import signing
-from daemon.livepatch.bundle import PatchBundle
-from daemon.livepatch.manifest import Manifest
 from daemon.module_loader import elf
+from patchformat import signing
+from patchformat.bundle import PatchBundle
+from patchformat.manifest import Manifest
 
 PATCHES_DIR = build.GUEST_DIR / "patches"  # example patches and livepatch.h, the patch-side ABI
 COMPILE_TIMEOUT = 120.0

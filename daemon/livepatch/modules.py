@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from daemon.ftrace import Ftrace, SymbolAt, SymbolLookup, ftrace_call_adjust, records_from
 from daemon.kernel.kernel import Kernel
 from daemon.livepatch import artifact
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.klp import KlpFunc, KlpObject, KlpPatch
 from daemon.module_loader import LoadedModule, ModuleLoader
+from patchformat.bundle import PatchBundle
 
 
 class PatchModules:
