@@ -165,7 +165,9 @@ class Daemon:
                 self._stop.set()
         structlog.contextvars.bind_contextvars(host=s.host_id)
         self._context = contextvars.copy_context()  # a panic reported from a vCPU thread is logged with the host
-        journal, desired, boot_seq = open_state(s)
+        # off the loop: creating and fsyncing the journal and desired state is 50-150 ms of disk waits, which a
+        # fleet's other hosts (on the same loop) would wait through too
+        journal, desired, boot_seq = await asyncio.to_thread(open_state, s)
         self._boot_seq = boot_seq
         self.desired = desired  # re-applied at boot
         try:
