@@ -115,7 +115,9 @@ class FtraceSubsystem:
         }
 
     def publish(self) -> None:
-        """Republish the ``ftrace`` section of the state document (a no-op when nothing changed)."""
+        """Republish the ``ftrace`` section of the state document (a no-op when nothing changed), and take the
+        listing ``ftrace.ops.list`` answers from (after every change: ops, hijacks, tracers, a patch's klp ops)."""
+        self.ops.refresh_listing()
         self.section.publish()
 
     def close(self) -> None:
