@@ -278,6 +278,12 @@ class Ftrace:
         with self.lock:
             return list(self._ops)
 
+    @property
+    def ops_now(self) -> tuple[FtraceOps, ...]:
+        """The registered ops without taking the lock (a copy, made in one step under the GIL): for a view that
+        must not wait behind a change in progress, e.g. to tell whether its snapshot is still current."""
+        return tuple(self._ops)
+
     def register(self, ops: FtraceOps) -> BatchResult | None:
         """register_ftrace_function: add ``ops`` and enable every site it covers, in one batch."""
         with self.lock:

@@ -8,11 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from daemon.arch.arm64.patching import BatchResult
 from daemon.errors import OpsStateError
-from daemon.ftrace import filter as ftrace_filter
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.ops import FtraceOps, OpsFlag
+from daemon.ftrace import BatchResult, Ftrace, FtraceOps, OpsFlag, filter_terms
 from daemon.service.ftrace.counts import Counts
 from daemon.service.ftrace.desired import KIND_OPS, FtraceDesired
 from daemon.service.pipeline.context import RequestContext
@@ -40,7 +37,7 @@ def _flag_names(flags: OpsFlag) -> list[str]:
 
 def _write(steps: Steps, expr: str, reset: bool) -> Steps:
     """The steps after one more write (an empty expression with reset clears; without reset it does nothing)."""
-    if not ftrace_filter.terms(expr):
+    if not filter_terms(expr):
         return [] if reset else steps
     return [(expr, True)] if reset else [*steps, (expr, False)]
 
@@ -62,8 +59,24 @@ class ApiOps:
                 "filter": [list(s) for s in self.filter], "notrace": [list(s) for s in self.notrace]}
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What ``ftrace.ops.list`` answers, as of the last change (hits aside, read live): a read that does not wait
+    behind a change holding the lock for its whole update plan and stop-machine batch (tens of ms)."""
+
+    mine: list[tuple[ApiOps, OpsInfo]]
+    others: list[ForeignOps]
+    ftrace_ops: tuple[FtraceOps, ...]
+    """ftrace's ops list when it was taken: another list now (an ops registered elsewhere, e.g. an fprobe) means
+    it is stale."""
+
+    def current(self, now: tuple[FtraceOps, ...]) -> bool:
+        return len(now) == len(self.ftrace_ops) and all(a is b for a, b in zip(now, self.ftrace_ops, strict=True))
+
+
 class OpsVerbs:
-    """The ops registered through the API (under the subsystem's ``lock``; ``publish`` republishes its section)."""
+    """The ops registered through the API (under the subsystem's ``lock``; ``publish`` republishes its section).
+    ``ftrace.ops.list`` answers from the listing taken when the last change was published, without the lock."""
 
     def __init__(self, ftrace: Ftrace, desired: FtraceDesired, counts: Counts, *, lock: threading.RLock,
                  publish: Callable[[], None]) -> None:
@@ -73,6 +86,7 @@ class OpsVerbs:
         self.lock = lock
         self.publish = publish
         self.ops: dict[str, ApiOps] = {}
+        self._listing: Listing | None = None
 
     # -- views -----------------------------------------------------------------------------------------------
 
@@ -136,12 +150,23 @@ class OpsVerbs:
         ctx.events.emit("ftrace.ops.unregistered", name=req.name, hits=info.hits)
         return OpsData(ops=info, batch=self.counts.batch(ctx.verb, result))
 
-    def ops_list(self, req: OpsListRequest, ctx: RequestContext) -> OpsListData:
+    def refresh_listing(self) -> Listing:
+        """Take the listing anew (with the lock held: after every change, from the subsystem's ``publish``)."""
         with self.lock:
+            ftrace_ops = self.ftrace.ops_now
             mine = {id(a.ops) for a in self.ops.values()}
             others = [ForeignOps(name=o.name, flags=_flag_names(o.flags), functions=self.counts.functions(o))
-                      for o in self.ftrace.ops if id(o) not in mine]
-            return OpsListData(ops=[self.ops_info(a) for a in self.ops.values()], others=others)
+                      for o in ftrace_ops if id(o) not in mine]
+            listing = self._listing = Listing([(a, self.ops_info(a)) for a in self.ops.values()], others,
+                                              ftrace_ops)
+            return listing
+
+    def ops_list(self, req: OpsListRequest, ctx: RequestContext) -> OpsListData:
+        listing = self._listing
+        if listing is None or not listing.current(self.ftrace.ops_now):
+            listing = self.refresh_listing()  # the slow way, once after a change this subsystem did not publish
+        return OpsListData(ops=[info.model_copy(update={"hits": self.ftrace.ops_hits(a.ops)})
+                                for a, info in listing.mine], others=list(listing.others))
 
     def ops_filter(self, req: OpsFilterRequest, ctx: RequestContext) -> OpsData:
         with self.lock:
@@ -150,7 +175,7 @@ class OpsVerbs:
                 return OpsData(ops=self.ops_info(api))
             ops = api.ops
             for expr in (req.filter, req.notrace):  # both checked before either is applied
-                if expr is not None and ftrace_filter.terms(expr):
+                if expr is not None and filter_terms(expr):
                     self.ftrace.select(expr)
             old_filter = ops.filter
             results: list[BatchResult | None] = []

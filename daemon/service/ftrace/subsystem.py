@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from daemon.errors import LivepatchdError
-from daemon.ftrace.core import Ftrace
+from daemon.ftrace import Ftrace
 from daemon.kernel.kernel import Kernel
 from daemon.service.ftrace.counts import Counts
 from daemon.service.ftrace.desired import KIND_HIJACK, KIND_OPS, KIND_SYSCTL, FtraceDesired
@@ -115,7 +115,9 @@ class FtraceSubsystem:
         }
 
     def publish(self) -> None:
-        """Republish the ``ftrace`` section of the state document (a no-op when nothing changed)."""
+        """Republish the ``ftrace`` section of the state document (a no-op when nothing changed), and take the
+        listing ``ftrace.ops.list`` answers from (after every change: ops, hijacks, tracers, a patch's klp ops)."""
+        self.ops.refresh_listing()
         self.section.publish()
 
     def close(self) -> None:

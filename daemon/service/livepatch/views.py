@@ -9,12 +9,13 @@ from collections.abc import Mapping
 from typing import cast
 
 from daemon.kernel.kernel import Kernel
-from daemon.livepatch import signing, sysfs
-from daemon.livepatch.bundle import PatchBundle
+from daemon.livepatch import sysfs
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.klp import KlpPatch
 from daemon.livepatch.transition import STATE_NAMES
 from daemon.service.livepatch.desired import PatchRecorder
+from patchformat import signing
+from patchformat.bundle import PatchBundle
 from schemas.livepatch import (
     BlockedTask,
     FuncInfo,
