@@ -183,7 +183,7 @@ def test_bad_requests(kernel: Kernel, kr: Kretprobes) -> None:
     with pytest.raises(KprobeExists):
         kr.register("r", "kpt_calls")
     with pytest.raises(KprobeExists):
-        kr.kprobes.register("p", "kpt_leaf")  # one probe per address
+        kr.kprobes.register("r", "kpt_calls")  # one name space for kprobes and kretprobes
     with pytest.raises(KprobeNotFound):
         kr.unregister("nope")
     assert kernel.call("kpt_leaf", 1) == 4
