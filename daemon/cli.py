@@ -157,6 +157,9 @@ def _fleet_parser(sub: Any) -> None:
                            "or shrinks a running fleet. Settings come from LIVEPATCHD_* variables as for serve; "
                            "each host's state is <state-dir>/<host>/.")
     fleet.add_argument("--hosts", type=int, help="how many hosts (default: the spec's, else 20)")
+    fleet.add_argument("--first", type=int, default=0, help="the number of the first host id (default 0): a fleet "
+                       "split over several runners on one broker gives each its own range, e.g. --first 500 "
+                       "--hosts 500 for sim-0500..sim-0999")
     fleet.add_argument("--spec", type=Path, help="a fleet spec (YAML or JSON; schema: schemas/json/FleetSpec.json)")
     fleet.add_argument("--seed", type=int, help="override the spec's seed")
     fleet.add_argument("--workers", type=int, help="worker processes (default: one per core; 0: this process)")
@@ -197,6 +200,8 @@ def _fleet(args: argparse.Namespace) -> int:
             spec = plan.parse_spec({**spec.model_dump(mode="json"), "seed": args.seed})
         if args.hosts is not None and args.hosts < 0:
             raise plan.FleetSpecError(f"--hosts must be 0 or more, not {args.hosts}", field="hosts")
+        if args.first < 0:
+            raise plan.FleetSpecError(f"--first must be 0 or more, not {args.first}", field="first")
         if args.workers is not None and args.workers < 0:
             raise plan.FleetSpecError(f"--workers must be 0 or more, not {args.workers}", field="workers")
         Settings(**overrides)
@@ -208,7 +213,7 @@ def _fleet(args: argparse.Namespace) -> int:
         return 2
     json_overrides = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
                       for k, v in overrides.items()}
-    return runner.run_fleet(spec, json_overrides, workers=args.workers, hosts=args.hosts)
+    return runner.run_fleet(spec, json_overrides, workers=args.workers, hosts=args.hosts, first=args.first)
 
 
 # -- livepatchd state check|repair -------------------------------------------------------------------------------

@@ -71,6 +71,11 @@ class Kprobe:
     def mode(self) -> str:
         return KIND_NAMES[self.kind]
 
+    @property
+    def is_kretprobe(self) -> bool:
+        """The entry kprobe of a kretprobe (its own verbs show and remove it)."""
+        return bool(self.flags & abi.KPF_KRETPROBE)
+
 
 @dataclass(frozen=True)
 class KprobeHit:

@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 from daemon.errors import KprobeRefused, LivepatchdError
-from daemon.guest import abi
+from daemon.kernel.clock import ticks_to_us
 from daemon.kernel.kernel import Kernel
 from daemon.kprobes.core import Kprobe, KprobeHit, Kprobes
 from daemon.service.pipeline.context import RequestContext, VerbTable
@@ -101,7 +101,7 @@ class KprobeSubsystem:
     def infos(self) -> list[KprobeInfo]:
         """The plain kprobes (a kretprobe's entry kprobe is the kretprobe verbs' to show)."""
         probes = [self.kprobes.get(d["name"]) for d in self.kprobes.describe()]
-        return [self.info(p) for p in probes if not p.flags & abi.KPF_KRETPROBE]
+        return [self.info(p) for p in probes if not p.is_kretprobe]
 
     def publish(self, infos: list[KprobeInfo] | None = None) -> None:
         infos = self.infos() if infos is None else infos
@@ -111,7 +111,7 @@ class KprobeSubsystem:
 
     def trace_line(self, hit: KprobeHit, comms: dict[int, str]) -> str:
         p = self.kprobes.find(hit.probe)
-        secs, rem = divmod(hit.ts * 1_000_000 // abi.CNTFRQ_HZ, 1_000_000)
+        secs, rem = divmod(ticks_to_us(hit.ts), 1_000_000)
         comm = comms.get(hit.pid, "<...>")
         if p is None:
             where, args = f"{hit.regs['pc']:#x}", ""
@@ -157,7 +157,7 @@ class KprobeSubsystem:
             if ctx.already_applied and self.kprobes.find(req.name) is None:
                 return KprobeUnregisterData(name=req.name, hits=0, nmissed=0)
             p = self.kprobes.get(req.name)
-            if p.flags & abi.KPF_KRETPROBE:
+            if p.is_kretprobe:
                 raise KprobeRefused(f"{req.name!r} is a kretprobe: unregister it with kretprobe.unregister",
                                     probe=req.name, reason="a kretprobe's entry")
             hits, nmissed = self.kprobes.counter(p, "hits"), self.kprobes.counter(p, "nmissed")
