@@ -393,13 +393,13 @@ function renderRehearsal() {
   if (!window.Plotly) return;
   const end = Math.max(r.duration_s, 1);
   const times = [...new Set([0, end, ...r.hosts.flatMap(h => h.history.map(p => p[0]))])].sort((a, b) => a - b);
-  const shown = EXEC_STATES.filter(s => r.hosts.some(h => h.state === s || h.history.some(p => p[1] === s)));
-  const series = Object.fromEntries(shown.map(s => [s, []]));
+  const series = Object.fromEntries(EXEC_STATES.map(s => [s, []]));
   for (const t of times) {
     const c = {};
     for (const h of r.hosts) { const s = stateAt(h, t); c[s] = (c[s] || 0) + 1; }
-    for (const s of shown) series[s].push(c[s] || 0);
+    for (const s of EXEC_STATES) series[s].push(c[s] || 0);
   }
+  const shown = EXEC_STATES.filter(s => series[s].some(n => n > 0));
   const shapes = r.waves.filter(w => w.started_s != null).map(w => ({type: "line", x0: w.started_s, x1: w.started_s, yref: "paper", y0: 0, y1: 1,
                                                                      line: {color: "#445", width: 1, dash: "dot"}}));
   const annotations = r.waves.filter(w => w.started_s != null).map(w => ({x: w.started_s, yref: "paper", y: 1, text: `wave ${w.index}`,
