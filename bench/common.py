@@ -6,7 +6,9 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,8 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.platform(),
-            "packages": versions, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+            "packages": versions, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -54,7 +57,8 @@ def write(name: str, params: dict[str, Any], rows: list[dict[str, Any]], units: 
         lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
     m = doc["machine"]
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, unicorn "
-              f"{m['packages']['unicorn']}; {m['date']}. Parameters: `{json.dumps(params)}`", ""]
+              f"{m['packages']['unicorn']}; {m['date']}, load average {m['loadavg']}. "
+              f"Parameters: `{json.dumps(params)}`", ""]
     table = "\n".join(lines)
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
@@ -68,7 +72,7 @@ def guest_insn_per_call(kernel: Any, fn: str, calls: int) -> float:
     path (wake, run the job, report, go idle) and only the ``calls`` extra iterations differ.
     """
     vcpu = kernel.machine.vcpus[0]
-    kernel.call(fn, calls)  # translate first: the counts then see execution only
+    kernel.call(fn, calls, timeout=300)  # translate first: the counts then see execution only
     counts = []
     for n in (calls, 2 * calls):
         time.sleep(0.05)
@@ -79,18 +83,42 @@ def guest_insn_per_call(kernel: Any, fn: str, calls: int) -> float:
     return float(counts[1] - counts[0]) / calls
 
 
+Sample = dict[str, float]
+"""One timed sample: ``wall`` ns and ``vcpu`` ns (CPU time of the vCPU thread) per iteration."""
+
+
+def _thread_cpu_ns(kernel: Any, cpu: int) -> int:
+    thread = kernel.machine.vcpus[cpu].thread
+    return time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
+
+
+def guest_ns_sample(kernel: Any, fn: str, calls: int, *args: int, cpu: int = 0) -> Sample:
+    """Ns per iteration of ``fn(n, *args)`` as (t(2n) - t(n)) / n (the host call cancels): wall time, and the
+    CPU time of the vCPU's thread, which waiting for a core shared with other work on the host does not inflate."""
+    wall, vcpu = [], []
+    for n in (calls, 2 * calls):
+        start, start_cpu = time.perf_counter_ns(), _thread_cpu_ns(kernel, cpu)
+        kernel.call(fn, n, *args, cpu=cpu, timeout=300)
+        wall.append(time.perf_counter_ns() - start)
+        vcpu.append(_thread_cpu_ns(kernel, cpu) - start_cpu)
+    return {"wall": (wall[1] - wall[0]) / calls, "vcpu": (vcpu[1] - vcpu[0]) / calls}
+
+
 def guest_ns_per_call(kernel: Any, fn: str, calls: int, repeats: int = 3) -> float:
     """Wall ns per iteration of ``fn(n)`` on a hook-free kernel: (t(2n) - t(n)) / n, best of ``repeats``."""
     kernel.call(fn, max(calls // 10, 1), timeout=300)
-    best = float("inf")
-    for _ in range(repeats):
-        spent = []
-        for n in (calls, 2 * calls):
-            start = time.perf_counter_ns()
-            kernel.call(fn, n, timeout=300)
-            spent.append(time.perf_counter_ns() - start)
-        best = min(best, (spent[1] - spent[0]) / calls)
-    return best
+    return min(guest_ns_sample(kernel, fn, calls)["wall"] for _ in range(repeats))
+
+
+def alternating_medians(sample: Mapping[str, Callable[[], Sample]], rounds: int) -> dict[str, Sample]:
+    """Median of ``rounds`` samples per variant (each measure on its own), the variants taking turns (AB, BA,
+    ...) so that a burst of load from other work on the host falls on every variant alike."""
+    names = list(sample)
+    got: dict[str, list[Sample]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            got[name].append(sample[name]())
+    return {n: {k: statistics.median(s[k] for s in v) for k in v[0]} for n, v in got.items()}
 
 
 def stop_daemon(daemon: Any) -> int:

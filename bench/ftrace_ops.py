@@ -8,20 +8,23 @@ twice: with per-callsite ops (CALL_OPS) and forced through ``ftrace_list_ops`` (
 
 - **guest instructions per call**: exact, from a separate counting run (block hook on the only vCPU):
   cost(2n) - cost(n) over n calls, so the host call around it cancels out;
-- **ns per call**: timed runs with no hook at all, again as (t(2n) - t(n)) / n, best of 3.
+- **ns per call**: timed runs with no hook at all, again as (t(2n) - t(n)) / n; the median of ``ROUNDS``
+  samples per TLB mode, the modes taking turns sample by sample on kernels booted side by side.
 
 Also measured: an untraced call (R = I = 0: the two entry NOPs run) and direct calls to
 ``ftrace_stub_direct_tramp``, in BL range and out of it (a veneer in module text: through ftrace_caller).
 The kernel's own numbers (M1 under HVF, Mark Rutland's cover letter) are reproduced next to ours, with the
 ratio of our per-callsite ns to theirs. Timed runs repeat on a kernel per TLB mode (``--tlb``, default both:
-Unicorn's virtual TLB, the default, and its CPU TLB), alternating case by case in one process.
+Unicorn's virtual TLB, the default, and its CPU TLB), alternating sample by sample in one process; ``x_cpu``
+is how many times faster the first mode is than the last.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from functools import partial
 
 from bench import common
 from daemon.arch.arm64 import insn
@@ -35,6 +38,7 @@ CASES = [(0, 0), (0, 1), (0, 2), (0, 10), (0, 100), (1, 0), (1, 1), (1, 2), (1, 
          (100, 0)]
 CALLS = 100_000
 COUNT_CALLS = 2_000
+ROUNDS = 5
 
 # Per-call ns published with the CALL_OPS series (kernel-mechanics §2.6): (before, after) by (R, I).
 KERNEL_NS = {
@@ -92,9 +96,16 @@ def insn_per_call(ft: Ftrace, setup: Setup) -> float:
         return common.guest_insn_per_call(ft.kernel, "bench_tracee", COUNT_CALLS)
 
 
-def ns_per_call(ft: Ftrace, setup: Setup) -> float:
-    with attached(ft, setup):
-        return common.guest_ns_per_call(ft.kernel, "bench_tracee", CALLS)
+def ns_per_call(fts: dict[TlbMode, Ftrace], setup: Setup, rounds: int) -> dict[TlbMode, common.Sample]:
+    """Median ns per iteration on each TLB mode's kernel, the modes alternating sample by sample."""
+    with ExitStack() as stack:
+        for ft in fts.values():
+            stack.enter_context(attached(ft, setup))
+            ft.kernel.call("bench_tracee", CALLS // 10, timeout=300)  # translate first
+        medians = common.alternating_medians(
+            {str(t): partial(common.guest_ns_sample, ft.kernel, "bench_tracee", CALLS) for t, ft in fts.items()},
+            rounds)
+    return {t: medians[str(t)] for t in fts}
 
 
 def kernels(count: bool, tlb: TlbMode = TlbMode.VIRTUAL) -> dict[str, Ftrace]:
@@ -108,7 +119,9 @@ def kernels(count: bool, tlb: TlbMode = TlbMode.VIRTUAL) -> dict[str, Ftrace]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ftrace_ops")
     parser.add_argument("--tlb", default="virtual,cpu", help="comma-separated TLB modes of the timed runs")
-    tlbs = [TlbMode(m) for m in parser.parse_args(argv).tlb.split(",")]
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"timed samples per mode (median; default {ROUNDS})")
+    args = parser.parse_args(argv)
+    tlbs = [TlbMode(m) for m in args.tlb.split(",")]
     cases: list[tuple[str, Setup, tuple[int, int] | None]] = [
         (f"R={r} I={i}", ops_case(r, i), (r, i)) for r, i in CASES]
     cases += [("direct, in BL range", direct_case(False), None), ("direct, out of range", direct_case(True), None)]
@@ -119,17 +132,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for label, setup, ri in cases:
             row: dict[str, object] = {"case": label}
+            before, after = KERNEL_NS.get(ri, (None, None)) if ri else (None, None)
             for mode in ("call_ops", "list"):
                 ipc = insn_per_call(counting[mode], setup)
                 base.setdefault(mode, (ipc, 0.0))
                 row[f"{mode}_insn"] = round(ipc - base[mode][0], 2)
+                ns = ns_per_call({tlb: timing[tlb][mode] for tlb in tlbs}, setup, args.rounds)
                 for tlb in tlbs:
-                    row[f"{mode}_{tlb}_ns"] = round(ns_per_call(timing[tlb][mode], setup), 2)
-            before, after = KERNEL_NS.get(ri, (None, None)) if ri else (None, None)
+                    row[f"{mode}_{tlb}_ns"] = round(ns[tlb]["vcpu"], 2)
+                if len(tlbs) > 1:
+                    row[f"{mode}_x_{tlbs[-1]}"] = _ratio(ns[tlbs[-1]]["vcpu"], ns[tlbs[0]]["vcpu"])
+                for tlb in tlbs:
+                    row[f"{mode}_{tlb}_wall_ns"] = round(ns[tlb]["wall"], 2)
+                if mode == "call_ops":
+                    for tlb in tlbs:
+                        row[f"x_linux_{tlb}"] = _ratio(ns[tlb]["vcpu"], after) if after else "-"
             row["linux_before_ns"] = before if before is not None else "-"
             row["linux_after_ns"] = after if after is not None else "-"
-            first = f"call_ops_{tlbs[0]}_ns"
-            row[f"x_linux_{tlbs[0]}"] = round(float(str(row[first])) / after, 1) if after else "-"
             rows.append(row)
             print(row, flush=True)
     finally:
@@ -138,20 +157,25 @@ def main(argv: list[str] | None = None) -> None:
     baseline = {m: {"insn_per_iteration": b[0]} for m, b in base.items()}
     common.write(
         "ftrace_ops",
-        {"calls_timed": CALLS, "calls_counted": COUNT_CALLS, "cases": CASES, "vcpus": 1, "callback": "ops_func_nop",
-         "baseline_untraced": baseline, "tlb_modes": [str(t) for t in tlbs]},
+        {"calls_timed": CALLS, "calls_counted": COUNT_CALLS, "rounds": args.rounds, "cases": CASES, "vcpus": 1,
+         "callback": "ops_func_nop", "baseline_untraced": baseline, "tlb_modes": [str(t) for t in tlbs]},
         rows,
         {"call_ops_insn": "guest insn/call over untraced", "list_insn": "guest insn/call over untraced",
-         **{f"{m}_{t}_ns": f"ns/call, {t} TLB" for m in ("call_ops", "list") for t in tlbs},
-         "linux_before_ns": "ns/call, M1 (list)", "linux_after_ns": "ns/call, M1 (CALL_OPS)",
-         f"x_linux_{tlbs[0]}": f"call_ops_{tlbs[0]}_ns / linux_after_ns"},
+         **{f"{m}_{t}_ns": f"vCPU ns/iteration, {t} TLB" for m in ("call_ops", "list") for t in tlbs},
+         **{f"{m}_{t}_wall_ns": f"wall ns/iteration, {t} TLB" for m in ("call_ops", "list") for t in tlbs},
+         **{f"{m}_x_{tlbs[-1]}": f"{m}_{tlbs[-1]}_ns / {m}_{tlbs[0]}_ns" for m in ("call_ops", "list")},
+         **{f"x_linux_{t}": f"call_ops_{t}_ns / linux_after_ns" for t in tlbs},
+         "linux_before_ns": "ns/call, M1 (list)", "linux_after_ns": "ns/call, M1 (CALL_OPS)"},
         notes="samples/ftrace/ftrace-ops.c on the emulated kernel: R ops on the tracee, I ops on another function. "
               "*_insn: exact extra guest instructions per call relative to an untraced call (R=I=0), from a "
-              "counting run; *_ns: total ns per loop iteration (call + loop), hook-free timed run, best of 3. "
-              "'list' forces every site through ftrace_list_ops (no CALL_OPS). Linux columns: per-call ns from "
-              "the CALL_OPS cover letter (before = list function, after = CALL_OPS). TLB: virtual = Unicorn's virtual "
-              "TLB with the native fill (the default), cpu = its CPU TLB; both timed in the same run, case by "
-              "case, on a 2-core host shared with other work (noisy).")
+              "counting run; *_ns: ns per loop iteration (call + loop) in CPU time of the vCPU thread (waiting for "
+              "a core does not count; *_wall_ns: the same runs' wall time), hook-free timed runs, (t(2n) - t(n)) "
+              f"/ n, median of {args.rounds} samples per TLB mode, the modes alternating sample by sample (a "
+              "2-core host shared with other work: compare within a row; the R=0 rows are within noise of each "
+              "other). 'list' forces every site through ftrace_list_ops (no CALL_OPS). Linux columns: per-call "
+              "ns from the CALL_OPS cover letter (M1; before = list function, after = CALL_OPS). TLB: virtual = "
+              "Unicorn's virtual TLB with the native fill (the default), cpu = its CPU TLB; x_cpu = how many "
+              "times faster the virtual TLB is (vCPU time).")
     plot(rows)
 
 
@@ -179,6 +203,10 @@ def plot(rows: list[dict[str, object]]) -> None:
     fig.suptitle("ftrace CALL_OPS vs ftrace_ops_list_func on the emulated arm64 kernel")
     fig.tight_layout()
     fig.savefig(common.RESULTS / "ftrace_ops.png", dpi=110)
+
+
+def _ratio(a: float, b: float) -> float | str:
+    return round(a / b, 1) if b > 0 else "-"
 
 
 if __name__ == "__main__":

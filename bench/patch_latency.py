@@ -36,7 +36,8 @@ from bench.mqtt_latency import histogram_quantiles, ms, scrape, wait_online
 from clients.sdk import LivepatchClient
 from daemon.guest.build import IMAGE_PATH
 from daemon.kernel.kernel import load_image
-from daemon.livepatch import examples, signing
+from daemon.livepatch import examples
+from patchformat import signing
 from tests.mqtt_fixtures import DaemonProcess, Mosquitto, free_port
 
 PATCH = "livepatch_cmdline"

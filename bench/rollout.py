@@ -93,7 +93,8 @@ def bundle(work: Path) -> tuple[Path, Path, str]:
     """A signed example patch for the shipped kernel build, and the public key the hosts trust."""
     from daemon.guest.build import IMAGE_PATH  # noqa: PLC0415
     from daemon.kernel.kernel import load_image  # noqa: PLC0415
-    from daemon.livepatch import examples, signing  # noqa: PLC0415
+    from daemon.livepatch import examples  # noqa: PLC0415
+    from patchformat import signing  # noqa: PLC0415
 
     build_id = load_image(IMAGE_PATH)[0].build_id
     key = signing.generate_key()
@@ -105,7 +106,8 @@ def bundle(work: Path) -> tuple[Path, Path, str]:
 
 
 async def phase(url: str, work: Path, name: str, n: int, waves: int, fleet_spec: dict[str, Any],  # noqa: PLR0917
-                rollout: dict[str, Any], bundle_path: Path, pub: Path, build_id: str) -> dict[str, Any]:
+                rollout: dict[str, Any], bundle_path: Path, pub: Path, build_id: str,
+                profile: Path | None = None) -> dict[str, Any]:
     from clients.sdk import RolloutClient  # noqa: PLC0415
 
     spec_file = work / f"{name}-fleet.json"
@@ -115,7 +117,8 @@ async def phase(url: str, work: Path, name: str, n: int, waves: int, fleet_spec:
                               "--state-dir", str(work / name), "--trusted-key", str(pub), "--log-level", "error",
                               "--no-dashboard"],  # nothing else on the machine while it is measured
                              stdout=log, stderr=subprocess.STDOUT)
-    orch = subprocess.Popen([sys.executable, "-m", "daemon.cli", "orchestrator", "--broker", url, "--db",
+    profiler = ["-m", "pyinstrument", "-r", "text", "-o", str(profile), "--show-all"] if profile else []
+    orch = subprocess.Popen([sys.executable, *profiler, "-m", "daemon.cli", "orchestrator", "--broker", url, "--db",
                              str(work / f"{name}.sqlite3"), "--poll", "0.2", "--worker", name],
                             stdout=log, stderr=subprocess.STDOUT)
     obs = Observer(url)
@@ -209,7 +212,13 @@ async def amain(args: argparse.Namespace) -> int:
     url = f"mqtt://127.0.0.1:{port}"
     try:
         path, pub, build_id = bundle(work)
-        clean = await phase(url, work, "clean", args.hosts, args.waves, {}, {}, path, pub, build_id)
+        clean = await phase(url, work, "clean", args.hosts, args.waves, {}, {}, path, pub, build_id, args.profile)
+        if args.profile is not None or args.clean_only:  # a trial, not the measurement: nothing is written
+            print({k: v for k, v in clean.items() if k != "report"}, flush=True)
+            if args.profile is not None:
+                print(f"profile of the orchestrator: {args.profile}")
+            shutil.rmtree(work, ignore_errors=True)
+            return 0
         print({k: v for k, v in clean.items() if k != "report"}, flush=True)
         faulty = await phase(
             url, work, "faulty", args.fault_hosts, 2,
@@ -257,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hosts", type=int, default=200)
     parser.add_argument("--waves", type=int, default=4)
     parser.add_argument("--fault-hosts", type=int, default=100)
+    parser.add_argument("--clean-only", action="store_true", help="run the fault-free phase only, print its "
+                        "figures and write nothing")
+    parser.add_argument("--profile", type=Path, default=None, help="run the clean phase's orchestrator under "
+                        "pyinstrument (pip install pyinstrument), write its text profile here, and stop there")
     return asyncio.run(amain(parser.parse_args(argv)))
 
 

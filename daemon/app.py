@@ -33,20 +33,15 @@ from daemon.guest.build import GUEST_BUILDS
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.livepatch.core import Livepatch
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
-from daemon.service import (
-    Journal,
-    Metrics,
-    Service,
-    ftrace_verbs,
-    integrity,
-    kernel_verbs,
-    kprobe_verbs,
-    patch_insight_verbs,
-    patch_verbs,
-)
-from daemon.service.checkpoint import Checkpointer
-from daemon.service.crash_guard import CrashLoopGuard, previous_panic, record_panic
-from daemon.service.desired import DesiredState
+from daemon.service import Journal, Metrics, Service
+from daemon.service.ftrace import FtraceSubsystem
+from daemon.service.kernel import KernelVerbs
+from daemon.service.kprobes import KprobeSubsystem, RetprobeSubsystem
+from daemon.service.livepatch import LivepatchSubsystem, trusted_keys
+from daemon.service.livepatch.crash_guard import CrashLoopGuard, previous_panic, record_panic
+from daemon.service.store import integrity
+from daemon.service.store.checkpoint import Checkpointer
+from daemon.service.store.desired import DesiredState
 from daemon.settings import Settings
 from schemas import KernelState
 from schemas.brokers import BrokerAddress
@@ -55,6 +50,7 @@ log = structlog.get_logger(__name__)
 
 JANITOR_PERIOD_S = 2.0  # often and in small batches: a prune is one short transaction
 PRUNE_BATCH = 250  # rows per prune: ~2 ms on the event loop
+JANITOR_IDLE_PERIOD_S = 30.0  # a journal with no commit since the last pass: pruned by its time window this often
 PRUNE_AGAIN_S = 0.05  # after a full batch: up to 5,000 rows/s, more than the daemon can accept
 
 
@@ -102,7 +98,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None, fmt: st
 
 
 Extension = Callable[[Service, Kernel], None]
-"""Registers more verbs on a daemon's service for its kernel (``register(service, kernel)``)."""
+"""Adds to a daemon's service for its kernel: more verbs (``service.serve(table)``), state sections, listeners."""
 
 
 class _Crashed(Exception):
@@ -203,7 +199,7 @@ class Daemon:
             kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or s.kernel_build,
                                nr_cpus=s.nr_cpus, booted_at=time.time()),
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s,
-            read_fast_path=s.read_fast_path, fsync=not s.unsafe_skip_fsync)
+            read_fast_path=s.read_fast_path, fsync=not s.unsafe_skip_fsync, desired=self.desired)
         try:
             await self._run_service(service, journal, kernel, boot_seq)
         finally:
@@ -215,29 +211,35 @@ class Daemon:
         service.attach(loop)
         if s.labels:  # what a fleet selects this host by (rollout targets, dashboard grouping)
             service.state.set_component("labels", dict(s.labels))
-        calls = kernel_verbs.register(service, kernel, version=version(), call_timeout_s=s.call_timeout_s,
-                                     allow_any_call=s.allow_any_call)
+        # Each subsystem is built with what it uses and hands the service its verb table.
+        service.serve(KernelVerbs(service, kernel, version=version(), call_timeout_s=s.call_timeout_s,
+                                  allow_any_call=s.allow_any_call).verbs())
         self.ftrace = ftrace = await asyncio.to_thread(Ftrace, kernel)
-        keys = patch_verbs.trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
+        keys = trusted_keys(s.trusted_key_paths(), dev_key_dir=s.host_dir if s.dev_signing_key else None)
         self.livepatch = livepatch = Livepatch(kernel, ftrace, trusted_keys=keys, stall_after_s=s.transition_stall_s)
-        ftrace_ops = ftrace_verbs.register(service, kernel, ftrace, desired=self.desired)
+        ftrace_api = FtraceSubsystem(service, kernel, ftrace, desired=self.desired)
+        service.serve(ftrace_api.verbs())
         guard = CrashLoopGuard(previous_panic(s.host_dir, boot_seq), s.crash_loop_grace_s)
-        patches = patch_verbs.register(service, kernel, livepatch, desired=self.desired,
-                                       restore_timeout_s=s.patch_restore_timeout_s, calls=calls, guard=guard)
-        patches.also_publish.append(ftrace_ops.publish)  # a patch's klp ops are ftrace ops too
-        patch_insight_verbs.register(service, kernel, livepatch)  # patch.check, patch.effect
-        probes = kprobe_verbs.register(service, kernel, desired=self.desired)  # kprobe.*
-        for extend in self.extensions:  # more verbs (ftrace, livepatch, ...), registered before any replay
+        patches = LivepatchSubsystem(service, kernel, livepatch, desired=self.desired, guard=guard,
+                                     restore_timeout_s=s.patch_restore_timeout_s,
+                                     also_publish=[ftrace_api.publish])  # a patch's klp ops are ftrace ops too
+        service.serve(patches.verbs())
+        probes = KprobeSubsystem(service, kernel, desired=self.desired)
+        service.serve(probes.verbs())
+        retprobes = RetprobeSubsystem(service, kernel, probes.kprobes, ftrace, desired=self.desired)
+        service.serve(retprobes.verbs())
+        for extend in self.extensions:  # more verbs (a fleet host's faults, a test's), registered before any replay
             extend(service, kernel)
         await asyncio.to_thread(patches.restore)  # the desired patches, loaded and enabled again (load-at-boot)
-        await asyncio.to_thread(ftrace_ops.restore)  # then the desired ftrace ops and hijacks
+        await asyncio.to_thread(ftrace_api.restore)  # then the desired ftrace ops and hijacks
         await asyncio.to_thread(probes.restore)  # and the desired kprobes (after ftrace's init of the sites)
+        await asyncio.to_thread(retprobes.restore)  # kretprobes and fprobes
         replayed = await service.replay()
         # The image, kallsyms and the kernel's objects live as long as the daemon: keep them out of the cyclic
         # GC's generations, whose full collections otherwise stall a request now and then for tens of ms.
         gc.freeze()
         async with contextlib.AsyncExitStack() as stack:
-            stack.callback(ftrace_ops.close)  # the trace drainer, if a trace is running
+            stack.callback(ftrace_api.close)  # the trace drainer, if a trace is running
             config = await self._broker(stack)
             if s.metrics_port is not None:
                 server = self.metrics.serve(s.metrics_addr, s.metrics_port)
@@ -325,10 +327,16 @@ class Daemon:
         journal, metrics = service.journal, service.metrics
         metrics_due = 0.0
         pruned = 0
+        seen_commit: float | None = None  # the first pass always runs (the size metrics are set at once)
+        full_pass = time.monotonic()
         while True:
             # a full batch: more is waiting (under sustained load requests arrive faster than one batch per
             # period); small batches keep each prune, which runs on the event loop, to a couple of ms
             await asyncio.sleep(PRUNE_AGAIN_S if pruned >= PRUNE_BATCH else JANITOR_PERIOD_S)
+            now = time.monotonic()
+            if pruned < PRUNE_BATCH and journal.last_commit == seen_commit and now - full_pass < JANITOR_IDLE_PERIOD_S:
+                continue  # nothing new: only the time window moved (a fleet process holds a thousand journals)
+            seen_commit, full_pass = journal.last_commit, now
             try:
                 pruned = journal.prune(self.settings.journal_keep, self.settings.journal_keep_s, batch=PRUNE_BATCH)
             except sqlite3.OperationalError as exc:  # a full disk: pruning frees nothing until it can write

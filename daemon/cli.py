@@ -164,6 +164,9 @@ def _fleet_parser(sub: Any) -> None:
                            "or shrinks a running fleet. Settings come from LIVEPATCHD_* variables as for serve; "
                            "each host's state is <state-dir>/<host>/.")
     fleet.add_argument("--hosts", type=int, help="how many hosts (default: the spec's, else 20)")
+    fleet.add_argument("--first", type=int, default=0, help="the number of the first host id (default 0): a fleet "
+                       "split over several runners on one broker gives each its own range, e.g. --first 500 "
+                       "--hosts 500 for sim-0500..sim-0999")
     fleet.add_argument("--spec", type=Path, help="a fleet spec (YAML or JSON; schema: schemas/json/FleetSpec.json)")
     fleet.add_argument("--seed", type=int, help="override the spec's seed")
     fleet.add_argument("--workers", type=int, help="worker processes (default: one per core; 0: this process)")
@@ -211,6 +214,8 @@ def _fleet(args: argparse.Namespace) -> int:
             spec = plan.parse_spec({**spec.model_dump(mode="json"), "seed": args.seed})
         if args.hosts is not None and args.hosts < 0:
             raise plan.FleetSpecError(f"--hosts must be 0 or more, not {args.hosts}", field="hosts")
+        if args.first < 0:
+            raise plan.FleetSpecError(f"--first must be 0 or more, not {args.first}", field="first")
         if args.workers is not None and args.workers < 0:
             raise plan.FleetSpecError(f"--workers must be 0 or more, not {args.workers}", field="workers")
         Settings(**overrides)
@@ -230,7 +235,7 @@ def _fleet(args: argparse.Namespace) -> int:
         except DashboardError as exc:
             print(f"livepatchd fleet: --dashboard: {exc}", file=sys.stderr)
             return 2
-    return runner.run_fleet(spec, json_overrides, workers=args.workers, hosts=args.hosts,
+    return runner.run_fleet(spec, json_overrides, workers=args.workers, hosts=args.hosts, first=args.first,
                             dashboard=args.dashboard, dashboard_broker=args.dashboard_broker)
 
 
@@ -252,7 +257,7 @@ def _state_parser(sub: Any) -> None:
 
 
 def _state(args: argparse.Namespace) -> int:
-    from daemon.service import integrity  # noqa: PLC0415
+    from daemon.service.store import integrity  # noqa: PLC0415
     from daemon.settings import Settings  # noqa: PLC0415
 
     overrides = {k: getattr(args, k) for k in ("state_dir", "host_id") if getattr(args, k) is not None}
@@ -338,15 +343,13 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.errors import ArtifactError, ManifestError  # noqa: PLC0415
     from daemon.guest.build import DEFAULT_RELEASE, GUEST_BUILDS, IMAGE_PATH  # noqa: PLC0415
     from daemon.kernel.kernel import load_image  # noqa: PLC0415
-    from daemon.livepatch import artifact, examples, signing  # noqa: PLC0415
-    from daemon.livepatch.bundle import PatchBundle  # noqa: PLC0415
-    from daemon.livepatch.manifest import Manifest  # noqa: PLC0415
+    from daemon.livepatch import artifact, examples  # noqa: PLC0415
+    from patchformat import signing  # noqa: PLC0415
+    from patchformat.bundle import PatchBundle  # noqa: PLC0415
+    from patchformat.manifest import Manifest  # noqa: PLC0415
+    from patchformat.summary import signed_line, summary  # noqa: PLC0415
 
-    def describe(b: PatchBundle, path: Path) -> dict[str, Any]:
-        sig = b.signature
-        return {"bundle": str(path), "name": b.name, "build_id": b.manifest.build_id,
-                "object_sha256": signing.object_digest(b.object), "key_id": sig.key_id if sig else None,
-                "funcs": [f.old_name for o in b.manifest.objects for f in o.funcs]}
+    describe = summary  # the document lpctl prints for a bundle too
 
     def committed_build_id() -> str:
         return load_image(IMAGE_PATH)[0].build_id
@@ -442,8 +445,7 @@ def _patch_command(args: argparse.Namespace) -> dict[str, Any]:
         bundle = signing.sign(PatchBundle.load(args.bundle), signing.load_private_key(args.key))
         out = args.out or args.bundle
         _write(bundle, out)
-        assert bundle.signature is not None
-        return {**describe(bundle, out), "text": f"{out}: {bundle.name} signed by {bundle.signature.key_id[:16]}"}
+        return {**describe(bundle, out), "text": signed_line(bundle, out)}
     if args.patch_command == "verify":
         bundle = PatchBundle.load(args.bundle)
         trusted = [signing.load_public_key(p) for p in args.trusted]

@@ -29,21 +29,33 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any
 
+# The root of the tree and the artifact-format refusals live with the artifact format, which lpctl uses too;
+# they are re-exported here so that every layer keeps importing its errors from one place.
+from patchformat.errors import (
+    ArtifactError,
+    BadSignature,
+    BundleFormatError,
+    KeyFileError,
+    LivepatchdError,
+    ManifestError,
+    ManifestTampered,
+    ObjectTampered,
+    SignatureMissing,
+    UntrustedKey,
+)
 
-class LivepatchdError(Exception):
-    """Base of every error raised on purpose by livepatchd."""
-
-    code: str = "internal"
-    errno: int = 0
-
-    def __init__(self, message: str, /, **details: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details: dict[str, Any] = details
-
-    def to_dict(self) -> dict[str, Any]:
-        """The error as the ``error`` member of a reply."""
-        return {"code": self.code, "message": self.message, "details": self.details}
+__all__ = [
+    "ArtifactError",
+    "BadSignature",
+    "BundleFormatError",
+    "KeyFileError",
+    "LivepatchdError",
+    "ManifestError",
+    "ManifestTampered",
+    "ObjectTampered",
+    "SignatureMissing",
+    "UntrustedKey",
+]
 
 
 class GuestError(LivepatchdError):
@@ -206,50 +218,8 @@ class ModuleNotLoaded(ModuleError):
     errno = -2  # -ENOENT
 
 
-class ArtifactError(LivepatchdError):
-    code = "patch_artifact_error"
-    errno = -22  # -EINVAL
-
-
-class BundleFormatError(ArtifactError):
-    code = "patch_bundle_malformed"
-
-
-class ManifestError(ArtifactError):
-    code = "patch_manifest_invalid"
-
-
-class KeyFileError(ArtifactError):
-    code = "patch_key_invalid"
-
-
 class PatchBuildError(ArtifactError):
     code = "patch_build_failed"
-
-
-class SignatureMissing(ArtifactError):
-    code = "patch_signature_missing"
-    errno = -126  # -ENOKEY
-
-
-class UntrustedKey(ArtifactError):
-    code = "patch_signature_untrusted"
-    errno = -126  # -ENOKEY
-
-
-class BadSignature(ArtifactError):
-    code = "patch_signature_invalid"
-    errno = -129  # -EKEYREJECTED
-
-
-class ObjectTampered(ArtifactError):
-    code = "patch_object_tampered"
-    errno = -129  # -EKEYREJECTED
-
-
-class ManifestTampered(ArtifactError):
-    code = "patch_manifest_tampered"
-    errno = -129  # -EKEYREJECTED
 
 
 class BuildIdMismatch(ArtifactError):

@@ -8,9 +8,10 @@ verb = its two models and one ``VerbSpec`` in its subsystem's module (``schemas.
 
 from __future__ import annotations
 
-from schemas import ftrace, kernel, kprobes, livepatch, patch_insight
+from schemas import ftrace, kernel, kprobes, livepatch, patch_insight, retprobes
 from schemas.spec import VerbSpec
 
 VERBS: dict[str, VerbSpec] = {spec.verb: spec for spec in (*ftrace.SPECS, *livepatch.SPECS, *patch_insight.SPECS,
-                                                         *kernel.SPECS, *kprobes.SPECS)}
+                                                         *kernel.SPECS, *kprobes.SPECS,
+                                                         *retprobes.SPECS)}
 """Every verb of this schema version, by name."""

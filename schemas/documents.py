@@ -12,6 +12,7 @@ from schemas.ftrace import FtraceSection
 from schemas.kprobes import KprobesSection
 from schemas.livepatch import LivepatchSection
 from schemas.patch_insight import PatchEffectSection
+from schemas.retprobes import FprobesSection, KretprobesSection
 
 STALE_AFTER_BEATS = 3
 """A host whose last heartbeat is older than this many heartbeat periods is ``stale``: it said online, but it has
@@ -73,7 +74,8 @@ class KernelState(Outbound):
 
 
 COMPONENTS: dict[str, type[Outbound]] = {"livepatch": LivepatchSection, "ftrace": FtraceSection,
-                                         "patch_effect": PatchEffectSection, "kprobes": KprobesSection}
+                                         "patch_effect": PatchEffectSection, "kprobes": KprobesSection,
+                                         "kretprobes": KretprobesSection, "fprobes": FprobesSection}
 """The sections of ``StateDoc.components`` this schema version defines, by name -> their model."""
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
-from schemas import ftrace, kernel, kprobes, livepatch
+from schemas import ftrace, kernel, kprobes, livepatch, retprobes
 from schemas._base import Outbound
 
 
@@ -81,7 +81,7 @@ DAEMON_EVENTS: dict[str, type[Outbound]] = {
 }
 
 EVENTS: dict[str, type[Outbound]] = {**DAEMON_EVENTS, **kernel.EVENTS, **ftrace.EVENTS, **livepatch.EVENTS,
-                                     **kprobes.EVENTS}
+                                     **kprobes.EVENTS, **retprobes.EVENTS}
 """Every event type this schema version emits -> the model of its ``data``."""
 
 

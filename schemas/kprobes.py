@@ -180,6 +180,8 @@ class KprobeHitRecord(Outbound):
     ts: int = Field(description="cntvct ticks")
     post: bool
     regs: dict[str, int]
+    kind: Literal["pre", "post", "ret", "?"] = Field(
+        default="pre", description="ret: a kretprobe's return (regs from its trampoline, x0 = the return value)")
 
 
 class KprobeReadData(Outbound):

@@ -24,10 +24,11 @@ from daemon.errors import (
     SignatureMissing,
 )
 from daemon.kernel.kernel import Kernel
-from daemon.livepatch import artifact, examples, signing
-from daemon.livepatch.bundle import PatchBundle
-from daemon.livepatch.manifest import Callbacks, FuncSpec, Manifest, ObjectSpec
+from daemon.livepatch import artifact, examples
 from daemon.module_loader import LoadedModule, ModuleLoader
+from patchformat import signing
+from patchformat.bundle import PatchBundle
+from patchformat.manifest import Callbacks, FuncSpec, Manifest, ObjectSpec
 
 
 @pytest.fixture(scope="module")

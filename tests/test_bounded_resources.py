@@ -15,8 +15,8 @@ from clients.sdk import LivepatchClient
 from daemon.emu.machine import PAUSES_KEPT
 from daemon.kernel.kernel import Kernel
 from daemon.service import Journal
-from daemon.service.checkpoint import Checkpointer
-from daemon.service.desired import DesiredState
+from daemon.service.store.checkpoint import Checkpointer
+from daemon.service.store.desired import DesiredState
 
 
 def test_the_wal_stays_bounded_while_requests_never_pause(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from mqtt_fixtures import DaemonThread, run
 from pydantic import ValidationError
 
 from clients.sdk import LivepatchClient
-from daemon.service.board import EventLog, StateBoard
-from daemon.service.journal import Journal
+from daemon.service.pipeline.outbox import EventLog, StateBoard
+from daemon.service.store.journal import Journal
 from schemas import EventDoc, EventType, KernelState
 from schemas import export as schema_export
 from schemas.documents import COMPONENTS
@@ -24,11 +24,12 @@ from schemas.ftrace import FtraceEventType, FtraceSection
 from schemas.kernel import KernelEventType
 from schemas.kprobes import KprobeEventType
 from schemas.livepatch import LivepatchSection, PatchEventType, TransitionStalledEvent
+from schemas.retprobes import RetprobeEventType
 
 
 def test_every_event_type_has_a_model_and_every_model_a_type() -> None:
     documented = {*get_args(EventType), *get_args(KernelEventType), *get_args(FtraceEventType),
-                  *get_args(PatchEventType), *get_args(KprobeEventType)}
+                  *get_args(PatchEventType), *get_args(KprobeEventType), *get_args(RetprobeEventType)}
     assert set(EVENTS) == documented
     assert len(set(EVENTS.values())) == len(EVENTS), "one model per type"
 
@@ -92,7 +93,9 @@ def test_the_state_sections_are_listed_by_their_models() -> None:
     assert components == {"ftrace": {"$ref": "#/components/schemas/FtraceSection"},
                           "livepatch": {"$ref": "#/components/schemas/LivepatchSection"},
                           "patch_effect": {"$ref": "#/components/schemas/PatchEffectSection"},
-                          "kprobes": {"$ref": "#/components/schemas/KprobesSection"}}
+                          "kprobes": {"$ref": "#/components/schemas/KprobesSection"},
+                          "kretprobes": {"$ref": "#/components/schemas/KretprobesSection"},
+                          "fprobes": {"$ref": "#/components/schemas/FprobesSection"}}
 
 
 def test_a_running_daemon_publishes_sections_that_follow_their_models(lpd: DaemonThread) -> None:

@@ -69,10 +69,13 @@ def test_each_fault_does_what_the_spec_says(mosquitto: Mosquitto, tmp_path: Path
                 info = await c.patch_info("livepatch_cmdline")
                 assert (info.enabled, info.desired_enabled) == (True, True)
 
-            # panic: the patched function panics on this host; the crash-loop guard holds the patch back
+            # panic: the replacement panics when it runs on this host; the crash-loop guard holds the patch back
             async with LivepatchClient(mosquitto.url, h[4], protocol="3.1.1") as c:
                 await c.patch_load(cmdline)
-                await c.patch_enable("livepatch_cmdline")
+                assert (await c.patch_enable("livepatch_cmdline", wait=True, timeout_s=10)).completed
+                assert runner.online.get(h[4]) == 1, "enabled: nothing has run the replacement yet"
+                with pytest.raises(ReplyError, match=r"guest_panic: vCPU 0 hit BUG\(\)"):  # inside the replacement
+                    await c.call_read("proc_cmdline_read")
                 await wait_for(lambda: runner.online.get(h[4]) == 2, 30)
                 info = await c.patch_info("livepatch_cmdline")
                 assert (info.enabled, info.desired_enabled) == (False, False), "not re-enabled at boot"

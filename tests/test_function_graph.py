@@ -23,9 +23,9 @@ from daemon.kernel.kernel import Kernel
 from daemon.kernel.structs import StructRef
 from daemon.kernel.unwind import unwind
 from daemon.livepatch import sysfs
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import StallPolicy
+from patchformat.bundle import PatchBundle
 
 CHAIN = [("work_chain", 0), ("work_step_a", 1), ("work_step_b", 2), ("work_step_c", 3)]
 

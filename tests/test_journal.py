@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from daemon.service import Journal
-from daemon.service.checkpoint import Checkpointer
-from daemon.service.journal import _SCHEMA
-from daemon.service.metrics import Metrics
+from daemon.service.pipeline.metrics import Metrics
+from daemon.service.store.checkpoint import Checkpointer
+from daemon.service.store.journal import _SCHEMA
 
 
 def answered(journal: Journal, rid: str) -> None:

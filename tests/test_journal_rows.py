@@ -17,7 +17,7 @@ from cutting_proxy import CuttingProxy
 from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, run
 
 from clients.sdk import LivepatchClient
-from daemon.service.journal import fingerprint
+from daemon.service.store.journal import fingerprint
 from daemon.settings import Settings
 from schemas import Topics
 

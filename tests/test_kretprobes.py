@@ -18,9 +18,9 @@ from daemon.kernel.unwind import unwind
 from daemon.kprobes.core import Kprobes
 from daemon.kprobes.kretprobes import Kretprobes
 from daemon.livepatch import sysfs
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import StallPolicy
+from patchformat.bundle import PatchBundle
 from tests.conftest import booted
 
 TRAMPOLINES = ["brk", "rethook"]
@@ -183,7 +183,7 @@ def test_bad_requests(kernel: Kernel, kr: Kretprobes) -> None:
     with pytest.raises(KprobeExists):
         kr.register("r", "kpt_calls")
     with pytest.raises(KprobeExists):
-        kr.kprobes.register("p", "kpt_leaf")  # one probe per address
+        kr.kprobes.register("r", "kpt_calls")  # one name space for kprobes and kretprobes
     with pytest.raises(KprobeNotFound):
         kr.unregister("nope")
     assert kernel.call("kpt_leaf", 1) == 4

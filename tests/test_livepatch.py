@@ -27,10 +27,10 @@ from daemon.guest import abi
 from daemon.guest.build import IMAGE_PATH
 from daemon.kernel.kernel import Kernel, load_image
 from daemon.livepatch import examples, sysfs
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
-from daemon.livepatch.manifest import Manifest
 from daemon.livepatch.transition import GiveUp, StallPolicy
+from patchformat.bundle import PatchBundle
+from patchformat.manifest import Manifest
 
 ORIGINAL_CMDLINE = "console=ttyAMA0 root=/dev/vda rw livepatchd.emulated=1\n"
 

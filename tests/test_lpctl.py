@@ -167,7 +167,7 @@ def test_keys_generate(tmp_path: Path) -> None:
     assert isinstance(private, Ed25519PrivateKey)
     assert isinstance(public, Ed25519PublicKey)
     public.verify(private.sign(b"patch"), b"patch")  # the two files are one pair
-    assert len(doc["key_id"]) == 16
+    assert len(doc["key_id"]) == 64, "the key id a bundle's signature and the daemon name (lpctl shows 16 digits)"
     again = runner.invoke(app, ["keys", "generate", "signer", "--out", str(tmp_path)])
     assert again.exit_code == 2
     assert "--force" in again.stderr

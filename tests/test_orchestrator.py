@@ -120,6 +120,13 @@ def test_rollout_across_real_hosts(mosquitto: Mosquitto, tmp_path: Path) -> None
                                 stall={"wait_s": 1, "then_wait_s": 1, "action": "revert"}, verify=False)
                 created = await r.create(spec)
                 assert created.rollout.state == "CREATED"
+                changes: dict[str, list[tuple[int, str]]] = {}
+
+                async def follow_changes() -> None:
+                    async for e in r.execution_changes("r1"):
+                        changes.setdefault(e.host, []).append((e.version, e.state.value))
+                follower = asyncio.get_running_loop().create_task(follow_changes())
+                await asyncio.sleep(0.5)  # subscribed before the start
                 started = await r.request("rollout.start", {"name": "r1"}, request_id="start-once")
                 again = await r.request("rollout.start", {"name": "r1"}, request_id="start-once")
                 assert started == again, "a repeated request id is answered from the store"
@@ -139,6 +146,12 @@ def test_rollout_across_real_hosts(mosquitto: Mosquitto, tmp_path: Path) -> None
                 assert final.state == "COMPLETED"
                 status = await r.rollout_status("r1")
                 states = {e.host: e.state.value for e in status.executions}
+                await asyncio.sleep(0.5)
+                follower.cancel()
+                for e in status.executions:  # every change announced, in version order, ending where status is
+                    seen = changes[e.host]
+                    assert seen == sorted(seen), e.host
+                    assert seen[-1] == (e.version, e.state.value), e.host
                 assert Counter(states.values()) == {"SUCCEEDED": 7, "REVERTED": 1}
                 stalled = [e for e in status.executions if e.state.value == "REVERTED"]
                 assert stalled[0].details["stalled"] is True
@@ -208,6 +221,14 @@ def test_lpctl_rollout_commands(mosquitto: Mosquitto, tmp_path: Path) -> None:
             watched = await loop.run_in_executor(None, lpctl, "--json", "rollout", "watch", "cli1")
             assert watched.returncode == 0, watched.stderr
             assert json.loads(watched.stdout.strip().splitlines()[-1])["state"] == "COMPLETED"
+            table = await loop.run_in_executor(None, lpctl, "rollout", "watch", "cli1")
+            assert table.returncode == 0, table.stderr
+            assert "hosts by state" in table.stdout
+            row = next(line for line in table.stdout.splitlines() if "SUCCEEDED" in line and hosts[0] in line)
+            assert "│ 4 " in row or " 4 " in row, table.stdout
+            nowhere = await loop.run_in_executor(None, lpctl, "rollout", "watch", "nope", "--seconds", "20")
+            assert nowhere.returncode == 1
+            assert "rollout_not_found" in nowhere.stderr
             listing = await loop.run_in_executor(None, lpctl, "rollout", "list")
             assert "cli1" in listing.stdout
             assert "COMPLETED" in listing.stdout

@@ -17,9 +17,9 @@ from test_service_patch import Session, Sleeper, kernel_of, quiet_policy, signed
 
 from clients.sdk import LivepatchClient, ReplyError
 from daemon.fleet.runner import FleetRunner
-from daemon.livepatch import signing
 from daemon.livepatch.artifact import build_patch
-from daemon.livepatch.manifest import Manifest
+from patchformat import signing
+from patchformat.manifest import Manifest
 from schemas.fleet import FleetSpec
 
 

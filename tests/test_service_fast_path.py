@@ -14,7 +14,7 @@ import pytest
 from pydantic import Field
 
 from daemon.service import Journal, RequestContext, Service
-from daemon.service.durability import GroupSync
+from daemon.service.store.durability import GroupSync
 from schemas import VERBS, KernelState, Outbound, Request, VerbSpec
 
 
@@ -60,15 +60,14 @@ def make_service(tmp: Path, *, fast: bool = True) -> tuple[Service, list[int], S
                       kernel=KernelState(build_id="x", nr_cpus=1, booted_at=time.time()))
     executed: list[int] = []
 
-    @service.handler("test.change")
     def change(req: StepRequest, ctx: RequestContext) -> StepData:
         executed.append(req.value)
         return StepData(value=req.value)
 
-    @service.handler("test.read")
     async def read(req: StepRequest, ctx: RequestContext) -> StepData:
         return StepData(value=req.value)
 
+    service.serve({"test.change": change, "test.read": read})
     return service, executed, fsync
 
 

@@ -21,10 +21,12 @@ from mqtt_fixtures import DaemonProcess, DaemonThread, Mosquitto, daemon_setting
 from clients.sdk import LivepatchClient, ReplyError
 from daemon.ftrace import tracefs
 from daemon.ftrace.core import Ftrace
+from daemon.ftrace.ops import FtraceOps
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel, KernelConfig
-from daemon.service import Journal, Service, ftrace_verbs
-from daemon.service.desired import DesiredState
+from daemon.service import Journal, Service
+from daemon.service.ftrace import FtraceSubsystem
+from daemon.service.store.desired import DesiredState
 from schemas import KernelState, Reply
 from schemas.ftrace import MAX_PAGE, TraceBatchDoc
 
@@ -628,8 +630,10 @@ class Host:
         self.journal = Journal(tmp / "journal.sqlite3")
         self.desired = DesiredState(tmp / "desired.sqlite3")
         self.service = Service(host="h", boot_seq=self.journal.next_boot_seq(), journal=self.journal,
-                               kernel=KernelState(build_id="b", nr_cpus=2, booted_at=time.time()))
-        self.verbs = ftrace_verbs.register(self.service, self.kernel, self.ftrace, desired=self.desired)
+                               kernel=KernelState(build_id="b", nr_cpus=2, booted_at=time.time()),
+                               desired=self.desired)
+        self.verbs = FtraceSubsystem(self.service, self.kernel, self.ftrace, desired=self.desired)
+        self.service.serve(self.verbs.verbs())
         self.n = 0
 
     def request(self, verb: str, **params: Any) -> Reply:
@@ -785,3 +789,38 @@ def test_ops_and_hijacks_survive_kill_9(mosquitto: Mosquitto, tmp_path: Path) ->
         run(after())
     finally:
         d.kill()
+
+
+def test_ops_list_answers_while_a_change_holds_the_lock_and_stays_current(tmp_path: Path) -> None:
+    """``ftrace.ops.list`` answers from the listing taken after the last change (hits read live), so it does not
+    wait behind a change holding the subsystem's lock; after a change it lists what the change did, and an ops
+    registered behind the subsystem's back (as fprobe does) makes it take the listing anew."""
+    host = Host(tmp_path)
+    try:
+        host.ok("ftrace.ops.register", name="listed", filter="work_chain")
+        assert [o["name"] for o in host.ok("ftrace.ops.list")["ops"]] == ["listed"]
+        host.kernel.call("work_chain", 3)
+        with host.verbs.lock:  # a change in progress, from another thread's point of view
+            t0 = time.monotonic()
+            listed = host.ok("ftrace.ops.list")
+            assert time.monotonic() - t0 < 1.0
+        assert listed["ops"][0]["hits"] >= 1, "hits are read live, not from the listing"
+        host.ok("ftrace.ops.register", name="second", filter="work_step_a")
+        assert sorted(o["name"] for o in host.ok("ftrace.ops.list")["ops"]) == ["listed", "second"]
+        host.ok("ftrace.ops.filter", name="second", filter="work_step_b", reset=False)
+        second = next(o for o in host.ok("ftrace.ops.list")["ops"] if o["name"] == "second")
+        assert second["functions"] == 2
+        host.ok("ftrace.ops.unregister", name="listed")
+        assert [o["name"] for o in host.ok("ftrace.ops.list")["ops"]] == ["second"]
+        foreign = FtraceOps("behind-its-back", "ops_func_count")
+        host.ftrace.set_filter(foreign, "work_step_c", reset=True)
+        host.ftrace.register(foreign)
+        try:
+            others = [o["name"] for o in host.ok("ftrace.ops.list")["others"]]
+            assert "behind-its-back" in others
+        finally:
+            host.ftrace.unregister(foreign)
+        assert "behind-its-back" not in [o["name"] for o in host.ok("ftrace.ops.list")["others"]]
+        host.ok("ftrace.ops.unregister", name="second")
+    finally:
+        host.close()

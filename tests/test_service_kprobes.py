@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from clients.cli.main import app
 from clients.sdk import LivepatchClient, ReplyError
 from daemon.kernel.kernel import Kernel, KernelConfig
-from daemon.service import Journal, Service, kprobe_verbs
-from daemon.service.desired import DesiredState
+from daemon.service import Journal, Service
+from daemon.service.kprobes import KprobeSubsystem
+from daemon.service.store.desired import DesiredState
 from schemas import KernelState, Reply
 from schemas.kprobes import KprobesSection, parse_probe_definition
 
@@ -30,8 +31,10 @@ class Host:
         self.journal = Journal(tmp / "journal.sqlite3")
         self.desired = DesiredState(tmp / "desired.sqlite3")
         self.service = Service(host="h", boot_seq=self.journal.next_boot_seq(), journal=self.journal,
-                               kernel=KernelState(build_id="b", nr_cpus=2, booted_at=time.time()))
-        self.verbs = kprobe_verbs.register(self.service, self.kernel, desired=self.desired)
+                               kernel=KernelState(build_id="b", nr_cpus=2, booted_at=time.time()),
+                               desired=self.desired)
+        self.verbs = KprobeSubsystem(self.service, self.kernel, desired=self.desired)
+        self.service.serve(self.verbs.verbs())
         self.n = 0
 
     def request(self, verb: str, **params: Any) -> Reply:

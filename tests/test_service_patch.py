@@ -24,11 +24,12 @@ from clients.sdk import LivepatchClient, ReplyError
 from clients.sdk.patch_api import TransitionTimeout
 from daemon.guest.build import IMAGE_PATH
 from daemon.kernel.kernel import Kernel, load_image
-from daemon.livepatch import examples, signing
-from daemon.livepatch.bundle import PatchBundle
-from daemon.livepatch.manifest import Manifest
+from daemon.livepatch import examples
 from daemon.livepatch.transition import StallPolicy
 from daemon.settings import Settings
+from patchformat import signing
+from patchformat.bundle import PatchBundle
+from patchformat.manifest import Manifest
 from schemas import EventDoc
 
 ORIGINAL_CMDLINE = "console=ttyAMA0 root=/dev/vda rw livepatchd.emulated=1\n"

@@ -1,4 +1,4 @@
-"""The desired-state store (daemon/service/desired.py): order, merge, delete, applied request ids, durability."""
+"""The desired-state store (daemon/service/store/desired.py): order, merge, delete, applied request ids, durability."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.service.desired import DesiredState
+from daemon.service.store.desired import DesiredState
 
 
 def test_put_update_delete_keep_order(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_threads_share_one_store(tmp_path: Path) -> None:
 
 def test_a_killed_writer_loses_no_committed_change(tmp_path: Path) -> None:
     path = tmp_path / "d.sqlite3"
-    code = ("import os, sys; from pathlib import Path; from daemon.service.desired import DesiredState\n"
+    code = ("import os, sys; from pathlib import Path; from daemon.service.store.desired import DesiredState\n"
             "s = DesiredState(Path(sys.argv[1]))\n"
             "for i in range(20): s.put('k', str(i), {'i': i}, blob=bytes(1000), request_id=f'r{i}')\n"
             "print('done', flush=True); os.kill(os.getpid(), 9)\n")

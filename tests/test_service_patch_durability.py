@@ -13,9 +13,9 @@ from mqtt_fixtures import DaemonProcess, DaemonThread, Mosquitto, next_status, r
 from test_service_patch import PATCHED_CMDLINE, b64, signed, signer, trusting_settings
 
 from clients.sdk import LivepatchClient
-from daemon.service.desired import DesiredState
-from daemon.service.journal import Journal, fingerprint
-from daemon.service.patch_verbs import KIND
+from daemon.service.livepatch import KIND
+from daemon.service.store.desired import DesiredState
+from daemon.service.store.journal import Journal, fingerprint
 
 SLOW = 250_000_000  # getpid_loop iterations: a few seconds of guest time
 

@@ -111,10 +111,11 @@ def test_mutating_verbs_run_one_at_a_time_in_worker_threads(tmp_path: Path, verb
 def test_an_extension_verb_end_to_end(mosquitto: Mosquitto, tmp_path: Path, verbs: None) -> None:
     """How ftrace/livepatch verbs plug in: an extension registers handlers; the daemon serves them over MQTT."""
     def extension(service: Service, kernel: Kernel) -> None:
-        @service.handler("test.read")
         def read(req: SleepRequest, ctx: RequestContext) -> SleepData:
             assert kernel.config.nr_cpus == 2
             return SleepData(thread=threading.current_thread().name, concurrent=0)
+
+        service.serve({"test.read": read})
 
     lpd = DaemonThread(daemon_settings(tmp_path, mosquitto.url), extensions=[extension]).start()
     try:

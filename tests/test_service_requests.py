@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.kernel.kernel import Kernel
-from daemon.service import Journal, Service, kernel_verbs
+from daemon.service import Journal, Service
+from daemon.service.kernel import KernelVerbs
 from schemas import VERBS, KernelState, Reply
 from schemas.topics import reply_destination_problem
 
@@ -35,7 +36,7 @@ def make_service(tmp: Path, kernel: Kernel, journal: Journal | None = None) -> S
     journal = journal or Journal(tmp / "journal.sqlite3")
     service = Service(host="fuzz", boot_seq=journal.next_boot_seq(), journal=journal, max_payload_bytes=4096,
                       kernel=KernelState(build_id=kernel.image.build_id, nr_cpus=2, booted_at=time.time()))
-    kernel_verbs.register(service, kernel, version="test")
+    service.serve(KernelVerbs(service, kernel, version="test").verbs())
     return service
 
 

@@ -16,7 +16,7 @@ import pytest
 from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, run
 
 from clients.sdk import LivepatchClient, ReplyError
-from daemon.service.journal import Journal, JournalFull
+from daemon.service.store.journal import Journal, JournalFull
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 

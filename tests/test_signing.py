@@ -20,9 +20,9 @@ from daemon.errors import (
     SignatureMissing,
     UntrustedKey,
 )
-from daemon.livepatch import signing
-from daemon.livepatch.bundle import PatchBundle
-from daemon.livepatch.manifest import FuncSpec, Manifest, ObjectSpec, canonical_json
+from patchformat import signing
+from patchformat.bundle import PatchBundle
+from patchformat.manifest import FuncSpec, Manifest, ObjectSpec, canonical_json
 
 OBJECT = b"\x7fELF pretend object bytes" + bytes(range(256))
 

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemon.service import integrity
-from daemon.service.desired import DesiredState
-from daemon.service.journal import Journal
+from daemon.service.store import integrity
+from daemon.service.store.desired import DesiredState
+from daemon.service.store.journal import Journal
 
 HOST = "vm"
 

@@ -14,6 +14,9 @@ from daemon.emu.memory import Backing, Perm, Region
 from daemon.emu.native import build as native
 from daemon.emu.tlb import DEFAULT_TLB_MODE, FillTable, TlbMode
 from daemon.errors import GuestFault, NativeBuildError
+from daemon.ftrace.core import Ftrace
+from daemon.ftrace.ops import FtraceOps
+from daemon.ftrace.tracer import FunctionTracer
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.settings import Settings
 
@@ -167,3 +170,42 @@ def test_tlb_grows_to_the_corpus_working_set() -> None:
         for _ in range(20):  # a TLB that holds the working set is not flushed again
             k.call("getpid_loop", 1000)
         assert table.flushes == flushes
+
+
+def test_no_region_is_both_writable_and_executable() -> None:
+    """A page both writable and executable sends every store to it through the slow path on either TLB (its
+    translations must be checked): the virtual TLB's gain depends on data never being executable."""
+    with Kernel(KernelConfig(nr_cpus=1, loadgens_per_cpu=0)) as k:
+        both = [r.name for r in k.memory.regions if Perm.W in r.perms and Perm.X in r.perms]
+        assert both == []
+
+
+def test_traced_calls_miss_the_tlb_nowhere_in_steady_state() -> None:
+    """A traced call (one ops: per-callsite; two: the list function) and the function tracer's ring writes,
+    once warm, take no TLB fill per call: nothing on the path leaves the fast path (bench.ftrace_ops times it)."""
+    with Kernel(KernelConfig(nr_cpus=1, loadgens_per_cpu=0)) as k:
+        table = k.machine.vcpus[0].fill_table
+        assert table is not None
+        ft = Ftrace(k)
+        registered = []
+        for i in range(2):
+            ops = FtraceOps(f"nop{i}", "ops_func_nop")
+            ft.set_filter(ops, "tracee_relevant")
+            ft.register(ops)
+            registered.append(ops)
+            k.call("bench_tracee", 10_000, timeout=60)
+            fills = table.fills
+            k.call("bench_tracee", 10_000, timeout=60)
+            assert table.fills - fills == 0, f"{i + 1} ops"
+        for ops in registered:
+            ft.unregister(ops)
+        tracer = FunctionTracer(ft, filter="tracee_relevant", entries_per_cpu=1 << 14)
+        tracer.start()
+        k.call("bench_tracee", 1000, timeout=60)
+        fills = table.fills
+        k.call("bench_tracee", 10_000, timeout=60)
+        # a 48-byte entry per call: a new 1 KiB ring page every ~21 calls, nothing more
+        assert table.fills - fills <= 10_000 * 48 // 1024 + 4
+        assert tracer.dropped == 0
+        assert len(tracer.stop()) == 11_000
+        assert table.refused == 0

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from patchformat.signing import key_id  # the daemon's: the one a bundle's signature names
+
+__all__ = ["KeyPair", "generate", "key_id"]
 
 
 @dataclass(frozen=True)
@@ -16,12 +19,6 @@ class KeyPair:
     private_path: Path
     public_path: Path
     key_id: str
-
-
-def key_id(public: Ed25519PublicKey) -> str:
-    """A short, stable name for a public key: the first 16 hex digits of SHA-256 over its raw 32 bytes."""
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def generate(directory: Path, name: str, *, force: bool = False) -> KeyPair:

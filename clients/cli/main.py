@@ -28,6 +28,7 @@ from clients.cli import (
     patch_cmds,
     probe_cmds,
     profile_cmds,
+    retprobe_cmds,
     rollout_cmds,
 )
 from clients.cli.help_format import LpctlGroup
@@ -75,7 +76,7 @@ def options(
                                                  "in the certificate file")] = None,
     client_id: Annotated[str | None, typer.Option(envvar="LPCTL_CLIENT_ID", help="MQTT client id (replies come "
                                                   "on reply/<client id>); a broker that binds ids to user names "
-                                                  "(deploy/mosquitto-bound-ids.conf) needs the user name")] = None,
+                                                  "(deploy/mosquitto.conf, listener 1883) needs the user name")] = None,
 ) -> None:
     ctx.obj = Options(",".join(broker or ["mqtt://127.0.0.1:1883"]), host, json_, timeout, protocol, tls_ca,
                       tls_cert, tls_key, client_id)
@@ -199,6 +200,7 @@ observe_cmds.install(app)
 ftrace_cmds.install(app)
 profile_cmds.install(app)
 probe_cmds.install(app)
+retprobe_cmds.install(app)
 patch_cmds.install(app)
 rollout_cmds.install(app)
 

@@ -1,8 +1,10 @@
 """lpctl commands of the patch verbs (installed on the app by clients.cli.main).
 
-``lpctl patch build|sign`` work offline: lpctl never imports the daemon, so they run ``livepatchd patch
-build|sign`` (``python -m daemon.cli``, same interpreter) in a subprocess. The others talk to a daemon over the
-SDK. ``lpctl read FUNCTION`` shows what a reader function (like ``proc_cmdline_read``) renders now.
+``lpctl patch build|sign|show`` work offline. Signing and showing a bundle use the artifact format the daemon
+uses (:mod:`patchformat`), in this process; building needs the guest toolchain and kernel image, so it runs
+``livepatchd patch build`` (``python -m daemon.cli``, same interpreter) in a subprocess (lpctl never imports the
+daemon). The others talk to a daemon over the SDK. ``lpctl read FUNCTION`` shows what a reader function (like
+``proc_cmdline_read``) renders now.
 
 Exit codes are lpctl's: 0 ok; 1 an error reply (its code is printed; with --json, the reply itself), a failed
 build or signature, or — for ``--wait`` — a transition that did not complete in time or was reversed; 2 usage;
@@ -11,12 +13,13 @@ build or signature, or — for ``--wait`` — a transition that did not complete
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -24,6 +27,10 @@ from rich.table import Table
 
 from clients.cli.runner import Options, call_verb, err, fail, out, run
 from clients.sdk import LivepatchClient, ReplyError
+from patchformat import signing
+from patchformat.bundle import PatchBundle
+from patchformat.errors import ArtifactError
+from patchformat.summary import short_key_id, signed_line, summary
 from schemas.livepatch import (
     CallReadData,
     PatchChangeData,
@@ -117,7 +124,44 @@ def sign(ctx: typer.Context,
          out_path: Annotated[Path | None, typer.Option("--out", help="write here (default: in place)")] = None,
          ) -> None:
     """Sign a bundle with an Ed25519 private key (daemons trust the matching public key)."""
-    _livepatchd(ctx, "sign", str(bundle), "--key", str(key), *(["--out", str(out_path)] if out_path else []))
+    opts: Options = ctx.obj
+    try:
+        signed = signing.sign(PatchBundle.load(bundle), signing.load_private_key(key))
+        target = out_path or bundle
+        try:
+            signed.save(target)
+        except OSError as exc:
+            raise ArtifactError(f"cannot write {target}: {exc.strerror}", path=str(target)) from None
+    except ArtifactError as exc:
+        _artifact_failed(opts, "sign", exc)
+    _print_offline(opts, {**summary(signed, target), "text": signed_line(signed, target)})
+
+
+@patch_app.command("show")
+def show(ctx: typer.Context, bundle: Annotated[Path, typer.Argument(help="the bundle file (P.lpb)")]) -> None:
+    """What a bundle file holds: patch name, kernel build id, the functions it replaces and who signed it (no
+    signature check: a daemon does that on load, with its trusted keys)."""
+    opts: Options = ctx.obj
+    try:
+        b = PatchBundle.load(bundle)
+    except ArtifactError as exc:
+        _artifact_failed(opts, "show", exc)
+    doc = summary(b, bundle)
+    signer = f"signed by {short_key_id(doc['key_id'])}" if doc["key_id"] else "unsigned"
+    _print_offline(opts, {**doc, "text": f"{bundle}: {b.name} for build {b.manifest.build_id[:16]}, {signer}, "
+                          f"replaces {', '.join(doc['funcs'])}"})
+
+
+def _print_offline(opts: Options, result: dict[str, Any]) -> None:
+    """Print an offline command's result as ``livepatchd patch`` does: its line, or --json its document."""
+    text = result.pop("text")
+    sys.stdout.write((json.dumps({"ok": True, **result}) if opts.json else text) + "\n")
+
+
+def _artifact_failed(opts: Options, command: str, exc: ArtifactError) -> NoReturn:
+    if opts.json:
+        sys.stdout.write(json.dumps({"ok": False, "error": exc.to_dict()}, default=repr) + "\n")
+    fail(EXIT_FAILED, f"lpctl patch {command}: {exc.code}: {exc.message}")
 
 
 # -- on a host --------------------------------------------------------------------------------------------------

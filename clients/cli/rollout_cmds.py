@@ -9,7 +9,9 @@ unreachable or no reply within --timeout (is the orchestrator running?).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,12 +19,14 @@ from typing import Annotated, Any
 import typer
 import yaml  # type: ignore[import-untyped]
 from pydantic import TypeAdapter, ValidationError
+from rich.console import Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from clients.cli.rollout_board import HostBoard
 from clients.cli.runner import Options, call_verb, fail, out, run
-from clients.sdk import LivepatchClient
+from clients.sdk import LivepatchClient, ReplyError
 from clients.sdk import rollout_api as api
 from schemas.fleet import Fault
 from schemas.rollout import TERMINAL, ExecState, RolloutDoc, RolloutSpec
@@ -223,17 +227,20 @@ def rehearse(ctx: typer.Context, spec: Annotated[Path, typer.Argument(help="the 
 @rollout_app.command()
 def watch(ctx: typer.Context, name: NameArg,
           seconds: Annotated[float | None, typer.Option(min=0.1, help="stop after this long")] = None) -> None:
-    """Live progress: a bar per wave, until the rollout ends (Ctrl-C stops watching, not the rollout)."""
+    """Live progress: a bar per wave and a table of the hosts by state, until the rollout ends (Ctrl-C stops
+    watching, not the rollout). With --json: each new RolloutDoc, one per line."""
     opts: Options = ctx.obj
     final = {"COMPLETED": EXIT_OK, "CANCELED": EXIT_FAILED, "ROLLED_BACK": EXIT_FAILED}
     if opts.json:
         def show_json(doc: RolloutDoc) -> None:
             print(doc.model_dump_json(), flush=True)
-        last = _follow(opts, name, seconds, show_json)
+        last = _follow(opts, name, seconds, show_json, None)
     else:
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[states]}"))
         bars: dict[int, Any] = {}
+        board = HostBoard()
+        live = Live(Group(progress, board.table()), refresh_per_second=4, transient=False)
 
         def show(doc: RolloutDoc) -> None:
             for w in doc.waves:
@@ -245,15 +252,52 @@ def watch(ctx: typer.Context, name: NameArg,
                                 description=f"wave {w.index} {w.state}")
             progress.console.print(f"{doc.name}: {doc.state}" + (f" — {doc.reason}" if doc.reason else ""))
 
-        with Live(progress, refresh_per_second=4, transient=False):
-            last = _follow(opts, name, seconds, show)
+        def redraw() -> None:
+            live.update(Group(progress, board.table()))
+
+        with live:
+            last = _follow(opts, name, seconds, show, (board, redraw))
+            redraw()
     if last is not None and last.state in final:
         raise typer.Exit(final[last.state])
 
 
-def _follow(opts: Options, name: str, seconds: float | None, show: Any) -> RolloutDoc | None:
+Board = tuple[HostBoard, Callable[[], None]]
+
+
+async def _track(client: LivepatchClient, name: str, board: HostBoard, redraw: Callable[[], None]) -> None:
+    """Keep ``board`` current from the events topic; one more snapshot once the first change is in (the
+    subscription is live by then: nothing between the first snapshot and it is lost)."""
+    first = True
+    async for e in api.execution_changes(client, name):
+        changed = board.update(e)
+        if first:
+            first = False
+            await _snapshot(client, name, board)
+            changed = True
+        if changed:
+            redraw()
+
+
+async def _snapshot(client: LivepatchClient, name: str, board: HostBoard) -> None:
+    try:
+        d = await api.status(client, name)
+    except ReplyError as exc:
+        fail(EXIT_FAILED, f"{exc.code}: {exc.message}",
+             "'lpctl rollout list' shows the rollouts" if exc.code == "rollout_not_found" else None)
+    for e in d.executions:
+        board.update(e)
+
+
+def _follow(opts: Options, name: str, seconds: float | None, show: Any, hosts: Board | None) -> RolloutDoc | None:
     async def each(client: LivepatchClient) -> RolloutDoc | None:
         last: RolloutDoc | None = None
+        tracker: asyncio.Task[None] | None = None
+        if hosts is not None:
+            board, redraw = hosts
+            tracker = asyncio.get_running_loop().create_task(_track(client, name, board, redraw))
+            await _snapshot(client, name, board)
+            redraw()
         try:
             async with asyncio.timeout(seconds):
                 async for doc in api.watch(client, name):
@@ -261,9 +305,16 @@ def _follow(opts: Options, name: str, seconds: float | None, show: Any) -> Rollo
                         show(doc)
                     last = doc
                     if doc.state in ("COMPLETED", "CANCELED", "ROLLED_BACK"):
-                        return doc
+                        break
         except TimeoutError:
             pass
+        finally:
+            if tracker is not None:
+                tracker.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await tracker
+        if hosts is not None and last is not None and last.state in ("COMPLETED", "CANCELED", "ROLLED_BACK"):
+            await _snapshot(client, name, hosts[0])  # the hosts as they ended (a change may still be in flight)
         return last
     try:
         return run(opts, each, stream=True)

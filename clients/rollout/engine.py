@@ -41,6 +41,12 @@ class ControlError(PlanError):
     """A control that the rollout's state does not allow (``rollout_bad_state``) or an unknown rollout."""
 
 
+def _exec_event(e: ExecRow) -> dict[str, Any]:
+    """``_exec_doc(e).model_dump(mode="json")``, built directly (it runs for every change of every host)."""
+    return {"rollout": e.rollout, "host": e.host, "wave": e.wave, "build_id": e.build_id, "state": e.state.value,
+            "version": e.version, "attempts": e.attempts, "details": e.details, "updated_at": e.updated_at}
+
+
 def _exec_doc(e: ExecRow) -> Execution:
     return Execution(rollout=e.rollout, host=e.host, wave=e.wave, build_id=e.build_id, state=e.state,
                      version=e.version, attempts=e.attempts, details=e.details, updated_at=e.updated_at)
@@ -354,7 +360,7 @@ class Engine:
                 self.cancel(r.name, reason=why)
             return
         self._release(r, spec, execs)
-        self._wave_done(self._row(r.name), spec, self.store.executions(r.name))
+        self._wave_done(self._row(r.name), spec, execs)  # a release changes no phase: the rows read still hold
 
     async def _drive(self, r: RolloutRow, spec: RolloutSpec) -> int:
         now = self.clock.now()
@@ -365,9 +371,10 @@ class Engine:
         ctx = StepContext(spec, bundles, now, self.poll_s, replace)
         before = [e.state for e in rows]
         await asyncio.gather(*(advance(e, ctx, self.driver) for e in rows))
-        for e, state in zip(rows, before, strict=True):
-            if self.store.save(e, self.worker, self.clock.now(), keep_lease=False) and e.state is not state:
-                self._tell("execution", _exec_doc(e).model_dump(mode="json"))
+        saved = self.store.save_many(rows, self.worker, self.clock.now(), keep_lease=False)  # one commit
+        for e, state, ok in zip(rows, before, saved, strict=True):
+            if ok and e.state is not state:
+                self._tell("execution", _exec_event(e))
         return len(rows)
 
     async def tick(self, name: str) -> float | None:
@@ -390,12 +397,11 @@ class Engine:
         return self._next_wake(self._row(name), spec)
 
     def _next_wake(self, r: RolloutRow, spec: RolloutSpec) -> float | None:
-        execs = self.store.executions(r.name)
-        cands = [e.next_at for e in execs if e.released and e.phase != "done"]
+        first, queued = self.store.due(r.name, r.current_wave)
+        cands = [] if first is None else [first]
         if r.state == "ROLLING_BACK":
             cands.append(self.clock.now())  # the next tick releases the next wave down, or ends the rollback
         if r.state == "RUNNING":
-            queued = [e for e in execs if e.wave == r.current_wave and not e.released and e.phase != "done"]
             if queued:
                 st = RateState.load(r.plan.get("rate"), r.started_at or self.clock.now())
                 t = next_start(spec.rate, st, r.released)

@@ -1,10 +1,14 @@
 """``MqttDriver``: the engine's seam to real host daemons, over one MQTT connection for the whole fleet.
 
 The fleet is read from the hosts' retained ``state`` and ``status`` documents (kept current by the subscription,
-so ``fleet()`` costs nothing). A request goes to ``livepatch/v1/<host>/request/<verb>`` with the driver's own
-reply topic (``livepatch/v1/<host>/reply/<client id>``, the MQTT 5 response topic or the payload's
-``reply_to``); the reply is matched by request id. After a reconnect the requests still waiting are published
-again with their ids: a daemon answers a repeat from its journal, it never acts twice.
+so ``fleet()`` asks no host; a state document is parsed when the planner reads it — a fleet republishes its
+states at every patch step of every host, and the planner reads them only at create, dry run and joins).
+A request goes to ``livepatch/v1/<host>/request/<verb>`` with the driver's own reply topic
+(``livepatch/v1/<host>/reply/<client id>``, the MQTT 5 response topic or the payload's ``reply_to``); the reply
+is matched by request id. After a reconnect the requests still waiting are published again with their ids: a
+daemon answers a repeat from its journal, it never acts twice. The connection speaks MQTT 3.1.1 unless told
+otherwise: the fleet's traffic is thousands of small publishes, and MQTT 5's properties cost a decode per
+message for nothing the driver needs (``reply_to`` says where to answer).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import json
 import uuid
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -43,15 +48,61 @@ def _props(reply_topic: str, rid: str) -> Any:
     return props
 
 
+class StateDocs(Mapping[str, dict[str, Any]]):
+    """The hosts' retained state documents as received, parsed on first read. One that is not a state document
+    of its host (what the planner could not read) is logged and skipped; the host's last good one stays."""
+
+    def __init__(self) -> None:
+        self._raw: dict[str, bytes] = {}
+        self._good: dict[str, dict[str, Any]] = {}
+
+    def put(self, host: str, payload: bytes) -> None:
+        self._raw[host] = payload
+
+    def drop(self, host: str) -> None:
+        self._raw.pop(host, None)
+        self._good.pop(host, None)
+
+    def __getitem__(self, host: str) -> dict[str, Any]:
+        raw = self._raw.pop(host, None)
+        if raw is not None:
+            try:
+                doc = json.loads(raw)
+                if not isinstance(doc, dict) or doc.get("host") != host:
+                    raise ValueError("not a state document of this host")
+                HostInfo.from_state(doc)  # refuse what the planner could not read
+                self._good[host] = doc
+            except (ValueError, KeyError, TypeError, AttributeError):
+                log.warning("skipped_foreign_document", topic=Topics(host).state, size=len(raw))
+        return self._good[host]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(h for h in self._raw.keys() | self._good.keys() if h in self))
+
+    def __contains__(self, host: object) -> bool:
+        if not isinstance(host, str) or (host not in self._raw and host not in self._good):
+            return False
+        try:
+            self[host]
+        except KeyError:
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self._raw.keys() | self._good.keys())
+
+
 class MqttDriver:
     def __init__(self, broker: str, *, client_id: str | None = None, username: str | None = None,
-                 password: str | None = None, protocol: str = "auto") -> None:
+                 password: str | None = None, protocol: str = "3.1.1") -> None:
         nodes = tuple(replace(n, username=username or n.username, password=password or n.password)
                       for n in parse_broker_urls(broker))
         self.client_id = client_id or f"lporch-{uuid.uuid4().hex[:12]}"
         self._conn = Connection(nodes, client_id=self.client_id, tls_context=None, protocol=protocol,  # type: ignore[arg-type]
-                                timeout=10.0, on_message=self._on_message, on_reconnect=self._resend)
-        self._states: dict[str, dict[str, Any]] = {}
+                                timeout=10.0, on_message=self._on_message, on_reconnect=self._resend,
+                                pending_warning=100_000)  # a wave's batch keeps hundreds of requests in flight
+        self._states = StateDocs()
+        self._topics: dict[str, Topics] = {}
         self._online: dict[str, bool] = {}
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._sent: dict[str, tuple[str, str, Any]] = {}
@@ -94,13 +145,9 @@ class MqttDriver:
 
     def _on_state(self, host: str, payload: bytes) -> None:
         if not payload:
-            self._states.pop(host, None)
-            return
-        doc = json.loads(payload)
-        if not isinstance(doc, dict) or doc.get("host") != host:
-            raise ValueError("not a state document of this host")
-        HostInfo.from_state(doc)  # refuse what the planner could not read
-        self._states[host] = doc
+            self._states.drop(host)
+        else:
+            self._states.put(host, payload)
 
     async def _resend(self) -> None:
         for topic, payload, props in list(self._sent.values()):
@@ -112,7 +159,9 @@ class MqttDriver:
     async def request(self, host: str, verb: str, params: dict[str, Any], *, request_id: str | None = None,
                       timeout_s: float = READ_TIMEOUT_S) -> Outcome:
         rid = request_id or uuid.uuid4().hex
-        topics = Topics(host)
+        topics = self._topics.get(host)
+        if topics is None:
+            topics = self._topics[host] = Topics(host)
         reply_topic = topics.reply(self.client_id)
         body: dict[str, Any] = {"request_id": rid}
         props: Any = None
@@ -145,8 +194,7 @@ class MqttDriver:
     # -- the HostDriver calls ----------------------------------------------------------------------------------
 
     async def fleet(self) -> dict[str, HostInfo]:
-        return {h: HostInfo.from_state(doc, online=self._online.get(h, True))
-                for h, doc in sorted(self._states.items())}
+        return {h: HostInfo.from_state(self._states[h], online=self._online.get(h, True)) for h in self._states}
 
     async def load(self, host: str, bundle_b64: str, request_id: str, timeout_s: float) -> Outcome:
         return await self.request(host, "patch.load", {"bundle": bundle_b64}, request_id=request_id,

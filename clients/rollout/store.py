@@ -106,7 +106,7 @@ class ExecRow:
     phase: str
     version: int
     attempts: int
-    details: dict[str, Any]
+    raw_details: str  # the stored JSON: parsed on first use of ``details`` (most reads of a tick never need it)
     released: bool
     next_at: float
     started_at: float | None
@@ -114,6 +114,20 @@ class ExecRow:
     owner: str | None
     lease_until: float | None
     updated_at: float
+    _details: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def details(self) -> dict[str, Any]:
+        if self._details is None:
+            self._details = json.loads(self.raw_details)
+        return self._details
+
+    @details.setter
+    def details(self, value: dict[str, Any]) -> None:
+        self._details = value
+
+    def details_json(self) -> str:
+        return self.raw_details if self._details is None else json.dumps(self._details, sort_keys=True)
 
 
 @dataclass
@@ -142,7 +156,7 @@ _ROLLOUT_COLS = ("name, spec, state, version, current_wave, reason, plan, create
 def _exec(row: Sequence[Any]) -> ExecRow:
     r = list(row)
     return ExecRow(r[0], r[1], int(r[2]), int(r[3]), r[4], ExecState(r[5]), r[6], int(r[7]), int(r[8]),
-                   json.loads(r[9]), bool(r[10]), float(r[11]), r[12], r[13], r[14], r[15], float(r[16]))
+                   r[9], bool(r[10]), float(r[11]), r[12], r[13], r[14], r[15], float(r[16]))
 
 
 class _Cursor(Protocol):
@@ -342,22 +356,42 @@ class Store:
 
     def save(self, e: ExecRow, worker: str, now: float, *, keep_lease: bool = True) -> bool:
         """Write ``e`` back as version+1, only if ``worker`` still holds it at the version it read."""
+        return self.save_many([e], worker, now, keep_lease=keep_lease)[0]
+
+    def save_many(self, rows: Sequence[ExecRow], worker: str, now: float, *, keep_lease: bool = True) -> list[bool]:
+        """``save`` of every row, in one transaction (one commit for a batch of host steps: each row is still
+        written only if ``worker`` holds it at the version it read)."""
+        out = []
         with self.tx() as t:
-            held = t.run("SELECT version, owner FROM executions WHERE rollout = ? AND host = ?"
-                         + (" FOR UPDATE" if self.pg else ""), (e.rollout, e.host))
-            if not held or int(held[0][0]) != e.version or held[0][1] != worker:
-                return False
-            e.version += 1
-            e.updated_at = now
-            t.run("UPDATE executions SET state = ?, phase = ?, version = ?, attempts = ?, details = ?, "
-                  "released = ?, next_at = ?, started_at = ?, phase_at = ?, owner = ?, lease_until = ?, "
-                  "driven = driven + 1, updated_at = ? WHERE rollout = ? AND host = ?",
-                  (e.state.value, e.phase, e.version, e.attempts, json.dumps(e.details, sort_keys=True),
-                   int(e.released), e.next_at, e.started_at, e.phase_at, worker if keep_lease else None,
-                   e.lease_until if keep_lease else None, now, e.rollout, e.host))
-            t.run("INSERT INTO steps (rollout, host, version, owner, state, at) VALUES (?,?,?,?,?,?)",
-                  (e.rollout, e.host, e.version, worker, e.state.value, now))
-            return True
+            for e in rows:
+                held = t.run("SELECT version, owner FROM executions WHERE rollout = ? AND host = ?"
+                             + (" FOR UPDATE" if self.pg else ""), (e.rollout, e.host))
+                if not held or int(held[0][0]) != e.version or held[0][1] != worker:
+                    out.append(False)
+                    continue
+                e.version += 1
+                e.updated_at = now
+                t.run("UPDATE executions SET state = ?, phase = ?, version = ?, attempts = ?, details = ?, "
+                      "released = ?, next_at = ?, started_at = ?, phase_at = ?, owner = ?, lease_until = ?, "
+                      "driven = driven + 1, updated_at = ? WHERE rollout = ? AND host = ?",
+                      (e.state.value, e.phase, e.version, e.attempts, e.details_json(),
+                       int(e.released), e.next_at, e.started_at, e.phase_at, worker if keep_lease else None,
+                       e.lease_until if keep_lease else None, now, e.rollout, e.host))
+                t.run("INSERT INTO steps (rollout, host, version, owner, state, at) VALUES (?,?,?,?,?,?)",
+                      (e.rollout, e.host, e.version, worker, e.state.value, now))
+                out.append(True)
+        return out
+
+    def due(self, name: str, wave: int) -> tuple[float | None, int]:
+        """When the next released execution is due (None: none in flight), and how many of ``wave`` wait to be
+        released: what the engine's next wake-up needs, without reading every row."""
+        with self.tx() as t:
+            nxt = t.run("SELECT MIN(next_at) FROM executions WHERE rollout = ? AND released = 1 AND phase <> 'done'",
+                        (name,))
+            queued = t.run("SELECT COUNT(*) FROM executions WHERE rollout = ? AND wave = ? AND released = 0 "
+                           "AND phase <> 'done'", (name, wave))
+        first = nxt[0][0] if nxt else None
+        return (None if first is None else float(first)), int(queued[0][0]) if queued else 0
 
     def force_state(self, name: str, host: str, state: ExecState, details: dict[str, Any], now: float,  # noqa: PLR0917
                     phase: str = "done", released: bool | None = None) -> None:

@@ -31,6 +31,7 @@ from clients.sdk.errors import BrokerUnreachable, ReplyError, RequestTimeout, Sd
 from clients.sdk.ftrace_api import FtraceApi
 from clients.sdk.patch_api import PatchApi
 from clients.sdk.probe_api import ProbeApi
+from clients.sdk.retprobe_api import RetprobeApi
 from schemas import (
     ALL_STATUS,
     CallData,
@@ -97,7 +98,7 @@ def _is_birth(payload: bytes) -> bool:
 _log = logging.getLogger(__name__)
 
 
-class LivepatchClient(FtraceApi, PatchApi, ProbeApi):
+class LivepatchClient(FtraceApi, PatchApi, ProbeApi, RetprobeApi):
     """Client of one daemon (``host``) — or of none, for fleet-wide reads like ``hosts()``.
 
     Args:
@@ -110,7 +111,7 @@ class LivepatchClient(FtraceApi, PatchApi, ProbeApi):
         username, password: override the URL's credentials.
         tls_context: for ``mqtts://`` (default: the system's trust store).
         client_id: the MQTT client id (default: ``lpsdk-<random>``); replies go to ``reply/<client_id>``. A broker
-            that binds client ids to user names (``deploy/mosquitto-bound-ids.conf``) needs the user name here.
+            that binds client ids to user names (``deploy/mosquitto.conf``, listener 1883) needs the user name here.
         reconnect: when the connection drops, connect again (with backoff) and re-send the requests still
             waiting, with their ids, instead of failing them with ``BrokerUnreachable`` (the daemon answers a
             repeated id from its journal: nothing runs twice). A request still fails with ``RequestTimeout``

@@ -54,7 +54,7 @@ class Connection:
                  reconnect: bool = True, reconnect_min_s: float = 0.05, reconnect_max_s: float = 2.0,
                  on_reconnect: Callable[[], Awaitable[None]] | None = None,
                  on_lost: Callable[[BrokerUnreachable], None] | None = None, subscribe_attempts: int = 4,
-                 will: aiomqtt.Will | None = None) -> None:
+                 will: aiomqtt.Will | None = None, pending_warning: int = 10) -> None:
         if not nodes:
             raise ValueError("no broker node given")
         self.nodes = tuple(nodes)
@@ -68,6 +68,9 @@ class Connection:
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
         self.subscribe_attempts = subscribe_attempts
         self.will = will
+        self.pending_warning = pending_warning
+        """aiomqtt logs a warning for every publish made while more than this many are pending (a client that
+        keeps hundreds of requests in flight on purpose raises it)."""
         """The last will each connection registers (a service's retained ``offline``; the broker publishes it when
         the connection ends without a DISCONNECT: a crash, kill -9, a cut network)."""
         self.on_message = on_message
@@ -117,6 +120,7 @@ class Connection:
             clean_start=True if v5 else MQTT_CLEAN_START_FIRST_ONLY, tls_context=tls, socket_options=[NODELAY],
             timeout=self.timeout, logger=LOGGER, will=self.will)
         client._client.connect_timeout = min(TCP_CONNECT_TIMEOUT_S, self.timeout)
+        client.pending_calls_threshold = self.pending_warning
         return client
 
     async def _attempt(self, index: int) -> aiomqtt.Client:

@@ -11,11 +11,11 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from clients.sdk.client import LivepatchClient
 from schemas.fleet import Fault
-from schemas.rollout import ExecState, RolloutDoc, RolloutSpec
+from schemas.rollout import ExecState, Execution, RolloutDoc, RolloutSpec
 from schemas.rollout_api import DryRunData, ListData, ReportData, RolloutData, StatusData
 from schemas.topics import ORCHESTRATOR, ORCHESTRATOR_EVENTS, rollout_topic
 
@@ -62,6 +62,22 @@ async def watch(c: LivepatchClient, name: str) -> AsyncIterator[RolloutDoc]:
     """The rollout's retained document, then every new version (until the caller stops)."""
     async for doc in c._documents(rollout_topic(name), RolloutDoc, retained=True):
         yield doc
+
+
+async def execution_changes(c: LivepatchClient, name: str) -> AsyncIterator[Execution]:
+    """Every change of one of the rollout's host executions, as the orchestrator announces it on its events topic
+    (not retained: ``status`` gives the executions as they are; a change carries a higher ``version``)."""
+    async for _, payload in c._stream(ORCHESTRATOR_EVENTS):
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            continue
+        if not isinstance(doc, dict) or doc.get("kind") != "execution" or doc.get("rollout") != name:
+            continue
+        try:
+            yield Execution.model_validate(doc)
+        except ValidationError:
+            continue
 
 
 class RolloutClient(LivepatchClient):
@@ -114,6 +130,10 @@ class RolloutClient(LivepatchClient):
     async def watch(self, name: str) -> AsyncIterator[RolloutDoc]:
         async for doc in watch(self, name):
             yield doc
+
+    async def execution_changes(self, name: str) -> AsyncIterator[Execution]:
+        async for e in execution_changes(self, name):
+            yield e
 
     async def rollout_events(self) -> AsyncIterator[dict[str, Any]]:
         async for _, payload in self._stream(ORCHESTRATOR_EVENTS):

@@ -9,8 +9,10 @@ crash      the host dies abruptly (``Host.crash``: connection cut, last will, me
 slow       every reply is delayed by ``delay_s`` (``Service.reply_delay_s``)
 flaky      the broker connection is cut (last will) and kept down for ``down_s``, ``times`` times
 reject     the host trusts no signing key (``host_settings``): every patch is refused
-panic      once a patch replacing ``function`` has been enabled, the kernel hits BUG() (``lkdtm_BUG``): the
-           daemon dies as a panicked host does, boots again, and the crash-loop guard keeps the patch disabled
+panic      a patch replacing ``function`` is loaded with its replacement's first instruction made BUG()
+           (``brk #0x800``) on this host, as a patch that is wrong for this build: the first call that reaches the
+           replacement (a workload's, a ``call``'s, once the patch is enabled) panics the kernel; the daemon dies as
+           a panicked host does, boots again, and the crash-loop guard keeps the patch disabled
 =========  ======================================================================================================
 
 Crash and flaky counts are kept across boots (a host crashes ``times`` times in all, not at every boot).
@@ -25,7 +27,10 @@ from typing import TYPE_CHECKING
 import structlog
 
 from daemon.app import Daemon
+from daemon.arch.arm64.callsite import InsnPatch
+from daemon.arch.arm64.patching import TextPatcher
 from daemon.kernel.kernel import Kernel
+from daemon.livepatch.core import Livepatch
 from daemon.service import Service
 from schemas import EventDoc
 from schemas.fleet import CrashFault, FlakyFault, HostPlan, PanicFault, SlowFault, StallFault
@@ -38,6 +43,9 @@ log = structlog.get_logger(__name__)
 UNINTERRUPTIBLE = 1
 """Bit 0 of the sleeper's flag address: sleep in ``wait_on`` (D state, deaf to signals) instead of
 ``wait_on_interruptible`` (the flag itself is 8-byte aligned, so the bit is free)."""
+
+BUG_INSN = 0xD4210000
+"""``brk #0x800``: arm64's BUG() (``BUG_BRK_IMM``), which the machine reports as a guest panic."""
 
 
 class HostFaults:
@@ -59,9 +67,27 @@ class HostFaults:
                 kernel.memory.write_u64(flag, 0)
                 arg = flag | (UNINTERRUPTIBLE if f.mode == "uninterruptible" else 0)
                 kernel.submit("sleeper_outer", arg, cpu=kernel.config.nr_cpus - 1)  # never woken: it sleeps
-        service.events.listeners.append(lambda event: self._on_event(event, kernel))
+        service.events.listeners.append(self._on_event)
+        panics = {f.function for f in self.faults if isinstance(f, PanicFault)}
+        lp = self.host.daemon.livepatch if self.host.daemon is not None else None
+        if panics and lp is not None:
+            patcher = TextPatcher(kernel)
+            # Livepatch's own subscriber: told on the loading thread, before the load returns, so no call can reach
+            # the replacement before it is made to panic (restores at boot included)
+            lp.subscribe(lambda event, data: self._arm_panic(lp, patcher, panics, event, data))
 
-    def _on_event(self, event: EventDoc, kernel: Kernel) -> None:
+    @staticmethod
+    def _arm_panic(lp: Livepatch, patcher: TextPatcher, functions: set[str], event: str,
+                   data: dict[str, object]) -> None:
+        if event != "loaded":
+            return
+        patch = lp.patch(str(data["patch"]))
+        sites = [f.new_addr for f in patch.funcs() if not f.nop and f.old_name in functions]
+        if sites:
+            log.warning("fleet_fault_panic_armed", patch=patch.name, functions=sorted(functions))
+            patcher.apply([InsnPatch(a, patcher.read_insn(a), BUG_INSN) for a in sites])
+
+    def _on_event(self, event: EventDoc) -> None:
         started = event.type == "patch.transition.started"
         completed = event.type == "patch.transition.completed" and event.data.get("target") == "patched"
         if not (started or completed):
@@ -71,19 +97,6 @@ class HostFaults:
                     f.when == ("transition" if started else "after_transition"):
                 self._crash(i, f, f"{f.when}: {event.data.get('patch')}")
                 return
-            if isinstance(f, PanicFault) and completed and self._replaces(str(event.data.get("patch")), f.function):
-                log.warning("fleet_fault_panic", patch=event.data.get("patch"), function=f.function)
-                kernel.submit("lkdtm_BUG", 0)  # the guest's own BUG(): the vCPU dies, the daemon follows
-                return
-
-    def _replaces(self, patch: str, function: str) -> bool:
-        d = self.host.daemon
-        lp = d.livepatch if d is not None else None
-        if lp is None:
-            return False
-        with lp.lock:
-            found = next((p for p in lp.patches if p.name == patch), None)
-            return found is not None and any(f.old_name == function and not f.nop for f in found.funcs())
 
     def _crash(self, index: int, fault: CrashFault, why: str) -> None:
         self.crash_left[index] -= 1

@@ -6,7 +6,8 @@ Every change (register, unregister, a new filter, a new direct target) goes thro
 2. **plan**: compute for each affected record what the kernel's ``ftrace_check_record`` would decide (count,
    flags, the literal's ops, the BL target) and turn differences into an :class:`UpdatePlan` of literal
    stores, ops-list pointer stores and compare-then-write instruction edits;
-3. **apply** the plan as one stop-machine batch (:class:`~daemon.arch.arm64.patching.TextPatcher`): data
+3. **apply** the plan as one stop-machine batch (:class:`~daemon.arch.arm64.patching.TextPatcher`; the result is a
+   :class:`~daemon.ftrace.batch.BatchResult`): data
    before text, so a literal always holds its new ops before a BL can reach it, and a site being disabled
    points at ``ftrace_nop_ops`` before its BL disappears (kernel-mechanics §2.4).
 
@@ -24,19 +25,27 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 from daemon.arch.arm64 import callsite, insn
 from daemon.arch.arm64.callsite import DataPatch, InsnPatch
-from daemon.arch.arm64.patching import BatchResult, TextPatcher
+from daemon.arch.arm64.patching import TextPatcher
 from daemon.errors import AmbiguousSymbol, BadDirectCall, FtraceBusy, FtraceError, OpsStateError, SymbolError
 from daemon.ftrace import filter as ftrace_filter
+from daemon.ftrace.batch import BatchResult
 from daemon.ftrace.hashes import GuestHash
 from daemon.ftrace.ops import FtraceOps, OpsFlag
 from daemon.ftrace.records import DynFtrace, RecFlag, records_from
+from daemon.ftrace.symbols import SymbolAt, SymbolLookup
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
+
+REDIRECT_CALLBACK = "ftrace_redirect_call"
+"""The guest callback of a redirect ops: ``regs->pc = ops->private``."""
 
 
 @dataclass
@@ -49,6 +58,47 @@ class UpdatePlan:
 
     def __bool__(self) -> bool:
         return bool(self.data or self.text or self.records)
+
+
+@dataclass(frozen=True)
+class _BootSites:
+    """An image's patchable call sites (``records_from`` over its ``__patchable_function_entries``)."""
+
+    ips: npt.NDArray[np.uint64]
+    names: list[str]
+    old: npt.NDArray[np.uint32]
+    new: npt.NDArray[np.uint32]
+    literals: npt.NDArray[np.uint64]
+
+
+_boot_sites_cache: dict[int, tuple[object, _BootSites]] = {}
+"""By the image object (``load_image`` parses an image once per process), which the entry keeps alive."""
+_boot_sites_lock = threading.Lock()
+
+
+def _boot_sites(kernel: Kernel) -> _BootSites:
+    key = id(kernel.image)
+    with _boot_sites_lock:
+        found = _boot_sites_cache.get(key)
+        if found is not None and found[0] is kernel.image:
+            return found[1]
+        ks = kernel.kallsyms
+
+        def name_at(addr: int) -> str | None:
+            sym = ks.containing(addr)
+            return sym.name if sym is not None and sym.addr == addr else None
+        recs = records_from(kernel.image.mcount_loc(), name_at)
+        ips = np.fromiter((r.ip for r in recs), dtype=np.uint64, count=len(recs))
+        nops = [callsite.init_nop(r.ip) for r in recs]
+        sites = _BootSites(ips=ips, names=[r.name for r in recs],
+                           old=np.fromiter((p.old for p in nops), dtype=np.uint32, count=len(nops)),
+                           new=np.fromiter((p.new for p in nops), dtype=np.uint32, count=len(nops)),
+                           literals=np.fromiter((callsite.literal_addr(r.ip) for r in recs), dtype=np.uint64,
+                                                count=len(recs)))
+        for p, ip in zip(nops, ips.tolist(), strict=True):
+            assert p.addr == ip - 4  # init_nop edits the word before rec->ip (apply_bulk is given ips - 4)
+        _boot_sites_cache[key] = (kernel.image, sites)
+        return sites
 
 
 @dataclass(frozen=True)
@@ -82,7 +132,7 @@ class Ftrace:
         self.records: list[DynFtrace] = []
         self.by_ip: dict[int, DynFtrace] = {}
         self.by_name: dict[str, list[DynFtrace]] = {}
-        self._describe: list[Callable[[int], str | None]] = []
+        self._symbols: list[SymbolLookup] = []  # loaded modules' symbols, after the kernel's
         self.last_batch: BatchResult | None = None
         self.ring_owner: object | None = None  # the function tracer using the per-CPU rings, if any
         self.enabled = True
@@ -92,26 +142,35 @@ class Ftrace:
     # -- records ---------------------------------------------------------------------------------------------
 
     def _init_records(self) -> None:
-        """ftrace_init: a record per patchable entry of the kernel image, each site made `mov x9, lr; nop`."""
-        ks = self.kernel.kallsyms
+        """ftrace_init: a record per patchable entry of the kernel image, each site made `mov x9, lr; nop`.
 
-        def name_at(addr: int) -> str | None:
-            sym = ks.containing(addr)
-            return sym.name if sym is not None and sym.addr == addr else None
-        self.add_records(records_from(self.kernel.image.mcount_loc(), name_at))
+        What the sites are depends on the image only: worked out once per image and process (a fleet process
+        boots a thousand kernels of a few images), then written as one array batch."""
+        sites = _boot_sites(self.kernel)
+        recs = [DynFtrace(ip, name) for ip, name in zip(sites.ips.tolist(), sites.names, strict=True)]
+        with self.lock:
+            self.last_batch = BatchResult.of(self.patcher.apply_bulk(
+                sites.ips - np.uint64(4), sites.old, sites.new, sites.literals, self.nop_ops))
+            for r in recs:
+                r.literal = self.nop_ops
+                self.by_ip[r.ip] = r
+                self.by_name.setdefault(r.name, []).append(r)
+            self.records.extend(recs)
+            self.records.sort(key=lambda r: r.ip)
 
-    def add_records(self, recs: Sequence[DynFtrace], describe: Callable[[int], str | None] | None = None) -> None:
+    def add_records(self, recs: Sequence[DynFtrace], symbols: SymbolLookup | None = None) -> None:
         """Take over fresh call sites (kernel text at boot; later, loaded modules): ftrace_init_nop on each.
 
-        The literal is set to ``ftrace_nop_ops`` in the same batch that writes ``mov x9, x30``.
+        The literal is set to ``ftrace_nop_ops`` in the same batch that writes ``mov x9, x30``. ``symbols``
+        names the addresses of the text they belong to (a module's), until :meth:`forget_symbols`.
         """
         with self.lock:
             dup = [r for r in recs if r.ip in self.by_ip]
             if dup:
                 raise FtraceError(f"call site {dup[0].ip:#x} ({dup[0].name}) already has a record", ip=dup[0].ip)
-            self.last_batch = self.patcher.apply(
+            self.last_batch = BatchResult.of(self.patcher.apply(
                 [callsite.init_nop(r.ip) for r in recs],
-                [DataPatch(callsite.literal_addr(r.ip), self.nop_ops) for r in recs])
+                [DataPatch(callsite.literal_addr(r.ip), self.nop_ops) for r in recs]))
             for r in recs:
                 r.flags, r.target, r.literal = 0, 0, self.nop_ops
                 self.records.append(r)
@@ -121,14 +180,14 @@ class Ftrace:
             new_ips = [r.ip for r in recs]
             if any(o.covers(ip) for o in self._ops for ip in new_ips):  # ftrace_module_enable
                 self._apply(self._plan(new_ips))
-            if describe is not None:
-                self._describe.append(describe)
+            if symbols is not None:
+                self._symbols.append(symbols)
 
-    def forget_describer(self, describe: Callable[[int], str | None]) -> None:
+    def forget_symbols(self, symbols: SymbolLookup) -> None:
         """Stop naming addresses with a module's symbols (it is unloading)."""
         with self.lock:
-            if describe in self._describe:
-                self._describe.remove(describe)
+            if symbols in self._symbols:
+                self._symbols.remove(symbols)
 
     def remove_records(self, ips: Iterable[int]) -> None:
         """Forget records of text that goes away (a module unloading); they must not be traced any more."""
@@ -159,15 +218,26 @@ class Ftrace:
                               sympos=sympos)
         return found[max(sympos, 1) - 1]
 
+    def symbol_at(self, addr: int) -> SymbolAt | None:
+        """kallsyms_lookup_size_offset: the symbol holding ``addr`` (loaded modules', then the kernel's)."""
+        for lookup in self._symbols:
+            found = lookup(addr)
+            if found is not None:
+                return found
+        sym = self.kernel.kallsyms.containing(addr)
+        if sym is None:
+            return None
+        return SymbolAt(sym.name, sym.addr, sym.size, addr - sym.addr, sym.is_func)
+
+    def is_function_start(self, addr: int) -> bool:
+        """``addr`` is the first instruction of a function in kernel or module text."""
+        found = self.symbol_at(addr)
+        return found is not None and found.is_function_start and self.kernel.is_text(addr)
+
     def describe(self, addr: int) -> str:
-        """%pS of an address: kernel symbols, then those of loaded modules, else the bare hex address."""
-        for fn in self._describe:
-            text = fn(addr)
-            if text is not None:
-                return text
-        if self.kernel.kallsyms.containing(addr) is None:
-            return f"{addr:#x}"
-        return self.kernel.kallsyms.describe(addr)
+        """%pS of an address: loaded modules' symbols, then the kernel's, else the bare hex address."""
+        found = self.symbol_at(addr)
+        return f"{addr:#x}" if found is None else found.describe()
 
     def symbol_name(self, addr: int) -> str:
         """%ps: the name of the symbol holding ``addr``, without offset (or the raw address)."""
@@ -207,6 +277,12 @@ class Ftrace:
         """Registered ops, newest first (the order ftrace_ops_list_func calls them)."""
         with self.lock:
             return list(self._ops)
+
+    @property
+    def ops_now(self) -> tuple[FtraceOps, ...]:
+        """The registered ops without taking the lock (a copy, made in one step under the GIL): for a view that
+        must not wait behind a change in progress, e.g. to tell whether its snapshot is still current."""
+        return tuple(self._ops)
 
     def register(self, ops: FtraceOps) -> BatchResult | None:
         """register_ftrace_function: add ``ops`` and enable every site it covers, in one batch."""
@@ -285,6 +361,23 @@ class Ftrace:
                 raise ftrace_filter.no_match(f"{ip:#x}")
             chosen.add(rec.ip)
         return self._replace_filters(ops, frozenset(chosen), ops.notrace)
+
+    # -- redirects -------------------------------------------------------------------------------------------
+
+    def register_redirect(self, ops: FtraceOps, target: int) -> BatchResult | None:
+        """Calls to the functions of ``ops``' filter run ``target`` instead (an IPMODIFY ops whose callback,
+        ``ftrace_redirect_call``, sets ``pt_regs->pc`` to it): what livepatch does for one function."""
+        with self.lock:
+            if not self.is_function_start(target):
+                raise FtraceError(f"redirect target {self.describe(target)} ({target:#x}) is not the start of a "
+                                  "function in kernel or module text", ops=ops.name, address=target)
+            ops.func, ops.flags, ops.private = REDIRECT_CALLBACK, ops.flags | OpsFlag.IPMODIFY, target
+            try:
+                return self.register(ops)
+            except BaseException:
+                ops.flags &= ~OpsFlag.IPMODIFY
+                ops.private = 0
+                raise
 
     # -- direct calls ----------------------------------------------------------------------------------------
 
@@ -479,12 +572,11 @@ class Ftrace:
         return _State(flags, literal, self._callable(rec, target))
 
     def _callable(self, rec: DynFtrace, target: int) -> int:
-        """ftrace_find_callable_addr: a BL target the site can reach (a module site may go through its PLT)."""
-        if insn.reachable_by_bl(rec.ip, target):
-            return target
-        if target == self.caller and rec.plt and insn.reachable_by_bl(rec.ip, rec.plt):
-            return rec.plt
-        raise FtraceError(f"{rec.name}: no module PLT reaches {self.describe(target)}", function=rec.name)
+        """A BL target the site can reach (the architecture's ftrace_find_callable_addr), or -EINVAL."""
+        found = callsite.find_callable_addr(rec.ip, target, caller=self.caller, plt=rec.plt)
+        if found is None:
+            raise FtraceError(f"{rec.name}: no module PLT reaches {self.describe(target)}", function=rec.name)
+        return found
 
     def _plan(self, ips: Iterable[int]) -> UpdatePlan:
         plan = UpdatePlan()
@@ -508,7 +600,7 @@ class Ftrace:
         if not plan.data and not plan.text:
             result = None
         else:
-            result = self.patcher.apply(plan.text, plan.data)
+            result = BatchResult.of(self.patcher.apply(plan.text, plan.data))
             self.last_batch = result
         for ip, (flags, literal, target) in plan.records.items():
             rec = self.by_ip[ip]
@@ -519,11 +611,7 @@ class Ftrace:
 
     def _write_ops(self, addr: int, **fields: int) -> None:
         """A fresh struct ftrace_ops, written before anything links to it (counts start at zero)."""
-        s = abi.ftrace_ops
-        blob = bytearray(s.size)
-        for name, value in fields.items():
-            struct.pack_into("<Q", blob, s.offsetof(name), value)
-        self.kernel.memory.write(addr, bytes(blob))
+        self.kernel.memory.write(addr, abi.ftrace_ops.pack(counts=(), **fields))
 
     def _free_ops(self, ops: FtraceOps) -> None:
         for h in ops.hashes.values():

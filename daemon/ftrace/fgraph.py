@@ -27,15 +27,14 @@ freed, and the hashes are freed after the ops is unregistered (``return_to_handl
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from daemon.arch.arm64.patching import BatchResult
 from daemon.ftrace import filter as ftrace_filter
+from daemon.ftrace.batch import BatchResult
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.hashes import GuestHash
-from daemon.ftrace.tracer import RawEntry, RingTracer
+from daemon.ftrace.tracer import DEPTH, DURATION, IP, PARENT_IP, PID_CPU, TS, TYPE, RawEntry, RingTracer
 from daemon.guest import abi
 from daemon.kernel.structs import StructRef
 
@@ -69,7 +68,8 @@ def _graph_set(ftrace: Ftrace, expr: str | Iterable[str] | None) -> frozenset[in
 
 
 def _record(e: RawEntry) -> GraphRecord:
-    ip, parent, ts, pid_cpu, kind, depth, duration = e
+    ip, parent, ts, pid_cpu, kind, depth, duration = (e[IP], e[PARENT_IP], e[TS], e[PID_CPU], e[TYPE], e[DEPTH],
+                                                       e[DURATION])
     if kind not in (abi.TRACE_GRAPH_ENT, abi.TRACE_GRAPH_RET):
         raise ValueError(f"not a function_graph entry: type {kind}")
     return GraphRecord(kind == abi.TRACE_GRAPH_ENT, ip, parent, ts, pid_cpu >> 8, pid_cpu & 0xFF, depth, duration)
@@ -102,13 +102,13 @@ class FunctionGraphTracer(RingTracer):
 
     def _write_hashes(self) -> int:
         """struct fgraph_hashes and its non-empty hashes, in the heap until the tracer stops."""
-        addrs = []
-        for ips in (self.graph_function, self.graph_notrace):
+        addrs: dict[str, int] = {}
+        for member, ips in (("function_hash", self.graph_function), ("notrace_hash", self.graph_notrace)):
             if ips:
                 self._hashes.append(GuestHash(self.kernel, ips))
-            addrs.append(self._hashes[-1].addr if ips else 0)
+            addrs[member] = self._hashes[-1].addr if ips else 0
         addr = self.kernel.heap.alloc(abi.fgraph_hashes.size)
-        self.kernel.memory.write(addr, struct.pack("<2Q", *addrs))
+        self.kernel.memory.write(addr, abi.fgraph_hashes.pack(**addrs))
         return addr
 
     def _free_hashes(self) -> None:

@@ -39,7 +39,8 @@ class GuestHash:
         self.buckets = heap.alloc(self._buckets_size)
         kernel.memory.write(self.buckets, struct.pack(f"<{size}Q", *table))
         self.addr = heap.alloc(abi.ftrace_hash.size)
-        kernel.memory.write(self.addr, struct.pack("<3Q", self.size_bits, len(self.ips), self.buckets))
+        kernel.memory.write(self.addr, abi.ftrace_hash.pack(size_bits=self.size_bits, count=len(self.ips),
+                                                            buckets=self.buckets))
 
     def free(self) -> None:
         self.kernel.heap.free(self.buckets, self._buckets_size)

@@ -60,11 +60,26 @@ class DynFtrace:
     plt: int = 0  # the module's PLT to ftrace_caller, for a site out of BL range of kernel text
 
     @property
+    def func_addr(self) -> int:
+        """The address of the function this site is in (its symbol), not the site's own ip."""
+        return func_addr(self.ip)
+
+    @property
     def count(self) -> int:
         return self.flags & FTRACE_REF_MAX
 
     def has(self, flag: RecFlag) -> bool:
         return bool(self.flags & flag)
+
+
+def ftrace_call_adjust(entry: int) -> int:
+    """The record ip of a ``__patchable_function_entries`` entry (the word that becomes a BL)."""
+    return callsite.ftrace_call_adjust(entry)
+
+
+def func_addr(rec_ip: int) -> int:
+    """The function symbol's address for a record ip (arch_ftrace_get_symaddr)."""
+    return callsite.func_addr(rec_ip)
 
 
 def records_from(entries: Iterable[int], name_at: Callable[[int], str | None], *, module: str = "",
@@ -73,8 +88,8 @@ def records_from(entries: Iterable[int], name_at: Callable[[int], str | None], *
     with no function symbol starting there is __ftrace_invalid_address__ and never traced)."""
     recs = []
     for entry in entries:
-        ip = callsite.ftrace_call_adjust(entry)
-        name = name_at(callsite.func_addr(ip))
+        ip = ftrace_call_adjust(entry)
+        name = name_at(func_addr(ip))
         if name is not None:
             recs.append(DynFtrace(ip, name, module=module, plt=plt))
     return recs

@@ -22,17 +22,19 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from daemon.arch.arm64.patching import BatchResult
 from daemon.errors import FtraceBusy, FtraceError
+from daemon.ftrace.batch import BatchResult
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.hashes import GuestHash
 from daemon.ftrace.ops import FtraceOps
 from daemon.guest import abi
 
-_ENTRY = struct.Struct("<4Q2IQ")  # ip, parent_ip, ts, pid_cpu, type, depth, duration
-assert _ENTRY.size == abi.trace_entry.size
+_ENTRY, _AT = abi.trace_entry.codec()  # one unpack per drained span of a ring
+IP, PARENT_IP, TS, PID_CPU, TYPE, DEPTH, DURATION = (
+    _AT[m] for m in ("ip", "parent_ip", "ts", "pid_cpu", "type", "depth", "duration"))
+"""Where each member of a struct trace_entry is in a :data:`RawEntry`."""
 
-RawEntry = tuple[int, int, int, int, int, int, int]
+RawEntry = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ class RingTracer:
                     tail += n
                 mem.write_u64(self._rb_field(cpu, "tail"), tail)
             self.read += len(out)
-        out.sort(key=lambda e: e[2])
+        out.sort(key=lambda e: e[TS])
         return out
 
     @property
@@ -165,7 +167,7 @@ class RingTracer:
 
 
 def _record(e: RawEntry) -> TraceRecord:
-    return TraceRecord(e[0], e[1], e[2], e[3] >> 8, e[3] & 0xFF)
+    return TraceRecord(e[IP], e[PARENT_IP], e[TS], e[PID_CPU] >> 8, e[PID_CPU] & 0xFF)
 
 
 class FunctionTracer(RingTracer):
@@ -206,7 +208,7 @@ class FunctionProfiler:
         self._hits = self.kernel.heap.alloc(self._hits_size)
         self.kernel.memory.write(self._hits, bytes(self._hits_size))
         self._private = self.kernel.heap.alloc(abi.ftrace_profile.size)
-        self.kernel.memory.write(self._private, struct.pack("<2Q", self.hash.addr, self._hits))
+        self.kernel.memory.write(self._private, abi.ftrace_profile.pack(hash=self.hash.addr, hits=self._hits))
         self.ops.private = self._private
 
     def start(self) -> BatchResult | None:

@@ -8,9 +8,16 @@ ops, ...). Layouts are written once here, in Python; ``daemon.guest.build`` rend
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 _SCALARS: dict[str, int] = {"u8": 1, "u16": 2, "u32": 4, "u64": 8}
+_CODES: dict[str, str] = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q"}
+
+Value = int | Sequence[int] | bytes
+"""What :meth:`Struct.pack` takes for a member: an int (scalar), up to ``count`` ints (array, the rest zero) or
+the packed bytes of a nested struct."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,53 @@ class Struct:
             off += f.size
             self.align = max(self.align, f.align)
         self.size = -(-off // self.align) * self.align
+
+    def pack(self, **values: Value) -> bytes:
+        """The struct's bytes from its members, by name (padding zeroed). Every member must be given — an
+        array with ``()`` when it starts zeroed — so that a member added to the layout, or a misspelt one, is
+        refused instead of packed at the wrong offset."""
+        unknown = sorted(values.keys() - self.offsets.keys())
+        if unknown:
+            raise KeyError(f"struct {self.name} has no member {', '.join(unknown)}")
+        missing = [f.name for f in self.fields if f.name not in values]
+        if missing:
+            raise ValueError(f"struct {self.name}: no value for {', '.join(missing)} (give every member)")
+        blob = bytearray(self.size)
+        for f in self.fields:
+            value, off = values[f.name], self.offsets[f.name]
+            if isinstance(f.type, Struct):
+                if not isinstance(value, bytes) or len(value) != f.size:
+                    raise TypeError(f"{self.name}.{f.name}: {f.size} packed bytes of struct {f.type.name}")
+                blob[off : off + f.size] = value
+            elif f.count > 1:
+                if isinstance(value, int | bytes) or len(value) > f.count:
+                    raise TypeError(f"{self.name}.{f.name}: a sequence of at most {f.count} ints")
+                struct.pack_into(f"<{len(value)}{_CODES[f.type]}", blob, off, *value)
+            else:
+                if not isinstance(value, int):
+                    raise TypeError(f"{self.name}.{f.name}: an int")
+                struct.pack_into(f"<{_CODES[f.type]}", blob, off, value)
+        return bytes(blob)
+
+    def codec(self) -> tuple[struct.Struct, dict[str, int]]:
+        """A :class:`struct.Struct` that unpacks the whole struct at once (arrays flattened, nested structs as
+        bytes, padding skipped) and each member's index in the tuples it yields: for bulk reads of rings."""
+        fmt, pos, index, at = ["<"], 0, {}, 0
+        for f in self.fields:
+            off = self.offsets[f.name]
+            if off > pos:
+                fmt.append(f"{off - pos}x")
+            index[f.name] = at
+            if isinstance(f.type, Struct):
+                fmt.append(f"{f.size}s")
+                at += 1
+            else:
+                fmt.append(f"{f.count}{_CODES[f.type]}")
+                at += f.count
+            pos = off + f.size
+        if self.size > pos:
+            fmt.append(f"{self.size - pos}x")
+        return struct.Struct("".join(fmt)), index
 
     def member(self, name: str) -> Field:
         for f in self.fields:

@@ -77,12 +77,18 @@ def _load_image(path: Path, mtime_ns: int, size: int) -> tuple[KernelImage, Kall
     return image, Kallsyms((s.name, s.addr, s.size, s.kind == "func") for s in image.symbols)
 
 
+_LOAD_LOCK = threading.Lock()
+"""lru_cache does not hold back concurrent misses: without it, every host of a fleet booting at once on the
+executor's threads parsed the same image (half of a fleet's boot time went there)."""
+
+
 def load_image(path: Path) -> tuple[KernelImage, Kallsyms]:
     try:
         st = path.stat()
     except OSError as exc:
         raise ImageError(f"cannot read kernel image {path}: {exc.strerror}", path=str(path)) from exc
-    return _load_image(path.resolve(), st.st_mtime_ns, st.st_size)
+    with _LOAD_LOCK:
+        return _load_image(path.resolve(), st.st_mtime_ns, st.st_size)
 
 
 def _page_up(x: int) -> int:

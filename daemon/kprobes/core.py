@@ -7,6 +7,10 @@ none for a simulated instruction, fills a ``kprobe_table`` entry, and arms it wi
 writes the slot, ``BRK #KPROBES_BRK_IMM`` over the instruction (compare-then-write) and the entry's
 ``KPF_ARMED`` flag together. Every hit then runs in the guest (``kprobes.c``).
 
+Several probes may share an address (Linux's aggr_kprobe): the first writes the BRK and the slot, the others
+only arm their table entries (same kind and slot), the guest runs every armed entry's handlers at a hit, and
+the last one to go puts the instruction back. A kretprobe's entry and a kprobe can so share a function's entry.
+
 Disarming restores the original instruction in a stop-machine batch; the slot is freed after it, when no CPU
 can be in it: vCPUs park only at safe points, never inside a debug exception or a slot.
 A kprobe at a function's address (``func+0``, before ``rec->ip``) must be armed after ftrace initialised the
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -35,7 +39,8 @@ KIND_NAMES = {abi.KP_STEP: "step", abi.KP_SIM_NOP: "simulate:nop", abi.KP_SIM_B:
               abi.KP_SIM_BCOND: "simulate:b.cond", abi.KP_SIM_CBZ: "simulate:cbz", abi.KP_SIM_TBZ: "simulate:tbz",
               abi.KP_SIM_ADR: "simulate:adr", abi.KP_SIM_LDR_LIT: "simulate:ldr_literal",
               abi.KP_SIM_BR: "simulate:br"}
-_HIT_KINDS = {0: "pre", 1: "post", abi.KPROBE_TRACE_RET: "ret"}
+HitKind = Literal["pre", "post", "ret", "?"]
+_HIT_KINDS: dict[int, HitKind] = {0: "pre", 1: "post", abi.KPROBE_TRACE_RET: "ret"}
 BRK_KPROBE = a64insn.gen_brk(abi.KPROBES_BRK_IMM)
 BRK_SS = a64insn.gen_brk(abi.KPROBES_BRK_SS_IMM)
 SLOT_SIZE = 8
@@ -76,7 +81,7 @@ class KprobeHit:
     ts: int
     post: bool
     regs: dict[str, int]
-    kind: str = "pre"  # "pre", "post", or "ret" (a kretprobe's return: regs["x0"] is the return value)
+    kind: HitKind = "pre"  # "ret": a kretprobe's return (regs["x0"] is the return value)
     duration: int = 0  # "ret": counter ticks since the entry
 
 
@@ -101,7 +106,7 @@ class Kprobes:
         self._rec_ips: npt.NDArray[np.uint64] | None = None  # sorted, read at the first registration
         self._lock = threading.Lock()
         self._probes: dict[str, Kprobe] = {}
-        self._by_addr: dict[int, Kprobe] = {}
+        self._by_addr: dict[int, list[Kprobe]] = {}  # several probes on one address share its BRK and slot
         self._slots = _Slots()
         self._ring_seen = [0] * abi.MAX_CPUS
         self.ring_lost = 0
@@ -172,9 +177,9 @@ class Kprobes:
         if self._is_rec_ip(addr):
             raise no("the ftrace call site (rec->ip) of the function: arm64 has no KPROBES_ON_FTRACE; probe the "
                      "function's address instead")
-        if addr in self._by_addr:
-            raise KprobeExists(f"{where} already has kprobe {self._by_addr[addr].name!r}", address=f"{addr:#x}",
-                               probe=self._by_addr[addr].name)
+        if addr in self._by_addr:  # already checked and armed: the new probe joins it (aggr_kprobe)
+            joined = self._by_addr[addr][0]
+            return joined.opcode, joined.kind
         opcode = self.memory.read_u32(addr)
         try:
             kind = decode.decode(opcode)
@@ -210,7 +215,8 @@ class Kprobes:
             if call_fn is not None:
                 fn = self.kernel.resolve(call_fn)
                 flags |= abi.KPF_CALL
-            slot = self._alloc_slot() if kind == abi.KP_STEP else 0
+            shared = self._by_addr.get(addr)
+            slot = shared[0].slot if shared else (self._alloc_slot() if kind == abi.KP_STEP else 0)
             p = Kprobe(name, addr, symbol, offset, opcode, kind, index, slot, flags, set_reg or 0, set_val, fn,
                        args)
             entry = self._entry(index)
@@ -222,20 +228,22 @@ class Kprobes:
             for counter in ("hits", "nmissed", "post_hits"):
                 for cpu in range(abi.MAX_CPUS):
                     self.memory.write_u64(entry + k.offsetof(counter) + 8 * cpu, 0)
-            sites = [InsnPatch(addr, opcode, BRK_KPROBE)]
-            if slot:
-                sites += [InsnPatch(slot, self.memory.read_u32(slot), opcode),
-                          InsnPatch(slot + 4, self.memory.read_u32(slot + 4), BRK_SS)]
+            sites = []
+            if not shared:  # the first probe on the address writes the slot and the BRK
+                sites.append(InsnPatch(addr, opcode, BRK_KPROBE))
+                if slot:
+                    sites += [InsnPatch(slot, self.memory.read_u32(slot), opcode),
+                              InsnPatch(slot + 4, self.memory.read_u32(slot + 4), BRK_SS)]
             nr = max(self.memory.read_u64(self.nr_addr), index + 1)
             try:
                 self.patcher.apply(sites, [DataPatch(entry + k.offsetof("flags"), flags),
                                            DataPatch(self.nr_addr, nr)])
             except PatchError:
-                if slot:
+                if slot and not shared:
                     self._slots.free.append(slot)
                 raise
             self._probes[name] = p
-            self._by_addr[addr] = p
+            self._by_addr.setdefault(addr, []).append(p)
             return p
 
     def unregister(self, name: str) -> Kprobe:
@@ -244,13 +252,18 @@ class Kprobes:
             if p is None:
                 raise KprobeNotFound(f"no kprobe {name!r}", probe=name)
             entry = self._entry(p.index)
-            self.patcher.apply([InsnPatch(p.addr, BRK_KPROBE, p.opcode)],
-                               [DataPatch(entry + abi.kprobe.offsetof("flags"), 0)])
+            others = [q for q in self._by_addr[p.addr] if q is not p]
+            # the last probe on the address puts the instruction back; the others keep the BRK and the slot
+            sites = [] if others else [InsnPatch(p.addr, BRK_KPROBE, p.opcode)]
+            self.patcher.apply(sites, [DataPatch(entry + abi.kprobe.offsetof("flags"), 0)])
             # every vCPU parked at a safe point since: none is in the slot or a handler of this probe
-            if p.slot:
+            if p.slot and not others:
                 self._slots.free.append(p.slot)
             del self._probes[name]
-            del self._by_addr[p.addr]
+            if others:
+                self._by_addr[p.addr] = others
+            else:
+                del self._by_addr[p.addr]
             return p
 
     def _entry(self, index: int) -> int:

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from daemon.errors import FtraceError, KprobeExists, KprobeNoSpace, KprobeNotFound, KprobeRefused
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.ops import FtraceOps, OpsFlag
 from daemon.guest import abi
 
-FLAG_NAMES = {"save_regs": OpsFlag.SAVE_REGS, "save_regs_if_supported": OpsFlag.SAVE_REGS_IF_SUPPORTED}
+FlagName = Literal["save_regs", "save_regs_if_supported"]
+FLAG_NAMES: dict[FlagName, OpsFlag] = {"save_regs": OpsFlag.SAVE_REGS,
+                                       "save_regs_if_supported": OpsFlag.SAVE_REGS_IF_SUPPORTED}
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Fprobe:
     ops: FtraceOps
     exit: bool
     record: bool
-    flags: tuple[str, ...]
+    flags: tuple[FlagName, ...]
 
     @property
     def functions(self) -> int:
@@ -80,6 +82,7 @@ class Fprobes:
 
     def register(self, name: str, filter: str, *, exit: bool = True, record: bool = False,
                  flags: tuple[str, ...] = ()) -> Fprobe:
+        """``flags``: FLAG_NAMES (``save_regs`` is refused by ftrace with -EINVAL)."""
         if not name or not name.replace("_", "").isalnum():
             raise KprobeRefused(f"bad probe name {name!r}", reason="bad name")
         bad = [f for f in flags if f not in FLAG_NAMES]
@@ -89,8 +92,9 @@ class Fprobes:
         ips = self.ftrace.select(filter)
         if not ips:
             raise KprobeNotFound(f"no traceable function matches {filter!r}", probe=name, filter=filter)
+        names: tuple[FlagName, ...] = tuple(f for f in FLAG_NAMES if f in flags)
         ops_flags = OpsFlag(0)
-        for f in flags:
+        for f in names:
             ops_flags |= FLAG_NAMES[f]
         with self._lock:
             if name in self._probes:
@@ -109,7 +113,7 @@ class Fprobes:
             except FtraceError:
                 self.memory.write_u64(e + abi.fprobe.offsetof("flags"), 0)
                 raise
-            p = Fprobe(name, filter, index, ops, exit, record, tuple(flags))
+            p = Fprobe(name, filter, index, ops, exit, record, names)
             self._probes[name] = p
             return p
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from daemon.arch.arm64 import callsite
 from daemon.errors import (
     AmbiguousSymbol,
     BuildIdMismatch,
@@ -37,13 +36,14 @@ from daemon.errors import (
     PatchMisaligned,
     SymbolError,
 )
+from daemon.ftrace import ftrace_call_adjust, func_addr
 from daemon.guest import build
 from daemon.kernel.image import KernelImage
 from daemon.kernel.kallsyms import Kallsyms, Symbol
-from daemon.livepatch import signing
-from daemon.livepatch.bundle import PatchBundle
-from daemon.livepatch.manifest import Manifest
 from daemon.module_loader import elf
+from patchformat import signing
+from patchformat.bundle import PatchBundle
+from patchformat.manifest import Manifest
 
 PATCHES_DIR = build.GUEST_DIR / "patches"  # example patches and livepatch.h, the patch-side ABI
 COMPILE_TIMEOUT = 120.0
@@ -132,7 +132,7 @@ def traceable_functions(image: KernelImage) -> frozenset[int]:
         out = set()
         for entry in image.mcount_loc():
             try:
-                out.add(callsite.func_addr(callsite.ftrace_call_adjust(entry)))
+                out.add(func_addr(ftrace_call_adjust(entry)))
             except PatchMisaligned:
                 continue  # a misaligned record can never be used: its function is not traceable
         found = _TRACEABLE[image.build_id] = frozenset(out)

@@ -57,10 +57,9 @@ from daemon.errors import (
     PatchStateError,
     TransitionBusy,
 )
-from daemon.ftrace.core import Ftrace
+from daemon.ftrace import Ftrace
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.funcstack import FuncStacks, add_nops
 from daemon.livepatch.klp import KlpFunc, KlpObject, KlpPatch
 from daemon.livepatch.modules import PatchModules
@@ -77,6 +76,7 @@ from daemon.livepatch.transition import (
     check_ranges,
 )
 from daemon.module_loader import ModuleLoader
+from patchformat.bundle import PatchBundle
 
 _CALLBACKS = ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")
 

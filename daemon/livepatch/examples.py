@@ -31,8 +31,8 @@ from daemon.errors import ManifestError
 from daemon.guest.build import GUEST_BUILDS, IMAGE_PATH
 from daemon.kernel.kernel import load_image
 from daemon.livepatch.artifact import PATCHES_DIR, build_for, build_patch
-from daemon.livepatch.bundle import PatchBundle
-from daemon.livepatch.manifest import Manifest
+from patchformat.bundle import PatchBundle
+from patchformat.manifest import Manifest
 
 _SUFFIX = ".manifest.json"
 

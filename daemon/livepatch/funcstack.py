@@ -8,12 +8,10 @@ every change is one 8-byte store of a fully written entry (push) or, inside a st
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 
 from daemon.errors import FtraceError, PatchFtraceFailed
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.ops import FtraceOps, OpsFlag
+from daemon.ftrace import Ftrace, FtraceOps, OpsFlag
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.livepatch.klp import KlpFunc, KlpObject, KlpOps, KlpPatch
@@ -36,11 +34,11 @@ class FuncStacks:
         heap, mem = self.kernel.heap, self.kernel.memory
         guest = heap.alloc(abi.klp_func.size)
         below = ops.stack[0].guest if ops else 0
-        entry = struct.pack("<4Q", func.new_addr, below, 1, int(func.nop))  # transition = 1; calls[] = 0
-        mem.write(guest, entry.ljust(abi.klp_func.size, b"\0"))
+        mem.write(guest, abi.klp_func.pack(new_func=func.new_addr, below=below, transition=1, nop=int(func.nop),
+                                           calls=()))
         if ops is None:
             kops = heap.alloc(abi.klp_ops.size)
-            mem.write(kops, struct.pack("<2Q", guest, func.old_addr).ljust(abi.klp_ops.size, b"\0"))
+            mem.write(kops, abi.klp_ops.pack(func_stack=guest, old_func=func.old_addr, orig_calls=()))
             fops = FtraceOps(f"klp:{func.old_name}", "klp_ftrace_handler", flags=KLP_OPS_FLAGS, private=kops)
             try:
                 self.ftrace.set_filter_ips(fops, [func.old_addr])

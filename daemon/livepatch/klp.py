@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from daemon.ftrace.ops import FtraceOps
-from daemon.livepatch.manifest import Manifest
+from daemon.ftrace import FtraceOps
 from daemon.module_loader import LoadedModule
+from patchformat.manifest import Manifest
 
 
 @dataclass(eq=False)

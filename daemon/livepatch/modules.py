@@ -3,18 +3,16 @@ klp objects and funcs its manifest describes (klp_init_patch / klp_init_object_l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from daemon.arch.arm64 import callsite
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.records import records_from
+from daemon.ftrace import Ftrace, SymbolAt, SymbolLookup, ftrace_call_adjust, records_from
 from daemon.kernel.kernel import Kernel
 from daemon.livepatch import artifact
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.klp import KlpFunc, KlpObject, KlpPatch
 from daemon.module_loader import LoadedModule, ModuleLoader
+from patchformat.bundle import PatchBundle
 
 
 class PatchModules:
@@ -26,7 +24,7 @@ class PatchModules:
         self.ftrace = ftrace
         self.loader = loader
         self.trusted_keys = None if trusted_keys is None else list(trusted_keys)
-        self._describers: dict[str, Callable[[int], str | None]] = {}
+        self._symbols: dict[str, SymbolLookup] = {}
 
     def load(self, bundle: PatchBundle) -> KlpPatch:
         """Admit (signature unless no keys are configured, build id, functions), load, build the patch."""
@@ -46,10 +44,10 @@ class PatchModules:
 
     def drop(self, module: LoadedModule) -> None:
         """Forget the module's records (none may be traced) and unload it."""
-        self.ftrace.remove_records(callsite.ftrace_call_adjust(e) for e in module.patchable_entries)
-        describe = self._describers.pop(module.name, None)
-        if describe is not None:
-            self.ftrace.forget_describer(describe)
+        self.ftrace.remove_records(ftrace_call_adjust(e) for e in module.patchable_entries)
+        symbols = self._symbols.pop(module.name, None)
+        if symbols is not None:
+            self.ftrace.forget_symbols(symbols)
         self.loader.unload(module)
 
     def _build(self, module: LoadedModule, bundle: PatchBundle) -> KlpPatch:
@@ -72,8 +70,11 @@ class PatchModules:
             return sym.name if sym is not None and sym.addr == addr else None
         recs = records_from(module.patchable_entries, name_at, module=module.name, plt=module.ftrace_plt or 0)
 
-        def describe(addr: int) -> str | None:
-            return module.describe(addr) if module.contains(addr) else None
+        def symbol_at(addr: int) -> SymbolAt | None:
+            sym = module.containing(addr) if module.contains(addr) else None
+            if sym is None:
+                return None
+            return SymbolAt(sym.name, sym.addr, sym.size, addr - sym.addr, sym.is_func, module.name)
 
-        self.ftrace.add_records(recs, describe=describe)
-        self._describers[module.name] = describe
+        self.ftrace.add_records(recs, symbols=symbol_at)
+        self._symbols[module.name] = symbol_at

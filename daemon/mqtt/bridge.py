@@ -9,6 +9,8 @@
   to the payload's ``reply_to``, or to ``reply``.
 * Request tasks belong to the bridge's TaskGroup, not to a connection: a request running while the broker is
   away finishes, its reply stays in the journal and is published after the reconnect.
+* Reads and changes run in separate lanes (``daemon.mqtt.lanes``): a burst of changes never holds the slots
+  the reads need. Each request's time per stage is in ``lpd_request_stage_seconds``.
 * ``stop()``: stop taking requests, give the running ones ``grace`` seconds, publish ``offline``, disconnect.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import time
 from typing import Any, Literal
@@ -38,6 +41,7 @@ from daemon.mqtt.connect import (
     publish,
     subscribe_retrying,
 )
+from daemon.mqtt.lanes import Lane, Lanes, Stages, lane_of
 from daemon.mqtt.liveness import Heartbeat
 from daemon.service import Outcome, Service
 from schemas.brokers import BrokerAddress, Protocol
@@ -50,9 +54,17 @@ def _properties(packet_type: int) -> Any:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
+def _flush(client: aiomqtt.Client) -> None:
+    """Write what paho has queued for ``client``'s socket now (non-blocking; a broken socket is left to aiomqtt's
+    own writer callback, which reports it as the connection's loss)."""
+    with contextlib.suppress(Exception):
+        client._client.loop_write()
+
+
 class MqttBridge:
     def __init__(self, service: Service, config: BrokerConfig, *, version: str, grace_s: float = 5.0,
-                 max_concurrent: int = 64, heartbeat_s: float = 10.0, status_expiry_s: int = 86400) -> None:
+                 max_concurrent: int = 64, change_backlog: int = 256, heartbeat_s: float = 10.0,
+                 status_expiry_s: int = 86400) -> None:
         self.service = service
         self.config = config
         self.version = version
@@ -72,8 +84,9 @@ class MqttBridge:
         self._generation = 0
         self._accepting = True
         self._stop = asyncio.Event()
-        self._active: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(max_concurrent)  # a flood waits in the broker, not in our memory
+        # a flood waits in the broker, not in our memory: each lane has its limit, the changes a bounded backlog
+        self.lanes = Lanes(reads=max_concurrent, changes=max_concurrent, backlog=change_backlog)
+        self.stages = Stages(service.metrics.registry)
         self._delivering: dict[tuple[str, str, bytes | None], aiomqtt.Client] = {}
         """Replies being published, and on which connection: the same reply is not published twice at once on
         one connection. A key is released when its publish ends, and a publish ends when its connection is lost
@@ -92,11 +105,13 @@ class MqttBridge:
         """Serve until ``stop()`` (graceful) or cancellation (abrupt: the will says offline)."""
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
+            self.lanes.spawn = lambda coro: tg.create_task(coro, name="mqtt.request")
             conn = tg.create_task(self._connection_loop(), name="mqtt.connection")
             await self._stop.wait()
             self._accepting = False  # requests arriving now are not acknowledged: the broker keeps them for us
-            if self._active:
-                await asyncio.wait(set(self._active), timeout=self.grace_s)
+            self.lanes.drop_parked()  # not acknowledged either: the broker hands them out again
+            if self.lanes.active:
+                await asyncio.wait(set(self.lanes.active), timeout=self.grace_s)
             await self._publish_offline()
             conn.cancel()
 
@@ -245,11 +260,10 @@ class MqttBridge:
             if verb is None:
                 self._ack(client, generation, message)
                 continue
-            assert self._tg is not None
-            await self._slots.acquire()
-            task = self._tg.create_task(self._serve(client, generation, message, verb), name="mqtt.request")
-            self._active.add(task)
-            task.add_done_callback(self._done)
+            lane = lane_of(verb)
+            taken = time.perf_counter()
+            await self.lanes.submit(lane, functools.partial(self._serve, client, generation, message, verb,
+                                                            lane=lane, taken=taken))
 
     def _answer_discovery(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         payload = message.payload if isinstance(message.payload, bytes) else b""
@@ -257,17 +271,17 @@ class MqttBridge:
         assert self._tg is not None
         self._tg.create_task(discovery.answer(client, payload, status), name="mqtt.discover")
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._active.discard(task)
-        self._slots.release()
-
     def _ack(self, client: aiomqtt.Client, generation: int, message: aiomqtt.Message) -> None:
         # Only on the connection the message came in on: a PUBACK on a later connection could ack another
         # message that happens to reuse the packet id.
         if message.qos > 0 and generation == self._generation and self._client is client:
             client._client.ack(message.mid, message.qos)
 
-    async def _serve(self, client: aiomqtt.Client, generation: int, message: aiomqtt.Message, verb: str) -> None:
+    async def _serve(self, client: aiomqtt.Client, generation: int, message: aiomqtt.Message, verb: str, *,
+                     lane: Lane = "read", taken: float | None = None) -> None:
+        started = time.perf_counter()
+        if taken is not None:
+            self.stages.observe(lane, "dispatch", started - taken)
         try:
             props = message.properties
             response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
@@ -276,7 +290,10 @@ class MqttBridge:
             raw = payload if isinstance(payload, bytes) else str(payload or "").encode()
             outcome = await self.service.handle(verb, raw, response_topic=response_topic, correlation=correlation,
                                                 ack=lambda: self._ack(client, generation, message))
-            await self._deliver(outcome)
+            handled = time.perf_counter()
+            self.stages.observe(lane, "service", handled - started)
+            if await self._deliver(outcome) > 0:
+                self.stages.observe(lane, "reply", time.perf_counter() - handled)
         except Exception:  # a bug must cost one request, not the daemon (this task's failure would end the bridge)
             log.exception("request_task_crashed", verb=verb)
             self._ack(client, generation, message)  # or the broker hands the same poison back after a reconnect
@@ -325,6 +342,11 @@ class MqttBridge:
         if gone is None or gone.is_set():
             raise aiomqtt.MqttError("not connected")
         publishing = asyncio.ensure_future(client.publish(topic, payload, qos=1, properties=props))
+        # Right after the publish's first step (which queues the packet in paho): send it from there, not two
+        # loop turns later from aiomqtt's writer callback (registered with call_soon_threadsafe, run at the next
+        # select): under a burst each turn runs every other ready request first, and that wait was most of a
+        # read's time in the daemon (lpd_request_stage_seconds, stage reply).
+        asyncio.get_running_loop().call_soon(_flush, client)
         lost = asyncio.ensure_future(gone.wait())
         try:
             await asyncio.wait((publishing, lost), return_when=asyncio.FIRST_COMPLETED)

@@ -56,6 +56,19 @@ def func_addr(rec_ip: int) -> int:
     return rec_ip - 4
 
 
+def find_callable_addr(rec_ip: int, target: int, *, caller: int, plt: int) -> int | None:
+    """ftrace_find_callable_addr: what the site's BL must branch to for ``target``, or None if nothing reaches.
+
+    ``target`` itself when in BL range (+-128 MiB); for a module site calling ``ftrace_caller`` (``caller``) from
+    out of range, the module's ftrace PLT (``plt``, 0 if it has none), which branches there.
+    """
+    if insn.reachable_by_bl(rec_ip, target):
+        return target
+    if target == caller and plt and insn.reachable_by_bl(rec_ip, plt):
+        return plt
+    return None
+
+
 def init_nop(rec_ip: int) -> InsnPatch:
     """Compiled -> disabled: the first entry NOP becomes ``mov x9, x30`` for the life of the kernel."""
     return InsnPatch(rec_ip - 4, insn.NOP, insn.MOV_X9_LR)

@@ -159,8 +159,8 @@ notrace void kprobe_record(struct kprobe_ctlblk *kcb, const struct kprobe *p, co
 	WRITE_ONCE(kcb->ring_head, kcb->ring_head + 1);
 }
 
-/* The built-in pre handler: record, inject, call; returns 0 (single-step the probed instruction) */
-notrace static int kprobe_pre_handler(struct kprobe *p, struct pt_regs *regs, struct kprobe_ctlblk *kcb, u64 cpu)
+/* The built-in pre handler: record, inject, call */
+notrace static void kprobe_pre_handler(struct kprobe *p, struct pt_regs *regs, struct kprobe_ctlblk *kcb, u64 cpu)
 {
 	u64 flags = p->flags;
 
@@ -172,7 +172,6 @@ notrace static int kprobe_pre_handler(struct kprobe *p, struct pt_regs *regs, st
 		pre_handler_kretprobe(p, regs, cpu);
 	if ((flags & KPF_CALL) && p->call_fn)
 		((u64 (*)(u64))p->call_fn)(regs->regs[0]);
-	return 0;
 }
 
 notrace static void kprobe_post_handler(struct kprobe *p, struct pt_regs *regs, struct kprobe_ctlblk *kcb, u64 cpu)
@@ -180,6 +179,37 @@ notrace static void kprobe_post_handler(struct kprobe *p, struct pt_regs *regs, 
 	p->post_hits[cpu]++;
 	if (p->flags & KPF_RECORD)
 		kprobe_record(kcb, p, regs, cpu, 1, 0);
+}
+
+/*
+ * Linux's aggr_kprobe: several probes on one address share its BRK and its slot (the host writes each entry
+ * with the same kind, slot and restore), the lowest armed entry is the one get_kprobe finds, and every armed
+ * entry at that address runs its own handlers and counts its own hits. The rest of the table lies above it.
+ */
+notrace static struct kprobe *next_at(struct kprobe *p, struct kprobe *q)
+{
+	u64 n = READ_ONCE(kprobe_nr);
+	struct kprobe *end = &kprobe_table[n < KPROBE_MAX ? n : KPROBE_MAX];
+
+	for (q++; q < end; q++)
+		if (q->addr == p->addr && (READ_ONCE(q->flags) & KPF_ARMED))
+			return q;
+	return NULL;
+}
+
+notrace static void aggr_pre_handler(struct kprobe *p, struct pt_regs *regs, struct kprobe_ctlblk *kcb, u64 cpu)
+{
+	for (struct kprobe *q = p; q; q = next_at(p, q)) {
+		q->hits[cpu]++;
+		kprobe_pre_handler(q, regs, kcb, cpu);
+	}
+}
+
+notrace static void aggr_post_handler(struct kprobe *p, struct pt_regs *regs, struct kprobe_ctlblk *kcb, u64 cpu)
+{
+	for (struct kprobe *q = p; q; q = next_at(p, q))
+		if (q->flags & KPF_POST)
+			kprobe_post_handler(q, regs, kcb, cpu);
 }
 
 notrace static void post_kprobe_handler(struct kprobe *p, struct kprobe_ctlblk *kcb, struct pt_regs *regs, u64 cpu)
@@ -193,8 +223,7 @@ notrace static void post_kprobe_handler(struct kprobe *p, struct kprobe_ctlblk *
 		return;
 	}
 	kcb->status = KPROBE_HIT_SSDONE;
-	if (p->flags & KPF_POST)
-		kprobe_post_handler(p, regs, kcb, cpu);
+	aggr_post_handler(p, regs, kcb, cpu);
 	kcb->current = NULL; /* reset_current_kprobe */
 	kcb->status = 0;
 }
@@ -227,20 +256,18 @@ notrace static int kprobe_brk_handler(struct pt_regs *regs)
 			kcb->bugs++;
 			panic("Failed to recover from reentered kprobes.", regs->pc);
 		}
-		p->nmissed[cpu]++;
+		for (struct kprobe *q = p; q; q = next_at(p, q))
+			q->nmissed[cpu]++;
 		kcb->prev_kprobe = kcb->current;
 		kcb->prev_status = kcb->status;
 		kcb->current = p;
 		setup_singlestep(p, regs, kcb, cpu, 1);
 		return 0;
 	}
-	p->hits[cpu]++;
 	kcb->current = p;
 	kcb->status = KPROBE_HIT_ACTIVE;
-	if (!kprobe_pre_handler(p, regs, kcb, cpu))
-		setup_singlestep(p, regs, kcb, cpu, 0);
-	else
-		kcb->current = NULL;
+	aggr_pre_handler(p, regs, kcb, cpu);	/* the built-in handlers never skip the step */
+	setup_singlestep(p, regs, kcb, cpu, 0);
 	return 0;
 }
 

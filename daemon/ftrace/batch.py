@@ -1,0 +1,20 @@
+"""What one ftrace update cost: the result type of every ftrace call that patches call sites."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daemon.arch.arm64 import patching
+
+
+@dataclass(frozen=True)
+class BatchResult(patching.BatchResult):
+    """One stop-machine batch: ``sites`` instructions rewritten, ``data`` words stored, the pause it took.
+
+    ftrace's own type, so that its users need not know the text patcher. It extends the patcher's result only
+    while callers still annotate with that one; nothing of it is read beyond these three fields.
+    """
+
+    @classmethod
+    def of(cls, result: patching.BatchResult) -> BatchResult:
+        return cls(result.sites, result.data, result.pause_ns)
