@@ -310,6 +310,8 @@ def test_rehearse_control_refuses_bad_input_before_asking() -> None:
     bodies: list[dict[str, Any]] = [{"spec": "x"}, {"spec": {}, "faults": {}}, {"spec": {}, "seed": -1},
                                     {"spec": {}, "seed": True}]
     for body in bodies:
+        async def ask(b: dict[str, Any] = body) -> None:
+            await controls.rollout("rehearse", b)
         with pytest.raises(ControlRefused) as e:
-            asyncio.run(controls.rollout("rehearse", body))
+            in_thread(ask())  # the browser fixture's loop may own this thread
         assert e.value.code == "bad_request", body
