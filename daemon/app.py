@@ -244,6 +244,7 @@ class Daemon:
         gc.freeze()
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(ftrace_api.close)  # the trace drainer, if a trace is running
+            stack.callback(probes.close)  # the probe stream's drainer, if streaming
             config = await self._broker(stack)
             if s.metrics_port is not None:
                 server = self.metrics.serve(s.metrics_addr, s.metrics_port)

@@ -309,9 +309,27 @@ class FleetRunner:
         write_json(self.dir / "status.json", doc)
 
 
+async def _dashboard(runner: FleetRunner, listen: str, broker: str | None) -> None:
+    """The dashboard once the fleet's broker is known (an embedded one starts with the fleet), until cancelled."""
+    from clients.dashboard.background import BackgroundDashboard, DashboardError  # noqa: PLC0415
+
+    while broker is None and runner.broker_url is None:
+        await asyncio.sleep(0.05)
+    try:
+        page = await asyncio.to_thread(BackgroundDashboard(broker or runner.broker_url or "", listen).start)
+    except DashboardError as exc:
+        print(f"livepatchd fleet: dashboard not started: {exc}", file=sys.stderr, flush=True)
+        return
+    print(f"dashboard: {page.url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await asyncio.to_thread(page.stop)
+
+
 def run_fleet(spec: FleetSpec, overrides: dict[str, Any], *, workers: int | None, hosts: int | None,
-              first: int = 0) -> int:
-    """``livepatchd fleet``: run until SIGTERM/SIGINT."""
+              first: int = 0, dashboard: str | None = None, dashboard_broker: str | None = None) -> int:
+    """``livepatchd fleet``: run until SIGTERM/SIGINT; ``dashboard`` (address:port) serves the fleet page beside."""
     from daemon.app import configure_logging  # noqa: PLC0415
 
     base = Settings(**overrides)
@@ -320,9 +338,21 @@ def run_fleet(spec: FleetSpec, overrides: dict[str, Any], *, workers: int | None
     async def main() -> None:
         runner = FleetRunner(spec, overrides, workers=workers, hosts=hosts, first=first)
         loop = asyncio.get_running_loop()
+        page = asyncio.create_task(_dashboard(runner, dashboard, dashboard_broker)) if dashboard else None
+
+        def stop() -> None:
+            if page is not None:
+                page.cancel()  # the page goes first: its broker may be the fleet's embedded one
+            runner.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, runner.stop)
-        await runner.run()
+            loop.add_signal_handler(sig, stop)
+        try:
+            await runner.run()
+        finally:
+            if page is not None:
+                page.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await page
 
     asyncio.run(main())
     return 0
