@@ -104,12 +104,6 @@ def guest_ns_sample(kernel: Any, fn: str, calls: int, *args: int, cpu: int = 0) 
     return {"wall": (wall[1] - wall[0]) / calls, "vcpu": (vcpu[1] - vcpu[0]) / calls}
 
 
-def guest_ns_per_call(kernel: Any, fn: str, calls: int, repeats: int = 3) -> float:
-    """Wall ns per iteration of ``fn(n)`` on a hook-free kernel: (t(2n) - t(n)) / n, best of ``repeats``."""
-    kernel.call(fn, max(calls // 10, 1), timeout=300)
-    return min(guest_ns_sample(kernel, fn, calls)["wall"] for _ in range(repeats))
-
-
 def alternating_medians(sample: Mapping[str, Callable[[], Sample]], rounds: int) -> dict[str, Sample]:
     """Median of ``rounds`` samples per variant (each measure on its own), the variants taking turns (AB, BA,
     ...) so that a burst of load from other work on the host falls on every variant alike."""

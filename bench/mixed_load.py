@@ -18,7 +18,14 @@ Variants, in one run, alternating round by round so the machine's other load hit
   switch interval (``LIVEPATCHD_GIL_SWITCH_INTERVAL_MS``: the loop gets the GIL back quickly from a handler
   thread that computes);
 * ``fast-5ms``: the fast path with CPython's default 5 ms switch interval (what each change contributes);
-* ``queued``: both off — the fsync inside the commit on the event loop, 5 ms: the daemon before.
+* ``queued``: both off — the fsync inside the commit on the event loop, 5 ms: the daemon before;
+* ``before``: the daemon of another revision (``--baseline-rev``, checked out in the work directory), default
+  settings: a before/after comparison of a change in one run.
+
+Each daemon first answers ``--quiet-requests`` sequential ``info`` requests of one client with nothing else
+running (the "no load" row): the same daemon on the same machine at the same time, without the mixed load, so
+the machine's own contention (other work on its 2 cores) is told apart from what the load costs. The daemon's
+``lpd_request_stage_seconds`` (dispatch, service, reply per lane) says where a request's time goes inside it.
 
 The loop is closed, so Little's law holds: the mean latency over all requests is clients / throughput; what
 the fast path changes is *who* waits — reads less, the serialized changes more.

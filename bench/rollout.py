@@ -114,7 +114,8 @@ async def phase(url: str, work: Path, name: str, n: int, waves: int, fleet_spec:
     spec_file.write_text(json.dumps({"hosts": n, "prefix": name, **fleet_spec}))
     log = (work / f"{name}.log").open("ab")
     fleet = subprocess.Popen([sys.executable, "-m", "daemon.cli", "fleet", "--spec", str(spec_file), "--broker", url,
-                              "--state-dir", str(work / name), "--trusted-key", str(pub), "--log-level", "error"],
+                              "--state-dir", str(work / name), "--trusted-key", str(pub), "--log-level", "error",
+                              "--no-dashboard"],  # nothing else on the machine while it is measured
                              stdout=log, stderr=subprocess.STDOUT)
     profiler = ["-m", "pyinstrument", "-r", "text", "-o", str(profile), "--show-all"] if profile else []
     orch = subprocess.Popen([sys.executable, *profiler, "-m", "daemon.cli", "orchestrator", "--broker", url, "--db",

@@ -22,6 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the whole story: a daemon on an embedded broker, a signed patch loaded, "
                           "enabled, observed and removed with lpctl")
     demo.add_argument("--cpus", type=int, default=2, help="number of vCPUs (1-8, default 2)")
+    demo.add_argument("--dashboard", default="127.0.0.1:0", metavar="ADDRESS:PORT",
+                      help="serve the fleet dashboard here while the story runs; its URL is printed (default "
+                      "%(default)s: a free port)")
+    demo.add_argument("--no-dashboard", dest="dashboard", action="store_const", const=None,
+                      help="no dashboard")
+    demo.add_argument("--keep", action="store_true", help="keep the daemon and the dashboard running after the "
+                      "story, until Ctrl-C")
     stress = sub.add_parser("stress-patching", help="boot the kernel and toggle every call site under load")
     stress.add_argument("--cpus", type=int, default=2, help="number of vCPUs (1-8, default 2)")
     stress.add_argument("--toggles", type=int, default=200, help="batches to apply (default 200)")
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from daemon.demo import run_demo  # noqa: PLC0415  (imports the whole service)
 
-        return run_demo(nr_cpus=args.cpus)
+        return run_demo(nr_cpus=args.cpus, dashboard=args.dashboard, keep=args.keep)
     if args.command == "stress-patching":
         return run_stress_patching(nr_cpus=args.cpus, toggles=args.toggles)
     if args.command == "serve":
@@ -157,6 +164,9 @@ def _fleet_parser(sub: Any) -> None:
                            "or shrinks a running fleet. Settings come from LIVEPATCHD_* variables as for serve; "
                            "each host's state is <state-dir>/<host>/.")
     fleet.add_argument("--hosts", type=int, help="how many hosts (default: the spec's, else 20)")
+    fleet.add_argument("--first", type=int, default=0, help="the number of the first host id (default 0): a fleet "
+                       "split over several runners on one broker gives each its own range, e.g. --first 500 "
+                       "--hosts 500 for sim-0500..sim-0999")
     fleet.add_argument("--spec", type=Path, help="a fleet spec (YAML or JSON; schema: schemas/json/FleetSpec.json)")
     fleet.add_argument("--seed", type=int, help="override the spec's seed")
     fleet.add_argument("--workers", type=int, help="worker processes (default: one per core; 0: this process)")
@@ -168,6 +178,13 @@ def _fleet_parser(sub: Any) -> None:
     fleet.add_argument("--trusted-keys-dir", type=Path, help="every host trusts the public keys in this directory")
     fleet.add_argument("--trusted-key", dest="trusted_keys", type=Path, action="append",
                        help="every host trusts this public key file too (repeatable)")
+    fleet.add_argument("--dashboard", default="127.0.0.1:0", metavar="ADDRESS:PORT",
+                       help="serve the fleet dashboard here; its URL is printed once the fleet's broker is up "
+                       "(default %(default)s: a free port)")
+    fleet.add_argument("--no-dashboard", dest="dashboard", action="store_const", const=None, help="no dashboard")
+    fleet.add_argument("--dashboard-broker", metavar="URL", help="the broker URL the dashboard follows, with an "
+                       "observer's credentials (default: the fleet's --broker; a daemon account reads no host "
+                       "documents under deploy/livepatchd.acl)")
     action = fleet.add_subparsers(dest="fleet_command")
     scale = action.add_parser("scale", help="grow or shrink the fleet running on --state-dir")
     scale.add_argument("size", type=int, help="the number of hosts to have")
@@ -197,6 +214,8 @@ def _fleet(args: argparse.Namespace) -> int:
             spec = plan.parse_spec({**spec.model_dump(mode="json"), "seed": args.seed})
         if args.hosts is not None and args.hosts < 0:
             raise plan.FleetSpecError(f"--hosts must be 0 or more, not {args.hosts}", field="hosts")
+        if args.first < 0:
+            raise plan.FleetSpecError(f"--first must be 0 or more, not {args.first}", field="first")
         if args.workers is not None and args.workers < 0:
             raise plan.FleetSpecError(f"--workers must be 0 or more, not {args.workers}", field="workers")
         Settings(**overrides)
@@ -208,7 +227,16 @@ def _fleet(args: argparse.Namespace) -> int:
         return 2
     json_overrides = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
                       for k, v in overrides.items()}
-    return runner.run_fleet(spec, json_overrides, workers=args.workers, hosts=args.hosts)
+    if args.dashboard is not None:
+        from clients.dashboard.background import DashboardError, parse_listen  # noqa: PLC0415
+
+        try:
+            parse_listen(args.dashboard)
+        except DashboardError as exc:
+            print(f"livepatchd fleet: --dashboard: {exc}", file=sys.stderr)
+            return 2
+    return runner.run_fleet(spec, json_overrides, workers=args.workers, hosts=args.hosts, first=args.first,
+                            dashboard=args.dashboard, dashboard_broker=args.dashboard_broker)
 
 
 # -- livepatchd state check|repair -------------------------------------------------------------------------------

@@ -4,11 +4,13 @@ It starts a daemon (its emulated kernel, an embedded MQTT broker on a free port,
 temporary folder), then drives it the way an operator would, with ``lpctl`` commands it prints before
 running: make a signing key, build and sign the example patch for /proc/cmdline, load and enable it, read
 /proc/cmdline again, show ftrace's enabled_functions, disable and unload it. The daemon trusts only the key
-made for the walk-through.
+made for the walk-through. The fleet dashboard follows the same broker and its URL is printed first: the page
+shows the host change as the story runs (``--keep`` leaves both up afterwards, until Ctrl-C).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -19,6 +21,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from clients.dashboard.background import BackgroundDashboard, DashboardError
 from daemon.app import Daemon, configure_logging
 from daemon.livepatch.artifact import PATCHES_DIR
 from daemon.settings import Settings
@@ -47,7 +50,8 @@ class _Runner:
         return done.stdout
 
 
-def run_demo(nr_cpus: int = 2) -> int:
+def run_demo(nr_cpus: int = 2, *, dashboard: str | None = "127.0.0.1:0", keep: bool = False) -> int:
+    """``dashboard``: address:port for the page (port 0: any free one), None for none."""
     configure_logging("warning")
     # lpctl tries MQTT 5 first; the embedded broker (3.1.1 only) warns about each such attempt before the fallback
     logging.getLogger("amqtt").setLevel(logging.ERROR)
@@ -73,14 +77,32 @@ def run_demo(nr_cpus: int = 2) -> int:
         env["LPCTL_PROTOCOL"] = "3.1.1"  # the embedded broker speaks 3.1.1 only: no MQTT 5 attempt per command
         print(f"daemon 'demo' online: emulated kernel on {nr_cpus} vCPUs, embedded broker {daemon.broker_url}",
               flush=True)
+        page = _dashboard(daemon.broker_url or "", dashboard) if dashboard else None
         try:
             _story(runner, work)
+            if keep:
+                print(f"\nkept running: the daemon on {daemon.broker_url}"
+                      + (f", the dashboard on {page.url}" if page else "") + " (Ctrl-C stops)", flush=True)
+                with contextlib.suppress(KeyboardInterrupt):
+                    threading.Event().wait()
         finally:
+            if page is not None:
+                page.stop()
             daemon.stop()
             thread.join(30)
         print("\nresult: " + ("FAILED (see the exit codes above)" if runner.failed else
                               "OK — patched, observed and unpatched live, nothing rebooted"), flush=True)
         return 1 if runner.failed else 0
+
+
+def _dashboard(broker_url: str, listen: str) -> BackgroundDashboard | None:
+    try:
+        page = BackgroundDashboard(broker_url, listen).start()
+    except DashboardError as e:  # the walk-through does not need the page
+        print(f"dashboard not started: {e}", flush=True)
+        return None
+    print(f"dashboard: {page.url} (the fleet page, live from the same broker)", flush=True)
+    return page
 
 
 def _run_daemon(daemon: Daemon) -> None:

@@ -170,10 +170,12 @@ class FleetSpec(Inbound):
         _sums_to_one(list(value.values()), "workloads")
         return value
 
-    def host_ids(self, count: int | None = None) -> list[str]:
+    def host_ids(self, count: int | None = None, first: int = 0) -> list[str]:
+        """``count`` ids from number ``first`` (a fleet split over several runners: each runs its own range; the
+        ids are the ones one runner of the whole fleet would give those hosts)."""
         n = self.hosts if count is None else count
-        width = max(4, len(str(max(n - 1, 0))))
-        return [f"{self.prefix}-{i:0{width}d}" for i in range(n)]
+        width = max(4, len(str(max(first + n - 1, self.hosts - 1, 0))))
+        return [f"{self.prefix}-{i:0{width}d}" for i in range(first, first + n)]
 
 
 class FaultState(Outbound):

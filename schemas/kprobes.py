@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from schemas._base import Address, Inbound, Outbound
 from schemas.envelope import Request
@@ -33,6 +33,8 @@ class FetchArg(Outbound):
     name: str = Field(pattern=NAME_RE)
     reg: str = Field(description="x0..x30, sp, pc or pstate (the complete pt_regs of the BRK exception)")
     type: ArgType = "x64"
+    offset: int | None = Field(default=None, description="a memory fetch +OFFSET(%REG): the value at reg + "
+                               "offset, read in the guest at the hit (None: the register itself)")
 
 
 class FetchArgIn(Inbound):
@@ -41,6 +43,8 @@ class FetchArgIn(Inbound):
     name: str = Field(pattern=NAME_RE)
     reg: str
     type: ArgType = "x64"
+    offset: int | None = Field(default=None, ge=-(1 << 31), le=(1 << 31) - 1,
+                               description="+OFFSET(%REG): fetch the memory at reg + offset (base: x0-x30, sp, pc)")
 
     @field_validator("reg")
     @classmethod
@@ -49,6 +53,12 @@ class FetchArgIn(Inbound):
         if value not in REGISTERS:
             raise ValueError(f"unknown register {value!r} (x0..x30, sp, pc, pstate, lr, fp)")
         return value
+
+    @model_validator(mode="after")
+    def _base(self) -> FetchArgIn:
+        if self.offset is not None and self.reg == "pstate":
+            raise ValueError("a memory fetch is based on x0-x30, sp or pc, not pstate")
+        return self
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,13 @@ def _fetch(token: str, index: int) -> FetchArgIn:
     if not eq:
         name, spec = f"arg{index}", token
     spec, _, type_ = spec.partition(":")
+    offset = None
+    mem = re.fullmatch(r"([+-])(0[xX][0-9a-fA-F]+|[0-9]+)\((.+)\)", spec)
+    if mem:  # +|-OFFS(FETCHARG): one level of memory fetch
+        offset = int(mem.group(2), 0) * (-1 if mem.group(1) == "-" else 1)
+        spec = mem.group(3)
+        if "(" in spec:
+            raise ValueError("nested memory fetches (+A(+B(%reg))) are not supported")
     m = re.fullmatch(r"\$arg([1-8])", spec)
     if m:
         reg = f"x{int(m.group(1)) - 1}"
@@ -72,14 +89,15 @@ def _fetch(token: str, index: int) -> FetchArgIn:
         raise ValueError("$retval is a kretprobe's fetch argument (r: probes), not a kprobe's")
     else:
         reg = spec.removeprefix("%")
-    return FetchArgIn.model_validate({"name": name, "reg": reg, "type": type_ or "x64"})
+    return FetchArgIn.model_validate({"name": name, "reg": reg, "type": type_ or "x64", "offset": offset})
 
 
 def parse_probe_definition(text: str) -> ProbeDefinition:
     """``p[:[GRP/]EVENT] SYM[+OFFS]|0xADDR [FETCHARGS]`` (Documentation/trace/kprobetrace.rst), kprobes only.
 
-    FETCHARG: ``%REG`` or a bare ``REG`` (x0..x30, sp, pc, pstate, lr, fp), ``$argN`` (N = 1..8: x0..x7), each
-    optionally ``NAME=`` before and ``:TYPE`` (x64, u64, s64, x32, u32, s32) after. The event name defaults to
+    FETCHARG: ``%REG`` or a bare ``REG`` (x0..x30, sp, pc, pstate, lr, fp), ``$argN`` (N = 1..8: x0..x7), or
+    ``+OFFS(...)`` / ``-OFFS(...)`` of one of those (the memory at it, read at the hit), each optionally ``NAME=``
+    before and ``:TYPE`` (x64, u64, s64, x32, u32, s32) after. The event name defaults to
     ``p_<SYM>_<OFFS>`` as Linux's does; ValueError for anything else.
     """
     tokens = text.split()
@@ -180,6 +198,8 @@ class KprobeHitRecord(Outbound):
     ts: int = Field(description="cntvct ticks")
     post: bool
     regs: dict[str, int]
+    mem: list[int | None] = Field(default_factory=list, description="the memory fetch args' values at the hit, "
+                                  "in order (null: the address was not mapped, printed (fault))")
     kind: Literal["pre", "post", "ret", "?"] = Field(
         default="pre", description="ret: a kretprobe's return (regs from its trampoline, x0 = the return value)")
 

@@ -115,6 +115,8 @@ class PatchSummary(Outbound):
     forced: bool
     replaced: bool
     funcs: list[str] = Field(description="sysfs names of the functions it replaces")
+    states: list[StateInfo] = Field(default_factory=list, description="its system states (klp_state id and "
+                                    "version): what a later cumulative patch must carry to be compatible")
 
 
 # -- patch.load ---------------------------------------------------------------------------------------------------

@@ -19,13 +19,14 @@ BUILD_B = "b2" * 20
 
 
 def bundle(tmp: Path, build: str = BUILD_A, name: str = "fix", signed: bool = True, *, replace: bool = False,
-           funcs: tuple[str, ...] = ()) -> str:
+           funcs: tuple[str, ...] = (), states: dict[int, int] | None = None) -> str:
     """A bundle file as the planner reads it (the twins do not check signatures; real hosts do): ``replace``
-    sets the atomic-replace flag, ``funcs`` the old functions its manifest lists."""
+    sets the atomic-replace flag, ``funcs`` the old functions its manifest lists, ``states`` its system states."""
     p = tmp / f"{name}-{build[:4]}-{int(signed)}.lpb"
     sig = {"key_id": "k" * 64, "value": "x"} if signed else None
     manifest: dict[str, Any] = {"name": name, "build_id": build, "replace": replace,
-                                "objects": [{"name": "vmlinux", "funcs": [{"old_name": f} for f in funcs]}]}
+                                "objects": [{"name": "vmlinux", "funcs": [{"old_name": f} for f in funcs]}],
+                                "states": [{"id": i, "version": v} for i, v in sorted((states or {}).items())]}
     p.write_text(json.dumps({"format": "livepatchd-bundle/1", "manifest": manifest, "object": "",
                              "signature": sig}))
     return str(p)

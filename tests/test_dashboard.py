@@ -269,3 +269,49 @@ def test_rollout_board_waves_abort_and_history() -> None:
     assert boards.view()["r"]["abort"][0]["pct"] == 33.3
     assert boards.ingest("livepatch/v1/_orchestrator/rollout/r", None) == "r"
     assert boards.view() == {}
+
+
+def test_feed_trace_tail_is_bounded_and_counts_missed_batches() -> None:
+    from clients.dashboard.feed import LATENCY_TAIL, TRACE_TAIL  # noqa: PLC0415
+
+    feed = FleetFeed("mqtt://127.0.0.1:1")
+
+    def batch(seq: int, lines: int, session: int = 1) -> bytes:
+        records = [{"kind": "return", "function": "work_chain", "time": seq + i / 1000, "duration_ns": 1000 + i}
+                   for i in range(lines)]
+        return json.dumps({"host": "a", "boot_seq": 1, "session": session, "seq": seq, "time": 0.0,
+                           "lines": [f"line {seq}.{i}" for i in range(lines)], "records": records,
+                           "written": lines, "dropped": 0}).encode()
+
+    feed.ingest("livepatch/v1/a/trace", batch(1, 3))
+    cursor = feed.snapshot()["cursor"]
+    feed.ingest("livepatch/v1/a/trace", batch(4, 2))  # batches 2 and 3 never came
+    feed.ingest("livepatch/v1/a/trace", b"\x00not json")
+    feed.ingest("livepatch/v1/a/trace", json.dumps({"lines": "not a list"}).encode())
+    delta = feed.delta(cursor)
+    assert delta is not None
+    tail = delta["traces"]["a"]
+    assert tail["lines"] == ["line 4.0", "line 4.1"], "only what came after the cursor"
+    assert tail["latency"] == [[4.0, "work_chain", 1000], [4.001, "work_chain", 1001]]
+    assert tail["lost_batches"] == 2
+    assert delta["hosts"] == {}, "a trace batch is no host document: the grid is not touched"
+    feed.ingest("livepatch/v1/a/trace", batch(1, TRACE_TAIL + LATENCY_TAIL, session=2))  # a new session: no gap
+    snap = feed.snapshot()["traces"]["a"]
+    assert len(snap["lines"]) == TRACE_TAIL
+    assert len(snap["latency"]) == LATENCY_TAIL
+    assert snap["lost_batches"] == 2
+    assert snap["session"]["session"] == 2
+
+
+def test_rehearse_control_refuses_bad_input_before_asking() -> None:
+    from clients.dashboard.controls import ControlRefused  # noqa: PLC0415
+
+    controls = OperatorControls("mqtt://127.0.0.1:1")  # nothing listens there: a refusal must come first
+    bodies: list[dict[str, Any]] = [{"spec": "x"}, {"spec": {}, "faults": {}}, {"spec": {}, "seed": -1},
+                                    {"spec": {}, "seed": True}]
+    for body in bodies:
+        async def ask(b: dict[str, Any] = body) -> None:
+            await controls.rollout("rehearse", b)
+        with pytest.raises(ControlRefused) as e:
+            in_thread(ask())  # the browser fixture's loop may own this thread
+        assert e.value.code == "bad_request", body

@@ -197,6 +197,9 @@ def test_rollouts_from_the_page(secured: Mosquitto, browser: Browser, tmp_path: 
         expect(page.locator(f'#host-patches tr[data-patch="{PATCH}"]')).to_contain_text("enabled")
         expect(page.locator(f'#host-patches tr[data-patch="{PATCH}"] .effect')).to_contain_text("calls",
                                                                                              timeout=30_000)
+        # its call-cost table: the live patch's klp_ftrace_handler, called directly from its site (CALL_OPS)
+        expect(page.locator(f'#cost-table tr.cost[data-name="{PATCH}"] [data-field="direct"]')).to_have_text(
+            "56 insn", timeout=10_000)
         page.locator("#host-view").screenshot(path=str(SHOTS / "host-patched.png"))
 
         # an observer: no controls on its page, its server refuses them, and the broker drops a forged request
@@ -232,6 +235,27 @@ def test_rollouts_from_the_page(secured: Mosquitto, browser: Browser, tmp_path: 
         expect(page.locator('#groups .cell[data-state="patched"]')).to_have_count(0, timeout=30_000)
         expect(page.locator('#groups .cell[data-state="online"]')).to_have_count(N_HOSTS)
         page.locator("#rollouts-view").screenshot(path=str(SHOTS / "rollout-rolled-back.png"))
+
+        # a rehearsal (every host unpatched again): the spec against a simulated twin of its targets, two of them
+        # stalling; its report on the page with the timeline (hosts per state over simulated time, the waves'
+        # starts, the events)
+        page.fill("#spec", json.dumps({**rollout, "name": "r-rehearsed"}))
+        page.fill("#rehearse-faults", json.dumps([{"kind": "stall", "count": 2, "mode": "uninterruptible"}]))
+        page.fill("#rehearse-seed", "7")
+        page.click("#spec-rehearse")
+        expect(page.locator("#control-result")).to_have_text("rehearse: ok", timeout=120_000)
+        rehearsal = page.locator("#rehearsal-view")
+        expect(rehearsal).to_be_visible(timeout=120_000)
+        expect(page.locator("#rehearsal-title")).to_contain_text("r-rehearsed")
+        expect(page.locator("#rehearsal-summary")).to_contain_text("stall on 2 host(s)")
+        expect(page.locator("#rehearsal-waves .rehearsal-wave")).to_have_count(2)
+        expect(page.locator("#rehearsal-timeline .rehearsal-event").first).to_be_visible()
+        expect(page.locator("#rehearsal-timeline")).to_contain_text("started")
+        expect(page.locator("#rehearsal-plot .scatterlayer .trace")).not_to_have_count(0, timeout=10_000)
+        assert "r-rehearsed" not in orch.engine.store.names(), "a rehearsal creates no rollout"
+        rehearsal.screenshot(path=str(SHOTS / "rehearsal.png"))
+        status, reply = post(f"{watcher.url}api/control/rehearse", {"spec": rollout})
+        assert (status, reply["error"]["code"]) == (403, "not_operator")
 
         # predicted beside actual: a second rollout asks patch.check before each enable and skips the host whose
         # transition would stall; the stalls view shows that prediction beside what the first rollout met there

@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
+from typing import Any
+
+
+def _snapshot(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}api/snapshot", timeout=10) as r:
+        doc: dict[str, Any] = json.loads(r.read())
+        return doc
 
 
 def test_demo_patches_observes_and_unpatches_live() -> None:
-    done = subprocess.run([sys.executable, "-m", "daemon.cli", "demo"], capture_output=True, text=True, timeout=300,
-                          check=False)
-    out = done.stdout
+    errors: list[str] = []
+    lines: list[str] = []
+    seen: dict[str, Any] = {}
+    with subprocess.Popen([sys.executable, "-m", "daemon.cli", "demo"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        reader = threading.Thread(target=lambda: errors.append(proc.stderr.read() if proc.stderr else ""))
+        reader.start()
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("dashboard: http://"):  # the page follows the demo's broker while the story runs
+                url = line.split()[1]
+                deadline = time.monotonic() + 60
+                while "demo" not in seen.get("hosts", {}) and time.monotonic() < deadline:
+                    seen = _snapshot(url)
+                    time.sleep(0.2)
+        proc.wait(300)
+        reader.join(30)
+    out = "".join(lines)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, errors[0] if errors else "")
     assert done.returncode == 0, out + done.stderr
+    assert seen["broker"]["connected"] is True, seen
+    assert seen["hosts"]["demo"]["status"]["state"] == "online"
     reads = [out.split(f"$ lpctl read proc_cmdline_read    # {note}", 1)[1].split("\n")[1].strip()
              for note in ("/proc/cmdline, rendered by cmdline_proc_show", "the same function, live patched",
                           "back to the original")]

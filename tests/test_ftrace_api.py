@@ -112,3 +112,23 @@ def test_find_callable_addr_is_the_architectures_rule() -> None:
 def test_the_result_type_is_not_the_patchers() -> None:
     assert BatchResult is not patching.BatchResult
     assert BatchResult.of(patching.BatchResult(3, 2, 1)) == BatchResult(3, 2, 1)
+
+
+def test_a_hijack_target_by_address_is_a_function_start_by_symbol_lookup(ftrace: Ftrace) -> None:
+    from daemon.service.ftrace.targets import function_start  # noqa: PLC0415  (the service's use of the lookup)
+    from daemon.service.pipeline.errors import InvalidArgument  # noqa: PLC0415
+
+    k = ftrace.kernel
+    start = k.kallsyms.addr("work_step_a")
+    assert function_start(k, ftrace, f"{start:#x}", 0) == start
+    for bad in (start + 8, k.kallsyms.addr("boot_params")):
+        with pytest.raises(InvalidArgument, match="is not the start of a function"):
+            function_start(k, ftrace, f"{bad:#x}", 0)
+    base = k.module_text.base
+
+    def module_symbols(addr: int) -> SymbolAt | None:
+        return SymbolAt("fix_it", base, 0x40, addr - base, True, "fixmod") if base <= addr < base + 0x40 else None
+    ftrace.add_records([], symbols=module_symbols)
+    assert function_start(k, ftrace, f"{base:#x}", 0) == base, "a loaded module's function"
+    with pytest.raises(InvalidArgument):
+        function_start(k, ftrace, f"{base + 4:#x}", 0)

@@ -11,16 +11,21 @@ code) and does not touch the skipped host."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mqtt_fixtures import Mosquitto, run, wait_for
 from test_fleet import running
 from test_orchestrator import SLEEPER, bundle_file, fleet_runner, orchestrator, spec_doc
 
 from clients.rollout.service import Orchestrator
-from clients.sdk import LivepatchClient, RolloutClient
+from clients.sdk import LivepatchClient, ReplyError, RolloutClient
 from daemon.fleet.runner import FleetRunner
 from daemon.guest import abi
 
@@ -29,10 +34,11 @@ UNINTERRUPTIBLE = 1  # the sleeper's flag bit for a D-state sleep (daemon.fleet.
 
 
 def enabled_everywhere(orch: Orchestrator, hosts: list[str], patch: str) -> bool:
-    """The orchestrator's view of the hosts' retained state: ``patch`` enabled, with its functions listed."""
+    """The orchestrator's view of the hosts' retained state: ``patch`` enabled, with its functions and states."""
     for h in hosts:
         lp = (orch.driver._states.get(h) or {}).get("components", {}).get("livepatch") or {}
-        if not any(p["name"] == patch and p["enabled"] and p["funcs"] for p in lp.get("patches") or []):
+        if not any(p["name"] == patch and p["enabled"] and (p["funcs"] or p["states"])
+                   for p in lp.get("patches") or []):
             return False
     return True
 
@@ -99,6 +105,15 @@ def test_replace_rollout_supersedes_v1(mosquitto: Mosquitto, tmp_path: Path) -> 
                 assert dry.would_stall[sleepy][0]["reason"] == "uninterruptible"
                 assert dry.supersedes == {h: [SLEEPER] for h in hosts}
                 assert dry.plan["bundles"][next(iter(dry.plan["bundles"]))]["replace"] is True
+                spec_path = tmp_path / "v2.json"
+                spec_path.write_text(json.dumps(spec))
+                env = {**os.environ, "LPCTL_BROKER": mosquitto.url, "LPCTL_PROTOCOL": "3.1.1"}
+                shown = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "clients.cli", "--timeout",
+                                                "30", "rollout", "create", str(spec_path), "--dry-run"],
+                                                env=env, capture_output=True, text=True, check=False)
+                assert shown.returncode == 0, shown.stderr
+                assert f"supersedes {SLEEPER} on 4 host(s)" in shown.stdout
+                assert f"would stall {sleepy}" in shown.stdout.replace("\n", " ")
 
                 await r.create(spec)
                 await r.start("v2")
@@ -123,5 +138,42 @@ def test_replace_rollout_supersedes_v1(mosquitto: Mosquitto, tmp_path: Path) -> 
                 for h in hosts:
                     have = await patches_of(mosquitto.url, h)
                     assert list(have) == ([SLEEPER] if h == sleepy else []), h
+
+    run(scenario())
+
+
+def test_cumulative_patch_must_carry_the_installed_states(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """v1 (``livepatch_state``) installs system state 1 at version 1. A cumulative patch without it
+    (``livepatch_atomic_replace``) is refused at create — the hosts would refuse its enable — with nothing sent;
+    ``livepatch_state2`` (state 1 at version 2) takes v1 over."""
+    runner, hosts = fleet_runner(tmp_path, mosquitto.url, 2)
+    prefix = hosts[0].rsplit("-", 1)[0]
+
+    async def scenario() -> None:
+        async with running(runner, mosquitto.url), orchestrator(mosquitto.url, str(tmp_path / "o.sqlite3")) as orch:
+            await wait_for(lambda: len(runner.online) == 2 and len(orch.driver._states) >= 2, 60)
+            async with RolloutClient(mosquitto.url, protocol="3.1.1", timeout=30) as r:
+                await r.create(spec_doc("s1", prefix, bundle_file(tmp_path, "livepatch_state"), "livepatch_state",
+                                        verify=False))
+                await r.start("s1")
+                assert await asyncio.wait_for(until_final(r, "s1"), 60) == "COMPLETED"
+                await wait_for(lambda: enabled_everywhere(orch, hosts, "livepatch_state"), 30)
+
+                sent = orch.driver.requests
+                with pytest.raises(ReplyError) as exc:
+                    await r.create(spec_doc("bad", prefix, bundle_file(tmp_path, V2), V2))
+                assert exc.value.code == "patch_state_incompatible"
+                assert "system state 1 at version 1" in exc.value.message
+                assert orch.driver.requests == sent, "refused at create: nothing sent to any host"
+                assert [d.name for d in await r.rollouts()] == ["s1"]
+
+                s2 = spec_doc("s2", prefix, bundle_file(tmp_path, "livepatch_state2"), "livepatch_state2",
+                              verify=False)
+                assert (await r.dry_run(s2)).supersedes == {h: ["livepatch_state"] for h in hosts}
+                await r.create(s2)
+                await r.start("s2")
+                assert await asyncio.wait_for(until_final(r, "s2"), 60) == "COMPLETED"
+                for h in hosts:
+                    assert list(await patches_of(mosquitto.url, h)) == ["livepatch_state2"]
 
     run(scenario())

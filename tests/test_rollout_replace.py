@@ -8,11 +8,12 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rollout_fixtures import BUILD_A, Rig, bundle
 
 from clients.rollout.api import dry_run
 from clients.rollout.driver import Outcome
-from clients.rollout.plan import HostInfo
+from clients.rollout.plan import HostInfo, PlanError
 from clients.rollout.sim import SimDriver
 from schemas.fleet import StallFault
 from schemas.rollout import RolloutSpec
@@ -112,3 +113,22 @@ def test_retained_state_funcs_are_read() -> None:
     info = HostInfo.from_state(doc)
     assert info.funcs == {V1: (("cmdline_proc_show", 1), ("dup_fn", 2), ("odd", 0)), "old": ()}
     assert info.patches == {V1: True, "old": False}
+
+
+def test_state_compatibility_is_checked_at_create(tmp_path: Path) -> None:
+    """klp_is_patch_compatible over the hosts' retained state: v1 installed system state 1 at version 2."""
+    hosts = {h: HostInfo(h, BUILD_A, patches={V1: True}, states={V1: {1: 2}}) for h in ("s-0", "s-1")}
+    rig = Rig(tmp_path, hosts, patch=V2)
+    for replace, states, ok in [(True, None, False), (True, {1: 1}, False), (True, {1: 2}, True),
+                                (True, {1: 3}, True), (False, None, True), (False, {1: 1}, False)]:
+        path = bundle(rig.tmp, name=V2, replace=replace, states=states)
+        spec = rig.spec(name=f"s{int(replace)}{states and states[1]}", patch=V2, bundles={BUILD_A: path})
+        if ok:
+            asyncio.run(rig.engine.create(spec))
+            continue
+        with pytest.raises(PlanError) as exc:
+            asyncio.run(rig.engine.create(spec))
+        assert exc.value.code == "patch_state_incompatible", (replace, states)
+        assert "system state 1 at version 2" in exc.value.message
+        assert rig.store.rollout(spec.name) is None, "nothing stored"
+    assert rig.driver.calls == 0, "nothing asked of any host"

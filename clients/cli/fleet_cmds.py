@@ -303,6 +303,9 @@ def fleet_up(ctx: typer.Context, *,
              spec: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="a fleet spec (YAML or "
                                                        "JSON; schema: schemas/json/FleetSpec.json)")] = None,
              seed: Annotated[int | None, typer.Option(min=0, help="override the spec's seed")] = None,
+             first: Annotated[int | None, typer.Option(min=0, help="the number of the first host id: each runner of "
+                                                       "a fleet split over machines on one broker runs its own "
+                                                       "range")] = None,
              broker: Annotated[str | None, typer.Option(help="the hosts' broker, mqtt://\\[user:pass@]host:port "
                                                         "(default: an embedded one on a free port)")] = None,
              workers: Annotated[int | None, typer.Option(min=0, help="worker processes (default: one per core; "
@@ -324,6 +327,7 @@ def fleet_up(ctx: typer.Context, *,
     state_dir = state_dir.resolve()
     args = ["fleet", "--state-dir", str(state_dir)]
     for name, value in (("--hosts", hosts), ("--spec", spec.resolve() if spec else None), ("--seed", seed),
+                        ("--first", first),
                         ("--broker", broker), ("--workers", workers), ("--protocol", host_protocol),
                         ("--trusted-keys-dir", trusted_keys_dir.resolve() if trusted_keys_dir else None)):
         if value is not None:

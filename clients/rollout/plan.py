@@ -36,6 +36,7 @@ class HostInfo:
     patches: dict[str, bool] = field(default_factory=dict)  # name -> enabled
     transition: bool = False
     funcs: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)  # patch -> (old_name, sympos)
+    states: dict[str, dict[int, int]] = field(default_factory=dict)  # patch -> klp_state id -> version
 
     @classmethod
     def from_state(cls, doc: dict[str, Any], online: bool = True) -> HostInfo:
@@ -48,7 +49,9 @@ class HostInfo:
                    patches={str(p["name"]): bool(p.get("enabled")) for p in patches},
                    transition=lp.get("transition") is not None,
                    funcs={str(p["name"]): tuple(_sysfs_func(f) for f in p.get("funcs") or [] if isinstance(f, str))
-                          for p in patches})
+                          for p in patches},
+                   states={str(p["name"]): {int(st["id"]): int(st["version"]) for st in p.get("states") or []}
+                           for p in patches})
 
     def replaced_by(self, bundle: Bundle) -> tuple[list[str], list[tuple[str, int]]]:
         """What an atomic replace by ``bundle`` would take over here: the enabled patches, and the functions they
@@ -64,6 +67,22 @@ class HostInfo:
                     mine.add((fn, max(pos, 1)))
                     nops.append((fn, pos))
         return olds, nops
+
+    def incompatible(self, bundle: Bundle) -> str | None:
+        """Why enabling ``bundle`` here would be refused (klp_is_patch_compatible: every system state an enabled
+        patch installed must be in a cumulative patch at that version or later; a patch without the replace
+        flag may leave a state out), or None."""
+        for name, on in sorted(self.patches.items()):
+            if not on or name == bundle.name:
+                continue
+            for sid, version in sorted(self.states.get(name, {}).items()):
+                mine = bundle.states.get(sid)
+                if (not bundle.replace) if mine is None else mine >= version:
+                    continue
+                offered = "does not carry it" if mine is None else f"has version {mine}"
+                return (f"patch {name!r} installed system state {sid} at version {version}; {bundle.name!r} "
+                        f"{offered}")
+        return None
 
 
 def _sysfs_func(name: str) -> tuple[str, int]:
@@ -84,6 +103,7 @@ class Bundle:
     signed: bool
     key_id: str | None
     functions: tuple[tuple[str, int], ...] = ()  # (old_name, old_sympos) the patch replaces, from its manifest
+    states: dict[int, int] = field(default_factory=dict)  # klp_state id -> version, from its manifest
 
     @property
     def b64(self) -> str:
@@ -117,7 +137,12 @@ def read_bundle(build_id: str, path: str, patch: str) -> Bundle:
     funcs = tuple((str(f.get("old_name")), int(f.get("old_sympos") or 0))
                   for o in manifest.get("objects") or [] if isinstance(o, dict)
                   for f in o.get("funcs") or [] if isinstance(f, dict) and f.get("old_name"))
-    return Bundle(build_id, path, raw, patch, bool(manifest.get("replace")), True, sig.get("key_id"), funcs)
+    try:
+        states = {int(st["id"]): int(st["version"]) for st in manifest.get("states") or []}
+    except (KeyError, TypeError, ValueError):
+        raise PlanError("bundle_invalid", f"{path}: its manifest's states are not a list of {{id, version}}",
+                        {"path": path}) from None
+    return Bundle(build_id, path, raw, patch, bool(manifest.get("replace")), True, sig.get("key_id"), funcs, states)
 
 
 def _labels_match(want: dict[str, str], have: dict[str, str]) -> bool:
@@ -244,6 +269,10 @@ def make_plan(spec: RolloutSpec, fleet: dict[str, HostInfo]) -> Plan:
             if info.patches.get(spec.patch):
                 raise PlanError("patch_state_incompatible", f"host {h} already has patch {spec.patch!r} enabled: "
                                 "disable and unload it first, or roll out a new name", {"host": h})
+            why = info.incompatible(bundles[info.build_id])
+            if why is not None:
+                raise PlanError("patch_state_incompatible", f"host {h}: {why} (the host would refuse the enable: "
+                                "build the patch with that state, or leave the host out)", {"host": h})
             rows.append((h, wi, info.build_id, ExecState.QUEUED, {}))
     covered = len(rows) - sum(len(v) for v in removed.values())
     if covered == 0:

@@ -172,7 +172,8 @@ class SimDriver:
         for name, h in self.hosts.items():
             i = h.info
             out[name] = HostInfo(i.host, i.build_id, self._reachable(h), dict(i.labels), dict(h.patches),
-                                 h.transition is not None, {n: i.funcs.get(n, ()) for n in h.patches})
+                                 h.transition is not None, {n: i.funcs.get(n, ()) for n in h.patches},
+                                 {n: i.states.get(n, {}) for n in h.patches})
         return out
 
     async def load(self, host: str, bundle_b64: str, request_id: str, timeout_s: float) -> Outcome:

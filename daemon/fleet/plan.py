@@ -100,9 +100,10 @@ def _fault_hosts(spec: FleetSpec, index: int, fault: Fault, hosts: Sequence[str]
     return chosen
 
 
-def draw(spec: FleetSpec, count: int | None = None) -> list[HostPlan]:
-    """The hosts ``<prefix>-0000`` .. of the spec (``count`` of them: the spec's own count by default)."""
-    hosts = spec.host_ids(count)
+def draw(spec: FleetSpec, count: int | None = None, first: int = 0) -> list[HostPlan]:
+    """The hosts ``<prefix>-0000`` .. of the spec (``count`` of them: the spec's own count by default), numbered
+    from ``first``: a host draws the same whichever runner of a split fleet runs it."""
+    hosts = spec.host_ids(count, first)
     faults: dict[str, list[Fault]] = {h: [] for h in hosts}
     for j, fault in enumerate(spec.faults):
         for h in _fault_hosts(spec, j, fault, hosts):

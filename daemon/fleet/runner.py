@@ -86,11 +86,15 @@ class FleetRunner:
     """N hosts of a spec over ``workers`` processes (0: on this loop), resizable while running."""
 
     def __init__(self, spec: FleetSpec, overrides: dict[str, Any], *, workers: int | None = None,
-                 hosts: int | None = None, on_change: Callable[[FleetRunner], None] | None = None) -> None:
+                 hosts: int | None = None, first: int = 0,
+                 on_change: Callable[[FleetRunner], None] | None = None) -> None:
         self.spec = spec
+        self.first = first
+        """The number of this runner's first host id: a fleet split over several runners (machines) on one broker
+        gives each its own range, so no host id runs twice; each grows and shrinks within its range."""
         self.overrides = dict(overrides)
         self.base = Settings(**self.overrides)
-        self.target = spec.hosts if hosts is None else hosts
+        self.target = max(0, spec.hosts - first) if hosts is None else hosts
         # one per core by default, but no idle process for a fleet smaller than the machine
         self.nr_workers = min(os.cpu_count() or 1, max(1, self.target)) if workers is None else workers
         self.on_change = on_change
@@ -207,7 +211,7 @@ class FleetRunner:
         """Start or stop hosts until the fleet has ``target`` of them."""
         if self._stopping or (self._local is None and not self._workers):
             return
-        wanted = draw(self.spec, self.target)
+        wanted = draw(self.spec, self.target, self.first)
         wanted_ids = {p.host for p in wanted}
         for host in sorted(set(self.plans) - wanted_ids, reverse=True):
             self._send(host, {"op": "remove", "host": host})
@@ -290,7 +294,7 @@ class FleetRunner:
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(), "broker_url": self.broker_url, "state_dir": str(self.base.state_dir),
-            "target": self.target, "online": len(self.online), "time": time.time(),
+            "target": self.target, "first": self.first, "online": len(self.online), "time": time.time(),
             "hosts": {h: {"worker": self.where.get(h), "online": h in self.online, "boot_seq": self.online.get(h),
                           "release": p.release, "crashes": self.crashes.get(h, 0)}
                       for h, p in sorted(self.plans.items())},
@@ -305,19 +309,50 @@ class FleetRunner:
         write_json(self.dir / "status.json", doc)
 
 
-def run_fleet(spec: FleetSpec, overrides: dict[str, Any], *, workers: int | None, hosts: int | None) -> int:
-    """``livepatchd fleet``: run until SIGTERM/SIGINT."""
+async def _dashboard(runner: FleetRunner, listen: str, broker: str | None) -> None:
+    """The dashboard once the fleet's broker is known (an embedded one starts with the fleet), until cancelled."""
+    from clients.dashboard.background import BackgroundDashboard, DashboardError  # noqa: PLC0415
+
+    while broker is None and runner.broker_url is None:
+        await asyncio.sleep(0.05)
+    try:
+        page = await asyncio.to_thread(BackgroundDashboard(broker or runner.broker_url or "", listen).start)
+    except DashboardError as exc:
+        print(f"livepatchd fleet: dashboard not started: {exc}", file=sys.stderr, flush=True)
+        return
+    print(f"dashboard: {page.url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await asyncio.to_thread(page.stop)
+
+
+def run_fleet(spec: FleetSpec, overrides: dict[str, Any], *, workers: int | None, hosts: int | None,
+              first: int = 0, dashboard: str | None = None, dashboard_broker: str | None = None) -> int:
+    """``livepatchd fleet``: run until SIGTERM/SIGINT; ``dashboard`` (address:port) serves the fleet page beside."""
     from daemon.app import configure_logging  # noqa: PLC0415
 
     base = Settings(**overrides)
     configure_logging(base.log_level)
 
     async def main() -> None:
-        runner = FleetRunner(spec, overrides, workers=workers, hosts=hosts)
+        runner = FleetRunner(spec, overrides, workers=workers, hosts=hosts, first=first)
         loop = asyncio.get_running_loop()
+        page = asyncio.create_task(_dashboard(runner, dashboard, dashboard_broker)) if dashboard else None
+
+        def stop() -> None:
+            if page is not None:
+                page.cancel()  # the page goes first: its broker may be the fleet's embedded one
+            runner.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, runner.stop)
-        await runner.run()
+            loop.add_signal_handler(sig, stop)
+        try:
+            await runner.run()
+        finally:
+            if page is not None:
+                page.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await page
 
     asyncio.run(main())
     return 0

@@ -119,6 +119,9 @@ KPROBE_HIT_SS = 2
 KPROBE_REENTER = 3
 KPROBE_HIT_SSDONE = 4
 KPF_KRETPROBE = 1 << 5  # pre handler: the entry of kretprobe kprobe.rp (hijack x30 to its trampoline)
+KPROBE_FETCH_MAX = 4  # memory fetch args (+OFFS(%REG)) a probe's record reads at the hit
+KPROBE_FETCH_VALID = 1 << 63  # kprobe.fetch[i] = VALID | base << 32 | (u32)offset; base: x0-x30, 31 sp, 32 pc
+KPROBE_MEM_RANGES = 8  # readable guest ranges [lo, hi) the host lists for fetches (copy_from_kernel_nofault)
 KPROBE_TRACE_RET = 2  # kprobe_trace.post of a kretprobe's return record (0: pre handler, 1: post handler)
 
 # kretprobes (daemon/kprobes/kretprobes.py): a kprobe at the function's address whose pre handler takes an
@@ -335,16 +338,18 @@ kprobe = Struct(
     "kprobe",
     [u64("addr"), u64("opcode"), u64("kind"), u64("slot"), u64("restore"), u64("flags"), u64("set_reg"),
      u64("set_val"), u64("call_fn"), u64("hits", MAX_CPUS), u64("nmissed", MAX_CPUS),
-     u64("post_hits", MAX_CPUS), u64("rp", ctype="struct kretprobe *")],
+     u64("post_hits", MAX_CPUS), u64("rp", ctype="struct kretprobe *"), u64("fetch", KPROBE_FETCH_MAX)],
     doc="one registered kprobe: probed address, original instruction, KP_* kind, XOL slot (0: simulated), "
         "pc after stepping (addr + 4), KPF_* handler flags and per-CPU counters",
 )
 
 kprobe_trace = Struct(
     "kprobe_trace",
-    [u64("ts"), u64("probe"), u64("cpu"), u64("post"), u64("pid"), u64("aux"), nested("regs", pt_regs)],
+    [u64("ts"), u64("probe"), u64("cpu"), u64("post"), u64("pid"), u64("aux"), nested("regs", pt_regs),
+     u64("mem", KPROBE_FETCH_MAX), u64("mem_fault")],
     doc="one register record of a KPF_RECORD probe: kprobe_table index, pre (post = 0), post handler (1) or "
-        "kretprobe return (KPROBE_TRACE_RET, aux = ticks since the entry), the current task's pid",
+        "kretprobe return (KPROBE_TRACE_RET, aux = ticks since the entry), the current task's pid, the memory "
+        "fetches' u64s (bit i of mem_fault: fetch i was outside every readable range)",
 )
 
 kprobe_ctlblk = Struct(

@@ -177,6 +177,11 @@ class Kernel:
         self.machine.on_host_call(reason, lambda vcpu, a0, a1: handler(vcpu.index, a0, a1))
 
     @property
+    def cpus_online(self) -> list[int]:
+        """The CPUs still running (none once the kernel shut down)."""
+        return [v.index for v in self.machine.vcpus if v.alive]
+
+    @property
     def cpus_alive(self) -> bool:
         """Every CPU still runs (false once one died or the kernel shuts down)."""
         return all(v.alive for v in self.machine.vcpus)

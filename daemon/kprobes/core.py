@@ -65,10 +65,16 @@ class Kprobe:
     set_val: int = 0
     call_fn: int = 0
     args: tuple[str, ...] = ()
+    fetch: tuple[tuple[str, int], ...] = ()  # memory fetch args: (base register, offset)
 
     @property
     def mode(self) -> str:
         return KIND_NAMES[self.kind]
+
+    @property
+    def is_kretprobe(self) -> bool:
+        """The entry kprobe of a kretprobe (its own verbs show and remove it)."""
+        return bool(self.flags & abi.KPF_KRETPROBE)
 
 
 @dataclass(frozen=True)
@@ -83,12 +89,31 @@ class KprobeHit:
     regs: dict[str, int]
     kind: HitKind = "pre"  # "ret": a kretprobe's return (regs["x0"] is the return value)
     duration: int = 0  # "ret": counter ticks since the entry
+    mem: tuple[int | None, ...] = ()  # the probe's memory fetches at the hit, None where the address was unmapped
 
 
 @dataclass
 class _Slots:
     pages: list[int] = field(default_factory=list)
     free: list[int] = field(default_factory=list)
+
+
+FETCH_BASES = {**{f"x{i}": i for i in range(31)}, "sp": 31, "pc": 32}
+
+
+def _fetch_words(fetch: tuple[tuple[str, int], ...]) -> list[int]:
+    """kprobe.fetch[]: VALID | base << 32 | (u32)offset per memory fetch arg, 0 for the unused ones."""
+    if len(fetch) > abi.KPROBE_FETCH_MAX:
+        raise KprobeRefused(f"at most {abi.KPROBE_FETCH_MAX} memory fetch args (+OFFSET(%REG)) per probe",
+                            reason="too many memory fetch args", limit=abi.KPROBE_FETCH_MAX)
+    words = []
+    for reg, off in fetch:
+        if reg not in FETCH_BASES:
+            raise KprobeRefused(f"a memory fetch is based on x0-x30, sp or pc, not {reg!r}", reason="bad fetch base")
+        if not -(1 << 31) <= off < 1 << 31:
+            raise KprobeRefused(f"fetch offset {off} does not fit 32 bits", reason="bad fetch offset")
+        words.append(abi.KPROBE_FETCH_VALID | FETCH_BASES[reg] << 32 | (off & 0xFFFF_FFFF))
+    return words + [0] * (abi.KPROBE_FETCH_MAX - len(words))
 
 
 class Kprobes:
@@ -114,8 +139,23 @@ class Kprobes:
         # kprobe_fault_handler: a fault while a CPU steps a probed instruction (or runs a handler) leaves that
         # CPU's kprobe_ctlblk busy; the kernel recovers the job on a fresh stack, so the probe state is reset
         # first, or the CPU's next hit would be a "reentered kprobe" BUG.
+        self._write_mem_ranges()
         self._next_fault_handler = kernel.machine.on_fault
         kernel.machine.on_fault = self._on_fault
+
+    def _write_mem_ranges(self) -> None:
+        """kprobe_mem_ranges: the mapped guest ranges, merged, that a memory fetch may read."""
+        spans: list[list[int]] = []
+        for r in sorted(self.memory.regions, key=lambda r: r.base):
+            if spans and spans[-1][1] == r.base:
+                spans[-1][1] = r.end
+            else:
+                spans.append([r.base, r.end])
+        base = self.kernel.kallsyms.addr("kprobe_mem_ranges")
+        for i in range(abi.KPROBE_MEM_RANGES):
+            lo, hi = spans[i] if i < len(spans) else (0, 0)
+            self.memory.write_u64(base + 16 * i, lo)
+            self.memory.write_u64(base + 16 * i + 8, hi)
 
     def _on_fault(self, vcpu: VCpu, fault: GuestFault) -> Resume | None:
         cb = abi.kprobe_ctlblk
@@ -194,8 +234,12 @@ class Kprobes:
 
     def register(self, name: str, target: str | int, *, record: bool = False, post: bool = False,
                  set_reg: int | None = None, set_val: int = 0, call_fn: str | int | None = None,
-                 args: tuple[str, ...] = (), kretprobe: int = 0) -> Kprobe:
-        """``kretprobe``: the guest ``struct kretprobe`` whose entry this probe is (daemon.kprobes.kretprobes)."""
+                 args: tuple[str, ...] = (), kretprobe: int = 0,
+                 fetch: tuple[tuple[str, int], ...] = ()) -> Kprobe:
+        """``kretprobe``: the guest ``struct kretprobe`` whose entry this probe is (daemon.kprobes.kretprobes).
+        ``fetch``: memory fetch args ``+OFFSET(%REG)`` as (register, offset), read by the guest at each recorded
+        hit (at most KPROBE_FETCH_MAX; REG x0-x30, sp or pc)."""
+        words = _fetch_words(fetch)
         if not name or not name.replace("_", "").isalnum():
             raise KprobeRefused(f"bad probe name {name!r}", reason="bad name")
         if set_reg is not None and not 0 <= set_reg <= 30:
@@ -218,7 +262,7 @@ class Kprobes:
             shared = self._by_addr.get(addr)
             slot = shared[0].slot if shared else (self._alloc_slot() if kind == abi.KP_STEP else 0)
             p = Kprobe(name, addr, symbol, offset, opcode, kind, index, slot, flags, set_reg or 0, set_val, fn,
-                       args)
+                       args, fetch)
             entry = self._entry(index)
             k = abi.kprobe
             for f, v in (("addr", addr), ("opcode", opcode), ("kind", kind), ("slot", slot),
@@ -228,6 +272,8 @@ class Kprobes:
             for counter in ("hits", "nmissed", "post_hits"):
                 for cpu in range(abi.MAX_CPUS):
                     self.memory.write_u64(entry + k.offsetof(counter) + 8 * cpu, 0)
+            for i, w in enumerate(words):
+                self.memory.write_u64(entry + k.offsetof("fetch") + 8 * i, w)
             sites = []
             if not shared:  # the first probe on the address writes the slot and the BRK
                 sites.append(InsnPatch(addr, opcode, BRK_KPROBE))
@@ -317,6 +363,7 @@ class Kprobes:
         """Register records written since the last drain (a CPU that wrote more than KPROBE_RING since lost
         the oldest: counted in ``ring_lost``)."""
         by_index = {p.index: p.name for p in self._probes.values()}
+        by_fetch = {p.index: p.fetch for p in self._probes.values()}
         out: list[KprobeHit] = []
         cb, tr = abi.kprobe_ctlblk, abi.kprobe_trace
         for cpu in range(self.kernel.config.nr_cpus):
@@ -331,10 +378,14 @@ class Kprobes:
                 for f in ("sp", "pc", "pstate"):
                     regs[f] = self.memory.read_u64(r + abi.pt_regs.offsetof(f))
                 post = self.memory.read_u64(e + tr.offsetof("post"))
-                out.append(KprobeHit(by_index.get(self.memory.read_u64(e + tr.offsetof("probe")), "?"), cpu,
-                                     self.memory.read_u64(e + tr.offsetof("pid")),
+                index = self.memory.read_u64(e + tr.offsetof("probe"))
+                fault = self.memory.read_u64(e + tr.offsetof("mem_fault"))
+                nfetch = len(by_fetch.get(index, ()))
+                mem = tuple(None if fault >> i & 1 else self.memory.read_u64(e + tr.offsetof("mem") + 8 * i)
+                            for i in range(nfetch))
+                out.append(KprobeHit(by_index.get(index, "?"), cpu, self.memory.read_u64(e + tr.offsetof("pid")),
                                      self.memory.read_u64(e + tr.offsetof("ts")), post == 1, regs,
-                                     _HIT_KINDS.get(post, "?"), self.memory.read_u64(e + tr.offsetof("aux"))))
+                                     _HIT_KINDS.get(post, "?"), self.memory.read_u64(e + tr.offsetof("aux")), mem))
             self._ring_seen[cpu] = head
         out.sort(key=lambda h: h.ts)
         return out

@@ -54,13 +54,6 @@ def _properties(packet_type: int) -> Any:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
-def _flush(client: aiomqtt.Client) -> None:
-    """Write what paho has queued for ``client``'s socket now (non-blocking; a broken socket is left to aiomqtt's
-    own writer callback, which reports it as the connection's loss)."""
-    with contextlib.suppress(Exception):
-        client._client.loop_write()
-
-
 class MqttBridge:
     def __init__(self, service: Service, config: BrokerConfig, *, version: str, grace_s: float = 5.0,
                  max_concurrent: int = 64, change_backlog: int = 256, heartbeat_s: float = 10.0,
@@ -342,11 +335,6 @@ class MqttBridge:
         if gone is None or gone.is_set():
             raise aiomqtt.MqttError("not connected")
         publishing = asyncio.ensure_future(client.publish(topic, payload, qos=1, properties=props))
-        # Right after the publish's first step (which queues the packet in paho): send it from there, not two
-        # loop turns later from aiomqtt's writer callback (registered with call_soon_threadsafe, run at the next
-        # select): under a burst each turn runs every other ready request first, and that wait was most of a
-        # read's time in the daemon (lpd_request_stage_seconds, stage reply).
-        asyncio.get_running_loop().call_soon(_flush, client)
         lost = asyncio.ensure_future(gone.wait())
         try:
             await asyncio.wait((publishing, lost), return_when=asyncio.FIRST_COMPLETED)

@@ -153,7 +153,7 @@ class KernelVerbs:
                         requests=RequestCounts(accepted=counts["accepted"], answered=counts["answered"],
                                                replayed=service.replayed),
                         broker=service.link, calls=self.policy,
-                        cpus_online=[v.index for v in kernel.machine.vcpus if v.alive])
+                        cpus_online=kernel.cpus_online)
 
     async def symbol_lookup(self, req: SymbolLookupRequest, ctx: RequestContext) -> SymbolData:
         ks = self.kernel.kallsyms

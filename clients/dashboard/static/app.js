@@ -196,7 +196,7 @@ function renderRollout(name) {
   const traces = shown.map(s => ({x: t, y: hist.map(p => p[1][s] || 0), name: s, mode: "lines", stackgroup: "one",
                                   line: {color: EXEC_COLORS[s]}}));
   Plotly.react(`ro-plot-${cssId(name)}`, traces, {margin: {l: 40, r: 10, t: 10, b: 30}, showlegend: true,
-               yaxis: {title: "hosts"}, legend: {font: {size: 10}}}, {displayModeBar: false, responsive: true});
+               yaxis: {title: {text: "hosts"}}, legend: {font: {size: 10}}}, {displayModeBar: false, responsive: true});
 }
 
 function renderRollouts() {
@@ -334,7 +334,7 @@ function renderCosts(name, h) {
   Plotly.react("cost-plot", [
     {type: "bar", name: "alone on its site (CALL_OPS)", x: names, y: t.rows.map(r => r.direct), marker: {color: "#1e8e3e"}},
     {type: "bar", name: "on a shared site (ftrace_list_ops)", x: names, y: t.rows.map(r => r.shared), marker: {color: "#e8710a"}},
-  ], {barmode: "group", margin: {l: 50, r: 10, t: 10, b: 40}, yaxis: {title: "guest insn / call"}, legend: {font: {size: 10}, orientation: "h"}},
+  ], {barmode: "group", margin: {l: 50, r: 10, t: 10, b: 40}, yaxis: {title: {text: "guest insn / call"}}, legend: {font: {size: 10}, orientation: "h"}},
   {displayModeBar: false, responsive: true});
 }
 
@@ -360,7 +360,7 @@ function renderTrace(name) {
   for (const [time, fn, ns] of lat) { if (!byFn.has(fn)) byFn.set(fn, {x: [], y: []}); byFn.get(fn).x.push(time); byFn.get(fn).y.push(ns / 1000); }
   const top = [...byFn.entries()].sort((a, b) => b[1].x.length - a[1].x.length).slice(0, 8);
   Plotly.react("latency-plot", top.map(([fn, d]) => ({type: "scatter", mode: "markers", name: fn, x: d.x, y: d.y, marker: {size: 4}})),
-    {margin: {l: 50, r: 10, t: 10, b: 40}, xaxis: {title: "guest time (s)"}, yaxis: {title: "µs per call", type: "log"}, legend: {font: {size: 10}}},
+    {margin: {l: 50, r: 10, t: 10, b: 40}, xaxis: {title: {text: "guest time (s)"}}, yaxis: {title: {text: "µs per call"}, type: "log"}, legend: {font: {size: 10}}},
     {displayModeBar: false, responsive: true});
 }
 
@@ -393,19 +393,19 @@ function renderRehearsal() {
   if (!window.Plotly) return;
   const end = Math.max(r.duration_s, 1);
   const times = [...new Set([0, end, ...r.hosts.flatMap(h => h.history.map(p => p[0]))])].sort((a, b) => a - b);
-  const shown = EXEC_STATES.filter(s => r.hosts.some(h => h.state === s || h.history.some(p => p[1] === s)));
-  const series = Object.fromEntries(shown.map(s => [s, []]));
+  const series = Object.fromEntries(EXEC_STATES.map(s => [s, []]));
   for (const t of times) {
     const c = {};
     for (const h of r.hosts) { const s = stateAt(h, t); c[s] = (c[s] || 0) + 1; }
-    for (const s of shown) series[s].push(c[s] || 0);
+    for (const s of EXEC_STATES) series[s].push(c[s] || 0);
   }
+  const shown = EXEC_STATES.filter(s => series[s].some(n => n > 0));
   const shapes = r.waves.filter(w => w.started_s != null).map(w => ({type: "line", x0: w.started_s, x1: w.started_s, yref: "paper", y0: 0, y1: 1,
                                                                      line: {color: "#445", width: 1, dash: "dot"}}));
   const annotations = r.waves.filter(w => w.started_s != null).map(w => ({x: w.started_s, yref: "paper", y: 1, text: `wave ${w.index}`,
                                                                          showarrow: false, xanchor: "left", font: {size: 10}}));
   Plotly.react("rehearsal-plot", shown.map(s => ({x: times, y: series[s], name: s, mode: "lines", stackgroup: "one", line: {color: EXEC_COLORS[s], shape: "hv"}})),
-    {margin: {l: 40, r: 10, t: 16, b: 36}, xaxis: {title: "seconds since the rollout was created (simulated clock)"}, yaxis: {title: "hosts"},
+    {margin: {l: 40, r: 10, t: 16, b: 36}, xaxis: {title: {text: "seconds since the rollout was created (simulated clock)"}}, yaxis: {title: {text: "hosts"}},
      shapes, annotations, legend: {font: {size: 10}}}, {displayModeBar: false, responsive: true});
 }
 
@@ -424,7 +424,7 @@ function renderPlot(counts) {
   for (const s of STATES) hist.counts[s].push(counts[s]);
   if (hist.t.length > 600) { hist.t.shift(); for (const s of STATES) hist.counts[s].shift(); }
   const traces = STATES.map(s => ({x: hist.t, y: hist.counts[s], name: s, mode: "lines", stackgroup: "one", line: {color: COLORS[s]}}));
-  Plotly.react("progress-plot", traces, {margin: {l: 40, r: 10, t: 10, b: 30}, showlegend: true, yaxis: {title: "hosts"}},
+  Plotly.react("progress-plot", traces, {margin: {l: 40, r: 10, t: 10, b: 30}, showlegend: true, yaxis: {title: {text: "hosts"}}},
                {displayModeBar: false, responsive: true});
 }
 

@@ -15,6 +15,7 @@
 struct kprobe kprobe_table[KPROBE_MAX];
 struct kprobe_ctlblk kprobe_ctlblk[MAX_CPUS];
 u64 kprobe_nr; /* entries of kprobe_table the lookup scans (the host keeps it above every armed entry) */
+u64 kprobe_mem_ranges[2 * KPROBE_MEM_RANGES]; /* [lo, hi) pairs the host maps readable (hi = 0: unused) */
 
 notrace void panic(const char *msg, u64 value);
 
@@ -139,6 +140,41 @@ notrace static void kprobe_simulate(const struct kprobe *p, struct pt_regs *regs
 notrace void pre_handler_kretprobe(struct kprobe *p, struct pt_regs *regs, u64 cpu);
 notrace int kretprobe_brk_handler(struct pt_regs *regs);
 
+/* copy_from_kernel_nofault's check: only an address inside a mapped range is read (a fault would kill the job) */
+notrace static int kprobe_readable(u64 addr)
+{
+	for (u64 i = 0; i < KPROBE_MEM_RANGES; i++) {
+		u64 lo = kprobe_mem_ranges[2 * i], hi = kprobe_mem_ranges[2 * i + 1];
+
+		if (hi && addr >= lo && addr < hi && hi - addr >= 8)
+			return 1;
+	}
+	return 0;
+}
+
+/* +OFFS(%REG) fetch args: the u64 at base + offset, read now (the record's regs are the hit's) */
+notrace static void kprobe_fetch(const struct kprobe *p, const struct pt_regs *regs, struct kprobe_trace *t)
+{
+	u64 fault = 0;
+
+	for (u64 i = 0; i < KPROBE_FETCH_MAX; i++) {
+		u64 f = p->fetch[i], v = 0;
+
+		if (f & KPROBE_FETCH_VALID) {
+			u64 reg = (f >> 32) & 0xff;
+			u64 base = reg < 31 ? regs->regs[reg] : reg == 31 ? regs->sp : regs->pc;
+			u64 addr = base + (u64)(s64)(int)(u32)f;
+
+			if (kprobe_readable(addr))
+				v = *(const volatile u64 *)addr;
+			else
+				fault |= 1ULL << i;
+		}
+		t->mem[i] = v;
+	}
+	t->mem_fault = fault;
+}
+
 /* also the kretprobe return handler's (kretprobes.c): post = KPROBE_TRACE_RET, aux = ticks since the entry */
 notrace void kprobe_record(struct kprobe_ctlblk *kcb, const struct kprobe *p, const struct pt_regs *regs,
 			   u64 cpu, u64 post, u64 aux)
@@ -155,6 +191,7 @@ notrace void kprobe_record(struct kprobe_ctlblk *kcb, const struct kprobe *p, co
 	t->pid = this_cpu()->current ? this_cpu()->current->pid : 0;
 	for (u64 i = 0; i < PT_REGS_SIZE / 8; i++)
 		dst[i] = src[i];
+	kprobe_fetch(p, regs, t);
 	barrier();
 	WRITE_ONCE(kcb->ring_head, kcb->ring_head + 1);
 }

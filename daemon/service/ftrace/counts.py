@@ -3,9 +3,7 @@ change applied (each pause observed in the metrics too)."""
 
 from __future__ import annotations
 
-from daemon.arch.arm64.patching import BatchResult
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.ops import FtraceOps
+from daemon.ftrace import BatchResult, Ftrace, FtraceOps
 from daemon.service.pipeline.metrics import Metrics
 from schemas.ftrace import BatchInfo
 

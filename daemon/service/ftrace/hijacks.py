@@ -9,12 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from daemon.arch.arm64 import callsite
-from daemon.arch.arm64.patching import BatchResult
 from daemon.errors import OpsStateError
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.ops import FtraceOps, OpsFlag
-from daemon.ftrace.records import DynFtrace
+from daemon.ftrace import BatchResult, DynFtrace, Ftrace, FtraceOps
 from daemon.kernel.kernel import Kernel
 from daemon.service.ftrace.counts import Counts
 from daemon.service.ftrace.desired import KIND_HIJACK, FtraceDesired
@@ -44,7 +40,7 @@ class Hijack:
 
     @property
     def address(self) -> int:
-        return callsite.func_addr(self.rec.ip)
+        return self.rec.func_addr
 
 
 class HijackVerbs:
@@ -82,9 +78,8 @@ class HijackVerbs:
         else:
             target = function_start(self.kernel, self.ftrace, spec["target"], spec["target_sympos"])
             redirects = {h.address: h.target for h in self.hijacks.values() if h.mode == "ipmodify"}
-            check_no_loop(self.ftrace, redirects, rec.name, callsite.func_addr(rec.ip), target)
-            ops.func, ops.flags, ops.private = "ftrace_redirect_call", OpsFlag.IPMODIFY, target
-            result = self.ftrace.register(ops)
+            check_no_loop(self.ftrace, redirects, rec.name, rec.func_addr, target)
+            result = self.ftrace.register_redirect(ops, target)
         hijack = self.hijacks[name] = Hijack(name, mode, rec, spec["sympos"], target, ops, spec)
         return hijack, result
 

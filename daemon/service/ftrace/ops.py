@@ -8,11 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from daemon.arch.arm64.patching import BatchResult
 from daemon.errors import OpsStateError
-from daemon.ftrace import filter as ftrace_filter
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.ops import FtraceOps, OpsFlag
+from daemon.ftrace import BatchResult, Ftrace, FtraceOps, OpsFlag, filter_terms
 from daemon.service.ftrace.counts import Counts
 from daemon.service.ftrace.desired import KIND_OPS, FtraceDesired
 from daemon.service.pipeline.context import RequestContext
@@ -40,7 +37,7 @@ def _flag_names(flags: OpsFlag) -> list[str]:
 
 def _write(steps: Steps, expr: str, reset: bool) -> Steps:
     """The steps after one more write (an empty expression with reset clears; without reset it does nothing)."""
-    if not ftrace_filter.terms(expr):
+    if not filter_terms(expr):
         return [] if reset else steps
     return [(expr, True)] if reset else [*steps, (expr, False)]
 
@@ -178,7 +175,7 @@ class OpsVerbs:
                 return OpsData(ops=self.ops_info(api))
             ops = api.ops
             for expr in (req.filter, req.notrace):  # both checked before either is applied
-                if expr is not None and ftrace_filter.terms(expr):
+                if expr is not None and filter_terms(expr):
                     self.ftrace.select(expr)
             old_filter = ops.filter
             results: list[BatchResult | None] = []

@@ -12,9 +12,7 @@ import threading
 from collections.abc import Callable
 
 from daemon.errors import FtraceError
-from daemon.ftrace import tracefs
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.tracer import FunctionProfiler
+from daemon.ftrace import Ftrace, FunctionProfiler, tracefs
 from daemon.service.ftrace.counts import Counts
 from daemon.service.pipeline.context import RequestContext
 from schemas.ftrace import (

@@ -6,8 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.records import RecFlag
+from daemon.ftrace import Ftrace, RecFlag
 from daemon.service.ftrace.counts import Counts
 from daemon.service.ftrace.hijacks import HijackVerbs
 from daemon.service.ftrace.ops import OpsVerbs, text

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from daemon.errors import LivepatchdError
-from daemon.ftrace.core import Ftrace
+from daemon.ftrace import Ftrace
 from daemon.kernel.kernel import Kernel
 from daemon.service.ftrace.counts import Counts
 from daemon.service.ftrace.desired import KIND_HIJACK, KIND_OPS, KIND_SYSCTL, FtraceDesired

@@ -3,9 +3,8 @@ text, or one of the guest's direct trampolines — with the checks that refuse t
 
 from __future__ import annotations
 
-from daemon.arch.arm64 import callsite
 from daemon.errors import BadDirectCall, SymbolError
-from daemon.ftrace.core import Ftrace
+from daemon.ftrace import Ftrace
 from daemon.kernel.kernel import Kernel
 from daemon.service.pipeline.errors import InvalidArgument
 from schemas.ftrace import DIRECT_TRAMPOLINES
@@ -18,16 +17,15 @@ def function_start(kernel: Kernel, ftrace: Ftrace, target: str, sympos: int) -> 
             addr = int(target, 16)
         except ValueError:
             raise InvalidArgument(f"{target!r} is not a hex address", target=target) from None
-        sym = kernel.kallsyms.containing(addr)
-        is_start = (sym.is_func and sym.addr == addr) if sym is not None else (
-            ftrace.describe(addr).split("/", 1)[0].endswith("+0x0"))  # a loaded module's symbol
+        at = ftrace.symbol_at(addr)  # kernel or loaded module symbol
+        is_start = at is not None and at.is_function_start
     elif target in kernel.kallsyms:
         sym = kernel.kallsyms.lookup(target, sympos)
         if not sym.is_func:
             raise InvalidArgument(f"{target!r} is not a function", target=target)
         addr, is_start = sym.addr, True
     elif target in ftrace.by_name:  # a loaded module's function
-        addr, is_start = callsite.func_addr(ftrace.record(target, sympos).ip), True
+        addr, is_start = ftrace.record(target, sympos).func_addr, True
     else:
         raise SymbolError(f"unknown symbol {target!r}", symbol=target)
     if not is_start or not kernel.is_text(addr):

@@ -30,11 +30,8 @@ from typing import Any, Protocol
 import structlog
 
 from daemon.errors import FtraceError
-from daemon.ftrace import tracefs
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.fgraph import FunctionGraphTracer, GraphRecord
-from daemon.ftrace.tracer import FunctionTracer, TraceRecord
-from daemon.guest import abi
+from daemon.ftrace import Ftrace, FunctionGraphTracer, FunctionTracer, GraphRecord, TraceRecord, tracefs
+from daemon.kernel.clock import ticks_to_us
 from daemon.kernel.kernel import Kernel
 from daemon.kernel.worker import Job
 from daemon.service.ftrace.counts import Counts
@@ -83,7 +80,7 @@ class TraceFormatter:
                 for line in printer.feed(records)]
 
     def _entry(self, r: TraceRecord | GraphRecord, **graph: Any) -> TraceEntry:
-        usecs = r.ts * 1_000_000 // abi.CNTFRQ_HZ
+        usecs = ticks_to_us(r.ts)
         return TraceEntry(ip=r.ip, parent_ip=r.parent_ip, function=self.ftrace.symbol_name(r.ip),
                           parent=self.ftrace.symbol_name(r.parent_ip), ts=r.ts, time=usecs / 1e6, pid=r.pid,
                           cpu=r.cpu, comm=self.comms.get(r.pid, "<...>"), **graph)
@@ -125,7 +122,7 @@ class TraceSession:
             self._drainer = None
 
     def _drain_once(self) -> bool:
-        if not any(v.alive for v in self.kernel.machine.vcpus):  # the kernel is shutting down, the daemon with it
+        if not self.kernel.cpus_online:  # the kernel is shutting down, the daemon with it
             return False
         try:
             self.collect(self.tracer.drain)

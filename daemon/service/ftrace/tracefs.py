@@ -7,9 +7,7 @@ import fnmatch
 import threading
 from collections.abc import Callable
 
-from daemon.ftrace import tracefs
-from daemon.ftrace.core import Ftrace
-from daemon.ftrace.records import RecFlag
+from daemon.ftrace import Ftrace, RecFlag, tracefs
 from daemon.service.ftrace.counts import Counts
 from daemon.service.ftrace.desired import KIND_SYSCTL, FtraceDesired
 from daemon.service.pipeline.context import RequestContext

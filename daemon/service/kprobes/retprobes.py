@@ -16,8 +16,8 @@ import threading
 from typing import Any
 
 from daemon.errors import LivepatchdError
-from daemon.ftrace.core import Ftrace
-from daemon.guest import abi
+from daemon.ftrace import Ftrace
+from daemon.kernel.clock import ticks_to_us
 from daemon.kernel.kernel import Kernel
 from daemon.kprobes.core import Kprobes
 from daemon.kprobes.fprobe import Fprobe, FprobeHit, Fprobes
@@ -98,7 +98,7 @@ class RetprobeSubsystem:
 
     def fprobe_line(self, hit: FprobeHit, comms: dict[int, str]) -> str:
         ks = self.kernel.kallsyms
-        secs, rem = divmod(hit.ts * 1_000_000 // abi.CNTFRQ_HZ, 1_000_000)
+        secs, rem = divmod(ticks_to_us(hit.ts), 1_000_000)
         func = ks.containing(hit.ip)
         fname = func.name if func is not None else f"{hit.ip:#x}"
         if hit.exit:

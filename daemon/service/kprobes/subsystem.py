@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 from daemon.errors import KprobeRefused, LivepatchdError
-from daemon.guest import abi
+from daemon.kernel.clock import ticks_to_us
 from daemon.kernel.kernel import Kernel
 from daemon.kprobes.core import Kprobe, KprobeHit, Kprobes
 from daemon.service.pipeline.context import RequestContext, VerbTable
@@ -53,7 +53,22 @@ def format_arg(arg: FetchArg | FetchArgIn, value: int) -> str:
 
 
 def _arg_spec(a: FetchArg | FetchArgIn) -> str:
-    return f"{a.name}=%{a.reg}" + ("" if a.type == "x64" else f":{a.type}")
+    fetch = f"%{a.reg}" if a.offset is None else f"{a.offset:+d}(%{a.reg})"
+    return f"{a.name}={fetch}" + ("" if a.type == "x64" else f":{a.type}")
+
+
+def _arg_values(args: list[FetchArg], hit: KprobeHit) -> str:
+    """Each fetch arg as trace prints it: a register from the hit's regs, a memory fetch from the guest's read
+    at the hit (``(fault)`` where the address was not mapped, as copy_from_kernel_nofault's failure)."""
+    out, m = [], 0
+    for a in args:
+        if a.offset is None:
+            out.append(" " + format_arg(a, hit.regs[a.reg]))
+            continue
+        value = hit.mem[m] if m < len(hit.mem) else None
+        m += 1
+        out.append(f" {a.name}=(fault)" if value is None else " " + format_arg(a, value))
+    return "".join(out)
 
 
 class KprobeSubsystem:
@@ -86,7 +101,7 @@ class KprobeSubsystem:
     def infos(self) -> list[KprobeInfo]:
         """The plain kprobes (a kretprobe's entry kprobe is the kretprobe verbs' to show)."""
         probes = [self.kprobes.get(d["name"]) for d in self.kprobes.describe()]
-        return [self.info(p) for p in probes if not p.flags & abi.KPF_KRETPROBE]
+        return [self.info(p) for p in probes if not p.is_kretprobe]
 
     def publish(self, infos: list[KprobeInfo] | None = None) -> None:
         infos = self.infos() if infos is None else infos
@@ -96,7 +111,7 @@ class KprobeSubsystem:
 
     def trace_line(self, hit: KprobeHit, comms: dict[int, str]) -> str:
         p = self.kprobes.find(hit.probe)
-        secs, rem = divmod(hit.ts * 1_000_000 // abi.CNTFRQ_HZ, 1_000_000)
+        secs, rem = divmod(ticks_to_us(hit.ts), 1_000_000)
         comm = comms.get(hit.pid, "<...>")
         if p is None:
             where, args = f"{hit.regs['pc']:#x}", ""
@@ -104,7 +119,7 @@ class KprobeSubsystem:
             sym = self.kernel.kallsyms.containing(p.addr)
             size = sym.size if sym is not None else 0
             where = f"{p.symbol}+{p.offset:#x}/{size:#x}"
-            args = "".join(" " + format_arg(a, hit.regs[a.reg]) for a in self._args.get(p.name, []))
+            args = _arg_values(self._args.get(p.name, []), hit)
         post = " post" if hit.post else ""
         if hit.kind == "ret" and p is not None:  # the kernel's kretprobe event line: (CALLER <- FUNC) $retval
             where = f"{self.kernel.kallsyms.describe(hit.regs['pc'])} <- {p.symbol}"
@@ -117,8 +132,9 @@ class KprobeSubsystem:
     def _register(self, name: str, target: str, args: list[FetchArgIn], *, record: bool, post: bool,
                   set_reg: int | None, set_val: int) -> Kprobe:
         p = self.kprobes.register(name, target, record=record or bool(args), post=post, set_reg=set_reg,
-                                  set_val=set_val, args=tuple(_arg_spec(a) for a in args))
-        self._args[name] = [FetchArg(name=a.name, reg=a.reg, type=a.type) for a in args]
+                                  set_val=set_val, args=tuple(_arg_spec(a) for a in args),
+                                  fetch=tuple((a.reg, a.offset) for a in args if a.offset is not None))
+        self._args[name] = [FetchArg(name=a.name, reg=a.reg, type=a.type, offset=a.offset) for a in args]
         return p
 
     def register_probe(self, req: KprobeRegisterRequest, ctx: RequestContext) -> KprobeRegisterData:
@@ -141,7 +157,7 @@ class KprobeSubsystem:
             if ctx.already_applied and self.kprobes.find(req.name) is None:
                 return KprobeUnregisterData(name=req.name, hits=0, nmissed=0)
             p = self.kprobes.get(req.name)
-            if p.flags & abi.KPF_KRETPROBE:
+            if p.is_kretprobe:
                 raise KprobeRefused(f"{req.name!r} is a kretprobe: unregister it with kretprobe.unregister",
                                     probe=req.name, reason="a kretprobe's entry")
             hits, nmissed = self.kprobes.counter(p, "hits"), self.kprobes.counter(p, "nmissed")
@@ -170,7 +186,7 @@ class KprobeSubsystem:
             lost = self.kprobes.ring_lost - lost
         return KprobeReadData(text=text, lost=lost, hits=[
             KprobeHitRecord(probe=h.probe, cpu=h.cpu, pid=h.pid, ts=h.ts, post=h.post, regs=h.regs,
-                            kind=h.kind) for h in hits])
+                            kind=h.kind, mem=list(h.mem)) for h in hits])
 
     def restore(self) -> int:
         """Register the desired probes again (at boot, before the daemon is online); returns how many."""

@@ -9,13 +9,13 @@ from collections.abc import Callable
 import structlog
 
 from daemon.errors import PatchStateError
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.transition import STATE_NAMES
 from daemon.service.livepatch.desired import PatchRecorder
 from daemon.service.livepatch.events import Change, PatchEvents
 from daemon.service.livepatch.trust import NO_KEYS_HINT, NoTrustedKeys
 from daemon.service.livepatch.views import PatchViews
+from patchformat.bundle import PatchBundle
 from schemas.livepatch import PatchChangeData, PatchLoadData, PatchUnloadData
 
 log = structlog.get_logger(__name__)

@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.livepatch import signing
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.service.store.desired import DesiredState, Item
+from patchformat import signing
+from patchformat.bundle import PatchBundle
 
 KIND = "livepatch"
 """The desired-state kind of live patches (key: the patch name)."""

@@ -9,12 +9,12 @@ from typing import Any
 import structlog
 
 from daemon.errors import BundleFormatError, LivepatchdError
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.service.livepatch.crash_guard import CrashLoopGuard
 from daemon.service.livepatch.desired import PatchRecorder, RestoreReport
 from daemon.service.livepatch.events import PatchEvents
 from daemon.service.livepatch.section import LivepatchSection
+from patchformat.bundle import PatchBundle
 
 log = structlog.get_logger(__name__)
 

@@ -33,7 +33,6 @@ from typing import cast
 
 from daemon.errors import BundleFormatError
 from daemon.kernel.kernel import Kernel
-from daemon.livepatch.bundle import PatchBundle
 from daemon.livepatch.core import Livepatch
 from daemon.service.livepatch.changes import PatchChanges
 from daemon.service.livepatch.crash_guard import CrashLoopGuard
@@ -46,6 +45,7 @@ from daemon.service.livepatch.views import PatchViews
 from daemon.service.pipeline.context import RequestContext, VerbTable
 from daemon.service.pipeline.core import Service
 from daemon.service.store.desired import DesiredState
+from patchformat.bundle import PatchBundle
 from schemas.livepatch import (
     PatchChangeData,
     PatchDisableRequest,

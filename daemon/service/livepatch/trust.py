@@ -9,7 +9,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from daemon.errors import UntrustedKey
-from daemon.livepatch import signing
+from patchformat import signing
 
 log = structlog.get_logger(__name__)
 

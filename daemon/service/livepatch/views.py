@@ -9,12 +9,13 @@ from collections.abc import Mapping
 from typing import cast
 
 from daemon.kernel.kernel import Kernel
-from daemon.livepatch import signing, sysfs
-from daemon.livepatch.bundle import PatchBundle
+from daemon.livepatch import sysfs
 from daemon.livepatch.core import Livepatch
 from daemon.livepatch.klp import KlpPatch
 from daemon.livepatch.transition import STATE_NAMES
 from daemon.service.livepatch.desired import PatchRecorder
+from patchformat import signing
+from patchformat.bundle import PatchBundle
 from schemas.livepatch import (
     BlockedTask,
     FuncInfo,
@@ -66,7 +67,8 @@ class PatchViews:
         tr = self.lp.transition
         return [PatchSummary(name=p.name, enabled=p.enabled, transition=tr is not None and tr.patch is p,
                              replace=p.replace, stack_order=i + 1, forced=p.forced, replaced=p.replaced,
-                             funcs=[f.sysfs_name for f in p.funcs() if not f.nop])
+                             funcs=[f.sysfs_name for f in p.funcs() if not f.nop],
+                             states=[StateInfo(id=i, version=v) for i, v in sorted(p.states.items())])
                 for i, p in enumerate(self.lp.patches)]
 
     def load_data(self, p: KlpPatch, key_id: str | None, bundle: PatchBundle) -> PatchLoadData:
