@@ -71,7 +71,7 @@ def traced(mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> It
         yield d, walk
         d.stop()
     finally:
-        threading.setprofile(None)  # type: ignore[arg-type]
+        threading.setprofile(None)
 
 
 def _hops_of(traced: tuple[DaemonThread, Walk], requests: Any, handler: str) -> set[tuple[str, str, str, str]]:
