@@ -8,12 +8,15 @@ from daemon.arch.arm64 import patching
 
 
 @dataclass(frozen=True)
-class BatchResult(patching.BatchResult):
+class BatchResult:
     """One stop-machine batch: ``sites`` instructions rewritten, ``data`` words stored, the pause it took.
 
-    ftrace's own type, so that its users need not know the text patcher. It extends the patcher's result only
-    while callers still annotate with that one; nothing of it is read beyond these three fields.
+    ftrace's own type, so that its users (livepatch, the service) need not know the architecture's text patcher.
     """
+
+    sites: int
+    data: int
+    pause_ns: int
 
     @classmethod
     def of(cls, result: patching.BatchResult) -> BatchResult:
