@@ -336,12 +336,15 @@ class TraceBatchDoc(Outbound):
     """Published on ``trace`` (not retained) while the function tracer runs: records drained from the rings.
 
     ``session`` counts trace.start calls of this boot; ``seq`` grows by one per batch within a session (a gap is
-    a loss).
+    a loss). Probe hits (``kprobe.stream``) come on the same topic with ``source: kprobes``, session 0, their own
+    ``seq``, and lines only (in the kernel's kprobe event format; ``records`` empty, ``dropped`` = ring losses).
     """
 
     schema_version: int = SCHEMA_VERSION
     host: HostId
     boot_seq: int
+    source: Literal["ftrace", "kprobes"] = Field(default="ftrace", description="the tracer (ftrace) or the "
+                                                 "probes' rings (kprobes: kprobe and kretprobe hits)")
     session: int
     seq: int
     time: float

@@ -210,6 +210,17 @@ class KprobeReadData(Outbound):
     lost: int = Field(description="records overwritten before they were read (ring of KPROBE_RING per CPU)")
 
 
+class KprobeStreamRequest(Request):
+    """Publish probe hits on the ``trace`` topic as they are drained (every 0.2 s) while enabled."""
+
+    enable: bool
+
+
+class KprobeStreamData(Outbound):
+    streaming: bool
+    topic: str
+
+
 SPECS: list[VerbSpec] = [
     VerbSpec("kprobe.register", KprobeRegisterRequest, KprobeRegisterData,
              "Register and arm a BRK kprobe on SYMBOL+OFFSET (refused instructions and places are refused with "
@@ -220,6 +231,9 @@ SPECS: list[VerbSpec] = [
              "The kprobes with hits, nmissed and mode; kprobe_events and kprobe_profile text."),
     VerbSpec("kprobe.read", KprobeReadRequest, KprobeReadData,
              "Drain the recorded hits (record/args probes) as trace lines and register sets.", mutating=True),
+    VerbSpec("kprobe.stream", KprobeStreamRequest, KprobeStreamData,
+             "Start or stop publishing probe hits on the trace topic (TraceBatchDoc, source kprobes); kprobe.read "
+             "still returns every hit once.", mutating=True),
 ]
 
 

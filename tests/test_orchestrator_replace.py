@@ -11,6 +11,10 @@ code) and does not touch the skipped host."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -101,6 +105,15 @@ def test_replace_rollout_supersedes_v1(mosquitto: Mosquitto, tmp_path: Path) -> 
                 assert dry.would_stall[sleepy][0]["reason"] == "uninterruptible"
                 assert dry.supersedes == {h: [SLEEPER] for h in hosts}
                 assert dry.plan["bundles"][next(iter(dry.plan["bundles"]))]["replace"] is True
+                spec_path = tmp_path / "v2.json"
+                spec_path.write_text(json.dumps(spec))
+                env = {**os.environ, "LPCTL_BROKER": mosquitto.url, "LPCTL_PROTOCOL": "3.1.1"}
+                shown = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "clients.cli", "--timeout",
+                                                "30", "rollout", "create", str(spec_path), "--dry-run"],
+                                                env=env, capture_output=True, text=True, check=False)
+                assert shown.returncode == 0, shown.stderr
+                assert f"supersedes {SLEEPER} on 4 host(s)" in shown.stdout
+                assert f"would stall {sleepy}" in shown.stdout.replace("\n", " ")
 
                 await r.create(spec)
                 await r.start("v2")

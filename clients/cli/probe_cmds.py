@@ -5,6 +5,7 @@
 ``lpctl probe del NAME``                               kprobe.unregister
 ``lpctl probe list``                                   kprobe.list: kprobe_events and kprobe_profile (hits, nmissed)
 ``lpctl probe read``                                   kprobe.read: the recorded hits as trace lines
+``lpctl probe stream on|off``                          kprobe.stream: hits on the trace topic (``trace follow``)
 =====================================================  =============================================================
 """
 
@@ -61,6 +62,17 @@ def probe_read(ctx: typer.Context) -> None:
     out().print(data.text, end="", markup=False, highlight=False)
     if data.lost:
         err().print(f"[yellow]# {data.lost} records lost (overwritten before this read)[/]")
+
+
+@probe_app.command("stream")
+def probe_stream(ctx: typer.Context,
+                 state: Annotated[str, typer.Argument(metavar="on|off", help="start or stop publishing hits")]) -> None:
+    """Publish probe hits on the trace topic (follow them with `lpctl trace follow`)."""
+    if state not in ("on", "off"):
+        err().print("[red]bad state:[/] on or off")
+        raise typer.Exit(2)
+    data = call_verb(ctx, lambda c: c.kprobe_stream(state == "on"))
+    out().print(f"probe hits {'stream to' if data.streaming else 'no longer stream to'} {data.topic}")
 
 
 def install(app: typer.Typer) -> None:

@@ -127,6 +127,12 @@ def create(ctx: typer.Context,
             out().print(f"[red]would stall[/] {host}: {who}")
         for host, why in d.unchecked.items():
             out().print(f"[dim]stalls not predicted on {host}: {why}[/]")
+        taken: dict[tuple[str, ...], list[str]] = {}
+        for host, olds in d.supersedes.items():
+            taken.setdefault(tuple(olds), []).append(host)
+        for names, where in sorted(taken.items()):
+            out().print(f"atomic replace: supersedes {', '.join(names)} on {len(where)} host(s) (disabled as "
+                        f"replaced, then unloaded; their functions are in the stall prediction)")
         return
     r: RolloutData = call_verb(ctx, lambda c: api.create(c, s))
     _show(r.rollout)

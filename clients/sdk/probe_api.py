@@ -21,6 +21,7 @@ from schemas.kprobes import (
     KprobeListData,
     KprobeReadData,
     KprobeRegisterData,
+    KprobeStreamData,
     KprobeUnregisterData,
     parse_probe_definition,
 )
@@ -61,6 +62,10 @@ class ProbeApi:
 
     async def kprobe_list(self: _Client) -> KprobeListData:
         return KprobeListData.model_validate(await self.request("kprobe.list", {}))
+
+    async def kprobe_stream(self: _Client, enable: bool = True) -> KprobeStreamData:
+        """Publish probe hits on the trace topic (``trace_batches()`` yields them, ``source == "kprobes"``)."""
+        return KprobeStreamData.model_validate(await self.request("kprobe.stream", {"enable": enable}))
 
     async def kprobe_read(self: _Client) -> KprobeReadData:
         """The recorded hits since the last read (they are drained: a second reader sees only newer ones)."""

@@ -18,6 +18,9 @@ livepatch_shadow_vars       nothing                             shadow variables
 livepatch_sleeper           sleeper_middle (+20 instead of +10) a busy task stalling the transition, with
                                                                 logging callbacks (test_klp_callbacks_busy)
 livepatch_demo_target       klp_demo_target (5x+2 for 3x+1)     a result that tells versions apart (stress)
+livepatch_seq_count         cmdline_proc_show                   reading a struct whose layout changed between
+                                                                builds (seq_file.count: 16 in 6.1, 24 in 6.6),
+                                                                built per build
 ==========================  ==================================  =============================================
 """
 

@@ -48,7 +48,9 @@ class FtraceSection:
                     "filter": self.profile.profile_filter, "functions": functions(profiler.ops)},
                 "ftrace_enabled": ftrace.enabled,
                 "ops_registered": len(ftrace.ops),
-                "enabled_functions": sum(1 for r in ftrace.records if int(r.flags) & _ENABLED),
+                # no ops, no enabled site: a fleet host's boot publishes this with none, and the walk over ten
+                # thousand records was ~12 ms of its event loop (shared by every host of the process)
+                "enabled_functions": sum(1 for r in ftrace.records if int(r.flags) & _ENABLED) if ftrace.ops else 0,
                 "records": len(ftrace.records),
                 "restore_failed": list(self.restore_failed),
             }

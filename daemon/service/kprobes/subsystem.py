@@ -7,20 +7,30 @@ then (a reboot's do too). The ``kprobes`` section of the state document has ever
 and nmissed as of the last change or ``kprobe.list``.
 Trace lines follow the kernel's format for kprobe events (``<comm>-<pid> [cpu] ..... secs.usecs: NAME:
 (SYM+OFF/SIZE) arg=value``); a post handler's record is marked `` post``, which Linux has no line for.
+
+``kprobe.stream`` adds the ``trace`` topic as a second way out: while enabled, a job of the kernel's host worker
+(``kprobes.stream-drainer``) drains the rings every ``DRAIN_PERIOD_S`` and publishes the lines as
+:class:`~schemas.ftrace.TraceBatchDoc` (``source: kprobes``). Every drain, whoever does it, also keeps the hits
+for ``kprobe.read`` (at most ``UNREAD_MAX``, the oldest dropped first), so a poller and a subscriber each see
+every hit once.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
+import time
 from typing import Any
 
 from daemon.errors import KprobeRefused, LivepatchdError
 from daemon.kernel.clock import ticks_to_us
 from daemon.kernel.kernel import Kernel
+from daemon.kernel.worker import Job
 from daemon.kprobes.core import Kprobe, KprobeHit, Kprobes
 from daemon.service.pipeline.context import RequestContext, VerbTable
 from daemon.service.pipeline.core import Service
 from daemon.service.store.desired import DesiredState
+from schemas.ftrace import TraceBatchDoc
 from schemas.kprobes import (
     FetchArg,
     FetchArgIn,
@@ -32,10 +42,15 @@ from schemas.kprobes import (
     KprobeReadRequest,
     KprobeRegisterData,
     KprobeRegisterRequest,
+    KprobeStreamData,
+    KprobeStreamRequest,
     KprobeUnregisterData,
     KprobeUnregisterRequest,
 )
 
+DRAIN_PERIOD_S = 0.2
+UNREAD_MAX = 4096
+STREAM_BATCH = 256
 KIND = "kprobe"
 """Desired-state kind (key: the probe's name; doc: the register request's fields)."""
 SECTION = "kprobes"
@@ -80,10 +95,14 @@ class KprobeSubsystem:
         self.kprobes = kprobes or Kprobes(kernel)
         self._lock = threading.RLock()
         self._args: dict[str, list[FetchArg]] = {}
+        self._unread: collections.deque[KprobeHit] = collections.deque(maxlen=UNREAD_MAX)
+        self._drainer: Job | None = None
+        self._stream_seq = 0
+        self.unread_dropped = 0
 
     def verbs(self) -> VerbTable:
         return {"kprobe.register": self.register_probe, "kprobe.unregister": self.unregister_probe,
-                "kprobe.list": self.list_probes, "kprobe.read": self.read}
+                "kprobe.list": self.list_probes, "kprobe.read": self.read, "kprobe.stream": self.stream}
 
     # -- views -----------------------------------------------------------------------------------------------
 
@@ -177,13 +196,61 @@ class KprobeSubsystem:
         self.publish(infos)
         return KprobeListData(probes=infos, kprobe_events=events, kprobe_profile=profile)
 
+    def _collect(self) -> tuple[list[KprobeHit], int]:
+        """Drain the rings (under the lock): keep the hits for kprobe.read, publish them while streaming."""
+        lost = self.kprobes.ring_lost
+        hits = self.kprobes.drain()
+        lost = self.kprobes.ring_lost - lost
+        overflow = len(self._unread) + len(hits) - UNREAD_MAX
+        if overflow > 0:
+            self.unread_dropped += overflow
+        self._unread.extend(hits)
+        if self._drainer is not None and hits:
+            comms = {t.pid: t.comm for t in self.kernel.tasks()}
+            lines = [self.trace_line(h, comms).rstrip("\n") for h in hits]
+            svc = self.service
+            for k in range(0, len(lines), STREAM_BATCH):
+                self._stream_seq += 1
+                doc = TraceBatchDoc(host=svc.host, boot_seq=svc.boot_seq, source="kprobes", session=0,
+                                    seq=self._stream_seq, time=time.time(), lines=lines[k:k + STREAM_BATCH],
+                                    records=[], written=0, dropped=self.kprobes.ring_lost)
+                svc.streams.put(svc.topics.trace, doc.model_dump_json())
+        return hits, lost
+
+    def _drain_once(self) -> bool:
+        if not self.kernel.cpus_online:
+            return False
+        with self._lock:
+            self._collect()
+        return True
+
+    def stream(self, req: KprobeStreamRequest, ctx: RequestContext) -> KprobeStreamData:
+        with self._lock:
+            if req.enable and self._drainer is None:
+                self._drainer = self.kernel.worker.every(DRAIN_PERIOD_S, self._drain_once,
+                                                         name="kprobes.stream-drainer")
+            elif not req.enable and self._drainer is not None:
+                self._collect()  # the last hits still go out
+                self._drainer.cancel()
+                self._drainer = None
+            return KprobeStreamData(streaming=self._drainer is not None, topic=self.service.topics.trace)
+
+    def close(self) -> None:
+        """Stop the stream's drainer (at shutdown)."""
+        with self._lock:
+            if self._drainer is not None:
+                self._drainer.cancel()
+                self._drainer = None
+
     def read(self, req: KprobeReadRequest, ctx: RequestContext) -> KprobeReadData:
         with self._lock:
-            lost = self.kprobes.ring_lost
-            hits = self.kprobes.drain()
+            before = self.unread_dropped
+            _, lost = self._collect()
+            hits = list(self._unread)
+            self._unread.clear()
+            lost += self.unread_dropped - before
             comms = {t.pid: t.comm for t in self.kernel.tasks()}
             text = "".join(self.trace_line(h, comms) for h in hits)
-            lost = self.kprobes.ring_lost - lost
         return KprobeReadData(text=text, lost=lost, hits=[
             KprobeHitRecord(probe=h.probe, cpu=h.cpu, pid=h.pid, ts=h.ts, post=h.post, regs=h.regs,
                             kind=h.kind, mem=list(h.mem)) for h in hits])
