@@ -60,6 +60,7 @@ class Engine:
         self.listeners: list[Listener] = []
         self._bundles: dict[str, dict[str, str]] = {}
         self._replace: dict[str, frozenset[str]] = {}
+        self._specs: dict[str, tuple[str, RolloutSpec]] = {}
 
     # -- documents ---------------------------------------------------------------------------------------------
 
@@ -120,7 +121,11 @@ class Engine:
         return doc
 
     def _spec(self, r: RolloutRow) -> RolloutSpec:
-        return RolloutSpec.model_validate_json(r.spec)
+        """The rollout's spec (stored once, never changed: parsed once per engine, not at every tick)."""
+        got = self._specs.get(r.name)
+        if got is None or got[0] != r.spec:
+            got = self._specs[r.name] = (r.spec, RolloutSpec.model_validate_json(r.spec))
+        return got[1]
 
     def _bundle_map(self, r: RolloutRow, spec: RolloutSpec) -> tuple[dict[str, str], frozenset[str]]:
         """build id -> base64 bundle, and the build ids whose bundle is an atomic replace."""

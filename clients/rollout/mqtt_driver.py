@@ -111,7 +111,10 @@ class MqttDriver:
 
     async def open(self) -> None:
         await self._conn.open()
-        await self._conn.subscribe(f"{ROOT}/+/reply/{self.client_id}")
+        # Replies at QoS 0: the session is clean (a reply in flight at a disconnect is lost at QoS 1 too, and the
+        # request is re-sent with its id), and QoS 1 would add a PUBACK per reply and Mosquitto's in-flight window
+        # (20 by default) in front of the hundreds of replies a wave's batch brings at once
+        await self._conn.subscribe(f"{ROOT}/+/reply/{self.client_id}", qos=0)
         # QoS 0: Mosquitto hands a QoS 1 wildcard subscriber at most ~1,020 retained messages (its in-flight and
         # queue limits), fewer than a 1,000-host fleet's statuses and states
         await self._conn.subscribe(ALL_STATUS, qos=0)
