@@ -14,6 +14,10 @@ process (2 vCPUs, logs at warning), clients in this process through the SDK, QoS
 On a machine with two or more cores, broker and daemon are pinned to CPU 0 and the clients to CPU 1
 (``--no-pin`` to compare): the tails then come from the work done, not from threads migrating mid-request.
 
+``--baseline-tree PATH`` (e.g. a ``git worktree add --detach`` of an older commit) starts a second daemon from that
+source tree in the same run; the rounds alternate between the two and the results add the ratio this tree / base.
+On a machine shared with other work, that ratio is the number to read, not the absolute latencies.
+
 Writes bench/results/mqtt_latency.json and .md.
 """
 
@@ -35,9 +39,9 @@ from typing import Any
 
 import aiomqtt
 
-from bench.common import percentile, write
+from bench.common import percentile, stop_daemon, write
 from clients.sdk import LivepatchClient
-from tests.mqtt_fixtures import DaemonProcess, Mosquitto
+from tests.mqtt_fixtures import REPO, DaemonProcess, Mosquitto, free_port
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
@@ -153,6 +157,35 @@ async def wait_online(url: str, host: str, timeout: float = 60.0) -> None:
     raise RuntimeError("daemon did not come online")
 
 
+def start_daemons(work: Path, broker_url: str, trees: dict[str, Path | None]) -> dict[str, tuple[DaemonProcess, int]]:
+    """One ``livepatchd serve`` per variant: ``None`` runs this tree, a path runs that source tree (its own
+    ``PYTHONPATH`` and working directory), so two versions of the daemon are measured side by side."""
+    daemons: dict[str, tuple[DaemonProcess, int]] = {}
+    for variant, tree in trees.items():
+        metrics_port = free_port()
+        path = {} if tree is None else {"PYTHONPATH": str(tree)}
+        daemon = DaemonProcess(work / variant, broker_url, host=f"bench-{variant}", cwd=tree or REPO,
+                               LIVEPATCHD_METRICS_PORT=str(metrics_port), LIVEPATCHD_LOG_LEVEL="warning", **path)
+        daemon.tmp.mkdir(parents=True, exist_ok=True)
+        daemons[variant] = (daemon.start(), metrics_port)
+    return daemons
+
+
+def ratio_rows(rows: dict[str, dict[str, Any]], new: str, base: str) -> list[dict[str, Any]]:
+    """new / base for p50, p99 and mean of every measurement both variants have."""
+    out = []
+    for name, row in rows.items():
+        if name.startswith("daemon cost"):
+            continue  # a difference of two latencies: its ratio says nothing
+        if name.endswith(f" [{new}]") and (other := rows.get(name[: -len(new) - 3] + f" [{base}]")):
+            out.append({"measurement": f"{name[: -len(new) - 3]}: {new} / {base}",
+                        **{k: row[k] / other[k] if other[k] else float("nan") for k in ("p50_ms", "p99_ms",
+                                                                                        "mean_ms")},
+                        "requests": row["requests"], "requests_per_s": row["requests_per_s"] / other["requests_per_s"]
+                        if other["requests_per_s"] else 0.0})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.mqtt_latency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,81 +196,122 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of the throughput run")
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                         help="pin broker and daemon to CPU 0, the clients to CPU 1 (default: on)")
+    parser.add_argument("--baseline-tree", type=Path, default=None, metavar="PATH",
+                        help="also run a daemon from this source tree (e.g. a git worktree of an older commit), "
+                             "rounds alternating between the two, and report this tree / baseline")
     args = parser.parse_args(argv)
+    trees: dict[str, Path | None] = {"new": None}
+    if args.baseline_tree is not None:
+        trees["base"] = args.baseline_tree.resolve()
+    compare = len(trees) > 1
     with tempfile.TemporaryDirectory(prefix="lpd-bench-") as tmp:
         work = Path(tmp)
         broker = Mosquitto(work / "broker")
         broker.start()
-        metrics_port = Mosquitto(work / "unused").port  # a free port
-        daemon = DaemonProcess(work, broker.url, host="bench", LIVEPATCHD_METRICS_PORT=str(metrics_port),
-                               LIVEPATCHD_LOG_LEVEL="warning").start()
+        daemons = start_daemons(work, broker.url, trees)
         echo = subprocess.Popen([sys.executable, "-c", ECHO, str(broker.port)], stdout=subprocess.PIPE)
-        if args.pin and len(os.sched_getaffinity(0)) >= 2:
-            # broker and daemon on one core, the clients (this process, the echo peer) on the other: the
-            # scheduler no longer migrates them mid-request, the main source of run-to-run p99 noise here
-            for proc in (broker.proc, daemon.proc):
-                if proc is not None:
-                    for tid in os.listdir(f"/proc/{proc.pid}/task"):  # every thread, not just the main one
-                        os.sched_setaffinity(int(tid), {0})
-            os.sched_setaffinity(echo.pid, {1})
-            os.sched_setaffinity(0, {1})
         try:
             assert echo.stdout is not None
             assert echo.stdout.readline().strip() == b"ready"
-            asyncio.run(wait_online(broker.url, daemon.host))
-            rows: list[dict[str, Any]] = []
+            for daemon, _port in daemons.values():
+                asyncio.run(wait_online(broker.url, daemon.host))
+            if args.pin and len(os.sched_getaffinity(0)) >= 2:
+                # broker and daemons on one core, the clients (this process, the echo peer) on the other: the
+                # scheduler no longer migrates them mid-request, the main source of run-to-run p99 noise here
+                # (pinned once online: every thread the daemon starts at boot is then there)
+                for proc in (broker.proc, *(d.proc for d, _p in daemons.values())):
+                    if proc is not None:
+                        for tid in os.listdir(f"/proc/{proc.pid}/task"):  # every thread, not just the main one
+                            os.sched_setaffinity(int(tid), {0})
+                os.sched_setaffinity(echo.pid, {1})
+                os.sched_setaffinity(0, {1})
             load_before = os.getloadavg()
-            # Interleaved rounds: load from elsewhere on the machine hits the three runs alike.
-            v5: list[float] = []
-            v311: list[float] = []
+            # Interleaved rounds (the variants' order alternating): load from elsewhere on the machine hits
+            # every run alike.
+            samples: dict[tuple[str, str], list[float]] = {(v, p): [] for v in trees for p in ("5", "3.1.1")}
             bare: list[float] = []
             per_round = max(1, args.requests // args.rounds)
-            round_p99: dict[str, list[float]] = {"5": [], "3.1.1": []}
-            before = scrape(metrics_port)
-            for _ in range(args.rounds):
-                for protocol, samples in (("5", v5), ("3.1.1", v311)):
-                    got = asyncio.run(sequential_info(broker.url, daemon.host, protocol, per_round, args.warmup))
-                    samples.extend(got)
-                    round_p99[protocol].append(percentile(got, 0.99) * 1e3)
+            round_p99: dict[str, list[float]] = {f"{v} MQTT {p}": [] for v, p in samples}
+            before = {v: scrape(port) for v, (_d, port) in daemons.items()}
+            order = list(trees)
+            for r in range(args.rounds):
+                for variant in order if r % 2 == 0 else reversed(order):
+                    for protocol in ("5", "3.1.1"):
+                        got = asyncio.run(sequential_info(broker.url, daemons[variant][0].host, protocol, per_round,
+                                                          args.warmup))
+                        samples[variant, protocol].extend(got)
+                        round_p99[f"{variant} MQTT {protocol}"].append(percentile(got, 0.99) * 1e3)
                 bare += asyncio.run(echo_round_trips(broker.port, per_round, args.warmup))
-            after = scrape(metrics_port)
-            rows.append({"measurement": "info round trip, MQTT 5, QoS 1", **ms(v5), "requests": len(v5),
-                         "requests_per_s": len(v5) / sum(v5)})
-            rows.append({"measurement": "info round trip, MQTT 3.1.1, QoS 1", **ms(v311), "requests": len(v311),
-                         "requests_per_s": len(v311) / sum(v311)})
-            rows.append({"measurement": "echo round trip (broker + client, no daemon), QoS 1", **ms(bare),
-                         "requests": len(bare), "requests_per_s": len(bare) / sum(bare)})
-            own = histogram_quantiles(before, after, "info")
-            rows.append({"measurement": "daemon time per info request (its histogram, both runs)",
-                         "p50_ms": own["p50_ms"], "p99_ms": own["p99_ms"], "mean_ms": own["mean_ms"],
-                         "requests": own["requests"], "requests_per_s": 0.0})
-            rows.append({"measurement": "daemon cost seen from outside (info MQTT 5 minus echo)",
-                         **{k: rows[0][k] - rows[2][k] for k in ("p50_ms", "p99_ms", "mean_ms")},
-                         "requests": len(v5), "requests_per_s": 0.0})
-            total, elapsed, lat = asyncio.run(throughput(broker.url, daemon.host, args.clients, args.seconds))
-            rows.append({"measurement": f"sustained info, {args.clients} concurrent clients (MQTT 5)", **ms(lat),
-                         "requests": total, "requests_per_s": total / elapsed})
+            after = {v: scrape(port) for v, (_d, port) in daemons.items()}
+            named: dict[str, dict[str, Any]] = {}
+            for variant in trees:
+                tag = f" [{variant}]" if compare else ""
+                for protocol in ("5", "3.1.1"):
+                    s = samples[variant, protocol]
+                    named[f"info round trip, MQTT {protocol}, QoS 1{tag}"] = {
+                        **ms(s), "requests": len(s), "requests_per_s": len(s) / sum(s)}
+                if variant == "new":
+                    named["echo round trip (broker + client, no daemon), QoS 1"] = {
+                        **ms(bare), "requests": len(bare), "requests_per_s": len(bare) / sum(bare)}
+                own = histogram_quantiles(before[variant], after[variant], "info")
+                named[f"daemon time per info request (its histogram, both runs){tag}"] = {
+                    "p50_ms": own["p50_ms"], "p99_ms": own["p99_ms"], "mean_ms": own["mean_ms"],
+                    "requests": own["requests"], "requests_per_s": 0.0}
+                v5 = named[f"info round trip, MQTT 5, QoS 1{tag}"]
+                echo_row = named["echo round trip (broker + client, no daemon), QoS 1"]
+                named[f"daemon cost seen from outside (info MQTT 5 minus echo){tag}"] = {
+                    **{k: v5[k] - echo_row[k] for k in ("p50_ms", "p99_ms", "mean_ms")},
+                    "requests": v5["requests"], "requests_per_s": 0.0}
+            for r in range(1 if not compare else 2):
+                for variant in order if r % 2 == 0 else reversed(order):
+                    tag = f" [{variant}]" if compare else ""
+                    total, elapsed, lat = asyncio.run(throughput(broker.url, daemons[variant][0].host, args.clients,
+                                                                 args.seconds / len(order)))
+                    key = f"sustained info, {args.clients} concurrent clients (MQTT 5){tag}"
+                    prev = named.get(key)
+                    lat += prev["_lat"] if prev else []
+                    total += prev["requests"] if prev else 0
+                    elapsed += prev["_elapsed"] if prev else 0.0
+                    named[key] = {**ms(lat), "requests": total, "requests_per_s": total / elapsed, "_lat": lat,
+                                  "_elapsed": elapsed}
+            for row in named.values():
+                row.pop("_lat", None)
+                row.pop("_elapsed", None)
             load_after = os.getloadavg()
         finally:
             echo.kill()
             echo.wait()
-            code = daemon.terminate()
+            codes = {v: stop_daemon(d) for v, (d, _p) in daemons.items()}
             broker.stop()
-    p99 = rows[0]["p99_ms"]
-    spread = "; ".join(f"MQTT {proto}: {min(v):.2f}-{max(v):.2f} ms" for proto, v in round_p99.items())
-    notes = (f"Goal: info p99 <= 2 ms at QoS 1 (MQTT 5: {p99:.2f} ms, {'met' if p99 <= 2 else 'NOT met'}; "
+    ratios = ratio_rows(named, "new", "base") if compare else []
+    rows = [{"measurement": name, **row} for name, row in named.items()] + ratios
+    tag = " [new]" if compare else ""
+    first = named[f"info round trip, MQTT 5, QoS 1{tag}"]
+    own = named[f"daemon time per info request (its histogram, both runs){tag}"]
+    p99 = first["p99_ms"]
+    spread = "; ".join(f"{name}: {min(v):.2f}-{max(v):.2f} ms" for name, v in round_p99.items())
+    versus = ""
+    if compare:
+        versus = (f"Two daemons in the same run: 'new' is this tree, 'base' the source tree {trees['base']} "
+                  "(each its own process, PYTHONPATH and state directory, both pinned with the broker); the rounds "
+                  "alternate between them (new, base, base, new, ...), the throughput run is split in two halves "
+                  "the same way, and the last rows give new / base (p50, p99, mean; throughput as a rate). ")
+    notes = (versus + f"Goal: info p99 <= 2 ms at QoS 1 (MQTT 5: {p99:.2f} ms, {'met' if p99 <= 2 else 'NOT met'}; "
              f"p99 of each of the {args.rounds} rounds of {per_round} requests: {spread}); daemon "
-             f"overhead < 1 ms (its own time: mean {rows[3]['mean_ms']:.3f} ms, p99 <= {rows[3]['p99_ms']:.2f} ms). "
-             "Everything on one 2-core machine: mosquitto, the daemon (event loop + 2 vCPU threads) and the clients "
-             f"share it (1-minute load average {load_before[0]:.2f} before, {load_after[0]:.2f} after). "
+             f"overhead < 1 ms (its own time: mean {own['mean_ms']:.3f} ms, p99 <= {own['p99_ms']:.2f} ms). "
+             "Everything on one 2-core machine: mosquitto, the daemon(s) (event loop + 2 vCPU threads) and the "
+             f"clients share it (1-minute load average {load_before[0]:.2f} before, {load_after[0]:.2f} after). "
              "requests_per_s of the sequential runs = 1 / mean latency. The daemon's own time: from the message "
              "taken off its queue to the reply ready to publish (JSON, validation, journal accept and answer, "
-             f"handler, metrics). Daemon exit code {code}.")
+             f"handler, metrics). Daemon exit codes {codes}.")
     write("mqtt_latency", {"requests": args.requests, "rounds": args.rounds, "warmup": args.warmup,
                            "clients": args.clients,
-                           "seconds": args.seconds, "qos": 1, "tcp_nodelay": True},
+                           "seconds": args.seconds, "qos": 1, "tcp_nodelay": True,
+                           "baseline_tree": str(trees["base"]) if compare else None},
           rows, {"p50_ms": "ms", "p99_ms": "ms", "mean_ms": "ms", "requests_per_s": "req/s"}, notes,
-          figures={"info_p99_ms_per_round": round_p99})
+          figures={"info_p99_ms_per_round": round_p99,
+                   **({"new_over_base": {r["measurement"]: {k: r[k] for k in ("p50_ms", "p99_ms", "mean_ms")}
+                                         for r in ratios}} if ratios else {})})
     return 0
 
 

@@ -18,7 +18,13 @@ Also an ``info`` round trip for reference, and the daemon's own time per verb fr
 What durability costs, in the same run (``--no-durability-variant`` to skip it): the cycles run again, alternating
 round by round, against a second daemon started with ``LIVEPATCHD_UNSAFE_SKIP_FSYNC=1`` (neither the journal row
 nor the desired state fsynced before the PUBACK: a benchmark's setting only), and the ratio of the two is
-reported. Writes bench/results/patch_latency.json and .md.
+reported.
+
+``--baseline-tree PATH`` (e.g. a ``git worktree add --detach`` of an older commit) compares two versions of the
+daemon instead: a second durable daemon started from that source tree (its own ``PYTHONPATH``, working directory,
+guest image, and a bundle built and signed by that tree's code for that image), rounds alternating between the
+two, and the ratio this tree / base per verb (p50, p99, mean). On a shared machine that ratio is the number to
+read. Writes bench/results/patch_latency.json and .md.
 """
 
 from __future__ import annotations
@@ -26,21 +32,41 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import write
+from bench.common import stop_daemon, write
 from bench.mqtt_latency import histogram_quantiles, ms, scrape, wait_online
 from clients.sdk import LivepatchClient
-from daemon.guest.build import IMAGE_PATH
-from daemon.kernel.kernel import load_image
-from daemon.livepatch import examples
-from patchformat import signing
-from tests.mqtt_fixtures import DaemonProcess, Mosquitto, free_port
+from tests.mqtt_fixtures import REPO, DaemonProcess, Mosquitto, free_port
 
 PATCH = "livepatch_cmdline"
+
+BUILD = """
+import sys
+from pathlib import Path
+from daemon.guest.build import IMAGE_PATH
+from daemon.kernel.kernel import load_image
+from daemon.livepatch import examples, signing
+work = Path(sys.argv[1])
+key = signing.generate_key()
+signing.save_public_key(key.public_key(), work / "bench.pub")
+bundle = signing.sign(examples.build_example(sys.argv[2], work / "build", load_image(IMAGE_PATH)[0].build_id), key)
+(work / "bundle.bin").write_bytes(bundle.to_bytes())
+"""
+
+
+def build_bundle(tree: Path, work: Path) -> tuple[bytes, Path]:
+    """The signed example bundle and its public key, built by ``tree``'s own code for ``tree``'s guest image (two
+    versions of the tree may ship different images: a bundle names the build it patches)."""
+    work.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", BUILD, str(work), PATCH], cwd=tree, check=True,
+                   env={**os.environ, "PYTHONPATH": str(tree)})
+    return (work / "bundle.bin").read_bytes(), work / "bench.pub"
 
 
 async def cycles(url: str, host: str, bundle: bytes, n: int, warmup: int) -> dict[str, Any]:
@@ -87,15 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured cycles first")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per daemon, alternating (cycles split)")
     parser.add_argument("--durability-variant", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure a daemon that skips the fsyncs (default: on)")
+                        help="also measure a daemon that skips the fsyncs (default: on; off with --baseline-tree)")
+    parser.add_argument("--baseline-tree", type=Path, default=None, metavar="PATH",
+                        help="compare with a durable daemon run from this source tree instead (rounds alternating; "
+                             "reports this tree / baseline per verb)")
     args = parser.parse_args(argv)
-    variants = ["durable", "no fsync"] if args.durability_variant else ["durable"]
+    if args.baseline_tree is not None:
+        variants = ["durable", "base"]
+    else:
+        variants = ["durable", "no fsync"] if args.durability_variant else ["durable"]
+    trees = {v: args.baseline_tree.resolve() if v == "base" else REPO for v in variants}
     with tempfile.TemporaryDirectory(prefix="lpd-bench-") as tmp:
         work = Path(tmp)
-        key = signing.generate_key()
-        signing.save_public_key(key.public_key(), work / "bench.pub")
-        bundle = signing.sign(examples.build_example(PATCH, work / "build", load_image(IMAGE_PATH)[0].build_id), key)
-        raw = bundle.to_bytes()
+        bundles = {v: build_bundle(tree, work / f"bundle-{v.replace(' ', '-')}") for v, tree in trees.items()}
+        raw = bundles["durable"][0]
         broker = Mosquitto(work / "broker")
         broker.start()
         daemons: dict[str, tuple[DaemonProcess, int]] = {}
@@ -103,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 metrics_port = free_port()
                 extra = {"LIVEPATCHD_UNSAFE_SKIP_FSYNC": "1"} if variant == "no fsync" else {}
+                if variant == "base":
+                    extra = {"PYTHONPATH": str(trees[variant])}
                 daemons[variant] = (DaemonProcess(
                     work / variant.replace(" ", "-"), broker.url, host=f"bench-{variant.replace(' ', '-')}",
-                    LIVEPATCHD_METRICS_PORT=str(metrics_port), LIVEPATCHD_LOG_LEVEL="warning",
-                    LIVEPATCHD_TRUSTED_KEYS=str(work / "bench.pub"), **extra), metrics_port)
+                    cwd=trees[variant], LIVEPATCHD_METRICS_PORT=str(metrics_port), LIVEPATCHD_LOG_LEVEL="warning",
+                    LIVEPATCHD_TRUSTED_KEYS=str(bundles[variant][1]), **extra), metrics_port)
                 daemons[variant][0].tmp.mkdir(parents=True, exist_ok=True)
                 daemons[variant][0].start()
             for daemon, _port in daemons.values():
@@ -118,20 +151,20 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 for variant in variants if r % 2 == 0 else reversed(variants):
                     daemon = daemons[variant][0]
-                    _merge(got[variant], asyncio.run(cycles(broker.url, daemon.host, raw, per_round,
+                    _merge(got[variant], asyncio.run(cycles(broker.url, daemon.host, bundles[variant][0], per_round,
                                                             args.warmup if r == 0 else 0)))
             after = {v: scrape(port) for v, (_d, port) in daemons.items()}
             load_after = os.getloadavg()
         finally:
             codes = {}
             for variant, (daemon, _port) in daemons.items():
-                codes[variant] = daemon.terminate()
+                codes[variant] = stop_daemon(daemon)
             broker.stop()
     rows: list[dict[str, Any]] = []
     for variant in variants:
         g = got[variant]
         n = len(g["enable"])
-        tag = "" if variant == "durable" else " [no fsync]"
+        tag = "" if variant == "durable" else f" [{variant}]"
         rows += [
             {"measurement": f"patch.enable round trip, reply at transition start (MQTT 5, QoS 1){tag}",
              **ms(g["enable"]), "requests": n},
@@ -151,6 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     n = len(g["enable"])
     cost = ""
     ratios: dict[str, float] = {}
+    versus: dict[str, dict[str, float]] = {}
+    if "base" in got:
+        base = got["base"]
+        for verb in ("load", "enable", "disable", "info"):
+            versus[f"patch.{verb}" if verb != "info" else "info"] = {
+                k: ms(g[verb])[k] / ms(base[verb])[k] for k in ("p50_ms", "p99_ms", "mean_ms")}
+        for name, r in versus.items():
+            rows.append({"measurement": f"{name} round trip: this tree / base", **r, "requests": n})
+        cost = (f"Against the source tree {trees['base']} (its own daemon, guest image and bundle; rounds "
+                "alternating, both durable), this tree / base: " + ", ".join(
+                    f"{v} p50 {r['p50_ms']:.2f}x, p99 {r['p99_ms']:.2f}x, mean {r['mean_ms']:.2f}x"
+                    for v, r in versus.items()) + ". ")
     if "no fsync" in got:
         fast = got["no fsync"]
         for verb in ("load", "enable", "disable"):
@@ -173,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
              f"Daemon exit codes {codes}.")
     write("patch_latency", {"cycles": args.cycles, "rounds": args.rounds, "warmup": args.warmup, "patch": PATCH,
                             "qos": 1, "mqtt": "5", "bundle_bytes": len(raw), "tcp_nodelay": True,
-                            "variants": variants},
+                            "variants": variants,
+                            "baseline_tree": str(trees["base"]) if "base" in trees else None},
           rows, {"p50_ms": "ms", "p99_ms": "ms", "mean_ms": "ms"}, notes,
-          figures={"durable_over_no_fsync_mean": ratios} if ratios else None)
+          figures={**({"durable_over_no_fsync_mean": ratios} if ratios else {}),
+                   **({"this_tree_over_base": versus} if versus else {})} or None)
     return 0
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from schemas._base import SCHEMA_VERSION, HostId, Outbound
 from schemas.events import EVENTS
+from schemas.fleet import FleetSection, LabelsSection
 from schemas.ftrace import FtraceSection
 from schemas.kprobes import KprobesSection
 from schemas.livepatch import LivepatchSection
@@ -73,10 +74,12 @@ class KernelState(Outbound):
                                  "job): the host is degraded, the others still serve")
 
 
-COMPONENTS: dict[str, type[Outbound]] = {"livepatch": LivepatchSection, "ftrace": FtraceSection,
-                                         "patch_effect": PatchEffectSection, "kprobes": KprobesSection,
-                                         "kretprobes": KretprobesSection, "fprobes": FprobesSection}
-"""The sections of ``StateDoc.components`` this schema version defines, by name -> their model."""
+COMPONENTS: dict[str, type[BaseModel]] = {"livepatch": LivepatchSection, "ftrace": FtraceSection,
+                                           "patch_effect": PatchEffectSection, "kprobes": KprobesSection,
+                                           "kretprobes": KretprobesSection, "fprobes": FprobesSection,
+                                           "labels": LabelsSection, "fleet": FleetSection}
+"""The sections of ``StateDoc.components`` this schema version defines, by name -> their model (every section
+the daemon publishes has one; ``labels`` is a plain name -> value object, a root model)."""
 
 
 class StateDoc(Outbound):
@@ -99,7 +102,7 @@ class StateDoc(Outbound):
         default_factory=dict, description="one section per subsystem, each following its model (COMPONENTS; the "
         "exported schema names them); other sections are objects their owners document")
 
-    def section(self, name: str) -> Outbound | None:
+    def section(self, name: str) -> BaseModel | None:
         """Section ``name`` as its model (``COMPONENTS``); None when the document has no such section. KeyError
         for a section this schema version does not define."""
         model = COMPONENTS[name]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, RootModel, field_validator, model_validator
 
 from schemas._base import HostId, Inbound, Outbound
 
@@ -179,10 +179,37 @@ class FleetSpec(Inbound):
 
 
 class FaultState(Outbound):
-    """A fault a host carries, as its state shows it (``components.fleet.faults``)."""
+    """A fault a host carries, as its state shows it (an item of ``components.fleet.faults``): the fault's kind
+    and parameters as the spec gave them (which hosts it went to — count, share, hosts — left out); a parameter
+    another kind has is absent."""
 
     kind: FaultKind
-    params: dict[str, str | float | int] = Field(default_factory=dict)
+    mode: StallMode | None = Field(default=None, description="stall")
+    function: str | None = Field(default=None, description="stall, panic")
+    when: Literal["transition", "after_transition", "uptime"] | None = Field(default=None, description="crash")
+    at_s: float | None = Field(default=None, description="crash")
+    reboot_after_s: float | None = Field(default=None, description="crash")
+    times: int | None = Field(default=None, description="crash, flaky")
+    delay_s: float | None = Field(default=None, description="slow")
+    down_s: float | None = Field(default=None, description="flaky")
+    every_s: float | None = Field(default=None, description="flaky")
+
+
+class FleetSection(Outbound):
+    """``components.fleet`` of a simulated host's state: what the fleet spec gave it (a dashboard shows the
+    faults). Its labels are in ``components.labels`` like any host's."""
+
+    release: str = Field(description="the kernel build the host boots (6.1-lp1, 6.1-lp2, 6.6-lp1)")
+    workload: Workload
+    seed: int = Field(description="the spec's seed the host's draws came from")
+    faults: list[FaultState] = Field(default_factory=list)
+
+
+class LabelsSection(RootModel[dict[LabelName, LabelValue]]):
+    """``components.labels``: the host's labels (``--label k=v`` / ``LIVEPATCHD_LABELS``; a fleet host's drawn
+    ones), name -> value; what a rollout's ``targets.labels`` and waves match."""
+
+    model_config = ConfigDict(frozen=True)
 
 
 class HostPlan(Outbound):

@@ -6,37 +6,35 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
 import pytest
-from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, run
-from test_service_deploy import DEPLOY, deploy_conf
+from mqtt_fixtures import DaemonThread, daemon_settings, run
+from test_service_deploy import ShippedMosquitto
 
 from clients.sdk import LivepatchClient
 
-USERS = {"livepatchd": "daemon-secret", "operator": "op-secret", "observer": "obs-secret",
-         "orchestrator": "orch-secret"}
+PEOPLE = {"operator": "op-secret", "observer": "obs-secret"}
+SERVICES = {"livepatchd": "daemon-secret", "orchestrator": "orch-secret"}
+"""The daemon account on the service listener: the test holds a second connection on it (the forger)."""
+USERS = {**PEOPLE, **SERVICES}
 ORCH = "livepatch/v1/_orchestrator"
 
 
 @pytest.fixture
-def secured(tmp_path: Path) -> Iterator[Mosquitto]:
-    passwd = tmp_path / "passwd"
-    for i, (user, password) in enumerate(USERS.items()):
-        subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd), user, password],
-                       check=True, capture_output=True)
-    passwd.chmod(0o600)
-    broker = Mosquitto(tmp_path / "broker", extra_conf=deploy_conf(passwd, DEPLOY / "livepatchd.acl"))
+def secured(tmp_path: Path) -> Iterator[ShippedMosquitto]:
+    """deploy/mosquitto.conf and deploy/livepatchd.acl as shipped (ports and paths replaced)."""
+    broker = ShippedMosquitto(tmp_path / "broker", PEOPLE, SERVICES)
     broker.start()
     yield broker
     broker.stop()
 
 
-def _client(broker: Mosquitto, user: str, ident: str) -> aiomqtt.Client:
-    return aiomqtt.Client("127.0.0.1", broker.port, username=user, password=USERS[user], identifier=ident,
+def _client(broker: ShippedMosquitto, user: str, ident: str) -> aiomqtt.Client:
+    port = broker.services_port if user in SERVICES else broker.port
+    return aiomqtt.Client("127.0.0.1", port, username=user, password=USERS[user], identifier=ident,
                           protocol=aiomqtt.ProtocolVersion.V311)
 
 
@@ -47,8 +45,10 @@ async def _collect(client: aiomqtt.Client, got: list[tuple[str, bytes]], until: 
             return
 
 
-def test_a_daemon_account_cannot_write_or_read_orchestrator_topics(secured: Mosquitto, tmp_path: Path) -> None:
-    lpd = DaemonThread(daemon_settings(tmp_path / "state", secured.url, username="livepatchd",
+def test_a_daemon_account_cannot_write_or_read_orchestrator_topics(secured: ShippedMosquitto,
+                                                                    tmp_path: Path) -> None:
+    services = f"mqtt://127.0.0.1:{secured.services_port}"
+    lpd = DaemonThread(daemon_settings(tmp_path / "state", services, username="livepatchd",
                                        password=USERS["livepatchd"])).start()
     try:
         host = lpd.host
@@ -94,7 +94,7 @@ def test_a_daemon_account_cannot_write_or_read_orchestrator_topics(secured: Mosq
                 assert retained == []
             # the host still serves requests over the daemon account
             async with LivepatchClient(secured.url.replace("mqtt://", f"mqtt://operator:{USERS['operator']}@"),
-                                       host) as c:
+                                       host, client_id="operator") as c:  # 1883 binds ids to user names
                 assert (await c.info()).host == host
         run(main())
     finally:

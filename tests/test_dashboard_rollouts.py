@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import threading
 import time
 import urllib.error
@@ -22,12 +21,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from mqtt_fixtures import Mosquitto, free_port
+from mqtt_fixtures import free_port
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from test_dashboard import CHROMIUM_FLAGS, SHOTS, DashboardServer, chromium_path
 from test_fleet import overrides
 from test_orchestrator import BUILD, bundle_file
-from test_service_deploy import deploy_conf
+from test_service_deploy import ShippedMosquitto
 from test_service_patch import signer
 
 from clients.dashboard.controls import OperatorControls
@@ -38,13 +37,18 @@ from schemas.fleet import FleetSpec
 
 T = TypeVar("T")
 N_HOSTS = int(os.environ.get("LPD_DASH_TEST_HOSTS", "50"))
-USERS = {"livepatchd": "daemon-secret", "operator": "op-secret", "observer": "obs-secret",
-         "orchestrator": "orch-secret"}
+PEOPLE = {"operator": "op-secret", "observer": "obs-secret"}
+"""Listener 1883 as shipped (a client's id is its user name: one connection per account)."""
+SERVICES = {"livepatchd": "daemon-secret", "orchestrator": "orch-secret", "dashboard": "dash-secret"}
+"""Listener 1884 as shipped: the accounts holding several connections (the fleet's hosts, the orchestrator's two,
+the dashboard's feeds)."""
 PATCH = "livepatch_sleeper"  # the stall fault sleeps in the function it replaces
 
 
-def creds(url: str, user: str) -> str:
-    return url.replace("mqtt://", f"mqtt://{user}:{USERS[user]}@")
+def creds(broker: ShippedMosquitto, user: str) -> str:
+    if user in SERVICES:
+        return broker.services_url(user, SERVICES[user])
+    return broker.url.replace("mqtt://", f"mqtt://{user}:{PEOPLE[user]}@")
 
 
 class Loop:
@@ -67,15 +71,9 @@ class Loop:
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    tmp = tmp_path_factory.mktemp("dash-acl")
-    passwd = tmp / "passwd"
-    for i, (user, password) in enumerate(USERS.items()):
-        subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd), user, password],
-                       check=True, capture_output=True)
-    passwd.chmod(0o600)
-    acl = Path(__file__).resolve().parent.parent / "deploy" / "livepatchd.acl"
-    broker = Mosquitto(tmp / "broker", extra_conf=deploy_conf(passwd, acl))
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShippedMosquitto]:
+    """deploy/mosquitto.conf and deploy/livepatchd.acl as shipped (ports and paths replaced)."""
+    broker = ShippedMosquitto(tmp_path_factory.mktemp("dash-acl") / "broker", PEOPLE, SERVICES)
     broker.start()
     yield broker
     broker.stop()
@@ -107,16 +105,16 @@ def exec_count(page: Page, name: str, state: str) -> int:
     return int(el.inner_text().split()[-1])
 
 
-def test_rollouts_from_the_page(secured: Mosquitto, browser: Browser, tmp_path: Path) -> None:
+def test_rollouts_from_the_page(secured: ShippedMosquitto, browser: Browser, tmp_path: Path) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     prefix = f"d{uuid.uuid4().hex[:5]}"
     spec = FleetSpec.model_validate({"hosts": N_HOSTS, "prefix": prefix, "labels": {"zone": {"eu": 0.5, "us": 0.5}},
                                      "faults": [{"kind": "stall", "hosts": [], "count": 1,
                                                  "mode": "uninterruptible"}]})
-    runner = FleetRunner(spec, overrides(tmp_path / "hosts", creds(secured.url, "livepatchd"),
+    runner = FleetRunner(spec, overrides(tmp_path / "hosts", creds(secured, "livepatchd"),
                                          trusted_keys=[str(signer().public_path)], transition_stall_s=0.3),
                          workers=0)
-    orch = Orchestrator(creds(secured.url, "orchestrator"), str(tmp_path / "orch.sqlite3"), worker="w1", poll_s=0.1)
+    orch = Orchestrator(creds(secured, "orchestrator"), str(tmp_path / "orch.sqlite3"), worker="w1", poll_s=0.1)
     bundle = bundle_file(tmp_path, PATCH)
     loop = Loop()
     stop = asyncio.Event()
@@ -124,10 +122,11 @@ def test_rollouts_from_the_page(secured: Mosquitto, browser: Browser, tmp_path: 
     fleet_task = loop.submit(runner.run())
     orch_task = loop.submit(orch.serve(ready=ready.set, stop=stop))
     assert ready.wait(60), "the orchestrator did not start"
-    observer_url = creds(secured.url, "observer")
-    dash = DashboardServer(observer_url, free_port(),
-                           controls=OperatorControls(creds(secured.url, "operator"))).start()
-    watcher = DashboardServer(observer_url, free_port()).start()
+    observer_url = creds(secured, "observer")  # a person's account: one connection (the forged requests below)
+    dashboard_url = creds(secured, "dashboard")  # the dashboard's service account: its feeds
+    dash = DashboardServer(dashboard_url, free_port(),
+                           controls=OperatorControls(creds(secured, "operator"))).start()
+    watcher = DashboardServer(dashboard_url, free_port()).start()
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
         page.goto(dash.url)
@@ -220,7 +219,7 @@ def test_rollouts_from_the_page(secured: Mosquitto, browser: Browser, tmp_path: 
         assert status == 400, "a control without the page's header (another origin) is refused"
 
         async def forge() -> None:
-            async with RolloutClient(observer_url, protocol="3.1.1", timeout=2) as r:
+            async with RolloutClient(observer_url, protocol="3.1.1", timeout=2, client_id="observer") as r:
                 assert (await r.rollout_status("r-dash")).rollout.state == "COMPLETED"  # reading is allowed
                 with pytest.raises(RequestTimeout):
                     await r.rollback("r-dash")

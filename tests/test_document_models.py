@@ -10,16 +10,19 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
-from mqtt_fixtures import DaemonThread, run
+from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, run
 from pydantic import ValidationError
 
 from clients.sdk import LivepatchClient
+from daemon.fleet.host import fleet_section
+from daemon.fleet.plan import draw
 from daemon.service.pipeline.outbox import EventLog, StateBoard
 from daemon.service.store.journal import Journal
 from schemas import EventDoc, EventType, KernelState
 from schemas import export as schema_export
 from schemas.documents import COMPONENTS
 from schemas.events import EVENTS, UnknownEvent, check_event
+from schemas.fleet import FleetSection, FleetSpec, LabelsSection
 from schemas.ftrace import FtraceEventType, FtraceSection
 from schemas.kernel import KernelEventType
 from schemas.kprobes import KprobeEventType
@@ -95,7 +98,9 @@ def test_the_state_sections_are_listed_by_their_models() -> None:
                           "patch_effect": {"$ref": "#/components/schemas/PatchEffectSection"},
                           "kprobes": {"$ref": "#/components/schemas/KprobesSection"},
                           "kretprobes": {"$ref": "#/components/schemas/KretprobesSection"},
-                          "fprobes": {"$ref": "#/components/schemas/FprobesSection"}}
+                          "fprobes": {"$ref": "#/components/schemas/FprobesSection"},
+                          "labels": {"$ref": "#/components/schemas/LabelsSection"},
+                          "fleet": {"$ref": "#/components/schemas/FleetSection"}}
 
 
 def test_a_running_daemon_publishes_sections_that_follow_their_models(lpd: DaemonThread) -> None:
@@ -122,3 +127,67 @@ def test_the_daemon_records_a_section_that_does_not_follow_its_model(tmp_path: P
     assert [line.split(":")[0] for line in board.invalid] == ["livepatch", "ftrace"]
     assert board.document().components["ftrace"] == {"ops": []}, "published all the same"
     journal.close()
+
+
+def _board(tmp_path: Path) -> tuple[StateBoard, Journal]:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    return StateBoard(journal, "h", 1, KernelState(build_id="b", nr_cpus=1, booted_at=0.0), asyncio.Event()), journal
+
+
+def test_the_fleet_section_of_every_fault_kind_follows_its_model(tmp_path: Path) -> None:
+    spec = FleetSpec.model_validate({"hosts": 6, "prefix": "f", "labels": {"zone": {"a": 0.5, "b": 0.5}},
+                                     "faults": [
+        {"kind": "slow", "hosts": ["f-0000"], "delay_s": 0.4},
+        {"kind": "flaky", "hosts": ["f-0001"], "down_s": 1.0, "times": 2, "every_s": 0.3},
+        {"kind": "reject", "hosts": ["f-0002"]},
+        {"kind": "crash", "hosts": ["f-0003"], "when": "uptime", "at_s": 0.5, "reboot_after_s": 0.3},
+        {"kind": "panic", "hosts": ["f-0004"], "function": "cmdline_proc_show"},
+        {"kind": "stall", "count": 1, "mode": "uninterruptible"},
+    ]})
+    board, journal = _board(tmp_path)
+    kinds = set()
+    for plan in draw(spec):
+        section = fleet_section(plan)
+        board.set_component("fleet", section)
+        board.set_component("labels", dict(plan.labels))
+        typed = FleetSection.model_validate(section)
+        assert typed.model_dump(mode="json", exclude_none=True) == section, "the model says every field it carries"
+        kinds |= {f.kind for f in typed.faults}
+        assert LabelsSection.model_validate(plan.labels).root == plan.labels
+    assert kinds == {"slow", "flaky", "reject", "crash", "panic", "stall"}
+    assert board.invalid == []
+    journal.close()
+
+
+def test_a_labels_or_fleet_section_that_does_not_follow_its_model_is_recorded(tmp_path: Path) -> None:
+    board, journal = _board(tmp_path)
+    board.set_component("labels", {"zone": "a", "team": "kernel"})
+    assert board.invalid == []
+    board.set_component("labels", {"bad name!": "a"})
+    board.set_component("labels", {"zone": 3})
+    board.set_component("fleet", {"release": "6.1-lp1", "workload": "idle", "seed": 0, "faults": [],
+                                  "surprise": 1})
+    board.set_component("fleet", {"release": "6.1-lp1", "workload": "busy", "seed": 0, "faults": []})
+    board.set_component("fleet", {"release": "6.1-lp1", "workload": "idle", "seed": 0,
+                                  "faults": [{"kind": "meteor"}]})
+    assert [line.split(":")[0] for line in board.invalid] == ["labels", "labels", "fleet", "fleet", "fleet"]
+    journal.close()
+
+
+def test_every_section_a_labelled_daemon_publishes_has_its_model(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    lpd = DaemonThread(daemon_settings(tmp_path, mosquitto.url, labels={"zone": "eu-1", "tier": "canary"})).start()
+    try:
+        async def main() -> None:
+            async with LivepatchClient(lpd.url, lpd.host) as c:
+                state = await c.state()
+                assert state is not None
+                assert set(state.components) <= set(COMPONENTS), "a section without a model"
+                assert {"labels", "livepatch", "ftrace"} <= set(state.components)
+                for name in state.components:
+                    assert state.section(name) is not None
+                labels = state.section("labels")
+                assert isinstance(labels, LabelsSection)
+                assert labels.root == {"zone": "eu-1", "tier": "canary"}
+        run(main())
+    finally:
+        lpd.stop()  # and every event and section it published followed its model

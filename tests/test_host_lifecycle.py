@@ -112,3 +112,56 @@ def test_a_script_that_boots_kernels_and_returns_exits_cleanly() -> None:
         done = subprocess.run([sys.executable, "-c", FORGETFUL], cwd=REPO, capture_output=True, text=True,
                               timeout=120, check=False)
         assert (done.returncode, done.stdout) == (0, "booted 6\n"), done.stderr[-3000:]
+
+
+def test_no_thread_outlives_a_host_with_probes_armed(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """The same with kprobes, kretprobes (both trampolines) and an fprobe armed and hit when the host stops."""
+    baseline = _threads()
+    for round_ in range(2):
+        d = DaemonThread(trusting_settings(tmp_path / str(round_), mosquitto.url, allow_any_call=True)).start()
+        kernel = kernel_of(d)
+
+        async def probed(d: DaemonThread) -> None:
+            async with LivepatchClient(d.url, d.host, timeout=30) as c:
+                await c.kprobe_register("entry", "kpt_calls", record=True)
+                await c.kretprobe_register("leafret", "kpt_leaf", trampoline="brk")
+                await c.kretprobe_register("rh", "kpt_recurse", trampoline="rethook")
+                await c.fprobe_register("steps", "work_step_*", record=True)
+                await c.call("kpt_calls", 4, cpu=1)
+                await c.call("kpt_recurse", 2)
+                await c.call("work_step_c", 1)
+                assert (await c.kretprobe_list()).probes[0].hits >= 1
+        run(probed(d))
+        d.stop()  # every probe still armed
+        assert not any(v.alive for v in kernel.machine.vcpus)
+        assert kernel.worker.jobs == []
+        extra = _settle(baseline)
+        assert extra == set(), f"round {round_}: {sorted(t.name for t in extra)} outlived the host"
+
+
+PROBED = textwrap.dedent("""
+    from daemon.ftrace.core import Ftrace
+    from daemon.kernel.kernel import Kernel, KernelConfig
+    from daemon.kprobes.core import Kprobes
+    from daemon.kprobes.fprobe import Fprobes
+    from daemon.kprobes.kretprobes import Kretprobes
+
+    kernels, keep = [], []
+    for i in range(4):
+        k = Kernel(KernelConfig(nr_cpus=1)).boot()
+        ftrace = Ftrace(k)  # first, as a daemon builds them: it owns the mcount sites
+        kprobes = Kprobes(k)
+        kprobes.register("entry", "kpt_calls")
+        Kretprobes(kprobes).register("ret", "kpt_leaf", trampoline="rethook" if i % 2 else "brk")
+        Fprobes(ftrace).register("steps", "work_step_*")
+        k.call("kpt_calls", 3)
+        kernels.append(k)
+    print("probed", len(kernels), flush=True)
+""")
+
+
+def test_a_script_that_arms_probes_and_returns_exits_cleanly() -> None:
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", PROBED], cwd=REPO, capture_output=True, text=True,
+                              timeout=180, check=False)
+        assert (done.returncode, done.stdout) == (0, "probed 4\n"), done.stderr[-3000:]

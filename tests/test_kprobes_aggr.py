@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from test_function_graph import sleeping_worker
 
 from daemon.kernel.kernel import Kernel
 from daemon.kprobes.core import BRK_KPROBE, Kprobes
@@ -114,3 +115,25 @@ def test_probes_joining_and_leaving_one_address_under_load(kernel: Kernel, kp: K
     assert wrong == []
     assert kp.bugs() == 0
     assert [kernel.memory.read_u32(kp.resolve(s)[0]) for s in sites] == words
+
+
+def test_two_kretprobes_on_one_function_chain_their_trampolines(kernel: Kernel, kp: Kprobes) -> None:
+    """Both hijack the same return (the second saves the first's trampoline): the return goes through both, each
+    handler sees the value, and a sleeping task's backtrace translates the chain down to the real caller."""
+    kr = Kretprobes(kp)
+    kr.register("a", "sleeper_inner", record=True)
+    kr.register("b", "sleeper_inner", trampoline="rethook", record=True)
+    flag = kernel.host_buffer.alloc(8)
+    kernel.memory.write_u64(flag, 0)
+    fut = kernel.submit("sleeper_outer", flag, cpu=1)
+    task = sleeping_worker(kernel, flag)
+    trace = kernel.stack_of(task)
+    assert trace.reliable, trace.reason
+    assert [s.name for pc in trace.pcs if (s := kernel.kallsyms.containing(pc)) is not None][2:4] == [
+        "sleeper_inner", "sleeper_middle"]
+    assert all(pc not in kr.trampolines.values() for pc in trace.pcs)
+    kernel.memory.write_u64(flag, 3)
+    kernel.machine.kick(1)
+    assert fut.result(5) == 3 + 111
+    assert [(h.probe, h.regs["x0"]) for h in kp.drain()] == [("b", 4), ("a", 4)]
+    assert kernel.kretprobe_instances_of(task) == []

@@ -5,7 +5,9 @@ account given as ``--operator-broker`` gets its requests dropped by the broker: 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from clients.sdk import LivepatchClient, ReplyError, RolloutClient
 from clients.sdk.errors import SdkError
@@ -22,13 +24,22 @@ class ControlRefused(Exception):
 
 
 class OperatorControls:
-    def __init__(self, broker_url: str, *, timeout: float = 10.0) -> None:
+    """``client_id``: default, the URL's user name. The operator's account is a person's, on the listener that binds
+    client ids to user names (deploy/mosquitto.conf, 1883): replies come on ``reply/<user name>`` there. The
+    controls go one at a time, so two connections never share that id."""
+
+    def __init__(self, broker_url: str, *, timeout: float = 10.0, client_id: str | None = None) -> None:
         self.broker_url, self.timeout = broker_url, timeout
+        user = urlsplit(broker_url).username
+        self.client_id = client_id or (unquote(user) if user else None)
+        self._one_at_a_time = asyncio.Lock()
 
     def _client(self, host: str | None = None, timeout: float | None = None) -> LivepatchClient:
         if host is None:
-            return RolloutClient(self.broker_url, protocol="3.1.1", timeout=timeout or self.timeout)
-        return LivepatchClient(self.broker_url, host, protocol="3.1.1", timeout=timeout or self.timeout)
+            return RolloutClient(self.broker_url, protocol="3.1.1", timeout=timeout or self.timeout,
+                                 client_id=self.client_id)
+        return LivepatchClient(self.broker_url, host, protocol="3.1.1", timeout=timeout or self.timeout,
+                               client_id=self.client_id)
 
     async def rollout(self, verb: str, body: dict[str, Any]) -> dict[str, Any]:
         """One rollout control; answers the orchestrator's reply data, raises ControlRefused with its code."""
@@ -73,7 +84,7 @@ class OperatorControls:
     async def _send(self, host: str | None, verb: str, params: dict[str, Any],
                     timeout: float | None = None) -> dict[str, Any]:
         try:
-            async with self._client(host, timeout) as c:
+            async with self._one_at_a_time, self._client(host, timeout) as c:
                 return await c.request(verb, params)
         except ReplyError as e:
             raise ControlRefused(e.code, e.message) from None

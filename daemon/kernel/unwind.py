@@ -74,7 +74,7 @@ def unwind(mem: Memory, *, pc: int, fp: int, stack_lo: int, stack_hi: int,
             if saved_fp != fp:
                 return StackTrace(tuple(pcs), False,
                                   f"hooked return's frame pointer {saved_fp:#x} is not the frame's {fp:#x}")
-        if ret in retprobe_hooks:
+        while ret in retprobe_hooks:  # two kretprobes on one function: the first's saved address is a trampoline
             if not hijacked:
                 return StackTrace(tuple(pcs), False, "kretprobe trampoline with no instance left")
             hijacked -= 1

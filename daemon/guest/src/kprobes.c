@@ -157,6 +157,10 @@ notrace static void kprobe_fetch(const struct kprobe *p, const struct pt_regs *r
 {
 	u64 fault = 0;
 
+	if (!p->fetch[0]) {	/* the host packs fetches from 0: a probe without any pays one load */
+		t->mem_fault = 0;
+		return;
+	}
 	for (u64 i = 0; i < KPROBE_FETCH_MAX; i++) {
 		u64 f = p->fetch[i], v = 0;
 

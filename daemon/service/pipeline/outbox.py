@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+from pydantic import RootModel
 
 from daemon.service.store.journal import Journal
 from schemas import EventDoc, KernelState, StateDoc
@@ -69,11 +70,12 @@ class StateBoard:
         section that does not follow its model (``schemas.documents.COMPONENTS``) is a bug: logged and kept in
         ``invalid`` (the test fixtures fail on it), and published all the same."""
         model = COMPONENTS.get(name)
-        if model is not None:
+        if model is not None:  # None: an extension's section, documented by its owner
             try:
-                unknown = sorted(set(section) - set(model.model_fields))
-                if unknown:
-                    raise ValueError(f"fields {unknown} are not in {model.__name__}")
+                if not issubclass(model, RootModel):  # a root model's keys are its data, not fields
+                    unknown = sorted(set(section) - set(model.model_fields))
+                    if unknown:
+                        raise ValueError(f"fields {unknown} are not in {model.__name__}")
                 model.model_validate(section)
             except ValueError as exc:  # pydantic's ValidationError included
                 self.invalid.append(f"{name}: {exc}")
