@@ -20,7 +20,8 @@ from daemon.fleet.plan import draw
 from daemon.fleet.runner import FleetRunner, fleet_dir, request_size
 from daemon.guest.build import IMAGE_PATH
 from daemon.kernel.kernel import load_image
-from schemas.fleet import FleetSpec
+from schemas.documents import StateDoc
+from schemas.fleet import FleetSection, FleetSpec, LabelsSection
 
 
 def overrides(tmp: Path, url: str, **more: Any) -> dict[str, Any]:
@@ -71,6 +72,9 @@ def test_fleet_of_hosts_in_workers_answers_grows_and_shrinks(mosquitto: Mosquitt
                 assert state["kernel"]["release"] == "6.1-lp1"
                 assert state["components"]["labels"] == plans[h].labels
                 assert state["components"]["fleet"]["workload"] == "idle"
+                doc = StateDoc.model_validate(state)
+                assert isinstance(doc.section("labels"), LabelsSection)
+                assert isinstance(doc.section("fleet"), FleetSection)
                 assert (tmp_path / h / "journal.sqlite3").is_file()
                 assert (tmp_path / h / "desired.sqlite3").is_file()
             assert {plans[h].labels["zone"] for h in hosts} == {"eu", "us"}

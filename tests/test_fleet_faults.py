@@ -114,4 +114,14 @@ def test_each_fault_does_what_the_spec_says(mosquitto: Mosquitto, tmp_path: Path
             assert {x: runner.online[x] for x in (h[0], h[1], h[2], h[5], h[6])} == dict.fromkeys(
                 (h[0], h[1], h[2], h[5], h[6]), 1), "no other host rebooted"
 
+            # every event and state section each host's current daemon published followed its model (the fleet
+            # section and the labels included; the fault injections' events too)
+            assert runner._local is not None
+            for x in h:
+                daemon = runner._local.hosts[x].daemon
+                service = daemon.service if daemon is not None else None
+                assert service is not None, x
+                assert (service.events.invalid, service.state.invalid) == ([], []), x
+                assert "fleet" in service.state.document().components, x
+
     run(scenario())

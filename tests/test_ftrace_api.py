@@ -107,6 +107,8 @@ def test_find_callable_addr_is_the_architectures_rule() -> None:
     assert callsite.find_callable_addr(site, far, caller=far, plt=0) is None, "a module without a PLT"
     assert callsite.find_callable_addr(site, far, caller=caller, plt=site + 64) is None, \
         "the PLT reaches ftrace_caller only"
+    assert callsite.can_call_directly(site, site + (100 << 20))
+    assert not callsite.can_call_directly(site, far), "a far direct trampoline is reached through ftrace_caller"
 
 
 def test_the_result_type_is_not_the_patchers() -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from daemon.arch.arm64 import callsite, insn
+from daemon.arch.arm64 import callsite
 from daemon.arch.arm64.callsite import DataPatch, InsnPatch
 from daemon.arch.arm64.patching import TextPatcher
 from daemon.errors import AmbiguousSymbol, BadDirectCall, FtraceBusy, FtraceError, OpsStateError, SymbolError
@@ -566,7 +566,7 @@ class Ftrace:
         if not self.enabled:  # counted, not called: the flags ftrace_check_record keeps for a disabled record
             return _State(flags & ~(RecFlag.ENABLED | RecFlag.CALL_OPS_EN), self.nop_ops, 0)
         target = self.caller
-        if count == 1 and direct and insn.reachable_by_bl(rec.ip, direct):
+        if count == 1 and direct and callsite.can_call_directly(rec.ip, direct):
             flags |= RecFlag.DIRECT_EN
             target = direct
         return _State(flags, literal, self._callable(rec, target))

@@ -56,6 +56,12 @@ def func_addr(rec_ip: int) -> int:
     return rec_ip - 4
 
 
+def can_call_directly(rec_ip: int, tramp: int) -> bool:
+    """A direct call's site may branch straight to its trampoline (else it calls ftrace_caller, which jumps there):
+    only when the trampoline is within BL range (+-128 MiB) of the site."""
+    return insn.reachable_by_bl(rec_ip, tramp)
+
+
 def find_callable_addr(rec_ip: int, target: int, *, caller: int, plt: int) -> int | None:
     """ftrace_find_callable_addr: what the site's BL must branch to for ``target``, or None if nothing reaches.
 
