@@ -231,6 +231,7 @@ class Daemon:
         probes = KprobeSubsystem(service, kernel, desired=self.desired)
         service.serve(probes.verbs())
         retprobes = RetprobeSubsystem(service, kernel, probes.kprobes, ftrace, desired=self.desired)
+        probes.stream_sources.append(retprobes.stream_lines)  # fprobe records on kprobe.stream too
         service.serve(retprobes.verbs())
         for extend in self.extensions:  # more verbs (a fleet host's faults, a test's), registered before any replay
             extend(service, kernel)

@@ -105,6 +105,9 @@ class HostFaults:
 
     async def timed(self, daemon: Daemon) -> None:
         """Per boot, once online: the faults that act on a clock (uptime crashes, connection drops)."""
+        if not any(isinstance(f, FlakyFault) or (isinstance(f, CrashFault) and f.when == "uptime")
+                   for f in self.faults):
+            return  # no poll for the others: a thousand hosts polling while they boot was 20,000 wake-ups a second
         while daemon.bridge is None or not daemon.bridge.online.is_set():
             await asyncio.sleep(0.05)
         bridge = daemon.bridge

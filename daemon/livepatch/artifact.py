@@ -2,8 +2,8 @@
 
 A live patch is a relocatable object compiled from C with the guest kernel's own flags
 (:data:`daemon.guest.build.CFLAGS`: same target, same ``-fpatchable-function-entry=4,2``, so the replacement
-functions are traceable too) plus its :class:`~daemon.livepatch.manifest.Manifest`, in a
-:class:`~daemon.livepatch.bundle.PatchBundle`. The build is reproducible: each source is compiled in its own
+functions are traceable too) plus its :class:`~patchformat.manifest.Manifest`, in a
+:class:`~patchformat.bundle.PatchBundle`. The build is reproducible: each source is compiled in its own
 folder under a relative name with ``-g0``, so the object's bytes depend only on the source, the headers and
 the compiler.
 

@@ -12,6 +12,7 @@ document have the counters as of the last change or list.
 
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Any
 
@@ -62,6 +63,7 @@ class RetprobeSubsystem:
                  desired: DesiredState | None = None) -> None:
         self.service, self.kernel, self.desired = service, kernel, desired
         self.kretprobes, self.fprobes = Kretprobes(kprobes), Fprobes(ftrace)
+        self._unread: collections.deque[FprobeHit] = collections.deque(maxlen=4096)  # drained by the stream
         self._lock = threading.RLock()
 
     def verbs(self) -> VerbTable:
@@ -187,10 +189,21 @@ class RetprobeSubsystem:
         self.publish()
         return FprobeListData(probes=infos, fprobe_events="".join(f"{i.definition}\n" for i in infos))
 
+    def stream_lines(self) -> list[str]:
+        """kprobe.stream's source: drain the fprobe rings, keep the records for fprobe.read, return their lines."""
+        with self._lock:
+            hits = self.fprobes.drain()
+            self._unread.extend(hits)
+            if not hits:
+                return []
+            comms = {t.pid: t.comm for t in self.kernel.tasks()}
+            return [self.fprobe_line(h, comms).rstrip("\n") for h in hits]
+
     def read_fprobes(self, req: FprobeReadRequest, ctx: RequestContext) -> FprobeReadData:
         with self._lock:
             lost = self.fprobes.ring_lost
-            hits = self.fprobes.drain()
+            hits = [*self._unread, *self.fprobes.drain()]
+            self._unread.clear()
             comms = {t.pid: t.comm for t in self.kernel.tasks()}
             text = "".join(self.fprobe_line(h, comms) for h in hits)
             lost = self.fprobes.ring_lost - lost

@@ -8,11 +8,12 @@ and nmissed as of the last change or ``kprobe.list``.
 Trace lines follow the kernel's format for kprobe events (``<comm>-<pid> [cpu] ..... secs.usecs: NAME:
 (SYM+OFF/SIZE) arg=value``); a post handler's record is marked `` post``, which Linux has no line for.
 
-``kprobe.stream`` adds the ``trace`` topic as a second way out: while enabled, a job of the kernel's host worker
-(``kprobes.stream-drainer``) drains the rings every ``DRAIN_PERIOD_S`` and publishes the lines as
-:class:`~schemas.ftrace.TraceBatchDoc` (``source: kprobes``). Every drain, whoever does it, also keeps the hits
-for ``kprobe.read`` (at most ``UNREAD_MAX``, the oldest dropped first), so a poller and a subscriber each see
-every hit once.
+``kprobe.stream`` adds the ``trace`` topic as a second way out, for kprobes, kretprobe returns and, through
+``stream_sources``, fprobe records (each drain's kprobe lines first, then the fprobe ones): while enabled, a job
+of the kernel's host worker (``kprobes.stream-drainer``) drains the rings every ``DRAIN_PERIOD_S`` and publishes
+the lines as :class:`~schemas.ftrace.TraceBatchDoc` (``source: kprobes``). Every drain, whoever does it, also
+keeps the hits for ``kprobe.read`` / ``fprobe.read`` (at most ``UNREAD_MAX``, the oldest dropped first), so a
+poller and a subscriber each see every hit once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from daemon.errors import KprobeRefused, LivepatchdError
@@ -99,6 +101,8 @@ class KprobeSubsystem:
         self._drainer: Job | None = None
         self._stream_seq = 0
         self.unread_dropped = 0
+        self.stream_sources: list[Callable[[], list[str]]] = []
+        """More trace lines for the stream, drained with the kprobe rings (RetprobeSubsystem's fprobe lines)."""
 
     def verbs(self) -> VerbTable:
         return {"kprobe.register": self.register_probe, "kprobe.unregister": self.unregister_probe,
@@ -205,9 +209,11 @@ class KprobeSubsystem:
         if overflow > 0:
             self.unread_dropped += overflow
         self._unread.extend(hits)
-        if self._drainer is not None and hits:
-            comms = {t.pid: t.comm for t in self.kernel.tasks()}
+        if self._drainer is not None:
+            comms = {t.pid: t.comm for t in self.kernel.tasks()} if hits else {}
             lines = [self.trace_line(h, comms).rstrip("\n") for h in hits]
+            for source in self.stream_sources:
+                lines += source()
             svc = self.service
             for k in range(0, len(lines), STREAM_BATCH):
                 self._stream_seq += 1
