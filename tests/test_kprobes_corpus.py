@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.errors import KprobeRefused
+from daemon.errors import KprobeExists, KprobeNotFound, KprobeRefused
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.tracer import FunctionProfiler
 from daemon.guest import abi
@@ -166,3 +166,32 @@ def test_every_corpus_function_probed_at_every_instruction(ftrace: Ftrace) -> No
     assert kernel.memory.read(lo, hi - lo) == text  # every BRK gone, no stray write
     assert run(everyone) == expect
     print(f"{probed} probes over {len(funcs)} functions in {batches} batches; modes {modes}; refused {refused}")
+
+
+def test_batches_are_all_or_nothing(ftrace: Ftrace) -> None:
+    """A refused or duplicate spec fails the whole batch before anything is armed; an unknown name fails a
+    disarm batch before anything is disarmed; two specs on one address in one batch share its BRK."""
+    kernel = ftrace.kernel
+    kp = Kprobes(kernel, ftrace.patcher)
+    fns = NAMES[16:20]
+    lo, end = kernel.kallsyms.addr(fns[0]), kernel.kallsyms.lookup(fns[-1])
+    text = kernel.memory.read(lo, end.addr + end.size - lo)
+    expect = [kernel.call(fn, 7) for fn in fns]
+    with pytest.raises(KprobeRefused, match=r"rec->ip"):
+        kp.register_batch([ProbeSpec("a", fns[0]), ProbeSpec("b", f"{fns[1]}+0x4")])
+    with pytest.raises(KprobeExists):
+        kp.register_batch([ProbeSpec("a", fns[0]), ProbeSpec("a", fns[1])])
+    assert kp.describe() == []
+    assert kernel.memory.read(lo, len(text)) == text
+    probes = kp.register_batch([ProbeSpec("a", fns[0]), ProbeSpec("a2", fns[0]), ProbeSpec("b", f"{fns[1]}+0x8"),
+                                ProbeSpec("c", fns[2])])
+    assert probes[0].slot == probes[1].slot != 0
+    with pytest.raises(KprobeNotFound):
+        kp.unregister_batch(["a", "nope"])
+    assert [kernel.call(fn, 7) for fn in fns] == expect
+    # fns[1] (chained) calls fns[0]: the probes on fns[0] count its own call and fns[1]'s
+    assert [kp.counter(p, "hits") for p in probes] == [2, 2, 1, 1]
+    kp.unregister_batch(["a", "a2", "b", "c"])
+    assert kp.describe() == []
+    assert kernel.memory.read(lo, len(text)) == text
+    assert [kernel.call(fn, 7) for fn in fns] == expect
