@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
                        "LIVEPATCHD_NR_CPUS, else 2)")
     serve.add_argument("--kernel-build", dest="kernel_build", metavar="RELEASE", help="the shipped guest kernel "
                        "build to boot: 6.1-lp1, 6.1-lp2 or 6.6-lp1 (default: LIVEPATCHD_KERNEL_BUILD, else 6.1-lp1)")
+    serve.add_argument("--tlb-mode", dest="tlb_mode", choices=["virtual", "cpu"],
+                       help="the vCPUs' TLB: virtual (Unicorn's virtual TLB, filled with each region's permissions: "
+                       "guest stores several times cheaper) or cpu (Unicorn's emulated CPU TLB, the reference to "
+                       "compare with) (default: LIVEPATCHD_TLB_MODE, else virtual)")
     serve.add_argument("--protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"],
                        help="MQTT version to speak to --broker: auto tries 5 and falls back to 3.1.1 when the broker "
                        "refuses it (default: LIVEPATCHD_MQTT_PROTOCOL, else auto; the embedded broker speaks 3.1.1)")
@@ -138,7 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     keys = ("broker_url", "host_id", "state_dir", "nr_cpus", "mqtt_protocol", "metrics_port", "log_level",
             "log_format", "tls_ca_file", "tls_cert_file", "tls_key_file", "trusted_keys_dir", "trusted_keys",
-            "dev_signing_key", "allow_any_call", "kernel_build")
+            "dev_signing_key", "allow_any_call", "kernel_build", "tlb_mode")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if "broker_url" in overrides:
         overrides["broker_url"] = ",".join(overrides["broker_url"])

@@ -59,6 +59,8 @@ class InfoData(Outbound):
     calls: CallPolicy | None = Field(default=None, description="what the call verbs may run")
     cpus_online: list[int] | None = Field(default=None, description="the vCPUs running; one missing from "
                                           "0..nr_cpus-1 stopped for good (a fault outside a job, BUG())")
+    tlb_mode: Literal["virtual", "cpu"] | None = Field(default=None, description="the vCPUs' TLB (setting tlb_mode, "
+                                                       "serve --tlb-mode): virtual or cpu (Unicorn's emulated one)")
 
 
 # -- symbol.lookup ---------------------------------------------------------------------------------------------

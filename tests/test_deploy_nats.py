@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 from broker_fixtures import _Process, free_port, nats_binary, wait_mqtt_ready
-from mqtt_fixtures import REPO, DaemonThread, daemon_settings
+from mqtt_fixtures import REPO, DaemonThread, daemon_settings, run
+from orchestrator_forgery import ORCH_EVENTS, forged_events_seen
 from typer.testing import CliRunner
 
 from clients.cli.main import app
@@ -121,3 +122,15 @@ def test_a_wrong_password_is_refused(deployed: tuple[DeployedCluster, DaemonThre
     assert code == 3
     assert "refused the connection" in err
     assert "wrong" not in err  # the password is not echoed
+
+
+def test_a_daemon_account_cannot_forge_orchestrator_events(deployed: tuple[DeployedCluster, DaemonThread]) -> None:
+    # the operator reads every host's events, the orchestrator's pseudo host's included (its '*' host level)
+    cluster, d = deployed
+    seen = run(forged_events_seen(cluster.mqtt_ports[1], d.host, ("livepatchd", "d-secret"), ("operator", "o-secret")))
+    assert f"livepatch/v1/{d.host}/events" in [t for t, _ in seen]
+    assert [p for t, p in seen if t == ORCH_EVENTS] == []
+    # the host still answers requests over the same account
+    code, out, err = lpctl(cluster, d, "operator", "o-secret", "--json", "info")
+    assert code == 0, err
+    assert json.loads(out)["data"]["host"] == d.host

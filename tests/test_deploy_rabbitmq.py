@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 from broker_fixtures import RabbitMQ
-from mqtt_fixtures import REPO, DaemonThread, daemon_settings
+from mqtt_fixtures import REPO, DaemonThread, daemon_settings, run
+from orchestrator_forgery import ORCH_EVENTS, forged_events_seen
 from typer.testing import CliRunner
 
 from clients.cli.main import app
@@ -92,3 +93,15 @@ def test_no_guest_and_no_anonymous(deployed: tuple[RabbitMQ, DaemonThread]) -> N
     assert code == 3
     assert "refused the connection" in err
     assert os.environ.get("LIVEPATCHD_RMQ_DAEMON_PASSWORD") is None  # the passwords went to users.sh only
+
+
+def test_a_daemon_account_cannot_forge_orchestrator_events(deployed: tuple[RabbitMQ, DaemonThread]) -> None:
+    # the operator reads every host's events, the orchestrator's pseudo host's included (its '*' host level)
+    node, d = deployed
+    seen = run(forged_events_seen(node.mqtt_port, d.host, ("livepatchd", "d-secret"), ("operator", "o-secret")))
+    assert f"livepatch/v1/{d.host}/events" in [t for t, _ in seen]
+    assert [p for t, p in seen if t == ORCH_EVENTS] == []
+    # the host still answers requests over the same account
+    code, out, err = lpctl(node, d, "operator", "o-secret", "--json", "info")
+    assert code == 0, err
+    assert json.loads(out)["data"]["host"] == d.host

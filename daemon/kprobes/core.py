@@ -20,6 +20,7 @@ site (``ftrace_init_nop`` writes ``mov x9, x30`` there once): the probe then ste
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from daemon.arch.arm64 import insn as a64insn
 from daemon.arch.arm64.callsite import DataPatch, InsnPatch, ftrace_call_adjust
 from daemon.arch.arm64.patching import TextPatcher
 from daemon.emu.machine import Resume, VCpu
-from daemon.errors import GuestFault, KprobeExists, KprobeNoSpace, KprobeNotFound, KprobeRefused, PatchError
+from daemon.errors import GuestFault, KprobeExists, KprobeNoSpace, KprobeNotFound, KprobeRefused
 from daemon.guest import abi
 from daemon.kernel.kernel import Kernel
 from daemon.kprobes import decode
@@ -48,6 +49,12 @@ BLACKLIST_PREFIXES = ("kprobe", "do_debug_exception", "el1", "vectors", "ftrace_
                       "return_to_handler", "host_call", "panic", "__kretprobe_trampoline",
                       "arch_rethook_trampoline", "fprobe", "kretprobe", "pre_handler_kretprobe")
 """NOKPROBE_SYMBOL()s by name, beside the rule that notrace and entry code (no ftrace record) is refused."""
+ADDRESS_REFUSALS = frozenset({
+    "not 4-byte aligned", "not in kernel text", "blacklisted (NOKPROBE_SYMBOL): entry, ftrace or kprobe handler code",
+    "blacklisted: notrace or entry code (the function has no ftrace record)",
+    "the ftrace call site (rec->ip) of the function: arm64 has no KPROBES_ON_FTRACE; probe the function's address "
+    "instead"})
+"""The ``reason`` of a refusal by address (check_address); the decoder's are ``decode.REFUSAL_REASONS``."""
 
 
 @dataclass
@@ -90,6 +97,22 @@ class KprobeHit:
     kind: HitKind = "pre"  # "ret": a kretprobe's return (regs["x0"] is the return value)
     duration: int = 0  # "ret": counter ticks since the entry
     mem: tuple[int | None, ...] = ()  # the probe's memory fetches at the hit, None where the address was unmapped
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe of :meth:`Kprobes.register_batch` (the arguments of :meth:`Kprobes.register`)."""
+
+    name: str
+    target: str | int
+    record: bool = False
+    post: bool = False
+    set_reg: int | None = None
+    set_val: int = 0
+    call_fn: str | int | None = None
+    args: tuple[str, ...] = ()
+    kretprobe: int = 0
+    fetch: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -239,78 +262,126 @@ class Kprobes:
         """``kretprobe``: the guest ``struct kretprobe`` whose entry this probe is (daemon.kprobes.kretprobes).
         ``fetch``: memory fetch args ``+OFFSET(%REG)`` as (register, offset), read by the guest at each recorded
         hit (at most KPROBE_FETCH_MAX; REG x0-x30, sp or pc)."""
-        words = _fetch_words(fetch)
-        if not name or not name.replace("_", "").isalnum():
-            raise KprobeRefused(f"bad probe name {name!r}", reason="bad name")
-        if set_reg is not None and not 0 <= set_reg <= 30:
-            raise KprobeRefused(f"set_reg must be a GPR number 0..30, not {set_reg}", reason="bad register")
-        addr, symbol, offset = self.resolve(target)
+        spec = ProbeSpec(name, target, record=record, post=post, set_reg=set_reg, set_val=set_val, call_fn=call_fn,
+                         args=args, kretprobe=kretprobe, fetch=fetch)
+        return self.register_batch([spec])[0]
+
+    def register_batch(self, specs: Sequence[ProbeSpec]) -> list[Kprobe]:
+        """Register and arm every probe of ``specs`` in ONE stop-machine batch (all BRKs, slots and table flags
+        together); all or nothing: a refused or duplicate spec raises before anything is armed."""
+        checked = [(spec, _fetch_words(spec.fetch), self._check_spec(spec)) for spec in specs]
         with self._lock:
-            if name in self._probes:
-                raise KprobeExists(f"kprobe {name!r} exists", probe=name)
-            opcode, kind = self.check_address(addr, symbol, offset)
-            index = self._free_index()
-            flags = abi.KPF_ARMED | (abi.KPF_RECORD if record else 0) | (abi.KPF_POST if post else 0)
-            fn = 0
-            if set_reg is not None:
-                flags |= abi.KPF_SET_REG
-            if kretprobe:
-                flags |= abi.KPF_KRETPROBE
-            if call_fn is not None:
-                fn = self.kernel.resolve(call_fn)
-                flags |= abi.KPF_CALL
-            shared = self._by_addr.get(addr)
-            slot = shared[0].slot if shared else (self._alloc_slot() if kind == abi.KP_STEP else 0)
-            p = Kprobe(name, addr, symbol, offset, opcode, kind, index, slot, flags, set_reg or 0, set_val, fn,
-                       args, fetch)
-            entry = self._entry(index)
-            k = abi.kprobe
-            for f, v in (("addr", addr), ("opcode", opcode), ("kind", kind), ("slot", slot),
-                         ("restore", addr + 4 if slot else 0), ("flags", 0), ("set_reg", p.set_reg),
-                         ("set_val", set_val & (2**64 - 1)), ("call_fn", fn), ("rp", kretprobe)):
-                self.memory.write_u64(entry + k.offsetof(f), v)
-            for counter in ("hits", "nmissed", "post_hits"):
-                for cpu in range(abi.MAX_CPUS):
-                    self.memory.write_u64(entry + k.offsetof(counter) + 8 * cpu, 0)
-            for i, w in enumerate(words):
-                self.memory.write_u64(entry + k.offsetof("fetch") + 8 * i, w)
-            sites = []
-            if not shared:  # the first probe on the address writes the slot and the BRK
-                sites.append(InsnPatch(addr, opcode, BRK_KPROBE))
-                if slot:
-                    sites += [InsnPatch(slot, self.memory.read_u32(slot), opcode),
-                              InsnPatch(slot + 4, self.memory.read_u32(slot + 4), BRK_SS)]
-            nr = max(self.memory.read_u64(self.nr_addr), index + 1)
+            pending: dict[int, Kprobe] = {}  # address -> the first probe of this batch on it
+            names: set[str] = set()
+            used = {p.index for p in self._probes.values()}
+            new_slots: list[int] = []
+            probes: list[Kprobe] = []
+            sites: list[InsnPatch] = []
+            data: list[DataPatch] = []
             try:
-                self.patcher.apply(sites, [DataPatch(entry + k.offsetof("flags"), flags),
-                                           DataPatch(self.nr_addr, nr)])
-            except PatchError:
-                if slot and not shared:
-                    self._slots.free.append(slot)
+                for spec, words, (addr, symbol, offset) in checked:
+                    if spec.name in self._probes or spec.name in names:
+                        raise KprobeExists(f"kprobe {spec.name!r} exists", probe=spec.name)
+                    names.add(spec.name)
+                    opcode, kind = self.check_address(addr, symbol, offset)
+                    index = self._free_index(used)
+                    used.add(index)
+                    shared = self._by_addr[addr][0] if addr in self._by_addr else pending.get(addr)
+                    if shared is not None:
+                        slot = shared.slot
+                    else:
+                        slot = self._alloc_slot() if kind == abi.KP_STEP else 0
+                        if slot:
+                            new_slots.append(slot)
+                    p, flags = self._fill_entry(spec, words, addr=addr, symbol=symbol, offset=offset, opcode=opcode,
+                                                kind=kind, index=index, slot=slot)
+                    if shared is None:  # the first probe on the address writes the slot and the BRK
+                        pending[addr] = p
+                        sites.append(InsnPatch(addr, opcode, BRK_KPROBE))
+                        if slot:
+                            sites += [InsnPatch(slot, self.memory.read_u32(slot), opcode),
+                                      InsnPatch(slot + 4, self.memory.read_u32(slot + 4), BRK_SS)]
+                    data.append(DataPatch(self._entry(index) + abi.kprobe.offsetof("flags"), flags))
+                    probes.append(p)
+                if not probes:
+                    return []
+                nr = max(self.memory.read_u64(self.nr_addr), max(p.index for p in probes) + 1)
+                self.patcher.apply(sites, [*data, DataPatch(self.nr_addr, nr)])
+            except Exception:  # nothing armed: give back the slots taken for this batch
+                self._slots.free += new_slots
                 raise
-            self._probes[name] = p
-            self._by_addr.setdefault(addr, []).append(p)
-            return p
+            for p in probes:
+                self._probes[p.name] = p
+                self._by_addr.setdefault(p.addr, []).append(p)
+            return probes
+
+    def _check_spec(self, spec: ProbeSpec) -> tuple[int, str, int]:
+        if not spec.name or not spec.name.replace("_", "").isalnum():
+            raise KprobeRefused(f"bad probe name {spec.name!r}", reason="bad name")
+        if spec.set_reg is not None and not 0 <= spec.set_reg <= 30:
+            raise KprobeRefused(f"set_reg must be a GPR number 0..30, not {spec.set_reg}", reason="bad register")
+        return self.resolve(spec.target)
+
+    def _fill_entry(self, spec: ProbeSpec, words: list[int], *, addr: int, symbol: str, offset: int, opcode: int,
+                    kind: int, index: int, slot: int) -> tuple[Kprobe, int]:
+        """Write the (still unarmed) kprobe_table entry; returns the probe and the flags that arm it."""
+        flags = abi.KPF_ARMED | (abi.KPF_RECORD if spec.record else 0) | (abi.KPF_POST if spec.post else 0)
+        fn = 0
+        if spec.set_reg is not None:
+            flags |= abi.KPF_SET_REG
+        if spec.kretprobe:
+            flags |= abi.KPF_KRETPROBE
+        if spec.call_fn is not None:
+            fn = self.kernel.resolve(spec.call_fn)
+            flags |= abi.KPF_CALL
+        p = Kprobe(spec.name, addr, symbol, offset, opcode, kind, index, slot, flags, spec.set_reg or 0,
+                   spec.set_val, fn, spec.args, spec.fetch)
+        entry = self._entry(index)
+        k = abi.kprobe
+        for f, v in (("addr", addr), ("opcode", opcode), ("kind", kind), ("slot", slot),
+                     ("restore", addr + 4 if slot else 0), ("flags", 0), ("set_reg", p.set_reg),
+                     ("set_val", spec.set_val & (2**64 - 1)), ("call_fn", fn), ("rp", spec.kretprobe)):
+            self.memory.write_u64(entry + k.offsetof(f), v)
+        for counter in ("hits", "nmissed", "post_hits"):
+            for cpu in range(abi.MAX_CPUS):
+                self.memory.write_u64(entry + k.offsetof(counter) + 8 * cpu, 0)
+        for i, w in enumerate(words):
+            self.memory.write_u64(entry + k.offsetof("fetch") + 8 * i, w)
+        return p, flags
 
     def unregister(self, name: str) -> Kprobe:
+        return self.unregister_batch([name])[0]
+
+    def unregister_batch(self, names: Sequence[str]) -> list[Kprobe]:
+        """Disarm and remove every named probe in ONE stop-machine batch; an unknown name raises first."""
         with self._lock:
-            p = self._probes.get(name)
-            if p is None:
-                raise KprobeNotFound(f"no kprobe {name!r}", probe=name)
-            entry = self._entry(p.index)
-            others = [q for q in self._by_addr[p.addr] if q is not p]
-            # the last probe on the address puts the instruction back; the others keep the BRK and the slot
-            sites = [] if others else [InsnPatch(p.addr, BRK_KPROBE, p.opcode)]
-            self.patcher.apply(sites, [DataPatch(entry + abi.kprobe.offsetof("flags"), 0)])
-            # every vCPU parked at a safe point since: none is in the slot or a handler of this probe
-            if p.slot and not others:
-                self._slots.free.append(p.slot)
-            del self._probes[name]
-            if others:
-                self._by_addr[p.addr] = others
-            else:
-                del self._by_addr[p.addr]
-            return p
+            probes = []
+            for name in dict.fromkeys(names):
+                p = self._probes.get(name)
+                if p is None:
+                    raise KprobeNotFound(f"no kprobe {name!r}", probe=name)
+                probes.append(p)
+            going = {id(p) for p in probes}
+            sites: list[InsnPatch] = []
+            emptied: list[Kprobe] = []
+            for addr in dict.fromkeys(p.addr for p in probes):
+                if all(id(q) in going for q in self._by_addr[addr]):
+                    # the last probe on the address puts the instruction back; others keep the BRK and the slot
+                    first = self._by_addr[addr][0]
+                    sites.append(InsnPatch(addr, BRK_KPROBE, first.opcode))
+                    emptied.append(first)
+            self.patcher.apply(sites, [DataPatch(self._entry(p.index) + abi.kprobe.offsetof("flags"), 0)
+                                       for p in probes])
+            # every vCPU parked at a safe point since: none is in the slot or a handler of these probes
+            self._slots.free += [p.slot for p in emptied if p.slot]
+            for p in probes:
+                del self._probes[p.name]
+                others = [q for q in self._by_addr[p.addr] if q is not p]
+                if others:
+                    self._by_addr[p.addr] = others
+                else:
+                    del self._by_addr[p.addr]
+            return probes
 
     def _entry(self, index: int) -> int:
         return self.table + index * abi.kprobe.size
@@ -319,8 +390,7 @@ class Kprobes:
         """The probe's ``struct kprobe`` in guest memory."""
         return self._entry(p.index)
 
-    def _free_index(self) -> int:
-        used = {p.index for p in self._probes.values()}
+    def _free_index(self, used: set[int]) -> int:
         for i in range(abi.KPROBE_MAX):
             if i not in used:
                 return i

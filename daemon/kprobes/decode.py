@@ -27,6 +27,14 @@ _STEPPABLE_HINTS = frozenset({
     0xD503231F, 0xD503235F,  # PACIAZ, PACIBZ
     0xD503241F, 0xD503245F, 0xD503249F, 0xD50324DF,  # BTI, BTI c/j/jc
 })
+REFUSAL_REASONS = frozenset({
+    "exception-generating instruction (SVC/HVC/SMC/BRK/HLT/DCPS)",
+    "branch that is not simulated (ERET, authenticated or register branches)", "hint that is not steppable",
+    "MSR (immediate) changes PSTATE", "MSR (register) writes a system register",
+    "MRS of DAIF: the single step runs with DAIF masked",
+    "PC-relative literal load that is not simulated (PRFM or SIMD/FP literal)",
+    "load/store exclusive (LDXR/STXR, LDAXR/STLXR, LDXP/STXP)", "inside an atomic (LL/SC) sequence"})
+"""Every ``reason`` the decoder refuses an instruction with (the documented refusal classes)."""
 MAX_ATOMIC_CONTEXT_SIZE = 16  # instructions scanned back for an open load-exclusive (Linux: 16)
 
 

@@ -153,7 +153,8 @@ class KernelVerbs:
                         requests=RequestCounts(accepted=counts["accepted"], answered=counts["answered"],
                                                replayed=service.replayed),
                         broker=service.link, calls=self.policy,
-                        cpus_online=kernel.cpus_online)
+                        cpus_online=kernel.cpus_online,
+                        tlb_mode="cpu" if kernel.config.tlb_mode == "cpu" else "virtual")  # a StrEnum
 
     async def symbol_lookup(self, req: SymbolLookupRequest, ctx: RequestContext) -> SymbolData:
         ks = self.kernel.kallsyms

@@ -18,10 +18,15 @@ user() {  # name password topic-write topic-read
 }
 
 HOSTDOCS='livepatch\.v1\.[^.#]+\.(status|state|events|trace)'
-# The daemons: take requests (and discovery requests), answer them, publish their documents.
+# The daemons: take requests (and discovery requests), answer them, publish their documents. A host level would
+# match the orchestrator's pseudo host too: a daemon account neither reads its requests nor writes its replies,
+# rollout documents, events or service status (the lookahead refuses livepatch.v1._orchestrator.*). RabbitMQ
+# checks a subscription's filter, not each message, so a daemon subscribes to its own host's requests: a '*'
+# host (which would take the orchestrator's requests too) is refused.
+NOT_ORCHESTRATOR='(?!livepatch\.v1\._orchestrator\.)'
 user livepatchd "$LIVEPATCHD_RMQ_DAEMON_PASSWORD" \
-    "^(livepatch\.v1\.[^.#*]+\.(reply|reply\.[^.#*]+|status|state|events|trace)|livepatch\.discover\.v1\.reply\.[^.#*]+)\$" \
-    "^(livepatch\.v1\.[^.#]+\.request(\..+)?|livepatch\.discover\.v1)\$"
+    "^${NOT_ORCHESTRATOR}(livepatch\.v1\.[^.#*]+\.(reply|reply\.[^.#*]+|status|state|events|trace)|livepatch\.discover\.v1\.reply\.[^.#*]+)\$" \
+    "^${NOT_ORCHESTRATOR}(livepatch\.v1\.[^.#*]+\.request(\..+)?|livepatch\.discover\.v1)\$"
 # Operators: may send requests and read everything a daemon publishes, and their own replies.
 user operator "$LIVEPATCHD_RMQ_OPERATOR_PASSWORD" \
     "^(livepatch\.v1\.[^.#*]+\.request\.[^#*]+|livepatch\.discover\.v1)\$" \
