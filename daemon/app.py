@@ -34,7 +34,7 @@ from daemon.guest.build import GUEST_BUILDS
 from daemon.kernel.kernel import Kernel, KernelConfig
 from daemon.livepatch.core import Livepatch
 from daemon.mqtt import BrokerConfig, EmbeddedBroker, MqttBridge
-from daemon.service import Journal, Metrics, Service
+from daemon.service import Journal, Metrics, Service, kernel_identity
 from daemon.service.ftrace import FtraceSubsystem
 from daemon.service.kernel import KernelVerbs
 from daemon.service.kprobes import KprobeSubsystem, RetprobeSubsystem
@@ -44,8 +44,6 @@ from daemon.service.store import integrity
 from daemon.service.store.checkpoint import Checkpointer
 from daemon.service.store.desired import DesiredState
 from daemon.settings import Settings
-from schemas import KernelState
-from schemas.brokers import BrokerAddress
 
 log = structlog.get_logger(__name__)
 
@@ -200,8 +198,8 @@ class Daemon:
         s = self.settings
         service = self.service = Service(
             host=s.host_id, boot_seq=boot_seq, journal=journal, metrics=self.metrics,
-            kernel=KernelState(build_id=kernel.image.build_id, release=s.kernel_release or s.kernel_build,
-                               nr_cpus=s.nr_cpus, booted_at=time.time()),
+            kernel=kernel_identity(build_id=kernel.image.build_id, release=s.kernel_release or s.kernel_build,
+                                   nr_cpus=s.nr_cpus, booted_at=time.time()),
             max_payload_bytes=s.max_payload_bytes, request_timeout_s=s.request_timeout_s,
             read_fast_path=s.read_fast_path, fsync=not s.unsafe_skip_fsync, desired=self.desired)
         try:
@@ -315,9 +313,8 @@ class Daemon:
             if self.on_embedded_broker is not None:
                 self.on_embedded_broker(embedded.url)
             # amqtt speaks 3.1.1 only: never offer it 5
-            return BrokerConfig((BrokerAddress("127.0.0.1", embedded.port),), protocol="3.1.1",
-                                keepalive_s=s.keepalive_s, reconnect_min_s=s.reconnect_min_s,
-                                reconnect_max_s=s.reconnect_max_s)
+            return BrokerConfig.loopback(embedded.port, protocol="3.1.1", keepalive_s=s.keepalive_s,
+                                         reconnect_min_s=s.reconnect_min_s, reconnect_max_s=s.reconnect_max_s)
         self.broker_url = ",".join(node.url for node in nodes)
         return BrokerConfig(nodes, tls_context=s.tls_context(), protocol=s.mqtt_protocol, keepalive_s=s.keepalive_s,
                             session_expiry_s=s.session_expiry_s, reconnect_min_s=s.reconnect_min_s,

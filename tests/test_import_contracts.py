@@ -36,7 +36,7 @@ def test_no_layer_is_optional(contracts: list[dict[str, Any]]) -> None:
 
 @pytest.mark.parametrize(("source", "target"), [
     ("daemon.service", "daemon.arch"), ("daemon.service", "daemon.emu"), ("daemon.service", "daemon.guest"),
-    ("daemon.livepatch", "daemon.emu"), ("daemon.module_loader", "daemon.emu"),
+    ("daemon.livepatch", "daemon.emu"), ("daemon.module_loader", "daemon.emu"), ("daemon.app", "schemas"),
     ("daemon.ftrace", "schemas"), ("daemon.livepatch", "schemas"), ("daemon.kernel", "schemas"),
     ("clients", "daemon"), ("patchformat", "daemon"), ("patchformat", "schemas"), ("patchformat", "clients"),
 ])

@@ -61,6 +61,11 @@ class BrokerConfig:
     subscribe_timeout_s: float = 10.0
     subscribe_attempts: int = 5
 
+    @classmethod
+    def loopback(cls, port: int, **options: Any) -> BrokerConfig:
+        """One node on 127.0.0.1 (the embedded broker), so callers need not build addresses themselves."""
+        return cls((BrokerAddress("127.0.0.1", port),), **options)
+
 
 class NoConnack(aiomqtt.MqttError):
     """The connection closed before the broker sent its CONNACK."""

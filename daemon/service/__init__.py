@@ -42,8 +42,8 @@ Requests of every verb get the same treatment: journaled before the broker's PUB
 change already reached the desired state is decided once, by the service (``RequestContext.already_applied``).
 """
 
-from daemon.service.pipeline.core import Outcome, ReplyRoute, RequestContext, Service
+from daemon.service.pipeline.core import Outcome, ReplyRoute, RequestContext, Service, kernel_identity
 from daemon.service.pipeline.metrics import Metrics
 from daemon.service.store.journal import Journal
 
-__all__ = ["Journal", "Metrics", "Outcome", "ReplyRoute", "RequestContext", "Service"]
+__all__ = ["Journal", "Metrics", "Outcome", "ReplyRoute", "RequestContext", "Service", "kernel_identity"]

@@ -425,6 +425,11 @@ class Service:
             self.journal.delivered(rid)
 
 
+def kernel_identity(*, build_id: str, release: str, nr_cpus: int, booted_at: float) -> KernelState:
+    """What every reply, status and state document says of the kernel this service fronts."""
+    return KernelState(build_id=build_id, release=release, nr_cpus=nr_cpus, booted_at=booted_at)
+
+
 def _outcome(rid: str | None, verb: str, reply: Reply, route: ReplyRoute, journaled: bool) -> Outcome:
     return Outcome(rid, verb, reply, reply.to_json(), route, journaled)
 
