@@ -14,7 +14,7 @@ session) on one loop against the broker (a private Mosquitto when none is given)
   host of the idle fleet: ``--info-hosts`` hosts, ``--info-rounds`` requests each, one at a time, after the quiet
   window (a connected client per host; connecting is not timed).
 
-Run the 1,000-host size under ``flock /work/.bigbench.lock`` on a shared machine (~10 GB). Writes
+Run the 1,000-host size alone on a shared machine (it needs ~10 GB). Writes
 ``bench/results/fleet_scale.{json,md,png}``.
 """
 
