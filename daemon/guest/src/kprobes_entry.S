@@ -7,6 +7,7 @@
  * Nothing here may be probed (it has no ftrace record, and the host refuses notrace code).
  */
 #include "abi.h"
+#include "pt_regs_asm.h"
 
 	.text
 	.align	11
@@ -58,22 +59,7 @@ el1_bad_vector:
 	.globl	el1h_sync
 	.type	el1h_sync, %function
 el1h_sync:
-	sub	sp, sp, #PT_REGS_SIZE
-	stp	x0, x1, [sp, #16 * 0]
-	stp	x2, x3, [sp, #16 * 1]
-	stp	x4, x5, [sp, #16 * 2]
-	stp	x6, x7, [sp, #16 * 3]
-	stp	x8, x9, [sp, #16 * 4]
-	stp	x10, x11, [sp, #16 * 5]
-	stp	x12, x13, [sp, #16 * 6]
-	stp	x14, x15, [sp, #16 * 7]
-	stp	x16, x17, [sp, #16 * 8]
-	stp	x18, x19, [sp, #16 * 9]
-	stp	x20, x21, [sp, #16 * 10]
-	stp	x22, x23, [sp, #16 * 11]
-	stp	x24, x25, [sp, #16 * 12]
-	stp	x26, x27, [sp, #16 * 13]
-	stp	x28, x29, [sp, #16 * 14]
+	pt_regs_push_x0_x29
 	add	x0, sp, #PT_REGS_SIZE
 	stp	x30, x0, [sp, #PT_REGS_REGS + 8 * 30]	// regs[30] and sp (they are adjacent)
 	mrs	x1, elr_el1
@@ -85,21 +71,7 @@ el1h_sync:
 	ldp	x1, x2, [sp, #PT_REGS_PC]		// the handlers' pc and pstate
 	msr	elr_el1, x1
 	msr	spsr_el1, x2
-	ldp	x0, x1, [sp, #16 * 0]
-	ldp	x2, x3, [sp, #16 * 1]
-	ldp	x4, x5, [sp, #16 * 2]
-	ldp	x6, x7, [sp, #16 * 3]
-	ldp	x8, x9, [sp, #16 * 4]
-	ldp	x10, x11, [sp, #16 * 5]
-	ldp	x12, x13, [sp, #16 * 6]
-	ldp	x14, x15, [sp, #16 * 7]
-	ldp	x16, x17, [sp, #16 * 8]
-	ldp	x18, x19, [sp, #16 * 9]
-	ldp	x20, x21, [sp, #16 * 10]
-	ldp	x22, x23, [sp, #16 * 11]
-	ldp	x24, x25, [sp, #16 * 12]
-	ldp	x26, x27, [sp, #16 * 13]
-	ldp	x28, x29, [sp, #16 * 14]
+	pt_regs_pop_x0_x29
 	ldr	x30, [sp, #PT_REGS_REGS + 8 * 30]
 	add	sp, sp, #PT_REGS_SIZE			// regs->sp is not restored (kernel mode, as Linux)
 	eret

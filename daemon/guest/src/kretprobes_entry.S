@@ -15,6 +15,7 @@
  * them through the task's instances as Linux's kretprobe_find_ret_addr does.
  */
 #include "abi.h"
+#include "pt_regs_asm.h"
 
 	.text
 	.globl	__kretprobe_trampoline
@@ -29,22 +30,7 @@ __kretprobe_trampoline:
 	.type	arch_rethook_trampoline, %function
 	.balign	8
 arch_rethook_trampoline:
-	sub	sp, sp, #PT_REGS_SIZE
-	stp	x0, x1, [sp, #16 * 0]
-	stp	x2, x3, [sp, #16 * 1]
-	stp	x4, x5, [sp, #16 * 2]
-	stp	x6, x7, [sp, #16 * 3]
-	stp	x8, x9, [sp, #16 * 4]
-	stp	x10, x11, [sp, #16 * 5]
-	stp	x12, x13, [sp, #16 * 6]
-	stp	x14, x15, [sp, #16 * 7]
-	stp	x16, x17, [sp, #16 * 8]
-	stp	x18, x19, [sp, #16 * 9]
-	stp	x20, x21, [sp, #16 * 10]
-	stp	x22, x23, [sp, #16 * 11]
-	stp	x24, x25, [sp, #16 * 12]
-	stp	x26, x27, [sp, #16 * 13]
-	stp	x28, x29, [sp, #16 * 14]
+	pt_regs_push_x0_x29
 	add	x0, sp, #PT_REGS_SIZE
 	stp	x30, x0, [sp, #PT_REGS_REGS + 8 * 30]
 	mrs	x0, nzcv			// "a useful saved PSTATE", made up
@@ -61,21 +47,7 @@ arch_rethook_trampoline:
 	mov	x30, x0				// the real return address
 	ldr	x0, [sp, #PT_REGS_PSTATE]
 	msr	nzcv, x0			// the only part of the pstate restored
-	ldp	x0, x1, [sp, #16 * 0]
-	ldp	x2, x3, [sp, #16 * 1]
-	ldp	x4, x5, [sp, #16 * 2]
-	ldp	x6, x7, [sp, #16 * 3]
-	ldp	x8, x9, [sp, #16 * 4]
-	ldp	x10, x11, [sp, #16 * 5]
-	ldp	x12, x13, [sp, #16 * 6]
-	ldp	x14, x15, [sp, #16 * 7]
-	ldp	x16, x17, [sp, #16 * 8]
-	ldp	x18, x19, [sp, #16 * 9]
-	ldp	x20, x21, [sp, #16 * 10]
-	ldp	x22, x23, [sp, #16 * 11]
-	ldp	x24, x25, [sp, #16 * 12]
-	ldp	x26, x27, [sp, #16 * 13]
-	ldp	x28, x29, [sp, #16 * 14]
+	pt_regs_pop_x0_x29
 	add	sp, sp, #PT_REGS_SIZE
 	ret
 	.size	arch_rethook_trampoline, . - arch_rethook_trampoline
