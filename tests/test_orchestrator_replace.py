@@ -87,7 +87,7 @@ def test_replace_rollout_supersedes_v1(mosquitto: Mosquitto, tmp_path: Path) -> 
 
     async def scenario() -> None:
         async with running(runner, mosquitto.url), orchestrator(mosquitto.url, str(tmp_path / "o.sqlite3")) as orch:
-            await wait_for(lambda: len(runner.online) == 4 and len(orch.driver._states) >= 4, 60)
+            await wait_for(lambda: len(runner.online) == 4 and all(h in orch.driver._states for h in hosts), 60)
             async with RolloutClient(mosquitto.url, protocol="3.1.1", timeout=30) as r:
                 await r.create(spec_doc("v1", prefix, v1, SLEEPER, verify=False))
                 await r.start("v1")
@@ -151,7 +151,7 @@ def test_cumulative_patch_must_carry_the_installed_states(mosquitto: Mosquitto, 
 
     async def scenario() -> None:
         async with running(runner, mosquitto.url), orchestrator(mosquitto.url, str(tmp_path / "o.sqlite3")) as orch:
-            await wait_for(lambda: len(runner.online) == 2 and len(orch.driver._states) >= 2, 60)
+            await wait_for(lambda: len(runner.online) == 2 and all(h in orch.driver._states for h in hosts), 60)
             async with RolloutClient(mosquitto.url, protocol="3.1.1", timeout=30) as r:
                 await r.create(spec_doc("s1", prefix, bundle_file(tmp_path, "livepatch_state"), "livepatch_state",
                                         verify=False))
