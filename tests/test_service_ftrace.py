@@ -17,17 +17,16 @@ from typing import Any
 
 import pytest
 from mqtt_fixtures import DaemonProcess, DaemonThread, Mosquitto, daemon_settings, run
+from service_host import ServiceHost
 
 from clients.sdk import LivepatchClient, ReplyError
 from daemon.ftrace import tracefs
 from daemon.ftrace.core import Ftrace
 from daemon.ftrace.ops import FtraceOps
 from daemon.guest import abi
-from daemon.kernel.kernel import Kernel, KernelConfig
-from daemon.service import Journal, Service
+from daemon.kernel.kernel import Kernel
 from daemon.service.ftrace import FtraceSubsystem
-from daemon.service.store.desired import DesiredState
-from schemas import KernelState, Reply
+from schemas import Reply
 from schemas.ftrace import MAX_PAGE, TraceBatchDoc
 
 MASK64 = (1 << 64) - 1
@@ -621,37 +620,18 @@ def test_state_events_and_metrics(lpd: DaemonThread) -> None:
 # -- desired state: ops and hijacks survive a restart -----------------------------------------------------------
 
 
-class Host:
+class Host(ServiceHost):
     """A kernel, its ftrace and a service with the ftrace verbs over a state directory (no broker)."""
 
     def __init__(self, tmp: Path) -> None:
-        self.kernel = Kernel(KernelConfig(nr_cpus=2)).boot()
+        super().__init__(tmp)
         self.ftrace = Ftrace(self.kernel)
-        self.journal = Journal(tmp / "journal.sqlite3")
-        self.desired = DesiredState(tmp / "desired.sqlite3")
-        self.service = Service(host="h", boot_seq=self.journal.next_boot_seq(), journal=self.journal,
-                               kernel=KernelState(build_id="b", nr_cpus=2, booted_at=time.time()),
-                               desired=self.desired)
         self.verbs = FtraceSubsystem(self.service, self.kernel, self.ftrace, desired=self.desired)
         self.service.serve(self.verbs.verbs())
-        self.n = 0
-
-    def request(self, verb: str, **params: Any) -> Reply:
-        self.n += 1
-        body = json.dumps({"request_id": f"b{self.service.boot_seq}-{self.n}", **params}).encode()
-        return asyncio.run(self.service.handle(verb, body)).reply
-
-    def ok(self, verb: str, **params: Any) -> dict[str, Any]:
-        reply = self.request(verb, **params)
-        assert reply.ok, reply.error
-        assert reply.data is not None
-        return reply.data
 
     def close(self) -> None:
         self.verbs.close()
-        self.kernel.shutdown()
-        self.journal.close()
-        self.desired.close()
+        super().close()
 
 
 def normalized(text: str) -> str:

@@ -3,55 +3,26 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from mqtt_fixtures import DaemonThread, Mosquitto, daemon_settings, run
+from service_host import ServiceHost
 from typer.testing import CliRunner
 
 from clients.cli.main import app
 from clients.sdk import LivepatchClient, ReplyError
-from daemon.kernel.kernel import Kernel, KernelConfig
-from daemon.service import Journal, Service
 from daemon.service.kprobes import KprobeSubsystem
-from daemon.service.store.desired import DesiredState
-from schemas import KernelState, Reply
 from schemas.kprobes import KprobesSection, parse_probe_definition
 
 
-class Host:
+class Host(ServiceHost):
     """A kernel and a service with the kprobe verbs over a state directory (no broker)."""
 
     def __init__(self, tmp: Path) -> None:
-        self.kernel = Kernel(KernelConfig(nr_cpus=2)).boot()
-        self.journal = Journal(tmp / "journal.sqlite3")
-        self.desired = DesiredState(tmp / "desired.sqlite3")
-        self.service = Service(host="h", boot_seq=self.journal.next_boot_seq(), journal=self.journal,
-                               kernel=KernelState(build_id="b", nr_cpus=2, booted_at=time.time()),
-                               desired=self.desired)
+        super().__init__(tmp)
         self.verbs = KprobeSubsystem(self.service, self.kernel, desired=self.desired)
         self.service.serve(self.verbs.verbs())
-        self.n = 0
-
-    def request(self, verb: str, **params: Any) -> Reply:
-        self.n += 1
-        body = json.dumps({"request_id": f"b{self.service.boot_seq}-{self.n}", **params}).encode()
-        return asyncio.run(self.service.handle(verb, body)).reply
-
-    def ok(self, verb: str, **params: Any) -> dict[str, Any]:
-        reply = self.request(verb, **params)
-        assert reply.ok, reply.error
-        assert reply.data is not None
-        return reply.data
-
-    def close(self) -> None:
-        self.kernel.shutdown()
-        self.journal.close()
-        self.desired.close()
 
 
 def test_register_read_list_and_restore(tmp_path: Path) -> None:
