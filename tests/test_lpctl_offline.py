@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import clients.cli.keys
-import daemon.livepatch.signing
+import daemon.service.livepatch.trust
 from clients.cli.main import app
 from patchformat import signing
 from patchformat.bundle import PatchBundle
@@ -47,7 +47,7 @@ def unsigned(tmp_path: Path) -> Path:
 def test_one_key_id_for_lpctl_and_the_daemon(tmp_path: Path) -> None:
     doc = keypair(tmp_path)
     public = signing.load_public_key(Path(doc["public_key"]))
-    assert clients.cli.keys.key_id is signing.key_id is daemon.livepatch.signing.key_id
+    assert clients.cli.keys.key_id is signing.key_id is daemon.service.livepatch.trust.signing.key_id
     assert doc["key_id"] == signing.key_id(public)
     assert len(doc["key_id"]) == 64
 
@@ -65,7 +65,7 @@ def test_lpctl_signs_in_process_what_the_daemon_verifies(tmp_path: Path, no_subp
                             signing.load_private_key(Path(doc["private_key"])))
     assert signed.to_bytes() == expected.to_bytes(), "Ed25519 is deterministic: the daemon's signature, byte for byte"
     public = signing.load_public_key(Path(doc["public_key"]))
-    assert daemon.livepatch.signing.verify(signed, [public]) == doc["key_id"]
+    assert daemon.service.livepatch.trust.signing.verify(signed, [public]) == doc["key_id"]
     text = runner.invoke(app, ["patch", "sign", str(path), "--key", doc["private_key"],
                                "--out", str(tmp_path / "copy.lpb")])
     assert text.exit_code == 0
